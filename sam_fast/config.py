@@ -1,0 +1,154 @@
+"""Configuration of SAM: InstructBLIP's three sub-configs plus the guidance settings.
+
+`SAMConfig` subclasses `transformers.InstructBlipConfig`, so an InstructBLIP `config.json`
+converts by adding three fields:
+
+- ``context_mode``: ``"leave_one_out"`` (paper, default: image i is guided by a merged map of the
+  *other* images of its sample) or ``"shared"`` (released code: one merged map over *all* images of
+  the sample, shared by all of them; needed for the authors' released checkpoint).
+- ``guidance``: ``"adaptive"`` (paper Table 3 row 7: Adaptive Adjustment softmax re-weighting),
+  ``"mean"`` (row 3: uniform weights) or ``"none"`` (rows 1/2: plain InstructBLIP, no W-stream).
+- ``interaction_layers``: ``(l, k)``, 1-based, ``1 <= l <= k <= num Q-former layers``. The
+  W-stream input to layer l receives ``guidance_in(h_i)``; the W-stream output of layer k gives
+  ``c_i = guidance_out(w)``, added to the Q-stream input of layer k. Default: the last layer for
+  both (paper: l = k = 12).
+"""
+
+from __future__ import annotations
+
+from transformers import (
+    InstructBlipConfig,
+    InstructBlipQFormerConfig,
+    InstructBlipVisionConfig,
+    LlamaConfig,
+)
+
+CONTEXT_MODES = ("leave_one_out", "shared")
+GUIDANCE_MODES = ("adaptive", "mean", "none")
+
+
+class SAMConfig(InstructBlipConfig):
+    """InstructBLIP configuration plus SAM's bidirectional-semantic-guidance settings.
+
+    Args:
+        context_mode: "leave_one_out" | "shared" (see module docstring).
+        guidance: "adaptive" | "mean" | "none".
+        interaction_layers: (l, k), 1-based; None means (L, L) with L the Q-former depth.
+        **kwargs: everything `InstructBlipConfig` takes (vision_config, qformer_config,
+            text_config, num_query_tokens, image_token_index, ...).
+
+    Raises:
+        ValueError: naming the offending value for an unknown mode or out-of-range layers.
+    """
+
+    model_type = "sam_fast"
+
+    def __init__(self, context_mode="leave_one_out", guidance="adaptive", interaction_layers=None, **kwargs):
+        self.context_mode = context_mode
+        self.guidance = guidance
+        self.interaction_layers = interaction_layers
+        super().__init__(**kwargs)
+        n_layers = self.qformer_config.num_hidden_layers
+        if self.interaction_layers is None:
+            self.interaction_layers = (n_layers, n_layers)
+        self.interaction_layers = tuple(int(v) for v in self.interaction_layers)
+        self.validate_sam()
+
+    # -- validation -------------------------------------------------------------------------
+    def validate_sam(self) -> None:
+        """Check the SAM-specific fields; raises ValueError naming the bad value."""
+        if self.context_mode not in CONTEXT_MODES:
+            raise ValueError(f"context_mode={self.context_mode!r} is not one of {CONTEXT_MODES}")
+        if self.guidance not in GUIDANCE_MODES:
+            raise ValueError(f"guidance={self.guidance!r} is not one of {GUIDANCE_MODES}")
+        il = self.interaction_layers
+        n_layers = self.qformer_config.num_hidden_layers
+        if len(il) != 2:
+            raise ValueError(f"interaction_layers={il!r} must be a pair (l, k)")
+        l, k = il
+        if not (1 <= l <= k <= n_layers):
+            raise ValueError(
+                f"interaction_layers=(l={l}, k={k}) must satisfy 1 <= l <= k <= {n_layers} "
+                f"(the number of Q-former layers)"
+            )
+        if self.num_query_tokens < 1:
+            raise ValueError(f"num_query_tokens={self.num_query_tokens} must be >= 1")
+        if self.image_token_index is None:
+            raise ValueError("image_token_index is None: SAM needs a placeholder token id for visual tokens")
+        if not (0 <= self.image_token_index < self.text_config.vocab_size):
+            raise ValueError(
+                f"image_token_index={self.image_token_index} is outside the LLM vocabulary "
+                f"[0, {self.text_config.vocab_size})"
+            )
+        if self.qformer_config.encoder_hidden_size != self.vision_config.hidden_size:
+            raise ValueError(
+                f"qformer_config.encoder_hidden_size={self.qformer_config.encoder_hidden_size} != "
+                f"vision_config.hidden_size={self.vision_config.hidden_size}"
+            )
+
+    # -- constructors -----------------------------------------------------------------------
+    @classmethod
+    def from_instructblip_config(cls, config: InstructBlipConfig, **overrides) -> "SAMConfig":
+        """Convert an `InstructBlipConfig` (object or dict) into a SAMConfig; `overrides` win."""
+        d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        for key in ("model_type", "architectures", "transformers_version", "_name_or_path"):
+            d.pop(key, None)
+        d.update(overrides)
+        if d.get("image_token_index") is None and "image_token_id" in d:
+            d["image_token_index"] = d.pop("image_token_id")
+        return cls(**d)
+
+    @classmethod
+    def instructblip_vicuna7b(cls, **overrides) -> "SAMConfig":
+        """The paper's full-size model: EVA-CLIP ViT-g/14 (39 blocks, 1408 wide, 224 px -> 257
+        tokens), BERT-base Q-former (12 layers, cross-attention every 2nd, 32 queries), Vicuna-7B
+        v1.1 (LLaMA, 4096 hidden, 32 layers). Public sizes only; no weights."""
+        vision = InstructBlipVisionConfig(
+            hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
+            image_size=224, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True,
+        )
+        qformer = InstructBlipQFormerConfig(
+            vocab_size=30523, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+            intermediate_size=3072, cross_attention_frequency=2, encoder_hidden_size=1408,
+            max_position_embeddings=512, layer_norm_eps=1e-12,
+        )
+        text = LlamaConfig(
+            vocab_size=32001, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
+            rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            tie_word_embeddings=False,
+        )
+        kw = dict(
+            vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+            num_query_tokens=32, image_token_index=32000,
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "SAMConfig":
+        """A small configuration for tests and the demo (random weights, seconds on a CPU).
+
+        Same structure as the full model: cross-attention every 2nd Q-former layer, LLaMA LLM.
+        Vision 28x28 px with patch 14 (P = 5 tokens), Q-former hidden 32 with 4 layers, 8 queries.
+        """
+        vision = InstructBlipVisionConfig(
+            hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            image_size=28, patch_size=14,
+        )
+        qformer = InstructBlipQFormerConfig(
+            vocab_size=120, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+            intermediate_size=64, cross_attention_frequency=2, encoder_hidden_size=48,
+            max_position_embeddings=64,
+        )
+        text = LlamaConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+        )
+        kw = dict(
+            vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+            num_query_tokens=8, image_token_index=3,
+        )
+        kw.update(overrides)
+        return cls(**kw)

@@ -1,0 +1,343 @@
+"""SAM: InstructBLIP-Vicuna-7B with bidirectional semantic guidance between the images of one
+instruction (Wu et al., "Semantic Alignment for Multimodal Large Language Models", MM '24).
+
+For every image i of a sample with images {I_m}:
+
+- Part A, assisted visual token extraction (Q-stream): the frozen Q-former reads E_i = ViT(I_i)
+  with the instruction; its input to layer l is the initial visual tokens h_i.
+- Part B, contextual semantic generation (W-stream): the Adaptive Adjustment merges the contextual
+  images patch by patch into I-hat (softmax over images of ``Linear(E_m[j])``); the same frozen
+  Q-former layers (the W-former) read I-hat, with ``w <- w + guidance_in(h_i)`` before layer l, and
+  yield ``c_i = guidance_out(w)`` after layer k.
+- The Q-stream input to layer k gets ``x <- x + c_i``; the 32 query rows of the Q-stream output,
+  through ``language_projection``, are image i's visual tokens.
+
+A one-image sample has no contextual image: c_i = 0 and its tokens equal InstructBLIP's. The
+guidance Linears start at zero, so an untrained SAM is InstructBLIP exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, InstructBlipQFormerModel, InstructBlipVisionModel
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.instructblip.modeling_instructblip import InstructBlipPreTrainedModel
+
+from sam_fast.config import SAMConfig
+from sam_fast.modules import attention_bias, merged_context_maps, run_two_streams
+
+TRAINABLE_MODULES = ("adaptive_adjustment", "guidance_in", "guidance_out", "language_projection")
+
+GENERATION_DEFAULTS = dict(num_beams=5, max_new_tokens=256, repetition_penalty=1.5, length_penalty=1.0, do_sample=False)
+
+
+@dataclass
+class SAMOutput(ModelOutput):
+    """Output of `SAM.forward`.
+
+    loss: mean next-token cross-entropy over labelled positions (when labels are given).
+    logits: [B, S, vocab] LLM logits.
+    visual_tokens: [T, Q, llm_hidden] the visual tokens placed into the prompt.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    visual_tokens: torch.Tensor | None = None
+    language_model_outputs: object | None = None
+
+
+def _counts_list(image_counts) -> list[int]:
+    if image_counts is None:
+        raise ValueError("image_counts is required: one entry per sample (number of its images)")
+    if isinstance(image_counts, torch.Tensor):
+        if image_counts.dim() != 1 or image_counts.is_floating_point():
+            raise ValueError(
+                f"image_counts must be a 1-D integer tensor, got shape {tuple(image_counts.shape)} "
+                f"dtype {image_counts.dtype}"
+            )
+        counts = [int(c) for c in image_counts.tolist()]
+    else:
+        counts = [int(c) for c in image_counts]
+    if not counts:
+        raise ValueError("image_counts is empty: a batch needs at least one sample")
+    bad = [(b, c) for b, c in enumerate(counts) if c < 1]
+    if bad:
+        raise ValueError(f"image_counts: every sample needs >= 1 image; sample(s) {bad} (index, count) have fewer")
+    return counts
+
+
+class SAM(InstructBlipPreTrainedModel):
+    """SAM as a transformers `PreTrainedModel` (state-dict compatible with HF InstructBLIP).
+
+    Attributes (SPEC §2): ``vision_model``, ``query_tokens`` [1, Q, 768], ``qformer``,
+    ``adaptive_adjustment`` (Linear(D, 1)), ``guidance_in``, ``guidance_out`` (Linear(768, 768),
+    zero-initialised), ``language_projection`` (Linear(768, llm_hidden)), ``language_model``.
+    Only the last four (``TRAINABLE_MODULES``) require grad.
+    """
+
+    config_class = SAMConfig
+    config: SAMConfig
+    main_input_name = "pixel_values"
+    base_model_prefix = "sam"
+    _keep_in_fp32_modules = ["query_tokens"]
+    supports_gradient_checkpointing = False
+
+    def __init__(self, config: SAMConfig):
+        super().__init__(config)
+        config.validate_sam()
+        if not config.use_decoder_only_language_model:
+            raise ValueError(
+                f"SAM needs a causal (decoder-only) LLM; text_config.model_type={config.text_config.model_type!r}"
+            )
+        qcfg = config.qformer_config
+        self.vision_model = InstructBlipVisionModel._from_config(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qcfg.hidden_size))
+        self.qformer = InstructBlipQFormerModel._from_config(qcfg)
+        self.adaptive_adjustment = nn.Linear(config.vision_config.hidden_size, 1)
+        self.guidance_in = nn.Linear(qcfg.hidden_size, qcfg.hidden_size)
+        self.guidance_out = nn.Linear(qcfg.hidden_size, qcfg.hidden_size)
+        self.language_projection = nn.Linear(qcfg.hidden_size, config.text_config.hidden_size)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+        self.freeze_backbone()
+
+    # -- parameters --------------------------------------------------------------------------
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if module is self:
+            nn.init.zeros_(self.query_tokens)
+        if module is getattr(self, "guidance_in", None) or module is getattr(self, "guidance_out", None):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def reset_guidance_parameters(self) -> None:
+        """Re-initialise the three new modules per SPEC: guidance Linears zero, Adaptive
+        Adjustment normal(0, initializer_range) weight and zero bias."""
+        with torch.no_grad():
+            for m in (self.guidance_in, self.guidance_out):
+                m.weight.zero_()
+                m.bias.zero_()
+            self.adaptive_adjustment.weight.normal_(0.0, self.config.initializer_range)
+            self.adaptive_adjustment.bias.zero_()
+
+    def freeze_backbone(self) -> None:
+        """Freeze everything but the four trainable modules (SPEC §1)."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for name in TRAINABLE_MODULES:
+            for p in getattr(self, name).parameters():
+                p.requires_grad_(True)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Exactly the tensors of the four trainable modules, keyed like `state_dict()`."""
+        return {f"{m}.{k}": v for m in TRAINABLE_MODULES for k, v in getattr(self, m).state_dict().items()}
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    # -- inputs ------------------------------------------------------------------------------
+    def _image_features(self, pixel_values, image_features) -> torch.Tensor:
+        vcfg = self.config.vision_config
+        if (pixel_values is None) == (image_features is None):
+            raise ValueError("give exactly one of pixel_values [T,3,H,W] or image_features [T,P,D]")
+        if pixel_values is not None:
+            size = vcfg.image_size
+            if pixel_values.dim() != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[2:]) != (size, size):
+                raise ValueError(
+                    f"pixel_values must be [T, 3, {size}, {size}], got {tuple(pixel_values.shape)}"
+                )
+            return self.vision_model(pixel_values=pixel_values).last_hidden_state
+        n_pos = (vcfg.image_size // vcfg.patch_size) ** 2 + 1
+        if image_features.dim() != 3 or image_features.shape[1:] != (n_pos, vcfg.hidden_size):
+            raise ValueError(
+                f"image_features must be [T, P={n_pos}, D={vcfg.hidden_size}] (vision model output), "
+                f"got {tuple(image_features.shape)}"
+            )
+        return image_features
+
+    # -- Parts A and B -----------------------------------------------------------------------
+    def encode_images(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        image_counts: Sequence[int] | torch.Tensor | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Visual tokens of a ragged batch.
+
+        Args:
+            pixel_values: [T, 3, H, W] images, sample-major; or
+            image_features: [T, P, D] cached vision-model outputs E (then the ViT is skipped).
+            image_counts: [B] images per sample (list or LongTensor), each >= 1, summing to T.
+            qformer_input_ids: [B, L] the instruction, one row per sample, shared by its images.
+            qformer_attention_mask: [B, L] 0/1 padding mask (default all ones).
+
+        Returns:
+            [T, Q, llm_hidden] visual tokens, image order as given.
+        """
+        cfg = self.config
+        E = self._image_features(pixel_values, image_features)
+        counts = _counts_list(image_counts)
+        T, dev = E.shape[0], E.device
+        if sum(counts) != T:
+            raise ValueError(f"image_counts {counts} sum to {sum(counts)} but there are T={T} images")
+        B = len(counts)
+        if qformer_input_ids is None or qformer_input_ids.dim() != 2 or qformer_input_ids.shape[0] != B:
+            got = None if qformer_input_ids is None else tuple(qformer_input_ids.shape)
+            raise ValueError(f"qformer_input_ids must be [B={B}, L] (one row per sample), got {got}")
+        if qformer_attention_mask is None:
+            qformer_attention_mask = torch.ones_like(qformer_input_ids)
+        elif qformer_attention_mask.shape != qformer_input_ids.shape:
+            raise ValueError(
+                f"qformer_attention_mask {tuple(qformer_attention_mask.shape)} must match "
+                f"qformer_input_ids {tuple(qformer_input_ids.shape)}"
+            )
+
+        counts_t = torch.tensor(counts, device=dev)
+        sample_of = torch.repeat_interleave(torch.arange(B, device=dev), counts_t)  # [T]
+        guided = cfg.guidance != "none" and max(counts) > 1
+        if guided:
+            # Part B: merged contextual maps I-hat, for the images that have contextual images.
+            cu = torch.zeros(B + 1, dtype=torch.int32, device=dev)
+            cu[1:] = torch.cumsum(counts_t, 0)
+            maps = merged_context_maps(E, self.adaptive_adjustment, cu, cfg.context_mode, cfg.guidance)
+            ctx_index = (counts_t[sample_of] > 1).nonzero().squeeze(1)  # Q rows that get guidance
+            map_rows = sample_of[ctx_index] if cfg.context_mode == "shared" else ctx_index
+            image_states = torch.cat([E, maps.index_select(0, map_rows).to(E.dtype)], 0)
+            row_sample = torch.cat([sample_of, sample_of[ctx_index]])
+        else:
+            ctx_index = sample_of.new_zeros(0)
+            image_states, row_sample = E, sample_of
+
+        # One embedding call for all rows (Q-stream then W-stream): [query tokens ; instruction].
+        R = row_sample.shape[0]
+        hidden = self.qformer.embeddings(
+            input_ids=qformer_input_ids.index_select(0, row_sample),
+            query_embeds=self.query_tokens.expand(R, -1, -1),
+        )
+        Q = cfg.num_query_tokens
+        mask = torch.cat([qformer_attention_mask.new_ones(R, Q), qformer_attention_mask.index_select(0, row_sample)], 1)
+        hidden = run_two_streams(
+            self.qformer.encoder.layer,
+            hidden,
+            attention_bias(mask, hidden.dtype),
+            image_states.to(hidden.dtype),
+            T,
+            ctx_index,
+            self.guidance_in,
+            self.guidance_out,
+            cfg.interaction_layers,
+            Q,
+        )
+        return self.language_projection(hidden[:, :Q])
+
+    # -- LLM ---------------------------------------------------------------------------------
+    def _llm_inputs(self, input_ids, visual_tokens, counts: list[int]):
+        if input_ids is None or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, S], got {None if input_ids is None else tuple(input_ids.shape)}")
+        if input_ids.shape[0] != len(counts):
+            raise ValueError(f"input_ids has {input_ids.shape[0]} rows but image_counts has {len(counts)} samples")
+        Q = self.config.num_query_tokens
+        placeholder = input_ids == self.config.image_token_index
+        found = placeholder.sum(1).tolist()
+        want = [n * Q for n in counts]
+        if found != want:
+            bad = [(b, f, w) for b, (f, w) in enumerate(zip(found, want)) if f != w]
+            raise ValueError(
+                f"image placeholders (token {self.config.image_token_index}) per sample must be "
+                f"{Q} x its image count; (sample, found, expected): {bad}"
+            )
+        embeds = self.get_input_embeddings()(input_ids)
+        tokens = visual_tokens.to(embeds.dtype).reshape(-1, embeds.shape[-1])
+        return embeds.masked_scatter(placeholder.unsqueeze(-1), tokens)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        image_counts=None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> SAMOutput:
+        """Visual tokens into the LLM prompt, then the LLM (with loss when `labels` are given).
+
+        `input_ids` [B, S] hold exactly Q = num_query_tokens copies of `image_token_index` per image
+        of the sample, filled in image order; `labels` [B, S] use -100 for ignored positions.
+        """
+        counts = _counts_list(image_counts)
+        visual = self.encode_images(pixel_values, image_features, counts, qformer_input_ids, qformer_attention_mask)
+        embeds = self._llm_inputs(input_ids, visual, counts)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+        return SAMOutput(loss=out.loss, logits=out.logits, visual_tokens=visual, language_model_outputs=out)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        image_counts=None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.LongTensor:
+        """Generate answers; returns only the new tokens [B, S_new] (the prompt is passed as
+        embeddings, as in LAVIS, so the repetition penalty sees generated tokens only).
+
+        Defaults (SPEC §4): 5 beams, up to 256 new tokens, repetition_penalty 1.5,
+        length_penalty 1; any HF generation kwarg overrides them.
+        """
+        counts = _counts_list(image_counts)
+        visual = self.encode_images(pixel_values, image_features, counts, qformer_input_ids, qformer_attention_mask)
+        embeds = self._llm_inputs(input_ids, visual, counts)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        kwargs = {**GENERATION_DEFAULTS, **generate_kwargs}
+        return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+
+    # -- loading (sam_fast.models.loading) ---------------------------------------------------
+    @classmethod
+    def from_instructblip(cls, path_or_model, **config_overrides) -> "SAM":
+        """SAM from an HF InstructBLIP directory or in-memory model; new modules per SPEC."""
+        from sam_fast.models import loading
+
+        return loading.from_instructblip(cls, path_or_model, **config_overrides)
+
+    @classmethod
+    def from_lavis_checkpoint(cls, path, config=None, *, base=None, **kwargs) -> "SAM":
+        """SAM from a LAVIS InstructBLIP `.pth` or the authors' released SAM checkpoint."""
+        from sam_fast.models import loading
+
+        return loading.from_lavis_checkpoint(cls, path, config, base=base, **kwargs)
+
+    def save_trainable_delta(self, directory, base_reference: str) -> None:
+        """Save only the trainable tensors plus a reference to the base weights."""
+        from sam_fast.models import loading
+
+        loading.save_trainable_delta(self, directory, base_reference)
+
+    @classmethod
+    def from_trainable_delta(cls, directory, base=None) -> "SAM":
+        """Load a base model then the trainable delta saved by `save_trainable_delta`."""
+        from sam_fast.models import loading
+
+        return loading.load_trainable_delta(cls, directory, base=base)

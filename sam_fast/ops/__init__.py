@@ -1,0 +1,18 @@
+"""The op boundary: every hot spot of SAM goes through a function here.
+
+Modules call these functions; they dispatch to compiled kernels (`sam_fast._C`, `sam_fast._kernels`)
+or to the plain-PyTorch reference beside each op (`*_ref`), which is also the specification.
+"""
+
+from sam_fast.ops.context_reweight import context_reweight, context_reweight_ref
+from sam_fast.ops.cross_attention import cross_attention, cross_attention_ref
+from sam_fast.ops.dispatch import BackendUnavailable, explain
+
+__all__ = [
+    "BackendUnavailable",
+    "context_reweight",
+    "context_reweight_ref",
+    "cross_attention",
+    "cross_attention_ref",
+    "explain",
+]
