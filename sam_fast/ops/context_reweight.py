@@ -69,13 +69,14 @@ def context_reweight_ref(features, weight, bias, cu_images, mode="leave_one_out"
     """Plain-PyTorch reference (the specification): loops over samples, masked softmax over
     an explicit [N, N, P] logit tensor for leave_one_out. Differentiable by autograd."""
     T, P, D = features.shape
-    x = features.float()
+    acc = torch.promote_types(features.dtype, torch.float32)  # fp32 accumulation (fp64 stays fp64)
+    x = features.to(acc)
     if weight is None:
         scores = x.new_zeros(T, P)
     else:
-        scores = x @ weight.reshape(D).float()
+        scores = x @ weight.reshape(D).to(acc)
         if bias is not None:
-            scores = scores + bias.reshape(()).float()
+            scores = scores + bias.reshape(()).to(acc)
     cu = cu_images.tolist()
     outs = []
     for b in range(len(cu) - 1):
@@ -86,7 +87,7 @@ def context_reweight_ref(features, weight, bias, cu_images, mode="leave_one_out"
             a = torch.softmax(s, dim=0)  # over the images of the sample, per patch
             outs.append(torch.einsum("mp,mpd->pd", a, e).unsqueeze(0))
         elif n == 1:
-            outs.append(torch.zeros_like(e))
+            outs.append(e * 0)  # no contextual image; stays in the graph (zero gradient)
         else:
             self_mask = torch.eye(n, dtype=torch.bool, device=x.device)[:, :, None]  # [i, m, 1]
             logits = s.unsqueeze(0).expand(n, n, P).masked_fill(self_mask, float("-inf"))
