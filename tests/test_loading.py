@@ -1,0 +1,511 @@
+"""Loading / saving: HF InstructBLIP (dir, sharded dir, in memory), LAVIS and released-SAM
+checkpoints through the key map, own save_pretrained, trainable deltas. Tiny random models only."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+from _tiny import VISION_HIDDEN, tiny_instructblip
+
+from sam_fast import SAM, SAMConfig
+from sam_fast.models import loading
+from sam_fast.models.loading import (
+    IGNORED_LAVIS_KEYS,
+    LoadReport,
+    from_instructblip,
+    from_lavis_checkpoint,
+    is_ignored_lavis_key,
+    lavis_to_sam_state_dict,
+    load_trainable_delta,
+    read_state_dict,
+    save_trainable_delta,
+)
+
+NEW = ("adaptive_adjustment.", "guidance_in.", "guidance_out.")
+TRAINABLE = NEW + ("language_projection.",)
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hf():
+    return tiny_instructblip(seed=0)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(hf, tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf_instructblip")
+    hf.save_pretrained(str(d))
+    return d
+
+
+def assert_same_state(a: dict, b: dict, keys=None):
+    keys = sorted(b) if keys is None else sorted(keys)
+    for k in keys:
+        assert k in a, f"{k} missing"
+        assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype, k
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def assert_models_equal(m1: SAM, m2: SAM):
+    s1, s2 = m1.state_dict(), m2.state_dict()
+    assert sorted(s1) == sorted(s2)
+    assert_same_state(s1, s2)
+    b1, b2 = dict(m1.named_buffers()), dict(m2.named_buffers())
+    assert sorted(b1) == sorted(b2)
+    assert_same_state(b1, b2)
+
+
+def batch(counts=(3, 1, 2), seed=1, text_len=6):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(counts)
+    pixels = torch.randn(T, 3, 28, 28, generator=g)
+    ids = torch.randint(5, 100, (len(counts), text_len), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0
+    return pixels, list(counts), ids, mask
+
+
+@torch.no_grad()
+def encode(model: SAM, counts=(3, 1, 2)):
+    pixels, counts, ids, mask = batch(counts)
+    return model.encode_images(
+        pixel_values=pixels, image_counts=counts, qformer_input_ids=ids, qformer_attention_mask=mask
+    )
+
+
+def randomize_trainable_(model: SAM, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for v in model.trainable_state_dict().values():
+            v.copy_(torch.randn(v.shape, generator=g) * 0.3)
+    return model
+
+
+# An independent inverse of the key map: our (HF) names -> LAVIS names, written as plain string
+# edits so that it does not share code or tables with sam_fast.models.loading.
+def to_lavis(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        if k == "query_tokens":
+            out[k] = v
+        elif k.startswith("vision_model."):
+            r = k[len("vision_model.") :]
+            if r == "embeddings.class_embedding":
+                out["visual_encoder.cls_token"] = v
+            elif r == "embeddings.position_embedding":
+                out["visual_encoder.pos_embed"] = v
+            elif r.startswith("embeddings.patch_embedding."):
+                out["visual_encoder.patch_embed.proj." + r.split(".")[-1]] = v
+            elif r.startswith("post_layernorm."):
+                out["ln_vision." + r.split(".")[-1]] = v
+            else:
+                _, _, i, *rest = r.split(".")  # encoder.layers.i.<rest>
+                rest = ".".join(rest)
+                pre = f"visual_encoder.blocks.{i}."
+                if rest == "self_attn.qkv.bias":
+                    d = v.shape[0] // 3
+                    assert torch.count_nonzero(v[d : 2 * d]) == 0
+                    out[pre + "attn.q_bias"] = v[:d].clone()
+                    out[pre + "attn.v_bias"] = v[2 * d :].clone()
+                else:
+                    rest = (
+                        rest.replace("self_attn.qkv", "attn.qkv")
+                        .replace("self_attn.projection", "attn.proj")
+                        .replace("layer_norm1", "norm1")
+                        .replace("layer_norm2", "norm2")
+                    )
+                    out[pre + rest] = v
+        elif k.startswith("qformer."):
+            r = k[len("qformer.") :]
+            r = r.replace("embeddings.layernorm", "embeddings.LayerNorm")
+            r = r.replace("attention.attention.", "attention.self.")  # also crossattention.attention.
+            out["Qformer.bert." + r] = v
+        elif k.startswith("language_projection."):
+            out["llm_proj." + k.split(".", 1)[1]] = v
+        elif k.startswith("language_model."):
+            out["llm_model." + k.split(".", 1)[1]] = v
+        elif k.startswith("guidance_in."):
+            out["Qformer.bert.encoder.one_2_muliple.0." + k.split(".", 1)[1]] = v
+        elif k.startswith("guidance_out."):
+            out["Qformer.bert.encoder.multiple_2_one.0." + k.split(".", 1)[1]] = v
+        elif k.startswith("adaptive_adjustment."):
+            out["attn." + k.split(".", 1)[1]] = v
+        else:
+            raise AssertionError(f"test inverse has no rule for {k}")
+    return out
+
+
+LAVIS_EXTRAS = {  # keys a real LAVIS state dict carries that we drop on purpose
+    "Qformer.bert.embeddings.position_ids": torch.arange(64).unsqueeze(0),
+    "llm_model.model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(6),
+    "Qformer.cls.predictions.bias": torch.zeros(100),
+}
+
+
+def save_lavis(path, sd):
+    torch.save({"model": sd, "epoch": 3}, str(path))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# HF InstructBLIP
+# ------------------------------------------------------------------------------------------------
+def test_from_in_memory_instructblip(hf):
+    model, report = from_instructblip(SAM, hf, return_report=True)
+    assert isinstance(model, SAM) and isinstance(model.config, SAMConfig)
+    hsd, sd = hf.state_dict(), model.state_dict()
+    assert sorted(set(sd) - set(hsd)) == sorted(k for k in sd if k.startswith(NEW))
+    assert_same_state(sd, hsd)
+    assert report.missing == [] and report.unexpected == [] and report.ignored == []
+    assert report.initialized == sorted(k for k in sd if k.startswith(NEW))
+    # new modules per spec: guidance zero, adaptive adjustment random (finite, non-zero) weight
+    for name in ("guidance_in", "guidance_out"):
+        assert all(torch.count_nonzero(p) == 0 for p in getattr(model, name).parameters())
+    w = model.adaptive_adjustment.weight
+    assert torch.isfinite(w).all() and torch.count_nonzero(w) > 0
+    assert w.dtype == model.language_projection.weight.dtype
+    # frozen per spec, buffers (non-persistent, not in any checkpoint) as a fresh model's, eval
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if n.startswith(TRAINABLE)
+    }
+    assert not any(p.is_meta for p in model.parameters())
+    fresh = SAM(model.config)
+    assert_same_state(dict(model.named_buffers()), dict(fresh.named_buffers()))
+    assert not model.training
+    # default copy=False shares storage with the source; copy=True does not
+    assert (
+        model.qformer.embeddings.word_embeddings.weight.data_ptr()
+        == hf.qformer.embeddings.word_embeddings.weight.data_ptr()
+    )
+    copied = from_instructblip(SAM, hf, copy=True)
+    assert (
+        copied.qformer.embeddings.word_embeddings.weight.data_ptr()
+        != hf.qformer.embeddings.word_embeddings.weight.data_ptr()
+    )
+    assert_same_state(copied.state_dict(), hsd)
+
+
+def test_untrained_sam_equals_instructblip_single_images(hf):
+    """Loaded weights reach the forward: with one image per sample SAM's tokens are InstructBLIP's."""
+    model = from_instructblip(SAM, hf)
+    pixels, counts, ids, mask = batch((1, 1))
+    with torch.no_grad():
+        ours = model.encode_images(
+            pixel_values=pixels, image_counts=counts, qformer_input_ids=ids, qformer_attention_mask=mask
+        )
+        ref = hf.get_image_features(pixel_values=pixels, qformer_input_ids=ids, qformer_attention_mask=mask)
+    ref = ref if torch.is_tensor(ref) else ref.pooler_output
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shard", [None, "20KB"], ids=["single", "sharded"])
+def test_from_instructblip_dir(hf, tmp_path, shard):
+    kw = {} if shard is None else {"max_shard_size": shard}
+    hf.save_pretrained(str(tmp_path), **kw)
+    if shard is not None:
+        assert (tmp_path / "model.safetensors.index.json").is_file()
+        assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    from_dir = from_instructblip(SAM, tmp_path)
+    from_mem = from_instructblip(SAM, hf)
+    assert_same_state(from_dir.state_dict(), hf.state_dict())
+    with torch.no_grad():  # new modules are the only free part: give both the same values
+        for k, v in from_mem.state_dict().items():
+            if k.startswith(NEW):
+                from_dir.state_dict()[k].copy_(v)
+    assert_models_equal(from_dir, from_mem)
+    randomize_trainable_(from_dir), randomize_trainable_(from_mem)  # make guidance act
+    assert torch.equal(encode(from_dir), encode(from_mem))
+
+
+def test_from_pytorch_bin_dir(hf, hf_dir, tmp_path):
+    (tmp_path / "config.json").write_text((hf_dir / "config.json").read_text())
+    torch.save(hf.state_dict(), str(tmp_path / "pytorch_model.bin"))
+    model = from_instructblip(SAM, tmp_path)
+    assert_same_state(model.state_dict(), hf.state_dict())
+
+
+def test_tied_embeddings(tmp_path):
+    hf = tiny_instructblip(seed=3, tie_word_embeddings=True)
+    hf.save_pretrained(str(tmp_path))  # HF writes the tied lm_head once
+    model = from_instructblip(SAM, tmp_path)
+    assert model.language_model.lm_head.weight is model.language_model.model.embed_tokens.weight
+    assert_same_state(model.state_dict(), hf.state_dict())
+
+
+def test_config_overrides_and_dtype(hf, hf_dir):
+    model = from_instructblip(SAM, hf_dir, context_mode="shared", guidance="mean", interaction_layers=(2, 3))
+    assert (model.config.context_mode, model.config.guidance, model.config.interaction_layers) == (
+        "shared",
+        "mean",
+        (2, 3),
+    )
+    assert model.config.qformer_config.encoder_hidden_size == VISION_HIDDEN
+    half = from_instructblip(SAM, hf_dir, dtype=torch.float16)
+    for k, v in half.state_dict().items():
+        if v.is_floating_point():
+            want = torch.float32 if k == "query_tokens" else torch.float16  # SAM._keep_in_fp32_modules
+            assert v.dtype == want, k
+    assert torch.equal(
+        half.qformer.embeddings.word_embeddings.weight, hf.qformer.embeddings.word_embeddings.weight.half()
+    )
+    bf = from_instructblip(SAM, hf, dtype=torch.bfloat16)
+    assert bf.query_tokens.dtype == torch.bfloat16 and bf.guidance_in.weight.dtype == torch.bfloat16
+
+
+def test_hf_unexpected_missing_and_mismatched_keys(hf, hf_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    sd = {k: v.clone() for k, v in hf.state_dict().items()}
+    (tmp_path / "config.json").write_text((hf_dir / "config.json").read_text())
+
+    extra = dict(sd, **{"qformer.encoder.layer.0.bogus.weight": torch.zeros(2)})
+    save_file(extra, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"qformer\.encoder\.layer\.0\.bogus\.weight"):
+        from_instructblip(SAM, tmp_path)
+    with pytest.warns(UserWarning, match="bogus"):
+        model, report = from_instructblip(SAM, tmp_path, strict=False, return_report=True)
+    assert report.unexpected == ["qformer.encoder.layer.0.bogus.weight"]
+
+    # legacy buffers older transformers saved: reported as ignored, not an error
+    legacy = dict(
+        sd,
+        **{
+            "qformer.embeddings.position_ids": torch.arange(64)[None],
+            "language_model.model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(6),
+        },
+    )
+    save_file(legacy, str(tmp_path / "model.safetensors"))
+    _, report = from_instructblip(SAM, tmp_path, return_report=True)
+    assert sorted(report.ignored) == sorted(
+        ["qformer.embeddings.position_ids", "language_model.model.layers.0.self_attn.rotary_emb.inv_freq"]
+    )
+
+    missing = {k: v for k, v in sd.items() if k != "vision_model.post_layernorm.weight"}
+    save_file(missing, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing keys.*vision_model\.post_layernorm\.weight"):
+        from_instructblip(SAM, tmp_path)
+    with pytest.raises(ValueError, match=r"vision_model\.post_layernorm\.weight"):
+        from_instructblip(SAM, tmp_path, strict=False)  # a missing tensor can never be filled in
+
+    bad = dict(sd, **{"language_projection.bias": torch.zeros(7)})
+    save_file(bad, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"shape mismatch.*language_projection\.bias"):
+        from_instructblip(SAM, tmp_path)
+
+
+def test_missing_weights_file_named(tmp_path, hf_dir):
+    (tmp_path / "config.json").write_text((hf_dir / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        from_instructblip(SAM, tmp_path)
+    with pytest.raises(FileNotFoundError, match="nowhere.*not a directory"):
+        from_instructblip(SAM, tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        from_instructblip(SAM, tmp_path / "empty")
+
+
+# ------------------------------------------------------------------------------------------------
+# Own save_pretrained / from_pretrained
+# ------------------------------------------------------------------------------------------------
+def test_save_pretrained_round_trip(hf, tmp_path):
+    model = randomize_trainable_(from_instructblip(SAM, hf, context_mode="shared", interaction_layers=(3, 4)))
+    model.save_pretrained(str(tmp_path))
+    again = SAM.from_pretrained(str(tmp_path))
+    assert again.config.context_mode == "shared" and tuple(again.config.interaction_layers) == (3, 4)
+    assert_models_equal(again, model)
+    assert torch.equal(encode(again), encode(model))
+    # a SAM directory also loads through from_instructblip (keeps its own new modules)
+    via_loader, report = from_instructblip(SAM, tmp_path, return_report=True)
+    assert report.initialized == []
+    assert_models_equal(via_loader, model)
+
+
+# ------------------------------------------------------------------------------------------------
+# LAVIS / released-SAM checkpoints
+# ------------------------------------------------------------------------------------------------
+def test_key_map_inverts_the_test_inverse(hf):
+    sam = from_instructblip(SAM, hf)
+    randomize_trainable_(sam)
+    ours = sam.state_dict()
+    lavis = to_lavis(ours)
+    lavis.update(LAVIS_EXTRAS)
+    assert "visual_encoder.blocks.1.attn.q_bias" in lavis and "visual_encoder.blocks.1.attn.qkv.bias" not in lavis
+    mapped, unmapped = lavis_to_sam_state_dict(lavis)
+    assert sorted(unmapped) == sorted(LAVIS_EXTRAS)
+    assert all(is_ignored_lavis_key(k) for k in unmapped)
+    assert sorted(mapped) == sorted(ours)
+    assert_same_state(mapped, ours)  # includes qkv.bias = cat[q_bias, 0, v_bias]
+    # tensors are renamed, not copied (except the merged qkv bias)
+    assert (
+        mapped["qformer.embeddings.word_embeddings.weight"] is lavis["Qformer.bert.embeddings.word_embeddings.weight"]
+    )
+    # DDP prefix stripped
+    mapped2, unmapped2 = lavis_to_sam_state_dict({"module." + k: v for k, v in lavis.items()})
+    assert sorted(mapped2) == sorted(mapped) and sorted(unmapped2) == sorted(unmapped)
+
+
+def test_key_map_reports_unknown_and_half_pairs():
+    sd = {
+        "visual_encoder.blocks.0.attn.q_bias": torch.zeros(4),  # no v_bias
+        "Qformer.bert.encoder.layer.0.attention.self.bogus.weight": torch.zeros(1),
+        "t5_proj.weight": torch.zeros(1),
+        "llm_proj.weight": torch.zeros(2, 2),
+    }
+    mapped, unmapped = lavis_to_sam_state_dict(sd)
+    assert list(mapped) == ["language_projection.weight"]
+    assert unmapped == sorted(k for k in sd if k != "llm_proj.weight")
+    assert not any(is_ignored_lavis_key(k) for k in unmapped)
+    assert IGNORED_LAVIS_KEYS and all(isinstance(v, str) and v for v in IGNORED_LAVIS_KEYS.values())
+
+
+def test_full_lavis_instructblip_checkpoint(hf, tmp_path):
+    lavis = to_lavis(hf.state_dict())
+    lavis.update(LAVIS_EXTRAS)
+    path = save_lavis(tmp_path / "instruct_blip.pth", lavis)
+    config = SAMConfig.from_instructblip_config(hf.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a plain InstructBLIP checkpoint: no context-mode warning
+        model, report = from_lavis_checkpoint(SAM, path, config, return_report=True)
+    assert isinstance(report, LoadReport)
+    assert model.config.context_mode == "leave_one_out"
+    assert sorted(report.ignored) == sorted(LAVIS_EXTRAS)
+    assert report.unexpected == [] and report.missing == []
+    assert report.initialized == sorted(k for k in model.state_dict() if k.startswith(NEW))
+    assert_same_state(model.state_dict(), hf.state_dict())
+    ref = from_instructblip(SAM, hf)
+    with torch.no_grad():
+        for k, v in ref.state_dict().items():
+            if k.startswith(NEW):
+                model.state_dict()[k].copy_(v)
+    assert torch.equal(encode(model), encode(ref))
+    # the same through SAM's classmethod, with base= supplying the config
+    via_cls = SAM.from_lavis_checkpoint(path, base=hf)
+    assert_same_state(via_cls.state_dict(), hf.state_dict())
+
+
+def test_released_sam_checkpoint_trainable_only(hf, hf_dir, tmp_path):
+    trained = randomize_trainable_(from_instructblip(SAM, hf, context_mode="shared"), seed=11)
+    ckpt = to_lavis(trained.trainable_state_dict())
+    assert set(ckpt) == {
+        "attn.weight",
+        "attn.bias",
+        "llm_proj.weight",
+        "llm_proj.bias",
+        "Qformer.bert.encoder.one_2_muliple.0.weight",
+        "Qformer.bert.encoder.one_2_muliple.0.bias",
+        "Qformer.bert.encoder.multiple_2_one.0.weight",
+        "Qformer.bert.encoder.multiple_2_one.0.bias",
+    }
+    path = save_lavis(tmp_path / "sam.pth", ckpt)
+
+    model, report = from_lavis_checkpoint(SAM, path, base=hf_dir, return_report=True)
+    assert model.config.context_mode == "shared"  # implied by the SAM keys
+    assert report.initialized == [] and report.missing == [] and report.unexpected == []
+    assert_models_equal(model, trained)
+    assert torch.equal(encode(model), encode(trained))
+
+    # asking for another mode: warned and overridden
+    with pytest.warns(UserWarning, match="shared"):
+        m2 = from_lavis_checkpoint(SAM, path, base=hf, context_mode="leave_one_out")
+    assert m2.config.context_mode == "shared"
+    with pytest.warns(UserWarning, match="shared"):
+        m3 = from_lavis_checkpoint(SAM, path, SAMConfig.from_instructblip_config(hf.config), base=hf)
+    assert m3.config.context_mode == "shared"
+    assert_models_equal(m3, trained)
+
+    # without a base the frozen tensors are missing: reported by name
+    with pytest.raises(ValueError, match=r"missing keys.*vision_model\.embeddings\.class_embedding"):
+        from_lavis_checkpoint(SAM, path, SAMConfig.from_instructblip_config(hf.config, context_mode="shared"))
+    with pytest.raises(ValueError, match="config= or base="):
+        from_lavis_checkpoint(SAM, path)
+
+
+def test_lavis_unknown_key_is_an_error(hf, tmp_path):
+    lavis = to_lavis(hf.state_dict())
+    lavis["Qformer.bert.encoder.layer.1.crossattention.self.bogus"] = torch.zeros(3)
+    path = save_lavis(tmp_path / "x.pth", lavis)
+    config = SAMConfig.from_instructblip_config(hf.config)
+    with pytest.raises(ValueError, match=r"Qformer\.bert\.encoder\.layer\.1\.crossattention\.self\.bogus"):
+        from_lavis_checkpoint(SAM, path, config)
+    with pytest.warns(UserWarning, match="bogus"):
+        model, report = from_lavis_checkpoint(SAM, path, config, strict=False, return_report=True)
+    assert report.unexpected == ["Qformer.bert.encoder.layer.1.crossattention.self.bogus"]
+    assert_same_state(model.state_dict(), hf.state_dict())
+
+
+def test_lavis_missing_key_is_reported(hf, tmp_path):
+    lavis = to_lavis(hf.state_dict())
+    del lavis["visual_encoder.blocks.1.attn.v_bias"]  # q_bias alone cannot be mapped
+    path = save_lavis(tmp_path / "x.pth", lavis)
+    config = SAMConfig.from_instructblip_config(hf.config)
+    with pytest.raises(ValueError, match=r"visual_encoder\.blocks\.1\.attn\.q_bias"):
+        from_lavis_checkpoint(SAM, path, config)
+    del lavis["visual_encoder.blocks.1.attn.q_bias"]
+    save_lavis(path, lavis)
+    with pytest.raises(ValueError, match=r"missing keys.*vision_model\.encoder\.layers\.1\.self_attn\.qkv\.bias"):
+        from_lavis_checkpoint(SAM, path, config)
+
+
+# ------------------------------------------------------------------------------------------------
+# Trainable deltas
+# ------------------------------------------------------------------------------------------------
+def test_trainable_delta_round_trip(hf, hf_dir, tmp_path):
+    model = randomize_trainable_(from_instructblip(SAM, hf_dir, guidance="mean"), seed=21)
+    out = tmp_path / "delta"
+    save_trainable_delta(model, out, str(hf_dir))
+    info = json.loads((out / "sam_delta.json").read_text())
+    assert info["base"] == str(hf_dir)
+    assert info["keys"] == sorted(model.trainable_state_dict())
+    from safetensors import safe_open
+
+    with safe_open(str(out / "sam_delta.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == info["keys"]
+    assert (out / "config.json").is_file()
+    assert loading.is_trainable_delta_dir(out) and not loading.is_trainable_delta_dir(hf_dir)
+
+    again = load_trainable_delta(SAM, out)
+    assert again.config.guidance == "mean"
+    assert_models_equal(again, model)
+    assert torch.equal(encode(again), encode(model))
+    # SAM's classmethod, an explicit in-memory base, and the model method
+    assert_models_equal(SAM.from_trainable_delta(str(out), base=hf), model)
+    model.save_trainable_delta(tmp_path / "delta2", str(hf_dir))
+    assert_models_equal(load_trainable_delta(SAM, tmp_path / "delta2"), model)
+
+
+def test_trainable_delta_relative_base_and_errors(hf, tmp_path):
+    base = tmp_path / "base"
+    hf.save_pretrained(str(base))
+    model = randomize_trainable_(from_instructblip(SAM, base), seed=4)
+    delta = tmp_path / "runs" / "delta"
+    save_trainable_delta(model, delta, os.path.join("..", "..", "base"))  # relative to the delta dir
+    assert_models_equal(load_trainable_delta(SAM, delta), model)
+    # a delta on top of a SAM directory, and a delta directory as a base for another delta
+    sam_dir = tmp_path / "sam"
+    model.save_pretrained(str(sam_dir))
+    save_trainable_delta(model, tmp_path / "d2", str(sam_dir))
+    assert_models_equal(load_trainable_delta(SAM, tmp_path / "d2"), model)
+    save_trainable_delta(model, tmp_path / "d3", str(delta))
+    assert_models_equal(load_trainable_delta(SAM, tmp_path / "d3"), model)
+
+    save_trainable_delta(model, tmp_path / "lost", str(tmp_path / "does_not_exist"))
+    with pytest.raises(FileNotFoundError, match=r"does_not_exist.*sam_delta\.json"):
+        load_trainable_delta(SAM, tmp_path / "lost")
+    with pytest.raises(FileNotFoundError, match=r"sam_delta\.json"):
+        load_trainable_delta(SAM, base)  # not a delta directory
+    with pytest.raises(ValueError, match="base_reference"):
+        save_trainable_delta(model, tmp_path / "bad", "")
+
+
+def test_read_state_dict_sharded_matches(hf, tmp_path):
+    hf.save_pretrained(str(tmp_path), max_shard_size="20KB")
+    sd = read_state_dict(tmp_path)
+    assert_same_state(sd, hf.state_dict())
+    half = read_state_dict(tmp_path, dtype=torch.float16)
+    assert all(v.dtype == torch.float16 for v in half.values() if v.is_floating_point())
