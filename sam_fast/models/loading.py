@@ -12,12 +12,15 @@ return_report=False, **config_overrides) -> SAM``
     directory saved with ``save_pretrained`` (``model_type == "sam_fast"``), or an in-memory
     `InstructBlipForConditionalGeneration` / SAM. The model is built with its parameters on the
     meta device and the checkpoint tensors are *assigned* (no second copy of a 7B model in RAM);
-    an in-memory source therefore shares storage with the result unless ``copy=True``. The three
+    an in-memory source therefore shares storage with the result unless ``copy=True``, and
+    tensors read from ``.safetensors`` files without a dtype cast stay memory-mapped, as with HF
+    ``from_pretrained`` (do not overwrite those files while the model is alive). The three
     new modules (``adaptive_adjustment``, ``guidance_in``, ``guidance_out``) are initialised per
     the spec (``model.reset_guidance_parameters()``: guidance zero) when the source lacks them.
     Then ``model.freeze_backbone()`` and ``model.eval()``.
     ``config_overrides`` go to ``SAMConfig.from_instructblip_config`` (``context_mode``,
-    ``guidance``, ``interaction_layers``, ...); ``dtype`` (cast floating tensors while reading),
+    ``guidance``, ``interaction_layers``, ...); ``dtype`` (cast floating tensors while reading;
+    ``cls._keep_in_fp32_modules`` such as ``query_tokens`` stay float32 under float16, as in HF),
     ``device`` (where tensors are placed), ``copy``, ``strict`` and ``return_report`` are
     reserved keyword names of this loader. Raises ValueError listing unexpected keys (a warning
     instead when ``strict=False``), shape mismatches and missing keys other than the three new
