@@ -131,10 +131,12 @@ class SAMConfig(InstructBlipConfig):
 
         Same structure as the full model: cross-attention every 2nd Q-former layer, LLaMA LLM.
         Vision 28x28 px with patch 14 (P = 5 tokens), Q-former hidden 32 with 4 layers, 8 queries.
+        Random weights get larger initialisations than HF's defaults (vision 1e-10 -> 0.02, LLM
+        0.02 -> 0.2) so that a random frozen backbone still responds to its inputs.
         """
         vision = InstructBlipVisionConfig(
             hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            image_size=28, patch_size=14,
+            image_size=28, patch_size=14, initializer_range=0.02,
         )
         qformer = InstructBlipQFormerConfig(
             vocab_size=120, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
@@ -145,6 +147,7 @@ class SAMConfig(InstructBlipConfig):
             vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
             bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+            initializer_range=0.2,
         )
         kw = dict(
             vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
