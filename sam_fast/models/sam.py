@@ -18,6 +18,7 @@ guidance Linears start at zero, so an untrained SAM is InstructBLIP exactly.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -316,28 +317,49 @@ class SAM(InstructBlipPreTrainedModel):
 
     # -- loading (sam_fast.models.loading) ---------------------------------------------------
     @classmethod
-    def from_instructblip(cls, path_or_model, **config_overrides) -> "SAM":
-        """SAM from an HF InstructBLIP directory or in-memory model; new modules per SPEC."""
+    def from_instructblip(cls, path_or_model, **kwargs) -> "SAM":
+        """SAM from an HF InstructBLIP directory (safetensors, sharded too) or an in-memory
+        `InstructBlipForConditionalGeneration`; the three new modules start per SPEC (guidance
+        Linears zero). Keyword arguments: loader options (`dtype`, `device`, `copy`, `strict`,
+        `return_report`) and SAMConfig overrides (`context_mode=...`, ...). See
+        `sam_fast.models.loading.from_instructblip`."""
         from sam_fast.models import loading
 
-        return loading.from_instructblip(cls, path_or_model, **config_overrides)
+        return loading.from_instructblip(cls, path_or_model, **kwargs)
 
     @classmethod
     def from_lavis_checkpoint(cls, path, config=None, *, base=None, **kwargs) -> "SAM":
-        """SAM from a LAVIS InstructBLIP `.pth` or the authors' released SAM checkpoint."""
+        """SAM from a LAVIS InstructBLIP `.pth` or the authors' released SAM checkpoint (which
+        implies context_mode="shared"); `base` supplies frozen weights the file lacks. Missing or
+        unexpected keys are reported. See `sam_fast.models.loading.from_lavis_checkpoint`."""
         from sam_fast.models import loading
 
         return loading.from_lavis_checkpoint(cls, path, config, base=base, **kwargs)
 
-    def save_trainable_delta(self, directory, base_reference: str) -> None:
-        """Save only the trainable tensors plus a reference to the base weights."""
+    def save_trainable_delta(self, directory, base_reference: str):
+        """Save config + only the trainable tensors (`sam_delta.safetensors`) + a reference to the
+        base weights (`sam_delta.json`); `SAM.from_pretrained(directory)` loads it back."""
         from sam_fast.models import loading
 
-        loading.save_trainable_delta(self, directory, base_reference)
+        return loading.save_trainable_delta(self, directory, base_reference)
 
     @classmethod
-    def from_trainable_delta(cls, directory, base=None) -> "SAM":
-        """Load a base model then the trainable delta saved by `save_trainable_delta`."""
+    def from_trainable_delta(cls, directory, base=None, **kwargs) -> "SAM":
+        """Load the base model then the trainable delta saved by `save_trainable_delta`."""
         from sam_fast.models import loading
 
-        return loading.load_trainable_delta(cls, directory, base=base)
+        return loading.load_trainable_delta(cls, directory, base=base, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "SAM":
+        """HF `from_pretrained` for full SAM directories; a trainable-delta directory (from
+        `save_trainable_delta`) is detected and loaded over its base."""
+        from sam_fast.models import loading
+
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and loading.is_trainable_delta_dir(
+            pretrained_model_name_or_path
+        ):
+            return loading.load_trainable_delta(cls, pretrained_model_name_or_path, **kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model.freeze_backbone()
+        return model
