@@ -88,6 +88,10 @@ def test_encode_images_equals_reference(context_mode, guidance, layers):
                                qformer_attention_mask=mask)
     ref = reference_encode_images(model, feats, COUNTS, ids, mask)
     assert (ours - ref).abs().max().item() <= 1e-5
+    with torch.no_grad():  # inference: compiled backends are eligible (e.g. the CPU re-weighting kernel)
+        inference = model.encode_images(image_features=feats, image_counts=COUNTS, qformer_input_ids=ids,
+                                         qformer_attention_mask=mask)
+    assert (inference - ref).abs().max().item() <= 1e-5
 
     params = [p for p in model.parameters() if p.requires_grad]
     g = torch.randn_like(ours)

@@ -1,0 +1,75 @@
+"""The dispatcher: choice, forcing with SAM_FAST_BACKEND, explanations; compiled vs reference."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sam_fast import _ext
+from sam_fast.ops import BackendUnavailable, context_reweight, explain
+from sam_fast.ops.dispatch import dispatcher
+
+HAVE_EXT = _ext.load() is not None
+
+
+def _inputs(requires_grad=False):
+    torch.manual_seed(0)
+    F = torch.randn(6, 5, 16, requires_grad=requires_grad)
+    w = torch.randn(16, requires_grad=requires_grad)
+    return F, w, torch.zeros(()), torch.tensor([0, 1, 3, 6], dtype=torch.int32)
+
+
+def test_explain_lists_every_op_and_reason():
+    report = explain()
+    assert set(report) >= {"context_reweight", "cross_attention"}
+    for entry in report.values():
+        assert entry["backend"] in entry["reasons"]
+        assert entry["reasons"]["reference"] == "usable"
+
+
+@pytest.mark.skipif(not HAVE_EXT, reason=f"extension not loaded: {_ext.info().get('error')}")
+def test_compiled_cpu_kernel_is_chosen_without_grad_and_refused_with_grad():
+    d = dispatcher("context_reweight")
+    F, w, b, cu = _inputs()
+    with torch.no_grad():
+        assert d.choose(F, w, b, cu, "shared").name == "cpu"
+    Fg, wg, bg, cu = _inputs(requires_grad=True)
+    assert d.choose(Fg, wg, bg, cu, "shared").name == "reference"
+    assert "forward-only" in d.reasons(Fg, wg, bg, cu, "shared")["cpu"]
+
+
+@pytest.mark.skipif(not HAVE_EXT, reason=f"extension not loaded: {_ext.info().get('error')}")
+@pytest.mark.parametrize("mode", ["leave_one_out", "shared"])
+@pytest.mark.parametrize("weight", ["linear", "mean"])
+def test_compiled_and_reference_agree(monkeypatch, mode, weight):
+    F, w, b, cu = _inputs()
+    w = None if weight == "mean" else w
+    with torch.no_grad():
+        monkeypatch.setenv("SAM_FAST_BACKEND", "cpu")
+        fast = context_reweight(F, w, b, cu, mode)
+        monkeypatch.setenv("SAM_FAST_BACKEND", "reference")
+        ref = context_reweight(F, w, b, cu, mode)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_forced_backend_that_cannot_run_fails_with_reasons(monkeypatch):
+    monkeypatch.setenv("SAM_FAST_BACKEND", "cpu")
+    F, w, b, cu = _inputs(requires_grad=True)
+    with pytest.raises(BackendUnavailable, match=r"SAM_FAST_BACKEND=cpu.*reference: ok"):
+        context_reweight(F, w, b, cu, "leave_one_out")
+
+
+def test_model_tests_pass_with_the_extension_disabled():
+    """The pure-Python path: the reference-equality model tests in a process without sam_fast._C."""
+    env = dict(os.environ, SAM_FAST_DISABLE_EXT="1")
+    code = (
+        "import sam_fast._ext as e, sys; assert e.load() is None, e.info();"
+        "import pytest; sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', 'tests/test_model.py',"
+        " '-k', 'hf or reference or gradients']))"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout
