@@ -18,6 +18,7 @@ guidance Linears start at zero, so an untrained SAM is InstructBLIP exactly.
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -206,15 +207,16 @@ class SAM(InstructBlipPreTrainedModel):
                 f"qformer_input_ids {tuple(qformer_input_ids.shape)}"
             )
 
-        counts_t = torch.tensor(counts, device=dev)
-        sample_of = torch.repeat_interleave(torch.arange(B, device=dev), counts_t)  # [T]
+        # Index plans are built on the host from the counts (no device syncs), then moved once.
+        sample_of_l = [b for b, n in enumerate(counts) for _ in range(n)]
+        sample_of = torch.tensor(sample_of_l, device=dev)  # [T] sample of each image
         guided = cfg.guidance != "none" and max(counts) > 1
         if guided:
             # Part B: merged contextual maps I-hat, for the images that have contextual images.
-            cu = torch.zeros(B + 1, dtype=torch.int32, device=dev)
-            cu[1:] = torch.cumsum(counts_t, 0)
+            cu = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32, device=dev)
             maps = merged_context_maps(E, self.adaptive_adjustment, cu, cfg.context_mode, cfg.guidance)
-            ctx_index = (counts_t[sample_of] > 1).nonzero().squeeze(1)  # Q rows that get guidance
+            ctx_l = [t for t, b in enumerate(sample_of_l) if counts[b] > 1]  # Q rows that get guidance
+            ctx_index = torch.tensor(ctx_l, device=dev)
             map_rows = sample_of[ctx_index] if cfg.context_mode == "shared" else ctx_index
             image_states = torch.cat([E, maps.index_select(0, map_rows).to(E.dtype)], 0)
             row_sample = torch.cat([sample_of, sample_of[ctx_index]])
