@@ -1,0 +1,20 @@
+// Torch-side declarations of sam_fast::context_reweight_fwd shared by its CPU, CUDA and Meta
+// implementations (the arithmetic itself is in context_reweight_common.h).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace sam_fast {
+
+// Shapes, dtypes and devices of the four tensor arguments (no data access: safe for Meta).
+void check_context_reweight_inputs(const at::Tensor& features, const at::Tensor& weight,
+                                   const at::Tensor& bias, const at::Tensor& cu_images);
+
+// cu_images as a contiguous int64 CPU tensor whose values were checked against T (reads data).
+at::Tensor checked_offsets_cpu(const at::Tensor& cu_images, int64_t num_images);
+
+// Uninitialised output: [B, P, D] when shared, else [T, P, D]; dtype and device of features.
+at::Tensor empty_context_reweight_output(const at::Tensor& features, const at::Tensor& cu_images,
+                                         bool shared);
+
+}  // namespace sam_fast

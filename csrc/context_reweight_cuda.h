@@ -1,0 +1,30 @@
+// C ABI of the CUDA launcher of context re-weighting. No torch and no CUDA headers are needed to
+// include this, so the torch binding (context_reweight_cuda_binding.cpp) and the kernel
+// (context_reweight_cuda.cu, compiled by plain nvcc) meet only through raw pointers.
+#pragma once
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// The same typedef as CUDA's driver_types.h (repeating an identical typedef is allowed).
+typedef struct CUstream_st* cudaStream_t;
+
+enum sam_fast_dtype { SAM_FAST_F32 = 0, SAM_FAST_F16 = 1, SAM_FAST_BF16 = 2 };
+
+// features [T, P, D] contiguous of `dtype`; weight [D] fp32; bias [1] fp32 (device);
+// cu_images [B + 1] int32 or int64 (device); scores_workspace [P, T] fp32;
+// out [B, P, D] when shared else [T, P, D], of `dtype`. Returns a cudaError_t (0 = success).
+int sam_fast_context_reweight_fwd_cuda(const void* features, int dtype, const float* weight,
+                                       const float* bias, const void* cu_images,
+                                       int cu_images_is_int64, int64_t num_samples,
+                                       int64_t num_images, int64_t P, int64_t D, int shared,
+                                       float* scores_workspace, void* out, cudaStream_t stream);
+
+const char* sam_fast_cuda_error_string(int error);
+
+#ifdef __cplusplus
+}
+#endif
