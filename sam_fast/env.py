@@ -1,0 +1,90 @@
+"""What sam_fast runs on: versions, devices, the compiled extension and each op's backend.
+
+    python -m sam_fast.env        # or: sam-fast env
+
+Every section is gathered on its own, so a broken piece (no transformers, a failing op import)
+shows up as a line of the report instead of taking it down.
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import sys
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed (version unknown)")
+    except ImportError:
+        return "not installed"
+    except Exception as exc:  # installed but broken
+        return f"broken ({type(exc).__name__}: {exc})"
+
+
+def _devices() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return [f"CUDA available: no (torch CUDA build: {torch.version.cuda or 'none'})"]
+    lines = [f"CUDA available: yes (torch CUDA {torch.version.cuda}, {torch.cuda.device_count()} device(s))"]
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        lines.append(f"  cuda:{i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB")
+    return lines
+
+
+def _extension() -> list[str]:
+    from sam_fast import _ext
+
+    i = _ext.info()
+    status = "loaded" if _ext.load() is not None else f"not loaded: {i['error']}"
+    return [
+        f"extension sam_fast._C: {status}",
+        f"  path: {i['path'] or '-'}",
+        f"  built with torch: {i['built_with_torch'] or '-'} (matches running torch: {i['torch_matches']})",
+        f"  CUDA op compiled in: {i['with_cuda']}",
+    ]
+
+
+def _ops() -> list[str]:
+    from sam_fast.ops.dispatch import explain
+
+    lines = []
+    for op, entry in explain().items():
+        lines.append(f"  {op}: {entry['backend']}")
+        for backend, why in entry.get("reasons", {}).items():
+            lines.append(f"    {backend}: {why}")
+    return lines or ["  (no ops registered)"]
+
+
+def _section(title: str, fn) -> list[str]:
+    try:
+        return fn()
+    except Exception as exc:
+        return [f"{title}: unavailable ({type(exc).__name__}: {exc})"]
+
+
+def report() -> str:
+    """The environment report as text (what `main` prints)."""
+    lines = [
+        f"sam_fast: {_version('sam_fast')}",
+        f"Python: {sys.version.split()[0]} ({platform.platform()})",
+        f"torch: {_version('torch')}",
+        f"transformers: {_version('transformers')}",
+        f"triton: {_version('triton')}",
+    ]
+    lines += _section("devices", _devices)
+    lines += _section("extension", _extension)
+    lines.append("ops (backend chosen for a sample CPU input; reasons per backend):")
+    lines += _section("  ops", _ops)
+    return "\n".join(lines)
+
+
+def main() -> int:
+    print(report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
