@@ -1,0 +1,52 @@
+# make test   build .venv (if missing), install torch + deps + sam_fast (editable, with the
+#             compiled extension), run the tests
+# make demo   same install, then the end-to-end demo (tiny random SAM on a CPU)
+# make clean  remove build outputs and the install stamp (keeps .venv)
+#
+# TORCH_SPEC is passed to pip as is. The default is the CPU build found on the dev/CI machines;
+# for a CUDA torch, e.g.:
+#   make test TORCH_SPEC="torch==2.11.0 --index-url https://download.pytorch.org/whl/cu130" TRITON_SPEC=triton==3.6.0
+# SAM_FAST_BUILD_EXT=0 in the environment gives a pure-Python install (no compiler needed).
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.7.1
+DEPS        ?= transformers==5.23.0 safetensors tokenizers numpy pillow tqdm pytest pytest-benchmark \
+               ninja "setuptools>=77" wheel
+
+PY        := $(VENV)/bin/python
+PIP       := $(PY) -m pip --disable-pip-version-check
+STAMP     := $(VENV)/.stamp-sam-fast
+SPEC_FILE := $(VENV)/.install-spec
+SOURCES   := setup.py pyproject.toml $(wildcard csrc/*)
+
+.PHONY: install test demo clean FORCE
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m sam_fast.cli demo
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Rewritten only when the requested versions change, so that a new TORCH_SPEC reinstalls.
+$(SPEC_FILE): FORCE | $(PY)
+	@echo '$(TORCH_SPEC) $(TRITON_SPEC) $(DEPS)' | cmp -s - $@ || echo '$(TORCH_SPEC) $(TRITON_SPEC) $(DEPS)' > $@
+
+# torch first and alone: the build of the extension compiles against it (hence
+# --no-build-isolation, which keeps pip from building against another torch).
+$(STAMP): $(SPEC_FILE) $(SOURCES)
+	$(PIP) install --quiet $(TORCH_SPEC)
+	$(PIP) install --quiet $(TRITON_SPEC) $(DEPS)
+	$(PIP) install --quiet --no-build-isolation -e .
+	@$(PY) -c "from sam_fast import _ext; i = _ext.info(); print('sam_fast._C:', 'loaded' if _ext.load() else 'not loaded', i)"
+	@touch $@
+
+clean:
+	rm -rf build dist *.egg-info sam_fast/_C*.so $(STAMP) .pytest_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
