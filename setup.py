@@ -36,6 +36,9 @@ def _extensions():
     """([extension], cmdclass), or ([], {}) for a pure-Python install."""
     if not _want_extension():
         print("sam_fast: SAM_FAST_BUILD_EXT=0, building no extension (pure-Python install)")
+        for stale in glob.glob(os.path.join(ROOT, "sam_fast", "_C.*")):  # left by an earlier editable build
+            print(f"sam_fast: removing {stale}")
+            os.remove(stale)
         return [], {}
 
     import torch

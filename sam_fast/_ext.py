@@ -67,14 +67,15 @@ def _load_state() -> dict[str, Any]:
         "with_cuda": False,
         "error": None,
     }
-    if path is None:
-        st["error"] = f"{_NAME} is not built (installed with SAM_FAST_BUILD_EXT=0, or not installed)"
-        return st
-    built_with, with_cuda = _read_tag(path)
-    st["built_with_torch"], st["with_cuda"] = built_with, bool(with_cuda)
-    st["torch_matches"] = built_with == torch.__version__
+    if path is not None:
+        built_with, with_cuda = _read_tag(path)
+        st["built_with_torch"], st["with_cuda"] = built_with, bool(with_cuda)
+        st["torch_matches"] = built_with == torch.__version__
     if _disabled():
         st["error"] = f"disabled by {DISABLE_ENV}"
+        return st
+    if path is None:
+        st["error"] = f"{_NAME} is not built (installed with SAM_FAST_BUILD_EXT=0, or not installed)"
         return st
     if built_with is None:
         st["error"] = f"{path} carries no sam_fast build tag; rebuild with pip install --no-build-isolation -e ."

@@ -20,7 +20,7 @@ CSRC = ROOT / "csrc"
 
 _INFO = _ext.info()
 needs_ext = pytest.mark.skipif(
-    not _INFO["built"], reason=f"sam_fast._C not built (SAM_FAST_BUILD_EXT=0 install): {_INFO['error']}"
+    not _INFO["built"], reason=f"compiled extension unavailable: {_INFO['error']}"
 )
 
 
