@@ -5,7 +5,7 @@
 #
 # TORCH_SPEC is passed to pip as is. The default is the CPU build found on the dev/CI machines;
 # for a CUDA torch, e.g.:
-#   make test TORCH_SPEC="torch==2.11.0 --index-url https://download.pytorch.org/whl/cu130" TRITON_SPEC=triton==3.6.0
+#   make test TORCH_SPEC="torch==2.11.0" TRITON_SPEC=triton==3.6.0   (plus your CUDA wheel index, if any)
 # SAM_FAST_BUILD_EXT=0 in the environment gives a pure-Python install (no compiler needed).
 
 PYTHON      ?= python3
