@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -315,7 +316,9 @@ class SAM(InstructBlipPreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         kwargs = {**GENERATION_DEFAULTS, **generate_kwargs}
-        return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        with warnings.catch_warnings():  # penalising generated tokens only is the intent (LAVIS)
+            warnings.filterwarnings("ignore", message=".*repetition_penalty.*inputs_embeds.*")
+            return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
 
     # -- loading (sam_fast.models.loading) ---------------------------------------------------
     @classmethod
