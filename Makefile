@@ -1,6 +1,7 @@
 # make test   build .venv (if missing), install torch + deps + sam_fast (editable, with the
 #             compiled extension), run the tests
 # make demo   same install, then the end-to-end demo (tiny random SAM on a CPU)
+# make bench  same install, then the pytest-benchmark suite (JSON in bench/results/latest.json)
 # make clean  remove build outputs and the install stamp (keeps .venv)
 #
 # TORCH_SPEC is passed to pip as is. The default is the CPU build found on the dev/CI machines;
@@ -21,12 +22,18 @@ STAMP     := $(VENV)/.stamp-sam-fast
 SPEC_FILE := $(VENV)/.install-spec
 SOURCES   := setup.py pyproject.toml $(wildcard csrc/*)
 
-.PHONY: install test demo clean FORCE
+.PHONY: install test bench demo clean FORCE
 
 install: $(STAMP)
 
+# The benchmarks run once each as smoke tests (--benchmark-disable); `make bench` times them.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests bench --benchmark-disable
+
+bench: $(STAMP)
+	mkdir -p bench/results
+	$(PY) -m pytest -q bench --benchmark-only --benchmark-columns=median,iqr,rounds \
+		--benchmark-json=bench/results/latest.json
 
 demo: $(STAMP)
 	$(PY) -m sam_fast.cli demo
