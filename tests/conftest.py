@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
-from sam_fast import SAM, SAMConfig
+# Triton kernels run under the interpreter on CPU tensors when there is no GPU. The variable must
+# be set before any module that defines kernels is imported (ENV.md), hence here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from sam_fast import SAM, SAMConfig  # noqa: E402
 
 
 def randomize_guidance(model: SAM, std: float = 0.3, seed: int = 0) -> SAM:
