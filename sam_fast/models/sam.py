@@ -248,7 +248,8 @@ class SAM(InstructBlipPreTrainedModel):
         return self.language_projection(hidden[:, :Q])
 
     # -- LLM ---------------------------------------------------------------------------------
-    def _llm_inputs(self, input_ids, visual_tokens, counts: list[int]):
+    def _placeholders(self, input_ids, counts: list[int]) -> torch.Tensor:
+        """[B, S] bool mask of the image placeholders, checked against the image counts."""
         if input_ids is None or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, S], got {None if input_ids is None else tuple(input_ids.shape)}")
         if input_ids.shape[0] != len(counts):
@@ -263,9 +264,20 @@ class SAM(InstructBlipPreTrainedModel):
                 f"image placeholders (token {self.config.image_token_index}) per sample must be "
                 f"{Q} x its image count; (sample, found, expected): {bad}"
             )
+        return placeholder
+
+    def _llm_inputs(self, pixel_values, image_features, image_counts, qformer_input_ids, qformer_attention_mask,
+                    input_ids, attention_mask):
+        """(visual tokens [T,Q,H], LLM input embeddings with the placeholders filled, attention mask)."""
+        counts = _counts_list(image_counts)
+        placeholder = self._placeholders(input_ids, counts)  # checked before the expensive encoding
+        visual = self.encode_images(pixel_values, image_features, counts, qformer_input_ids, qformer_attention_mask)
         embeds = self.get_input_embeddings()(input_ids)
-        tokens = visual_tokens.to(embeds.dtype).reshape(-1, embeds.shape[-1])
-        return embeds.masked_scatter(placeholder.unsqueeze(-1), tokens)
+        tokens = visual.to(embeds.dtype).reshape(-1, embeds.shape[-1])
+        embeds = embeds.masked_scatter(placeholder.unsqueeze(-1), tokens)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return visual, embeds, attention_mask
 
     def forward(
         self,
@@ -284,11 +296,9 @@ class SAM(InstructBlipPreTrainedModel):
         `input_ids` [B, S] hold exactly Q = num_query_tokens copies of `image_token_index` per image
         of the sample, filled in image order; `labels` [B, S] use -100 for ignored positions.
         """
-        counts = _counts_list(image_counts)
-        visual = self.encode_images(pixel_values, image_features, counts, qformer_input_ids, qformer_attention_mask)
-        embeds = self._llm_inputs(input_ids, visual, counts)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        visual, embeds, attention_mask = self._llm_inputs(
+            pixel_values, image_features, image_counts, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask
+        )
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
         return SAMOutput(loss=out.loss, logits=out.logits, visual_tokens=visual, language_model_outputs=out)
 
@@ -310,11 +320,9 @@ class SAM(InstructBlipPreTrainedModel):
         Defaults (SPEC §4): 5 beams, up to 256 new tokens, repetition_penalty 1.5,
         length_penalty 1; any HF generation kwarg overrides them.
         """
-        counts = _counts_list(image_counts)
-        visual = self.encode_images(pixel_values, image_features, counts, qformer_input_ids, qformer_attention_mask)
-        embeds = self._llm_inputs(input_ids, visual, counts)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        _, embeds, attention_mask = self._llm_inputs(
+            pixel_values, image_features, image_counts, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask
+        )
         kwargs = {**GENERATION_DEFAULTS, **generate_kwargs}
         with warnings.catch_warnings():  # penalising generated tokens only is the intent (LAVIS)
             warnings.filterwarnings("ignore", message=".*repetition_penalty.*inputs_embeds.*")
