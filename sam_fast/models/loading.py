@@ -96,10 +96,10 @@ __all__ = [
     "read_state_dict",
 ]
 
+from sam_fast.models.sam import TRAINABLE_MODULES  # noqa: E402  (what a delta holds; spec section 1)
+
 # Modules SAM adds to InstructBLIP (absent from an HF InstructBLIP checkpoint).
-NEW_MODULES = ("adaptive_adjustment", "guidance_in", "guidance_out")
-# Modules whose tensors are trained (spec section 1); what a delta holds.
-TRAINABLE_MODULES = NEW_MODULES + ("language_projection",)
+NEW_MODULES = tuple(m for m in TRAINABLE_MODULES if m != "language_projection")
 
 DELTA_WEIGHTS_NAME = "sam_delta.safetensors"
 DELTA_INFO_NAME = "sam_delta.json"
