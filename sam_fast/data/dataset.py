@@ -1,0 +1,209 @@
+"""`annotations.json` datasets (SPEC §5) and the ragged collator (SPEC §3).
+
+A dataset is a folder with ``annotations.json``: a list of
+``{"id": int|str, "img_list": [paths relative to the folder, in order], "instruction": str, "output": str}``.
+
+Bad data stops with a `DataError` naming the sample id and the file: a missing or corrupt image, a
+malformed record, an empty ``img_list``. With ``skip_bad=True`` such samples are skipped instead and
+counted (`AnnotationDataset.skipped`, reported by the trainer and the evaluation runner): nothing is
+dropped silently. Records and image files are checked when the dataset is opened (PIL ``verify``);
+an image that only fails when decoded later raises then (or, with ``skip_bad``, its sample becomes
+``None``, which `Collator` drops and counts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from sam_fast.data.tokenization import PromptBuilder
+
+
+class DataError(ValueError):
+    """Bad data; the message names the dataset file, the sample id and the offending file."""
+
+
+@dataclass
+class Record:
+    id: int | str
+    images: list[Path]
+    instruction: str
+    output: str | None
+
+
+@dataclass
+class SkipReport:
+    """Samples skipped under ``skip_bad``: (sample id, reason) in the order met."""
+
+    items: list[tuple[object, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, sample_id, reason: str) -> None:
+        self.items.append((sample_id, reason))
+
+    def summary(self) -> str:
+        if not self.items:
+            return "no samples skipped"
+        head = "; ".join(f"id {i!r}: {r}" for i, r in self.items[:5])
+        more = f" (and {len(self.items) - 5} more)" if len(self.items) > 5 else ""
+        return f"skipped {len(self.items)} bad sample(s) (--skip-bad): {head}{more}"
+
+
+def _check_record(rec, index: int, ann_path: Path, require_output: bool) -> tuple[object, str | None]:
+    """(id, problem or None) for one raw record."""
+    if not isinstance(rec, dict):
+        return f"#{index}", f"record #{index} is a {type(rec).__name__}, not an object"
+    sid = rec.get("id", f"#{index}")
+    if "id" not in rec or not isinstance(rec["id"], (int, str)) or isinstance(rec["id"], bool):
+        return sid, f"record #{index} has no valid 'id' (int or str)"
+    imgs = rec.get("img_list")
+    if not isinstance(imgs, list) or not all(isinstance(p, str) and p for p in imgs):
+        return sid, "'img_list' must be a list of relative image paths"
+    if not imgs:
+        return sid, "'img_list' is empty (a sample needs at least one image)"
+    if not isinstance(rec.get("instruction"), str):
+        return sid, "'instruction' is missing or not a string"
+    out = rec.get("output")
+    if (require_output and not isinstance(out, str)) or (out is not None and not isinstance(out, str)):
+        return sid, "'output' is missing or not a string"
+    return sid, None
+
+
+def load_records(root: str | os.PathLike, skip_bad: bool = False, require_output: bool = True,
+                 verify_images: bool = True, skipped: SkipReport | None = None) -> tuple[list[Record], SkipReport]:
+    """Read and check ``ROOT/annotations.json``; returns (good records, skip report)."""
+    root = Path(root)
+    ann_path = root / "annotations.json"
+    skipped = skipped if skipped is not None else SkipReport()
+    if not ann_path.is_file():
+        raise DataError(f"{ann_path}: no annotations.json in the dataset folder {root}")
+    try:
+        raw = json.loads(ann_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{ann_path}: not valid JSON ({e})") from e
+    if not isinstance(raw, list):
+        raise DataError(f"{ann_path}: expected a list of samples, got {type(raw).__name__}")
+    records, seen = [], set()
+    for i, rec in enumerate(raw):
+        sid, problem = _check_record(rec, i, ann_path, require_output)
+        if problem is None and sid in seen:
+            problem = "duplicate id"
+        paths = []
+        if problem is None:
+            for rel in rec["img_list"]:
+                p = root / rel
+                paths.append(p)
+                if not p.is_file():
+                    problem = f"image file {p} does not exist"
+                    break
+                if verify_images:
+                    try:
+                        with Image.open(p) as im:
+                            im.verify()
+                    except Exception as e:  # PIL raises many types for corrupt files
+                        problem = f"image file {p} is not a readable image ({type(e).__name__}: {e})"
+                        break
+        if problem is not None:
+            if not skip_bad:
+                raise DataError(f"{ann_path}: sample id {sid!r}: {problem}")
+            skipped.add(sid, problem)
+            continue
+        seen.add(sid)
+        records.append(Record(rec["id"], paths, rec["instruction"], rec.get("output")))
+    return records, skipped
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The augmentation RNG of one sample: a function of (seed, epoch, index) only."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + index)
+
+
+class AnnotationDataset(torch.utils.data.Dataset):
+    """A SPEC §5 dataset folder. Item i: ``{"id", "pixel_values" [N,3,S,S], "instruction", "output"}``
+    (or ``None`` for a sample whose image fails to decode, under ``skip_bad``).
+
+    Args:
+        root: the folder holding annotations.json.
+        transform: a `sam_fast.data.transforms` transform (train or eval).
+        skip_bad: skip bad samples (counted in `skipped`) instead of raising `DataError`.
+        seed: augmentation seed; `set_epoch` changes the epoch part.
+    """
+
+    def __init__(self, root, transform, skip_bad: bool = False, seed: int = 0, require_output: bool = True,
+                 verify_images: bool = True):
+        self.root = Path(root)
+        self.transform, self.skip_bad, self.seed, self.epoch = transform, skip_bad, int(seed), 0
+        self.records, self.skipped = load_records(root, skip_bad, require_output, verify_images)
+        if not self.records:
+            raise DataError(f"{self.root / 'annotations.json'}: no usable samples ({self.skipped.summary()})")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load_image(self, rec: Record, path: Path) -> Image.Image:
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except Exception as e:
+            raise DataError(f"{self.root / 'annotations.json'}: sample id {rec.id!r}: image file {path} "
+                            f"could not be decoded ({type(e).__name__}: {e})") from e
+
+    def __getitem__(self, index: int):
+        rec = self.records[index]
+        gen = sample_generator(self.seed, self.epoch, index)
+        try:
+            pixels = torch.stack([self.transform(self.load_image(rec, p), gen) for p in rec.images])
+        except DataError as e:
+            if not self.skip_bad:
+                raise
+            self.skipped.add(rec.id, str(e))
+            return None
+        return {"id": rec.id, "pixel_values": pixels, "instruction": rec.instruction, "output": rec.output}
+
+
+class Collator:
+    """Ragged batches (SPEC §3): images concatenated sample-major.
+
+    Returns ``pixel_values [T,3,S,S]`` (or ``image_features [T,P,D]`` when items carry features),
+    ``image_counts`` LongTensor [B], the padded Q-former and LLM ids/masks (`PromptBuilder.batch_text`),
+    ``labels`` when ``train``, plus ``ids`` and ``outputs`` (lists, for evaluation). `None` items
+    (undecodable under ``skip_bad``) are dropped and counted in ``dropped``.
+    """
+
+    def __init__(self, prompt_builder: PromptBuilder, train: bool = True):
+        self.pb, self.train, self.dropped = prompt_builder, train, 0
+
+    def __call__(self, items: list) -> dict | None:
+        good = [it for it in items if it is not None]
+        self.dropped += len(items) - len(good)
+        if not good:
+            return None
+        key = "image_features" if "image_features" in good[0] else "pixel_values"
+        counts = [it[key].shape[0] for it in good]
+        encoded = [self.pb.encode(it["instruction"], n, it["output"] if self.train else None)
+                   for it, n in zip(good, counts)]
+        batch = {key: torch.cat([it[key] for it in good]), "image_counts": torch.tensor(counts, dtype=torch.long)}
+        batch.update(self.pb.batch_text(encoded, self.train))
+        batch["ids"] = [it["id"] for it in good]
+        batch["outputs"] = [it["output"] for it in good]
+        return batch
+
+
+MODEL_INPUTS = ("pixel_values", "image_features", "image_counts", "qformer_input_ids", "qformer_attention_mask",
+                "input_ids", "attention_mask", "labels")
+
+
+def model_inputs(batch: dict, device=None, generation: bool = False) -> dict:
+    """The tensors of a collated batch that `SAM.forward` / `SAM.generate` take, moved to `device`."""
+    keys = [k for k in MODEL_INPUTS if k in batch and not (generation and k == "labels")]
+    return {k: batch[k].to(device) if device is not None else batch[k] for k in keys}
