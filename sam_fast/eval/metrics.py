@@ -1,0 +1,92 @@
+"""Caption metrics exactly as the SAM authors' scorer (`evaluate_score.py` in McCartney01/SAM).
+
+For each sample, prediction and reference are normalised (`normalize_text`: newlines/tabs to
+spaces, the VQA-style punctuation stripping, quotes stripped, lower-cased), then:
+
+- ROUGE_L: the F score of ``rouge-l`` from the `rouge` package, per sample, averaged over samples
+  (an empty prediction scores 0);
+- CIDEr: CIDEr-D from pycocoevalcap over the corpus, one reference per sample;
+- Bleu_4: corpus BLEU-4 from pycocoevalcap;
+
+no PTB tokenizer (so no Java), each x100. The scorer rounds to 2 decimals when it reports; we
+return full precision (`round_metrics` rounds like it).
+"""
+
+from __future__ import annotations
+
+import re
+
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: as in the scorer
+_COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
+_PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+
+
+def _process_punctuation(text: str) -> str:
+    out = text
+    for p in _PUNCT:
+        if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    # The scorer calls periodStrip.sub("", out, re.UNICODE): re.UNICODE (32) lands in `count`.
+    return _PERIOD_STRIP.sub("", out, count=int(re.UNICODE))
+
+
+def normalize_text(text: str) -> str:
+    """The scorer's `process`: the same string it scores."""
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    text = _process_punctuation(text)
+    return text.strip("'").strip('"').strip().lower()
+
+
+def caption_metrics(preds, refs, per_sample: bool = False) -> dict:
+    """ROUGE_L, CIDEr, Bleu_4 (x100) of predictions against one reference each.
+
+    Args:
+        preds, refs: equal-length sequences of strings (sample i: preds[i] vs refs[i]).
+        per_sample: also return ``"per_sample"``: [{"rouge", "cider", "bleu4"}] in sample order.
+
+    Raises:
+        ValueError: lengths differ, no samples, or a reference is empty after normalisation
+            (the scorer asserts on that too).
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from rouge import Rouge
+
+    preds, refs = list(preds), list(refs)
+    if len(preds) != len(refs):
+        raise ValueError(f"{len(preds)} predictions but {len(refs)} references")
+    if not preds:
+        raise ValueError("no samples to score")
+    rouge = Rouge()
+    rouge_f, res, gts = [], {}, {}
+    for i, (p, r) in enumerate(zip(preds, refs)):
+        gt, pred = normalize_text(r), normalize_text(p)
+        if gt == "":
+            raise ValueError(f"sample {i}: the reference {r!r} is empty after normalisation")
+        if pred == "":
+            s = 0.0
+        else:
+            try:
+                s = rouge.get_scores(pred, gt)[0]["rouge-l"]["f"]
+            except ValueError:  # `rouge` refuses hypotheses it cleans to nothing (the scorer would crash)
+                s = 0.0
+        rouge_f.append(s)
+        res[i], gts[i] = [pred], [gt]
+    cider, cider_each = Cider().compute_score(gts, res)
+    bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
+    out = {
+        "ROUGE_L": 100.0 * sum(rouge_f) / len(rouge_f),
+        "CIDEr": 100.0 * float(cider),
+        "Bleu_4": 100.0 * float(bleu[-1]),
+    }
+    if per_sample:
+        out["per_sample"] = [{"rouge": float(r), "cider": float(c), "bleu4": float(b)}
+                             for r, c, b in zip(rouge_f, cider_each, bleu_each[-1])]
+    return out
+
+
+def round_metrics(metrics: dict, digits: int = 2) -> dict:
+    """Round the three figures as the scorer prints them."""
+    return {k: round(v, digits) for k, v in metrics.items() if k in ("ROUGE_L", "CIDEr", "Bleu_4")}
