@@ -55,6 +55,29 @@ def run_benchmark(benchmark, fn, *, rounds: int = 7, warmup_rounds: int = 2):
     return benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
 
 
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Stamp the JSON report with what the figures depend on."""
+    import importlib.metadata as md
+    import subprocess
+
+    def version(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=config.rootpath, timeout=10).stdout.strip()
+    except Exception:  # no git: the report still works
+        commit = "unknown"
+    machine_info.update(
+        device=device_name(), torch=torch.__version__, triton=version("triton"),
+        transformers=version("transformers"), sam_fast=version("sam-fast"), commit=commit,
+        cuda=torch.version.cuda or "none", threads=torch.get_num_threads(),
+    )
+
+
 @pytest.fixture(autouse=True)
 def _stamp(benchmark):
     benchmark.extra_info.update(
