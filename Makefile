@@ -23,7 +23,7 @@ STAMP     := $(VENV)/.stamp-sam-fast
 SPEC_FILE := $(VENV)/.install-spec
 SOURCES   := setup.py pyproject.toml $(wildcard csrc/*)
 
-.PHONY: install test bench demo clean FORCE
+.PHONY: install test bench bench-compare demo clean FORCE
 
 install: $(STAMP)
 
@@ -31,10 +31,20 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests bench --benchmark-disable
 
+# Results: bench/results/<device>-<date>.json (+ .md table, PNG plots; README "Speed" block).
 bench: $(STAMP)
-	mkdir -p bench/results
+	@mkdir -p bench/results
+	@name=$$($(PY) -c "import sys; sys.path.insert(0, 'bench'); from conftest import device_name; \
+		print(device_name().replace(' ', '_'))")-$$(date +%Y-%m-%d); \
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-columns=median,iqr,rounds \
-		--benchmark-json=bench/results/latest.json
+		--benchmark-json=bench/results/$$name.json && \
+	$(PY) bench/report.py bench/results/$$name.json --readme README.md
+
+# Fails when a tracked speedup_* ratio of NEW dropped by more than 10% against BASELINE.
+BASELINE ?= bench/baseline.json
+NEW      ?= $(lastword $(sort $(wildcard bench/results/*.json)))
+bench-compare:
+	$(PY) bench/compare.py $(NEW) $(BASELINE)
 
 demo: $(STAMP)
 	$(PY) -m sam_fast.cli demo
