@@ -1,0 +1,302 @@
+"""The training loop of SPEC §4: AdamW + warm-up/cosine, AMP, accumulation, clipping, checkpoints, resume.
+
+Batches: ``batch_size`` samples per micro-batch per process; one optimiser step takes
+``grad_accum`` micro-batches on each of ``world_size`` processes (global batch =
+batch_size x grad_accum x world_size samples, the paper's 20). Samples come from a per-epoch
+permutation seeded by (seed, epoch); a step's global batch is the next slice of it (the epoch's
+tail that does not fill a global batch is dropped), and micro-batch a of rank r is the
+(a * world + r)-th piece of that slice. Augmentations are a function of (seed, epoch, index).
+So the data position is two integers, and resumed or data-parallel runs see the same samples and
+pixels as one uninterrupted process.
+
+Loss: the LLM's token-mean cross-entropy over answer tokens, taken over the *global* batch (each
+micro-batch contributes loss x its tokens / all tokens of the step), so gradient accumulation and
+data parallelism give the same step as one big batch.
+
+Frozen modules run in eval mode (no dropout), as LAVIS does for its frozen encoders; the four
+trainable modules (Linear layers) have no dropout. Training is thus deterministic given the data,
+and on a CPU a resumed run reproduces an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sam_fast.data import Collator, model_inputs
+from sam_fast.train import checkpoint as ckpt
+from sam_fast.train.distributed import DistInfo, all_reduce_grads, all_reduce_sum, barrier
+from sam_fast.train.schedule import build_optimizer, build_scheduler
+
+TRAINABLE_MODULES = ("adaptive_adjustment", "guidance_in", "guidance_out", "language_projection")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the message names the step, the samples and the saved checkpoint."""
+
+
+@dataclass
+class TrainConfig:
+    """Training options (defaults: the paper's recipe, SPEC §4)."""
+
+    output_dir: str = "output"
+    max_steps: int = 1000
+    batch_size: int = 20  # samples per micro-batch per process
+    grad_accum: int = 1
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 240
+    clip_grad_norm: float | None = 1.0
+    amp: str = "none"  # "none" | "bf16" | "fp16" (fp16 uses a GradScaler)
+    save_every: int = 500
+    keep_last: int = 3
+    seed: int = 0
+    log_every: int = 1
+    num_workers: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ValueError(f"amp={self.amp!r} is not one of 'none', 'bf16', 'fp16'")
+        for name in ("max_steps", "batch_size", "grad_accum", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(names)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+
+@dataclass
+class DataPosition:
+    epoch: int = 0
+    pos: int = 0  # index into the epoch's permutation
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float] = field(default_factory=list)
+    skipped: int = 0
+    checkpoint: Path | None = None
+    seconds: float = 0.0
+
+
+class Trainer:
+    """Trains SAM's trainable modules on an `AnnotationDataset` (or any dataset of the same items).
+
+    Args:
+        model: a `sam_fast.SAM` (only its four trainable modules get gradients).
+        dataset: items ``{"id", "pixel_values" | "image_features", "instruction", "output"}``; needs
+            ``set_epoch`` to vary augmentations per epoch (optional).
+        prompt_builder: `sam_fast.data.PromptBuilder` for the model.
+        config: `TrainConfig`.
+        dist: `DistInfo` (default: one process on the model's device).
+    """
+
+    def __init__(self, model, dataset, prompt_builder, config: TrainConfig, dist: DistInfo | None = None):
+        config.validate()
+        self.model, self.dataset, self.config = model, dataset, config
+        self.dist = dist or DistInfo(device=next(model.parameters()).device)
+        self.device = self.dist.device
+        self.collator = Collator(prompt_builder, train=True)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas)
+        self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
+        self.global_batch = config.batch_size * config.grad_accum * self.dist.world_size
+        if self.global_batch > len(dataset):
+            raise ValueError(f"the global batch ({self.global_batch} samples) is larger than the dataset "
+                             f"({len(dataset)} samples)")
+        self.step = 0
+        self.data = DataPosition()
+        self.out = Path(config.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+
+    # -- data ---------------------------------------------------------------------------------
+    def _permutation(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.config.seed * 7919 + epoch)
+        return torch.randperm(len(self.dataset), generator=g).tolist()
+
+    def _next_indices(self) -> tuple[list[list[int]], int]:
+        """This rank's micro-batches of the next step, and the epoch they come from."""
+        if self.data.pos + self.global_batch > len(self.dataset):
+            self.data = DataPosition(self.data.epoch + 1, 0)
+        perm = self._permutation(self.data.epoch)
+        chunk = perm[self.data.pos : self.data.pos + self.global_batch]
+        self.data.pos += self.global_batch
+        bs, world, rank = self.config.batch_size, self.dist.world_size, self.dist.rank
+        micro = [chunk[(a * world + rank) * bs : (a * world + rank + 1) * bs] for a in range(self.config.grad_accum)]
+        return micro, self.data.epoch
+
+    def _load(self, indices: list[int], epoch: int):
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.collator([self.dataset[i] for i in indices])
+
+    # -- state --------------------------------------------------------------------------------
+    def state_dict(self, data: DataPosition, rng: dict) -> dict:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "data": dataclasses.asdict(data),
+            "config": self.config.to_dict(),
+            "world_size": self.dist.world_size,
+            "skipped": len(getattr(self.dataset, "skipped", [])) + self.collator.dropped,
+        }
+
+    def save(self, data: DataPosition | None = None, rng: dict | None = None) -> Path | None:
+        path = None
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.model.trainable_state_dict(),
+                                        self.state_dict(data or self.data, rng or ckpt.rng_state()),
+                                        self.config.keep_last)
+        barrier(self.dist)
+        return path
+
+    def resume(self, path: str | os.PathLike | None = None) -> bool:
+        """Restore the newest checkpoint under OUTPUT (or `path`); False when there is none."""
+        path = Path(path) if path is not None else ckpt.latest_checkpoint(self.ckpt_root)
+        if path is None:
+            return False
+        trainable, state = ckpt.load_checkpoint(path)
+        if state["world_size"] * state["config"]["batch_size"] * state["config"]["grad_accum"] != self.global_batch:
+            raise ValueError(f"{path} was written with a global batch of "
+                             f"{state['world_size'] * state['config']['batch_size'] * state['config']['grad_accum']} "
+                             f"samples; this run has {self.global_batch}: the data position would not match")
+        ckpt.load_trainable_into(self.model, trainable)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.data = DataPosition(**state["data"])
+        if self.dist.is_main:
+            self._truncate_log(self.step)
+        return True
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log records after `step` (written by the interrupted run past its last checkpoint)."""
+        log = self.out / "log.jsonl"
+        if not log.is_file():
+            return
+        keep = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        tmp = log.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, log)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _set_train_mode(self) -> None:
+        self.model.eval()  # frozen backbone: no dropout
+        for name in TRAINABLE_MODULES:
+            getattr(self.model, name).train()
+
+    def train(self, resume: bool = False) -> TrainResult:
+        cfg = self.config
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.clean_stale(self.ckpt_root)
+        barrier(self.dist)
+        if resume:
+            self.resume()
+        self._set_train_mode()
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        log_f = open(self.out / "log.jsonl", "a") if self.dist.is_main else None  # noqa: SIM115
+        bar = None
+        if self.dist.is_main and cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        result = TrainResult(step=self.step)
+        t_start = time.perf_counter()
+        last_saved = None
+        try:
+            while self.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                data_before, rng_before = DataPosition(**dataclasses.asdict(self.data)), ckpt.rng_state()
+                micro, epoch = self._next_indices()
+                batches = [self._load(idx, epoch) for idx in micro]
+                n_tok = [0 if b is None else int((b["labels"][:, 1:] != -100).sum()) for b in batches]
+                total = all_reduce_sum(torch.tensor([float(sum(n_tok))], dtype=torch.float64), self.dist).item()
+                if total == 0:
+                    raise RuntimeError(f"step {self.step + 1}: the global batch has no answer tokens")
+                lr = self.optimizer.param_groups[0]["lr"]
+                loss_sum = torch.zeros((), dtype=torch.float64)
+                ids = []
+                for b, n in zip(batches, n_tok):
+                    if b is None or n == 0:
+                        continue
+                    ids += b["ids"]
+                    with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        out = self.model(**model_inputs(b, self.device))
+                    loss = out.loss.float() * (n / total)
+                    self.scaler.scale(loss).backward()
+                    loss_sum += loss.detach().double().cpu()
+                global_loss = all_reduce_sum(loss_sum.reshape(1), self.dist).item()
+                if not math.isfinite(global_loss):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.data = data_before
+                    path = self.save(data_before, rng_before)
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({global_loss}) at step {self.step + 1} (samples {ids} on rank "
+                        f"{self.dist.rank}); stopped. The last good state (after step {self.step}) is saved in "
+                        f"{path or self.ckpt_root}. Try a lower --lr, bf16 instead of fp16, or check these samples."
+                    )
+                all_reduce_grads(self.params, self.dist)
+                self.scaler.unscale_(self.optimizer)
+                grad_norm = None
+                if cfg.clip_grad_norm:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm))
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                result.losses.append(global_loss)
+                dt = time.perf_counter() - t0
+                if log_f is not None and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
+                    rec = {"step": self.step, "loss": global_loss, "lr": lr, "grad_norm": grad_norm,
+                           "epoch": epoch, "samples": self.step * self.global_batch,
+                           "samples_per_s": self.global_batch / dt, "tokens": int(total)}
+                    log_f.write(json.dumps(rec) + "\n")
+                    log_f.flush()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{global_loss:.4f}", lr=f"{lr:.2e}", sps=f"{self.global_batch / dt:.1f}")
+                if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                    last_saved = self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            if log_f is not None:
+                log_f.close()
+        result.step, result.checkpoint = self.step, last_saved or ckpt.latest_checkpoint(self.ckpt_root)
+        result.skipped = len(getattr(self.dataset, "skipped", [])) + self.collator.dropped
+        result.seconds = time.perf_counter() - t_start
+        return result

@@ -1,0 +1,179 @@
+"""Trainer: schedule points, weight-decay split, kill-and-resume equality, atomic checkpoints,
+non-finite loss, gradient accumulation, AMP."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from sam_fast import SAM, SAMConfig
+from sam_fast.data import AnnotationDataset, PromptBuilder, TrainTransform, tiny_tokenizers
+from sam_fast.data.synthetic import write_group_captions
+from sam_fast.train import NonFiniteLossError, TrainConfig, Trainer, latest_checkpoint, load_checkpoint
+from sam_fast.train import checkpoint as ckpt
+from sam_fast.train.schedule import build_optimizer, build_scheduler, lr_factor, param_groups
+
+
+def test_schedule_points():
+    S, W = 1000, 240
+    assert lr_factor(0, W, S) == pytest.approx(1 / 240)
+    assert lr_factor(120, W, S) == pytest.approx(121 / 240)
+    assert lr_factor(239, W, S) == pytest.approx(1.0)
+    assert lr_factor(240, W, S) == pytest.approx(1.0)
+    assert lr_factor(240 + 380, W, S) == pytest.approx(0.5)
+    assert lr_factor(S, W, S) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(S, W, S, min_ratio=0.1) == pytest.approx(0.1)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    opt = build_optimizer(model, 2e-5)
+    sched = build_scheduler(opt, W, S)
+    seen = {}
+    for s in range(S + 1):
+        seen[s] = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+    assert seen[0] == pytest.approx(2e-5 / 240) and seen[120] == pytest.approx(2e-5 * 121 / 240)
+    assert seen[240] == pytest.approx(2e-5) and seen[S] == pytest.approx(0.0, abs=1e-15)
+
+
+def test_weight_decay_only_on_matrices():
+    model = SAM(SAMConfig.tiny())
+    decay, no_decay = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert sorted(decay["names"]) == ["adaptive_adjustment.weight", "guidance_in.weight", "guidance_out.weight",
+                                      "language_projection.weight"]
+    assert all(n.endswith(".bias") for n in no_decay["names"]) and len(no_decay["names"]) == 4
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_group_captions(tmp_path_factory.mktemp("ds") / "train", n_samples=12, size=32, seed=3)
+
+
+def _setup(data_dir, out, **kw):
+    cfg = SAMConfig.tiny()
+    torch.manual_seed(0)
+    model = SAM(cfg)
+    q, l = tiny_tokenizers()
+    pb = PromptBuilder.for_model(cfg, q, l)
+    ds = AnnotationDataset(data_dir, TrainTransform(cfg.vision_config.image_size), seed=0)
+    opts = dict(output_dir=str(out), max_steps=6, batch_size=4, lr=3e-3, warmup_steps=2, save_every=2,
+                keep_last=2, progress=False)
+    opts.update(kw)
+    return Trainer(model, ds, pb, TrainConfig(**opts))
+
+
+def _log(out):
+    return [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_kill_and_resume_is_bit_exact(data_dir, tmp_path):
+    full = _setup(data_dir, tmp_path / "full")
+    res = full.train()
+    assert res.step == 6 and len(res.losses) == 6
+    ref = _log(tmp_path / "full")
+    assert [r["step"] for r in ref] == [1, 2, 3, 4, 5, 6] and ref[-1]["epoch"] == 1  # 3 steps per epoch (0-based)
+    assert [p.name for p in sorted((tmp_path / "full" / "checkpoints").glob("step-*"))] == ["step-00000004",
+                                                                                           "step-00000006"]
+
+    part = _setup(data_dir, tmp_path / "part")
+    real_load = part._load
+
+    def dying_load(idx, epoch):  # killed while loading step 6's data (after checkpoint 4, log up to 5)
+        if part.step == 5:
+            raise _Killed
+        return real_load(idx, epoch)
+
+    part._load = dying_load
+    with pytest.raises(_Killed):
+        part.train()
+    assert [r["step"] for r in _log(tmp_path / "part")] == [1, 2, 3, 4, 5]
+    resumed = _setup(data_dir, tmp_path / "part")
+    resumed.train(resume=True)
+    got = _log(tmp_path / "part")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]  # step 5 re-run, its old record dropped
+    assert [r["loss"] for r in got] == [r["loss"] for r in ref]  # bit-exact
+    assert [r["lr"] for r in got] == [r["lr"] for r in ref]
+    a, _ = load_checkpoint(latest_checkpoint(tmp_path / "full" / "checkpoints"))
+    b, _ = load_checkpoint(latest_checkpoint(tmp_path / "part" / "checkpoints"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert ref[-1]["loss"] < ref[0]["loss"]
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
+    t = {"w": torch.ones(3)}
+    first = ckpt.save_checkpoint(tmp_path, 1, t, {"step": 1})
+    real_save = torch.save
+
+    def crash(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(ckpt.torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(tmp_path, 2, {"w": torch.zeros(3)}, {"step": 2})
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    assert latest_checkpoint(tmp_path) == first
+    tensors, state = load_checkpoint(first)
+    assert torch.equal(tensors["w"], torch.ones(3)) and state == {"step": 1}
+    assert any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
+    ckpt.clean_stale(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001"]
+
+
+def test_non_finite_loss_stops_with_last_good_checkpoint(data_dir, tmp_path):
+    tr = _setup(data_dir, tmp_path / "nan", save_every=100)
+    real_forward, calls = tr.model.forward, {"n": 0}
+
+    def forward(**kw):
+        calls["n"] += 1
+        out = real_forward(**kw)
+        if calls["n"] == 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    tr.model.forward = forward
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 3 .*after step 2"):
+        tr.train()
+    path = latest_checkpoint(tmp_path / "nan" / "checkpoints")
+    assert path.name == "step-00000002"
+    tensors, state = load_checkpoint(path)
+    assert state["step"] == 2 and state["data"] == {"epoch": 0, "pos": 8}
+    assert all(torch.isfinite(v).all() for v in tensors.values())
+    # Resuming from it re-runs step 3 on the same samples
+    again = _setup(data_dir, tmp_path / "nan", save_every=100, max_steps=6)
+    again.train(resume=True)
+    assert [r["step"] for r in _log(tmp_path / "nan")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_grad_accumulation_matches_one_big_batch(data_dir, tmp_path):
+    big = _setup(data_dir, tmp_path / "big", max_steps=3, save_every=100).train()
+    acc = _setup(data_dir, tmp_path / "acc", max_steps=3, save_every=100, batch_size=2, grad_accum=2).train()
+    torch.testing.assert_close(torch.tensor(acc.losses), torch.tensor(big.losses), rtol=1e-5, atol=1e-6)
+
+
+# SAM's forward under torch.autocast currently fails inside sam_fast/modules/qformer.py (index_add of an
+# fp32 state with a half-precision guidance_out output): reported to the model's owners.
+@pytest.mark.xfail(raises=RuntimeError, reason="SAM forward under autocast: dtype mismatch in modules/qformer.py",
+                   strict=False)
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_runs(data_dir, tmp_path, amp):
+    tr = _setup(data_dir, tmp_path / amp, max_steps=2, save_every=100, amp=amp)
+    res = tr.train()
+    assert all(math.isfinite(x) for x in res.losses)
+    assert all(p.dtype == torch.float32 for p in tr.params)
+    _, state = load_checkpoint(res.checkpoint)
+    assert state["scaler"] != {} if amp == "fp16" else True
+
+
+def test_refuses_bad_config(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="amp='fp8'"):
+        _setup(data_dir, tmp_path, amp="fp8")
+    with pytest.raises(ValueError, match="larger than the dataset"):
+        _setup(data_dir, tmp_path, batch_size=13)
+    with pytest.raises(ValueError, match="unknown training option"):
+        TrainConfig.from_dict({"lr": 1.0, "learning_rate": 2.0})
