@@ -1,15 +1,78 @@
 """The ``sam-fast`` command line.
 
-    sam-fast env                                 versions, devices, compiled extension, op backends
-    sam-fast demo [--steps N] [--batch B] [--seed S]   the tiny SAM end to end on a CPU
+    sam-fast train    --config tiny|FILE --data DIR --output OUT [--resume] [...]   train SAM's 4.3M parameters
+    sam-fast generate --model DIR --images a.jpg b.jpg --prompt "..."             answer one multi-image prompt
+    sam-fast eval     --model DIR --data DIR --output OUT                         pred.json + metrics.json
+    sam-fast demo     [--steps N] [--batch B] [--seed S]                          the tiny SAM end to end on a CPU
+    sam-fast env                                                                  versions, devices, extension, op backends
+
+Options come from built-in defaults, then a config file (`--config FILE`, JSON or YAML), then the
+command line: the command line wins. `--config tiny` selects the built-in tiny configuration.
+Data parallel training: ``torchrun --nproc_per_node N -m sam_fast.cli train ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
+# train options that the command line can override: flag -> (TrainConfig field, type, help)
+TRAIN_FLAGS = {
+    "batch_size": (int, "samples per micro-batch per process (paper: 20 in all)"),
+    "max_steps": (int, "optimiser steps"),
+    "save_every": (int, "checkpoint every N steps (and at the end)"),
+    "keep_last": (int, "keep only the newest K checkpoints"),
+    "seed": (int, "seed of the data order, augmentations and (built-in configs) the random backbone"),
+    "lr": (float, "peak learning rate (paper: 2e-5)"),
+    "warmup_steps": (int, "linear warm-up steps (paper: 240)"),
+    "weight_decay": (float, "AdamW weight decay on >= 2-D weights (paper: 0.05)"),
+    "grad_accum": (int, "micro-batches per optimiser step"),
+    "clip_grad_norm": (float, "gradient-norm clipping (0 disables)"),
+    "amp": (str, "mixed precision: none | bf16 | fp16 (fp16 with a grad scaler)"),
+    "log_every": (int, "write a log.jsonl record every N steps"),
+}
 
 
+def _load_config_file(spec: str | None) -> dict:
+    if spec is None or spec == "tiny":
+        return {"model": "tiny"} if spec == "tiny" else {}
+    path = Path(spec)
+    if not path.is_file():
+        raise SystemExit(f"sam-fast: --config {spec!r} is neither 'tiny' nor an existing JSON/YAML file")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise SystemExit(f"sam-fast: {spec} must hold a mapping of options")
+    return data
+
+
+def _merge(args: argparse.Namespace, file_opts: dict, keys) -> dict:
+    """File options overridden by explicitly given command-line options."""
+    out = dict(file_opts)
+    for k in keys:
+        v = getattr(args, k, None)
+        if v is not None and v is not False:
+            out[k] = v
+    return out
+
+
+def _gen_kwargs(args) -> dict:
+    kw = {}
+    for k in ("num_beams", "max_new_tokens", "repetition_penalty", "length_penalty"):
+        v = getattr(args, k, None)
+        if v is not None:
+            kw[k] = v
+    return kw
+
+
+# -- commands ---------------------------------------------------------------------------------
 def _cmd_env(args: argparse.Namespace) -> int:
     from sam_fast import env
 
@@ -25,13 +88,177 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from sam_fast.data import AnnotationDataset, DataError, TrainTransform
+    from sam_fast.train import NonFiniteLossError, TrainConfig, Trainer, init_from_env
+    from sam_fast.train import outputs
+
+    opts = _merge(args, _load_config_file(args.config),
+                  ["model", "data", "output", "skip_bad", "context_mode", "guidance", *TRAIN_FLAGS])
+    for k in ("data", "output"):
+        if not opts.get(k):
+            raise SystemExit(f"sam-fast train: --{k} is required (or `{k}` in the config file)")
+    model_src = opts.pop("model", None) or "tiny"
+    data_dir, output, skip_bad = opts.pop("data"), opts.pop("output"), bool(opts.pop("skip_bad", False))
+    overrides = {k: opts.pop(k) for k in ("context_mode", "guidance", "interaction_layers") if k in opts}
+    overrides.update(opts.pop("model_overrides", {}) or {})
+    opts.pop("config", None)
+    tcfg = TrainConfig.from_dict({**opts, "output_dir": str(output), "progress": not args.no_progress})
+
+    dist = init_from_env(args.device)
+    if model_src in outputs.BUILTIN_CONFIGS:
+        model = outputs.build_builtin(model_src, tcfg.seed, **overrides)
+        tokenizers = outputs.builtin_tokenizers(model_src)
+        base = {"kind": "builtin", "name": model_src, "seed": tcfg.seed, "overrides": overrides}
+    else:
+        model, tokenizers, _ = outputs.load_model_dir(model_src)
+        base = {"kind": "pretrained", "path": str(Path(model_src).resolve()), "overrides": overrides}
+    model.to(dist.device)
+    torch.manual_seed(tcfg.seed)
+    try:
+        ds = AnnotationDataset(data_dir, TrainTransform(model.config.vision_config.image_size), skip_bad=skip_bad,
+                               seed=tcfg.seed)
+    except DataError as e:
+        raise SystemExit(f"sam-fast train: {e}") from None
+    if dist.is_main:
+        outputs.prepare_run_dir(output, model, tokenizers, base, tcfg.to_dict())
+    trainer = Trainer(model, ds, outputs.prompt_builder(model, tokenizers), tcfg, dist)
+    try:
+        res = trainer.train(resume=args.resume)
+    except NonFiniteLossError as e:
+        print(f"sam-fast train: {e}", file=sys.stderr)
+        return 1
+    if dist.is_main:
+        first = res.losses[0] if res.losses else float("nan")
+        print(f"trained to step {res.step} in {res.seconds:.1f} s; loss {first:.4f} -> "
+              f"{res.losses[-1] if res.losses else float('nan'):.4f}; checkpoint {res.checkpoint}")
+        if res.skipped:
+            print(f"{ds.skipped.summary()}" + (f"; {trainer.collator.dropped} undecodable item(s) dropped"
+                                              if trainer.collator.dropped else ""))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+
+    from sam_fast.data import Collator, EvalTransform, model_inputs
+    from sam_fast.train import outputs
+
+    model, tokenizers, what = outputs.load_model_dir(args.model)
+    pb = outputs.prompt_builder(model, tokenizers)
+    tf = EvalTransform(model.config.vision_config.image_size)
+    images = []
+    for p in args.images:
+        try:
+            with Image.open(p) as im:
+                images.append(tf(im.convert("RGB")))
+        except Exception as e:
+            raise SystemExit(f"sam-fast generate: cannot read image {p} ({type(e).__name__}: {e})") from None
+    item = {"id": 0, "pixel_values": torch.stack(images), "instruction": args.prompt, "output": None}
+    batch = Collator(pb, train=False)([item])
+    ids = model.generate(**model_inputs(batch, generation=True), **_gen_kwargs(args))
+    print(pb.decode(ids[0].tolist()))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from sam_fast.data import DataError
+    from sam_fast.eval import evaluate
+    from sam_fast.train import outputs
+
+    model, tokenizers, what = outputs.load_model_dir(args.model)
+    try:
+        m = evaluate(model, args.data, outputs.prompt_builder(model, tokenizers), args.output,
+                     batch_size=args.batch_size, skip_bad=args.skip_bad, progress=not args.no_progress,
+                     limit=args.limit, **_gen_kwargs(args))
+    except DataError as e:
+        raise SystemExit(f"sam-fast eval: {e}") from None
+    print(f"model {what}; {m['num_samples']} samples"
+          + (f" ({m['skipped']} bad sample(s) skipped)" if m["skipped"] else ""))
+    print(f"ROUGE_L {m['ROUGE_L']:.2f}  CIDEr {m['CIDEr']:.2f}  Bleu_4 {m['Bleu_4']:.2f}  -> {args.output}/metrics.json")
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation (defaults: SPEC §4, 5 beams, 256 new tokens, repetition penalty 1.5)")
+    g.add_argument("--num-beams", type=int)
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--length-penalty", type=float)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sam-fast",
         description="sam_fast: a fast SAM (InstructBLIP + W-former guidance). "
         "Run `sam-fast COMMAND --help` for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  sam-fast train --config tiny --data DS --output runs/tiny --max-steps 200 --lr 3e-3\n"
+        "  sam-fast train --config tiny --data DS --output runs/tiny --max-steps 400 --resume\n"
+        "  sam-fast eval --model runs/tiny --data TESTSET --output runs/tiny/eval\n"
+        "  sam-fast generate --model runs/tiny --images a.png b.png --prompt 'what is common?'\n"
+        "  torchrun --nproc_per_node 2 -m sam_fast.cli train --config run.yaml",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "train",
+        help="train SAM's four trainable modules (AdamW, warm-up + cosine, AMP, checkpoints, resume)",
+        description="Train on an annotations.json folder with the recipe of SPEC §4. OUTPUT receives "
+        "run.json, tokenizer/, log.jsonl (one record per step) and checkpoints/ (trainable tensors + resume "
+        "state, the newest --keep-last kept). A config file (JSON/YAML) may hold any option below by its "
+        "long name with underscores (e.g. batch_size: 20), plus model (tiny or a directory), "
+        "model_overrides (SAMConfig fields) and data/output; flags override the file. Under torchrun each "
+        "process takes --batch-size samples per micro-batch.",
+    )
+    p.add_argument("--config", help="'tiny' (built-in tiny model, random frozen backbone) or a JSON/YAML file")
+    p.add_argument("--model", help="base model: 'tiny', an HF InstructBLIP dir, a SAM dir or a training output")
+    p.add_argument("--data", help="dataset folder with annotations.json")
+    p.add_argument("--output", help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT "
+                   "(the losses then equal those of an uninterrupted run)")
+    p.add_argument("--skip-bad", action="store_true", default=None,
+                   help="skip bad samples (missing/corrupt images, malformed records) and report how many")
+    p.add_argument("--context-mode", choices=["leave_one_out", "shared"], help="SAMConfig.context_mode")
+    p.add_argument("--guidance", choices=["adaptive", "mean", "none"], help="SAMConfig.guidance")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    for name, (typ, hlp) in TRAIN_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, help=hlp)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "generate",
+        help="answer one prompt about one or more images",
+        description="Load --model (a training output, a checkpoint, a SAM or HF InstructBLIP directory) and "
+        "generate an answer for the images, in order, and the prompt (instruction).",
+    )
+    p.add_argument("--model", required=True)
+    p.add_argument("--images", nargs="+", required=True, help="image files, in order")
+    p.add_argument("--prompt", required=True, help='instruction, e.g. "{image#1} {image#2} what is common?"')
+    _add_generation_flags(p)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser(
+        "eval",
+        help="generate for a test set and score it like the SAM paper (ROUGE_L, CIDEr, Bleu_4)",
+        description="Writes OUTPUT/pred.json (sample_id, pred_response, gt_response), OUTPUT/metrics.json "
+        "(ROUGE_L, CIDEr, Bleu_4, x100, as the SAM authors' scorer computes them) and OUTPUT/eval_score.json.",
+    )
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="test folder with annotations.json")
+    p.add_argument("--output", required=True)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, help="only the first N samples")
+    p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    _add_generation_flags(p)
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
         "env",
@@ -44,14 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="train and run a tiny random SAM end to end on a CPU (no downloads)",
-        description="Build the tiny SAM with random frozen weights, train its trainable modules on a "
-        "synthetic multi-image task, generate, and print the env report (sam_fast.demo). "
+        help="train, generate and evaluate a tiny random SAM end to end on a CPU (no downloads)",
+        description="Build the tiny SAM with random frozen weights, write a small multi-image captioning "
+        "dataset, train, generate, evaluate, and print the env report (sam_fast.demo). "
         "Options left out keep the demo's defaults.",
     )
-    p.add_argument("--steps", type=int, help="training steps (demo default: 200)")
-    p.add_argument("--batch", type=int, help="samples per training batch (demo default: 8)")
-    p.add_argument("--seed", type=int, help="random seed (demo default: 0)")
+    p.add_argument("--steps", type=int, help="training steps")
+    p.add_argument("--batch", type=int, help="samples per training batch")
+    p.add_argument("--seed", type=int, help="random seed")
     p.set_defaults(func=_cmd_demo)
     return parser
 

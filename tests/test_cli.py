@@ -1,0 +1,120 @@
+"""`sam-fast` end to end on a tiny PIL-drawn dataset: train, resume, config file + overrides, eval,
+generate, bad data, and torchrun data parallelism (2 gloo processes == 1 process, same global batch)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from sam_fast.cli import build_parser, main
+from sam_fast.data.synthetic import write_group_captions
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return {"train": write_group_captions(root / "train", n_samples=8, size=40, seed=1),
+            "test": write_group_captions(root / "test", n_samples=3, size=40, seed=2), "root": root}
+
+
+def _log(out):
+    return [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+
+
+TRAIN = ["--batch-size", "2", "--max-steps", "4", "--save-every", "2", "--lr", "3e-3", "--warmup-steps", "1",
+         "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def trained(dirs):
+    out = dirs["root"] / "run"
+    assert main(["train", "--config", "tiny", "--data", str(dirs["train"]), "--output", str(out), *TRAIN]) == 0
+    return out
+
+
+def test_train_writes_a_run_directory(trained):
+    assert sorted(p.name for p in trained.iterdir()) == ["base", "checkpoints", "log.jsonl", "run.json", "tokenizer"]
+    log = _log(trained)
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert {"step", "loss", "lr", "grad_norm", "samples_per_s"} <= set(log[0])
+    run = json.loads((trained / "run.json").read_text())
+    assert run["base"]["kind"] == "builtin" and run["train"]["batch_size"] == 2 and run["train"]["lr"] == 3e-3
+
+
+def test_resume_after_a_lost_checkpoint(dirs, trained):
+    out = dirs["root"] / "resumed"
+    shutil.copytree(trained, out)
+    shutil.rmtree(out / "checkpoints" / "step-00000004")  # as if killed before step 4's checkpoint landed
+    assert main(["train", "--config", "tiny", "--data", str(dirs["train"]), "--output", str(out), "--resume",
+                 *TRAIN]) == 0
+    assert [r["loss"] for r in _log(out)] == [r["loss"] for r in _log(trained)]
+
+
+def test_config_file_and_overrides(dirs, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    out = tmp_path / "out"
+    cfg.write_text(f"model: tiny\ndata: {dirs['train']}\noutput: {out}\nbatch_size: 2\nmax_steps: 3\nlr: 0.003\n"
+                   "warmup_steps: 1\nmodel_overrides:\n  context_mode: shared\n")
+    assert main(["train", "--config", str(cfg), "--max-steps", "1", "--no-progress"]) == 0
+    assert [r["step"] for r in _log(out)] == [1]  # the command line wins over the file
+    run = json.loads((out / "run.json").read_text())
+    assert run["base"]["overrides"] == {"context_mode": "shared"} and run["train"]["max_steps"] == 1
+
+
+def test_eval_and_generate(dirs, trained, tmp_path, capsys):
+    ev = tmp_path / "eval"
+    assert main(["eval", "--model", str(trained), "--data", str(dirs["test"]), "--output", str(ev),
+                 "--num-beams", "2", "--max-new-tokens", "6", "--no-progress"]) == 0
+    preds = json.loads((ev / "pred.json").read_text())
+    assert [p["sample_id"] for p in preds] == [0, 1, 2]
+    assert all(set(p) == {"sample_id", "pred_response", "gt_response"} for p in preds)
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert {"ROUGE_L", "CIDEr", "Bleu_4"} <= set(metrics) and metrics["num_samples"] == 3
+    assert "ROUGE_L" in capsys.readouterr().out
+    # a checkpoint directory is a valid --model too
+    ck = trained / "checkpoints" / "step-00000002"
+    imgs = sorted(str(p) for p in (dirs["test"] / "images").iterdir())[:2]
+    assert main(["generate", "--model", str(ck), "--images", *imgs, "--prompt", "{image#1} {image#2} what is common?",
+                 "--num-beams", "1", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+
+
+def test_bad_data_stops_or_is_skipped(tmp_path, capsys):
+    data = write_group_captions(tmp_path / "bad", n_samples=5, size=32, seed=4)
+    (data / "images" / "0002_0.png").unlink()
+    args = ["train", "--config", "tiny", "--data", str(data), "--output", str(tmp_path / "o"), "--batch-size", "2",
+            "--max-steps", "1", "--no-progress"]
+    with pytest.raises(SystemExit, match=r"sample id 2: image file .*0002_0.png does not exist"):
+        main(args)
+    assert main(args + ["--skip-bad"]) == 0
+    assert "skipped 1 bad sample(s)" in capsys.readouterr().out
+
+
+def test_help_teaches():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert {"train", "generate", "eval", "env", "demo"} <= set(sub.choices)
+    text = sub.choices["train"].format_help()
+    for flag in ("--config", "--data", "--output", "--batch-size", "--max-steps", "--save-every", "--seed", "--resume"):
+        assert flag in text
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(dirs, tmp_path):
+    """DDP on CPU (gloo): 2 processes x 1 sample == 1 process x 2 samples, step for step."""
+    common = ["train", "--config", "tiny", "--data", str(dirs["train"]), "--max-steps", "3", "--save-every", "3",
+              "--lr", "3e-3", "--warmup-steps", "1", "--no-progress"]
+    assert main(common + ["--output", str(tmp_path / "one"), "--batch-size", "2"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "sam_fast.cli", *common, "--output", str(tmp_path / "two"), "--batch-size", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3] and two[0]["samples"] == 2
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
