@@ -3,6 +3,8 @@
     sam-fast train    --config tiny|FILE --data DIR --output OUT [--resume] [...]   train SAM's 4.3M parameters
     sam-fast generate --model DIR --images a.jpg b.jpg --prompt "..."             answer one multi-image prompt
     sam-fast eval     --model DIR --data DIR --output OUT                         pred.json + metrics.json
+    sam-fast cache-features --model M --data DIR --output CACHE                   frozen ViT outputs, once
+    sam-fast explain  --model DIR (--images a b ... | --data DIR) --output OUT    Adaptive Adjustment weights as PNGs
     sam-fast demo     [--steps N] [--batch B] [--seed S]                          the tiny SAM end to end on a CPU
     sam-fast env                                                                  versions, devices, extension, op backends
 
@@ -96,12 +98,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from sam_fast.train import outputs
 
     opts = _merge(args, _load_config_file(args.config),
-                  ["model", "data", "output", "skip_bad", "context_mode", "guidance", *TRAIN_FLAGS])
+                  ["model", "data", "output", "features", "skip_bad", "context_mode", "guidance", *TRAIN_FLAGS])
     for k in ("data", "output"):
         if not opts.get(k):
             raise SystemExit(f"sam-fast train: --{k} is required (or `{k}` in the config file)")
     model_src = opts.pop("model", None) or "tiny"
     data_dir, output, skip_bad = opts.pop("data"), opts.pop("output"), bool(opts.pop("skip_bad", False))
+    features = opts.pop("features", None)
     overrides = {k: opts.pop(k) for k in ("context_mode", "guidance", "interaction_layers") if k in opts}
     overrides.update(opts.pop("model_overrides", {}) or {})
     opts.pop("config", None)
@@ -118,8 +121,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     model.to(dist.device)
     torch.manual_seed(tcfg.seed)
     try:
-        ds = AnnotationDataset(data_dir, TrainTransform(model.config.vision_config.image_size), skip_bad=skip_bad,
-                               seed=tcfg.seed)
+        if features:
+            from sam_fast.data.feature_cache import CachedFeatureDataset, StaleCacheError
+
+            try:
+                ds = CachedFeatureDataset(data_dir, features, model, skip_bad=skip_bad, seed=tcfg.seed)
+            except StaleCacheError as e:
+                raise SystemExit(f"sam-fast train: {e}") from None
+        else:
+            ds = AnnotationDataset(data_dir, TrainTransform(model.config.vision_config.image_size),
+                                   skip_bad=skip_bad, seed=tcfg.seed)
     except DataError as e:
         raise SystemExit(f"sam-fast train: {e}") from None
     if dist.is_main:
@@ -166,6 +177,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from sam_fast.data import DataError
+    from sam_fast.data.feature_cache import StaleCacheError
     from sam_fast.eval import evaluate
     from sam_fast.train import outputs
 
@@ -173,12 +185,62 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     try:
         m = evaluate(model, args.data, outputs.prompt_builder(model, tokenizers), args.output,
                      batch_size=args.batch_size, skip_bad=args.skip_bad, progress=not args.no_progress,
-                     limit=args.limit, **_gen_kwargs(args))
-    except DataError as e:
+                     limit=args.limit, features=args.features, **_gen_kwargs(args))
+    except (DataError, StaleCacheError) as e:
         raise SystemExit(f"sam-fast eval: {e}") from None
     print(f"model {what}; {m['num_samples']} samples"
           + (f" ({m['skipped']} bad sample(s) skipped)" if m["skipped"] else ""))
     print(f"ROUGE_L {m['ROUGE_L']:.2f}  CIDEr {m['CIDEr']:.2f}  Bleu_4 {m['Bleu_4']:.2f}  -> {args.output}/metrics.json")
+    return 0
+
+
+def _cmd_cache_features(args: argparse.Namespace) -> int:
+    import torch
+
+    from sam_fast.data import DataError
+    from sam_fast.data.feature_cache import build_feature_cache
+    from sam_fast.train import outputs
+
+    if args.model in outputs.BUILTIN_CONFIGS:
+        model = outputs.build_builtin(args.model, args.seed)
+    else:
+        model, _, _ = outputs.load_model_dir(args.model)
+    if args.device:
+        model.to(args.device)
+    try:
+        m = build_feature_cache(model.eval(), args.data, args.output, batch_size=args.batch_size,
+                                dtype=getattr(torch, args.dtype), skip_bad=args.skip_bad,
+                                progress=not args.no_progress)
+    except DataError as e:
+        raise SystemExit(f"sam-fast cache-features: {e}") from None
+    print(f"cached {len(m['images'])} images as [{m['P']}, {m['D']}] {m['dtype']} features in {args.output} "
+          f"(vision model {m['vision_fingerprint']}, transform {m['transform']})")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sam_fast.data import DataError, load_records
+    from sam_fast.eval.explain import explain_sample
+    from sam_fast.train import outputs
+
+    if (args.images is None) == (args.data is None):
+        raise SystemExit("sam-fast explain: give either --images or --data")
+    model, _, what = outputs.load_model_dir(args.model)
+    out = Path(args.output)
+    if args.images:
+        png = out if out.suffix == ".png" else out / "explain.png"
+        jobs = [(png, args.images)]
+    else:
+        try:
+            records, _ = load_records(args.data, require_output=False)
+        except DataError as e:
+            raise SystemExit(f"sam-fast explain: {e}") from None
+        jobs = [(out / f"sample_{r.id}.png", r.images) for r in records[: args.limit]]
+    for png, images in jobs:
+        explain_sample(model, images, png, tile=args.tile)
+        print(png)
     return 0
 
 
@@ -220,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model: 'tiny', an HF InstructBLIP dir, a SAM dir or a training output")
     p.add_argument("--data", help="dataset folder with annotations.json")
     p.add_argument("--output", help="output directory")
+    p.add_argument("--features", help="feature cache of --data (sam-fast cache-features): train on cached ViT "
+                   "outputs (eval transform, so no crop/flip augmentation)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT "
                    "(the losses then equal those of an uninterrupted run)")
     p.add_argument("--skip-bad", action="store_true", default=None,
@@ -255,10 +319,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, help="only the first N samples")
+    p.add_argument("--features", help="feature cache of --data (sam-fast cache-features) to read instead of images")
     p.add_argument("--skip-bad", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     _add_generation_flags(p)
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "cache-features",
+        help="run the frozen vision model once over a dataset and store its outputs",
+        description="Store the vision model's [P, D] output for every image of --data (eval transform) in "
+        "safetensors shards with a manifest (model fingerprint, transform, file sizes/mtimes). train/eval "
+        "--features CACHE then skip the ViT; a cache that no longer matches the model or the images is refused.",
+    )
+    p.add_argument("--model", required=True, help="'tiny' (with --seed, as in train --config tiny) or a model directory")
+    p.add_argument("--data", required=True)
+    p.add_argument("--output", required=True, help="cache directory")
+    p.add_argument("--seed", type=int, default=0, help="seed of the built-in model's random weights")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    p.add_argument("--device")
+    p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_cache_features)
+
+    p = sub.add_parser(
+        "explain",
+        help="PNGs of the Adaptive Adjustment weights: which contextual patches guided each image",
+        description="For each sample, overlay on its images the per-patch softmax (over the sample's images) "
+        "of the Adaptive Adjustment scores: red = this image's patch dominates the merged contextual map there.",
+    )
+    p.add_argument("--model", required=True)
+    p.add_argument("--images", nargs="+", help="one sample's images, in order")
+    p.add_argument("--data", help="or a dataset folder: one PNG per sample")
+    p.add_argument("--output", required=True, help="a .png file (--images) or a directory")
+    p.add_argument("--limit", type=int, help="only the first N samples of --data")
+    p.add_argument("--tile", type=int, default=224, help="pixels per image in the PNG")
+    p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser(
         "env",

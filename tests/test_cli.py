@@ -93,6 +93,31 @@ def test_eval_and_generate(dirs, trained, tmp_path, capsys):
     assert capsys.readouterr().out.endswith("\n")
 
 
+def test_cache_features_then_train_and_eval_from_it(dirs, tmp_path):
+    cache = tmp_path / "cache"
+    assert main(["cache-features", "--model", "tiny", "--data", str(dirs["train"]), "--output", str(cache),
+                 "--dtype", "float32", "--no-progress"]) == 0
+    out = tmp_path / "run"
+    assert main(["train", "--config", "tiny", "--data", str(dirs["train"]), "--features", str(cache),
+                 "--output", str(out), "--batch-size", "2", "--max-steps", "2", "--no-progress"]) == 0
+    assert [r["step"] for r in _log(out)] == [1, 2]
+    with pytest.raises(SystemExit, match="another vision model"):  # seed 1 -> other random ViT
+        main(["train", "--config", "tiny", "--seed", "1", "--data", str(dirs["train"]), "--features", str(cache),
+              "--output", str(tmp_path / "x"), "--batch-size", "2", "--max-steps", "1", "--no-progress"])
+    with pytest.raises(SystemExit, match="changed since the cache was built"):  # another set's images, same names
+        main(["eval", "--model", str(out), "--data", str(dirs["test"]), "--features", str(cache),
+              "--output", str(tmp_path / "ev"), "--no-progress"])
+
+
+def test_explain_writes_pngs(dirs, trained, tmp_path):
+    assert main(["explain", "--model", str(trained), "--data", str(dirs["test"]), "--output", str(tmp_path / "ex"),
+                 "--tile", "32"]) == 0
+    assert sorted(p.name for p in (tmp_path / "ex").iterdir()) == ["sample_0.png", "sample_1.png", "sample_2.png"]
+    imgs = sorted(str(p) for p in (dirs["test"] / "images").iterdir())[:3]
+    assert main(["explain", "--model", str(trained), "--images", *imgs, "--output", str(tmp_path / "one.png")]) == 0
+    assert (tmp_path / "one.png").is_file()
+
+
 def test_bad_data_stops_or_is_skipped(tmp_path, capsys):
     data = write_group_captions(tmp_path / "bad", n_samples=5, size=32, seed=4)
     (data / "images" / "0002_0.png").unlink()
@@ -107,7 +132,7 @@ def test_bad_data_stops_or_is_skipped(tmp_path, capsys):
 def test_help_teaches():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert {"train", "generate", "eval", "env", "demo"} <= set(sub.choices)
+    assert {"train", "generate", "eval", "cache-features", "explain", "env", "demo"} <= set(sub.choices)
     text = sub.choices["train"].format_help()
     for flag in ("--config", "--data", "--output", "--batch-size", "--max-steps", "--save-every", "--seed", "--resume"):
         assert flag in text

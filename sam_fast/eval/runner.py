@@ -49,10 +49,15 @@ def _write_json(path: Path, obj) -> None:
 
 
 def evaluate(model, data_dir, prompt_builder, output_dir, batch_size: int = 8, skip_bad: bool = False,
-             progress: bool = False, limit: int | None = None, **generate_kwargs) -> dict:
-    """Generate for every sample of `data_dir`, score, write pred.json / metrics.json; returns the metrics."""
-    size = model.config.vision_config.image_size
-    ds = AnnotationDataset(data_dir, EvalTransform(size), skip_bad=skip_bad)
+             progress: bool = False, limit: int | None = None, features=None, **generate_kwargs) -> dict:
+    """Generate for every sample of `data_dir`, score, write pred.json / metrics.json; returns the metrics.
+    `features`: a feature-cache directory to read instead of the images (checked against the model)."""
+    if features is not None:
+        from sam_fast.data.feature_cache import CachedFeatureDataset
+
+        ds = CachedFeatureDataset(data_dir, features, model, skip_bad=skip_bad)
+    else:
+        ds = AnnotationDataset(data_dir, EvalTransform(model.config.vision_config.image_size), skip_bad=skip_bad)
     if limit is not None:
         ds.records = ds.records[:limit]
     out = Path(output_dir)
