@@ -6,10 +6,12 @@ frozen weights (seeded) and trains only SAM's four trainable modules. Steps:
 1. write a small multi-image group-captioning dataset (PIL-drawn pictures; each sample shows 1-4
    pictures of the same kind of object, the caption names it) in the annotations.json format;
 2. show the visual tokens of a ragged batch (1, 2, 3 and 5 images per sample);
-3. train with the `sam-fast train` machinery (AdamW, warm-up + cosine, checkpoints, log.jsonl);
-4. generate (5 beams) on a held-out set and score it like the SAM paper (ROUGE_L, CIDEr, Bleu_4),
+3. cache the frozen vision model's features of both sets (`sam-fast cache-features`);
+4. train from the cache with the `sam-fast train` machinery (AdamW, warm-up + cosine, checkpoints,
+   log.jsonl);
+5. generate (5 beams) on a held-out set and score it like the SAM paper (ROUGE_L, CIDEr, Bleu_4),
    before and after training;
-5. print the `sam-fast env` report.
+6. print the `sam-fast env` report.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def main(steps: int = 400, batch: int = 8, seed: int = 0, workdir: str | None = 
 
 
 def _run(steps: int, batch: int, seed: int, workdir: str | None) -> dict:
-    from sam_fast.data import AnnotationDataset, Collator, EvalTransform, TrainTransform, model_inputs
+    from sam_fast.data import AnnotationDataset, Collator, EvalTransform
+    from sam_fast.data.feature_cache import CachedFeatureDataset, build_feature_cache
     from sam_fast.data.synthetic import write_group_captions
     from sam_fast.eval import evaluate
     from sam_fast.train import TrainConfig, Trainer
@@ -75,13 +78,24 @@ def _run(steps: int, batch: int, seed: int, workdir: str | None) -> dict:
     print(f"\nvisual tokens for image counts [1, 2, 3, 5]: {tuple(tokens.shape)} "
           f"(T=11 images x {model.config.num_query_tokens} queries x LLM width {tokens.shape[-1]})")
 
-    before = evaluate(model, test_dir, pb, root / "eval_before", batch_size=16, **GEN)
+    t_cache = time.time()
+    n_cached = 0
+    for d in (train_dir, test_dir):
+        n_cached += len(build_feature_cache(model, d, d / "features", dtype=torch.float32)["images"])
+    print(f"cached the vision features of {n_cached} images in {time.time() - t_cache:.1f} s "
+          f"(train/eval then skip the frozen ViT)")
+
+    before = evaluate(model, test_dir, pb, root / "eval_before", batch_size=16, features=test_dir / "features",
+                      **GEN)
 
     cfg = TrainConfig(output_dir=str(root / "run"), max_steps=steps, batch_size=batch, lr=PEAK_LR,
                       warmup_steps=max(1, steps // 10), save_every=max(1, steps // 2), seed=seed, progress=False)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # save_pretrained's one-shard bar
     outputs.prepare_run_dir(cfg.output_dir, model, tokenizers, {"kind": "builtin", "name": "tiny", "seed": seed,
                                                                "overrides": {}}, cfg.to_dict())
-    ds = AnnotationDataset(train_dir, TrainTransform(size), seed=seed)
+    ds = CachedFeatureDataset(train_dir, train_dir / "features", model, seed=seed)
     print(f"\ntraining {steps} steps, batch {batch} samples of 1-4 images (AdamW lr {PEAK_LR:g}, "
           f"warm-up {cfg.warmup_steps} + cosine) -> {cfg.output_dir}")
     t_train = time.time()
@@ -93,7 +107,7 @@ def _run(steps: int, batch: int, seed: int, workdir: str | None) -> dict:
         print(f"  step {s + 1:4d}  loss {sum(window) / len(window):.3f}")
     print(f"  {steps} steps in {t_train:.1f} s ({steps * batch / t_train:.1f} samples/s); checkpoint {res.checkpoint}")
 
-    after = evaluate(model, test_dir, pb, root / "eval_after", batch_size=16, **GEN)
+    after = evaluate(model, test_dir, pb, root / "eval_after", batch_size=16, features=test_dir / "features", **GEN)
     preds = json.loads((root / "eval_after" / "pred.json").read_text())
     print(f"\ngeneration on the 16 held-out samples ({GEN['num_beams']} beams):")
     for p in preds[:4]:
