@@ -1,8 +1,12 @@
-// Schema, input checks and shape-only (Meta) implementation of sam_fast::context_reweight_fwd.
-// The Meta kernel gives FakeTensor / torch.compile the output shape without running anything.
+// Schemas, input checks and shape-only (Meta) implementations of sam_fast::context_reweight_fwd
+// and sam_fast::context_reweight_bwd. The Meta kernels give FakeTensor / torch.compile the output
+// shapes without running anything. Autograd is registered from Python
+// (sam_fast/ops/context_reweight.py, torch.library.register_autograd): the backward is _bwd.
 #include "context_reweight.h"
 
 #include <torch/library.h>
+
+#include <tuple>
 
 namespace sam_fast {
 
@@ -58,6 +62,25 @@ at::Tensor empty_context_reweight_output(const at::Tensor& features, const at::T
   return at::empty({rows, features.size(1), features.size(2)}, features.options());
 }
 
+void check_context_reweight_grad(const at::Tensor& grad_out, const at::Tensor& features,
+                                 const at::Tensor& cu_images, bool shared) {
+  const int64_t rows = shared ? cu_images.size(0) - 1 : features.size(0);
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == rows &&
+                  grad_out.size(1) == features.size(1) && grad_out.size(2) == features.size(2),
+              "sam_fast::context_reweight_bwd: grad_out must be [", rows, ", ", features.size(1),
+              ", ", features.size(2), "] (the forward output), got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.device() == features.device(), "sam_fast::context_reweight_bwd: grad_out is on ",
+              grad_out.device(), " but features are on ", features.device());
+  TORCH_CHECK(at::isFloatingType(grad_out.scalar_type()),
+              "sam_fast::context_reweight_bwd: grad_out must be floating point, got ",
+              grad_out.scalar_type());
+}
+
+at::Tensor empty_context_reweight_grad_features(const at::Tensor& features, bool features_grad) {
+  return features_grad ? at::empty(features.sizes(), features.options())
+                       : at::empty({0}, features.options());
+}
+
 namespace {
 at::Tensor context_reweight_fwd_meta(const at::Tensor& features, const at::Tensor& weight,
                                      const at::Tensor& bias, const at::Tensor& cu_images,
@@ -65,16 +88,31 @@ at::Tensor context_reweight_fwd_meta(const at::Tensor& features, const at::Tenso
   check_context_reweight_inputs(features, weight, bias, cu_images);
   return empty_context_reweight_output(features, cu_images, shared);
 }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> context_reweight_bwd_meta(
+    const at::Tensor& grad_out, const at::Tensor& features, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& cu_images, bool shared, bool features_grad) {
+  check_context_reweight_inputs(features, weight, bias, cu_images);
+  check_context_reweight_grad(grad_out, features, cu_images, shared);
+  const auto f32 = features.options().dtype(at::kFloat);
+  return {empty_context_reweight_grad_features(features, features_grad),
+          at::empty({features.size(2)}, f32), at::empty({}, f32)};
+}
 }  // namespace
 
 TORCH_LIBRARY(sam_fast, m) {
   m.def(
       "context_reweight_fwd(Tensor features, Tensor weight, Tensor bias, Tensor cu_images, "
       "bool shared) -> Tensor");
+  // (d features or an empty [0] unless features_grad, d weight [D] fp32, d bias [] fp32)
+  m.def(
+      "context_reweight_bwd(Tensor grad_out, Tensor features, Tensor weight, Tensor bias, "
+      "Tensor cu_images, bool shared, bool features_grad) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(sam_fast, Meta, m) {
   m.impl("context_reweight_fwd", &context_reweight_fwd_meta);
+  m.impl("context_reweight_bwd", &context_reweight_bwd_meta);
 }
 
 }  // namespace sam_fast

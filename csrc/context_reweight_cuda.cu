@@ -1,6 +1,11 @@
-// CUDA kernel of context re-weighting. One block per (sample, patch) column: warps compute the
-// column's scores into a global fp32 workspace, then threads stride over D and accumulate the
-// softmax-weighted rows, the weights staged in shared memory one tile of images at a time.
+// CUDA kernels of context re-weighting, forward and backward. One block per (sample, patch)
+// column: warps compute the column's scores into a global fp32 workspace, then threads stride over
+// D. Forward: the softmax-weighted rows, the weights staged in shared memory one tile of images at
+// a time. Backward: the per-column coefficients (top-2, leave-one-out normalisers, d score) come
+// from context_reweight_common.h exactly as on the CPU; the block writes its d(weight), d(bias)
+// partial sums to a buffer that a second kernel adds up in column order (no atomics, so the
+// result is bitwise reproducible). The rows of a column are re-read from L1/L2 for every image
+// pair (O(n^2 D) arithmetic on O(n D) bytes).
 // Free of torch headers on purpose: CI compiles this file with plain nvcc on machines with no GPU
 // and no CUDA torch. The per-column arithmetic is context_reweight_common.h, shared with the CPU.
 #include <cuda_bf16.h>
@@ -77,6 +82,169 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+
+// Sum of `v` over the block (all threads get it); `red` holds kThreads / kWarp floats.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  for (int off = kWarp / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  __syncthreads();  // red is free (previous use finished)
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < kThreads / kWarp; ++w) total += red[w];  // same order in every thread
+  return total;
+}
+
+// Workspace planes of the backward, each [P, T] fp32 (column slice: plane + j * T + t0).
+enum Plane { kS = 0, kE, kInvZ, kE2, kTmp, kDp, kXh, kP1, kC, kCh, kDs, kPlanes };
+
+template <typename T, typename Index>
+__global__ void __launch_bounds__(kThreads)
+    context_reweight_bwd_kernel(const T* __restrict__ G, const T* __restrict__ F,
+                                const float* __restrict__ w, const float* __restrict__ bias,
+                                const Index* __restrict__ cu, int64_t num_images, int64_t P,
+                                int64_t D, bool shared, float* __restrict__ ws,
+                                T* __restrict__ dF, float* __restrict__ partial) {
+  namespace cr = sam_fast::cr;
+  __shared__ float red[kThreads / kWarp];
+  __shared__ cr::Top2 top_sh;
+  const int64_t col = blockIdx.x;
+  const int64_t b = col / P, j = col % P;
+  const int64_t t0 = cu[b], n = static_cast<int64_t>(cu[b + 1]) - t0;
+  float* plane[kPlanes];
+  for (int q = 0; q < kPlanes; ++q) plane[q] = ws + (q * P + j) * num_images + t0;
+  float* s = plane[kS];
+  auto row = [&](const T* base, int64_t k) { return base + ((t0 + k) * P + j) * D; };
+
+  float* dw = partial + col * (D + 1);
+  if (n == 0 || (!shared && n == 1)) {  // no support: zero gradients
+    for (int64_t d = threadIdx.x; d <= D; d += kThreads) dw[d] = 0.f;
+    if (dF != nullptr && n == 1)
+      for (int64_t d = threadIdx.x; d < D; d += kThreads) store_f(dF + (t0 * P + j) * D + d, 0.f);
+    return;
+  }
+
+  // 1. Scores (as in the forward: fp64 per warp).
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  for (int64_t k = warp; k < n; k += kThreads / kWarp) {
+    const T* r = row(F, k);
+    double acc = 0.0;
+    for (int64_t d = lane; d < D; d += kWarp) acc += static_cast<double>(load_f(r + d)) * w[d];
+    for (int off = kWarp / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) s[k] = static_cast<float>(acc + bias[0]);
+  }
+  __syncthreads();
+
+  // 2. Coefficients, serially (O(n)), by one thread.
+  if (threadIdx.x == 0) {
+    top_sh = cr::top2_of(s, n);
+    if (shared) {
+      const float inv = cr::inv_or_zero(cr::weights(s, n, -1, top_sh.m1, plane[kE]));
+      for (int64_t k = 0; k < n; ++k) plane[kE][k] *= inv;  // a_k
+    } else {
+      cr::loo_coefficients(s, n, top_sh, plane[kE], plane[kInvZ], plane[kE2], plane[kTmp]);
+    }
+  }
+  __syncthreads();
+  const cr::Top2 top = top_sh;
+  const float* e = plane[kE];
+  const float* inv_z = plane[kInvZ];
+  const float* e2 = plane[kE2];
+  const T* x1 = row(F, top.i1);
+  const T* x2 = row(F, shared ? top.i1 : top.i2);
+  const T* g1 = shared ? G + (b * P + j) * D : row(G, top.i1);
+
+  // 3. Dot products, one block reduction per image (features shifted by x_i1 / x_i2, see
+  //    context_reweight_common.h).
+  for (int64_t k = 0; k < n; ++k) {
+    const T* xk = row(F, k);
+    float dp = 0.f, xh = 0.f, p1 = 0.f;
+    for (int64_t d = threadIdx.x; d < D; d += kThreads) {
+      const float xs = load_f(xk + d) - load_f(x1 + d);
+      if (shared) {
+        dp += load_f(g1 + d) * xs;  // g . (x_k - x_i1)
+        continue;
+      }
+      const float gk = load_f(row(G, k) + d);
+      float ysum = 0.f, hsum = 0.f;
+      for (int64_t m = 0; m < n; ++m) {
+        if (m == k) continue;
+        ysum += e[m] * (load_f(row(F, m) + d) - load_f(x1 + d));
+        hsum += inv_z[m] * load_f(row(G, m) + d);
+      }
+      dp += gk * ysum;
+      xh += xs * hsum;
+      p1 += load_f(g1 + d) * (load_f(xk + d) - load_f(x2 + d));
+    }
+    dp = block_sum(dp, red);
+    if (!shared) {
+      xh = block_sum(xh, red);
+      p1 = block_sum(p1, red);
+    }
+    if (threadIdx.x == 0) {
+      plane[kDp][k] = dp;
+      plane[kXh][k] = xh;
+      plane[kP1][k] = p1;
+    }
+  }
+  __syncthreads();
+
+  // 4. d scores (serial, O(n)).
+  if (threadIdx.x == 0) {
+    float* ds = plane[kDs];
+    if (shared) {
+      float c = 0.f;
+      for (int64_t k = 0; k < n; ++k) c += e[k] * plane[kDp][k];
+      for (int64_t k = 0; k < n; ++k) ds[k] = e[k] * (plane[kDp][k] - c);
+    } else {
+      float c1 = 0.f;
+      for (int64_t k = 0; k < n; ++k) c1 += e2[k] * plane[kP1][k];
+      for (int64_t k = 0; k < n; ++k) plane[kC][k] = plane[kDp][k] * inv_z[k] * inv_z[k];
+      cr::sums_but_one(plane[kC], n, plane[kCh]);
+      for (int64_t k = 0; k < n; ++k)
+        ds[k] = cr::loo_dscore(e[k], plane[kXh][k], plane[kCh][k], e2[k], plane[kP1][k], c1);
+    }
+  }
+  __syncthreads();
+  const float* ds = plane[kDs];
+
+  // 5. d features (optional) and this column's d(weight), d(bias) partial sums.
+  for (int64_t d = threadIdx.x; d < D; d += kThreads) {
+    float dwd = 0.f;
+    for (int64_t k = 0; k < n; ++k) {
+      dwd += ds[k] * load_f(row(F, k) + d);
+      if (dF == nullptr) continue;
+      float gk;
+      if (shared) {
+        gk = e[k] * load_f(g1 + d);
+      } else {
+        float hsum = 0.f;
+        for (int64_t i = 0; i < n; ++i)
+          if (i != k) hsum += inv_z[i] * load_f(row(G, i) + d);
+        gk = e[k] * hsum + e2[k] * load_f(g1 + d);
+      }
+      store_f(dF + ((t0 + k) * P + j) * D + d, gk + ds[k] * w[d]);
+    }
+    dw[d] = dwd;
+  }
+  if (threadIdx.x == 0) {
+    float db = 0.f;
+    for (int64_t k = 0; k < n; ++k) db += ds[k];
+    dw[D] = db;
+  }
+}
+
+// out[d] = sum over columns of partial[col, d], in column order (deterministic).
+__global__ void __launch_bounds__(kThreads)
+    context_reweight_reduce_kernel(const float* __restrict__ partial, int64_t columns,
+                                   int64_t width, float* __restrict__ out) {
+  const int64_t d = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (d >= width) return;
+  float acc = 0.f;
+  for (int64_t c = 0; c < columns; ++c) acc += partial[c * width + d];
+  out[d] = acc;
+}
+
 template <typename T>
 cudaError_t launch(const void* features, const float* weight, const float* bias,
                    const void* cu_images, bool cu_is_int64, int64_t B, int64_t num_images,
@@ -99,7 +267,63 @@ cudaError_t launch(const void* features, const float* weight, const float* bias,
   return cudaGetLastError();
 }
 
+
+template <typename T>
+cudaError_t launch_bwd(const void* grad_out, const void* features, const float* weight,
+                       const float* bias, const void* cu_images, bool cu_is_int64, int64_t B,
+                       int64_t num_images, int64_t P, int64_t D, bool shared, float* workspace,
+                       void* d_features, float* partial, float* d_weight_bias,
+                       cudaStream_t stream) {
+  const int64_t blocks = B * P;
+  if (blocks == 0 || D == 0) return cudaSuccess;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  const T* Gp = static_cast<const T*>(grad_out);
+  const T* F = static_cast<const T*>(features);
+  T* dF = static_cast<T*>(d_features);
+  if (cu_is_int64) {
+    context_reweight_bwd_kernel<T, int64_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        Gp, F, weight, bias, static_cast<const int64_t*>(cu_images), num_images, P, D, shared,
+        workspace, dF, partial);
+  } else {
+    context_reweight_bwd_kernel<T, int32_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        Gp, F, weight, bias, static_cast<const int32_t*>(cu_images), num_images, P, D, shared,
+        workspace, dF, partial);
+  }
+  const unsigned reduce_blocks = static_cast<unsigned>((D + 1 + kThreads - 1) / kThreads);
+  context_reweight_reduce_kernel<<<reduce_blocks, kThreads, 0, stream>>>(partial, blocks, D + 1,
+                                                                        d_weight_bias);
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+extern "C" int64_t sam_fast_context_reweight_bwd_workspace_floats(int64_t num_images, int64_t P) {
+  return static_cast<int64_t>(kPlanes) * P * num_images;
+}
+
+extern "C" int sam_fast_context_reweight_bwd_cuda(
+    const void* grad_out, const void* features, int dtype, const float* weight, const float* bias,
+    const void* cu_images, int cu_images_is_int64, int64_t num_samples, int64_t num_images,
+    int64_t P, int64_t D, int shared, float* workspace, void* d_features, float* partial,
+    float* d_weight_bias, cudaStream_t stream) {
+  switch (dtype) {
+    case SAM_FAST_F32:
+      return launch_bwd<float>(grad_out, features, weight, bias, cu_images, cu_images_is_int64 != 0,
+                               num_samples, num_images, P, D, shared != 0, workspace, d_features,
+                               partial, d_weight_bias, stream);
+    case SAM_FAST_F16:
+      return launch_bwd<__half>(grad_out, features, weight, bias, cu_images, cu_images_is_int64 != 0,
+                                num_samples, num_images, P, D, shared != 0, workspace, d_features,
+                                partial, d_weight_bias, stream);
+    case SAM_FAST_BF16:
+      return launch_bwd<__nv_bfloat16>(grad_out, features, weight, bias, cu_images,
+                                       cu_images_is_int64 != 0, num_samples, num_images, P, D,
+                                       shared != 0, workspace, d_features, partial,
+                                       d_weight_bias, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
 
 extern "C" int sam_fast_context_reweight_fwd_cuda(const void* features, int dtype,
                                                   const float* weight, const float* bias,

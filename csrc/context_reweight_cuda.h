@@ -23,6 +23,18 @@ int sam_fast_context_reweight_fwd_cuda(const void* features, int dtype, const fl
                                        int64_t num_images, int64_t P, int64_t D, int shared,
                                        float* scores_workspace, void* out, cudaStream_t stream);
 
+// Backward. grad_out shaped like the forward output, of `dtype`; workspace of
+// sam_fast_context_reweight_bwd_workspace_floats(T, P) fp32; d_features [T, P, D] of `dtype`, or
+// NULL when not wanted; partial [B * P, D + 1] fp32; d_weight_bias [D + 1] fp32 receives
+// (d weight, d bias), reduced over columns in a fixed order.
+int64_t sam_fast_context_reweight_bwd_workspace_floats(int64_t num_images, int64_t P);
+int sam_fast_context_reweight_bwd_cuda(const void* grad_out, const void* features, int dtype,
+                                       const float* weight, const float* bias,
+                                       const void* cu_images, int cu_images_is_int64,
+                                       int64_t num_samples, int64_t num_images, int64_t P,
+                                       int64_t D, int shared, float* workspace, void* d_features,
+                                       float* partial, float* d_weight_bias, cudaStream_t stream);
+
 const char* sam_fast_cuda_error_string(int error);
 
 #ifdef __cplusplus

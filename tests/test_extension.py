@@ -290,3 +290,22 @@ def test_cmake_builds_a_loadable_op_library():
     )
     r = _run_py(code)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+@needs_ext
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "leave_one_out"])
+def test_backward_op_meta_shapes_and_checks(shared):
+    """sam_fast::context_reweight_bwd: Meta shapes (d features only when asked) and grad checks."""
+    _ext.load()
+    F, w, b = make_inputs([3, 1], 5, 8, torch.float32)
+    rows = 2 if shared else 4
+    g = torch.randn(rows, 5, 8)
+    bwd = torch.ops.sam_fast.context_reweight_bwd
+    for features_grad, dF_shape in ((True, (4, 5, 8)), (False, (0,))):
+        dF, dw, db = bwd(g.to("meta"), F.to("meta"), w.to("meta"), b.to("meta"), cu_of([3, 1]).to("meta"), shared,
+                         features_grad)
+        assert dF.shape == dF_shape and dw.shape == (8,) and db.shape == () and dw.dtype == torch.float32
+        dF, dw, db = bwd(g, F, w, b, cu_of([3, 1]), shared, features_grad)
+        assert dF.shape == dF_shape and torch.isfinite(dw).all()
+    with pytest.raises(RuntimeError, match=re.escape("grad_out must be [")):
+        bwd(g[:1], F, w, b, cu_of([3, 1]), shared, True)
