@@ -16,15 +16,20 @@ The softmax runs over the images of one sample, separately for each patch positi
 ``weight=None`` gives uniform weights (the "mean" guidance ablation, paper Table 3 row 3).
 Computation is in fp32 whatever the input dtype; the output has the input dtype.
 
-`context_reweight_ref` is the plain-PyTorch specification and the fallback; compiled backends
-(`sam_fast._C`, later Triton/CUDA) register with the dispatcher and must match it.
+`context_reweight_ref` is the plain-PyTorch specification and the fallback; the compiled backends
+(C++ CPU and CUDA kernels in ``sam_fast._C``, Triton kernels in ``sam_fast._kernels``, launched by
+`sam_fast.ops._context_reweight_triton`) register with the dispatcher and must match it. All of
+them compute leave-one-out in O(n D) per patch from the top-2 scores (csrc/context_reweight_common.h
+explains the numerics) and have a fused backward.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from sam_fast.ops.dispatch import dispatcher
+from sam_fast.ops.dispatch import ENV_VAR, dispatcher
 
 MODES = ("leave_one_out", "shared")
 
@@ -96,42 +101,231 @@ def context_reweight_ref(features, weight, bias, cu_images, mode="leave_one_out"
     return torch.cat(outs, 0).to(features.dtype)
 
 
-# -- backends -------------------------------------------------------------------------------
+# -- compiled backends: torch.library ops with fake (shape) implementations and autograd ------------
+#
+# Each compiled backend is a pair of ops, forward and backward, with the same signature:
+#   fwd(features [T,P,D], weight [D], bias [], cu_images [B+1], shared) -> [T|B, P, D]
+#   bwd(grad_out, features, weight, bias, cu_images, shared, features_grad)
+#       -> (d features [T,P,D] (an empty [0] unless features_grad), d weight [D] fp32, d bias [] fp32)
+# "cpu"/"cuda": sam_fast::context_reweight_fwd/_bwd, defined in C++ (csrc/, Meta kernels there).
+# "triton": sam_fast::context_reweight_triton_fwd/_bwd, custom ops defined below.
+# Autograd is registered here for both, so torch.compile sees one opaque op per direction and
+# opcheck can test schema, fake tensors and autograd. The backward is not itself differentiable.
+
+_TRITON_MAX_D = 8192  # one program holds a [rows, next_pow2(D)] tile
+
+
+def _register_autograd(fwd_name: str, bwd):
+    def setup_context(ctx, inputs, output):
+        features, weight, bias, cu_images, shared = inputs
+        ctx.save_for_backward(features, weight, bias, cu_images)
+        ctx.shared = shared
+
+    def backward(ctx, grad):
+        features, weight, bias, cu_images = ctx.saved_tensors
+        features_grad = ctx.needs_input_grad[0]
+        d_features, d_weight, d_bias = bwd(grad, features, weight, bias, cu_images, ctx.shared, features_grad)
+        return (
+            d_features if features_grad else None,
+            d_weight.to(weight.dtype),
+            d_bias.to(bias.dtype).reshape(bias.shape),
+            None,
+            None,
+        )
+
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
+def _out_rows(features, cu_images, shared):
+    return cu_images.shape[0] - 1 if shared else features.shape[0]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def _triton_blocks(P, D, tiles):
+    """(BLOCK_P, BLOCK_D, num_warps). On a GPU a program holds `tiles` fp32 [BLOCK_P, BLOCK_D]
+    tiles in registers; under the CPU interpreter every program costs milliseconds, so one
+    program takes all patches of a sample."""
+    import triton
+
+    block_d = triton.next_power_of_2(D)
+    if _interpreting():
+        return triton.next_power_of_2(P), block_d, 4
+    block_p = max(1, min(triton.next_power_of_2(P), 8192 // (tiles * block_d)))
+    return block_p, block_d, 8 if block_d >= 1024 else 4
+
+
+def _triton_forward(features, weight, bias, cu_images, shared):
+    import triton
+
+    from sam_fast._kernels.context_reweight import context_reweight_fwd_kernel
+
+    F = features.contiguous()
+    T, P, D = F.shape
+    B = cu_images.shape[0] - 1
+    out = F.new_empty(B if shared else T, P, D)
+    scores = F.new_empty(T, P, dtype=torch.float32)
+    block_p, block_d, warps = _triton_blocks(P, D, 2 if shared else 3)
+    if B > 0 and P > 0 and D > 0:
+        context_reweight_fwd_kernel[(B, triton.cdiv(P, block_p))](
+            F, weight.contiguous(), bias.reshape(1).contiguous(), cu_images.contiguous(), scores, out, P, D,
+            SHARED=shared, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=warps,
+        )
+    return out
+
+
+def _triton_backward(grad_out, features, weight, bias, cu_images, shared, features_grad):
+    import triton
+
+    from sam_fast._kernels.context_reweight import context_reweight_bwd_kernel, context_reweight_reduce_kernel
+
+    F = features.contiguous()
+    T, P, D = F.shape
+    B = cu_images.shape[0] - 1
+    G = grad_out.to(F.dtype).contiguous()
+    d_features = F.new_empty(F.shape if features_grad else (0,))
+    block_p, block_d, warps = _triton_blocks(P, D, 6)
+    grid = (B, triton.cdiv(P, block_p))
+    partial = F.new_zeros(grid[0] * grid[1], D + 1, dtype=torch.float32)
+    scores = F.new_empty(T, P, dtype=torch.float32)
+    work = F.new_empty(T, P, 2, dtype=torch.float32)
+    if B > 0 and P > 0 and D > 0:
+        context_reweight_bwd_kernel[grid](
+            G, F, weight.contiguous(), bias.reshape(1).contiguous(), cu_images.contiguous(), scores, work,
+            d_features, partial, P, D,
+            SHARED=shared, FEATURES_GRAD=features_grad, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=warps,
+        )
+    reduced = F.new_empty(D + 1, dtype=torch.float32)
+    block = min(1024, triton.next_power_of_2(D + 1))
+    context_reweight_reduce_kernel[(triton.cdiv(D + 1, block),)](
+        partial, reduced, partial.shape[0], D + 1, BLOCK=block)
+    return d_features, reduced[:D].clone(), reduced[D].clone()
+
+
+@torch.library.custom_op("sam_fast::context_reweight_triton_fwd", mutates_args=())
+def _triton_fwd_op(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   cu_images: torch.Tensor, shared: bool) -> torch.Tensor:
+    return _triton_forward(features, weight, bias, cu_images, shared)
+
+
+@_triton_fwd_op.register_fake
+def _(features, weight, bias, cu_images, shared):
+    return features.new_empty(_out_rows(features, cu_images, shared), features.shape[1], features.shape[2])
+
+
+@torch.library.custom_op("sam_fast::context_reweight_triton_bwd", mutates_args=())
+def _triton_bwd_op(grad_out: torch.Tensor, features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   cu_images: torch.Tensor, shared: bool, features_grad: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _triton_backward(grad_out, features, weight, bias, cu_images, shared, features_grad)
+
+
+@_triton_bwd_op.register_fake
+def _(grad_out, features, weight, bias, cu_images, shared, features_grad):
+    d_features = features.new_empty(features.shape if features_grad else (0,))
+    D = features.shape[2]
+    return d_features, features.new_empty(D, dtype=torch.float32), features.new_empty((), dtype=torch.float32)
+
+
+_register_autograd("sam_fast::context_reweight_triton_fwd", _triton_bwd_op)
+
+_CPP_REGISTERED = False
+
+
+def _cpp_ops():
+    """torch.ops.sam_fast.context_reweight_fwd/_bwd with autograd, or None without the extension."""
+    global _CPP_REGISTERED
+    from sam_fast import _ext
+
+    if _ext.load() is None:
+        return None
+    if not _CPP_REGISTERED:
+        _register_autograd("sam_fast::context_reweight_fwd", torch.ops.sam_fast.context_reweight_bwd)
+        _CPP_REGISTERED = True
+    return torch.ops.sam_fast.context_reweight_fwd
+
+
+def _op_args(features, weight, bias):
+    """(weight [D], bias []) for the compiled ops; weight=None -> uniform weights (zero scores)."""
+    D = features.shape[-1]
+    if weight is None:
+        return features.new_zeros(D, dtype=torch.float32), features.new_zeros((), dtype=torch.float32)
+    w = weight.reshape(D)
+    b = bias.reshape(()) if bias is not None else weight.new_zeros(())
+    return w, b
+
+
+def _cpp_backend(features, weight, bias, cu_images, mode="leave_one_out"):
+    w, b = _op_args(features, weight, bias)
+    return _cpp_ops()(features, w, b, cu_images, mode == "shared")
+
+
+def _triton_backend(features, weight, bias, cu_images, mode="leave_one_out"):
+    w, b = _op_args(features, weight, bias)
+    return _triton_fwd_op(features, w, b, cu_images, mode == "shared")
+
+
+# -- backend checks: None = can run these inputs, else the reason ----------------------------------
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 
 def _check_reference(*args, **kwargs):
     return None
 
 
-def _needs_grad(features, weight, bias):
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (features, weight, bias))
-
-
-def _check_cpu_ext(features, weight, bias, cu_images, mode="leave_one_out"):
+def _ext_reason():
     try:
         from sam_fast import _ext
     except ImportError as exc:
-        return f"extension loader missing ({exc})"
+        return None, f"extension loader missing ({exc})"
     if _ext.load() is None:
-        return f"extension not available ({_ext.info().get('error')})"
+        return None, f"extension not available ({_ext.info().get('error')})"
+    return _ext, None
+
+
+def _check_cpu(features, weight, bias, cu_images, mode="leave_one_out"):
+    _, why = _ext_reason()
+    if why:
+        return why
     if features.device.type != "cpu":
-        return f"inputs on {features.device}, the compiled kernel here is the CPU one"
-    if features.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"inputs on {features.device}, this is the CPU kernel"
+    if features.dtype not in _DTYPES:
         return f"dtype {features.dtype} not supported (float32, float16, bfloat16)"
-    if _needs_grad(features, weight, bias):
-        return "inputs require grad and the compiled kernel is forward-only (the reference runs autograd)"
     return None
 
 
-def _cpu_ext(features, weight, bias, cu_images, mode="leave_one_out"):
-    D = features.shape[-1]
-    if weight is None:  # uniform weights == zero scores
-        weight = features.new_zeros(D)
-        bias = None
-    w = weight.reshape(D).to(features.dtype)
-    b = (bias.reshape(()) if bias is not None else features.new_zeros(())).to(features.dtype)
-    return torch.ops.sam_fast.context_reweight_fwd(
-        features.contiguous(), w.contiguous(), b, cu_images, mode == "shared"
-    )
+def _check_cuda(features, weight, bias, cu_images, mode="leave_one_out"):
+    ext, why = _ext_reason()
+    if why:
+        return why
+    if not ext.info().get("with_cuda"):
+        return "sam_fast._C was built without CUDA (CPU torch or no CUDA toolkit at build time)"
+    if features.device.type != "cuda":
+        return f"inputs on {features.device}, the CUDA kernel needs CUDA tensors"
+    if features.dtype not in _DTYPES:
+        return f"dtype {features.dtype} not supported (float32, float16, bfloat16)"
+    return None
+
+
+def _check_triton(features, weight, bias, cu_images, mode="leave_one_out"):
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton not importable ({exc})"
+    if features.device.type != "cuda":
+        interpret = os.environ.get("TRITON_INTERPRET", "") == "1"
+        forced = os.environ.get(ENV_VAR, "").strip() == "triton"
+        if not (features.device.type == "cpu" and interpret and forced):
+            return (f"inputs on {features.device}: Triton needs a CUDA device (CPU tensors only under "
+                    f"TRITON_INTERPRET=1 with {ENV_VAR}=triton, for tests)")
+    if features.dtype not in _DTYPES:
+        return f"dtype {features.dtype} not supported (float32, float16, bfloat16)"
+    if features.shape[-1] > _TRITON_MAX_D:
+        return f"D={features.shape[-1]} > {_TRITON_MAX_D} (one program holds a whole row)"
+    return None
 
 
 def _sample():
@@ -141,8 +335,23 @@ def _sample():
 
 _dispatch = dispatcher("context_reweight")
 _dispatch.sample = _sample
-_dispatch.register("cpu", _cpu_ext, _check_cpu_ext)
+_dispatch.register("triton", _triton_backend, _check_triton)
+_dispatch.register("cuda", _cpp_backend, _check_cuda)
+_dispatch.register("cpu", _cpp_backend, _check_cpu)
 _dispatch.register("reference", context_reweight_ref, _check_reference)
+
+
+def _check_traced(features, weight, bias, cu_images, mode) -> None:
+    """The shape-only part of `validate_context_reweight`, safe while torch.compile traces
+    (offset values are data: reading them would break the graph)."""
+    if mode not in MODES:
+        raise ValueError(f"context_reweight: mode={mode!r} is not one of {MODES}")
+    if features.dim() != 3:
+        raise ValueError(f"context_reweight: features must be [T, P, D], got {tuple(features.shape)}")
+    if weight is not None and weight.numel() != features.shape[-1]:
+        raise ValueError(f"context_reweight: weight must be [D] or [1, D] with D={features.shape[-1]}, got {tuple(weight.shape)}")
+    if cu_images.dim() != 1 or cu_images.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"context_reweight: cu_images must be 1-D int32/int64, got {tuple(cu_images.shape)} {cu_images.dtype}")
 
 
 def context_reweight(features, weight, bias, cu_images, mode="leave_one_out"):
@@ -155,8 +364,15 @@ def context_reweight(features, weight, bias, cu_images, mode="leave_one_out"):
         cu_images: [B+1] int32/int64 offsets, cu_images[0] = 0, cu_images[-1] = T, increasing.
         mode: "leave_one_out" -> [T, P, D]; "shared" -> [B, P, D].
 
+    Differentiable with respect to features, weight and bias on every backend. The backend is
+    the first of triton (CUDA tensors), cuda, cpu (sam_fast._C), reference that can run the
+    inputs; ``SAM_FAST_BACKEND`` forces one (see `sam_fast.ops.dispatch`).
+
     Raises:
         ValueError: naming the offending shape, dtype, offset or device.
     """
-    validate_context_reweight(features, weight, bias, cu_images, mode)
+    if torch.compiler.is_compiling():
+        _check_traced(features, weight, bias, cu_images, mode)
+    else:
+        validate_context_reweight(features, weight, bias, cu_images, mode)
     return _dispatch(features, weight, bias, cu_images, mode)

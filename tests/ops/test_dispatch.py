@@ -30,14 +30,17 @@ def test_explain_lists_every_op_and_reason():
 
 
 @pytest.mark.skipif(not HAVE_EXT, reason=f"extension not loaded: {_ext.info().get('error')}")
-def test_compiled_cpu_kernel_is_chosen_without_grad_and_refused_with_grad():
+def test_compiled_cpu_kernel_is_chosen_with_and_without_grad(monkeypatch):
+    monkeypatch.delenv("SAM_FAST_BACKEND", raising=False)
     d = dispatcher("context_reweight")
     F, w, b, cu = _inputs()
     with torch.no_grad():
         assert d.choose(F, w, b, cu, "shared").name == "cpu"
     Fg, wg, bg, cu = _inputs(requires_grad=True)
-    assert d.choose(Fg, wg, bg, cu, "shared").name == "reference"
-    assert "forward-only" in d.reasons(Fg, wg, bg, cu, "shared")["cpu"]
+    assert d.choose(Fg, wg, bg, cu, "shared").name == "cpu"  # fused backward: training uses it too
+    reasons = d.reasons(Fg, wg, bg, cu, "shared")
+    assert "CUDA" in reasons["triton"] and "CUDA" in reasons["cuda"]
+    assert "float64" in d.reasons(F.double(), w, b, cu, "shared")["cpu"]
 
 
 @pytest.mark.skipif(not HAVE_EXT, reason=f"extension not loaded: {_ext.info().get('error')}")
@@ -57,7 +60,10 @@ def test_compiled_and_reference_agree(monkeypatch, mode, weight):
 def test_forced_backend_that_cannot_run_fails_with_reasons(monkeypatch):
     monkeypatch.setenv("SAM_FAST_BACKEND", "cpu")
     F, w, b, cu = _inputs(requires_grad=True)
-    with pytest.raises(BackendUnavailable, match=r"SAM_FAST_BACKEND=cpu.*reference: ok"):
+    with pytest.raises(BackendUnavailable, match=r"SAM_FAST_BACKEND=cpu.*float64.*reference: ok"):
+        context_reweight(F.double(), w, b, cu, "leave_one_out")
+    monkeypatch.setenv("SAM_FAST_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailable, match=r"SAM_FAST_BACKEND=cuda.*cpu: ok"):
         context_reweight(F, w, b, cu, "leave_one_out")
 
 

@@ -1,0 +1,211 @@
+"""Triton kernels of context re-weighting (sam_fast.ops.context_reweight; the launchers, autograd and
+torch.library registration live there). The math and its numerics: csrc/context_reweight_common.h.
+
+One program = one sample b x a block of BLOCK_P patch rows x the whole feature width (BLOCK_D =
+next_pow2(D)); the grid (B, cdiv(P, BLOCK_P)) covers a ragged batch in one launch, each program
+reading its sample's offsets from ``cu``. Everything is accumulated in fp32 (loads are cast right
+away: bf16 arithmetic is also broken in the CPU interpreter).
+
+Forward, one pass over the images, online: the running top-2 scores (m1 at i1, m2), the sum of
+all images S = sum_k exp(s_k - m1) F_k with Z, and the sum of all images but the current argmax
+S2 = sum_{k != i1} exp(s_k - m2) F_k with Z2 (when a new argmax arrives, the old S becomes S2).
+Shared mode writes S / Z. Leave-one-out re-reads each F_i (cache-hot: the program just read it)
+for y_i = (S - e_i F_i) / (Z - e_i), i != i1, and writes y_i1 = S2 / Z2. For i != i1 the removed
+weight e_i <= 1 <= Z - e_i, so the subtraction adds at most ~eps |F_i| to y_i: no catastrophic
+cancellation (that would need e_i F_i to dominate S, i.e. i = i1, which is the S2 case).
+
+Backward: scores recomputed, then per program the exact (direct) leave-one-out sums, with
+features shifted by the argmax row (csrc/context_reweight_common.h) so a saturated softmax gives
+accurate tiny score gradients; per-program d(weight), d(bias) partial sums go to a buffer that a
+second kernel reduces in a fixed order (no atomics: bitwise reproducible).
+"""
+
+import triton
+import triton.language as tl
+
+# Initial running maxima: finite, so that no inf - inf appears even in the branch a tl.where drops.
+NEG_BIG: tl.constexpr = -1.0e38
+
+
+@triton.jit
+def context_reweight_fwd_kernel(
+    F, W, BIAS, CU, SCORES, OUT, P, D,
+    SHARED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    pb = tl.program_id(1)
+    t0 = tl.load(CU + b).to(tl.int64)
+    n = (tl.load(CU + b + 1).to(tl.int64) - t0).to(tl.int32)
+    rows = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    cols = tl.arange(0, BLOCK_D)
+    rmask = rows < P
+    mask = rmask[:, None] & (cols < D)[None, :]
+    w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
+    bias = tl.load(BIAS).to(tl.float32)
+    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+
+    m1 = tl.full([BLOCK_P], NEG_BIG, tl.float32)
+    m2 = tl.full([BLOCK_P], NEG_BIG, tl.float32)
+    i1 = tl.full([BLOCK_P], -1, tl.int32)
+    S = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    Z = tl.zeros([BLOCK_P], tl.float32)
+    S2 = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    Z2 = tl.zeros([BLOCK_P], tl.float32)
+    for k in range(0, n):
+        x = tl.load(F + (t0 + k) * P * D + offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.sum(x * w[None, :], axis=1) + bias
+        tl.store(SCORES + (t0 + k) * P + rows, s, mask=rmask)
+        new1 = s > m1
+        m1n = tl.where(new1, s, m1)
+        alpha = tl.exp(m1 - m1n)
+        es = tl.exp(s - m1n)
+        if not SHARED:
+            new2 = (s <= m1) & (s > m2)
+            m2n = tl.where(new1, m1, tl.where(new2, s, m2))
+            beta = tl.where(new1, 0.0, tl.exp(m2 - m2n))  # new1: unused (S2 := S)
+            e2 = tl.where(new1, 0.0, tl.exp(tl.minimum(s - m2n, 0.0)))  # (<= 0 unless dropped)
+            S2 = tl.where(new1[:, None], S, S2 * beta[:, None] + e2[:, None] * x)
+            Z2 = tl.where(new1, Z, Z2 * beta + e2)
+            i1 = tl.where(new1, k, i1)
+            m2 = m2n
+        S = S * alpha[:, None] + es[:, None] * x
+        Z = Z * alpha + es
+        m1 = m1n
+
+    if SHARED:
+        inv = tl.where(Z > 0, 1.0 / tl.where(Z > 0, Z, 1.0), 0.0)
+        tl.store(OUT + b * P * D + offs, (S * inv[:, None]).to(OUT.dtype.element_ty), mask=mask)
+    else:
+        inv2 = tl.where(Z2 > 0, 1.0 / tl.where(Z2 > 0, Z2, 1.0), 0.0)
+        y1 = S2 * inv2[:, None]
+        for i in range(0, n):
+            x = tl.load(F + (t0 + i) * P * D + offs, mask=mask, other=0.0).to(tl.float32)
+            s = tl.load(SCORES + (t0 + i) * P + rows, mask=rmask, other=0.0)
+            e = tl.where(i == i1, 0.0, tl.exp(s - m1))
+            den = tl.where(i == i1, 1.0, Z - e)
+            y = (S - e[:, None] * x) / den[:, None]
+            y = tl.where((i == i1)[:, None], y1, y)
+            tl.store(OUT + (t0 + i) * P * D + offs, y.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def context_reweight_bwd_kernel(
+    G, F, W, BIAS, CU, SCORES, CWS, DF, PARTIAL, P, D,
+    SHARED: tl.constexpr, FEATURES_GRAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    pb = tl.program_id(1)
+    t0 = tl.load(CU + b).to(tl.int64)
+    n = (tl.load(CU + b + 1).to(tl.int64) - t0).to(tl.int32)
+    rows = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    cols = tl.arange(0, BLOCK_D)
+    rmask = rows < P
+    cmask = cols < D
+    mask = rmask[:, None] & cmask[None, :]
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    bias = tl.load(BIAS).to(tl.float32)
+    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+
+    # Pass 1: scores and the top two (m1 at i1, m2 at i2) per patch row.
+    m1 = tl.full([BLOCK_P], NEG_BIG, tl.float32)
+    m2 = tl.full([BLOCK_P], NEG_BIG, tl.float32)
+    i1 = tl.zeros([BLOCK_P], tl.int32)
+    i2 = tl.zeros([BLOCK_P], tl.int32)
+    for k in range(0, n):
+        x = tl.load(F + (t0 + k) * P * D + offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.sum(x * w[None, :], axis=1) + bias
+        tl.store(SCORES + (t0 + k) * P + rows, s, mask=rmask)
+        new1 = s > m1
+        new2 = (s <= m1) & (s > m2)
+        m2 = tl.where(new1, m1, tl.where(new2, s, m2))
+        i2 = tl.where(new1, i1, tl.where(new2, k, i2))
+        m1 = tl.where(new1, s, m1)
+        i1 = tl.where(new1, k, i1)
+    # Rows of the argmax (and of the runner-up): the shifts that keep saturated ds accurate.
+    x1 = tl.load(F + (t0 + i1.to(tl.int64))[:, None] * P * D + offs, mask=mask & (n > 0), other=0.0).to(tl.float32)
+    x2 = tl.load(F + (t0 + i2.to(tl.int64))[:, None] * P * D + offs, mask=mask & (n > 1), other=0.0).to(tl.float32)
+
+    dw = tl.zeros([BLOCK_D], tl.float32)
+    db = tl.zeros([BLOCK_P], tl.float32)
+    if SHARED:
+        g = tl.load(G + b * P * D + offs, mask=mask, other=0.0).to(tl.float32)
+        Z = tl.zeros([BLOCK_P], tl.float32)
+        for k in range(0, n):
+            s = tl.load(SCORES + (t0 + k) * P + rows, mask=rmask, other=0.0)
+            Z += tl.exp(s - m1)
+        invz = tl.where(Z > 0, 1.0 / tl.where(Z > 0, Z, 1.0), 0.0)
+        c = tl.zeros([BLOCK_P], tl.float32)  # g . (y - x_i1)
+        for k in range(0, n):
+            x = tl.load(F + (t0 + k) * P * D + offs, mask=mask, other=0.0).to(tl.float32)
+            s = tl.load(SCORES + (t0 + k) * P + rows, mask=rmask, other=0.0)
+            p = tl.sum(g * (x - x1), axis=1)
+            tl.store(CWS + (t0 + k) * P + rows, p, mask=rmask)
+            c += tl.exp(s - m1) * invz * p
+        for k in range(0, n):
+            x = tl.load(F + (t0 + k) * P * D + offs, mask=mask, other=0.0).to(tl.float32)
+            s = tl.load(SCORES + (t0 + k) * P + rows, mask=rmask, other=0.0)
+            p = tl.load(CWS + (t0 + k) * P + rows, mask=rmask, other=0.0)
+            a = tl.exp(s - m1) * invz
+            ds = tl.where(rmask, a * (p - c), 0.0)
+            if FEATURES_GRAD:
+                dx = a[:, None] * g + ds[:, None] * w[None, :]
+                tl.store(DF + (t0 + k) * P * D + offs, dx.to(DF.dtype.element_ty), mask=mask)
+            dw += tl.sum(ds[:, None] * x, axis=0)
+            db += ds
+    else:
+        # Pass 2: per output i, its normaliser (stored as 1/Z_i in SCORES' twin CWS[., 0]) and
+        # c_i = g_i . (y_i - ref_i), ref_i = x_i2 for i = i1 else x_i1.
+        for i in range(0, n):
+            g = tl.load(G + (t0 + i) * P * D + offs, mask=mask, other=0.0).to(tl.float32)
+            mi = tl.where(i == i1, m2, m1)
+            ref = tl.where((i == i1)[:, None], x2, x1)
+            acc = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+            Z = tl.zeros([BLOCK_P], tl.float32)
+            for m in range(0, n):
+                if m != i:
+                    x = tl.load(F + (t0 + m) * P * D + offs, mask=mask, other=0.0).to(tl.float32)
+                    s = tl.load(SCORES + (t0 + m) * P + rows, mask=rmask, other=0.0)
+                    e = tl.exp(s - mi)
+                    acc += e[:, None] * (x - ref)
+                    Z += e
+            invz = tl.where(Z > 0, 1.0 / tl.where(Z > 0, Z, 1.0), 0.0)
+            c = tl.sum(g * acc, axis=1) * invz
+            tl.store(CWS + ((t0 + i) * P + rows) * 2, c, mask=rmask)
+            tl.store(CWS + ((t0 + i) * P + rows) * 2 + 1, invz, mask=rmask)
+        # Pass 3: per image k, ds_k = sum_{i != k} a_ik (g_i . (x_k - ref_i) - c_i) and
+        # dF_k = sum_{i != k} a_ik g_i + ds_k w.
+        for k in range(0, n):
+            x = tl.load(F + (t0 + k) * P * D + offs, mask=mask, other=0.0).to(tl.float32)
+            sk = tl.load(SCORES + (t0 + k) * P + rows, mask=rmask, other=0.0)
+            gk = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+            ds = tl.zeros([BLOCK_P], tl.float32)
+            for i in range(0, n):
+                if i != k:
+                    g = tl.load(G + (t0 + i) * P * D + offs, mask=mask, other=0.0).to(tl.float32)
+                    c = tl.load(CWS + ((t0 + i) * P + rows) * 2, mask=rmask, other=0.0)
+                    invz = tl.load(CWS + ((t0 + i) * P + rows) * 2 + 1, mask=rmask, other=0.0)
+                    a = tl.exp(sk - tl.where(i == i1, m2, m1)) * invz
+                    ref = tl.where((i == i1)[:, None], x2, x1)
+                    ds += a * (tl.sum(g * (x - ref), axis=1) - c)
+                    gk += a[:, None] * g
+            ds = tl.where(rmask, ds, 0.0)
+            if FEATURES_GRAD:
+                dx = gk + ds[:, None] * w[None, :]
+                tl.store(DF + (t0 + k) * P * D + offs, dx.to(DF.dtype.element_ty), mask=mask)
+            dw += tl.sum(ds[:, None] * x, axis=0)
+            db += ds
+
+    pid = b * tl.num_programs(1) + pb
+    tl.store(PARTIAL + pid * (D + 1) + cols, dw, mask=cmask)
+    tl.store(PARTIAL + pid * (D + 1) + D, tl.sum(db, axis=0))
+
+
+@triton.jit
+def context_reweight_reduce_kernel(PARTIAL, OUT, num_partials, width, BLOCK: tl.constexpr):
+    """OUT[d] = sum_p PARTIAL[p, d], p in increasing order (deterministic); width = D + 1."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cmask = cols < width
+    acc = tl.zeros([BLOCK], tl.float32)
+    for p in range(0, num_partials):
+        acc += tl.load(PARTIAL + p * width + cols, mask=cmask, other=0.0)
+    tl.store(OUT + cols, acc, mask=cmask)
