@@ -109,6 +109,31 @@ def test_cache_features_then_train_and_eval_from_it(dirs, tmp_path):
               "--output", str(tmp_path / "ev"), "--no-progress"])
 
 
+def test_train_from_an_hf_instructblip_directory(dirs, tmp_path):
+    """--model HF_DIR: weights and tokenizers (root + qformer_tokenizer/) from local files; the run
+    directory references the base instead of copying it, and eval reloads base + checkpoint."""
+    from _tiny import tiny_instructblip
+
+    from sam_fast.data import tiny_tokenizers
+
+    hf = tmp_path / "hf"
+    tiny_instructblip().save_pretrained(hf)
+    q, l = tiny_tokenizers(qformer_vocab_size=100, llm_vocab_size=119)  # the HF tiny config's sizes
+    q.save_pretrained(hf / "qformer_tokenizer")
+    l.save_pretrained(hf)
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(hf), "--data", str(dirs["train"]), "--output", str(out), "--batch-size", "2",
+                 "--max-steps", "2", "--lr", "1e-2", "--no-progress"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["base"]["kind"] == "pretrained" and not (out / "base").exists()
+    assert main(["eval", "--model", str(out), "--data", str(dirs["test"]), "--output", str(tmp_path / "ev"),
+                 "--num-beams", "1", "--max-new-tokens", "4", "--no-progress"]) == 0
+    from sam_fast.train.outputs import load_model_dir
+
+    model, _, what = load_model_dir(out)
+    assert "step 2" in what and model.guidance_in.weight.abs().sum() > 0  # the trained delta is applied
+
+
 def test_explain_writes_pngs(dirs, trained, tmp_path):
     assert main(["explain", "--model", str(trained), "--data", str(dirs["test"]), "--output", str(tmp_path / "ex"),
                  "--tile", "32"]) == 0
