@@ -5,6 +5,7 @@
     sam-fast eval     --model DIR --data DIR --output OUT                         pred.json + metrics.json
     sam-fast cache-features --model M --data DIR --output CACHE                   frozen ViT outputs, once
     sam-fast explain  --model DIR (--images a b ... | --data DIR) --output OUT    Adaptive Adjustment weights as PNGs
+    sam-fast bench    [-k EXPR] [--json FILE]                                     the pytest-benchmark suite (bench/)
     sam-fast demo     [--steps N] [--batch B] [--seed S]                          the tiny SAM end to end on a CPU
     sam-fast env                                                                  versions, devices, extension, op backends
 
@@ -244,6 +245,23 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    bench = repo / "bench"
+    if not bench.is_dir():
+        raise SystemExit("sam-fast bench: the benchmarks live in the source tree (bench/), which an installed wheel "
+                         "does not have; run it from a checkout installed with `pip install -e .`")
+    cmd = [sys.executable, "-m", "pytest", "-q", str(bench), "--benchmark-only",
+           "--benchmark-columns=median,iqr,rounds", f"--benchmark-json={args.json}"]
+    if args.k:
+        cmd += ["-k", args.k]
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    print(" ".join(cmd))
+    return subprocess.call(cmd, cwd=repo)
+
+
 # -- parser -----------------------------------------------------------------------------------
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (defaults: SPEC §4, 5 beams, 256 new tokens, repetition penalty 1.5)")
@@ -356,6 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N samples of --data")
     p.add_argument("--tile", type=int, default=224, help="pixels per image in the PNG")
     p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser(
+        "bench",
+        help="time the ops, encode_images, a training step and generation (pytest-benchmark, bench/)",
+        description="Runs the pytest-benchmark suite of a source checkout (same as `make bench`); results go "
+        "to --json (stamped with device, versions and commit).",
+    )
+    p.add_argument("-k", help="pytest -k expression selecting benchmarks (e.g. context_reweight)")
+    p.add_argument("--json", default="bench/results/latest.json", help="benchmark JSON output")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser(
         "env",

@@ -157,10 +157,20 @@ def test_bad_data_stops_or_is_skipped(tmp_path, capsys):
 def test_help_teaches():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert {"train", "generate", "eval", "cache-features", "explain", "env", "demo"} <= set(sub.choices)
+    assert {"train", "generate", "eval", "cache-features", "explain", "bench", "env", "demo"} <= set(sub.choices)
     text = sub.choices["train"].format_help()
     for flag in ("--config", "--data", "--output", "--batch-size", "--max-steps", "--save-every", "--seed", "--resume"):
         assert flag in text
+
+
+def test_bench_runs_the_benchmark_suite(monkeypatch, tmp_path):
+    import subprocess
+
+    seen = {}
+    monkeypatch.setattr(subprocess, "call", lambda cmd, cwd=None: seen.update(cmd=cmd, cwd=cwd) or 0)
+    assert main(["bench", "-k", "context_reweight", "--json", str(tmp_path / "b.json")]) == 0
+    assert seen["cmd"][1:3] == ["-m", "pytest"] and "--benchmark-only" in seen["cmd"]
+    assert seen["cmd"][-2:] == ["-k", "context_reweight"] and seen["cmd"][4].endswith("bench")
 
 
 @pytest.mark.slow
