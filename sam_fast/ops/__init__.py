@@ -5,7 +5,12 @@ or to the plain-PyTorch reference beside each op (`*_ref`), which is also the sp
 """
 
 from sam_fast.ops.context_reweight import context_reweight, context_reweight_ref
-from sam_fast.ops.cross_attention import cross_attention, cross_attention_ref
+from sam_fast.ops.cross_attention import (
+    cross_attention,
+    cross_attention_ref,
+    cross_attention_streams,
+    cross_attention_streams_ref,
+)
 from sam_fast.ops.dispatch import BackendUnavailable, explain
 
 __all__ = [
@@ -14,5 +19,7 @@ __all__ = [
     "context_reweight_ref",
     "cross_attention",
     "cross_attention_ref",
+    "cross_attention_streams",
+    "cross_attention_streams_ref",
     "explain",
 ]

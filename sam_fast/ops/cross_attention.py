@@ -7,17 +7,29 @@ Public op::
 
 ``softmax(q k^T * scale + attn_bias) v`` per row, with ``scale = d ** -0.5`` by default and
 dropout on the probabilities in training (as HF's Q-former). In the Q-former the 32 query rows of
-every image (and, in the W-stream, of every contextual row) attend to the 257 image tokens. The
-reference body is `torch.nn.functional.scaled_dot_product_attention`; the fused Triton kernel of
-the Q/W-former issue registers here as another backend.
+every image (and, in the W-stream, of every contextual row) attend to the 257 image tokens.
+
+Backends, in order of preference (``sam-fast env`` explains the choice):
+
+- ``triton``: the fused kernel of `kernels/cross_attention.py` (forward, and a backward that
+  recomputes the probabilities), registered as ``torch.ops.sam_fast.cross_attention_fwd/_bwd``
+  with fake implementations and autograd. Reads strided q/k/v in place (e.g. the K/V columns of
+  the one-GEMM projection), writes the output in [N, Lq, H, d] memory so the caller's head merge
+  is a free view. Runs on CUDA; on CPU only under ``TRITON_INTERPRET=1`` *and* when forced with
+  ``SAM_FAST_BACKEND=triton`` (the interpreter costs milliseconds per program: tests only).
+  Needs: fp32/fp16/bf16, head dim a multiple of 8 (<= 256), no dropout, a key-padding bias
+  [N,1,1,Lk] or none, no gradient wanted for the bias.
+- ``reference``: `torch.nn.functional.scaled_dot_product_attention`, everything else.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
-from sam_fast.ops.dispatch import dispatcher
+from sam_fast.ops.dispatch import ENV_VAR, dispatcher
 
 
 def cross_attention_ref(query, key, value, attn_bias=None, dropout_p=0.0, scale=None):
@@ -29,6 +41,202 @@ def _check_reference(*args, **kwargs):
     return None
 
 
+# -- Triton backend ---------------------------------------------------------------------------
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+
+        import sam_fast._kernels.cross_attention  # noqa: F401
+    except Exception as exc:  # ImportError, or a Triton that cannot initialise here
+        return f"triton kernels not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _interpreter_allowed() -> bool:
+    """Whether CPU tensors may take the Triton backend under TRITON_INTERPRET=1 (tests patch this
+    to run the model through the interpreter without forcing every op's Triton backend)."""
+    return os.environ.get(ENV_VAR, "").strip() == "triton"
+
+
+def _check_triton(query, key, value, attn_bias=None, dropout_p=0.0, scale=None):
+    why = _triton_import_error()
+    if why:
+        return why
+    dev = query.device
+    if dev.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "CPU tensors and TRITON_INTERPRET is not 1 (the kernel runs on CUDA)"
+        if not _interpreter_allowed():
+            return f"CPU tensors: the interpreter runs only when forced ({ENV_VAR}=triton), it is slow"
+    elif dev.type != "cuda":
+        return f"device {dev} is neither CUDA nor CPU-under-the-interpreter"
+    if any(t.device != dev for t in (key, value)):
+        return "query, key and value are on different devices"
+    if query.dtype not in _TRITON_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
+        return f"dtypes {query.dtype}/{key.dtype}/{value.dtype}: need one of fp32, fp16, bf16 for all three"
+    d = query.shape[-1]
+    if d % 8 or d > 256:
+        return f"head dim {d} is not a multiple of 8 up to 256"
+    if dropout_p:
+        return f"dropout_p={dropout_p}: the kernel has no dropout (training with attention dropout uses SDPA)"
+    if attn_bias is not None:
+        N, _, Lk, _ = key.shape
+        if attn_bias.dim() != 4 or attn_bias.shape[1:3] != (1, 1) or attn_bias.shape[-1] != Lk \
+                or attn_bias.shape[0] not in (1, N):
+            return f"attn_bias {tuple(attn_bias.shape)} is not a key-padding bias [N, 1, 1, Lk]"
+        if attn_bias.requires_grad and torch.is_grad_enabled():
+            return "attn_bias requires grad (the kernel gives no bias gradient)"
+        if attn_bias.device != dev:
+            return "attn_bias is on another device"
+    return None
+
+
+def _blocks(Lq: int, Lk: int, d: int, interpret: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D). Dot blocks >= 16 (ENV.md); under the interpreter, big blocks
+    (each program instance costs milliseconds there)."""
+    block_d = max(16, triton_next_pow2(d))
+    block_m = max(16, min(64, triton_next_pow2(Lq)))
+    block_n = max(16, min(256 if interpret else 64, triton_next_pow2(Lk)))
+    if interpret:
+        block_m = max(16, min(128, triton_next_pow2(Lq)))
+    return block_m, block_n, block_d
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _bias_args(attn_bias, q):
+    if attn_bias is None:
+        return q, 0, 0, False  # any pointer; never read
+    b = attn_bias[:, 0, 0, :]
+    return b, (b.stride(0) if b.shape[0] > 1 else 0), b.stride(1), True
+
+
+def _precision(dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _kv_args(key, value, key2, value2, rows2, split):
+    """Pointer/stride arguments of the two K/V sources (the second defaults to the first)."""
+    if key2 is None:
+        key2, value2 = key, value
+    rows = rows2 if rows2 is not None else key  # any pointer; never read
+    return (*key.stride(), *value.stride(), key2, value2, rows, split, *key2.stride(), *value2.stride())
+
+
+@torch.library.custom_op("sam_fast::cross_attention_fwd", mutates_args=())
+def _triton_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key2: torch.Tensor | None,
+                value2: torch.Tensor | None, rows2: torch.Tensor | None, split: int,
+                attn_bias: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query rows [0, split) attend to key/value rows [0, split); rows [split, N) to key2/value2
+    row ``n - split`` (or ``rows2[n - split]``). Returns (out, lse)."""
+    from sam_fast._kernels.cross_attention import attn_fwd_kernel
+
+    N, H, Lq, d = query.shape
+    Lk = key.shape[2]
+    interpret = query.device.type == "cpu"
+    bm, bn, bd = _blocks(Lq, Lk, d, interpret)
+    out = torch.empty(N, Lq, H, d, dtype=query.dtype, device=query.device).transpose(1, 2)
+    lse = torch.empty(N * H, Lq, dtype=torch.float32, device=query.device)
+    bias, sbn, sbk, has_bias = _bias_args(attn_bias, query)
+    grid = (triton_cdiv(Lq, bm), N * H)
+    attn_fwd_kernel[grid](
+        query, key, value, bias, out, lse,
+        *query.stride(), *_kv_args(key, value, key2, value2, rows2, split), *out.stride(), sbn, sbk,
+        H, Lq, Lk, d, scale,
+        HAS_BIAS=has_bias, HAS_ROWS2=rows2 is not None, PRECISION=_precision(query.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+    )
+    return out, lse
+
+
+@_triton_fwd.register_fake
+def _(query, key, value, key2, value2, rows2, split, attn_bias, scale):
+    N, H, Lq, d = query.shape
+    out = query.new_empty(N, Lq, H, d).transpose(1, 2)
+    return out, query.new_empty(N * H, Lq, dtype=torch.float32)
+
+
+@torch.library.custom_op("sam_fast::cross_attention_bwd", mutates_args=())
+def _triton_bwd(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key2: torch.Tensor | None, value2: torch.Tensor | None, rows2: torch.Tensor | None, split: int,
+                attn_bias: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq [N,H,Lq,d], dk, dv [N,H,Lk,d]): dk/dv one slice per query row, in fp32."""
+    from sam_fast._kernels.cross_attention import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
+
+    N, H, Lq, d = query.shape
+    Lk = key.shape[2]
+    interpret = query.device.type == "cpu"
+    bm, bn, bd = _blocks(Lq, Lk, d, interpret)
+    delta = (grad_out.float() * out.float()).sum(-1).reshape(N * H, Lq)  # rowsum(dO * O)
+    dq = torch.empty(N, H, Lq, d, dtype=query.dtype, device=query.device)
+    dk = torch.empty(N, H, Lk, d, dtype=torch.float32, device=query.device)
+    dv = torch.empty(N, H, Lk, d, dtype=torch.float32, device=query.device)
+    bias, sbn, sbk, has_bias = _bias_args(attn_bias, query)
+    common = (*query.stride(), *_kv_args(key, value, key2, value2, rows2, split), *grad_out.stride(), sbn, sbk,
+              H, Lq, Lk, d, scale)
+    meta = dict(HAS_BIAS=has_bias, HAS_ROWS2=rows2 is not None, PRECISION=_precision(query.dtype),
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    attn_bwd_dkdv_kernel[(triton_cdiv(Lk, bn), N * H)](
+        query, key, value, bias, grad_out, lse, delta, dk, dv, *common, **meta)
+    attn_bwd_dq_kernel[(triton_cdiv(Lq, bm), N * H)](
+        query, key, value, bias, grad_out, lse, delta, dq, *common, **meta)
+    return dq, dk, dv
+
+
+@_triton_bwd.register_fake
+def _(grad_out, query, key, value, key2, value2, rows2, split, attn_bias, out, lse, scale):
+    N, H, _, d = query.shape
+    Lk = key.shape[2]
+    f32 = dict(dtype=torch.float32, device=query.device)
+    return torch.empty_like(query), torch.empty(N, H, Lk, d, **f32), torch.empty(N, H, Lk, d, **f32)
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, key2, value2, rows2, split, attn_bias, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, key2, value2, rows2, attn_bias, out, lse)
+    ctx.split, ctx.scale = split, scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    query, key, value, key2, value2, rows2, attn_bias, out, lse = ctx.saved_tensors
+    s = ctx.split
+    dq, dk, dv = _triton_bwd(grad_out, query, key, value, key2, value2, rows2, s, attn_bias, out, lse, ctx.scale)
+    dk1, dv1 = dk[:s].to(key.dtype), dv[:s].to(value.dtype)
+    dk2 = dv2 = None
+    if key2 is not None:
+        if rows2 is None:
+            dk2, dv2 = dk[s:].to(key2.dtype), dv[s:].to(value2.dtype)
+        else:  # query rows sharing a K/V row: sum their slices
+            idx = rows2.long()
+            dk2 = dk.new_zeros(key2.shape).index_add_(0, idx, dk[s:]).to(key2.dtype)
+            dv2 = dv.new_zeros(value2.shape).index_add_(0, idx, dv[s:]).to(value2.dtype)
+    return dq, dk1, dv1, dk2, dv2, None, None, None, None
+
+
+_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def cross_attention_triton(query, key, value, attn_bias=None, dropout_p=0.0, scale=None):
+    """The fused Triton kernel (see module docstring); callers check `_check_triton` first."""
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    if attn_bias is not None:
+        attn_bias = attn_bias.to(torch.float32).expand(key.shape[0], 1, 1, key.shape[2])
+    return _triton_fwd(query, key, value, None, None, None, query.shape[0], attn_bias, float(scale))[0]
+
+
 def _sample():
     q = torch.randn(2, 2, 4, 8)
     k = torch.randn(2, 2, 6, 8)
@@ -37,7 +245,85 @@ def _sample():
 
 _dispatch = dispatcher("cross_attention")
 _dispatch.sample = _sample
+_dispatch.register("triton", cross_attention_triton, _check_triton)
 _dispatch.register("reference", cross_attention_ref, _check_reference)
+
+
+# -- both streams in one call -------------------------------------------------------------------
+
+def cross_attention_streams_ref(query, key, value, key2=None, value2=None, rows2=None, dropout_p=0.0, scale=None):
+    """Reference: one SDPA per stream (the second stream's K/V rows gathered by `rows2`)."""
+    split = key.shape[0]
+    out = cross_attention_ref(query[:split], key, value, None, dropout_p, scale)
+    if key2 is None:
+        return out
+    if rows2 is not None:
+        key2, value2 = key2.index_select(0, rows2), value2.index_select(0, rows2)
+    return torch.cat([out, cross_attention_ref(query[split:], key2, value2, None, dropout_p, scale)], 0)
+
+
+def _check_streams_triton(query, key, value, key2=None, value2=None, rows2=None, dropout_p=0.0, scale=None):
+    split = key.shape[0]
+    why = _check_triton(query[:split], key, value, None, dropout_p, scale)
+    if why or key2 is None:
+        return why
+    why = _check_triton(query[split:], key2 if rows2 is None else key2[:1].expand(len(rows2), -1, -1, -1),
+                        value2 if rows2 is None else value2[:1].expand(len(rows2), -1, -1, -1), None, dropout_p, scale)
+    if why:
+        return f"second stream: {why}"
+    if key2.shape[1:] != key.shape[1:]:
+        return f"the streams' K/V shapes differ: {tuple(key.shape)} vs {tuple(key2.shape)}"
+    return None
+
+
+def cross_attention_streams_triton(query, key, value, key2=None, value2=None, rows2=None, dropout_p=0.0, scale=None):
+    """Both streams in one launch of the fused kernel."""
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    if rows2 is not None:
+        rows2 = rows2.to(torch.int32)
+    return _triton_fwd(query, key, value, key2, value2, rows2, key.shape[0], None, float(scale))[0]
+
+
+def _streams_sample():
+    q = torch.randn(3, 2, 4, 8)
+    k = torch.randn(2, 2, 6, 8)
+    k2 = torch.randn(1, 2, 6, 8)
+    return (q, k, k.clone(), k2, k2.clone(), None), {}
+
+
+_streams = dispatcher("cross_attention_streams")
+_streams.sample = _streams_sample
+_streams.register("triton", cross_attention_streams_triton, _check_streams_triton)
+_streams.register("reference", cross_attention_streams_ref, _check_reference)
+
+
+def cross_attention_streams(query, key, value, key2=None, value2=None, rows2=None, dropout_p=0.0, scale=None):
+    """Cross-attention of the Q-stream and the W-stream query rows in one call (one launch on the
+    Triton backend), no bias.
+
+    query [N, H, Lq, d]: rows ``[0, S)`` with S = key.shape[0] attend to key/value [S, H, Lk, d]
+    (row r to K/V row r); rows ``[S, N)`` attend to key2/value2 [R2, H, Lk, d], row S + j to K/V
+    row ``rows2[j]`` (or j when rows2 is None; then R2 = N - S). K/V may be strided views.
+    """
+    split = key.shape[0]
+    if query.dim() != 4 or key.dim() != 4 or key.shape != value.shape or query.shape[1] != key.shape[1] \
+            or query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"cross_attention_streams: query {tuple(query.shape)} / key {tuple(key.shape)} / "
+                         f"value {tuple(value.shape)} are not [N, H, L, d] with matching heads and head dim")
+    if key2 is None:
+        if split != query.shape[0]:
+            raise ValueError(f"cross_attention_streams: {query.shape[0]} query rows but {split} K/V rows")
+    else:
+        n2 = query.shape[0] - split
+        if key2.shape != value2.shape or key2.shape[1:] != key.shape[1:]:
+            raise ValueError(f"cross_attention_streams: key2 {tuple(key2.shape)} / value2 {tuple(value2.shape)} "
+                             f"do not match key {tuple(key.shape)} past the batch dimension")
+        want = n2 if rows2 is None else len(rows2)
+        if (rows2 is None and key2.shape[0] != n2) or want != n2:
+            raise ValueError(f"cross_attention_streams: {n2} second-stream query rows but "
+                             f"{key2.shape[0] if rows2 is None else len(rows2)} K/V rows (rows2)")
+    return _streams(query, key, value, key2, value2, rows2, dropout_p, scale)
 
 
 def cross_attention(query, key, value, attn_bias=None, dropout_p=0.0, scale=None):
