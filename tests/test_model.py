@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
 
-from conftest import ragged_batch, randomize_guidance, tiny_sam
+from _sam_helpers import ragged_batch, randomize_guidance, tiny_sam
 from sam_fast import SAM, SAMConfig
 from sam_fast.models import TRAINABLE_MODULES
 from sam_fast.reference import reference_encode_images

@@ -31,7 +31,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.instructblip.modeling_instructblip import InstructBlipPreTrainedModel
 
 from sam_fast.config import SAMConfig
-from sam_fast.modules import attention_bias, merged_context_maps, run_two_streams
+from sam_fast.modules import CrossKV, WStream, attention_bias, merged_context_kv, project_cross_kv, run_two_streams
 
 TRAINABLE_MODULES = ("adaptive_adjustment", "guidance_in", "guidance_out", "language_projection")
 
@@ -189,6 +189,13 @@ class SAM(InstructBlipPreTrainedModel):
 
         Returns:
             [T, Q, llm_hidden] visual tokens, image order as given.
+
+        Schedule (equal to the per-image reference `sam_fast.reference.reference_encode_images`):
+        embeddings once per sample; the K/V of every cross-attention layer projected once per
+        image in one GEMM; the W-stream's K/V re-weighted from those (I-hat is never projected);
+        Q-stream and W-stream rows batched in every layer up to k; in shared mode the W-stream
+        layers before l run once per sample (so in training those layers draw one dropout mask
+        per sample instead of one per image).
         """
         cfg = self.config
         E = self._image_features(pixel_values, image_features)
@@ -209,43 +216,72 @@ class SAM(InstructBlipPreTrainedModel):
             )
 
         # Index plans are built on the host from the counts (no device syncs), then moved once.
+        Q = cfg.num_query_tokens
+        layers = self.qformer.encoder.layer
         sample_of_l = [b for b, n in enumerate(counts) for _ in range(n)]
         sample_of = torch.tensor(sample_of_l, device=dev)  # [T] sample of each image
+
+        # [query tokens ; instruction] embeddings and padding bias: once per sample, shared by the
+        # rows of both streams (text padding is handled once for the batch). In training with
+        # embedding dropout every row gets its own call, hence its own mask, as in the reference.
+        mask = torch.cat([qformer_attention_mask.new_ones(B, Q), qformer_attention_mask], 1)
+        per_row = self.qformer.embeddings.training and self.qformer.embeddings.dropout.p > 0
+
+        def embed(rows: torch.Tensor) -> torch.Tensor:
+            if per_row:
+                ids = qformer_input_ids.index_select(0, rows)
+                return self.qformer.embeddings(input_ids=ids, query_embeds=self.query_tokens.expand(len(ids), -1, -1))
+            return emb.index_select(0, rows)
+
+        emb = None if per_row else self.qformer.embeddings(
+            input_ids=qformer_input_ids, query_embeds=self.query_tokens.expand(B, -1, -1))
+        x = embed(sample_of)
+        bias = attention_bias(mask, x.dtype)  # [B, 1, 1, Q+L]
+
+        # K/V of every cross-attention layer, once per image, one GEMM (Part A's E_i).
         guided = cfg.guidance != "none" and max(counts) > 1
+        kv = project_cross_kv(layers, E.to(x.dtype), scratch=guided)
+        w_stream = None
         if guided:
-            # Part B: merged contextual maps I-hat, for the images that have contextual images.
+            # Part B: the K/V of the merged contextual maps I-hat, re-weighted from the images' K/V.
             cu = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32, device=dev)
-            maps = merged_context_maps(E, self.adaptive_adjustment, cu, cfg.context_mode, cfg.guidance)
+            buf = kv.buffer
+            if not buf.requires_grad:  # the scores written into buf's scratch column below must not
+                kv = CrossKV(buf.detach(), kv.heads, kv.hidden)  # drag the Q-stream's K/V into autograd
+            kv_hat = merged_context_kv(E, buf, self.adaptive_adjustment, cu, cfg.context_mode, cfg.guidance)
+            multi_l = [b for b, n in enumerate(counts) if n > 1]  # samples with contextual images
             ctx_l = [t for t, b in enumerate(sample_of_l) if counts[b] > 1]  # Q rows that get guidance
             ctx_index = torch.tensor(ctx_l, device=dev)
-            map_rows = sample_of[ctx_index] if cfg.context_mode == "shared" else ctx_index
-            image_states = torch.cat([E, maps.index_select(0, map_rows).to(E.dtype)], 0)
-            row_sample = torch.cat([sample_of, sample_of[ctx_index]])
-        else:
-            ctx_index = sample_of.new_zeros(0)
-            image_states, row_sample = E, sample_of
+            if cfg.context_mode == "shared":
+                # Dedup: before layer l every W row of a sample sees the same embeddings and the same
+                # I-hat, so it runs once per sample; at layer l it fans out to one row per image.
+                # In training the rows before l therefore share one dropout mask per sample.
+                multi = torch.tensor(multi_l, device=dev)
+                if len(multi_l) < B:
+                    kv_hat = kv_hat.index_select(0, multi)
+                slot = {b: j for j, b in enumerate(multi_l)}
+                expand = torch.tensor([slot[sample_of_l[t]] for t in ctx_l], device=dev)
+                w_stream = WStream(embed(multi), bias.index_select(0, multi), CrossKV(kv_hat, kv.heads, kv.hidden),
+                                   ctx_index, expand=expand, kv_rows=expand)
+            else:
+                if len(ctx_l) < T:
+                    kv_hat = kv_hat.index_select(0, ctx_index)
+                rows = sample_of.index_select(0, ctx_index)
+                w_stream = WStream(embed(rows), bias.index_select(0, rows), CrossKV(kv_hat, kv.heads, kv.hidden),
+                                   ctx_index)
 
-        # One embedding call for all rows (Q-stream then W-stream): [query tokens ; instruction].
-        R = row_sample.shape[0]
-        hidden = self.qformer.embeddings(
-            input_ids=qformer_input_ids.index_select(0, row_sample),
-            query_embeds=self.query_tokens.expand(R, -1, -1),
-        )
-        Q = cfg.num_query_tokens
-        mask = torch.cat([qformer_attention_mask.new_ones(R, Q), qformer_attention_mask.index_select(0, row_sample)], 1)
         hidden = run_two_streams(
-            self.qformer.encoder.layer,
-            hidden,
-            attention_bias(mask, hidden.dtype),
-            image_states.to(hidden.dtype),
-            T,
-            ctx_index,
+            layers,
+            x,
+            bias.index_select(0, sample_of),
+            kv,
+            w_stream,
             self.guidance_in,
             self.guidance_out,
             cfg.interaction_layers,
             Q,
         )
-        return self.language_projection(hidden[:, :Q])
+        return self.language_projection(hidden)
 
     # -- LLM ---------------------------------------------------------------------------------
     def _placeholders(self, input_ids, counts: list[int]) -> torch.Tensor:

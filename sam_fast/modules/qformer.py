@@ -2,16 +2,26 @@
 (the W-former of Part B, the same layers a second time over merged contextual maps I-hat).
 
 The parameters stay in HF's `InstructBlipQFormerModel` (so checkpoints load by key); this module
-runs its layers functionally so that attention goes through `sam_fast.ops.cross_attention` and
-both streams share every layer's launches.
+runs its layers functionally so that
+
+- both streams share every layer's launches (their rows are one batch, except at layer k where
+  the Q-stream needs c_i from the W-stream's output of that same layer);
+- the cross-attention K/V of *all* cross-attention layers are projected once per image, in one
+  GEMM ``[T*P, D] x [D, n_cross*2*H]`` (`project_cross_kv`); the W-stream's K/V are the Q-stream's
+  re-weighted (`sam_fast.modules.guidance.merged_context_kv`), so I-hat is never projected;
+- attention goes through `sam_fast.ops.cross_attention` (SDPA or the fused Triton kernel).
 """
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from sam_fast.ops import cross_attention
+from sam_fast.ops import cross_attention, cross_attention_streams
 
 
 def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -21,43 +31,165 @@ def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bias[:, None, None, :]
 
 
-def attention_block(attn: nn.Module, hidden: torch.Tensor, kv_states: torch.Tensor, bias) -> torch.Tensor:
-    """One HF `InstructBlipQFormerAttention` (self or cross): multi-head attention of `hidden`
-    [N, Lq, H] over `kv_states` [N, Lk, Dkv], then dense + dropout + residual LayerNorm."""
+# -- cross-attention K/V, projected once ------------------------------------------------------
+
+def cross_layers(layers) -> list[nn.Module]:
+    """The layers that have cross-attention, in order (BERT-base Q-former: 0, 2, ..., 10)."""
+    return [layer for layer in layers if layer.has_cross_attention]
+
+
+_KV_WEIGHT_CACHE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+
+
+def cross_kv_weight(layers, scratch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight [n_cross*2*H (+1), D], bias [n_cross*2*H (+1)])``: the key and value Linears of
+    every cross-attention layer stacked as ``[k_0; v_0; k_1; v_1; ...]`` (plus one zero row when
+    ``scratch``).
+
+    The stack is cached per module list while the (frozen) parameters keep their storage and
+    version; when a parameter requires grad it is rebuilt in the graph every call.
+    """
+    def stack():
+        w, b = torch.cat([m.weight for m in mods]), torch.cat([m.bias for m in mods])
+        if scratch:
+            w, b = F.pad(w, (0, 0, 0, 1)), F.pad(b, (0, 1))
+        return w, b
+
+    mods = [m for layer in cross_layers(layers) for m in (layer.crossattention.attention.key,
+                                                           layer.crossattention.attention.value)]
+    params = [p for m in mods for p in (m.weight, m.bias)]
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return stack()
+    key = (scratch,) + tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+    cache = _KV_WEIGHT_CACHE.setdefault(layers, {})
+    hit = cache.get(scratch)
+    if hit is None or hit[0] != key:
+        with torch.no_grad():
+            hit = (key, *stack())
+        cache[scratch] = hit
+    return hit[1], hit[2]
+
+
+@dataclass
+class CrossKV:
+    """K/V of every cross-attention layer for a set of rows: ``buffer`` [R, P, >= n_cross*2*H]
+    laid out as ``[k_0 | v_0 | k_1 | v_1 | ... (| scratch)]`` on the last dimension, with H =
+    ``hidden`` (heads x head dim)."""
+
+    buffer: torch.Tensor
+    heads: int
+    hidden: int
+
+    def layer(self, c: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) of cross layer c as [R, heads, P, d] strided views (no copy); ``rows`` [R']
+        selects (and copies) rows of this layer only."""
+        H = self.hidden
+        k = self.buffer[..., 2 * c * H:(2 * c + 1) * H]
+        v = self.buffer[..., (2 * c + 1) * H:(2 * c + 2) * H]
+        if rows is not None:
+            k, v = k.index_select(0, rows), v.index_select(0, rows)
+        return _heads(k, self.heads), _heads(v, self.heads)
+
+
+def project_cross_kv(layers, features: torch.Tensor, scratch: bool = False) -> CrossKV:
+    """K/V of all cross-attention layers for image features E [T, P, D] in one GEMM
+    ``[T*P, D] x [D, n_cross*2*H]``. ``scratch=True`` appends one zero column (a zero weight row
+    in the same GEMM) where `merged_context_kv` puts the Adaptive Adjustment scores."""
+    weight, bias = cross_kv_weight(layers, scratch)
+    T, P, D = features.shape
+    buf = F.linear(features.reshape(T * P, D), weight, bias).view(T, P, -1)
+    first = cross_layers(layers)[0].crossattention.attention
+    return CrossKV(buf, first.num_attention_heads, first.all_head_size)
+
+
+# -- one layer --------------------------------------------------------------------------------
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def self_attention_block(attn: nn.Module, hidden: torch.Tensor, bias, out_rows: int | None = None) -> torch.Tensor:
+    """HF `InstructBlipQFormerAttention` (self): the first `out_rows` rows (all by default) of
+    ``LN(hidden + dense(softmax(q k^T / sqrt(d) + bias) v))`` over all rows of `hidden` [N, L, H]."""
     mha = attn.attention
-    n, lq, _ = hidden.shape
-    heads, d = mha.num_attention_heads, mha.attention_head_size
-    q = mha.query(hidden).view(n, lq, heads, d).transpose(1, 2)
-    k = mha.key(kv_states).view(n, -1, heads, d).transpose(1, 2)
-    v = mha.value(kv_states).view(n, -1, heads, d).transpose(1, 2)
+    hq = hidden if out_rows is None else hidden[:, :out_rows].contiguous()
+    q = _heads(mha.query(hq), mha.num_attention_heads)
+    k = _heads(mha.key(hidden), mha.num_attention_heads)
+    v = _heads(mha.value(hidden), mha.num_attention_heads)
     p = mha.attention_dropout if mha.training else 0.0
     ctx = cross_attention(q, k, v, bias, dropout_p=p, scale=mha.scaling)
-    ctx = ctx.transpose(1, 2).reshape(n, lq, heads * d)
-    return attn.output(ctx, hidden)
+    return attn.output(ctx.transpose(1, 2).flatten(2), hq)
 
 
-def qformer_layer(layer: nn.Module, hidden, self_bias, image_states, query_length: int):
+def cross_attention_block(attn: nn.Module, qrows: torch.Tensor, kv_streams) -> torch.Tensor:
+    """HF cross-attention of the query rows `qrows` [N, Q, H] to precomputed K/V.
+
+    `kv_streams` is ``[(k, v)]`` or ``[(k, v), (k2, v2, rows2)]``: the first ``k.shape[0]`` rows
+    of `qrows` (the Q-stream) attend to (k, v) row by row, the others (the W-stream) to (k2, v2)
+    rows ``rows2`` (None: row by row). One query projection, one attention call (one launch on
+    the Triton backend) and one output projection serve both streams."""
+    mha = attn.attention
+    q = _heads(mha.query(qrows), mha.num_attention_heads)
+    p = mha.attention_dropout if mha.training else 0.0
+    (k, v), *rest = kv_streams
+    k2, v2, rows2 = rest[0] if rest else (None, None, None)
+    ctx = cross_attention_streams(q, k, v, k2, v2, rows2, dropout_p=p, scale=mha.scaling)
+    return attn.output(ctx.transpose(1, 2).flatten(2), qrows)
+
+
+def qformer_layer(layer: nn.Module, hidden, self_bias, kv_groups, query_length: int, queries_only: bool = False):
     """One `InstructBlipQFormerLayer` on [N, Q + L_text, H] rows: self-attention over all rows,
-    cross-attention of the Q query rows to `image_states` [N, P, D] (layers that have it),
-    then the query FFN on query rows and the text FFN on text rows."""
-    att = attention_block(layer.attention, hidden, hidden, self_bias)
-    qrows = att[:, :query_length]
+    cross-attention of the Q query rows to precomputed K/V (layers that have it; `kv_groups` as
+    `cross_attention_block`'s `kv_streams`), then the query FFN on query rows and the text FFN on text rows.
+    ``queries_only`` returns only the Q query rows (the text rows of the last layer are unused)."""
+    att = self_attention_block(layer.attention, hidden, self_bias, query_length if queries_only else None)
+    # Row slices are made contiguous: a Linear on a strided 3-D input falls back to bmm against an
+    # expanded weight (measured 4x slower on CPU).
+    qrows = att[:, :query_length].contiguous() if att.shape[1] > query_length else att
     if layer.has_cross_attention:
-        qrows = attention_block(layer.crossattention, qrows, image_states, None)
+        qrows = cross_attention_block(layer.crossattention, qrows, kv_groups)
     out = layer.output_query(layer.intermediate_query(qrows), qrows)
     if att.shape[1] > query_length:
-        text = att[:, query_length:]
+        text = att[:, query_length:].contiguous()
         out = torch.cat([out, layer.output(layer.intermediate(text), text)], dim=1)
     return out
+
+
+def _gather(kv_rows):
+    k, v, rows = kv_rows
+    return k.index_select(0, rows), v.index_select(0, rows)
+
+
+# -- both streams -----------------------------------------------------------------------------
+
+@dataclass
+class WStream:
+    """The W-stream rows (Part B) and how they map to images.
+
+    hidden, self_bias: [R0, Q+L, H], [R0, 1, 1, Q+L] the W-stream input to layer 1.
+    kv: K/V of the merged maps I-hat (`CrossKV`, one row per map).
+    target: [Tw] the Q-stream row (image i) that each per-image W row guides.
+    expand: [Tw] or None. With dedup (shared mode) the rows before layer l are one per sample;
+        at layer l row j of the per-image W-stream is ``w[expand[j]]``. None: rows are per image
+        from the start.
+    kv_rows: [Tw] or None: the K/V row of each per-image W row (None: row j uses K/V row j).
+        Rows before layer l use K/V row r (dedup rows and K/V rows are both per sample).
+    """
+
+    hidden: torch.Tensor
+    self_bias: torch.Tensor
+    kv: CrossKV
+    target: torch.Tensor
+    expand: torch.Tensor | None = None
+    kv_rows: torch.Tensor | None = None
 
 
 def run_two_streams(
     layers,
     hidden: torch.Tensor,
     self_bias: torch.Tensor,
-    image_states: torch.Tensor,
-    num_q_rows: int,
-    ctx_index: torch.Tensor,
+    kv: CrossKV,
+    w_stream: WStream | None,
     guidance_in: nn.Module,
     guidance_out: nn.Module,
     interaction_layers: tuple[int, int],
@@ -65,30 +197,53 @@ def run_two_streams(
 ) -> torch.Tensor:
     """Run the Q-stream and the W-stream through the Q-former layers with the two injections.
 
-    Rows ``[0, num_q_rows)`` of `hidden`, `self_bias` and `image_states` are the Q-stream (one per
-    image, cross-attending to its own features E_i); rows ``[num_q_rows, ...)`` are the W-stream
-    (one per image that has contextual images, cross-attending to its merged map I-hat), and
-    ``ctx_index[r]`` is the Q row that W row r guides. With (l, k) 1-based:
+    `hidden` [T, Q+L, H], `self_bias` and `kv` are the Q-stream (one row per image, cross-attending
+    to its own features E_i); `w_stream` the W-stream (None: no guidance). With (l, k) 1-based:
 
-    - before layer l: ``w <- w + guidance_in(h_i)``, h_i the Q-stream input to layer l;
+    - before layer l: ``w <- w + guidance_in(h_i)``, h_i the Q-stream input to layer l (rows
+      deduplicated per sample are expanded to one per image first);
     - after W-stream layer k: ``c_i = guidance_out(w)``; the Q-stream input to layer k gets
       ``x <- x + c_i`` before Q-stream layer k runs; the W-stream ends there.
 
-    Layers before k run both streams in one batch. Returns the Q-stream output [num_q_rows, Q+L, H].
+    Layers before k run both streams in one batch. Returns the Q query rows of the Q-stream
+    output [T, Q, H] (the last layer skips the text rows, which nothing reads).
     """
     l, k = interaction_layers
-    has_w = hidden.shape[0] > num_q_rows
-    T = num_q_rows
+    n_layers = len(layers)
+    T = hidden.shape[0]
+    x, w = hidden, None
+    if w_stream is not None:
+        ws = w_stream
+        w, w_bias, w_kv_rows = ws.hidden, ws.self_bias, None
+        both_bias = torch.cat([self_bias, w_bias])
+    c = 0
     for n, layer in enumerate(layers, start=1):
-        if has_w and n == l:
-            h_i = hidden[:T].index_select(0, ctx_index)
-            hidden = torch.cat([hidden[:T], hidden[T:] + guidance_in(h_i)], dim=0)
-        if has_w and n == k:
-            w = qformer_layer(layer, hidden[T:], self_bias[T:], image_states[T:], query_length)
-            c_i = guidance_out(w)
-            x = hidden[:T].index_add(0, ctx_index, c_i)
-            self_bias, image_states, has_w = self_bias[:T], image_states[:T], False
-            hidden = qformer_layer(layer, x, self_bias, image_states, query_length)
+        last = n == n_layers
+        if w is not None and n == l:
+            if ws.expand is not None:
+                w = w.index_select(0, ws.expand)
+                w_bias = w_bias.index_select(0, ws.expand)
+                both_bias = torch.cat([self_bias, w_bias])
+            w_kv_rows = ws.kv_rows
+            h_i = x.index_select(0, ws.target)  # initial visual tokens: Q-stream input to layer l
+            w = w + guidance_in(h_i)
+        q_kv = w_kv = None
+        if layer.has_cross_attention:
+            q_kv = kv.layer(c)
+            if w is not None:
+                w_kv = (*ws.kv.layer(c), w_kv_rows)  # (k2, v2, rows2)
+            c += 1
+        if w is not None and n < k:
+            streams = [q_kv, w_kv] if q_kv is not None else []
+            out = qformer_layer(layer, torch.cat([x, w]), both_bias, streams, query_length)
+            x, w = out[:T], out[T:]
+        elif w is not None:  # n == k: the W-stream alone, then the Q-stream with c_i
+            streams = [w_kv[:2] if w_kv_rows is None else _gather(w_kv)] if w_kv is not None else []
+            w = qformer_layer(layer, w, w_bias, streams, query_length)
+            c_i = guidance_out(w)  # contextual semantics
+            x = x.index_add(0, ws.target, c_i)
+            w = None
+            x = qformer_layer(layer, x, self_bias, [q_kv] if q_kv else [], query_length, queries_only=last)
         else:
-            hidden = qformer_layer(layer, hidden, self_bias, image_states, query_length)
-    return hidden[:T]
+            x = qformer_layer(layer, x, self_bias, [q_kv] if q_kv else [], query_length, queries_only=last)
+    return x[:, :query_length]

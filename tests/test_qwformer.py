@@ -1,0 +1,144 @@
+"""The batched Q/W-former of `SAM.encode_images` (issue 4) against the per-image reference model:
+a 12-layer tiny Q-former with the interaction layers of the paper's Fig. 5 grid, mixed image
+counts 1..6, both context modes, every guidance mode, gradients of the trainable modules; the
+W-stream dedup of shared mode; the released code's schedule; the fused Triton attention through
+the whole model (under the interpreter on CPU)."""
+
+import importlib
+
+import pytest
+import torch
+from _sam_helpers import ragged_batch, randomize_guidance, tiny_sam
+
+from sam_fast import SAMConfig
+from sam_fast.reference import reference_encode_images, released_schedule_encode_images
+
+qformer_mod = importlib.import_module("sam_fast.modules.qformer")
+ca = importlib.import_module("sam_fast.ops.cross_attention")
+
+COUNTS = [3, 1, 6, 2, 5, 4]  # every count from 1 to 6, ragged order
+
+
+def tiny12(**kw):
+    """Tiny SAM whose Q-former has 12 layers (cross-attention in 0, 2, ..., 10), like BERT-base."""
+    q = SAMConfig.tiny().qformer_config.to_dict()
+    q["num_hidden_layers"] = 12
+    return randomize_guidance(tiny_sam(qformer_config=q, **kw))
+
+
+def _encode(model, feats, counts, ids, mask):
+    return model.encode_images(image_features=feats, image_counts=counts, qformer_input_ids=ids,
+                               qformer_attention_mask=mask)
+
+
+def _check_equal_with_grads(model, counts, pad_sample=2):
+    feats, ids, mask = ragged_batch(model, counts, pad_sample=pad_sample)
+    ours = _encode(model, feats, counts, ids, mask)
+    ref = reference_encode_images(model, feats, counts, ids, mask)
+    assert (ours - ref).abs().max().item() <= 1e-5
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.randn_like(ours)
+    got = torch.autograd.grad(ours, params, g, allow_unused=True, materialize_grads=True)
+    want = torch.autograd.grad(ref, params, g, allow_unused=True, materialize_grads=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    return ours, ref
+
+
+GRID = [(layers, mode, "adaptive") for layers in [(3, 6), (6, 12), (12, 12)] for mode in ["leave_one_out", "shared"]]
+GRID += [((6, 12), mode, "mean") for mode in ["leave_one_out", "shared"]]  # uniform weights: one pair is enough
+
+
+@pytest.mark.parametrize("layers, context_mode, guidance", GRID)
+def test_twelve_layers_interaction_grid_equals_reference(layers, context_mode, guidance):
+    model = tiny12(context_mode=context_mode, guidance=guidance, interaction_layers=layers)
+    ours, ref = _check_equal_with_grads(model, COUNTS)
+    if guidance == "adaptive":  # the guidance is active: multi-image tokens differ from InstructBLIP's
+        plain = tiny12(context_mode=context_mode, guidance="none", interaction_layers=layers)
+        feats, ids, mask = ragged_batch(model, COUNTS, pad_sample=2)
+        with torch.no_grad():
+            base = _encode(plain, feats, COUNTS, ids, mask)
+        assert (ours.detach() - base).abs().amax(dim=(1, 2))[torch.tensor(COUNTS).repeat_interleave(
+            torch.tensor(COUNTS)) > 1].min() > 1e-4
+
+
+def test_twelve_layers_no_guidance_equals_reference():
+    model = tiny12(guidance="none")
+    feats, ids, mask = ragged_batch(model, COUNTS)
+    with torch.no_grad():
+        assert (_encode(model, feats, COUNTS, ids, mask) - reference_encode_images(model, feats, COUNTS, ids, mask)
+                ).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("context_mode", ["leave_one_out", "shared"])
+def test_released_schedule_equals_reference(context_mode):
+    model = tiny12(context_mode=context_mode, interaction_layers=(3, 6))
+    feats, ids, mask = ragged_batch(model, COUNTS, pad_sample=0)
+    with torch.no_grad():
+        a = released_schedule_encode_images(model, feats, COUNTS, ids, mask)
+        b = reference_encode_images(model, feats, COUNTS, ids, mask)
+    assert (a - b).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("context_mode, layers, rows_before_l", [
+    ("shared", (12, 12), 5 + 2),  # T Q rows + one W row per sample
+    ("shared", (3, 6), 5 + 2),
+    ("leave_one_out", (12, 12), 5 + 5),  # T Q rows + one W row per image
+])
+def test_shared_mode_runs_w_stream_once_per_sample_before_l(monkeypatch, context_mode, layers, rows_before_l):
+    model = tiny12(context_mode=context_mode, interaction_layers=layers)
+    counts = [2, 3]
+    seen = []
+    real = qformer_mod.qformer_layer
+
+    def spy(layer, hidden, *args, **kwargs):
+        seen.append(hidden.shape[0])
+        return real(layer, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(qformer_mod, "qformer_layer", spy)
+    feats, ids, mask = ragged_batch(model, counts)
+    with torch.no_grad():
+        ours = _encode(model, feats, counts, ids, mask)
+        ref = reference_encode_images(model, feats, counts, ids, mask)
+    assert (ours - ref).abs().max().item() <= 1e-5
+    l, k = layers
+    assert seen[: l - 1] == [rows_before_l] * (l - 1)
+    assert seen[l - 1: k - 1] == [5 + 5] * (k - l)  # per image from layer l on
+    assert seen[k - 1: k + 1] == [5, 5]  # layer k: W-stream, then Q-stream
+    assert len(seen) == 12 + 1
+
+
+def test_one_image_samples_only_take_no_w_stream(monkeypatch):
+    model = tiny12(context_mode="shared")
+    seen = []
+    real = qformer_mod.qformer_layer
+    monkeypatch.setattr(qformer_mod, "qformer_layer", lambda layer, h, *a, **k: seen.append(h.shape[0]) or real(layer, h, *a, **k))
+    feats, ids, mask = ragged_batch(model, [1, 1, 1])
+    with torch.no_grad():
+        ours = _encode(model, feats, [1, 1, 1], ids, mask)
+        ref = reference_encode_images(model, feats, [1, 1, 1], ids, mask)
+    assert (ours - ref).abs().max().item() <= 1e-5
+    assert seen == [3] * 12
+
+
+needs_triton = pytest.mark.skipif(ca._triton_import_error() is not None or not (
+    torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1"),
+    reason="triton missing, or no CUDA and no interpreter")
+
+
+@needs_triton
+@pytest.mark.parametrize("context_mode", ["leave_one_out", "shared"])
+def test_fused_attention_through_the_model_with_gradients(monkeypatch, context_mode):
+    """Every attention of encode_images on the Triton kernel (interpreter on CPU): values and the
+    gradients of the trainable modules, the Adaptive Adjustment's included (its gradient reaches
+    the scores through the W-stream's K/V), equal the reference's."""
+    monkeypatch.setattr(ca, "_interpreter_allowed", lambda: True)
+    calls = []
+    for dispatch, tag in ((ca._dispatch, "attention"), (ca._streams, "streams")):
+        backend = next(b for b in dispatch.backends if b.name == "triton")
+        monkeypatch.setattr(backend, "impl", lambda *a, _real=backend.impl, _tag=tag, **k: calls.append(_tag) or _real(*a, **k))
+    model = randomize_guidance(tiny_sam(context_mode=context_mode, interaction_layers=(1, 3)))
+    _check_equal_with_grads(model, [1, 3], pad_sample=1)
+    # self-attention: layers 1, 2, 4 and layer 3 (= k) twice; cross-attention: layer 1 both
+    # streams in one call, layer 3 the W-stream then the Q-stream
+    assert calls.count("attention") == 5 and calls.count("streams") == 3
