@@ -1,0 +1,155 @@
+"""`SAM.encode_images` against the released code's schedule (2N full Q-former passes per sample,
+`sam_fast.reference.released_schedule_encode_images`), same weights, same inputs.
+
+Real Q-former size (BERT-base: 12 layers, hidden 768, 12 heads, cross-attention every 2nd layer,
+encoder width 1408, 32 queries), cached features P=257 x D=1408, B=2 samples of N images,
+instruction of 32 tokens, fp32, eval mode, random weights. Targets (issue 4, at N=4): >= 1.6x in
+shared mode, >= 1.25x in leave_one_out. The ratio is stored in ``extra_info["speedup"]`` and
+printed.
+
+With ``--benchmark-disable`` (CI smoke run) only N=2 runs, once per side, and the two sides are
+compared for equality at the real size.
+
+``bench_merge_kv_vs_features`` measures the choice documented in
+`sam_fast.modules.guidance.merged_context_kv`: re-weighting the images' K/V (what the model does)
+against re-weighting the 1408-wide features and projecting the merged maps.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import InstructBlipVisionConfig, LlamaConfig
+
+from sam_fast import SAM, SAMConfig
+from sam_fast.modules import merged_context_kv, merged_context_maps, project_cross_kv
+from sam_fast.reference import released_schedule_encode_images
+
+# bench/conftest.py's helpers by file path: under `pytest tests bench` the module name `conftest`
+# is taken by whichever conftest.py was imported last.
+_spec = importlib.util.spec_from_file_location("_sam_bench_conftest", Path(__file__).parents[1] / "conftest.py")
+_helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_helpers)
+benchmarks_disabled, run_benchmark, sync, timed = (
+    _helpers.benchmarks_disabled, _helpers.run_benchmark, _helpers.sync, _helpers.timed)
+
+B, P, D, TEXT = 2, 257, 1408, 32
+
+
+def make_model() -> SAM:
+    """Full-size Q-former and guidance modules; a 1-layer ViT and an empty 4096-wide LLM stand in
+    for the parts encode_images does not run on cached features."""
+    vision = InstructBlipVisionConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=16, image_size=224, patch_size=14)
+    text = LlamaConfig(vocab_size=64, hidden_size=4096, intermediate_size=64, num_hidden_layers=0,
+                       num_attention_heads=32, num_key_value_heads=1, head_dim=8)
+    cfg = SAMConfig.instructblip_vicuna7b(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                          image_token_index=3)
+    torch.manual_seed(0)
+    m = SAM(cfg).eval()
+    with torch.no_grad():
+        m.query_tokens.normal_(0, 0.5)
+        for mod in (m.adaptive_adjustment, m.guidance_in, m.guidance_out):
+            mod.weight.normal_(0, 0.02)
+            mod.bias.normal_(0, 0.02)
+    return m
+
+
+@pytest.fixture(scope="module")
+def model() -> SAM:
+    return make_model()
+
+
+def inputs(model: SAM, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(B * n, P, D, generator=g)
+    ids = torch.randint(5, model.config.qformer_config.vocab_size, (B, TEXT), generator=g)
+    return feats, [n] * B, ids
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("context_mode", ["shared", "leave_one_out"])
+def bench_encode_images(benchmark, model, context_mode, n):
+    disabled = benchmarks_disabled(benchmark)
+    if disabled and n != 2:
+        pytest.skip("smoke run (--benchmark-disable): N=2 only")
+    model.config.context_mode = context_mode
+    feats, counts, ids = inputs(model, n)
+
+    @torch.no_grad()
+    def fast():
+        return model.encode_images(image_features=feats, image_counts=counts, qformer_input_ids=ids)
+
+    @torch.no_grad()
+    def released():
+        return released_schedule_encode_images(model, feats, counts, ids)
+
+    if disabled:
+        ours = run_benchmark(benchmark, fast)
+        theirs = released()
+        assert (ours - theirs).abs().max().item() <= 1e-4
+        return
+    # The released side is timed in pedantic's (untimed) setup, so the two sides alternate round by
+    # round and share whatever load the machine has; the ratio is the median of per-round ratios.
+    released_times = []
+
+    def setup():
+        t0 = time.perf_counter()
+        released()
+        sync()
+        released_times.append(time.perf_counter() - t0)
+
+    def call():
+        fast()
+        sync()
+
+    rounds = 3 if n >= 8 else 5
+    benchmark.pedantic(call, setup=setup, rounds=rounds, warmup_rounds=1, iterations=1)
+    fast_times = benchmark.stats.stats.data[-rounds:]
+    released_times = released_times[-rounds:]
+    speedup = statistics.median(r / f for r, f in zip(released_times, fast_times))
+    t_fast, t_released = statistics.median(fast_times), statistics.median(released_times)
+    benchmark.extra_info.update(
+        context_mode=context_mode, N=n, B=B, released_s=t_released, encode_images_s=t_fast, speedup=speedup,
+        target=1.6 if context_mode == "shared" else 1.25,
+    )
+    print(f"\nencode_images {context_mode} B={B} N={n}: released {t_released:.3f}s, ours {t_fast:.3f}s, "
+          f"speedup {speedup:.2f}x")
+
+
+@pytest.mark.parametrize("context_mode", ["shared", "leave_one_out"])
+def bench_merge_kv_vs_features(benchmark, model, context_mode):
+    """Cost of the W-stream's K/V (N=4): re-weight the K/V [T, P, 9216] (ours) vs re-weight the
+    features [T, P, 1408] and project each merged map (the alternative)."""
+    n = 2 if benchmarks_disabled(benchmark) else 4
+    feats, counts, _ = inputs(model, n)
+    layers = model.qformer.encoder.layer
+    cu = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32)
+    kv = project_cross_kv(layers, feats, scratch=True).buffer
+    C = kv.shape[-1] - 1
+    aa = model.adaptive_adjustment
+
+    @torch.no_grad()
+    def via_kv():
+        return merged_context_kv(feats, kv, aa, cu, context_mode, "adaptive")[..., :C]
+
+    @torch.no_grad()
+    def via_features():
+        return project_cross_kv(layers, merged_context_maps(feats, aa, cu, context_mode, "adaptive")).buffer
+
+    a = run_benchmark(benchmark, via_kv, rounds=5, warmup_rounds=1)
+    if benchmarks_disabled(benchmark):
+        torch.testing.assert_close(a, via_features(), rtol=1e-4, atol=1e-4)
+        return
+    t_features = timed(via_features, warmup=1, rounds=5)
+    t_kv = benchmark.stats.stats.median
+    benchmark.extra_info.update(context_mode=context_mode, N=n, kv_s=t_kv, features_s=t_features,
+                                features_over_kv=t_features / t_kv)
+    print(f"\nW-stream K/V {context_mode} N={n}: re-weight K/V {t_kv * 1e3:.1f} ms, "
+          f"re-weight features + project {t_features * 1e3:.1f} ms ({t_features / t_kv:.2f}x)")
