@@ -1,0 +1,124 @@
+"""Context re-weighting (sam_fast.ops.context_reweight) against its baselines, CPU fp32 at the
+issue's shape B=4, N=8, P=257, D=1408 (EVA ViT-g features), measured side by side in one run:
+
+- leave_one_out vs a naive einsum version (scores, masked softmax over an [N, N, P] logit tensor,
+  einsum('imp,mpd->ipd')): target >= 4x faster;
+- leave_one_out vs copying a tensor of the output's size into a preallocated buffer (the memory
+  traffic floor): target <= 1.5x the copy's time;
+- shared vs the released code's form (softmax over the image axis of Linear scores, broadcast
+  multiply, sum): target >= 3x faster;
+- per-image cost from N=2 to N=16 (should be flat);
+- forward + backward (weight and bias grads, frozen features: the training case) vs autograd
+  through the naive version.
+
+Ratios go to benchmark.extra_info (and are printed). With --benchmark-disable every benchmark is
+one call (a smoke test) and no ratio is measured.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchutil import benchmarks_disabled, run_benchmark, timed
+from sam_fast.ops import context_reweight
+
+B, N, P, D = 4, 8, 257, 1408
+
+
+def inputs(n=N, b=B, p=P, d=D, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    F = torch.randn(b * n, p, d, generator=g)
+    w = (torch.randn(d, generator=g) / d**0.5).requires_grad_(requires_grad)
+    bias = torch.zeros((), requires_grad=requires_grad)
+    cu = torch.arange(0, b * n + 1, n, dtype=torch.int32)
+    return F, w, bias, cu
+
+
+def naive_leave_one_out(F, w, bias, n):
+    """Equal-size samples: scores, [N, N, P] masked logits, softmax, einsum."""
+    x = F.view(-1, n, *F.shape[1:])  # [B, N, P, D]
+    s = x @ w + bias  # [B, N, P]
+    eye = torch.eye(n, dtype=torch.bool)[None, :, :, None]
+    logits = s[:, None].expand(-1, n, n, -1).masked_fill(eye, float("-inf"))  # [B, i, m, P]
+    a = torch.softmax(logits, dim=2)
+    return torch.einsum("bimp,bmpd->bipd", a, x).reshape(F.shape)
+
+
+def released_shared(F, w, bias, n):
+    """The released code's form: Linear scores, softmax over the image axis, multiply, sum."""
+    x = F.view(-1, n, *F.shape[1:])
+    a = torch.softmax(x @ w + bias, dim=1)  # [B, N, P]
+    return (a[..., None] * x).sum(1)
+
+
+def _record(benchmark, **ratios):
+    benchmark.extra_info.update({k: round(v, 3) for k, v in ratios.items()})
+    print(" ".join(f"{k}={v:.3g}" for k, v in ratios.items()))
+
+
+def bench_context_reweight_leave_one_out(benchmark):
+    F, w, b, cu = inputs()
+    with torch.no_grad():
+        fast = lambda: context_reweight(F, w, b, cu, "leave_one_out")  # noqa: E731
+        run_benchmark(benchmark, fast)
+        if benchmarks_disabled(benchmark):
+            return
+        t_fast = timed(fast)
+        t_naive = timed(lambda: naive_leave_one_out(F, w, b, N))
+        dst = torch.empty_like(F)
+        t_copy = timed(lambda: dst.copy_(F))
+    _record(benchmark, speedup_vs_naive_einsum=t_naive / t_fast, time_vs_output_copy=t_fast / t_copy,
+            fast_ms=t_fast * 1e3, naive_ms=t_naive * 1e3, copy_ms=t_copy * 1e3)
+
+
+def bench_context_reweight_shared(benchmark):
+    F, w, b, cu = inputs()
+    with torch.no_grad():
+        fast = lambda: context_reweight(F, w, b, cu, "shared")  # noqa: E731
+        run_benchmark(benchmark, fast)
+        if benchmarks_disabled(benchmark):
+            return
+        t_fast = timed(fast)
+        t_released = timed(lambda: released_shared(F, w, b, N))
+    _record(benchmark, speedup_vs_released=t_released / t_fast, fast_ms=t_fast * 1e3,
+            released_ms=t_released * 1e3)
+
+
+@pytest.mark.parametrize("mode", ["leave_one_out", "shared"])
+def bench_context_reweight_per_image(benchmark, mode):
+    """Time per image for N = 2, 4, 8, 16 images per sample (B=4): flat means O(n D) per patch."""
+    F, w, b, cu = inputs(n=8)
+    with torch.no_grad():
+        run_benchmark(benchmark, lambda: context_reweight(F, w, b, cu, mode))
+        if benchmarks_disabled(benchmark):
+            return
+        per_image = {}
+        for n in (2, 4, 8, 16):
+            F, w, b, cu = inputs(n=n)
+            per_image[n] = timed(lambda: context_reweight(F, w, b, cu, mode)) / (B * n)  # noqa: B023
+    _record(benchmark, **{f"us_per_image_N{n}": t * 1e6 for n, t in per_image.items()},
+            ratio_N16_vs_N2=per_image[16] / per_image[2])
+
+
+@pytest.mark.parametrize("mode", ["leave_one_out", "shared"])
+def bench_context_reweight_backward(benchmark, mode):
+    """Forward + backward to weight and bias (frozen features) vs autograd through the naive form."""
+    F, w, b, cu = inputs(requires_grad=True)
+    naive = naive_leave_one_out if mode == "leave_one_out" else released_shared
+
+    def fast():
+        out = context_reweight(F, w, b, cu, mode)
+        return torch.autograd.grad(out, (w, b), torch.ones_like(out))
+
+    def slow():
+        out = naive(F, w, b, N)
+        return torch.autograd.grad(out, (w, b), torch.ones_like(out))
+
+    run_benchmark(benchmark, fast, rounds=3, warmup_rounds=1)
+    if benchmarks_disabled(benchmark):
+        return
+    t_fast = timed(fast, warmup=1, rounds=3)
+    t_slow = timed(slow, warmup=1, rounds=3)
+    _record(benchmark, speedup_fwd_bwd_vs_naive_autograd=t_slow / t_fast, fast_ms=t_fast * 1e3,
+            naive_ms=t_slow * 1e3)
