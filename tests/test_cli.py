@@ -179,8 +179,13 @@ def test_torchrun_two_processes_equal_one(dirs, tmp_path):
     common = ["train", "--config", "tiny", "--data", str(dirs["train"]), "--max-steps", "3", "--save-every", "3",
               "--lr", "3e-3", "--warmup-steps", "1", "--no-progress"]
     assert main(common + ["--output", str(tmp_path / "one"), "--batch-size", "2"]) == 0
+    import socket
+
+    with socket.socket() as sock:  # a free port: other jobs on the machine may use torchrun too
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "sam_fast.cli", *common, "--output", str(tmp_path / "two"), "--batch-size", "1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

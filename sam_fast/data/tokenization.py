@@ -6,8 +6,10 @@
   ``max_txt_len`` (128) tokens, as LAVIS does (``truncation_side="left"``).
 - LLM: ``num_query_tokens`` placeholders (``image_token_index``) per image, all images first, then
   ``</s>`` + instruction (LAVIS' Vicuna tokenizer uses ``</s>`` as its BOS), then answer + ``</s>``.
-  The instruction keeps its last ``max_txt_len`` tokens, the answer its first ``max_output_txt_len``
-  (256). Labels are -100 everywhere except the answer and its final ``</s>``.
+  Lengths as in the released code: ``</s>`` + instruction is cut on the left to ``max_txt_len``
+  (128) tokens; answer + ``</s>`` is cut on the right to ``max_output_txt_len - 1`` (255) tokens (its
+  tokenizer counts the BOS it then strips), so an over-long answer loses its ``</s>``, as there.
+  Labels are -100 everywhere except the answer and its final ``</s>``.
 
 Real models bring their tokenizers as local files (an HF InstructBLIP directory has the LLaMA
 tokenizer at its root and the BERT one in ``qformer_tokenizer/``); `load_tokenizers` reads them
@@ -146,14 +148,15 @@ class PromptBuilder:
     def encode(self, instruction: str, n_images: int, answer: str | None = None) -> EncodedSample:
         if n_images < 1:
             raise ValueError(f"a sample needs at least one image, got {n_images}")
-        text = self.ltok(instruction, add_special_tokens=False)["input_ids"][-self.max_txt_len :]
+        text = self.ltok(instruction, add_special_tokens=False)["input_ids"]
+        text = text[len(text) - min(len(text), self.max_txt_len - 1) :]  # </s> + text <= max_txt_len
         if self.image_token_index in text:
             raise ValueError(f"the instruction {instruction!r} tokenises to the image placeholder id "
                              f"{self.image_token_index}")
         prompt = [self.image_token_index] * (self.num_query_tokens * n_images) + [self.eos_id] + text
         ans = []
         if answer is not None:
-            ans = self.ltok(answer, add_special_tokens=False)["input_ids"][: self.max_output_txt_len] + [self.eos_id]
+            ans = (self.ltok(answer, add_special_tokens=False)["input_ids"] + [self.eos_id])[: self.max_output_txt_len - 1]
         return EncodedSample(self.qformer_ids(instruction), prompt, ans)
 
     def decode(self, ids) -> str:

@@ -62,9 +62,12 @@ def test_generation_batch_is_left_padded(pb):
 
 
 def test_answer_truncation_and_decode(pb):
-    small = PromptBuilder(pb.qtok, pb.ltok, 8, 3, max_txt_len=4, max_output_txt_len=3)
-    e = small.encode("one two three four five six", 1, "a b c d e")
-    assert len(e.prompt) == 8 + 1 + 4 and len(e.answer) == 3 + 1
+    small = PromptBuilder(pb.qtok, pb.ltok, 8, 3, max_txt_len=4, max_output_txt_len=4)
+    e = small.encode("a b c d e f", 1, "a b c d e")
+    ids = pb.ltok("a b c d e f", add_special_tokens=False)["input_ids"]
+    assert e.prompt == [3] * 8 + [pb.eos_id] + ids[-3:]  # </s> + instruction cut on the left to 4 tokens
+    assert e.answer == ids[:3]  # answer + </s> cut on the right to 4 - 1 (the released code's BOS slot)
+    assert small.encode("x", 1, "a b").answer == ids[:2] + [pb.eos_id]
     assert small.decode(pb.ltok("red dots", add_special_tokens=False)["input_ids"] + [pb.eos_id, 40, 41]) == "red dots"
 
 
