@@ -34,7 +34,7 @@ test: $(STAMP)
 # Results: bench/results/<device>-<date>.json (+ .md table, PNG plots; README "Speed" block).
 bench: $(STAMP)
 	@mkdir -p bench/results
-	@name=$$($(PY) -c "import sys; sys.path.insert(0, 'bench'); from conftest import device_name; \
+	@name=$$($(PY) -c "import sys; sys.path.insert(0, 'bench'); from benchutil import device_name; \
 		print(device_name().replace(' ', '_'))")-$$(date +%Y-%m-%d); \
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-columns=median,iqr,rounds \
 		--benchmark-json=bench/results/$$name.json && \

@@ -10,49 +10,9 @@ On a GPU, `timed` synchronises CUDA around every call so that the same suite tim
 
 from __future__ import annotations
 
-import platform
-import statistics
-import time
-
 import pytest
 import torch
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn, *, warmup: int = 2, rounds: int = 7) -> float:
-    """Median seconds of `fn()` over `rounds` after `warmup` calls, synchronised on GPU. Used to
-    measure the *other* side of a ratio in the same run as the benchmarked side."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def run_benchmark(benchmark, fn, *, rounds: int = 7, warmup_rounds: int = 2):
-    """benchmark.pedantic with CUDA synchronisation after each call."""
-
-    def call():
-        out = fn()
-        sync()
-        return out
-
-    return benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+from benchutil import device_name
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
@@ -84,7 +44,3 @@ def _stamp(benchmark):
         device=device_name(), torch=torch.__version__, threads=torch.get_num_threads()
     )
     yield
-
-
-def benchmarks_disabled(benchmark) -> bool:
-    return getattr(benchmark, "disabled", False)

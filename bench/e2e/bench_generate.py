@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _setup import batch, build, features
-from conftest import run_benchmark
+from benchutil import run_benchmark
 
 COUNTS = [3, 2]
 NEW_TOKENS = 16

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 from _setup import batch, build, features, optimizer, step_cached, step_released, step_sam_fast
-from conftest import run_benchmark, sync, timed
+from benchutil import run_benchmark, sync, timed
 
 COUNTS = [4, 4, 2, 1]
 

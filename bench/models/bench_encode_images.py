@@ -17,11 +17,9 @@ against re-weighting the 1408-wide features and projecting the merged maps.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import statistics
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,13 +29,8 @@ from sam_fast import SAM, SAMConfig
 from sam_fast.modules import merged_context_kv, merged_context_maps, project_cross_kv
 from sam_fast.reference import released_schedule_encode_images
 
-# bench/conftest.py's helpers by file path: under `pytest tests bench` the module name `conftest`
-# is taken by whichever conftest.py was imported last.
-_spec = importlib.util.spec_from_file_location("_sam_bench_conftest", Path(__file__).parents[1] / "conftest.py")
-_helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_helpers)
-benchmarks_disabled, run_benchmark, sync, timed = (
-    _helpers.benchmarks_disabled, _helpers.run_benchmark, _helpers.sync, _helpers.timed)
+
+from benchutil import benchmarks_disabled, run_benchmark, sync, timed  # bench/benchutil.py
 
 B, P, D, TEXT = 2, 257, 1408, 32
 
@@ -131,13 +124,14 @@ def bench_merge_kv_vs_features(benchmark, model, context_mode):
     feats, counts, _ = inputs(model, n)
     layers = model.qformer.encoder.layer
     cu = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32)
+    plain = project_cross_kv(layers, feats)
+    C = plain.buffer.shape[-1]
     kv = project_cross_kv(layers, feats, scratch=True).buffer
-    C = kv.shape[-1] - 1
     aa = model.adaptive_adjustment
 
     @torch.no_grad()
     def via_kv():
-        return merged_context_kv(feats, kv, aa, cu, context_mode, "adaptive")[..., :C]
+        return merged_context_kv(feats, kv, aa, cu, context_mode, "adaptive", kv_width=C)[..., :C]
 
     @torch.no_grad()
     def via_features():

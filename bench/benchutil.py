@@ -1,0 +1,55 @@
+"""Timing helpers shared by the benchmarks (import as ``from benchutil import ...``; a module
+named ``conftest`` would be ambiguous when tests/ and bench/ run in one pytest session).
+
+On a GPU, `timed` and `run_benchmark` synchronise CUDA around every call so that the same suite
+times real work.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import torch
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, *, warmup: int = 2, rounds: int = 7) -> float:
+    """Median seconds of `fn()` over `rounds` after `warmup` calls, synchronised on GPU. Used to
+    measure the *other* side of a ratio in the same run as the benchmarked side."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_benchmark(benchmark, fn, *, rounds: int = 7, warmup_rounds: int = 2):
+    """benchmark.pedantic with CUDA synchronisation after each call."""
+
+    def call():
+        out = fn()
+        sync()
+        return out
+
+    return benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+
+
+def benchmarks_disabled(benchmark) -> bool:
+    return getattr(benchmark, "disabled", False)
