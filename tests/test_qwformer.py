@@ -142,3 +142,19 @@ def test_fused_attention_through_the_model_with_gradients(monkeypatch, context_m
     # self-attention: layers 1, 2, 4 and layer 3 (= k) twice; cross-attention: layer 1 both
     # streams in one call, layer 3 the W-stream then the Q-stream
     assert calls.count("attention") == 5 and calls.count("streams") == 3
+
+
+@pytest.mark.parametrize("context_mode", ["leave_one_out", "shared"])
+def test_autocast_runs_and_trains_the_adaptive_adjustment(context_mode):
+    """Under CPU autocast (bf16) the projections run in half precision: the guidance and the
+    padding bias meet fp32 states; values stay near the fp32 reference and gradients flow."""
+    model = randomize_guidance(tiny_sam(context_mode=context_mode, interaction_layers=(1, 3)))
+    counts = [1, 3, 2]
+    feats, ids, mask = ragged_batch(model, counts, pad_sample=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _encode(model, feats, counts, ids, mask)
+    out.float().sum().backward()
+    with torch.no_grad():
+        ref = reference_encode_images(model, feats, counts, ids, mask)
+    assert (out.float() - ref).abs().max().item() <= 2e-2
+    assert model.adaptive_adjustment.weight.grad.abs().sum() > 0

@@ -31,7 +31,15 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.instructblip.modeling_instructblip import InstructBlipPreTrainedModel
 
 from sam_fast.config import SAMConfig
-from sam_fast.modules import CrossKV, WStream, attention_bias, merged_context_kv, project_cross_kv, run_two_streams
+from sam_fast.modules import (
+    SCRATCH_COLUMNS,
+    CrossKV,
+    WStream,
+    attention_bias,
+    merged_context_kv,
+    project_cross_kv,
+    run_two_streams,
+)
 
 TRAINABLE_MODULES = ("adaptive_adjustment", "guidance_in", "guidance_out", "language_projection")
 
@@ -248,7 +256,8 @@ class SAM(InstructBlipPreTrainedModel):
             buf = kv.buffer
             if not buf.requires_grad:  # the scores written into buf's scratch column below must not
                 kv = CrossKV(buf.detach(), kv.heads, kv.hidden)  # drag the Q-stream's K/V into autograd
-            kv_hat = merged_context_kv(E, buf, self.adaptive_adjustment, cu, cfg.context_mode, cfg.guidance)
+            kv_hat = merged_context_kv(E, buf, self.adaptive_adjustment, cu, cfg.context_mode, cfg.guidance,
+                                       kv_width=buf.shape[-1] - SCRATCH_COLUMNS)
             multi_l = [b for b, n in enumerate(counts) if n > 1]  # samples with contextual images
             ctx_l = [t for t, b in enumerate(sample_of_l) if counts[b] > 1]  # Q rows that get guidance
             ctx_index = torch.tensor(ctx_l, device=dev)

@@ -2,6 +2,7 @@
 
 from sam_fast.modules.guidance import merged_context_kv, merged_context_maps
 from sam_fast.modules.qformer import (
+    SCRATCH_COLUMNS,
     CrossKV,
     WStream,
     attention_bias,
@@ -11,6 +12,7 @@ from sam_fast.modules.qformer import (
 )
 
 __all__ = [
+    "SCRATCH_COLUMNS",
     "CrossKV",
     "WStream",
     "attention_bias",

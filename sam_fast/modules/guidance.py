@@ -38,13 +38,14 @@ def merged_context_kv(
     cu_images: torch.Tensor,
     context_mode: str,
     guidance: str,
+    kv_width: int | None = None,
 ) -> torch.Tensor:
-    """The cross-attention K/V of I-hat from the K/V of the images: [T, P, C+1] (leave_one_out)
-    or [B, P, C+1] (shared), merged K/V in ``[..., :C]``.
+    """The cross-attention K/V of I-hat from the K/V of the images: [T, P, W] (leave_one_out)
+    or [B, P, W] (shared), merged K/V in ``[..., :C]``.
 
-    `kv_scratch` [T, P, C+1] holds the K/V of the features E [T, P, D] in ``[..., :C]`` and one
-    scratch column (``project_cross_kv(..., scratch=True)``), which this function overwrites with
-    the Adaptive Adjustment scores ``s = Linear(E)``.
+    `kv_scratch` [T, P, W] holds the K/V of the features E [T, P, D] in ``[..., :C]``, C =
+    `kv_width` (default W - 1), and scratch columns after them (``project_cross_kv(...,
+    scratch=True)``); column C is overwritten with the Adaptive Adjustment scores ``s = Linear(E)``.
 
     Exact, not an approximation: K/V are affine in E (``K = E W_k^T + b_k``) and the weights
     ``alpha_{m,j}`` of a merged map sum to 1 over m, so ``sum_m alpha_{m,j} K_m[j] =
@@ -54,14 +55,17 @@ def merged_context_kv(
     Why the K/V and not the 1408-wide features: merging the features and then projecting I-hat
     costs one more ``[P, D] x [D, n_cross*2*H]`` GEMM per merged map (the K/V projections are 36 %
     of a Q-former pass, SPEC §6); merging the K/V is a memory-bound weighted sum over a 6.5x wider
-    row. Measured on the dev CPU (``bench_merge_kv_vs_features`` in
-    `bench/models/bench_encode_images.py`, B=2, N=4): see the numbers recorded there.
+    row. Measured (``bench_merge_kv_vs_features`` in `bench/models/bench_encode_images.py`, real
+    sizes, B=2, N=4, fp32, 2-core dev CPU under load, 2026-11-22): K/V 31 ms vs features + projection
+    457 ms in shared mode, 71 ms vs 1312 ms in leave_one_out.
 
     `context_reweight` computes its scores from its own input, so the scores ride in the scratch
     column and a one-hot weight picks them (``s * 1 + 0 * K = s`` exactly); the gradient reaches
     s, hence the Adaptive Adjustment Linear.
     """
-    C = kv_scratch.shape[-1] - 1
+    C = kv_scratch.shape[-1] - 1 if kv_width is None else kv_width
+    if not 0 <= C < kv_scratch.shape[-1]:
+        raise ValueError(f"merged_context_kv: kv_width={C} leaves no scratch column in {tuple(kv_scratch.shape)}")
     if guidance == "mean":
         return context_reweight(kv_scratch, None, None, cu_images, context_mode)
     if guidance != "adaptive":
@@ -72,7 +76,7 @@ def merged_context_kv(
     # outputs for equal weights are tested).
     w = adaptive_adjustment.weight.reshape(-1).to(acc).clone()
     scores = (features.to(acc) @ w + adaptive_adjustment.bias.to(acc)).unsqueeze(-1)
-    kv_scratch[..., C:] = scores.to(kv_scratch.dtype)
-    pick = torch.zeros(C + 1, dtype=kv_scratch.dtype, device=kv_scratch.device)
+    kv_scratch[..., C:C + 1] = scores.to(kv_scratch.dtype)
+    pick = torch.zeros(kv_scratch.shape[-1], dtype=kv_scratch.dtype, device=kv_scratch.device)
     pick[C] = 1.0
     return context_reweight(kv_scratch, pick, None, cu_images, context_mode)

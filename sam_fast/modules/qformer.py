@@ -38,13 +38,17 @@ def cross_layers(layers) -> list[nn.Module]:
     return [layer for layer in layers if layer.has_cross_attention]
 
 
+# Scratch columns after the K/V (the Adaptive Adjustment scores ride in the first): 8 keep every
+# row of the buffer 32-byte aligned for vectorised loads on a GPU.
+SCRATCH_COLUMNS = 8
+
 _KV_WEIGHT_CACHE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
 def cross_kv_weight(layers, scratch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(weight [n_cross*2*H (+1), D], bias [n_cross*2*H (+1)])``: the key and value Linears of
-    every cross-attention layer stacked as ``[k_0; v_0; k_1; v_1; ...]`` (plus one zero row when
-    ``scratch``).
+    """``(weight [n_cross*2*H (+8), D], bias [n_cross*2*H (+8)])``: the key and value Linears of
+    every cross-attention layer stacked as ``[k_0; v_0; k_1; v_1; ...]`` (plus `SCRATCH_COLUMNS`
+    zero rows when ``scratch``).
 
     The stack is cached per module list while the (frozen) parameters keep their storage and
     version; when a parameter requires grad it is rebuilt in the graph every call.
@@ -52,7 +56,7 @@ def cross_kv_weight(layers, scratch: bool = False) -> tuple[torch.Tensor, torch.
     def stack():
         w, b = torch.cat([m.weight for m in mods]), torch.cat([m.bias for m in mods])
         if scratch:
-            w, b = F.pad(w, (0, 0, 0, 1)), F.pad(b, (0, 1))
+            w, b = F.pad(w, (0, 0, 0, SCRATCH_COLUMNS)), F.pad(b, (0, SCRATCH_COLUMNS))
         return w, b
 
     mods = [m for layer in cross_layers(layers) for m in (layer.crossattention.attention.key,
@@ -93,8 +97,8 @@ class CrossKV:
 
 def project_cross_kv(layers, features: torch.Tensor, scratch: bool = False) -> CrossKV:
     """K/V of all cross-attention layers for image features E [T, P, D] in one GEMM
-    ``[T*P, D] x [D, n_cross*2*H]``. ``scratch=True`` appends one zero column (a zero weight row
-    in the same GEMM) where `merged_context_kv` puts the Adaptive Adjustment scores."""
+    ``[T*P, D] x [D, n_cross*2*H]``. ``scratch=True`` appends `SCRATCH_COLUMNS` zero columns (zero
+    weight rows in the same GEMM); `merged_context_kv` puts the Adaptive Adjustment scores there."""
     weight, bias = cross_kv_weight(layers, scratch)
     T, P, D = features.shape
     buf = F.linear(features.reshape(T * P, D), weight, bias).view(T, P, -1)
@@ -117,6 +121,8 @@ def self_attention_block(attn: nn.Module, hidden: torch.Tensor, bias, out_rows: 
     k = _heads(mha.key(hidden), mha.num_attention_heads)
     v = _heads(mha.value(hidden), mha.num_attention_heads)
     p = mha.attention_dropout if mha.training else 0.0
+    if bias is not None and bias.dtype != q.dtype:  # autocast: the projections run in half precision
+        bias = bias.to(q.dtype)
     ctx = cross_attention(q, k, v, bias, dropout_p=p, scale=mha.scaling)
     return attn.output(ctx.transpose(1, 2).flatten(2), hq)
 
@@ -241,7 +247,7 @@ def run_two_streams(
             streams = [w_kv[:2] if w_kv_rows is None else _gather(w_kv)] if w_kv is not None else []
             w = qformer_layer(layer, w, w_bias, streams, query_length)
             c_i = guidance_out(w)  # contextual semantics
-            x = x.index_add(0, ws.target, c_i)
+            x = x.index_add(0, ws.target, c_i.to(x.dtype))  # (autocast: c_i may be half precision)
             w = None
             x = qformer_layer(layer, x, self_bias, [q_kv] if q_kv else [], query_length, queries_only=last)
         else:
