@@ -95,8 +95,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from sam_fast.data import AnnotationDataset, DataError, TrainTransform
-    from sam_fast.train import NonFiniteLossError, TrainConfig, Trainer, init_from_env
-    from sam_fast.train import outputs
+    from sam_fast.train import NonFiniteLossError, TrainConfig, Trainer, init_from_env, outputs
 
     opts = _merge(args, _load_config_file(args.config),
                   ["model", "data", "output", "features", "skip_bad", "context_mode", "guidance", *TRAIN_FLAGS])
@@ -153,26 +152,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-    from PIL import Image
-
-    from sam_fast.data import Collator, EvalTransform, model_inputs
+    from sam_fast.eval import answer
     from sam_fast.train import outputs
 
-    model, tokenizers, what = outputs.load_model_dir(args.model)
-    pb = outputs.prompt_builder(model, tokenizers)
-    tf = EvalTransform(model.config.vision_config.image_size)
-    images = []
+    model, tokenizers, _ = outputs.load_model_dir(args.model)
     for p in args.images:
-        try:
-            with Image.open(p) as im:
-                images.append(tf(im.convert("RGB")))
-        except Exception as e:
-            raise SystemExit(f"sam-fast generate: cannot read image {p} ({type(e).__name__}: {e})") from None
-    item = {"id": 0, "pixel_values": torch.stack(images), "instruction": args.prompt, "output": None}
-    batch = Collator(pb, train=False)([item])
-    ids = model.generate(**model_inputs(batch, generation=True), **_gen_kwargs(args))
-    print(pb.decode(ids[0].tolist()))
+        if not Path(p).is_file():
+            raise SystemExit(f"sam-fast generate: image {p} does not exist")
+    try:
+        text = answer(model, outputs.prompt_builder(model, tokenizers), args.images, args.prompt, **_gen_kwargs(args))
+    except OSError as e:  # PIL: unreadable image
+        raise SystemExit(f"sam-fast generate: cannot read an image ({type(e).__name__}: {e})") from None
+    print(text)
     return 0
 
 

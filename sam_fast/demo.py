@@ -45,9 +45,8 @@ def _run(steps: int, batch: int, seed: int, workdir: str | None) -> dict:
     from sam_fast.data.feature_cache import CachedFeatureDataset, build_feature_cache
     from sam_fast.data.synthetic import write_group_captions
     from sam_fast.eval import evaluate
-    from sam_fast.train import TrainConfig, Trainer
+    from sam_fast.train import TrainConfig, Trainer, outputs
     from sam_fast.train.trainer import TRAINABLE_MODULES
-    from sam_fast.train import outputs
 
     t0 = time.time()
     root = Path(workdir or tempfile.mkdtemp(prefix="sam_fast_demo_"))
@@ -68,7 +67,7 @@ def _run(steps: int, batch: int, seed: int, workdir: str | None) -> dict:
     size = model.config.vision_config.image_size
     ds_eval = AnnotationDataset(train_dir, EvalTransform(size))
     items = [ds_eval[i] for i in range(4)]
-    for it, n in zip(items, (1, 2, 3, 5)):
+    for it, n in zip(items, (1, 2, 3, 5), strict=True):
         it["pixel_values"] = it["pixel_values"][:1].repeat(n, 1, 1, 1)
     b = Collator(pb, train=False)(items)
     with torch.no_grad():

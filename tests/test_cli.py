@@ -90,7 +90,17 @@ def test_eval_and_generate(dirs, trained, tmp_path, capsys):
     imgs = sorted(str(p) for p in (dirs["test"] / "images").iterdir())[:2]
     assert main(["generate", "--model", str(ck), "--images", *imgs, "--prompt", "{image#1} {image#2} what is common?",
                  "--num-beams", "1", "--max-new-tokens", "4"]) == 0
-    assert capsys.readouterr().out.endswith("\n")
+    printed = capsys.readouterr().out
+    assert printed.endswith("\n")
+    from sam_fast.eval import answer
+    from sam_fast.train.outputs import load_model_dir, prompt_builder
+
+    model, toks, _ = load_model_dir(ck)
+    text = answer(model, prompt_builder(model, toks), imgs, "{image#1} {image#2} what is common?", num_beams=1,
+                  max_new_tokens=4)
+    assert printed == text + "\n"  # the CLI prints the Python API's answer
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["generate", "--model", str(ck), "--images", "nope.png", "--prompt", "x"])
 
 
 def test_cache_features_then_train_and_eval_from_it(dirs, tmp_path):
@@ -118,9 +128,9 @@ def test_train_from_an_hf_instructblip_directory(dirs, tmp_path):
 
     hf = tmp_path / "hf"
     tiny_instructblip().save_pretrained(hf)
-    q, l = tiny_tokenizers(qformer_vocab_size=100, llm_vocab_size=119)  # the HF tiny config's sizes
+    q, llm = tiny_tokenizers(qformer_vocab_size=100, llm_vocab_size=119)  # the HF tiny config's sizes
     q.save_pretrained(hf / "qformer_tokenizer")
-    l.save_pretrained(hf)
+    llm.save_pretrained(hf)
     out = tmp_path / "run"
     assert main(["train", "--model", str(hf), "--data", str(dirs["train"]), "--output", str(out), "--batch-size", "2",
                  "--max-steps", "2", "--lr", "1e-2", "--no-progress"]) == 0
@@ -191,6 +201,6 @@ def test_torchrun_two_processes_equal_one(dirs, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3] and two[0]["samples"] == 2
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)

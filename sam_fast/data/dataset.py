@@ -191,7 +191,7 @@ class Collator:
         key = "image_features" if "image_features" in good[0] else "pixel_values"
         counts = [it[key].shape[0] for it in good]
         encoded = [self.pb.encode(it["instruction"], n, it["output"] if self.train else None)
-                   for it, n in zip(good, counts)]
+                   for it, n in zip(good, counts, strict=True)]
         batch = {key: torch.cat([it[key] for it in good]), "image_counts": torch.tensor(counts, dtype=torch.long)}
         batch.update(self.pb.batch_text(encoded, self.train))
         batch["ids"] = [it["id"] for it in good]

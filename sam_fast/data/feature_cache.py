@@ -85,7 +85,7 @@ def build_feature_cache(model, data_dir, cache_dir, batch_size: int = 16, dtype=
                 raise DataError(f"{data_dir / rel}: could not be decoded ({type(e).__name__}: {e})") from e
         E = model.vision_model(pixel_values=torch.stack(pix).to(device)).last_hidden_state
         P, D = E.shape[1], E.shape[2]
-        for rel, e in zip(chunk, E):
+        for rel, e in zip(chunk, E, strict=True):
             idx = len(images)
             sid = idx // shard_images
             shard[str(idx)] = e.to("cpu", dtype).contiguous()

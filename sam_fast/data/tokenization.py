@@ -30,11 +30,7 @@ import torch
 QFORMER_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 LLM_SPECIALS = ["<unk>", "<s>", "</s>", "<image>"]  # ids 0..3: LLaMA's <unk>/<s>/</s>; tiny image_token_index 3
 PUNCT = list(".,!?'\"#{}()-:;/=")
-WORDS = (
-    "a the of and in on with image images photo picture is are two three four all these what common "
-    "describe group story red blue green yellow black white circle circles square squares stripe stripes "
-    "dot dots sky tree dog cat car bird flower"
-).split()
+WORDS = ["a", "the", "of", "and", "in", "on", "with", "image", "images", "photo", "picture", "is", "are", "two", "three", "four", "all", "these", "what", "common", "describe", "group", "story", "red", "blue", "green", "yellow", "black", "white", "circle", "circles", "square", "squares", "stripe", "stripes", "dot", "dots", "sky", "tree", "dog", "cat", "car", "bird", "flower"]
 
 
 def _vocab(specials: list[str], size: int) -> dict[str, int]:
@@ -136,7 +132,7 @@ class PromptBuilder:
                 raise ValueError(f"the {name} tokenizer has {len(tok)} tokens but the model's vocabulary has {size}")
 
     @classmethod
-    def for_model(cls, config, qformer_tokenizer, llm_tokenizer, **kwargs) -> "PromptBuilder":
+    def for_model(cls, config, qformer_tokenizer, llm_tokenizer, **kwargs) -> PromptBuilder:
         """A builder for a `SAMConfig` (checks that the tokenizers fit its vocabularies)."""
         return cls(qformer_tokenizer, llm_tokenizer, config.num_query_tokens, config.image_token_index,
                    llm_vocab_size=config.text_config.vocab_size,
@@ -183,7 +179,7 @@ class PromptBuilder:
         out = {"qformer_input_ids": qids, "qformer_attention_mask": qmask, "input_ids": ids, "attention_mask": mask}
         if train:
             labels = torch.full_like(ids, -100)
-            for b, (e, s) in enumerate(zip(encoded, seqs)):
+            for b, (e, s) in enumerate(zip(encoded, seqs, strict=True)):
                 ids[b, : len(s)] = torch.tensor(s)
                 mask[b, : len(s)] = 1
                 labels[b, len(e.prompt) : len(s)] = torch.tensor(e.answer, dtype=torch.long)

@@ -61,7 +61,7 @@ def caption_metrics(preds, refs, per_sample: bool = False) -> dict:
         raise ValueError("no samples to score")
     rouge = Rouge()
     rouge_f, res, gts = [], {}, {}
-    for i, (p, r) in enumerate(zip(preds, refs)):
+    for i, (p, r) in enumerate(zip(preds, refs, strict=True)):
         gt, pred = normalize_text(r), normalize_text(p)
         if gt == "":
             raise ValueError(f"sample {i}: the reference {r!r} is empty after normalisation")
@@ -83,7 +83,7 @@ def caption_metrics(preds, refs, per_sample: bool = False) -> dict:
     }
     if per_sample:
         out["per_sample"] = [{"rouge": float(r), "cider": float(c), "bleu4": float(b)}
-                             for r, c, b in zip(rouge_f, cider_each, bleu_each[-1])]
+                             for r, c, b in zip(rouge_f, cider_each, bleu_each[-1], strict=True)]
     return out
 
 

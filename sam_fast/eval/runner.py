@@ -37,9 +37,30 @@ def predict(model, dataset, prompt_builder, batch_size: int = 8, device=None, pr
         if batch is None:
             continue
         ids = model.generate(**model_inputs(batch, device, generation=True), **generate_kwargs)
-        for sid, row, gt in zip(batch["ids"], ids.tolist(), batch["outputs"]):
+        for sid, row, gt in zip(batch["ids"], ids.tolist(), batch["outputs"], strict=True):
             preds.append({"sample_id": sid, "pred_response": prompt_builder.decode(row), "gt_response": gt})
     return preds
+
+
+@torch.no_grad()
+def answer(model, prompt_builder, images, prompt: str, **generate_kwargs) -> str:
+    """Generate the answer to `prompt` about `images` (paths or PIL images, in order) with the eval
+    transform and SPEC §4 generation defaults (overridable by `generate_kwargs`)."""
+    from PIL import Image
+
+    tf = EvalTransform(model.config.vision_config.image_size)
+    pix = []
+    for im in images:
+        if isinstance(im, Image.Image):
+            pix.append(tf(im.convert("RGB")))
+        else:
+            with Image.open(im) as f:
+                pix.append(tf(f.convert("RGB")))
+    item = {"id": 0, "pixel_values": torch.stack(pix), "instruction": prompt, "output": None}
+    batch = Collator(prompt_builder, train=False)([item])
+    device = next(model.parameters()).device
+    ids = model.generate(**model_inputs(batch, device, generation=True), **generate_kwargs)
+    return prompt_builder.decode(ids[0].tolist())
 
 
 def _write_json(path: Path, obj) -> None:
@@ -66,7 +87,7 @@ def evaluate(model, data_dir, prompt_builder, output_dir, batch_size: int = 8, s
     _write_json(out / "pred.json", preds)
     m = caption_metrics([p["pred_response"] for p in preds], [p["gt_response"] for p in preds], per_sample=True)
     per = m.pop("per_sample")
-    _write_json(out / "eval_score.json", [{"id": p["sample_id"], **s} for p, s in zip(preds, per)])
+    _write_json(out / "eval_score.json", [{"id": p["sample_id"], **s} for p, s in zip(preds, per, strict=True)])
     m.update(num_samples=len(preds), skipped=len(ds.skipped))
     _write_json(out / "metrics.json", m)
     return m

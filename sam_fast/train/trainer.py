@@ -79,7 +79,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -249,7 +249,7 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 loss_sum = torch.zeros((), dtype=torch.float64)
                 ids = []
-                for b, n in zip(batches, n_tok):
+                for b, n in zip(batches, n_tok, strict=True):
                     if b is None or n == 0:
                         continue
                     ids += b["ids"]

@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from sam_fast import SAM, SAMConfig
-from sam_fast.data import AnnotationDataset, Collator, DataError, EvalTransform, PromptBuilder, model_inputs
-from sam_fast.data import tiny_tokenizers
+from sam_fast.data import (
+    AnnotationDataset,
+    Collator,
+    DataError,
+    EvalTransform,
+    PromptBuilder,
+    model_inputs,
+    tiny_tokenizers,
+)
 from sam_fast.data.synthetic import write_group_captions
 
 
@@ -75,8 +82,8 @@ def test_file_level_errors(tmp_path):
 
 def test_collator_mixed_counts_feeds_sam(ds_dir):
     cfg = SAMConfig.tiny()
-    q, l = tiny_tokenizers()
-    pb = PromptBuilder.for_model(cfg, q, l)
+    q, llm = tiny_tokenizers()
+    pb = PromptBuilder.for_model(cfg, q, llm)
     ds = AnnotationDataset(ds_dir, EvalTransform(cfg.vision_config.image_size))
     items = [ds[i] for i in range(len(ds))]
     counts = [it["pixel_values"].shape[0] for it in items]

@@ -1,7 +1,6 @@
 """SPEC §3 tokenisation: Q-former left truncation, prompt layout, labels, padding sides, offline tokenizers."""
 
 import pytest
-import torch
 
 from sam_fast import SAMConfig
 from sam_fast.data import PromptBuilder, load_tokenizers, save_tokenizers, tiny_tokenizers
@@ -9,8 +8,8 @@ from sam_fast.data import PromptBuilder, load_tokenizers, save_tokenizers, tiny_
 
 @pytest.fixture(scope="module")
 def pb():
-    q, l = tiny_tokenizers()
-    return PromptBuilder.for_model(SAMConfig.tiny(), q, l)
+    q, llm = tiny_tokenizers()
+    return PromptBuilder.for_model(SAMConfig.tiny(), q, llm)
 
 
 def test_tiny_tokenizers_fit_tiny_config(pb):
@@ -76,16 +75,16 @@ def test_refusals(pb):
         pb.encode("look <image> here", 1)
     with pytest.raises(ValueError, match="at least one image"):
         pb.encode("x", 0)
-    q, l = tiny_tokenizers(qformer_vocab_size=200, llm_vocab_size=128)
+    q, llm = tiny_tokenizers(qformer_vocab_size=200, llm_vocab_size=128)
     with pytest.raises(ValueError, match=r"Q-former tokenizer has \d+ tokens but the model.s vocabulary has 120"):
-        PromptBuilder.for_model(SAMConfig.tiny(), q, l)
+        PromptBuilder.for_model(SAMConfig.tiny(), q, llm)
 
 
 def test_save_and_load_offline(pb, tmp_path):
     save_tokenizers(pb.qtok, pb.ltok, tmp_path)
-    q, l = load_tokenizers(tmp_path)
+    q, llm = load_tokenizers(tmp_path)
     text = "{image#2} describe the group."
     assert q(text)["input_ids"] == pb.qtok(text)["input_ids"] and q.truncation_side == "left"
-    assert l(text, add_special_tokens=False)["input_ids"] == pb.ltok(text, add_special_tokens=False)["input_ids"]
+    assert llm(text, add_special_tokens=False)["input_ids"] == pb.ltok(text, add_special_tokens=False)["input_ids"]
     with pytest.raises(FileNotFoundError, match="no tokenizers"):
         load_tokenizers(tmp_path / "nope")

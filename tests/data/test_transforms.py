@@ -42,7 +42,7 @@ def test_random_resized_crop_ranges():
     areas, ratios = [], []
     for _ in range(2000):
         left, top, w, h = random_resized_crop_box(W, H, (0.5, 1.0), (3 / 4, 4 / 3), g)
-        assert 0 <= left and left + w <= W and 0 <= top and top + h <= H
+        assert left >= 0 and left + w <= W and top >= 0 and top + h <= H
         areas.append(w * h / (W * H))
         ratios.append(w / h)
     assert min(areas) >= 0.5 - 0.02 and max(areas) <= 1.0

@@ -39,7 +39,7 @@ def test_against_pycocoevalcap_and_rouge_directly():
     got = caption_metrics(PREDS, REFS, per_sample=True)
     p = [normalize_text(x) for x in PREDS]
     r = [normalize_text(x) for x in REFS]
-    rouge = [0.0 if not h else Rouge().get_scores(h, g)[0]["rouge-l"]["f"] for h, g in zip(p, r)]
+    rouge = [0.0 if not h else Rouge().get_scores(h, g)[0]["rouge-l"]["f"] for h, g in zip(p, r, strict=True)]
     gts = {f"s{i}": [g] for i, g in enumerate(r)}
     res = {f"s{i}": [h] for i, h in enumerate(p)}
     cider, _ = Cider().compute_score(gts, res)

@@ -54,8 +54,8 @@ def _setup(data_dir, out, **kw):
     cfg = SAMConfig.tiny()
     torch.manual_seed(0)
     model = SAM(cfg)
-    q, l = tiny_tokenizers()
-    pb = PromptBuilder.for_model(cfg, q, l)
+    q, llm = tiny_tokenizers()
+    pb = PromptBuilder.for_model(cfg, q, llm)
     ds = AnnotationDataset(data_dir, TrainTransform(cfg.vision_config.image_size), seed=0)
     opts = dict(output_dir=str(out), max_steps=6, batch_size=4, lr=3e-3, warmup_steps=2, save_every=2,
                 keep_last=2, progress=False)
