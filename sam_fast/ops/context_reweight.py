@@ -25,6 +25,7 @@ explains the numerics) and have a fused backward.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -231,20 +232,24 @@ def _(grad_out, features, weight, bias, cu_images, shared, features_grad):
 
 _register_autograd("sam_fast::context_reweight_triton_fwd", _triton_bwd_op)
 
-_CPP_REGISTERED = False
-
-
-def _cpp_ops():
-    """torch.ops.sam_fast.context_reweight_fwd/_bwd with autograd, or None without the extension."""
-    global _CPP_REGISTERED
+def _load_cpp_ops():
+    """Load sam_fast._C (never raises) and give its ops autograd. Done at import, not on first
+    use: torch.compile must not trace file reads or registrations."""
     from sam_fast import _ext
 
     if _ext.load() is None:
         return None
-    if not _CPP_REGISTERED:
-        _register_autograd("sam_fast::context_reweight_fwd", torch.ops.sam_fast.context_reweight_bwd)
-        _CPP_REGISTERED = True
+    _register_autograd("sam_fast::context_reweight_fwd", torch.ops.sam_fast.context_reweight_bwd)
     return torch.ops.sam_fast.context_reweight_fwd
+
+
+_CPP_FWD = _load_cpp_ops()
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _cpp_ops():
+    """torch.ops.sam_fast.context_reweight_fwd (with autograd), or None without the extension."""
+    return _CPP_FWD
 
 
 def _op_args(features, weight, bias):
@@ -277,11 +282,9 @@ def _check_reference(*args, **kwargs):
 
 
 def _ext_reason():
-    try:
-        from sam_fast import _ext
-    except ImportError as exc:
-        return None, f"extension loader missing ({exc})"
-    if _ext.load() is None:
+    from sam_fast import _ext
+
+    if _CPP_FWD is None:
         return None, f"extension not available ({_ext.info().get('error')})"
     return _ext, None
 
@@ -311,10 +314,8 @@ def _check_cuda(features, weight, bias, cu_images, mode="leave_one_out"):
 
 
 def _check_triton(features, weight, bias, cu_images, mode="leave_one_out"):
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return f"triton not importable ({exc})"
+    if not _HAVE_TRITON:
+        return "triton is not installed"
     if features.device.type != "cuda":
         interpret = os.environ.get("TRITON_INTERPRET", "") == "1"
         forced = os.environ.get(ENV_VAR, "").strip() == "triton"
