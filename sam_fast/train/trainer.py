@@ -25,6 +25,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -275,7 +276,9 @@ class Trainer:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm))
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
-                self.scheduler.step()
+                with warnings.catch_warnings():  # fp16: the scaler skips steps with inf grads; the schedule goes on
+                    warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step")
+                    self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 result.losses.append(global_loss)

@@ -156,10 +156,6 @@ def test_grad_accumulation_matches_one_big_batch(data_dir, tmp_path):
     torch.testing.assert_close(torch.tensor(acc.losses), torch.tensor(big.losses), rtol=1e-5, atol=1e-6)
 
 
-# SAM's forward under torch.autocast currently fails inside sam_fast/modules/qformer.py (index_add of an
-# fp32 state with a half-precision guidance_out output): reported to the model's owners.
-@pytest.mark.xfail(raises=RuntimeError, reason="SAM forward under autocast: dtype mismatch in modules/qformer.py",
-                   strict=False)
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_runs(data_dir, tmp_path, amp):
     tr = _setup(data_dir, tmp_path / amp, max_steps=2, save_every=100, amp=amp)
@@ -167,7 +163,8 @@ def test_amp_runs(data_dir, tmp_path, amp):
     assert all(math.isfinite(x) for x in res.losses)
     assert all(p.dtype == torch.float32 for p in tr.params)
     _, state = load_checkpoint(res.checkpoint)
-    assert state["scaler"] != {} if amp == "fp16" else True
+    if amp == "fp16":  # the grad scaler's state is checkpointed for resume
+        assert state["scaler"]["scale"] > 0
 
 
 def test_refuses_bad_config(data_dir, tmp_path):
