@@ -89,7 +89,9 @@ def bench_encode_images(benchmark, model, context_mode, n):
         assert (ours - theirs).abs().max().item() <= 1e-4
         return
     # The released side is timed in pedantic's (untimed) setup, so the two sides alternate round by
-    # round and share whatever load the machine has; the ratio is the median of per-round ratios.
+    # round. The ratio is of the two sides' fastest rounds: on a shared 2-core machine other jobs
+    # inflate single rounds, the released schedule's many small GEMMs more than ours, and the
+    # median of per-round ratios came out 1.5-2x higher than quiet runs (2026-11-22).
     released_times = []
 
     def setup():
@@ -106,14 +108,16 @@ def bench_encode_images(benchmark, model, context_mode, n):
     benchmark.pedantic(call, setup=setup, rounds=rounds, warmup_rounds=1, iterations=1)
     fast_times = benchmark.stats.stats.data[-rounds:]
     released_times = released_times[-rounds:]
-    speedup = statistics.median(r / f for r, f in zip(released_times, fast_times))
-    t_fast, t_released = statistics.median(fast_times), statistics.median(released_times)
+    speedup = min(released_times) / min(fast_times)
+    t_fast, t_released = min(fast_times), min(released_times)
+    benchmark.extra_info.update(
+        median_of_round_ratios=statistics.median(r / f for r, f in zip(released_times, fast_times, strict=True)))
     benchmark.extra_info.update(
         context_mode=context_mode, N=n, B=B, released_s=t_released, encode_images_s=t_fast, speedup=speedup,
         target=1.6 if context_mode == "shared" else 1.25,
     )
-    print(f"\nencode_images {context_mode} B={B} N={n}: released {t_released:.3f}s, ours {t_fast:.3f}s, "
-          f"speedup {speedup:.2f}x")
+    print(f"\nencode_images {context_mode} B={B} N={n}: released {t_released:.3f}s, ours {t_fast:.3f}s "
+          f"(fastest rounds), speedup {speedup:.2f}x")
 
 
 @pytest.mark.parametrize("context_mode", ["shared", "leave_one_out"])
