@@ -63,6 +63,16 @@ def plots(data: dict, out_dir: Path, prefix: str) -> list[Path]:
     written = []
     benches = data.get("benchmarks", [])
 
+    def save(fig, ax, xlabel: str, suffix: str) -> None:
+        ax.set_xlabel(xlabel)
+        ax.set_title(stamp(data), fontsize=7)
+        ax.legend(fontsize=7)
+        path = out_dir / f"{prefix}-{suffix}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
     curves: dict[str, list[tuple[float, float]]] = {}
     for b in benches:
         extra = b.get("extra_info", {})
@@ -78,15 +88,8 @@ def plots(data: dict, out_dir: Path, prefix: str) -> list[Path]:
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_xlabel("images per sample")
         ax.set_ylabel("speed-up (x)")
-        ax.set_title(stamp(data), fontsize=7)
-        ax.legend(fontsize=7)
-        path = out_dir / f"{prefix}-speedup.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        save(fig, ax, "images per sample", "speedup")
 
     bw = [(b["name"], b["extra_info"]["gbps"], b["extra_info"].get("copy_gbps")) for b in benches
           if "gbps" in b.get("extra_info", {})]
@@ -97,14 +100,7 @@ def plots(data: dict, out_dir: Path, prefix: str) -> list[Path]:
         floors = [c for _, _, c in bw if c]
         if floors:
             ax.axvline(max(floors), color="red", ls="--", label="copy floor")
-        ax.set_xlabel("GB/s")
-        ax.set_title(stamp(data), fontsize=7)
-        ax.legend(fontsize=7)
-        path = out_dir / f"{prefix}-bandwidth.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        save(fig, ax, "GB/s", "bandwidth")
 
     parts = [(b["name"], b["extra_info"]["breakdown"]) for b in benches if "breakdown" in b.get("extra_info", {})]
     if parts:
@@ -114,14 +110,7 @@ def plots(data: dict, out_dir: Path, prefix: str) -> list[Path]:
             vals = [p.get(key, 0.0) * 1e3 for _, p in parts]
             ax.barh([n for n, _ in parts], vals, left=left, label=key)
             left = [a + b for a, b in zip(left, vals)]
-        ax.set_xlabel("ms per training step")
-        ax.set_title(stamp(data), fontsize=7)
-        ax.legend(fontsize=7)
-        path = out_dir / f"{prefix}-train-breakdown.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        save(fig, ax, "ms per training step", "train-breakdown")
     return written
 
 

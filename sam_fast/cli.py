@@ -244,13 +244,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if not bench.is_dir():
         raise SystemExit("sam-fast bench: the benchmarks live in the source tree (bench/), which an installed wheel "
                          "does not have; run it from a checkout installed with `pip install -e .`")
+    if args.json is None:  # as `make bench`: bench/results/<device>-<date>.json
+        import datetime
+
+        sys.path.insert(0, str(bench))
+        from benchutil import device_name
+
+        args.json = str(bench / "results" / f"{device_name().replace(' ', '_')}-{datetime.date.today()}.json")
     cmd = [sys.executable, "-m", "pytest", "-q", str(bench), "--benchmark-only",
            "--benchmark-columns=median,iqr,rounds", f"--benchmark-json={args.json}"]
     if args.k:
         cmd += ["-k", args.k]
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     print(" ".join(cmd))
-    return subprocess.call(cmd, cwd=repo)
+    rc = subprocess.call(cmd, cwd=repo)
+    if rc == 0:  # markdown table, PNG plots, README "Speed" block
+        readme = ["--readme", str(repo / "README.md")] if args.k is None else []
+        rc = subprocess.call([sys.executable, str(bench / "report.py"), args.json, *readme], cwd=repo)
+    return rc
 
 
 # -- parser -----------------------------------------------------------------------------------
@@ -373,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
         "to --json (stamped with device, versions and commit).",
     )
     p.add_argument("-k", help="pytest -k expression selecting benchmarks (e.g. context_reweight)")
-    p.add_argument("--json", default="bench/results/latest.json", help="benchmark JSON output")
+    p.add_argument("--json", help="benchmark JSON output (default: bench/results/<device>-<date>.json); a "
+                   "markdown table and PNG plots are written beside it, and README's Speed table is updated "
+                   "when the whole suite ran")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser(

@@ -176,11 +176,14 @@ def test_help_teaches():
 def test_bench_runs_the_benchmark_suite(monkeypatch, tmp_path):
     import subprocess
 
-    seen = {}
-    monkeypatch.setattr(subprocess, "call", lambda cmd, cwd=None: seen.update(cmd=cmd, cwd=cwd) or 0)
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, cwd=None: calls.append(cmd) or 0)
     assert main(["bench", "-k", "context_reweight", "--json", str(tmp_path / "b.json")]) == 0
-    assert seen["cmd"][1:3] == ["-m", "pytest"] and "--benchmark-only" in seen["cmd"]
-    assert seen["cmd"][-2:] == ["-k", "context_reweight"] and seen["cmd"][4].endswith("bench")
+    run, report = calls
+    assert run[1:3] == ["-m", "pytest"] and "--benchmark-only" in run
+    assert run[-2:] == ["-k", "context_reweight"] and run[4].endswith("bench")
+    assert report[1].endswith("report.py") and report[2] == str(tmp_path / "b.json")
+    assert "--readme" not in report  # a partial run does not overwrite README's Speed table
 
 
 @pytest.mark.slow
