@@ -78,7 +78,9 @@ def plots(data: dict, out_dir: Path, prefix: str) -> list[Path]:
         extra = b.get("extra_info", {})
         if "images_per_sample" not in extra:
             continue
-        group = re.sub(r"\[.*\]$", "", b["name"])
+        x = extra["images_per_sample"]
+        others = [str(v) for v in (b.get("params") or {}).values() if v != x]  # one curve per other setting
+        group = re.sub(r"\[.*\]$", "", b["name"]) + (f"[{', '.join(others)}]" if others else "")
         for k, v in extra.items():
             if k.startswith("speedup_"):
                 curves.setdefault(f"{group}: {k[8:]}", []).append((extra["images_per_sample"], v))

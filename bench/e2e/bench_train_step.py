@@ -26,13 +26,15 @@ def _peak_memory_mb(size: str, variant: str) -> float:
         torch.cuda.reset_peak_memory_stats()
         return -1.0  # filled in-process by the caller on GPU
     code = (
-        "import resource, sys, torch; sys.path[:0] = ['bench', 'bench/e2e'];"
+        "import sys, torch; sys.path[:0] = ['bench', 'bench/e2e'];"
         "from _setup import *;"
         f"m = build({size!r}); o = optimizer(m); x = batch(m, {COUNTS!r});"
         "c = features(m, x['pixel_values']);"
         f"f = {{'sam_fast': lambda: step_sam_fast(m, o, x), 'cached': lambda: step_cached(m, o, x, c),"
         f" 'released': lambda: step_released(m, o, x)}}[{variant!r}];"
-        "f(); f(); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+        "f(); f();"
+        # VmHWM is this process's peak RSS; ru_maxrss would include the forking parent's (Linux keeps it over exec)
+        "print(int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) / 1024)"
     )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
