@@ -9,6 +9,14 @@ such as the K/V columns of the one-GEMM projection are read in place):
     [split, H, Lk, d] row n and the rows n >= split use k2/v2 row n - split (or rows2[n - split]):
     the Q-stream and the W-stream (its K/V being the merged maps' K/V) in one launch.
 
+    Mixed second stream (``HAS_MIX``, the leave_one_out W-stream): instead of reading a row of
+    k2/v2, query row n >= split forms its K/V tiles on the fly as
+    ``sum_s MixW[n - split, s, key] * k2[MixIdx[n - split, s], :, key]`` (same for v2), M slots
+    per row (unused slots: weight 0). The merged maps' K/V are never materialised: each key block
+    of each contextual image is read and weighted in registers. The backward kernels recompute
+    the same tiles and return the gradient to the mixed K/V per query row (dK-hat, dV-hat); the
+    launcher turns it into the gradients of k2/v2 and of the weights (hence of the scores).
+
 In the Q-former: cross-attention, Lq = 32 query rows against Lk = 257 image tokens (both streams
 of all images in one launch); self-attention, Lq = Lk = 32 + L_text with a padding bias.
 
@@ -61,18 +69,42 @@ def _kv_base(K, V, K2, V2, Rows2, n, h, split,
 
 
 @triton.jit
+def _kv_tiles(kb, vb, km, kd, vm, vd, offs_n, offs_d, Lk, D, mixed, mrow,
+              K2, V2, sk2n, sk2h, sv2n, sv2h, h, MixIdx, MixW, M,
+              HAS_MIX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The [BLOCK_N, BLOCK_D] K and V tiles (fp32) of keys `offs_n` for one query row: loaded
+    from (kb, vb), or for a mixed row (`mixed`) summed over its M weighted slots of (K2, V2)."""
+    if HAS_MIX:
+        if mixed:
+            k = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            for slot in range(0, M):
+                r = tl.load(MixIdx + mrow * M + slot)
+                a = tl.load(MixW + (mrow * M + slot) * Lk + offs_n, mask=offs_n < Lk, other=0.0)
+                k += a[:, None] * _load_block(K2 + r * sk2n + h * sk2h, offs_n, offs_d, km, kd, Lk, D)
+                v += a[:, None] * _load_block(V2 + r * sv2n + h * sv2h, offs_n, offs_d, vm, vd, Lk, D)
+        else:
+            k = _load_block(kb, offs_n, offs_d, km, kd, Lk, D)
+            v = _load_block(vb, offs_n, offs_d, vm, vd, Lk, D)
+    else:
+        k = _load_block(kb, offs_n, offs_d, km, kd, Lk, D)
+        v = _load_block(vb, offs_n, offs_d, vm, vd, Lk, D)
+    return k, v
+
+
+@triton.jit
 def attn_fwd_kernel(
     Q, K, V, Bias, Out, Lse,
     sqn, sqh, sqm, sqd,
     skn, skh, skm, skd,
     svn, svh, svm, svd,
-    K2, V2, Rows2, split,
+    K2, V2, Rows2, split, MixIdx, MixW, M,
     sk2n, sk2h, sk2m, sk2d,
     sv2n, sv2h, sv2m, sv2d,
     son, soh, som, sod,
     sbn, sbk,
     H, Lq, Lk, D, scale,
-    HAS_BIAS: tl.constexpr, HAS_ROWS2: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ROWS2: tl.constexpr, HAS_MIX: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -81,6 +113,8 @@ def attn_fwd_kernel(
     h = pid_nh % H
     kb, vb, km, kd, vm, vd = _kv_base(K, V, K2, V2, Rows2, n, h, split, skn, skh, skm, skd, svn, svh, svm, svd,
                                       sk2n, sk2h, sk2m, sk2d, sv2n, sv2h, sv2m, sv2d, HAS_ROWS2)
+    mixed = n >= split
+    mrow = tl.maximum(n - split, 0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_block(Q + n * sqn + h * sqh, offs_m, offs_d, sqm, sqd, Lq, D)
@@ -89,8 +123,8 @@ def attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, Lk, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_block(kb, offs_n, offs_d, km, kd, Lk, D)
-        v = _load_block(vb, offs_n, offs_d, vm, vd, Lk, D)
+        k, v = _kv_tiles(kb, vb, km, kd, vm, vd, offs_n, offs_d, Lk, D, mixed, mrow, K2, V2, sk2n, sk2h, sv2n, sv2h,
+                         h, MixIdx, MixW, M, HAS_MIX, BLOCK_N, BLOCK_D)
         s = _scores(q, k, Bias + n * sbn, offs_n, sbk, Lk, scale, HAS_BIAS, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block holds at least one key
         alpha = tl.exp(m_i - m_new)
@@ -111,13 +145,13 @@ def attn_bwd_dkdv_kernel(
     sqn, sqh, sqm, sqd,
     skn, skh, skm, skd,
     svn, svh, svm, svd,
-    K2, V2, Rows2, split,
+    K2, V2, Rows2, split, MixIdx, MixW, M,
     sk2n, sk2h, sk2m, sk2d,
     sv2n, sv2h, sv2m, sv2d,
     sdon, sdoh, sdom, sdod,
     sbn, sbk,
     H, Lq, Lk, D, scale,
-    HAS_BIAS: tl.constexpr, HAS_ROWS2: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ROWS2: tl.constexpr, HAS_MIX: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dV = P^T dO, dK = scale * dS^T Q with dS = P * (dO V^T - delta); one key block per program.
@@ -129,10 +163,12 @@ def attn_bwd_dkdv_kernel(
     h = pid_nh % H
     kb, vb, km, kd, vm, vd = _kv_base(K, V, K2, V2, Rows2, n, h, split, skn, skh, skm, skd, svn, svh, svm, svd,
                                       sk2n, sk2h, sk2m, sk2d, sv2n, sv2h, sv2m, sv2d, HAS_ROWS2)
+    mixed = n >= split
+    mrow = tl.maximum(n - split, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_block(kb, offs_n, offs_d, km, kd, Lk, D)
-    v = _load_block(vb, offs_n, offs_d, vm, vd, Lk, D)
+    k, v = _kv_tiles(kb, vb, km, kd, vm, vd, offs_n, offs_d, Lk, D, mixed, mrow, K2, V2, sk2n, sk2h, sv2n, sv2h,
+                     h, MixIdx, MixW, M, HAS_MIX, BLOCK_N, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(0, Lq, BLOCK_M):
@@ -160,13 +196,13 @@ def attn_bwd_dq_kernel(
     sqn, sqh, sqm, sqd,
     skn, skh, skm, skd,
     svn, svh, svm, svd,
-    K2, V2, Rows2, split,
+    K2, V2, Rows2, split, MixIdx, MixW, M,
     sk2n, sk2h, sk2m, sk2d,
     sv2n, sv2h, sv2m, sv2d,
     sdon, sdoh, sdom, sdod,
     sbn, sbk,
     H, Lq, Lk, D, scale,
-    HAS_BIAS: tl.constexpr, HAS_ROWS2: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ROWS2: tl.constexpr, HAS_MIX: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ = scale * dS K; one query block per program. dQ is written contiguous [N, H, Lq, d]."""
@@ -176,6 +212,8 @@ def attn_bwd_dq_kernel(
     h = pid_nh % H
     kb, vb, km, kd, vm, vd = _kv_base(K, V, K2, V2, Rows2, n, h, split, skn, skh, skm, skd, svn, svh, svm, svd,
                                       sk2n, sk2h, sk2m, sk2d, sv2n, sv2h, sv2m, sv2d, HAS_ROWS2)
+    mixed = n >= split
+    mrow = tl.maximum(n - split, 0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_block(Q + n * sqn + h * sqh, offs_m, offs_d, sqm, sqd, Lq, D)
@@ -185,8 +223,8 @@ def attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, Lk, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_block(kb, offs_n, offs_d, km, kd, Lk, D)
-        v = _load_block(vb, offs_n, offs_d, vm, vd, Lk, D)
+        k, v = _kv_tiles(kb, vb, km, kd, vm, vd, offs_n, offs_d, Lk, D, mixed, mrow, K2, V2, sk2n, sk2h, sv2n, sv2h,
+                         h, MixIdx, MixW, M, HAS_MIX, BLOCK_N, BLOCK_D)
         s = _scores(q, k, Bias + n * sbn, offs_n, sbk, Lk, scale, HAS_BIAS, PRECISION)
         p = tl.exp(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)

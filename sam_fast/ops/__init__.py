@@ -10,6 +10,8 @@ from sam_fast.ops.cross_attention import (
     cross_attention_ref,
     cross_attention_streams,
     cross_attention_streams_ref,
+    mix_kv,
+    streams_backend,
 )
 from sam_fast.ops.dispatch import BackendUnavailable, explain
 
@@ -22,4 +24,6 @@ __all__ = [
     "cross_attention_streams",
     "cross_attention_streams_ref",
     "explain",
+    "mix_kv",
+    "streams_backend",
 ]

@@ -121,20 +121,29 @@ def _precision(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _kv_args(key, value, key2, value2, rows2, split):
-    """Pointer/stride arguments of the two K/V sources (the second defaults to the first)."""
+def _kv_args(key, value, key2, value2, rows2, split, mix_index=None, mix_weight=None):
+    """Pointer/stride arguments of the two K/V sources (the second defaults to the first) and of
+    the mixing plan (slots M = mix_index.shape[1]; pointers never read without one)."""
     if key2 is None:
         key2, value2 = key, value
     rows = rows2 if rows2 is not None else key  # any pointer; never read
-    return (*key.stride(), *value.stride(), key2, value2, rows, split, *key2.stride(), *value2.stride())
+    if mix_index is None:
+        mix_index, mix_weight, slots = key, key, 0
+    else:
+        slots = mix_index.shape[1]
+    return (*key.stride(), *value.stride(), key2, value2, rows, split, mix_index, mix_weight, slots,
+            *key2.stride(), *value2.stride())
 
 
 @torch.library.custom_op("sam_fast::cross_attention_fwd", mutates_args=())
 def _triton_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key2: torch.Tensor | None,
                 value2: torch.Tensor | None, rows2: torch.Tensor | None, split: int,
-                attn_bias: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                attn_bias: torch.Tensor | None, scale: float, mix_index: torch.Tensor | None = None,
+                mix_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Query rows [0, split) attend to key/value rows [0, split); rows [split, N) to key2/value2
-    row ``n - split`` (or ``rows2[n - split]``). Returns (out, lse)."""
+    row ``n - split`` (or ``rows2[n - split]``), or with a mixing plan (mix_index [N - split, M]
+    int32, mix_weight [N - split, M, Lk] fp32, contiguous) to ``sum_s mix_weight[j, s, :] *
+    key2[mix_index[j, s]]`` formed on the fly. Returns (out, lse)."""
     from sam_fast._kernels.cross_attention import attn_fwd_kernel
 
     N, H, Lq, d = query.shape
@@ -147,16 +156,18 @@ def _triton_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key
     grid = (triton_cdiv(Lq, bm), N * H)
     attn_fwd_kernel[grid](
         query, key, value, bias, out, lse,
-        *query.stride(), *_kv_args(key, value, key2, value2, rows2, split), *out.stride(), sbn, sbk,
+        *query.stride(), *_kv_args(key, value, key2, value2, rows2, split, mix_index, mix_weight),
+        *out.stride(), sbn, sbk,
         H, Lq, Lk, d, scale,
-        HAS_BIAS=has_bias, HAS_ROWS2=rows2 is not None, PRECISION=_precision(query.dtype),
+        HAS_BIAS=has_bias, HAS_ROWS2=rows2 is not None, HAS_MIX=mix_index is not None,
+        PRECISION=_precision(query.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
     )
     return out, lse
 
 
 @_triton_fwd.register_fake
-def _(query, key, value, key2, value2, rows2, split, attn_bias, scale):
+def _(query, key, value, key2, value2, rows2, split, attn_bias, scale, mix_index=None, mix_weight=None):
     N, H, Lq, d = query.shape
     out = query.new_empty(N, Lq, H, d).transpose(1, 2)
     return out, query.new_empty(N * H, Lq, dtype=torch.float32)
@@ -166,8 +177,10 @@ def _(query, key, value, key2, value2, rows2, split, attn_bias, scale):
 def _triton_bwd(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key2: torch.Tensor | None, value2: torch.Tensor | None, rows2: torch.Tensor | None, split: int,
                 attn_bias: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq [N,H,Lq,d], dk, dv [N,H,Lk,d]): dk/dv one slice per query row, in fp32."""
+                scale: float, mix_index: torch.Tensor | None = None,
+                mix_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq [N,H,Lq,d], dk, dv [N,H,Lk,d]): dk/dv one slice per query row, in fp32 (for a mixed
+    row: the gradient of its mixed K/V)."""
     from sam_fast._kernels.cross_attention import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 
     N, H, Lq, d = query.shape
@@ -179,9 +192,10 @@ def _triton_bwd(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, 
     dk = torch.empty(N, H, Lk, d, dtype=torch.float32, device=query.device)
     dv = torch.empty(N, H, Lk, d, dtype=torch.float32, device=query.device)
     bias, sbn, sbk, has_bias = _bias_args(attn_bias, query)
-    common = (*query.stride(), *_kv_args(key, value, key2, value2, rows2, split), *grad_out.stride(), sbn, sbk,
-              H, Lq, Lk, d, scale)
-    meta = dict(HAS_BIAS=has_bias, HAS_ROWS2=rows2 is not None, PRECISION=_precision(query.dtype),
+    common = (*query.stride(), *_kv_args(key, value, key2, value2, rows2, split, mix_index, mix_weight),
+              *grad_out.stride(), sbn, sbk, H, Lq, Lk, d, scale)
+    meta = dict(HAS_BIAS=has_bias, HAS_ROWS2=rows2 is not None, HAS_MIX=mix_index is not None,
+                PRECISION=_precision(query.dtype),
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
     attn_bwd_dkdv_kernel[(triton_cdiv(Lk, bn), N * H)](
         query, key, value, bias, grad_out, lse, delta, dk, dv, *common, **meta)
@@ -191,7 +205,8 @@ def _triton_bwd(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, 
 
 
 @_triton_bwd.register_fake
-def _(grad_out, query, key, value, key2, value2, rows2, split, attn_bias, out, lse, scale):
+def _(grad_out, query, key, value, key2, value2, rows2, split, attn_bias, out, lse, scale, mix_index=None,
+      mix_weight=None):
     N, H, _, d = query.shape
     Lk = key.shape[2]
     f32 = dict(dtype=torch.float32, device=query.device)
@@ -199,26 +214,47 @@ def _(grad_out, query, key, value, key2, value2, rows2, split, attn_bias, out, l
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, key2, value2, rows2, split, attn_bias, scale = inputs
+    query, key, value, key2, value2, rows2, split, attn_bias, scale, mix_index, mix_weight = inputs
     out, lse = output
-    ctx.save_for_backward(query, key, value, key2, value2, rows2, attn_bias, out, lse)
+    ctx.save_for_backward(query, key, value, key2, value2, rows2, attn_bias, out, lse, mix_index, mix_weight)
     ctx.split, ctx.scale = split, scale
 
 
+def mix_backward(dk_hat, dv_hat, key2, value2, mix_index, mix_weight):
+    """Gradients through ``k_hat[j] = sum_s w[j, s, :] * key2[idx[j, s]]`` (same for v): from the
+    mixed rows' dK-hat/dV-hat [R, H, Lk, d] (fp32) to (d key2, d value2) in fp32 and
+    d mix_weight [R, M, Lk] (``sum_{h,d} dK-hat * K + dV-hat * V`` per slot and key)."""
+    dk2 = torch.zeros(key2.shape, dtype=torch.float32, device=key2.device)
+    dv2 = torch.zeros(value2.shape, dtype=torch.float32, device=value2.device)
+    dw = torch.empty(mix_weight.shape, dtype=torch.float32, device=mix_weight.device)
+    for slot in range(mix_index.shape[1]):
+        idx = mix_index[:, slot].long()
+        a = mix_weight[:, slot, None, :, None].float()
+        dk2.index_add_(0, idx, a * dk_hat)
+        dv2.index_add_(0, idx, a * dv_hat)
+        dw[:, slot] = (dk_hat * key2.index_select(0, idx).float()).sum((1, 3)) \
+            + (dv_hat * value2.index_select(0, idx).float()).sum((1, 3))
+    return dk2, dv2, dw
+
+
 def _backward(ctx, grad_out, grad_lse):
-    query, key, value, key2, value2, rows2, attn_bias, out, lse = ctx.saved_tensors
+    query, key, value, key2, value2, rows2, attn_bias, out, lse, mix_index, mix_weight = ctx.saved_tensors
     s = ctx.split
-    dq, dk, dv = _triton_bwd(grad_out, query, key, value, key2, value2, rows2, s, attn_bias, out, lse, ctx.scale)
+    dq, dk, dv = _triton_bwd(grad_out, query, key, value, key2, value2, rows2, s, attn_bias, out, lse, ctx.scale,
+                             mix_index, mix_weight)
     dk1, dv1 = dk[:s].to(key.dtype), dv[:s].to(value.dtype)
-    dk2 = dv2 = None
-    if key2 is not None:
+    dk2 = dv2 = dw = None
+    if mix_index is not None:
+        dk2, dv2, dw = mix_backward(dk[s:], dv[s:], key2, value2, mix_index, mix_weight)
+        dk2, dv2, dw = dk2.to(key2.dtype), dv2.to(value2.dtype), dw.to(mix_weight.dtype)
+    elif key2 is not None:
         if rows2 is None:
             dk2, dv2 = dk[s:].to(key2.dtype), dv[s:].to(value2.dtype)
         else:  # query rows sharing a K/V row: sum their slices
             idx = rows2.long()
             dk2 = dk.new_zeros(key2.shape).index_add_(0, idx, dk[s:]).to(key2.dtype)
             dv2 = dv.new_zeros(value2.shape).index_add_(0, idx, dv[s:]).to(value2.dtype)
-    return dq, dk1, dv1, dk2, dv2, None, None, None, None
+    return dq, dk1, dv1, dk2, dv2, None, None, None, None, None, dw
 
 
 _triton_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -251,38 +287,68 @@ _dispatch.register("reference", cross_attention_ref, _check_reference)
 
 # -- both streams in one call -------------------------------------------------------------------
 
-def cross_attention_streams_ref(query, key, value, key2=None, value2=None, rows2=None, dropout_p=0.0, scale=None):
-    """Reference: one SDPA per stream (the second stream's K/V rows gathered by `rows2`)."""
+def mix_kv(key2, value2, mix):
+    """Materialise the mixed K/V of a mixing plan: ``k_hat[j] = sum_s weight[j, s, :] *
+    key2[index[j, s]]`` (same for v) -> ([R, H, Lk, d], [R, H, Lk, d]) in key2's dtype
+    (accumulated in fp32 or better)."""
+    index, weight = mix
+    acc = torch.promote_types(key2.dtype, torch.float32)
+    k = v = 0
+    for slot in range(index.shape[1]):
+        idx = index[:, slot].long()
+        a = weight[:, slot, None, :, None].to(acc)
+        k = k + a * key2.index_select(0, idx).to(acc)
+        v = v + a * value2.index_select(0, idx).to(acc)
+    return k.to(key2.dtype), v.to(value2.dtype)
+
+
+def cross_attention_streams_ref(query, key, value, key2=None, value2=None, rows2=None, dropout_p=0.0, scale=None,
+                                mix=None):
+    """Reference: one SDPA per stream (the second stream's K/V rows gathered by `rows2`, or mixed
+    by `mix` and materialised)."""
     split = key.shape[0]
-    out = cross_attention_ref(query[:split], key, value, None, dropout_p, scale)
-    if key2 is None:
-        return out
-    if rows2 is not None:
-        key2, value2 = key2.index_select(0, rows2), value2.index_select(0, rows2)
-    return torch.cat([out, cross_attention_ref(query[split:], key2, value2, None, dropout_p, scale)], 0)
+    outs = [cross_attention_ref(query[:split], key, value, None, dropout_p, scale)] if split else []
+    if key2 is not None:
+        if mix is not None:
+            key2, value2 = mix_kv(key2, value2, mix)
+        elif rows2 is not None:
+            key2, value2 = key2.index_select(0, rows2), value2.index_select(0, rows2)
+        outs.append(cross_attention_ref(query[split:], key2, value2, None, dropout_p, scale))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
 
-def _check_streams_triton(query, key, value, key2=None, value2=None, rows2=None, dropout_p=0.0, scale=None):
+def _check_streams_triton(query, key, value, key2=None, value2=None, rows2=None, dropout_p=0.0, scale=None,
+                          mix=None):
     split = key.shape[0]
     why = _check_triton(query[:split], key, value, None, dropout_p, scale)
     if why or key2 is None:
         return why
-    why = _check_triton(query[split:], key2 if rows2 is None else key2[:1].expand(len(rows2), -1, -1, -1),
-                        value2 if rows2 is None else value2[:1].expand(len(rows2), -1, -1, -1), None, dropout_p, scale)
+    n2 = query.shape[0] - split
+    k2, v2 = (key2, value2) if rows2 is None and mix is None else (key2[:1].expand(n2, -1, -1, -1),
+                                                                    value2[:1].expand(n2, -1, -1, -1))
+    why = _check_triton(query[split:], k2, v2, None, dropout_p, scale)
     if why:
         return f"second stream: {why}"
     if key2.shape[1:] != key.shape[1:]:
         return f"the streams' K/V shapes differ: {tuple(key.shape)} vs {tuple(key2.shape)}"
+    if mix is not None and (mix[0].device != query.device or mix[1].device != query.device):
+        return "the mixing plan is on another device"
     return None
 
 
-def cross_attention_streams_triton(query, key, value, key2=None, value2=None, rows2=None, dropout_p=0.0, scale=None):
-    """Both streams in one launch of the fused kernel."""
+def cross_attention_streams_triton(query, key, value, key2=None, value2=None, rows2=None, dropout_p=0.0, scale=None,
+                                   mix=None):
+    """Both streams in one launch of the fused kernel (mixed K/V formed in the kernel)."""
     if scale is None:
         scale = query.shape[-1] ** -0.5
     if rows2 is not None:
         rows2 = rows2.to(torch.int32)
-    return _triton_fwd(query, key, value, key2, value2, rows2, key.shape[0], None, float(scale))[0]
+    mix_index = mix_weight = None
+    if mix is not None:
+        mix_index = mix[0].to(torch.int32).contiguous()
+        mix_weight = mix[1].to(torch.float32).contiguous()
+    return _triton_fwd(query, key, value, key2, value2, rows2, key.shape[0], None, float(scale),
+                       mix_index, mix_weight)[0]
 
 
 def _streams_sample():
@@ -298,13 +364,48 @@ _streams.register("triton", cross_attention_streams_triton, _check_streams_trito
 _streams.register("reference", cross_attention_streams_ref, _check_reference)
 
 
-def cross_attention_streams(query, key, value, key2=None, value2=None, rows2=None, dropout_p=0.0, scale=None):
+def streams_backend(key, value, dropout_p=0.0, mixed=False) -> str:
+    """Name of the backend `cross_attention_streams` would take for query rows attending to K/V
+    like `key`/`value` [R, H, Lk, d] (``mixed``: through a mixing plan). Lets a caller pick a
+    schedule that suits the backend (the model forms leave_one_out K/V in the kernel only when
+    the kernel runs)."""
+    R, H, Lk, d = key.shape
+    q = key.new_empty(2, H, 1, d)
+    k, v = key[:1], value[:1]
+    mix = (torch.zeros(1, 1, dtype=torch.int32, device=key.device),
+           torch.ones(1, 1, Lk, dtype=torch.float32, device=key.device)) if mixed else None
+    return _streams.choose(q, k, v, k, v, None, dropout_p, None, mix=mix).name
+
+
+def _validate_mix(mix, n2, key2):
+    if not (isinstance(mix, (tuple, list)) and len(mix) == 2):
+        raise ValueError("cross_attention_streams: mix must be (index [R2, M], weight [R2, M, Lk])")
+    index, weight = mix
+    R, _, Lk, _ = key2.shape
+    if index.dim() != 2 or index.shape[0] != n2 or index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cross_attention_streams: mix index must be int32/int64 [{n2}, M] (one row per "
+                         f"second-stream query row), got {index.dtype} {tuple(index.shape)}")
+    if weight.shape != (*index.shape, Lk) or not weight.is_floating_point():
+        raise ValueError(f"cross_attention_streams: mix weight must be floating [{n2}, {index.shape[1]}, {Lk}], "
+                         f"got {weight.dtype} {tuple(weight.shape)}")
+
+
+def cross_attention_streams(query, key, value, key2=None, value2=None, rows2=None, dropout_p=0.0, scale=None,
+                            mix=None):
     """Cross-attention of the Q-stream and the W-stream query rows in one call (one launch on the
     Triton backend), no bias.
 
     query [N, H, Lq, d]: rows ``[0, S)`` with S = key.shape[0] attend to key/value [S, H, Lk, d]
-    (row r to K/V row r); rows ``[S, N)`` attend to key2/value2 [R2, H, Lk, d], row S + j to K/V
-    row ``rows2[j]`` (or j when rows2 is None; then R2 = N - S). K/V may be strided views.
+    (row r to K/V row r; S may be 0); rows ``[S, N)`` attend to key2/value2 [R2, H, Lk, d], row
+    S + j to K/V row ``rows2[j]`` (or j when rows2 is None; then R2 = N - S). K/V may be strided
+    views.
+
+    ``mix=(index [N-S, M] int, weight [N-S, M, Lk] float)`` instead of rows2: row S + j attends to
+    the K/V ``sum_s weight[j, s, :] * key2[index[j, s]]`` (same for value2), per key position;
+    unused slots carry weight 0. The leave_one_out W-stream uses it with key2 = the images' K/V
+    and the softmax weights of the other images of the sample: the Triton backend forms these
+    K/V tiles on the fly (the merged maps are never materialised) and returns the gradient of
+    `weight`; the reference backend materialises them (`mix_kv`).
     """
     split = key.shape[0]
     if query.dim() != 4 or key.dim() != 4 or key.shape != value.shape or query.shape[1] != key.shape[1] \
@@ -314,16 +415,23 @@ def cross_attention_streams(query, key, value, key2=None, value2=None, rows2=Non
     if key2 is None:
         if split != query.shape[0]:
             raise ValueError(f"cross_attention_streams: {query.shape[0]} query rows but {split} K/V rows")
+        if mix is not None or rows2 is not None:
+            raise ValueError("cross_attention_streams: rows2/mix need key2/value2")
     else:
         n2 = query.shape[0] - split
         if key2.shape != value2.shape or key2.shape[1:] != key.shape[1:]:
             raise ValueError(f"cross_attention_streams: key2 {tuple(key2.shape)} / value2 {tuple(value2.shape)} "
                              f"do not match key {tuple(key.shape)} past the batch dimension")
-        want = n2 if rows2 is None else len(rows2)
-        if (rows2 is None and key2.shape[0] != n2) or want != n2:
-            raise ValueError(f"cross_attention_streams: {n2} second-stream query rows but "
-                             f"{key2.shape[0] if rows2 is None else len(rows2)} K/V rows (rows2)")
-    return _streams(query, key, value, key2, value2, rows2, dropout_p, scale)
+        if mix is not None:
+            if rows2 is not None:
+                raise ValueError("cross_attention_streams: give rows2 or mix, not both")
+            _validate_mix(mix, n2, key2)
+        else:
+            want = n2 if rows2 is None else len(rows2)
+            if (rows2 is None and key2.shape[0] != n2) or want != n2:
+                raise ValueError(f"cross_attention_streams: {n2} second-stream query rows but "
+                                 f"{key2.shape[0] if rows2 is None else len(rows2)} K/V rows (rows2)")
+    return _streams(query, key, value, key2, value2, rows2, dropout_p, scale, mix=mix)
 
 
 def cross_attention(query, key, value, attn_bias=None, dropout_p=0.0, scale=None):

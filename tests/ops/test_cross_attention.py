@@ -193,3 +193,118 @@ def test_streams_bad_shapes():
         ca.cross_attention_streams(q, k, k)
     with pytest.raises(ValueError, match="rows2"):
         ca.cross_attention_streams(q, k, k, k[:1], k[:1], torch.tensor([0, 0, 0]))
+
+
+def _mix_case(split, seed=5, d=16, H=2, Lq=8, Lk=19, dtype=torch.float32):
+    """T=4 images' K/V (strided views of one buffer) and 3 mixed rows, ragged: row 1 has two live
+    slots and one padding slot (weight 0), like a leave_one_out W-stream of samples [4] and [3]."""
+    g = torch.Generator().manual_seed(seed)
+    T, M = 4, 3
+    q = torch.randn(split + 3, H, Lq, d, generator=g).to(DEV, dtype).requires_grad_()
+    buf = torch.randn(T, Lk, 2 * H * d + 1, generator=g).to(DEV, dtype).requires_grad_()
+    scores = torch.randn(3, M, Lk, generator=g).to(DEV).requires_grad_()
+    index = torch.tensor([[1, 2, 3], [0, 2, 0], [0, 1, 2]], device=DEV)
+    live = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1]], device=DEV).bool()
+    return q, buf, scores, index, live
+
+
+def _mix_oracle(q, buf, scores, index, live, split, H, d):
+    """float64: materialise the mixed K/V, then attention per stream."""
+    def heads(b, lo):
+        return b[..., lo * H * d:(lo + 1) * H * d].unflatten(-1, (H, d)).transpose(1, 2)
+
+    k, v = heads(buf.double(), 0), heads(buf.double(), 1)
+    w = torch.softmax(scores.double().masked_fill(~live[:, :, None], float("-inf")), 1)
+    kh = sum(w[:, s, None, :, None] * k[index[:, s]] for s in range(index.shape[1]))
+    vh = sum(w[:, s, None, :, None] * v[index[:, s]] for s in range(index.shape[1]))
+    outs = [_oracle(q[:split], k[:split], v[:split], None, d ** -0.5)] if split else []
+    return torch.cat(outs + [_oracle(q[split:], kh, vh, None, d ** -0.5)])
+
+
+@needs_triton
+@pytest.mark.parametrize("split", [4, 0])
+def test_triton_mixed_kv_formed_in_kernel_match_float64(force_triton, split):
+    """The leave_one_out W-stream: mixed K/V formed in the kernel from the images' K/V and softmax
+    weights (padding slots at weight 0), with the Q-stream in the same launch (split=4) or alone
+    (split=0, the W-stream at layer k). Values and the gradients of q, the K/V buffer and the
+    scores (through the weights) against float64."""
+    d, H = 16, 2
+    q, buf, scores, index, live = _mix_case(split)
+    k, v = buf[..., : H * d].unflatten(-1, (H, d)).transpose(1, 2), buf[..., H * d: 2 * H * d].unflatten(-1, (H, d)).transpose(1, 2)
+    w = torch.softmax(scores.masked_fill(~live[:, :, None], float("-inf")), 1)
+    k1, v1 = k[:split], v[:split]
+    assert ca._streams.choose(q, k1, v1, k, v, None, 0.0, None, mix=(index, w)).name == "triton"
+    launches = []
+    real = ca._triton_fwd
+    ca_fwd = lambda *a, **kw: launches.append(a[-1] is not None) or real(*a, **kw)  # noqa: E731
+    try:
+        ca._triton_fwd = ca_fwd
+        out = ca.cross_attention_streams(q, k1, v1, k, v, mix=(index, w))
+    finally:
+        ca._triton_fwd = real
+    assert launches == [True]  # one launch, with the mixing plan
+    ref = _mix_oracle(q, buf, scores, index, live, split, H, d)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-6)
+    gr = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, buf, scores), gr)
+    want = torch.autograd.grad(ref, (q, buf, scores), gr.double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
+    assert got[2].abs().sum() > 0  # the scores (Adaptive Adjustment) get a gradient
+    # the reference backend (materialised mix) agrees
+    torch.testing.assert_close(ca.cross_attention_streams_ref(q, k1, v1, k, v, mix=(index, w)).double(), ref,
+                               rtol=1e-5, atol=2e-6)
+
+
+@needs_triton
+def test_triton_mixed_half_precision_within_budget(force_triton):
+    """fp16 inputs: the kernel's error against float64 stays within 2x that of SDPA on the
+    materialised fp16 K/V (PyTorch's own fp16 computation of the same thing)."""
+    d, H = 16, 2
+    q, buf, scores, index, live = _mix_case(4, seed=7, dtype=torch.float16)
+    k, v = buf[..., : H * d].unflatten(-1, (H, d)).transpose(1, 2), buf[..., H * d: 2 * H * d].unflatten(-1, (H, d)).transpose(1, 2)
+    w = torch.softmax(scores.masked_fill(~live[:, :, None], float("-inf")), 1)
+    with torch.no_grad():
+        ours = ca.cross_attention_streams(q, k[:4], v[:4], k, v, mix=(index, w))
+        torch_own = ca.cross_attention_streams_ref(q, k[:4], v[:4], k, v, mix=(index, w))
+        ref = _mix_oracle(q, buf, scores, index, live, 4, H, d)
+    assert (ours.double() - ref).abs().max() <= 2 * (torch_own.double() - ref).abs().max() + 1e-6
+
+
+@needs_triton
+def test_triton_mixed_op_passes_opcheck(force_triton):
+    d, H = 16, 2
+    q, buf, scores, index, live = _mix_case(4)
+    k, v = buf[..., : H * d].unflatten(-1, (H, d)).transpose(1, 2), buf[..., H * d: 2 * H * d].unflatten(-1, (H, d)).transpose(1, 2)
+    w = torch.softmax(scores.masked_fill(~live[:, :, None], float("-inf")), 1).detach().contiguous()
+    args = (q.detach(), k[:4].detach(), v[:4].detach(), k.detach(), v.detach(), None, 4, None, 0.25,
+            index.to(torch.int32), w)
+    torch.library.opcheck(torch.ops.sam_fast.cross_attention_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_mixed_streams_bad_inputs():
+    q = torch.randn(5, 2, 4, 8)
+    k = torch.randn(3, 2, 6, 8)
+    idx = torch.zeros(2, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="mix index"):
+        ca.cross_attention_streams(q, k, k, k, k, mix=(idx[:1], torch.ones(1, 2, 6)))
+    with pytest.raises(ValueError, match="mix weight"):
+        ca.cross_attention_streams(q, k, k, k, k, mix=(idx, torch.ones(2, 2, 5)))
+    with pytest.raises(ValueError, match="not both"):
+        ca.cross_attention_streams(q, k, k, k, k, torch.tensor([0, 1]), mix=(idx, torch.ones(2, 2, 6)))
+    with pytest.raises(ValueError, match="need key2"):
+        ca.cross_attention_streams(q[:3], k, k, mix=(idx, torch.ones(2, 2, 6)))
+
+
+def test_streams_backend_reports_the_choice(monkeypatch):
+    """CPU tensors take the reference backend unless the interpreter is allowed (then, where
+    triton imports, the kernel): what the model asks before forming K/V in the kernel."""
+    monkeypatch.delenv("SAM_FAST_BACKEND", raising=False)
+    k = torch.randn(3, 2, 6, 8)
+    assert ca.streams_backend(k, k, mixed=True) == "reference"
+    assert ca.streams_backend(k, k, dropout_p=0.1, mixed=True) == "reference"
+    if os.environ.get("TRITON_INTERPRET") == "1" and ca._triton_import_error() is None:
+        monkeypatch.setattr(ca, "_interpreter_allowed", lambda: True)
+        assert ca.streams_backend(k, k, mixed=True) == "triton"
+        assert ca.streams_backend(k, k, dropout_p=0.1, mixed=True) == "reference"  # the kernel has no dropout
