@@ -11,7 +11,8 @@
 
 Options come from built-in defaults, then a config file (`--config FILE`, JSON or YAML), then the
 command line: the command line wins. `--config tiny` selects the built-in tiny configuration.
-Data parallel training: ``torchrun --nproc_per_node N -m sam_fast.cli train ...``.
+Data parallel training: ``torchrun --nproc_per_node N -m sam_fast.cli train ...`` (add ``--fsdp`` to
+shard the frozen LLM over the processes).
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from sam_fast.train import NonFiniteLossError, TrainConfig, Trainer, init_from_env, outputs
 
     opts = _merge(args, _load_config_file(args.config),
-                  ["model", "data", "output", "features", "skip_bad", "context_mode", "guidance", *TRAIN_FLAGS])
+                  ["model", "data", "output", "features", "skip_bad", "context_mode", "guidance", "fsdp",
+                   *TRAIN_FLAGS])
     for k in ("data", "output"):
         if not opts.get(k):
             raise SystemExit(f"sam-fast train: --{k} is required (or `{k}` in the config file)")
@@ -111,6 +113,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     tcfg = TrainConfig.from_dict({**opts, "output_dir": str(output), "progress": not args.no_progress})
 
     dist = init_from_env(args.device)
+    if tcfg.fsdp and not dist.enabled:
+        raise SystemExit("sam-fast train: --fsdp shards the LLM over several processes, but this is a single "
+                         "process: launch with `torchrun --nproc_per_node N -m sam_fast.cli train ... --fsdp` "
+                         "(N >= 2), or drop --fsdp (and `fsdp` from the config file)")
     if model_src in outputs.BUILTIN_CONFIGS:
         model = outputs.build_builtin(model_src, tcfg.seed, **overrides)
         tokenizers = outputs.builtin_tokenizers(model_src)
@@ -135,7 +141,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit(f"sam-fast train: {e}") from None
     if dist.is_main:
         outputs.prepare_run_dir(output, model, tokenizers, base, tcfg.to_dict())
-    trainer = Trainer(model, ds, outputs.prompt_builder(model, tokenizers), tcfg, dist)
+    try:
+        trainer = Trainer(model, ds, outputs.prompt_builder(model, tokenizers), tcfg, dist)
+    except ValueError as e:
+        raise SystemExit(f"sam-fast train: {e}") from None
+    if trainer.fsdp is not None:
+        from sam_fast.train.distributed import gather_objects
+
+        held = gather_objects(trainer.fsdp["llm_local_parameters"], dist)
+        if dist.is_main:
+            f = trainer.fsdp
+            print(f"fsdp: language_model sharded over {f['world_size']} processes; LLM parameters held per rank "
+                  f"{held} of {f['llm_parameters']} (replicated: {', '.join(f['replicated'])})", flush=True)
     try:
         res = trainer.train(resume=args.resume)
     except NonFiniteLossError as e:
@@ -312,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", choices=["adaptive", "mean", "none"], help="SAMConfig.guidance")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--fsdp", action="store_true", default=None,
+                   help="under torchrun: shard the frozen LLM over the processes with FSDP2 (its parameter "
+                   "memory per GPU / N; the input embeddings and the trainable modules stay replicated)")
     for name, (typ, hlp) in TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, help=hlp)
     p.set_defaults(func=_cmd_train)

@@ -13,6 +13,11 @@ Loss: the LLM's token-mean cross-entropy over answer tokens, taken over the *glo
 micro-batch contributes loss x its tokens / all tokens of the step), so gradient accumulation and
 data parallelism give the same step as one big batch.
 
+``fsdp=True`` (under torchrun) shards the frozen LLM over the processes with FSDP2 before training
+(`sam_fast.train.distributed.shard_language_model`: memory per GPU, what stays replicated); the
+trainable modules, the gradient all-reduce, the optimiser and the checkpoints are unchanged, and
+the steps equal those without FSDP.
+
 Frozen modules run in eval mode (no dropout), as LAVIS does for its frozen encoders; the four
 trainable modules (Linear layers) have no dropout. Training is thus deterministic given the data,
 and on a CPU a resumed run reproduces an uninterrupted one bit for bit.
@@ -33,7 +38,14 @@ import torch
 
 from sam_fast.data import Collator, model_inputs
 from sam_fast.train import checkpoint as ckpt
-from sam_fast.train.distributed import DistInfo, all_reduce_grads, all_reduce_sum, barrier
+from sam_fast.train.distributed import (
+    DistInfo,
+    all_reduce_grads,
+    all_reduce_sum,
+    barrier,
+    is_sharded,
+    shard_language_model,
+)
 from sam_fast.train.schedule import build_optimizer, build_scheduler
 
 TRAINABLE_MODULES = ("adaptive_adjustment", "guidance_in", "guidance_out", "language_projection")
@@ -64,6 +76,7 @@ class TrainConfig:
     log_every: int = 1
     num_workers: int = 0
     progress: bool = True
+    fsdp: bool = False  # shard the frozen LLM over the torchrun processes (FSDP2); needs world_size > 1
 
     def validate(self) -> None:
         if self.amp not in ("none", "bf16", "fp16"):
@@ -123,6 +136,12 @@ class Trainer:
         self.model, self.dataset, self.config = model, dataset, config
         self.dist = dist or DistInfo(device=next(model.parameters()).device)
         self.device = self.dist.device
+        self.fsdp: dict | None = None  # what this rank holds of the LLM, when sharded
+        if config.fsdp:
+            self.fsdp = shard_language_model(model, self.dist)
+        elif self.dist.enabled and is_sharded(model):
+            raise ValueError("the model is already sharded with FSDP; pass TrainConfig(fsdp=True) so that every "
+                             "rank runs the LLM equally often (otherwise FSDP's all-gathers can deadlock)")
         self.collator = Collator(prompt_builder, train=True)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas)
@@ -218,6 +237,40 @@ class Trainer:
         for name in TRAINABLE_MODULES:
             getattr(self.model, name).train()
 
+    def _micro_batches(self, batches: list, n_tok: list[int], epoch: int):
+        """(batch, answer tokens, loss weight 1 or 0) for each forward/backward of this rank's step.
+
+        Micro-batches without samples (all undecodable under skip_bad) or answer tokens are skipped.
+        Under FSDP every rank must run the LLM equally often (its all-gathers are collectives), so a
+        rank whose micro-batch a is empty while another rank's is not runs a stand-in batch (its
+        first non-empty one, else the first usable sample of the dataset) with loss weight 0, which
+        adds exact zeros to the gradients."""
+        has = [b is not None and n > 0 for b, n in zip(batches, n_tok, strict=True)]
+        if self.fsdp is None:
+            return [(b, n, 1.0) for b, n, h in zip(batches, n_tok, has, strict=True) if h]
+        anyone = torch.tensor(has, dtype=torch.int32)
+        torch.distributed.all_reduce(anyone, op=torch.distributed.ReduceOp.MAX)
+        runs, stand_in = [], None
+        for b, n, h, a in zip(batches, n_tok, has, anyone.tolist(), strict=True):
+            if h:
+                runs.append((b, n, 1.0))
+            elif a:
+                if stand_in is None:
+                    stand_in = self._stand_in(batches, n_tok, epoch)
+                runs.append((*stand_in, 0.0))
+        return runs
+
+    def _stand_in(self, batches: list, n_tok: list[int], epoch: int) -> tuple[dict, int]:
+        for b, n in zip(batches, n_tok, strict=True):
+            if b is not None and n > 0:
+                return b, n
+        for i in range(len(self.dataset)):
+            b = self._load([i], epoch)
+            if b is not None and int((b["labels"][:, 1:] != -100).sum()) > 0:
+                return b, 1
+        raise RuntimeError(f"rank {self.dist.rank}: no usable sample in the dataset to keep FSDP's collectives "
+                           "in step with the other ranks")
+
     def train(self, resume: bool = False) -> TrainResult:
         cfg = self.config
         if self.dist.is_main:
@@ -250,13 +303,12 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 loss_sum = torch.zeros((), dtype=torch.float64)
                 ids = []
-                for b, n in zip(batches, n_tok, strict=True):
-                    if b is None or n == 0:
-                        continue
-                    ids += b["ids"]
+                for b, n, weight in self._micro_batches(batches, n_tok, epoch):
+                    if weight:
+                        ids += b["ids"]
                     with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         out = self.model(**model_inputs(b, self.device))
-                    loss = out.loss.float() * (n / total)
+                    loss = out.loss.float() * (n / total) * weight
                     self.scaler.scale(loss).backward()
                     loss_sum += loss.detach().double().cpu()
                 global_loss = all_reduce_sum(loss_sum.reshape(1), self.dist).item()
