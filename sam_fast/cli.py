@@ -12,7 +12,7 @@
 Options come from built-in defaults, then a config file (`--config FILE`, JSON or YAML), then the
 command line: the command line wins. `--config tiny` selects the built-in tiny configuration.
 Data parallel training: ``torchrun --nproc_per_node N -m sam_fast.cli train ...`` (add ``--fsdp`` to
-shard the frozen LLM over the processes).
+shard the frozen LLM over the processes); data parallel evaluation: ``torchrun ... -m sam_fast.cli eval ...``.
 """
 
 from __future__ import annotations
@@ -185,20 +185,32 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    import os
+
     from sam_fast.data import DataError
     from sam_fast.data.feature_cache import StaleCacheError
     from sam_fast.eval import evaluate
     from sam_fast.train import outputs
+    from sam_fast.train.distributed import DistInfo, init_from_env
 
+    dist = None
+    if args.device or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one share of the samples per rank
+        dist = init_from_env(args.device)
     model, tokenizers, what = outputs.load_model_dir(args.model)
+    if dist is not None:
+        model.to(dist.device)
     try:
         m = evaluate(model, args.data, outputs.prompt_builder(model, tokenizers), args.output,
                      batch_size=args.batch_size, skip_bad=args.skip_bad, progress=not args.no_progress,
-                     limit=args.limit, features=args.features, **_gen_kwargs(args))
+                     limit=args.limit, features=args.features, dist=dist, **_gen_kwargs(args))
     except (DataError, StaleCacheError) as e:
         raise SystemExit(f"sam-fast eval: {e}") from None
+    if not (dist or DistInfo()).is_main:
+        return 0
     print(f"model {what}; {m['num_samples']} samples"
-          + (f" ({m['skipped']} bad sample(s) skipped)" if m["skipped"] else ""))
+          + (f" ({m['skipped']} bad sample(s) skipped)" if m["skipped"] else "")
+          + (f"; generated on {len(m['samples_per_rank'])} processes: {m['samples_per_rank']} samples"
+             if "samples_per_rank" in m else ""))
     print(f"ROUGE_L {m['ROUGE_L']:.2f}  CIDEr {m['CIDEr']:.2f}  Bleu_4 {m['Bleu_4']:.2f}  -> {args.output}/metrics.json")
     return 0
 
@@ -352,13 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="generate for a test set and score it like the SAM paper (ROUGE_L, CIDEr, Bleu_4)",
         description="Writes OUTPUT/pred.json (sample_id, pred_response, gt_response), OUTPUT/metrics.json "
-        "(ROUGE_L, CIDEr, Bleu_4, x100, as the SAM authors' scorer computes them) and OUTPUT/eval_score.json.",
+        "(ROUGE_L, CIDEr, Bleu_4, x100, as the SAM authors' scorer computes them) and OUTPUT/eval_score.json. "
+        "Under torchrun (torchrun --nproc_per_node N -m sam_fast.cli eval ...) each process generates for every "
+        "N-th sample with a whole copy of the model and rank 0 writes the files, the same as one process would.",
     )
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True, help="test folder with annotations.json")
     p.add_argument("--output", required=True)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="samples per generate() call (per process)")
     p.add_argument("--limit", type=int, help="only the first N samples")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: under torchrun cuda:LOCAL_RANK if available, "
+                   "else cpu; in one process where the model loads)")
     p.add_argument("--features", help="feature cache of --data (sam-fast cache-features) to read instead of images")
     p.add_argument("--skip-bad", action="store_true")
     p.add_argument("--no-progress", action="store_true")

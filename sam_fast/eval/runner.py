@@ -5,6 +5,14 @@ with the eval transform; `evaluate` writes ``OUT/pred.json`` (records ``sample_i
 ``pred_response``, ``gt_response``, the SAM scorer's input format), ``OUT/metrics.json``
 (ROUGE_L, CIDEr, Bleu_4 x100 via `caption_metrics`, plus sample counts) and
 ``OUT/eval_score.json`` (per-sample scores, as the scorer writes them).
+
+Data parallel (`evaluate(..., dist=DistInfo)`, ``torchrun ... -m sam_fast.cli eval``): rank r
+generates for samples r, r + world, r + 2 world, ... of the dataset; rank 0 gathers the predictions
+(``all_gather_object``), puts them back in the dataset's order and writes the same three files as
+a single process (the predictions are the same: each sample is generated alone or in a batch with
+others, and a batch's padding is masked). Every rank holds the whole model: beam search runs a
+data-dependent number of LLM steps, so an FSDP-sharded LLM, whose all-gathers every rank must
+join equally often, would deadlock; a sharded model is refused.
 """
 
 from __future__ import annotations
@@ -17,28 +25,40 @@ import torch
 
 from sam_fast.data import AnnotationDataset, Collator, EvalTransform, model_inputs
 from sam_fast.eval.metrics import caption_metrics
+from sam_fast.train.distributed import DistInfo, barrier, broadcast_object, gather_objects, is_sharded, shard_indices
 
 
 @torch.no_grad()
 def predict(model, dataset, prompt_builder, batch_size: int = 8, device=None, progress: bool = False,
             **generate_kwargs) -> list[dict]:
     """[{"sample_id", "pred_response", "gt_response"}] in dataset order (skipped samples left out)."""
+    return [p for _, p in _predict_indexed(model, dataset, range(len(dataset)), prompt_builder, batch_size, device,
+                                           progress, **generate_kwargs)]
+
+
+def _predict_indexed(model, dataset, indices, prompt_builder, batch_size: int = 8, device=None,
+                     progress: bool = False, **generate_kwargs) -> list[tuple[int, dict]]:
+    """(dataset index, prediction record) for the samples `indices`, in that order."""
     device = device or next(model.parameters()).device
     collate = Collator(prompt_builder, train=False)
     model.eval()
-    starts = range(0, len(dataset), batch_size)
+    indices = list(indices)
+    starts = range(0, len(indices), batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="generate", unit="batch")
     preds = []
     for s in starts:
-        batch = collate([dataset[i] for i in range(s, min(s + batch_size, len(dataset)))])
+        chunk = indices[s : s + batch_size]
+        items = [dataset[i] for i in chunk]
+        batch = collate(items)
         if batch is None:
             continue
+        kept = [i for i, it in zip(chunk, items, strict=True) if it is not None]
         ids = model.generate(**model_inputs(batch, device, generation=True), **generate_kwargs)
-        for sid, row, gt in zip(batch["ids"], ids.tolist(), batch["outputs"], strict=True):
-            preds.append({"sample_id": sid, "pred_response": prompt_builder.decode(row), "gt_response": gt})
+        for i, sid, row, gt in zip(kept, batch["ids"], ids.tolist(), batch["outputs"], strict=True):
+            preds.append((i, {"sample_id": sid, "pred_response": prompt_builder.decode(row), "gt_response": gt}))
     return preds
 
 
@@ -70,9 +90,18 @@ def _write_json(path: Path, obj) -> None:
 
 
 def evaluate(model, data_dir, prompt_builder, output_dir, batch_size: int = 8, skip_bad: bool = False,
-             progress: bool = False, limit: int | None = None, features=None, **generate_kwargs) -> dict:
+             progress: bool = False, limit: int | None = None, features=None, dist: DistInfo | None = None,
+             **generate_kwargs) -> dict:
     """Generate for every sample of `data_dir`, score, write pred.json / metrics.json; returns the metrics.
-    `features`: a feature-cache directory to read instead of the images (checked against the model)."""
+    `features`: a feature-cache directory to read instead of the images (checked against the model).
+    `dist`: under torchrun, this process's `DistInfo` (`init_from_env`): the samples are split over
+    the ranks, rank 0 writes the files (module docstring), every rank returns the metrics, plus
+    ``samples_per_rank`` (predictions each rank made; not written to metrics.json)."""
+    info = dist or DistInfo(device=next(model.parameters()).device)
+    if info.enabled and is_sharded(model):
+        raise ValueError("data-parallel evaluation needs a whole model on every rank, not an FSDP-sharded one: "
+                         "beam search runs a different number of LLM steps on each rank, so FSDP's all-gathers "
+                         "would deadlock")
     if features is not None:
         from sam_fast.data.feature_cache import CachedFeatureDataset
 
@@ -82,12 +111,22 @@ def evaluate(model, data_dir, prompt_builder, output_dir, batch_size: int = 8, s
     if limit is not None:
         ds.records = ds.records[:limit]
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    preds = predict(model, ds, prompt_builder, batch_size, progress=progress, **generate_kwargs)
-    _write_json(out / "pred.json", preds)
-    m = caption_metrics([p["pred_response"] for p in preds], [p["gt_response"] for p in preds], per_sample=True)
-    per = m.pop("per_sample")
-    _write_json(out / "eval_score.json", [{"id": p["sample_id"], **s} for p, s in zip(preds, per, strict=True)])
-    m.update(num_samples=len(preds), skipped=len(ds.skipped))
-    _write_json(out / "metrics.json", m)
+    skipped_at_load = len(ds.skipped)  # the same on every rank; samples undecodable at generation come on top
+    mine = _predict_indexed(model, ds, shard_indices(len(ds), info), prompt_builder, batch_size,
+                            progress=progress and info.is_main, **generate_kwargs)
+    shares = gather_objects((mine, len(ds.skipped) - skipped_at_load), info)
+    m = None
+    if info.is_main:
+        preds = [p for _, p in sorted((ip for share, _ in shares for ip in share), key=lambda ip: ip[0])]
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "pred.json", preds)
+        m = caption_metrics([p["pred_response"] for p in preds], [p["gt_response"] for p in preds], per_sample=True)
+        per = m.pop("per_sample")
+        _write_json(out / "eval_score.json", [{"id": p["sample_id"], **s} for p, s in zip(preds, per, strict=True)])
+        m.update(num_samples=len(preds), skipped=skipped_at_load + sum(n for _, n in shares))
+        _write_json(out / "metrics.json", m)
+        if info.enabled:
+            m = {**m, "samples_per_rank": [len(share) for share, _ in shares]}
+    m = broadcast_object(m, info)
+    barrier(info)
     return m
