@@ -158,3 +158,55 @@ def test_autocast_runs_and_trains_the_adaptive_adjustment(context_mode):
         ref = reference_encode_images(model, feats, counts, ids, mask)
     assert (out.float() - ref).abs().max().item() <= 2e-2
     assert model.adaptive_adjustment.weight.grad.abs().sum() > 0
+
+
+guidance_mod = importlib.import_module("sam_fast.modules.guidance")
+sam_mod = importlib.import_module("sam_fast.models.sam")
+
+
+@needs_triton
+@pytest.mark.parametrize("guidance", ["adaptive", "mean"])
+def test_leave_one_out_k_v_formed_in_the_kernel_not_materialised(monkeypatch, guidance):
+    """leave_one_out on the fused kernel: the merged K/V are never materialised (the
+    re-weighting of the K/V buffer is not called; the kernel gets the images' K/V and a mixing
+    plan), and values and trainable gradients equal the reference model's, on ragged counts
+    (1, 3, 2: padded mixing slots) with the interaction at (2, 4)."""
+    monkeypatch.setattr(ca, "_interpreter_allowed", lambda: True)
+
+    def refuse(*a, **k):
+        raise AssertionError("merged K/V materialised on the fused leave_one_out path")
+
+    monkeypatch.setattr(sam_mod, "merged_context_kv", refuse)
+    plans = []
+    real_streams = ca.cross_attention_streams_triton
+    monkeypatch.setattr(next(b for b in ca._streams.backends if b.name == "triton"), "impl",
+                        lambda *a, **k: plans.append(k.get("mix") is not None) or real_streams(*a, **k))
+    model = randomize_guidance(tiny_sam(context_mode="leave_one_out", guidance=guidance, interaction_layers=(2, 4)))
+    _check_equal_with_grads(model, [1, 3, 2], pad_sample=0)
+    assert plans and all(plans)  # every cross-attention call of the W-stream used the mixing plan
+
+
+@pytest.mark.parametrize("guidance", ["adaptive", "mean"])
+def test_leave_one_out_mix_equals_the_re_weighting_op(guidance):
+    """The mixing plan applied to the features is the leave_one_out I-hat of `context_reweight`
+    (float64), for the images that have contextual images; the adaptive weights' gradient
+    reaches the Adaptive Adjustment Linear."""
+    from sam_fast.ops import context_reweight_ref, mix_kv
+
+    torch.manual_seed(0)
+    counts = [3, 1, 4, 2]
+    E = torch.randn(sum(counts), 7, 12, dtype=torch.float64)
+    lin = torch.nn.Linear(12, 1).double()
+    index, weight = guidance_mod.leave_one_out_mix(E, lin, counts, guidance)
+    assert index.shape == (9, 3) and weight.shape == (9, 3, 7)
+    got, _ = mix_kv(E[:, None], E[:, None], (index, weight))
+    cu = torch.tensor([0, 3, 4, 8, 10])
+    want = context_reweight_ref(E, lin.weight if guidance == "adaptive" else None,
+                                lin.bias if guidance == "adaptive" else None, cu, "leave_one_out")
+    ctx = torch.tensor([0, 1, 2, 4, 5, 6, 7, 8, 9])
+    torch.testing.assert_close(got[:, 0], want[ctx], rtol=1e-12, atol=1e-12)
+    if guidance == "adaptive":
+        (g,) = torch.autograd.grad((got[:, 0] * torch.randn_like(got[:, 0])).sum(), lin.weight)
+        assert g.abs().sum() > 0
+    with pytest.raises(ValueError, match="image counts"):
+        guidance_mod.leave_one_out_mix(E, lin, [3, 1], guidance)

@@ -36,7 +36,9 @@ from sam_fast.modules import (
     CrossKV,
     WStream,
     attention_bias,
+    leave_one_out_mix,
     merged_context_kv,
+    mix_in_kernel,
     project_cross_kv,
     run_two_streams,
 )
@@ -248,9 +250,18 @@ class SAM(InstructBlipPreTrainedModel):
 
         # K/V of every cross-attention layer, once per image, one GEMM (Part A's E_i).
         guided = cfg.guidance != "none" and max(counts) > 1
-        kv = project_cross_kv(layers, E.to(x.dtype), scratch=guided)
+        # leave_one_out on the fused attention kernel: I-hat's K/V are formed inside the kernel
+        # from the images' K/V and the softmax weights; elsewhere they are materialised once.
+        fused_mix = guided and cfg.context_mode == "leave_one_out" \
+            and mix_in_kernel(layers, x.dtype, dev, training=self.qformer.training)
+        kv = project_cross_kv(layers, E.to(x.dtype), scratch=guided and not fused_mix)
         w_stream = None
-        if guided:
+        if fused_mix:
+            index, weight = leave_one_out_mix(E, self.adaptive_adjustment, counts, cfg.guidance)
+            ctx_index = torch.tensor([t for t, b in enumerate(sample_of_l) if counts[b] > 1], device=dev)
+            rows = sample_of.index_select(0, ctx_index)
+            w_stream = WStream(embed(rows), bias.index_select(0, rows), kv, ctx_index, mix=(index, weight))
+        elif guided:
             # Part B: the K/V of the merged contextual maps I-hat, re-weighted from the images' K/V.
             cu = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32, device=dev)
             buf = kv.buffer

@@ -1,11 +1,12 @@
 """Building blocks of SAM, between the ops and the model."""
 
-from sam_fast.modules.guidance import merged_context_kv, merged_context_maps
+from sam_fast.modules.guidance import leave_one_out_mix, merged_context_kv, merged_context_maps
 from sam_fast.modules.qformer import (
     SCRATCH_COLUMNS,
     CrossKV,
     WStream,
     attention_bias,
+    mix_in_kernel,
     project_cross_kv,
     qformer_layer,
     run_two_streams,
@@ -16,8 +17,10 @@ __all__ = [
     "CrossKV",
     "WStream",
     "attention_bias",
+    "leave_one_out_mix",
     "merged_context_kv",
     "merged_context_maps",
+    "mix_in_kernel",
     "project_cross_kv",
     "qformer_layer",
     "run_two_streams",

@@ -1,6 +1,8 @@
 """Part B, contextual semantic generation: the Adaptive Adjustment that builds the merged
 contextual features I-hat which the W-stream cross-attends to (`merged_context_maps`), or directly
-the cross-attention K/V of I-hat (`merged_context_kv`, what the model uses)."""
+the cross-attention K/V of I-hat (`merged_context_kv`, what the model uses on CPU and in shared
+mode), or, in leave_one_out mode on the fused attention kernel, only the weights of I-hat
+(`leave_one_out_mix`): the kernel forms I-hat's K/V tiles from the images' K/V as it needs them."""
 
 from __future__ import annotations
 
@@ -80,3 +82,54 @@ def merged_context_kv(
     pick = torch.zeros(kv_scratch.shape[-1], dtype=kv_scratch.dtype, device=kv_scratch.device)
     pick[C] = 1.0
     return context_reweight(kv_scratch, pick, None, cu_images, context_mode)
+
+
+def leave_one_out_mix(
+    features: torch.Tensor,
+    adaptive_adjustment: nn.Linear,
+    counts: list[int],
+    guidance: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The leave_one_out I-hat of every image that has contextual images, as a mixing plan over
+    the images: ``(index [Tw, M], weight [Tw, M, P])`` with M = max(counts) - 1 and Tw the images
+    of the samples with more than one image, in image order. Row j (image i of sample b) lists
+    the other images m of b in order and ``weight[j, s, p] = softmax_{m != i}(s_m[p])`` with
+    ``s = Linear(E)`` (``guidance="adaptive"``) or ``1 / (n_b - 1)`` (``"mean"``); unused slots
+    point at image i with weight 0. So ``I-hat_i[p] = sum_s weight[j, s, p] E_{index[j, s]}[p]``
+    (`sam_fast.ops.mix_kv`), equal to `context_reweight(..., "leave_one_out")`, and, as in
+    `merged_context_kv`, the same weights applied to the images' K/V give I-hat's K/V.
+
+    The index is built on the host from `counts` (no device sync); the scores are computed in
+    fp32 (fp64 for fp64 features) and the weights are returned in that dtype, differentiable
+    with respect to the Adaptive Adjustment Linear.
+    """
+    if guidance not in ("adaptive", "mean"):
+        raise ValueError(f"leave_one_out_mix: guidance={guidance!r} has no merged maps")
+    T, P, _ = features.shape
+    if sum(counts) != T or min(counts, default=1) < 1:
+        raise ValueError(f"leave_one_out_mix: image counts {counts} do not describe the {T} images of features")
+    M = max(counts) - 1
+    dev = features.device
+    acc = torch.promote_types(features.dtype, torch.float32)
+    index, live = [], []
+    start = 0
+    for n in counts:
+        if n > 1:
+            for i in range(start, start + n):
+                others = [m for m in range(start, start + n) if m != i]
+                index.append(others + [i] * (M - len(others)))
+                live.append([True] * len(others) + [False] * (M - len(others)))
+        start += n
+    if not index:
+        return (torch.zeros(0, max(M, 1), dtype=torch.long, device=dev),
+                torch.zeros(0, max(M, 1), P, dtype=acc, device=dev))
+    index_t = torch.tensor(index, dtype=torch.long, device=dev)
+    live_t = torch.tensor(live, dtype=torch.bool, device=dev)[:, :, None]
+    if guidance == "mean":
+        weight = live_t.to(acc) / live_t.sum(1, keepdim=True).to(acc)
+        return index_t, weight.expand(-1, -1, P).contiguous()
+    w = adaptive_adjustment.weight.reshape(-1).to(acc)
+    scores = features.to(acc) @ w + adaptive_adjustment.bias.to(acc)  # [T, P]
+    picked = scores.index_select(0, index_t.reshape(-1)).view(*index_t.shape, P)
+    weight = torch.softmax(picked.masked_fill(~live_t, float("-inf")), dim=1)
+    return index_t, weight

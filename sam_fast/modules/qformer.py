@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sam_fast.ops import cross_attention, cross_attention_streams
+from sam_fast.ops import cross_attention, cross_attention_streams, streams_backend
 
 
 def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -106,6 +106,18 @@ def project_cross_kv(layers, features: torch.Tensor, scratch: bool = False) -> C
     return CrossKV(buf, first.num_attention_heads, first.all_head_size)
 
 
+def mix_in_kernel(layers, dtype: torch.dtype, device: torch.device, training: bool = False) -> bool:
+    """Whether the leave_one_out W-stream's K/V can be formed inside the attention kernel
+    (`WStream.mix`): true where `cross_attention_streams` takes the fused Triton backend for
+    cross-attention K/V of this dtype and device (CUDA, no attention dropout). Elsewhere the
+    reference backend would materialise the mixed K/V layer by layer, slower on CPU than merging
+    all layers at once with the C++ re-weighting kernel (`merged_context_kv`)."""
+    att = cross_layers(layers)[0].crossattention.attention
+    probe = torch.empty(1, att.num_attention_heads, 1, att.attention_head_size, dtype=dtype, device=device)
+    p = att.attention_dropout if training else 0.0
+    return streams_backend(probe, probe, dropout_p=p, mixed=True) == "triton"
+
+
 # -- one layer --------------------------------------------------------------------------------
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -130,16 +142,17 @@ def self_attention_block(attn: nn.Module, hidden: torch.Tensor, bias, out_rows: 
 def cross_attention_block(attn: nn.Module, qrows: torch.Tensor, kv_streams) -> torch.Tensor:
     """HF cross-attention of the query rows `qrows` [N, Q, H] to precomputed K/V.
 
-    `kv_streams` is ``[(k, v)]`` or ``[(k, v), (k2, v2, rows2)]``: the first ``k.shape[0]`` rows
-    of `qrows` (the Q-stream) attend to (k, v) row by row, the others (the W-stream) to (k2, v2)
-    rows ``rows2`` (None: row by row). One query projection, one attention call (one launch on
+    `kv_streams` is ``[(k, v)]`` or ``[(k, v), (k2, v2, rows2[, mix])]``: the first ``k.shape[0]``
+    rows of `qrows` (the Q-stream; may be none) attend to (k, v) row by row, the others (the
+    W-stream) to (k2, v2) rows ``rows2`` (None: row by row) or to the K/V mixed from them by
+    ``mix`` (`cross_attention_streams`). One query projection, one attention call (one launch on
     the Triton backend) and one output projection serve both streams."""
     mha = attn.attention
     q = _heads(mha.query(qrows), mha.num_attention_heads)
     p = mha.attention_dropout if mha.training else 0.0
     (k, v), *rest = kv_streams
-    k2, v2, rows2 = rest[0] if rest else (None, None, None)
-    ctx = cross_attention_streams(q, k, v, k2, v2, rows2, dropout_p=p, scale=mha.scaling)
+    k2, v2, rows2, mix = (tuple(rest[0]) + (None,))[:4] if rest else (None, None, None, None)
+    ctx = cross_attention_streams(q, k, v, k2, v2, rows2, dropout_p=p, scale=mha.scaling, mix=mix)
     return attn.output(ctx.transpose(1, 2).flatten(2), qrows)
 
 
@@ -161,9 +174,15 @@ def qformer_layer(layer: nn.Module, hidden, self_bias, kv_groups, query_length: 
     return out
 
 
-def _gather(kv_rows):
-    k, v, rows = kv_rows
-    return k.index_select(0, rows), v.index_select(0, rows)
+def _w_alone(w_kv):
+    """The K/V streams of the W-stream rows alone (layer k): gathered rows, row by row, or the
+    mixing plan with an empty first stream."""
+    k, v, rows, mix = w_kv
+    if mix is not None:
+        return [(k[:0], v[:0]), w_kv]
+    if rows is not None:
+        return [(k.index_select(0, rows), v.index_select(0, rows))]
+    return [(k, v)]
 
 
 # -- both streams -----------------------------------------------------------------------------
@@ -180,6 +199,9 @@ class WStream:
         from the start.
     kv_rows: [Tw] or None: the K/V row of each per-image W row (None: row j uses K/V row j).
         Rows before layer l use K/V row r (dedup rows and K/V rows are both per sample).
+    mix: (index [Tw, M], weight [Tw, M, P]) or None. With a mixing plan (leave_one_out on the
+        fused kernel) `kv` is the images' K/V and W row j attends to ``sum_s weight[j, s] *
+        kv[index[j, s]]``, formed inside the attention kernel (`sam_fast.ops.cross_attention_streams`).
     """
 
     hidden: torch.Tensor
@@ -188,6 +210,7 @@ class WStream:
     target: torch.Tensor
     expand: torch.Tensor | None = None
     kv_rows: torch.Tensor | None = None
+    mix: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def run_two_streams(
@@ -237,14 +260,14 @@ def run_two_streams(
         if layer.has_cross_attention:
             q_kv = kv.layer(c)
             if w is not None:
-                w_kv = (*ws.kv.layer(c), w_kv_rows)  # (k2, v2, rows2)
+                w_kv = (*ws.kv.layer(c), w_kv_rows, ws.mix)  # (k2, v2, rows2, mix)
             c += 1
         if w is not None and n < k:
             streams = [q_kv, w_kv] if q_kv is not None else []
             out = qformer_layer(layer, torch.cat([x, w]), both_bias, streams, query_length)
             x, w = out[:T], out[T:]
         elif w is not None:  # n == k: the W-stream alone, then the Q-stream with c_i
-            streams = [w_kv[:2] if w_kv_rows is None else _gather(w_kv)] if w_kv is not None else []
+            streams = _w_alone(w_kv) if w_kv is not None else []
             w = qformer_layer(layer, w, w_bias, streams, query_length)
             c_i = guidance_out(w)  # contextual semantics
             x = x.index_add(0, ws.target, c_i.to(x.dtype))  # (autocast: c_i may be half precision)

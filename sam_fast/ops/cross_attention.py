@@ -220,20 +220,26 @@ def _setup_context(ctx, inputs, output):
     ctx.split, ctx.scale = split, scale
 
 
-def mix_backward(dk_hat, dv_hat, key2, value2, mix_index, mix_weight):
+def mix_backward(dk_hat, dv_hat, key2, value2, mix_index, mix_weight, need_kv=True, need_weight=True):
     """Gradients through ``k_hat[j] = sum_s w[j, s, :] * key2[idx[j, s]]`` (same for v): from the
     mixed rows' dK-hat/dV-hat [R, H, Lk, d] (fp32) to (d key2, d value2) in fp32 and
-    d mix_weight [R, M, Lk] (``sum_{h,d} dK-hat * K + dV-hat * V`` per slot and key)."""
-    dk2 = torch.zeros(key2.shape, dtype=torch.float32, device=key2.device)
-    dv2 = torch.zeros(value2.shape, dtype=torch.float32, device=value2.device)
-    dw = torch.empty(mix_weight.shape, dtype=torch.float32, device=mix_weight.device)
+    d mix_weight [R, M, Lk] (``sum_{h,d} dK-hat * K + dV-hat * V`` per slot and key); the parts
+    not needed come back as None."""
+    dk2 = dv2 = dw = None
+    if need_kv:
+        dk2 = torch.zeros(key2.shape, dtype=torch.float32, device=key2.device)
+        dv2 = torch.zeros(value2.shape, dtype=torch.float32, device=value2.device)
+    if need_weight:
+        dw = torch.empty(mix_weight.shape, dtype=torch.float32, device=mix_weight.device)
     for slot in range(mix_index.shape[1]):
         idx = mix_index[:, slot].long()
-        a = mix_weight[:, slot, None, :, None].float()
-        dk2.index_add_(0, idx, a * dk_hat)
-        dv2.index_add_(0, idx, a * dv_hat)
-        dw[:, slot] = (dk_hat * key2.index_select(0, idx).float()).sum((1, 3)) \
-            + (dv_hat * value2.index_select(0, idx).float()).sum((1, 3))
+        if need_kv:
+            a = mix_weight[:, slot, None, :, None].float()
+            dk2.index_add_(0, idx, a * dk_hat)
+            dv2.index_add_(0, idx, a * dv_hat)
+        if need_weight:
+            dw[:, slot] = (dk_hat * key2.index_select(0, idx).float()).sum((1, 3)) \
+                + (dv_hat * value2.index_select(0, idx).float()).sum((1, 3))
     return dk2, dv2, dw
 
 
@@ -245,8 +251,13 @@ def _backward(ctx, grad_out, grad_lse):
     dk1, dv1 = dk[:s].to(key.dtype), dv[:s].to(value.dtype)
     dk2 = dv2 = dw = None
     if mix_index is not None:
-        dk2, dv2, dw = mix_backward(dk[s:], dv[s:], key2, value2, mix_index, mix_weight)
-        dk2, dv2, dw = dk2.to(key2.dtype), dv2.to(value2.dtype), dw.to(mix_weight.dtype)
+        need = ctx.needs_input_grad
+        dk2, dv2, dw = mix_backward(dk[s:], dv[s:], key2, value2, mix_index, mix_weight,
+                                    need_kv=need[3] or need[4], need_weight=need[10])
+        if dk2 is not None:
+            dk2, dv2 = dk2.to(key2.dtype), dv2.to(value2.dtype)
+        if dw is not None:
+            dw = dw.to(mix_weight.dtype)
     elif key2 is not None:
         if rows2 is None:
             dk2, dv2 = dk[s:].to(key2.dtype), dv[s:].to(value2.dtype)
