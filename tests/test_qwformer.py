@@ -210,3 +210,40 @@ def test_leave_one_out_mix_equals_the_re_weighting_op(guidance):
         assert g.abs().sum() > 0
     with pytest.raises(ValueError, match="image counts"):
         guidance_mod.leave_one_out_mix(E, lin, [3, 1], guidance)
+
+
+@pytest.mark.parametrize("context_mode", ["leave_one_out", "shared"])
+def test_encode_images_reads_no_device_values_on_the_host(monkeypatch, context_mode):
+    """encode_images builds its index plans from the (host) image counts and never reads a
+    tensor's values back (`tolist`, `item`, `bool()`, `int()`, ...): on a GPU each such read is a
+    sync that stalls the host's kernel launches. Checked on CPU by making those reads raise."""
+    model = tiny12(context_mode=context_mode, interaction_layers=(3, 6))
+    feats, ids, mask = ragged_batch(model, COUNTS, pad_sample=2)
+
+    def no_read(self, *a, **k):
+        raise AssertionError("a tensor's values were read on the host")
+
+    for name in ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, no_read)
+    with torch.no_grad():
+        out = _encode(model, feats, COUNTS, ids, mask)
+    monkeypatch.undo()
+    assert out.shape[0] == sum(COUNTS)
+    with pytest.raises(AssertionError, match="read on the host"):  # the trap works
+        monkeypatch.setattr(torch.Tensor, "tolist", no_read)
+        torch.tensor([1]).tolist()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device syncs exist only on CUDA")
+@pytest.mark.parametrize("context_mode", ["leave_one_out", "shared"])
+def test_encode_images_has_no_device_sync_on_cuda(context_mode):
+    model = tiny12(context_mode=context_mode, interaction_layers=(3, 6)).cuda().eval()
+    feats, ids, mask = (t.cuda() for t in ragged_batch(model, COUNTS, pad_sample=2))
+    _encode(model, feats, COUNTS, ids, mask)  # warm-up: kernel compilation, caches
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            _encode(model, feats, COUNTS, ids, mask)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -37,6 +37,7 @@ from sam_fast.modules import (
     WStream,
     attention_bias,
     leave_one_out_mix,
+    device_tensor,
     merged_context_kv,
     mix_in_kernel,
     project_cross_kv,
@@ -229,7 +230,7 @@ class SAM(InstructBlipPreTrainedModel):
         Q = cfg.num_query_tokens
         layers = self.qformer.encoder.layer
         sample_of_l = [b for b, n in enumerate(counts) for _ in range(n)]
-        sample_of = torch.tensor(sample_of_l, device=dev)  # [T] sample of each image
+        sample_of = device_tensor(sample_of_l, dev)  # [T] sample of each image
 
         # [query tokens ; instruction] embeddings and padding bias: once per sample, shared by the
         # rows of both streams (text padding is handled once for the batch). In training with
@@ -258,29 +259,30 @@ class SAM(InstructBlipPreTrainedModel):
         w_stream = None
         if fused_mix:
             index, weight = leave_one_out_mix(E, self.adaptive_adjustment, counts, cfg.guidance)
-            ctx_index = torch.tensor([t for t, b in enumerate(sample_of_l) if counts[b] > 1], device=dev)
+            ctx_index = device_tensor([t for t, b in enumerate(sample_of_l) if counts[b] > 1], dev)
             rows = sample_of.index_select(0, ctx_index)
             w_stream = WStream(embed(rows), bias.index_select(0, rows), kv, ctx_index, mix=(index, weight))
         elif guided:
             # Part B: the K/V of the merged contextual maps I-hat, re-weighted from the images' K/V.
-            cu = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32, device=dev)
+            offsets = [0] + list(itertools.accumulate(counts))
+            cu = device_tensor(offsets, dev, torch.int32)
             buf = kv.buffer
             if not buf.requires_grad:  # the scores written into buf's scratch column below must not
                 kv = CrossKV(buf.detach(), kv.heads, kv.hidden)  # drag the Q-stream's K/V into autograd
             kv_hat = merged_context_kv(E, buf, self.adaptive_adjustment, cu, cfg.context_mode, cfg.guidance,
-                                       kv_width=buf.shape[-1] - SCRATCH_COLUMNS)
+                                       kv_width=buf.shape[-1] - SCRATCH_COLUMNS, offsets=offsets)
             multi_l = [b for b, n in enumerate(counts) if n > 1]  # samples with contextual images
             ctx_l = [t for t, b in enumerate(sample_of_l) if counts[b] > 1]  # Q rows that get guidance
-            ctx_index = torch.tensor(ctx_l, device=dev)
+            ctx_index = device_tensor(ctx_l, dev)
             if cfg.context_mode == "shared":
                 # Dedup: before layer l every W row of a sample sees the same embeddings and the same
                 # I-hat, so it runs once per sample; at layer l it fans out to one row per image.
                 # In training the rows before l therefore share one dropout mask per sample.
-                multi = torch.tensor(multi_l, device=dev)
+                multi = device_tensor(multi_l, dev)
                 if len(multi_l) < B:
                     kv_hat = kv_hat.index_select(0, multi)
                 slot = {b: j for j, b in enumerate(multi_l)}
-                expand = torch.tensor([slot[sample_of_l[t]] for t in ctx_l], device=dev)
+                expand = device_tensor([slot[sample_of_l[t]] for t in ctx_l], dev)
                 w_stream = WStream(embed(multi), bias.index_select(0, multi), CrossKV(kv_hat, kv.heads, kv.hidden),
                                    ctx_index, expand=expand, kv_rows=expand)
             else:

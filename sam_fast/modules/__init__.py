@@ -1,5 +1,6 @@
 """Building blocks of SAM, between the ops and the model."""
 
+from sam_fast.modules.plans import device_tensor
 from sam_fast.modules.guidance import leave_one_out_mix, merged_context_kv, merged_context_maps
 from sam_fast.modules.qformer import (
     SCRATCH_COLUMNS,
@@ -17,6 +18,7 @@ __all__ = [
     "CrossKV",
     "WStream",
     "attention_bias",
+    "device_tensor",
     "leave_one_out_mix",
     "merged_context_kv",
     "merged_context_maps",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sam_fast.modules.plans import device_tensor
 from sam_fast.ops import context_reweight
 
 
@@ -41,6 +42,7 @@ def merged_context_kv(
     context_mode: str,
     guidance: str,
     kv_width: int | None = None,
+    offsets: list[int] | None = None,
 ) -> torch.Tensor:
     """The cross-attention K/V of I-hat from the K/V of the images: [T, P, W] (leave_one_out)
     or [B, P, W] (shared), merged K/V in ``[..., :C]``.
@@ -48,6 +50,7 @@ def merged_context_kv(
     `kv_scratch` [T, P, W] holds the K/V of the features E [T, P, D] in ``[..., :C]``, C =
     `kv_width` (default W - 1), and scratch columns after them (``project_cross_kv(...,
     scratch=True)``); column C is overwritten with the Adaptive Adjustment scores ``s = Linear(E)``.
+    `offsets`: host copy of cu_images (see `context_reweight`).
 
     Exact, not an approximation: K/V are affine in E (``K = E W_k^T + b_k``) and the weights
     ``alpha_{m,j}`` of a merged map sum to 1 over m, so ``sum_m alpha_{m,j} K_m[j] =
@@ -69,7 +72,7 @@ def merged_context_kv(
     if not 0 <= C < kv_scratch.shape[-1]:
         raise ValueError(f"merged_context_kv: kv_width={C} leaves no scratch column in {tuple(kv_scratch.shape)}")
     if guidance == "mean":
-        return context_reweight(kv_scratch, None, None, cu_images, context_mode)
+        return context_reweight(kv_scratch, None, None, cu_images, context_mode, offsets=offsets)
     if guidance != "adaptive":
         raise ValueError(f"merged_context_kv: guidance={guidance!r} has no merged maps")
     acc = torch.promote_types(features.dtype, torch.float32)
@@ -81,7 +84,7 @@ def merged_context_kv(
     kv_scratch[..., C:C + 1] = scores.to(kv_scratch.dtype)
     pick = torch.zeros(kv_scratch.shape[-1], dtype=kv_scratch.dtype, device=kv_scratch.device)
     pick[C] = 1.0
-    return context_reweight(kv_scratch, pick, None, cu_images, context_mode)
+    return context_reweight(kv_scratch, pick, None, cu_images, context_mode, offsets=offsets)
 
 
 def leave_one_out_mix(
@@ -123,8 +126,8 @@ def leave_one_out_mix(
     if not index:
         return (torch.zeros(0, max(M, 1), dtype=torch.long, device=dev),
                 torch.zeros(0, max(M, 1), P, dtype=acc, device=dev))
-    index_t = torch.tensor(index, dtype=torch.long, device=dev)
-    live_t = torch.tensor(live, dtype=torch.bool, device=dev)[:, :, None]
+    index_t = device_tensor(index, dev)
+    live_t = device_tensor(live, dev, torch.bool)[:, :, None]
     if guidance == "mean":
         weight = live_t.to(acc) / live_t.sum(1, keepdim=True).to(acc)
         return index_t, weight.expand(-1, -1, P).contiguous()

@@ -35,8 +35,9 @@ from sam_fast.ops.dispatch import ENV_VAR, dispatcher
 MODES = ("leave_one_out", "shared")
 
 
-def validate_context_reweight(features, weight, bias, cu_images, mode) -> None:
-    """Raise ValueError naming the offending value for any malformed input."""
+def validate_context_reweight(features, weight, bias, cu_images, mode, offsets=None) -> None:
+    """Raise ValueError naming the offending value for any malformed input. `offsets` (a host
+    copy of cu_images' values) is checked instead of reading cu_images from its device."""
     if mode not in MODES:
         raise ValueError(f"context_reweight: mode={mode!r} is not one of {MODES}")
     if not isinstance(features, torch.Tensor) or features.dim() != 3:
@@ -56,7 +57,9 @@ def validate_context_reweight(features, weight, bias, cu_images, mode) -> None:
         raise ValueError(f"context_reweight: cu_images dtype {cu_images.dtype} must be int32 or int64")
     if cu_images.numel() < 2:
         raise ValueError(f"context_reweight: cu_images needs B+1 >= 2 entries, got {cu_images.numel()}")
-    cu = cu_images.tolist()
+    if offsets is not None and len(offsets) != cu_images.numel():
+        raise ValueError(f"context_reweight: offsets has {len(offsets)} entries but cu_images {cu_images.numel()}")
+    cu = list(offsets) if offsets is not None else cu_images.tolist()
     if cu[0] != 0:
         raise ValueError(f"context_reweight: cu_images[0]={cu[0]} must be 0")
     if cu[-1] != T:
@@ -355,7 +358,7 @@ def _check_traced(features, weight, bias, cu_images, mode) -> None:
         raise ValueError(f"context_reweight: cu_images must be 1-D int32/int64, got {tuple(cu_images.shape)} {cu_images.dtype}")
 
 
-def context_reweight(features, weight, bias, cu_images, mode="leave_one_out"):
+def context_reweight(features, weight, bias, cu_images, mode="leave_one_out", offsets=None):
     """Merged contextual feature maps I-hat (see module docstring).
 
     Args:
@@ -364,6 +367,9 @@ def context_reweight(features, weight, bias, cu_images, mode="leave_one_out"):
         bias: [] or [1] (ignored mathematically by the softmax, kept for exact gradients) or None.
         cu_images: [B+1] int32/int64 offsets, cu_images[0] = 0, cu_images[-1] = T, increasing.
         mode: "leave_one_out" -> [T, P, D]; "shared" -> [B, P, D].
+        offsets: optional host copy (list of ints) of cu_images' values. Validation then reads it
+            instead of cu_images, which on a GPU saves a device-to-host copy (a sync) per call;
+            the caller vouches that both hold the same values.
 
     Differentiable with respect to features, weight and bias on every backend. The backend is
     the first of triton (CUDA tensors), cuda, cpu (sam_fast._C), reference that can run the
@@ -375,5 +381,5 @@ def context_reweight(features, weight, bias, cu_images, mode="leave_one_out"):
     if torch.compiler.is_compiling():
         _check_traced(features, weight, bias, cu_images, mode)
     else:
-        validate_context_reweight(features, weight, bias, cu_images, mode)
+        validate_context_reweight(features, weight, bias, cu_images, mode, offsets)
     return _dispatch(features, weight, bias, cu_images, mode)

@@ -323,3 +323,24 @@ def test_torch_compile_fullgraph_on_cpu():
     want = f(F, w, b)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(torch.autograd.grad(got, w), torch.autograd.grad(want, w))
+
+
+def test_host_offsets_replace_the_device_read(monkeypatch):
+    """With `offsets` (a host copy of cu_images) validation never reads cu_images (on a GPU that
+    read is a device-to-host sync per call); wrong offsets are still refused."""
+    from sam_fast.ops.context_reweight import validate_context_reweight
+
+    F = torch.randn(5, 3, 4)
+    w, cu = torch.randn(4), torch.tensor([0, 2, 5])
+
+    def no_read(self):
+        raise AssertionError("cu_images read on the host")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", no_read)
+    validate_context_reweight(F, w, None, cu, "leave_one_out", offsets=[0, 2, 5])
+    with pytest.raises(ValueError, match="must equal T=5"):
+        validate_context_reweight(F, w, None, cu, "leave_one_out", offsets=[0, 2, 4])
+    with pytest.raises(ValueError, match="offsets has 2 entries"):
+        validate_context_reweight(F, w, None, cu, "leave_one_out", offsets=[0, 5])
+    with pytest.raises(AssertionError, match="read on the host"):  # without offsets it reads them
+        validate_context_reweight(F, w, None, cu, "leave_one_out")
