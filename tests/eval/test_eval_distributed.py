@@ -8,10 +8,12 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import sam_fast
 from sam_fast.cli import main
 from sam_fast.data.synthetic import write_group_captions
 from sam_fast.train.distributed import DistInfo, shard_indices
@@ -46,7 +48,8 @@ def test_two_process_eval_equals_one(tmp_path, monkeypatch):
     with socket.socket() as sock:  # a free port: other jobs on the machine may use torchrun too
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    src = str(Path(sam_fast.__file__).resolve().parent.parent)  # the workers import the sam_fast under test
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "sam_fast.cli", "eval", "--model", str(run), "--data", str(test), "--output", str(tmp_path / "two"),
            *GEN]
