@@ -313,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  sam-fast train --config tiny --data DS --output runs/tiny --max-steps 400 --resume\n"
         "  sam-fast eval --model runs/tiny --data TESTSET --output runs/tiny/eval\n"
         "  sam-fast generate --model runs/tiny --images a.png b.png --prompt 'what is common?'\n"
-        "  torchrun --nproc_per_node 2 -m sam_fast.cli train --config run.yaml",
+        "  torchrun --nproc_per_node 2 -m sam_fast.cli train --config run.yaml\n"
+        "  torchrun --nproc_per_node 4 -m sam_fast.cli train --config run.yaml --fsdp   (LLM sharded over 4 GPUs)\n"
+        "  torchrun --nproc_per_node 4 -m sam_fast.cli eval --model runs/x --data TESTSET --output runs/x/eval",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

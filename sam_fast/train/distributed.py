@@ -82,7 +82,9 @@ def init_from_env(device: str | None = None) -> DistInfo:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        # on GPUs NCCL for CUDA tensors (gradients, FSDP's all-gathers) and gloo for the small CPU
+        # tensors the trainer reduces (token counts, losses): NCCL alone refuses CPU tensors
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo")
     if dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), local, dev)
     return DistInfo(0, 1, 0, dev)
@@ -145,6 +147,8 @@ def shard_language_model(model, info: DistInfo) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    if is_sharded(model):
+        raise ValueError("fsdp: the model is already sharded with fully_shard; pass it unsharded")
     llm = model.language_model
     trainable = [n for n, p in llm.named_parameters() if p.requires_grad]
     if trainable:
