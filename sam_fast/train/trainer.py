@@ -46,7 +46,7 @@ from sam_fast.train.distributed import (
     is_sharded,
     shard_language_model,
 )
-from sam_fast.train.schedule import build_optimizer, build_scheduler
+from sam_fast.train.schedule import build_optimizer, build_scheduler, lr_factor
 
 TRAINABLE_MODULES = ("adaptive_adjustment", "guidance_in", "guidance_out", "language_projection")
 
@@ -213,6 +213,7 @@ class Trainer:
         ckpt.load_trainable_into(self.model, trainable)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._sync_lr_to_schedule(int(state["step"]), state["config"])
         self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         self.step = int(state["step"])
@@ -220,6 +221,26 @@ class Trainer:
         if self.dist.is_main:
             self._truncate_log(self.step)
         return True
+
+    def _sync_lr_to_schedule(self, step: int, saved: dict) -> None:
+        """The learning rate of the next step from *this* run's schedule. The optimiser state holds
+        the rate the checkpointed run's schedule left behind; with a changed max_steps, warmup
+        or lr (e.g. extending a finished run, whose cosine ended at 0) that rate would drive the
+        first resumed step. Unchanged options give the same value, so resumes stay bit-exact."""
+        cfg = self.config
+        changed = {k: (saved.get(k), getattr(cfg, k)) for k in ("max_steps", "warmup_steps", "lr", "min_lr_ratio")
+                   if k in saved and saved.get(k) != getattr(cfg, k)}
+        if changed and self.dist.is_main:
+            warnings.warn("resuming with a changed schedule (" + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in
+                          changed.items()) + f"); the learning rate follows the new schedule from step {step + 1}",
+                          stacklevel=3)
+        if "lr" in changed:
+            self.scheduler.base_lrs = [cfg.lr for _ in self.optimizer.param_groups]
+        lrs = [base * lr_factor(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+               for base in self.scheduler.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs
 
     def _truncate_log(self, step: int) -> None:
         """Drop log records after `step` (written by the interrupted run past its last checkpoint)."""

@@ -174,3 +174,19 @@ def test_refuses_bad_config(data_dir, tmp_path):
         _setup(data_dir, tmp_path, batch_size=13)
     with pytest.raises(ValueError, match="unknown training option"):
         TrainConfig.from_dict({"lr": 1.0, "learning_rate": 2.0})
+
+
+def test_resume_with_more_steps_follows_the_new_schedule(data_dir, tmp_path):
+    """A finished run (cosine at its end) extended with a larger max_steps: the first resumed step
+    uses the new schedule's rate, not the 0 the old one left in the optimiser; a warning names
+    the change."""
+    first = _setup(data_dir, tmp_path / "run", max_steps=4, save_every=4)
+    first.train()
+    more = _setup(data_dir, tmp_path / "run", max_steps=8, save_every=4)
+    with pytest.warns(UserWarning, match="max_steps: 4 -> 8"):
+        more.train(resume=True)
+    recs = _log(tmp_path / "run")
+    assert [r["step"] for r in recs] == list(range(1, 9))
+    want = [3e-3 * lr_factor(s, 2, 8) for s in range(4, 8)]
+    assert [r["lr"] for r in recs[4:]] == pytest.approx(want, rel=1e-12)
+    assert recs[4]["lr"] > 0
