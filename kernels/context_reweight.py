@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 # Initial running maxima: finite, so that no inf - inf appears even in the branch a tl.where drops.
-NEG_BIG: tl.constexpr = -1.0e38
+NEG_BIG = tl.constexpr(-1.0e38)  # a constexpr object: a bare annotated float is not visible inside @jit on a GPU
 
 
 @triton.jit

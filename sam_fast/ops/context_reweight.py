@@ -157,7 +157,8 @@ def _triton_blocks(P, D, tiles):
     block_d = triton.next_power_of_2(D)
     if _interpreting():
         return triton.next_power_of_2(P), block_d, 4
-    block_p = max(1, min(triton.next_power_of_2(P), 8192 // (tiles * block_d)))
+    budget = max(1, 8192 // (tiles * block_d))  # patches whose `tiles` fp32 rows fit 8192 elements
+    block_p = min(triton.next_power_of_2(P), 1 << (budget.bit_length() - 1))  # tl.arange needs a power of 2
     return block_p, block_d, 8 if block_d >= 1024 else 4
 
 

@@ -95,15 +95,25 @@ def _check_triton(query, key, value, attn_bias=None, dropout_p=0.0, scale=None):
     return None
 
 
-def _blocks(Lq: int, Lk: int, d: int, interpret: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D). Dot blocks >= 16 (ENV.md); under the interpreter, big blocks
-    (each program instance costs milliseconds there)."""
+def _blocks(Lq: int, Lk: int, d: int, interpret: bool, dtype: torch.dtype = torch.float32
+            ) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_stages). Dot blocks >= 16 (ENV.md); under the interpreter,
+    big blocks (each program instance costs milliseconds there). On a GPU the K/V tiles of the
+    software pipeline live in shared memory, so wide heads take narrower key blocks and fewer
+    stages: checked against the per-block limits of sm_80 (163 KB) and sm_90 (227 KB) by
+    tests/test_triton_gpu_compile.py, which compiles every launch for both."""
     block_d = max(16, triton_next_pow2(d))
-    block_m = max(16, min(64, triton_next_pow2(Lq)))
-    block_n = max(16, min(256 if interpret else 64, triton_next_pow2(Lk)))
     if interpret:
-        block_m = max(16, min(128, triton_next_pow2(Lq)))
-    return block_m, block_n, block_d
+        return max(16, min(128, triton_next_pow2(Lq))), max(16, min(256, triton_next_pow2(Lk))), block_d, 1
+    block_m = max(16, min(64, triton_next_pow2(Lq)))
+    block_n = max(16, min(64, triton_next_pow2(Lk)))
+    stages = 3
+    wide = block_d * (4 if dtype == torch.float32 else 2)  # bytes of one tile row
+    if wide >= 512:  # fp32 d=128, half d=256
+        block_m, block_n, stages = min(block_m, 32), min(block_n, 32), 2
+    if wide >= 1024:  # fp32 d=256
+        stages = 1
+    return block_m, block_n, block_d, stages
 
 
 def triton_next_pow2(n: int) -> int:
@@ -149,7 +159,7 @@ def _triton_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key
     N, H, Lq, d = query.shape
     Lk = key.shape[2]
     interpret = query.device.type == "cpu"
-    bm, bn, bd = _blocks(Lq, Lk, d, interpret)
+    bm, bn, bd, stages = _blocks(Lq, Lk, d, interpret, query.dtype)
     out = torch.empty(N, Lq, H, d, dtype=query.dtype, device=query.device).transpose(1, 2)
     lse = torch.empty(N * H, Lq, dtype=torch.float32, device=query.device)
     bias, sbn, sbk, has_bias = _bias_args(attn_bias, query)
@@ -161,7 +171,7 @@ def _triton_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key
         H, Lq, Lk, d, scale,
         HAS_BIAS=has_bias, HAS_ROWS2=rows2 is not None, HAS_MIX=mix_index is not None,
         PRECISION=_precision(query.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_stages=stages,
     )
     return out, lse
 
@@ -186,7 +196,7 @@ def _triton_bwd(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, 
     N, H, Lq, d = query.shape
     Lk = key.shape[2]
     interpret = query.device.type == "cpu"
-    bm, bn, bd = _blocks(Lq, Lk, d, interpret)
+    bm, bn, bd, stages = _blocks(Lq, Lk, d, interpret, query.dtype)
     delta = (grad_out.float() * out.float()).sum(-1).reshape(N * H, Lq)  # rowsum(dO * O)
     dq = torch.empty(N, H, Lq, d, dtype=query.dtype, device=query.device)
     dk = torch.empty(N, H, Lk, d, dtype=torch.float32, device=query.device)
@@ -196,7 +206,7 @@ def _triton_bwd(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, 
               *grad_out.stride(), sbn, sbk, H, Lq, Lk, d, scale)
     meta = dict(HAS_BIAS=has_bias, HAS_ROWS2=rows2 is not None, HAS_MIX=mix_index is not None,
                 PRECISION=_precision(query.dtype),
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_stages=stages)
     attn_bwd_dkdv_kernel[(triton_cdiv(Lk, bn), N * H)](
         query, key, value, bias, grad_out, lse, delta, dk, dv, *common, **meta)
     attn_bwd_dq_kernel[(triton_cdiv(Lq, bm), N * H)](
