@@ -148,6 +148,14 @@ at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options) {
 
 // ------------------------------------------------------------------------------------ forward
 
+// Up to 16 columns per score block, fewer when a block's rows (n images x D floats per column)
+// would not stay well inside a 1 MB L2.
+constexpr int64_t kMaxScoreBlock = 16;
+inline int64_t score_block(int64_t max_n, int64_t D) {
+  const int64_t bytes_per_column = std::max<int64_t>(1, max_n * D * static_cast<int64_t>(sizeof(float)));
+  return std::max<int64_t>(1, std::min<int64_t>(kMaxScoreBlock, (int64_t{512} << 10) / bytes_per_column));
+}
+
 template <typename scalar_t>
 SAM_FAST_CPU_CLONES void fwd_columns(const scalar_t* F, const float* w, float bias, const int64_t* cu,
                                      int64_t P, int64_t D, bool shared, scalar_t* out, int64_t max_n,
@@ -155,12 +163,31 @@ SAM_FAST_CPU_CLONES void fwd_columns(const scalar_t* F, const float* w, float bi
   Rows<scalar_t> x(max_n, D);
   std::vector<float> s(max_n), e(max_n), inv_z(max_n), e2(max_n), tmp(max_n);
   std::vector<float> pre(max_n * D), acc(D), acc2(D);
+  // fp32 input: the scores of a block of `score_block` columns are computed image by image, so each
+  // image's rows are read as one contiguous run (a column's rows are P*D*4 bytes apart: read one
+  // column at a time, the loads wait on memory); the block's rows then stay in L2 for the sweeps.
+  constexpr bool kBlockScores = std::is_same<scalar_t, float>::value;
+  const int64_t score_cols = score_block(max_n, D);
+  std::vector<float> sblk(kBlockScores ? max_n * score_cols : 0);
+  int64_t blk_begin = 0, blk_end = begin;
 
   for (int64_t col = begin; col < end; ++col) {
     const int64_t b = col / P, j = col % P;
     const int64_t t0 = cu[b], n = cu[b + 1] - t0;
     x.load(F + (t0 * P + j) * D, P * D, n, D);
-    for (int64_t k = 0; k < n; ++k) s[k] = score(x[k], w, D, bias);
+    if constexpr (kBlockScores) {
+      if (col >= blk_end) {
+        blk_begin = col;
+        blk_end = std::min(std::min(end, col + score_cols), (b + 1) * P);
+        for (int64_t k = 0; k < n; ++k) {
+          const float* row = reinterpret_cast<const float*>(F) + ((t0 + k) * P + j) * D;
+          for (int64_t c = 0; c < blk_end - blk_begin; ++c) sblk[k * score_cols + c] = score(row + c * D, w, D, bias);
+        }
+      }
+      for (int64_t k = 0; k < n; ++k) s[k] = sblk[k * score_cols + (col - blk_begin)];
+    } else {
+      for (int64_t k = 0; k < n; ++k) s[k] = score(x[k], w, D, bias);
+    }
     const cr::Top2 top = cr::top2_of(s.data(), n);
 
     if (shared) {
