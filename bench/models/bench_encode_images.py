@@ -18,8 +18,6 @@ against re-weighting the 1408-wide features and projecting the merged maps.
 from __future__ import annotations
 
 import itertools
-import statistics
-import time
 
 import pytest
 import torch
@@ -30,7 +28,7 @@ from sam_fast.modules import merged_context_kv, merged_context_maps, project_cro
 from sam_fast.reference import released_schedule_encode_images
 
 
-from benchutil import benchmarks_disabled, run_benchmark, sync, timed  # bench/benchutil.py
+from benchutil import alternating_rounds, benchmarks_disabled, run_benchmark, timed  # bench/benchutil.py
 
 B, P, D, TEXT = 2, 257, 1408, 32
 
@@ -88,30 +86,12 @@ def bench_encode_images(benchmark, model, context_mode, n):
         theirs = released()
         assert (ours - theirs).abs().max().item() <= 1e-4
         return
-    # The released side is timed in pedantic's (untimed) setup, so the two sides alternate round by
-    # round. The ratio is of the two sides' fastest rounds: on a shared 2-core machine other jobs
-    # inflate single rounds, the released schedule's many small GEMMs more than ours, and the
-    # median of per-round ratios came out 1.5-2x higher than quiet runs (2026-11-22).
-    released_times = []
-
-    def setup():
-        t0 = time.perf_counter()
-        released()
-        sync()
-        released_times.append(time.perf_counter() - t0)
-
-    def call():
-        fast()
-        sync()
-
-    rounds = 3 if n >= 8 else 5
-    benchmark.pedantic(call, setup=setup, rounds=rounds, warmup_rounds=1, iterations=1)
-    fast_times = benchmark.stats.stats.data[-rounds:]
-    released_times = released_times[-rounds:]
-    speedup = min(released_times) / min(fast_times)
-    t_fast, t_released = min(fast_times), min(released_times)
-    benchmark.extra_info.update(
-        median_of_round_ratios=statistics.median(r / f for r, f in zip(released_times, fast_times, strict=True)))
+    # The two sides alternate round by round; the ratio is of their fastest rounds (other jobs
+    # inflate single rounds, the released schedule's many small GEMMs more than ours: the median
+    # of per-round ratios came out 1.5-2x higher than quiet runs, 2026-11-22).
+    t_fast, t_released, round_ratio = alternating_rounds(benchmark, fast, released, rounds=3 if n >= 8 else 5)
+    speedup = t_released / t_fast
+    benchmark.extra_info.update(median_of_round_ratios=round_ratio)
     benchmark.extra_info.update(
         context_mode=context_mode, N=n, images_per_sample=n, B=B, released_s=t_released, encode_images_s=t_fast,
         speedup_vs_released=speedup,
