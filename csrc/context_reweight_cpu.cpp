@@ -156,6 +156,38 @@ inline int64_t score_block(int64_t max_n, int64_t D) {
   return std::max<int64_t>(1, std::min<int64_t>(kMaxScoreBlock, (int64_t{512} << 10) / bytes_per_column));
 }
 
+// The scores of a column's rows. For fp32 input they are computed for a block of `score_block`
+// consecutive columns of one sample at a time, image by image, so each image's rows are read as
+// one contiguous run: a column's own rows are P*D*4 bytes apart, and read column by column the
+// loads wait on memory (40% of the forward in perf). The block's rows then stay in L2 for the
+// sweeps. The same `score` on the same values: results are bitwise those of the per-column order.
+template <typename scalar_t>
+struct ColumnScores {
+  static constexpr bool kBlock = std::is_same<scalar_t, float>::value;
+  int64_t cols, begin = 0, end = 0;
+  std::vector<float> s;
+  ColumnScores(int64_t max_n, int64_t D) : cols(score_block(max_n, D)), s(kBlock ? max_n * cols : 0) {}
+
+  // Scores of column `col` (sample b, patch j, rows t0 .. t0 + n) into out[0, n); a block never
+  // extends to `limit` or past the sample. `x` holds the column's rows (used for non-fp32 input).
+  void get(const scalar_t* F, const float* w, float bias, int64_t P, int64_t D, int64_t col, int64_t b,
+           int64_t j, int64_t t0, int64_t n, int64_t limit, const Rows<scalar_t>& x, float* out) {
+    if constexpr (kBlock) {
+      if (col < begin || col >= end) {
+        begin = col;
+        end = std::min(std::min(limit, col + cols), (b + 1) * P);
+        for (int64_t k = 0; k < n; ++k) {
+          const float* row = reinterpret_cast<const float*>(F) + ((t0 + k) * P + j) * D;
+          for (int64_t c = 0; c < end - begin; ++c) s[k * cols + c] = score(row + c * D, w, D, bias);
+        }
+      }
+      for (int64_t k = 0; k < n; ++k) out[k] = s[k * cols + (col - begin)];
+    } else {
+      for (int64_t k = 0; k < n; ++k) out[k] = score(x[k], w, D, bias);
+    }
+  }
+};
+
 template <typename scalar_t>
 SAM_FAST_CPU_CLONES void fwd_columns(const scalar_t* F, const float* w, float bias, const int64_t* cu,
                                      int64_t P, int64_t D, bool shared, scalar_t* out, int64_t max_n,
@@ -163,31 +195,13 @@ SAM_FAST_CPU_CLONES void fwd_columns(const scalar_t* F, const float* w, float bi
   Rows<scalar_t> x(max_n, D);
   std::vector<float> s(max_n), e(max_n), inv_z(max_n), e2(max_n), tmp(max_n);
   std::vector<float> pre(max_n * D), acc(D), acc2(D);
-  // fp32 input: the scores of a block of `score_block` columns are computed image by image, so each
-  // image's rows are read as one contiguous run (a column's rows are P*D*4 bytes apart: read one
-  // column at a time, the loads wait on memory); the block's rows then stay in L2 for the sweeps.
-  constexpr bool kBlockScores = std::is_same<scalar_t, float>::value;
-  const int64_t score_cols = score_block(max_n, D);
-  std::vector<float> sblk(kBlockScores ? max_n * score_cols : 0);
-  int64_t blk_begin = 0, blk_end = begin;
+  ColumnScores<scalar_t> scores(max_n, D);
 
   for (int64_t col = begin; col < end; ++col) {
     const int64_t b = col / P, j = col % P;
     const int64_t t0 = cu[b], n = cu[b + 1] - t0;
     x.load(F + (t0 * P + j) * D, P * D, n, D);
-    if constexpr (kBlockScores) {
-      if (col >= blk_end) {
-        blk_begin = col;
-        blk_end = std::min(std::min(end, col + score_cols), (b + 1) * P);
-        for (int64_t k = 0; k < n; ++k) {
-          const float* row = reinterpret_cast<const float*>(F) + ((t0 + k) * P + j) * D;
-          for (int64_t c = 0; c < blk_end - blk_begin; ++c) sblk[k * score_cols + c] = score(row + c * D, w, D, bias);
-        }
-      }
-      for (int64_t k = 0; k < n; ++k) s[k] = sblk[k * score_cols + (col - blk_begin)];
-    } else {
-      for (int64_t k = 0; k < n; ++k) s[k] = score(x[k], w, D, bias);
-    }
+    scores.get(F, w, bias, P, D, col, b, j, t0, n, end, x, s.data());
     const cr::Top2 top = cr::top2_of(s.data(), n);
 
     if (shared) {
@@ -272,6 +286,7 @@ SAM_FAST_CPU_CLONES void bwd_tasks(const scalar_t* G, const scalar_t* F, const f
   std::vector<float> s(max_n), e(max_n), inv_z(max_n), e2(max_n), tmp(max_n);
   std::vector<float> dp(max_n), xh(max_n), p1(max_n), c(max_n), ch(max_n), ds(max_n);
   std::vector<float> Gk(dF ? max_n * D : 0), acc(D), h(D);
+  ColumnScores<scalar_t> scores(max_n, D);
 
   for (int64_t task = task_begin; task < task_end; ++task) {
     float* dw = partial + task * (D + 1);
@@ -282,7 +297,7 @@ SAM_FAST_CPU_CLONES void bwd_tasks(const scalar_t* G, const scalar_t* F, const f
       const int64_t t0 = cu[b], n = cu[b + 1] - t0;
       if (n == 0) continue;
       x.load(F + (t0 * P + j) * D, P * D, n, D);
-      for (int64_t k = 0; k < n; ++k) s[k] = score(x[k], w, D, bias);
+      scores.get(F, w, bias, P, D, col, b, j, t0, n, std::min(cols, (task + 1) * kColsPerTask), x, s.data());
       const cr::Top2 top = cr::top2_of(s.data(), n);
 
       if (shared) {
