@@ -233,3 +233,32 @@ def attn_bwd_dq_kernel(
     mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
     tl.store(dQ + pid_nh * Lq * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(dQ.dtype.element_ty),
              mask=mask)
+
+
+@triton.jit
+def mix_weight_grad_kernel(
+    dKh, dVh, K2, V2, MixIdx, dW,
+    sk2n, sk2h, sk2m, sk2d, sv2n, sv2h, sv2m, sv2d,
+    H, Lk, D, M,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Gradient of the mixing weights: ``dW[j, s, key] = sum_{h, d} dKh[j, h, key, d] *
+    K2[MixIdx[j, s], h, key, d] + (same for V)``, one (key block, mixed row) per program, no
+    atomics. dKh/dVh are the mixed rows' K/V gradients, contiguous fp32 [R, H, Lk, d]; dW is
+    contiguous fp32 [R, M, Lk]. Replaces a gather of every slot's K/V rows (M copies of [R, H,
+    Lk, d] per layer) and two reductions by one pass over the rows the forward read."""
+    pid_n = tl.program_id(0)
+    j = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    for slot in range(0, M):
+        r = tl.load(MixIdx + j * M + slot)
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for h in range(0, H):
+            g_base = (j * H + h) * Lk * D
+            dk = _load_block(dKh + g_base, offs_n, offs_d, D, 1, Lk, D)
+            dv = _load_block(dVh + g_base, offs_n, offs_d, D, 1, Lk, D)
+            k = _load_block(K2 + r * sk2n + h * sk2h, offs_n, offs_d, sk2m, sk2d, Lk, D)
+            v = _load_block(V2 + r * sv2n + h * sv2h, offs_n, offs_d, sv2m, sv2d, Lk, D)
+            acc += tl.sum(dk * k, 1) + tl.sum(dv * v, 1)
+        tl.store(dW + (j * M + slot) * Lk + offs_n, acc, mask=offs_n < Lk)

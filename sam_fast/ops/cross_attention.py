@@ -223,6 +223,32 @@ def _(grad_out, query, key, value, key2, value2, rows2, split, attn_bias, out, l
     return torch.empty_like(query), torch.empty(N, H, Lk, d, **f32), torch.empty(N, H, Lk, d, **f32)
 
 
+@torch.library.custom_op("sam_fast::mix_weight_grad", mutates_args=())
+def _mix_weight_grad(dk_hat: torch.Tensor, dv_hat: torch.Tensor, key2: torch.Tensor, value2: torch.Tensor,
+                     mix_index: torch.Tensor) -> torch.Tensor:
+    """d mix_weight [R, M, Lk] (fp32) from the mixed rows' dK-hat/dV-hat [R, H, Lk, d] (fp32,
+    contiguous): ``sum_{h,d} dK-hat[j] * key2[idx[j, s]] + dV-hat[j] * value2[idx[j, s]]``, one
+    Triton launch (`mix_weight_grad_kernel`)."""
+    from sam_fast._kernels.cross_attention import mix_weight_grad_kernel
+
+    R, H, Lk, d = dk_hat.shape
+    M = mix_index.shape[1]
+    dw = torch.empty(R, M, Lk, dtype=torch.float32, device=dk_hat.device)
+    interpret = dk_hat.device.type == "cpu"
+    block_d = max(16, triton_next_pow2(d))
+    block_n = max(16, min(256 if interpret else 64, triton_next_pow2(Lk)))
+    if R and M:
+        mix_weight_grad_kernel[(triton_cdiv(Lk, block_n), R)](
+            dk_hat.contiguous(), dv_hat.contiguous(), key2, value2, mix_index, dw,
+            *key2.stride(), *value2.stride(), H, Lk, d, M, BLOCK_N=block_n, BLOCK_D=block_d)
+    return dw
+
+
+@_mix_weight_grad.register_fake
+def _(dk_hat, dv_hat, key2, value2, mix_index):
+    return dk_hat.new_empty(dk_hat.shape[0], mix_index.shape[1], dk_hat.shape[2], dtype=torch.float32)
+
+
 def _setup_context(ctx, inputs, output):
     query, key, value, key2, value2, rows2, split, attn_bias, scale, mix_index, mix_weight = inputs
     out, lse = output
@@ -262,12 +288,11 @@ def _backward(ctx, grad_out, grad_lse):
     dk2 = dv2 = dw = None
     if mix_index is not None:
         need = ctx.needs_input_grad
-        dk2, dv2, dw = mix_backward(dk[s:], dv[s:], key2, value2, mix_index, mix_weight,
-                                    need_kv=need[3] or need[4], need_weight=need[10])
-        if dk2 is not None:
+        if need[3] or need[4]:  # K/V that require grad (not SAM's frozen Q-former): gathered in PyTorch
+            dk2, dv2, _ = mix_backward(dk[s:], dv[s:], key2, value2, mix_index, mix_weight, need_weight=False)
             dk2, dv2 = dk2.to(key2.dtype), dv2.to(value2.dtype)
-        if dw is not None:
-            dw = dw.to(mix_weight.dtype)
+        if need[10]:
+            dw = _mix_weight_grad(dk[s:], dv[s:], key2, value2, mix_index).to(mix_weight.dtype)
     elif key2 is not None:
         if rows2 is None:
             dk2, dv2 = dk[s:].to(key2.dtype), dv[s:].to(value2.dtype)

@@ -281,6 +281,15 @@ def test_triton_mixed_op_passes_opcheck(force_triton):
             index.to(torch.int32), w)
     torch.library.opcheck(torch.ops.sam_fast.cross_attention_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    dk_hat = torch.randn(3, H, k.shape[2], d)
+    torch.library.opcheck(torch.ops.sam_fast.mix_weight_grad.default,
+                          (dk_hat, dk_hat.clone(), k.detach(), v.detach(), index.to(torch.int32)),
+                          test_utils=("test_schema", "test_faketensor"))
+    # and its values: the per-slot gather-and-reduce it replaces, in float64
+    got = torch.ops.sam_fast.mix_weight_grad(dk_hat, dk_hat * 2, k.detach(), v.detach(), index.to(torch.int32))
+    _, _, want = ca.mix_backward(dk_hat.double(), 2 * dk_hat.double(), k.detach().double(), v.detach().double(),
+                                 index, w.double(), need_kv=False)
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_streams_bad_inputs():
