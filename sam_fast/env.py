@@ -58,6 +58,24 @@ def _ops() -> list[str]:
     return lines or ["  (no ops registered)"]
 
 
+def _schedule() -> list[str]:
+    """How encode_images builds the leave_one_out W-stream's K/V on each device here (BERT-base
+    Q-former heads: 12 x 64, fp16 on CUDA, fp32 on CPU)."""
+    import torch
+
+    from sam_fast.ops.cross_attention import streams_backend
+
+    devices = [("cpu", torch.float32)] + ([("cuda", torch.float16)] if torch.cuda.is_available() else [])
+    lines = []
+    for dev, dtype in devices:
+        probe = torch.empty(1, 12, 1, 64, dtype=dtype, device=dev)
+        backend = streams_backend(probe, probe, mixed=True)
+        how = ("formed inside the fused attention kernel (never materialised)" if backend == "triton" else
+               f"materialised once per batch by context_reweight (attention backend: {backend})")
+        lines.append(f"  {dev}: leave_one_out W-stream K/V {how}")
+    return lines
+
+
 def _section(title: str, fn) -> list[str]:
     try:
         return fn()
@@ -78,6 +96,8 @@ def report() -> str:
     lines += _section("extension", _extension)
     lines.append("ops (backend chosen for a sample CPU input; reasons per backend):")
     lines += _section("  ops", _ops)
+    lines.append("encode_images schedule:")
+    lines += _section("  schedule", _schedule)
     return "\n".join(lines)
 
 

@@ -25,6 +25,10 @@ def _check_report(text: str) -> None:
     assert "CUDA available: " in text
     assert _expected_extension_line() in text
     assert "ops (backend chosen" in text
+    # where the leave_one_out merge happens, per device (CPU: the materialising C++/reference path)
+    assert "  cpu: leave_one_out W-stream K/V materialised once per batch" in text
+    if __import__("torch").cuda.is_available():
+        assert "  cuda: leave_one_out W-stream K/V" in text
 
 
 def test_report_in_process():
