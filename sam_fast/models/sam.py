@@ -36,8 +36,8 @@ from sam_fast.modules import (
     CrossKV,
     WStream,
     attention_bias,
-    leave_one_out_mix,
     device_tensor,
+    leave_one_out_mix,
     merged_context_kv,
     mix_in_kernel,
     project_cross_kv,
@@ -203,7 +203,9 @@ class SAM(InstructBlipPreTrainedModel):
 
         Schedule (equal to the per-image reference `sam_fast.reference.reference_encode_images`):
         embeddings once per sample; the K/V of every cross-attention layer projected once per
-        image in one GEMM; the W-stream's K/V re-weighted from those (I-hat is never projected);
+        image in one GEMM; the W-stream's K/V re-weighted from those (I-hat is never projected;
+        in leave_one_out mode on the fused attention kernel they are not even materialised: the
+        kernel weights the other images' K/V tiles as it reads them);
         Q-stream and W-stream rows batched in every layer up to k; in shared mode the W-stream
         layers before l run once per sample (so in training those layers draw one dropout mask
         per sample instead of one per image).
