@@ -68,8 +68,7 @@ def _schedule() -> list[str]:
     devices = [("cpu", torch.float32)] + ([("cuda", torch.float16)] if torch.cuda.is_available() else [])
     lines = []
     for dev, dtype in devices:
-        probe = torch.empty(1, 12, 1, 64, dtype=dtype, device=dev)
-        backend = streams_backend(probe, probe, mixed=True)
+        backend = streams_backend(12, 64, dtype, dev, mixed=True)
         how = ("formed inside the fused attention kernel (never materialised)" if backend == "triton" else
                f"materialised once per batch by context_reweight (attention backend: {backend})")
         lines.append(f"  {dev}: leave_one_out W-stream K/V {how}")

@@ -113,9 +113,8 @@ def mix_in_kernel(layers, dtype: torch.dtype, device: torch.device, training: bo
     reference backend would materialise the mixed K/V layer by layer, slower on CPU than merging
     all layers at once with the C++ re-weighting kernel (`merged_context_kv`)."""
     att = cross_layers(layers)[0].crossattention.attention
-    probe = torch.empty(1, att.num_attention_heads, 1, att.attention_head_size, dtype=dtype, device=device)
     p = att.attention_dropout if training else 0.0
-    return streams_backend(probe, probe, dropout_p=p, mixed=True) == "triton"
+    return streams_backend(att.num_attention_heads, att.attention_head_size, dtype, device, p, mixed=True) == "triton"
 
 
 # -- one layer --------------------------------------------------------------------------------

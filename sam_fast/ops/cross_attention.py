@@ -256,27 +256,19 @@ def _setup_context(ctx, inputs, output):
     ctx.split, ctx.scale = split, scale
 
 
-def mix_backward(dk_hat, dv_hat, key2, value2, mix_index, mix_weight, need_kv=True, need_weight=True):
-    """Gradients through ``k_hat[j] = sum_s w[j, s, :] * key2[idx[j, s]]`` (same for v): from the
-    mixed rows' dK-hat/dV-hat [R, H, Lk, d] (fp32) to (d key2, d value2) in fp32 and
-    d mix_weight [R, M, Lk] (``sum_{h,d} dK-hat * K + dV-hat * V`` per slot and key); the parts
-    not needed come back as None."""
-    dk2 = dv2 = dw = None
-    if need_kv:
-        dk2 = torch.zeros(key2.shape, dtype=torch.float32, device=key2.device)
-        dv2 = torch.zeros(value2.shape, dtype=torch.float32, device=value2.device)
-    if need_weight:
-        dw = torch.empty(mix_weight.shape, dtype=torch.float32, device=mix_weight.device)
+def mix_kv_backward(dk_hat, dv_hat, key2, value2, mix_index, mix_weight):
+    """Gradients of key2/value2 through ``k_hat[j] = sum_s w[j, s, :] * key2[idx[j, s]]`` (same for
+    v), from the mixed rows' dK-hat/dV-hat [R, H, Lk, d] (fp32): a scatter-add per slot, in fp32.
+    Only needed when the K/V require grad (never for SAM's frozen Q-former); the weights' gradient
+    is `_mix_weight_grad`."""
+    dk2 = torch.zeros(key2.shape, dtype=torch.float32, device=key2.device)
+    dv2 = torch.zeros(value2.shape, dtype=torch.float32, device=value2.device)
     for slot in range(mix_index.shape[1]):
         idx = mix_index[:, slot].long()
-        if need_kv:
-            a = mix_weight[:, slot, None, :, None].float()
-            dk2.index_add_(0, idx, a * dk_hat)
-            dv2.index_add_(0, idx, a * dv_hat)
-        if need_weight:
-            dw[:, slot] = (dk_hat * key2.index_select(0, idx).float()).sum((1, 3)) \
-                + (dv_hat * value2.index_select(0, idx).float()).sum((1, 3))
-    return dk2, dv2, dw
+        a = mix_weight[:, slot, None, :, None].float()
+        dk2.index_add_(0, idx, a * dk_hat)
+        dv2.index_add_(0, idx, a * dv_hat)
+    return dk2, dv2
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -289,7 +281,7 @@ def _backward(ctx, grad_out, grad_lse):
     if mix_index is not None:
         need = ctx.needs_input_grad
         if need[3] or need[4]:  # K/V that require grad (not SAM's frozen Q-former): gathered in PyTorch
-            dk2, dv2, _ = mix_backward(dk[s:], dv[s:], key2, value2, mix_index, mix_weight, need_weight=False)
+            dk2, dv2 = mix_kv_backward(dk[s:], dv[s:], key2, value2, mix_index, mix_weight)
             dk2, dv2 = dk2.to(key2.dtype), dv2.to(value2.dtype)
         if need[10]:
             dw = _mix_weight_grad(dk[s:], dv[s:], key2, value2, mix_index).to(mix_weight.dtype)
@@ -410,17 +402,17 @@ _streams.register("triton", cross_attention_streams_triton, _check_streams_trito
 _streams.register("reference", cross_attention_streams_ref, _check_reference)
 
 
-def streams_backend(key, value, dropout_p=0.0, mixed=False) -> str:
+def streams_backend(heads: int, head_dim: int, dtype: torch.dtype, device, dropout_p: float = 0.0,
+                    mixed: bool = False) -> str:
     """Name of the backend `cross_attention_streams` would take for query rows attending to K/V
-    like `key`/`value` [R, H, Lk, d] (``mixed``: through a mixing plan). Lets a caller pick a
-    schedule that suits the backend (the model forms leave_one_out K/V in the kernel only when
-    the kernel runs)."""
-    R, H, Lk, d = key.shape
-    q = key.new_empty(2, H, 1, d)
-    k, v = key[:1], value[:1]
-    mix = (torch.zeros(1, 1, dtype=torch.int32, device=key.device),
-           torch.ones(1, 1, Lk, dtype=torch.float32, device=key.device)) if mixed else None
-    return _streams.choose(q, k, v, k, v, None, dropout_p, None, mix=mix).name
+    of `heads` x `head_dim` in `dtype` on `device` (``mixed``: through a mixing plan). Lets a
+    caller pick a schedule that suits the backend (the model forms leave_one_out K/V in the kernel
+    only when the kernel runs)."""
+    probe = torch.empty(1, heads, 1, head_dim, dtype=dtype, device=device)
+    mix = (torch.zeros(1, 1, dtype=torch.int32, device=device),
+           torch.ones(1, 1, 1, dtype=torch.float32, device=device)) if mixed else None
+    return _streams.choose(probe.expand(2, -1, -1, -1), probe, probe, probe, probe, None, dropout_p, None,
+                           mix=mix).name
 
 
 def _validate_mix(mix, n2, key2):

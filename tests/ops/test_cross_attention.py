@@ -54,14 +54,28 @@ def _oracle(q, k, v, bias, scale):
     return torch.softmax(s, -1) @ v.double()
 
 
+def _kv_views(buf, H, d):
+    """(k, v) [R, H, L, d] as strided views of a [R, L, 2*H*d (+ extra)] projection buffer."""
+    return tuple(buf[..., i * H * d:(i + 1) * H * d].unflatten(-1, (H, d)).transpose(1, 2) for i in (0, 1))
+
+
+def _assert_grads_close(out, ref, inputs, gr=None):
+    """Gradients of `out` (under test) and the float64 `ref` w.r.t. `inputs` agree; returns ours."""
+    gr = torch.randn_like(out) if gr is None else gr
+    got = torch.autograd.grad(out, inputs, gr)
+    want = torch.autograd.grad(ref, inputs, gr.double())
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
+    return got
+
+
 def _two_stream_inputs(dtype, d=24, Lk=21, Lq=8, H=2, T=3, Tw=2, seed=0):
     """Query rows of a Q-stream (T rows) and a W-stream (Tw rows) and their K/V as strided
     views of one [R, Lk, 2*H*d + 1] buffer each, like the model's one-GEMM projection."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(T + Tw, H, Lq, d, generator=g).to(DEV, dtype)
     bufs = [torch.randn(r, Lk, 2 * H * d + 1, generator=g).to(DEV, dtype) for r in (T, Tw)]
-    kvs = [(b[..., : H * d].unflatten(-1, (H, d)).transpose(1, 2), b[..., H * d: 2 * H * d].unflatten(-1, (H, d)).transpose(1, 2))
-           for b in bufs]
+    kvs = [_kv_views(b, H, d) for b in bufs]
     return q, kvs
 
 
@@ -166,22 +180,15 @@ def test_triton_streams_one_launch_matches_float64(force_triton, rows2):
     if rows2 is None:
         buf2 = torch.randn(4, Lk, 2 * H * d + 1, generator=g).to(DEV).requires_grad_()
 
-    def kv(b):
-        return (b[..., : H * d].unflatten(-1, (H, d)).transpose(1, 2), b[..., H * d: 2 * H * d].unflatten(-1, (H, d)).transpose(1, 2))
-
-    k1, v1 = kv(buf1)
-    k2, v2 = kv(buf2)
+    k1, v1 = _kv_views(buf1, H, d)
+    k2, v2 = _kv_views(buf2, H, d)
     r2 = None if rows2 is None else torch.tensor(rows2, device=DEV)
     assert ca._streams.choose(q, k1, v1, k2, v2, r2, 0.0, None).name == "triton"
     out = ca.cross_attention_streams(q, k1, v1, k2, v2, r2)
     k2r, v2r = (k2, v2) if r2 is None else (k2.index_select(0, r2), v2.index_select(0, r2))
     ref = torch.cat([_oracle(q[:3], k1, v1, None, d ** -0.5), _oracle(q[3:], k2r, v2r, None, d ** -0.5)])
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-6)
-    gr = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, buf1, buf2), gr)
-    want = torch.autograd.grad(ref, (q, buf1, buf2), gr.double())
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
+    _assert_grads_close(out, ref, (q, buf1, buf2))
     # the reference backend agrees
     torch.testing.assert_close(ca.cross_attention_streams_ref(q, k1, v1, k2, v2, r2).double(), ref, rtol=1e-5, atol=2e-6)
 
@@ -210,10 +217,7 @@ def _mix_case(split, seed=5, d=16, H=2, Lq=8, Lk=19, dtype=torch.float32):
 
 def _mix_oracle(q, buf, scores, index, live, split, H, d):
     """float64: materialise the mixed K/V, then attention per stream."""
-    def heads(b, lo):
-        return b[..., lo * H * d:(lo + 1) * H * d].unflatten(-1, (H, d)).transpose(1, 2)
-
-    k, v = heads(buf.double(), 0), heads(buf.double(), 1)
+    k, v = _kv_views(buf.double(), H, d)
     w = torch.softmax(scores.double().masked_fill(~live[:, :, None], float("-inf")), 1)
     kh = sum(w[:, s, None, :, None] * k[index[:, s]] for s in range(index.shape[1]))
     vh = sum(w[:, s, None, :, None] * v[index[:, s]] for s in range(index.shape[1]))
@@ -230,7 +234,7 @@ def test_triton_mixed_kv_formed_in_kernel_match_float64(force_triton, split):
     scores (through the weights) against float64."""
     d, H = 16, 2
     q, buf, scores, index, live = _mix_case(split)
-    k, v = buf[..., : H * d].unflatten(-1, (H, d)).transpose(1, 2), buf[..., H * d: 2 * H * d].unflatten(-1, (H, d)).transpose(1, 2)
+    k, v = _kv_views(buf, H, d)
     w = torch.softmax(scores.masked_fill(~live[:, :, None], float("-inf")), 1)
     k1, v1 = k[:split], v[:split]
     assert ca._streams.choose(q, k1, v1, k, v, None, 0.0, None, mix=(index, w)).name == "triton"
@@ -245,11 +249,7 @@ def test_triton_mixed_kv_formed_in_kernel_match_float64(force_triton, split):
     assert launches == [True]  # one launch, with the mixing plan
     ref = _mix_oracle(q, buf, scores, index, live, split, H, d)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-6)
-    gr = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, buf, scores), gr)
-    want = torch.autograd.grad(ref, (q, buf, scores), gr.double())
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
+    got = _assert_grads_close(out, ref, (q, buf, scores))
     assert got[2].abs().sum() > 0  # the scores (Adaptive Adjustment) get a gradient
     # the reference backend (materialised mix) agrees
     torch.testing.assert_close(ca.cross_attention_streams_ref(q, k1, v1, k, v, mix=(index, w)).double(), ref,
@@ -262,7 +262,7 @@ def test_triton_mixed_half_precision_within_budget(force_triton):
     materialised fp16 K/V (PyTorch's own fp16 computation of the same thing)."""
     d, H = 16, 2
     q, buf, scores, index, live = _mix_case(4, seed=7, dtype=torch.float16)
-    k, v = buf[..., : H * d].unflatten(-1, (H, d)).transpose(1, 2), buf[..., H * d: 2 * H * d].unflatten(-1, (H, d)).transpose(1, 2)
+    k, v = _kv_views(buf, H, d)
     w = torch.softmax(scores.masked_fill(~live[:, :, None], float("-inf")), 1)
     with torch.no_grad():
         ours = ca.cross_attention_streams(q, k[:4], v[:4], k, v, mix=(index, w))
@@ -275,7 +275,7 @@ def test_triton_mixed_half_precision_within_budget(force_triton):
 def test_triton_mixed_op_passes_opcheck(force_triton):
     d, H = 16, 2
     q, buf, scores, index, live = _mix_case(4)
-    k, v = buf[..., : H * d].unflatten(-1, (H, d)).transpose(1, 2), buf[..., H * d: 2 * H * d].unflatten(-1, (H, d)).transpose(1, 2)
+    k, v = _kv_views(buf, H, d)
     w = torch.softmax(scores.masked_fill(~live[:, :, None], float("-inf")), 1).detach().contiguous()
     args = (q.detach(), k[:4].detach(), v[:4].detach(), k.detach(), v.detach(), None, 4, None, 0.25,
             index.to(torch.int32), w)
@@ -285,11 +285,11 @@ def test_triton_mixed_op_passes_opcheck(force_triton):
     torch.library.opcheck(torch.ops.sam_fast.mix_weight_grad.default,
                           (dk_hat, dk_hat.clone(), k.detach(), v.detach(), index.to(torch.int32)),
                           test_utils=("test_schema", "test_faketensor"))
-    # and its values: the per-slot gather-and-reduce it replaces, in float64
+    # and its values against float64: sum over heads and head dim of dK-hat * K_m + dV-hat * V_m
     got = torch.ops.sam_fast.mix_weight_grad(dk_hat, dk_hat * 2, k.detach(), v.detach(), index.to(torch.int32))
-    _, _, want = ca.mix_backward(dk_hat.double(), 2 * dk_hat.double(), k.detach().double(), v.detach().double(),
-                                 index, w.double(), need_kv=False)
-    torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-5)
+    kd, vd, gd = k.detach().double(), v.detach().double(), dk_hat.double()
+    want = torch.stack([(gd * kd[index[:, s]] + 2 * gd * vd[index[:, s]]).sum((1, 3)) for s in range(index.shape[1])], 1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_streams_bad_inputs():
@@ -310,10 +310,9 @@ def test_streams_backend_reports_the_choice(monkeypatch):
     """CPU tensors take the reference backend unless the interpreter is allowed (then, where
     triton imports, the kernel): what the model asks before forming K/V in the kernel."""
     monkeypatch.delenv("SAM_FAST_BACKEND", raising=False)
-    k = torch.randn(3, 2, 6, 8)
-    assert ca.streams_backend(k, k, mixed=True) == "reference"
-    assert ca.streams_backend(k, k, dropout_p=0.1, mixed=True) == "reference"
+    assert ca.streams_backend(2, 8, torch.float32, "cpu", mixed=True) == "reference"
+    assert ca.streams_backend(2, 8, torch.float32, "cpu", dropout_p=0.1, mixed=True) == "reference"
     if os.environ.get("TRITON_INTERPRET") == "1" and ca._triton_import_error() is None:
         monkeypatch.setattr(ca, "_interpreter_allowed", lambda: True)
-        assert ca.streams_backend(k, k, mixed=True) == "triton"
-        assert ca.streams_backend(k, k, dropout_p=0.1, mixed=True) == "reference"  # the kernel has no dropout
+        assert ca.streams_backend(2, 8, torch.float32, "cpu", mixed=True) == "triton"
+        assert ca.streams_backend(2, 8, torch.float32, "cpu", dropout_p=0.1, mixed=True) == "reference"  # the kernel has no dropout
