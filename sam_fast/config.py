@@ -34,6 +34,10 @@ class SAMConfig(InstructBlipConfig):
         context_mode: "leave_one_out" | "shared" (see module docstring).
         guidance: "adaptive" | "mean" | "none".
         interaction_layers: (l, k), 1-based; None means (L, L) with L the Q-former depth.
+        post_layernorm_eps: eps of the LayerNorm after the vision encoder
+            (``vision_model.post_layernorm``); None (default) uses ``vision_config.layer_norm_eps``
+            as HF InstructBLIP does (1e-6). LAVIS' ``ln_vision`` uses 1e-5, which
+            ``SAM.from_lavis_checkpoint`` records here.
         **kwargs: everything `InstructBlipConfig` takes (vision_config, qformer_config,
             text_config, num_query_tokens, image_token_index, ...).
 
@@ -43,7 +47,13 @@ class SAMConfig(InstructBlipConfig):
 
     model_type = "sam_fast"
 
-    def __init__(self, context_mode="leave_one_out", guidance="adaptive", interaction_layers=None, **kwargs):
+    def __init__(
+        self, context_mode="leave_one_out", guidance="adaptive", interaction_layers=None, post_layernorm_eps=None,
+        **kwargs,
+    ):
+        if post_layernorm_eps is not None and not float(post_layernorm_eps) > 0:
+            raise ValueError(f"post_layernorm_eps={post_layernorm_eps!r} must be a positive number or None")
+        self.post_layernorm_eps = None if post_layernorm_eps is None else float(post_layernorm_eps)
         self.context_mode = context_mode
         self.guidance = guidance
         self.interaction_layers = interaction_layers

@@ -109,6 +109,8 @@ class SAM(InstructBlipPreTrainedModel):
             )
         qcfg = config.qformer_config
         self.vision_model = InstructBlipVisionModel._from_config(config.vision_config)
+        if config.post_layernorm_eps is not None:  # LAVIS' ln_vision uses 1e-5, HF the vision config's eps
+            self.vision_model.post_layernorm.eps = config.post_layernorm_eps
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qcfg.hidden_size))
         self.qformer = InstructBlipQFormerModel._from_config(qcfg)
         self.adaptive_adjustment = nn.Linear(config.vision_config.hidden_size, 1)
