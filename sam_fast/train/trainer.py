@@ -29,6 +29,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -52,7 +55,26 @@ TRAINABLE_MODULES = ("adaptive_adjustment", "guidance_in", "guidance_out", "lang
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the message names the step, the samples and the saved checkpoint."""
+    """The loss, a gradient or an updated tensor became NaN/inf; the message names the step, the samples
+    and the last finite checkpoint. Non-finite values are never applied to the model nor checkpointed."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM: the step in progress was finished and checkpointed; ``signum``, ``step`` and
+    ``checkpoint`` say which signal and where training stopped."""
+
+    def __init__(self, signum: int, step: int, checkpoint):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint} "
+                         "(continue with --resume)")
+
+
+class RunDirectoryError(ValueError):
+    """The output directory already holds a run that this call would overwrite."""
+
+
+def _notice(msg: str) -> None:
+    print(f"sam_fast: {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -79,13 +101,40 @@ class TrainConfig:
     fsdp: bool = False  # shard the frozen LLM over the torchrun processes (FSDP2); needs world_size > 1
 
     def validate(self) -> None:
+        """Raise ValueError (one line naming the option and its value) for any option out of range."""
         if self.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"amp={self.amp!r} is not one of 'none', 'bf16', 'fp16'")
-        for name in ("max_steps", "batch_size", "grad_accum", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        at_least = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "save_every": 1, "keep_last": 1,
+                    "log_every": 1, "warmup_steps": 0, "seed": 0, "num_workers": 0}
+        for name, low in at_least.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{name}={v!r} must be an integer")
+            if v < low:
+                raise ValueError(f"{name}={v} must be >= {low}")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "clip_grad_norm"):
+            v = getattr(self, name)
+            if v is None and name == "clip_grad_norm":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{name}={v!r} must be a number")
+            if not math.isfinite(v):
+                raise ValueError(f"{name}={v} must be finite")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
+        if self.clip_grad_norm is not None and self.clip_grad_norm < 0:
+            raise ValueError(f"clip_grad_norm={self.clip_grad_norm} must be >= 0 (0 disables clipping)")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        b = self.betas
+        if (not isinstance(b, (tuple, list)) or len(b) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in b)):
+            raise ValueError(f"betas={b!r} must be two numbers in [0, 1)")
+        for name in ("progress", "fsdp"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -143,7 +192,8 @@ class Trainer:
             raise ValueError("the model is already sharded with FSDP; pass TrainConfig(fsdp=True) so that every "
                              "rank runs the LLM equally often (otherwise FSDP's all-gathers can deadlock)")
         self.collator = Collator(prompt_builder, train=True)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named_params]
         self.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas)
         self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
@@ -201,11 +251,18 @@ class Trainer:
         return path
 
     def resume(self, path: str | os.PathLike | None = None) -> bool:
-        """Restore the newest checkpoint under OUTPUT (or `path`); False when there is none."""
-        path = Path(path) if path is not None else ckpt.latest_checkpoint(self.ckpt_root)
-        if path is None:
-            return False
-        trainable, state = ckpt.load_checkpoint(path)
+        """Restore the newest intact checkpoint under OUTPUT (or `path`); False when there is none.
+
+        A damaged checkpoint (checksum, size) is reported in one line and the previous one is used;
+        `ckpt.CheckpointError` names the file when none is intact or `path` is damaged."""
+        if path is not None:
+            path = Path(path)
+            trainable, state = ckpt.load_checkpoint(path)
+        else:
+            found = ckpt.load_latest(self.ckpt_root, notice=_notice if self.dist.is_main else lambda m: None)
+            if found is None:
+                return False
+            path, trainable, state = found
         if state["world_size"] * state["config"]["batch_size"] * state["config"]["grad_accum"] != self.global_batch:
             raise ValueError(f"{path} was written with a global batch of "
                              f"{state['world_size'] * state['config']['batch_size'] * state['config']['grad_accum']} "
@@ -243,11 +300,27 @@ class Trainer:
         self.scheduler._last_lr = lrs
 
     def _truncate_log(self, step: int) -> None:
-        """Drop log records after `step` (written by the interrupted run past its last checkpoint)."""
+        """Drop log records after `step` (written by the interrupted run past its last checkpoint), and
+        lines that do not parse (a record cut short by a full disk or a kill), saying so in one line."""
         log = self.out / "log.jsonl"
         if not log.is_file():
             return
-        keep = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        keep, bad = [], []
+        for i, ln in enumerate(log.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
+            if not ln.strip():
+                continue
+            try:
+                rec_step = json.loads(ln)["step"]
+                if isinstance(rec_step, bool) or not isinstance(rec_step, int):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                bad.append(i)
+                continue
+            if rec_step <= step:
+                keep.append(ln)
+        if bad:
+            _notice(f"{log}: dropped {len(bad)} partial or unreadable line(s) (line {', '.join(map(str, bad[:5]))}"
+                    f"{', ...' if len(bad) > 5 else ''}), e.g. a record cut short by a full disk")
         tmp = log.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(ln + "\n" for ln in keep))
         os.replace(tmp, log)
@@ -292,8 +365,74 @@ class Trainer:
         raise RuntimeError(f"rank {self.dist.rank}: no usable sample in the dataset to keep FSDP's collectives "
                            "in step with the other ranks")
 
+    # -- non-finite values ---------------------------------------------------------------------
+    def _non_finite_grads(self) -> list[str]:
+        grads = [(n, p.grad) for n, p in self.named_params if p.grad is not None]
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for _, g in grads]).all()):
+            return []
+        return [n for n, g in grads if not bool(torch.isfinite(g).all())]
+
+    def _non_finite_state(self) -> list[str]:
+        """Trainable parameters and optimiser moments that hold NaN/inf (empty: all finite)."""
+        tensors = list(self.named_params)
+        names = {id(p): n for n, p in self.named_params}
+        for p, st in self.optimizer.state.items():
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and v.is_floating_point():
+                    tensors.append((f"{names.get(id(p), '?')} ({k})", v))
+        if bool(torch.stack([torch.isfinite(t).all() for _, t in tensors]).all()):
+            return []
+        return [n for n, t in tensors if not bool(torch.isfinite(t).all())]
+
+    def _stop_before_update(self, what: str, ids, data_before: DataPosition, rng_before: dict):
+        """Drop this step's gradients, checkpoint the state before it and raise NonFiniteLossError."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.data = data_before
+        path = self.save(data_before, rng_before)
+        raise NonFiniteLossError(
+            f"{what} at step {self.step + 1} (samples {ids} on rank {self.dist.rank}); stopped. The last good state "
+            f"(after step {self.step}) is saved in {path or self.ckpt_root}. Try a lower --lr, bf16 instead of "
+            "fp16, or check these samples.")
+
+    # -- signals ---------------------------------------------------------------------------------
+    def _install_signal_handlers(self, flag: dict):
+        """SIGINT/SIGTERM set flag["signum"] (the loop then finishes the step, checkpoints and stops); a
+        second one aborts at once (KeyboardInterrupt). Returns the previous handlers to restore."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            if flag["signum"] is not None:
+                raise KeyboardInterrupt
+            flag["signum"] = signum
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    def _stop_requested(self, flag: dict) -> int | None:
+        signum = flag["signum"] or 0
+        if self.dist.enabled:  # every rank stops after the same step
+            t = torch.tensor([signum], dtype=torch.int64)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            signum = int(t.item())
+        return signum or None
+
+    # -- the loop ------------------------------------------------------------------------------
     def train(self, resume: bool = False) -> TrainResult:
+        """Train to ``max_steps`` (from the newest intact checkpoint when `resume`).
+
+        Without `resume` the output directory must not hold checkpoints or log records of a run
+        (`RunDirectoryError`). SIGINT/SIGTERM finish the current step, checkpoint it and raise
+        `TrainingInterrupted`; NaN/inf in the loss, a gradient or the updated state raise
+        `NonFiniteLossError` without applying or checkpointing them."""
         cfg = self.config
+        if not resume and self.dist.is_main:
+            log = self.out / "log.jsonl"
+            if ckpt.step_dirs(self.ckpt_root) or (log.is_file() and log.stat().st_size > 0):
+                raise RunDirectoryError(f"{self.out} already holds a training run (checkpoints/, log.jsonl): resume "
+                                        "it, or remove them (sam-fast train --overwrite) to start over")
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_stale(self.ckpt_root)
@@ -310,7 +449,9 @@ class Trainer:
             bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         result = TrainResult(step=self.step)
         t_start = time.perf_counter()
-        last_saved = None
+        last_saved, saved_step = None, None
+        flag = {"signum": None}
+        previous_handlers = self._install_signal_handlers(flag)
         try:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
@@ -334,16 +475,14 @@ class Trainer:
                     loss_sum += loss.detach().double().cpu()
                 global_loss = all_reduce_sum(loss_sum.reshape(1), self.dist).item()
                 if not math.isfinite(global_loss):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.data = data_before
-                    path = self.save(data_before, rng_before)
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({global_loss}) at step {self.step + 1} (samples {ids} on rank "
-                        f"{self.dist.rank}); stopped. The last good state (after step {self.step}) is saved in "
-                        f"{path or self.ckpt_root}. Try a lower --lr, bf16 instead of fp16, or check these samples."
-                    )
+                    self._stop_before_update(f"non-finite loss ({global_loss})", ids, data_before, rng_before)
                 all_reduce_grads(self.params, self.dist)
                 self.scaler.unscale_(self.optimizer)
+                if not self.scaler.is_enabled():  # fp16: the scaler skips steps with inf gradients itself
+                    bad = self._non_finite_grads()
+                    if bad:
+                        self._stop_before_update(f"non-finite gradient ({', '.join(bad)})", ids, data_before,
+                                                 rng_before)
                 grad_norm = None
                 if cfg.clip_grad_norm:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm))
@@ -353,6 +492,13 @@ class Trainer:
                     warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step")
                     self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                bad = self._non_finite_state()
+                if bad:
+                    good = ckpt.latest_checkpoint(self.ckpt_root)
+                    raise NonFiniteLossError(
+                        f"non-finite values after the update of step {self.step + 1} ({', '.join(bad)}; samples "
+                        f"{ids} on rank {self.dist.rank}); stopped without saving this state. The last good "
+                        f"checkpoint is {good or 'none (no checkpoint yet)'}. Try a lower --lr.")
                 self.step += 1
                 result.losses.append(global_loss)
                 dt = time.perf_counter() - t0
@@ -366,8 +512,15 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{global_loss:.4f}", lr=f"{lr:.2e}", sps=f"{self.global_batch / dt:.1f}")
                 if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
-                    last_saved = self.save()
+                    last_saved, saved_step = self.save(), self.step
+                signum = self._stop_requested(flag)
+                if signum is not None and self.step < cfg.max_steps:
+                    if saved_step != self.step:
+                        last_saved, saved_step = self.save(), self.step
+                    raise TrainingInterrupted(signum, self.step, last_saved or self.ckpt_root)
         finally:
+            for sig, h in previous_handlers.items():
+                signal.signal(sig, h)
             if bar is not None:
                 bar.close()
             if log_f is not None:

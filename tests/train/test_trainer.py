@@ -107,16 +107,17 @@ def test_kill_and_resume_is_bit_exact(data_dir, tmp_path):
 def test_interrupted_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
     t = {"w": torch.ones(3)}
     first = ckpt.save_checkpoint(tmp_path, 1, t, {"step": 1})
-    real_save = torch.save
+    real_save = ckpt.save_file
 
-    def crash(obj, f, *a, **k):
-        real_save(obj, f, *a, **k)
-        raise OSError("disk full (simulated)")
+    def crash(tensors, filename, *a, **k):  # the second file of the checkpoint (the resume state's tensors)
+        real_save(tensors, filename, *a, **k)
+        if filename.endswith(ckpt.STATE_TENSORS_FILE):
+            raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(ckpt.torch, "save", crash)
+    monkeypatch.setattr(ckpt, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         ckpt.save_checkpoint(tmp_path, 2, {"w": torch.zeros(3)}, {"step": 2})
-    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    monkeypatch.setattr(ckpt, "save_file", real_save)
     assert latest_checkpoint(tmp_path) == first
     tensors, state = load_checkpoint(first)
     assert torch.equal(tensors["w"], torch.ones(3)) and state == {"step": 1}
