@@ -1,27 +1,43 @@
-"""`annotations.json` datasets (SPEC §5) and the ragged collator (SPEC §3).
+"""`annotations.json` datasets and the ragged collator.
 
 A dataset is a folder with ``annotations.json``: a list of
 ``{"id": int|str, "img_list": [paths relative to the folder, in order], "instruction": str, "output": str}``.
 
-Bad data stops with a `DataError` naming the sample id and the file: a missing or corrupt image, a
-malformed record, an empty ``img_list``. With ``skip_bad=True`` such samples are skipped instead and
-counted (`AnnotationDataset.skipped`, reported by the trainer and the evaluation runner): nothing is
-dropped silently. Records and image files are checked when the dataset is opened (PIL ``verify``);
-an image that only fails when decoded later raises then (or, with ``skip_bad``, its sample becomes
-``None``, which `Collator` drops and counts).
+Bad data stops with a `DataError` naming the sample id and the file: a missing or undecodable image,
+an image path that leaves the dataset folder, a malformed record, an empty ``img_list``, an
+instruction holding the image placeholder text ``<image>``, an instruction or output longer than
+`MAX_TEXT_CHARS` characters. With ``skip_bad=True`` such samples are skipped instead and counted
+once each (`AnnotationDataset.skipped`, reported by the trainer and the evaluation runner): nothing is
+dropped silently. Records are checked, and every image file decoded once (cheaply, see
+`sam_fast.data.images.check_image`), when the dataset is opened, so a bad file stops a run before
+its first step; an image that only fails later (changed on disk) raises then (or, with
+``skip_bad``, its sample becomes ``None``, which `Collator` drops).
+
+Image paths must stay inside the dataset folder after following symlinks (absolute paths, ``..``
+that climbs out and links to elsewhere are refused before the file is touched) unless
+``allow_outside_paths=True`` (``--allow-outside-paths`` on the command line).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from sam_fast.data.images import check_image, open_image
+from sam_fast.data.paths import OutsidePathError, contained_path
 from sam_fast.data.tokenization import PromptBuilder
+
+MAX_TEXT_CHARS = 65536
+"""Longest instruction / output accepted, in characters. The LLM reads at most 128 instruction tokens
+and 255 answer tokens, so longer texts only cost tokenisation time on every draw."""
+
+_PLACEHOLDER = re.compile(r"<\s*image\s*>", re.IGNORECASE)
 
 
 class DataError(ValueError):
@@ -30,6 +46,8 @@ class DataError(ValueError):
 
 @dataclass
 class Record:
+    """One checked sample: its id, image paths (``root / entry``), instruction and output."""
+
     id: int | str
     images: list[Path]
     instruction: str
@@ -46,6 +64,7 @@ class SkipReport:
         return len(self.items)
 
     def add(self, sample_id, reason: str) -> None:
+        """Record one skipped sample and why."""
         self.items.append((sample_id, reason))
 
     def summary(self) -> str:
@@ -56,7 +75,8 @@ class SkipReport:
         return f"skipped {len(self.items)} bad sample(s) (--skip-bad): {head}{more}"
 
 
-def _check_record(rec, index: int, ann_path: Path, require_output: bool) -> tuple[object, str | None]:
+def _check_record(rec, index: int, ann_path: Path, require_output: bool,
+                  max_text_chars: int = MAX_TEXT_CHARS) -> tuple[object, str | None]:
     """(id, problem or None) for one raw record."""
     if not isinstance(rec, dict):
         return f"#{index}", f"record #{index} is a {type(rec).__name__}, not an object"
@@ -68,17 +88,39 @@ def _check_record(rec, index: int, ann_path: Path, require_output: bool) -> tupl
         return sid, "'img_list' must be a list of relative image paths"
     if not imgs:
         return sid, "'img_list' is empty (a sample needs at least one image)"
-    if not isinstance(rec.get("instruction"), str):
+    if any("\x00" in p for p in imgs):
+        return sid, "an 'img_list' path contains a NUL character"
+    instruction = rec.get("instruction")
+    if not isinstance(instruction, str):
         return sid, "'instruction' is missing or not a string"
     out = rec.get("output")
     if (require_output and not isinstance(out, str)) or (out is not None and not isinstance(out, str)):
         return sid, "'output' is missing or not a string"
+    for name, text in (("instruction", instruction), ("output", out)):
+        if text is not None and len(text) > max_text_chars:
+            return sid, (f"'{name}' is {len(text)} characters long, over the limit of {max_text_chars} (the model "
+                         f"reads at most a few hundred tokens of it)")
+    m = _PLACEHOLDER.search(instruction)
+    if m:
+        return sid, (f"'instruction' contains the image placeholder text {m.group(0)!r} at character {m.start()}; "
+                     f"refer to images as {{image#1}}, {{image#2}}, ... (the model inserts the image tokens itself)")
     return sid, None
 
 
 def load_records(root: str | os.PathLike, skip_bad: bool = False, require_output: bool = True,
-                 verify_images: bool = True, skipped: SkipReport | None = None) -> tuple[list[Record], SkipReport]:
-    """Read and check ``ROOT/annotations.json``; returns (good records, skip report)."""
+                 verify_images: bool = True, skipped: SkipReport | None = None, allow_outside_paths: bool = False,
+                 max_text_chars: int = MAX_TEXT_CHARS) -> tuple[list[Record], SkipReport]:
+    """Read and check ``ROOT/annotations.json``; returns (good records, skip report).
+
+    Args:
+        root: the dataset folder.
+        skip_bad: skip (and count) bad samples instead of raising `DataError`.
+        require_output: every record needs an ``output`` string (training, evaluation).
+        verify_images: decode every image once now (`check_image`) rather than fail at first use.
+        skipped: a report to add skipped samples to (a new one by default).
+        allow_outside_paths: read image paths that leave ``root`` (absolute, ``..``, symlinks out).
+        max_text_chars: longest instruction / output accepted.
+    """
     root = Path(root)
     ann_path = root / "annotations.json"
     skipped = skipped if skipped is not None else SkipReport()
@@ -92,21 +134,27 @@ def load_records(root: str | os.PathLike, skip_bad: bool = False, require_output
         raise DataError(f"{ann_path}: expected a list of samples, got {type(raw).__name__}")
     records, seen = [], set()
     for i, rec in enumerate(raw):
-        sid, problem = _check_record(rec, i, ann_path, require_output)
+        sid, problem = _check_record(rec, i, ann_path, require_output, max_text_chars)
         if problem is None and sid in seen:
             problem = "duplicate id"
         paths = []
         if problem is None:
             for rel in rec["img_list"]:
-                p = root / rel
+                try:  # before the file is touched: the refusal must not tell whether an outside file exists
+                    p = contained_path(root, rel, allow_outside_paths)
+                except OutsidePathError as e:
+                    problem = f"{e} (pass --allow-outside-paths / allow_outside_paths=True to read it)"
+                    break
+                except (OSError, RuntimeError) as e:  # e.g. a symlink loop
+                    problem = f"image path {rel!r} cannot be resolved ({type(e).__name__}: {e})"
+                    break
                 paths.append(p)
                 if not p.is_file():
                     problem = f"image file {p} does not exist"
                     break
                 if verify_images:
                     try:
-                        with Image.open(p) as im:
-                            im.verify()
+                        check_image(p)
                     except Exception as e:  # PIL raises many types for corrupt files
                         problem = f"image file {p} is not a readable image ({type(e).__name__}: {e})"
                         break
@@ -126,21 +174,26 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 
 class AnnotationDataset(torch.utils.data.Dataset):
-    """A SPEC §5 dataset folder. Item i: ``{"id", "pixel_values" [N,3,S,S], "instruction", "output"}``
+    """A dataset folder. Item i: ``{"id", "pixel_values" [N,3,S,S], "instruction", "output"}``
     (or ``None`` for a sample whose image fails to decode, under ``skip_bad``).
 
     Args:
         root: the folder holding annotations.json.
         transform: a `sam_fast.data.transforms` transform (train or eval).
-        skip_bad: skip bad samples (counted in `skipped`) instead of raising `DataError`.
+        skip_bad: skip bad samples (counted once each in `skipped`) instead of raising `DataError`.
         seed: augmentation seed; `set_epoch` changes the epoch part.
+        require_output: every record needs an ``output``.
+        verify_images: decode every image once when opened (default) instead of at first use.
+        allow_outside_paths: read image paths that leave the folder (refused by default).
     """
 
     def __init__(self, root, transform, skip_bad: bool = False, seed: int = 0, require_output: bool = True,
-                 verify_images: bool = True):
+                 verify_images: bool = True, allow_outside_paths: bool = False):
         self.root = Path(root)
         self.transform, self.skip_bad, self.seed, self.epoch = transform, skip_bad, int(seed), 0
-        self.records, self.skipped = load_records(root, skip_bad, require_output, verify_images)
+        self.records, self.skipped = load_records(root, skip_bad, require_output, verify_images,
+                                                  allow_outside_paths=allow_outside_paths)
+        self._failed: set[int] = set()  # indices whose images failed to decode (skip_bad): counted once
         if not self.records:
             raise DataError(f"{self.root / 'annotations.json'}: no usable samples ({self.skipped.summary()})")
 
@@ -151,21 +204,25 @@ class AnnotationDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def load_image(self, rec: Record, path: Path) -> Image.Image:
+        """The image at `path` as upright 8-bit RGB (`sam_fast.data.images.open_image`); `DataError` naming
+        the sample and the file when it cannot be decoded."""
         try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
+            return open_image(path)
         except Exception as e:
             raise DataError(f"{self.root / 'annotations.json'}: sample id {rec.id!r}: image file {path} "
                             f"could not be decoded ({type(e).__name__}: {e})") from e
 
     def __getitem__(self, index: int):
         rec = self.records[index]
+        if index in self._failed:
+            return None
         gen = sample_generator(self.seed, self.epoch, index)
         try:
             pixels = torch.stack([self.transform(self.load_image(rec, p), gen) for p in rec.images])
         except DataError as e:
             if not self.skip_bad:
                 raise
+            self._failed.add(index)
             self.skipped.add(rec.id, str(e))
             return None
         return {"id": rec.id, "pixel_values": pixels, "instruction": rec.instruction, "output": rec.output}
@@ -190,8 +247,12 @@ class Collator:
             return None
         key = "image_features" if "image_features" in good[0] else "pixel_values"
         counts = [it[key].shape[0] for it in good]
-        encoded = [self.pb.encode(it["instruction"], n, it["output"] if self.train else None)
-                   for it, n in zip(good, counts, strict=True)]
+        encoded = []
+        for it, n in zip(good, counts, strict=True):
+            try:
+                encoded.append(self.pb.encode(it["instruction"], n, it["output"] if self.train else None))
+            except ValueError as e:
+                raise DataError(f"sample id {it['id']!r}: {e}") from e
         batch = {key: torch.cat([it[key] for it in good]), "image_counts": torch.tensor(counts, dtype=torch.long)}
         batch.update(self.pb.batch_text(encoded, self.train))
         batch["ids"] = [it["id"] for it in good]

@@ -17,13 +17,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sam_fast.data.images import to_rgb
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL image -> float32 [3, H, W] in [0, 1] (RGB)."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    """PIL image -> float32 [3, H, W] in [0, 1] (RGB; 16-bit and float images scaled, see `to_rgb`)."""
+    arr = np.asarray(to_rgb(img), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
@@ -43,7 +45,7 @@ class EvalTransform:
         self.size = int(size)
 
     def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
-        img = img.convert("RGB")
+        img = to_rgb(img)
         if img.size != (self.size, self.size):
             img = img.resize((self.size, self.size), Image.BICUBIC)
         return normalize(to_tensor(img))
@@ -89,7 +91,7 @@ class TrainTransform:
     def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         if generator is None:
             generator = torch.default_generator
-        img = img.convert("RGB")
+        img = to_rgb(img)
         left, top, w, h = random_resized_crop_box(img.width, img.height, self.scale, self.ratio, generator)
         img = img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
         if float(torch.rand(1, generator=generator)) < self.flip_p:

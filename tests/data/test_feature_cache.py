@@ -50,3 +50,57 @@ def test_stale_caches_are_refused(setup):
         CachedFeatureDataset(data, cache, model)
     with pytest.raises(StaleCacheError, match="no manifest.json"):
         CachedFeatureDataset(data, data, model)
+
+
+def _tree(d):
+    return sorted((p.relative_to(d).as_posix(), p.read_bytes() if p.is_file() else None) for p in d.rglob("*"))
+
+
+def test_output_that_is_not_a_cache_is_never_replaced(setup, tmp_path):
+    from sam_fast.data.feature_cache import CacheOutputError
+
+    model, data, cache = setup
+    before = _tree(data)
+    with pytest.raises(CacheOutputError, match="is not a sam_fast feature cache.*not replacing it"):
+        build_feature_cache(model, data, data)  # the dataset folder itself
+    assert _tree(data) == before
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    with pytest.raises(CacheOutputError, match="not a directory"):
+        build_feature_cache(model, data, f)
+    assert f.read_text() == "mine"
+    (cache / "notes.txt").write_text("mine")  # a real cache, but someone keeps a file in it
+    with pytest.raises(CacheOutputError, match="also holds 'notes.txt'"):
+        build_feature_cache(model, data, cache)
+    assert (cache / "notes.txt").read_text() == "mine"
+    link = tmp_path / "link"
+    link.symlink_to(data)
+    with pytest.raises(CacheOutputError, match="symlink"):
+        build_feature_cache(model, data, link)
+    assert _tree(data) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directories left
+
+
+def test_an_earlier_cache_or_empty_dir_is_replaced_atomically(setup, tmp_path):
+    model, data, cache = setup
+    old_manifest = (cache / "manifest.json").read_text()
+    torch.manual_seed(5)
+    other = SAM(SAMConfig.tiny()).eval()
+    build_feature_cache(other, data, cache, dtype=torch.float32)
+    assert (cache / "manifest.json").read_text() != old_manifest
+    CachedFeatureDataset(data, cache, other)  # the new cache is complete and matches its model
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    build_feature_cache(model, data, empty, dtype=torch.float32)
+    CachedFeatureDataset(data, empty, model)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_failed_build_leaves_the_old_cache_and_no_temporaries(setup, tmp_path):
+    model, data, cache = setup
+    before = _tree(cache)
+    (data / "images" / "0003_0.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    with pytest.raises(Exception, match="0003_0.png"):
+        build_feature_cache(model, data, cache)
+    assert _tree(cache) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

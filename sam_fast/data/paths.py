@@ -1,0 +1,73 @@
+"""Paths and file names built from data: containment in the dataset folder, safe output names.
+
+A dataset's ``img_list`` entries are paths relative to its folder. `contained_path` refuses an
+entry that leaves the folder (an absolute path, ``..`` components that climb out, or a symlink whose
+target is outside) before the file is opened or even tested for existence, so the refusal says
+nothing about files outside the folder. ``allow_outside=True`` (``--allow-outside-paths``) turns the
+check off for datasets that deliberately point elsewhere.
+
+`safe_filename` turns a sample id (any text) into one path component that cannot climb out of the
+output directory, and `UniqueNames` keeps two ids that clean to the same name (``a/b`` and ``a_b``,
+``A`` and ``a`` on a case-insensitive file system, ``1`` and ``"1"``) from overwriting each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_NAME_CHARS = 96
+
+
+class OutsidePathError(ValueError):
+    """An ``img_list`` entry leaves the dataset folder (and outside paths were not allowed)."""
+
+
+def contained_path(root: str | os.PathLike, rel: str, allow_outside: bool = False) -> Path:
+    """``root / rel``, refused with `OutsidePathError` when it resolves outside `root` (after following
+    symlinks) unless `allow_outside`. The check uses only the path and the links, never the target file."""
+    root = Path(root)
+    path = root / rel
+    if allow_outside:
+        return path
+    if os.path.isabs(rel) or Path(rel).is_absolute() or Path(rel).drive:
+        raise OutsidePathError(f"image path {rel!r} is absolute; paths must be relative to the dataset folder")
+    base = root.resolve()
+    target = path.resolve()  # strict=False: a missing file resolves the same way as an existing one
+    if target != base and base not in target.parents:
+        raise OutsidePathError(f"image path {rel!r} leaves the dataset folder {root} (it resolves outside it)")
+    return path
+
+
+def safe_filename(text: str, max_chars: int = MAX_NAME_CHARS) -> str:
+    """`text` as one safe file-name component: only ``A-Z a-z 0-9 . _ -``, no leading dot, at most
+    `max_chars` characters. A name that had to change gets an 8-hex-digit hash of `text` appended, so
+    different texts keep different names."""
+    cleaned = _UNSAFE.sub("_", text).lstrip(".")
+    if cleaned == text and 0 < len(text) <= max_chars:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{(cleaned or '_')[: max_chars - 9]}-{digest}"
+
+
+class UniqueNames:
+    """Safe, distinct file names for a sequence of sample ids: ``names.name(sid, "sample_", ".png")``.
+
+    Names are compared case-insensitively; a repeat gets ``-2``, ``-3``, ... before the suffix.
+    """
+
+    def __init__(self):
+        self._used: set[str] = set()
+
+    def name(self, sample_id, prefix: str = "", suffix: str = "") -> str:
+        """The next unused ``prefix + safe_filename(str(sample_id)) + suffix``."""
+        stem = prefix + safe_filename(str(sample_id))
+        candidate, k = stem + suffix, 1
+        while candidate.lower() in self._used:
+            k += 1
+            candidate = f"{stem}-{k}{suffix}"
+        self._used.add(candidate.lower())
+        return candidate

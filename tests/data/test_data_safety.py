@@ -1,0 +1,159 @@
+"""Data that should not be read or trained on: image paths that leave the dataset folder, images that
+only fail when decoded, the image placeholder text in an instruction, huge texts; safe file names
+built from sample ids."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sam_fast.data import AnnotationDataset, Collator, DataError, EvalTransform, PromptBuilder, tiny_tokenizers
+from sam_fast.data.dataset import load_records
+from sam_fast.data.paths import UniqueNames, safe_filename
+from sam_fast.data.synthetic import write_group_captions
+
+
+@pytest.fixture
+def ds_dir(tmp_path):
+    return write_group_captions(tmp_path / "ds", n_samples=4, size=32, seed=1, max_images=1)
+
+
+def _set(root, index, **fields):
+    path = root / "annotations.json"
+    recs = json.loads(path.read_text())
+    recs[index].update(fields)
+    path.write_text(json.dumps(recs))
+
+
+def _outside_png(tmp_path):
+    p = tmp_path / "outside.png"
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(p)
+    return p
+
+
+# -- path containment -------------------------------------------------------------------------
+def test_absolute_and_dotdot_paths_are_refused_unless_allowed(ds_dir, tmp_path):
+    outside = _outside_png(tmp_path)
+    for rel in (str(outside), "../outside.png", "images/../../outside.png"):
+        _set(ds_dir, 2, img_list=[rel])
+        with pytest.raises(DataError) as err:
+            AnnotationDataset(ds_dir, EvalTransform(28))
+        msg = str(err.value)
+        assert "sample id 2" in msg and repr(rel) in msg and "allow-outside-paths" in msg, msg
+        assert "\n" not in msg
+        ds = AnnotationDataset(ds_dir, EvalTransform(28), skip_bad=True)
+        assert len(ds) == 3 and len(ds.skipped) == 1
+        ok = AnnotationDataset(ds_dir, EvalTransform(28), allow_outside_paths=True)
+        assert len(ok) == 4 and ok[2]["pixel_values"].shape == (1, 3, 28, 28)
+
+
+def test_symlink_out_of_the_folder_is_refused_but_inside_is_fine(ds_dir, tmp_path):
+    outside = _outside_png(tmp_path)
+    (ds_dir / "images" / "link_out.png").symlink_to(outside)
+    (ds_dir / "images" / "link_in.png").symlink_to(ds_dir / "images" / "0000_0.png")
+    _set(ds_dir, 1, img_list=["images/link_in.png"])
+    _set(ds_dir, 3, img_list=["images/link_out.png"])
+    with pytest.raises(DataError, match=r"sample id 3: image path 'images/link_out.png' leaves the dataset folder"):
+        AnnotationDataset(ds_dir, EvalTransform(28))
+    ds = AnnotationDataset(ds_dir, EvalTransform(28), skip_bad=True)
+    assert [r.id for r in ds.records] == [0, 1, 2]
+    assert AnnotationDataset(ds_dir, EvalTransform(28), allow_outside_paths=True)[3] is not None
+
+
+def test_refusal_does_not_tell_whether_an_outside_file_exists(ds_dir, tmp_path, monkeypatch):
+    _outside_png(tmp_path)
+    messages = []
+    for rel in ("../outside.png", "../missing.png"):
+        _set(ds_dir, 0, img_list=[rel])
+        touched = []
+        real_is_file = type(ds_dir).is_file
+        monkeypatch.setattr(type(ds_dir), "is_file", lambda self: touched.append(self) or real_is_file(self))
+        with pytest.raises(DataError) as err:
+            load_records(ds_dir)
+        monkeypatch.undo()
+        assert not any(p.name in ("outside.png", "missing.png") for p in touched)  # checked before any access
+        messages.append(str(err.value).replace(rel, "REL"))
+    assert messages[0] == messages[1]
+    assert "exist" not in messages[0] and "readable" not in messages[0]
+
+
+# -- decoding at open time --------------------------------------------------------------------
+def _truncated_jpeg(path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path, quality=90)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_truncated_jpeg_is_caught_when_the_dataset_opens(ds_dir):
+    _truncated_jpeg(ds_dir / "images" / "cut.jpg")  # passes PIL's verify(), fails at decode
+    _set(ds_dir, 1, img_list=["images/cut.jpg"])
+    with pytest.raises(DataError, match=r"sample id 1: image file .*cut.jpg is not a readable image"):
+        AnnotationDataset(ds_dir, EvalTransform(28))
+    ds = AnnotationDataset(ds_dir, EvalTransform(28), skip_bad=True)
+    assert [r.id for r in ds.records] == [0, 2, 3] and len(ds.skipped) == 1
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        assert all(ds[i] is not None for i in range(len(ds)))
+    assert len(ds.skipped) == 1
+
+
+def test_a_sample_failing_at_decode_is_counted_once_not_per_epoch(ds_dir):
+    ds = AnnotationDataset(ds_dir, EvalTransform(28), skip_bad=True)
+    (ds_dir / "images" / "0002_0.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken after the dataset was opened")
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        assert ds[2] is None
+    assert len(ds.skipped) == 1 and "sample id 2" in ds.skipped.items[0][1]
+
+
+# -- instructions -----------------------------------------------------------------------------
+@pytest.mark.parametrize("text", ["<image> what is common?", "look: <IMAGE>", "{image#1} < image > here"])
+def test_placeholder_text_in_an_instruction_is_refused_with_the_id(ds_dir, text):
+    _set(ds_dir, 2, instruction=text)
+    with pytest.raises(DataError, match=r"sample id 2: 'instruction' contains the image placeholder text"):
+        AnnotationDataset(ds_dir, EvalTransform(28))
+    ds = AnnotationDataset(ds_dir, EvalTransform(28), skip_bad=True)
+    assert [r.id for r in ds.records] == [0, 1, 3] and len(ds.skipped) == 1
+
+
+def test_collator_names_the_sample_when_encoding_fails(ds_dir):
+    pb = PromptBuilder(*tiny_tokenizers(), num_query_tokens=2, image_token_index=3)
+    item = {"id": "s-7", "pixel_values": torch.zeros(1, 3, 28, 28), "instruction": "<image>", "output": "x"}
+    with pytest.raises(DataError, match=r"sample id 's-7'"):
+        Collator(pb)([item])
+
+
+def test_huge_instruction_or_output_is_refused_at_load(ds_dir):
+    _set(ds_dir, 1, instruction="a " * 40_000)
+    with pytest.raises(DataError, match=r"sample id 1: 'instruction' is 80000 characters long, over the limit of 65536"):
+        AnnotationDataset(ds_dir, EvalTransform(28))
+    _set(ds_dir, 1, instruction="fine", output="b" * 70_000)
+    with pytest.raises(DataError, match=r"sample id 1: 'output' is 70000 characters long"):
+        AnnotationDataset(ds_dir, EvalTransform(28))
+    assert len(AnnotationDataset(ds_dir, EvalTransform(28), skip_bad=True)) == 3
+    records, _ = load_records(ds_dir, max_text_chars=100_000)
+    assert len(records) == 4
+
+
+# -- file names from ids ----------------------------------------------------------------------
+def test_safe_filename_stays_one_component():
+    for text in ["a/../../../../tmp/x", "..", ".", "", "/etc/passwd", "a\\b", "x\x00y", "é" * 300, "-rf"]:
+        name = safe_filename(text)
+        assert name and "/" not in name and "\\" not in name and "\x00" not in name and not name.startswith(".")
+        assert len(name) <= 96 and name == os.path.basename(name)
+    assert safe_filename("0007") == "0007" and safe_filename("img_1.a-b") == "img_1.a-b"  # plain ids unchanged
+    assert safe_filename("a/b") != safe_filename("a_b")  # changed names carry a hash of the id
+
+
+def test_unique_names_never_collide(tmp_path):
+    names = UniqueNames()
+    got = [names.name(i, "sample_", ".png") for i in (1, "1", "A", "a", "a/b", "a_b", "a/../../x")]
+    assert len({g.lower() for g in got}) == len(got)
+    assert got[:2] == ["sample_1.png", "sample_1-2.png"] and got[5] == "sample_a_b.png"
+    for g in got:
+        (tmp_path / g).write_text(g)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(got)
