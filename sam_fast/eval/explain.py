@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from sam_fast.data.images import open_image
 from sam_fast.data.transforms import EvalTransform
 
 
@@ -47,10 +48,7 @@ def overlay(img: Image.Image, weights: np.ndarray, size: int = 224, alpha: float
 def explain_sample(model, image_paths, output_png, tile: int = 224) -> torch.Tensor:
     """Write one PNG (images side by side, weights overlaid, labelled); returns the [N, g, g] weights."""
     tf = EvalTransform(model.config.vision_config.image_size)
-    imgs = []
-    for p in image_paths:
-        with Image.open(p) as im:
-            imgs.append(im.convert("RGB"))
+    imgs = [open_image(p) for p in image_paths]  # upright, 16-bit / float scaled
     device = next(model.parameters()).device
     w = patch_weights(model, torch.stack([tf(im) for im in imgs]).to(device))
     N = len(imgs)

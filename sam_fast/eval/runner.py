@@ -39,6 +39,8 @@ def predict(model, dataset, prompt_builder, batch_size: int = 8, device=None, pr
 def _predict_indexed(model, dataset, indices, prompt_builder, batch_size: int = 8, device=None,
                      progress: bool = False, **generate_kwargs) -> list[tuple[int, dict]]:
     """(dataset index, prediction record) for the samples `indices`, in that order."""
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = device or next(model.parameters()).device
     collate = Collator(prompt_builder, train=False)
     model.eval()
@@ -65,17 +67,19 @@ def _predict_indexed(model, dataset, indices, prompt_builder, batch_size: int = 
 @torch.no_grad()
 def answer(model, prompt_builder, images, prompt: str, **generate_kwargs) -> str:
     """Generate the answer to `prompt` about `images` (paths or PIL images, in order) with the eval
-    transform and SPEC §4 generation defaults (overridable by `generate_kwargs`)."""
-    from PIL import Image
+    transform and the default generation settings (overridable by `generate_kwargs`). Files and PIL
+    images are read upright (EXIF orientation) with 16-bit / float pixels scaled (`sam_fast.data.images`)."""
+    from PIL import Image, ImageOps
+
+    from sam_fast.data.images import open_image, to_rgb
 
     tf = EvalTransform(model.config.vision_config.image_size)
     pix = []
     for im in images:
         if isinstance(im, Image.Image):
-            pix.append(tf(im.convert("RGB")))
+            pix.append(tf(to_rgb(ImageOps.exif_transpose(im))))
         else:
-            with Image.open(im) as f:
-                pix.append(tf(f.convert("RGB")))
+            pix.append(tf(open_image(im)))
     item = {"id": 0, "pixel_values": torch.stack(pix), "instruction": prompt, "output": None}
     batch = Collator(prompt_builder, train=False)([item])
     device = next(model.parameters()).device
@@ -91,12 +95,22 @@ def _write_json(path: Path, obj) -> None:
 
 def evaluate(model, data_dir, prompt_builder, output_dir, batch_size: int = 8, skip_bad: bool = False,
              progress: bool = False, limit: int | None = None, features=None, dist: DistInfo | None = None,
-             **generate_kwargs) -> dict:
+             allow_outside_paths: bool = False, **generate_kwargs) -> dict:
     """Generate for every sample of `data_dir`, score, write pred.json / metrics.json; returns the metrics.
     `features`: a feature-cache directory to read instead of the images (checked against the model).
     `dist`: under torchrun, this process's `DistInfo` (`init_from_env`): the samples are split over
     the ranks, rank 0 writes the files (module docstring), every rank returns the metrics, plus
-    ``samples_per_rank`` (predictions each rank made; not written to metrics.json)."""
+    ``samples_per_rank`` (predictions each rank made; not written to metrics.json).
+    `limit`: only the first `limit` (>= 1) samples. `allow_outside_paths`: read image paths that leave
+    `data_dir` (refused by default, `sam_fast.data.paths`).
+
+    Raises:
+        ValueError: `batch_size` or `limit` below 1.
+    """
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if limit is not None and int(limit) < 1:
+        raise ValueError(f"limit must be >= 1 (the number of samples to evaluate), got {limit}")
     info = dist or DistInfo(device=next(model.parameters()).device)
     if info.enabled and is_sharded(model):
         raise ValueError("data-parallel evaluation needs a whole model on every rank, not an FSDP-sharded one: "
@@ -105,9 +119,10 @@ def evaluate(model, data_dir, prompt_builder, output_dir, batch_size: int = 8, s
     if features is not None:
         from sam_fast.data.feature_cache import CachedFeatureDataset
 
-        ds = CachedFeatureDataset(data_dir, features, model, skip_bad=skip_bad)
+        ds = CachedFeatureDataset(data_dir, features, model, skip_bad=skip_bad, allow_outside_paths=allow_outside_paths)
     else:
-        ds = AnnotationDataset(data_dir, EvalTransform(model.config.vision_config.image_size), skip_bad=skip_bad)
+        ds = AnnotationDataset(data_dir, EvalTransform(model.config.vision_config.image_size), skip_bad=skip_bad,
+                               allow_outside_paths=allow_outside_paths)
     if limit is not None:
         ds.records = ds.records[:limit]
     out = Path(output_dir)
