@@ -67,6 +67,32 @@ def _merge(args: argparse.Namespace, file_opts: dict, keys) -> dict:
     return out
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (one-line usage error otherwise)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (v > 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+OUTSIDE_HELP = ("read img_list paths that leave the dataset folder (absolute paths, '..', symlinks to elsewhere); "
+                "refused by default")
+
+
 def _gen_kwargs(args) -> dict:
     kw = {}
     for k in ("num_beams", "max_new_tokens", "repetition_penalty", "length_penalty"):
@@ -131,12 +157,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
             from sam_fast.data.feature_cache import CachedFeatureDataset, StaleCacheError
 
             try:
-                ds = CachedFeatureDataset(data_dir, features, model, skip_bad=skip_bad, seed=tcfg.seed)
+                ds = CachedFeatureDataset(data_dir, features, model, skip_bad=skip_bad, seed=tcfg.seed,
+                                          allow_outside_paths=args.allow_outside_paths)
             except StaleCacheError as e:
                 raise SystemExit(f"sam-fast train: {e}") from None
         else:
             ds = AnnotationDataset(data_dir, TrainTransform(model.config.vision_config.image_size),
-                                   skip_bad=skip_bad, seed=tcfg.seed)
+                                   skip_bad=skip_bad, seed=tcfg.seed, allow_outside_paths=args.allow_outside_paths)
     except DataError as e:
         raise SystemExit(f"sam-fast train: {e}") from None
     if dist.is_main:
@@ -202,7 +229,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     try:
         m = evaluate(model, args.data, outputs.prompt_builder(model, tokenizers), args.output,
                      batch_size=args.batch_size, skip_bad=args.skip_bad, progress=not args.no_progress,
-                     limit=args.limit, features=args.features, dist=dist, **_gen_kwargs(args))
+                     limit=args.limit, features=args.features, dist=dist,
+                     allow_outside_paths=args.allow_outside_paths, **_gen_kwargs(args))
     except (DataError, StaleCacheError) as e:
         raise SystemExit(f"sam-fast eval: {e}") from None
     if not (dist or DistInfo()).is_main:
@@ -219,9 +247,13 @@ def _cmd_cache_features(args: argparse.Namespace) -> int:
     import torch
 
     from sam_fast.data import DataError
-    from sam_fast.data.feature_cache import build_feature_cache
+    from sam_fast.data.feature_cache import CacheOutputError, build_feature_cache, check_replaceable
     from sam_fast.train import outputs
 
+    try:
+        check_replaceable(args.output)  # before the model loads
+    except CacheOutputError as e:
+        raise SystemExit(f"sam-fast cache-features: {e}") from None
     if args.model in outputs.BUILTIN_CONFIGS:
         model = outputs.build_builtin(args.model, args.seed)
     else:
@@ -231,8 +263,8 @@ def _cmd_cache_features(args: argparse.Namespace) -> int:
     try:
         m = build_feature_cache(model.eval(), args.data, args.output, batch_size=args.batch_size,
                                 dtype=getattr(torch, args.dtype), skip_bad=args.skip_bad,
-                                progress=not args.no_progress)
-    except DataError as e:
+                                progress=not args.no_progress, allow_outside_paths=args.allow_outside_paths)
+    except (DataError, CacheOutputError) as e:
         raise SystemExit(f"sam-fast cache-features: {e}") from None
     print(f"cached {len(m['images'])} images as [{m['P']}, {m['D']}] {m['dtype']} features in {args.output} "
           f"(vision model {m['vision_fingerprint']}, transform {m['transform']})")
@@ -243,6 +275,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from sam_fast.data import DataError, load_records
+    from sam_fast.data.paths import UniqueNames
     from sam_fast.eval.explain import explain_sample
     from sam_fast.train import outputs
 
@@ -255,10 +288,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         jobs = [(png, args.images)]
     else:
         try:
-            records, _ = load_records(args.data, require_output=False)
+            records, _ = load_records(args.data, require_output=False, allow_outside_paths=args.allow_outside_paths)
         except DataError as e:
             raise SystemExit(f"sam-fast explain: {e}") from None
-        jobs = [(out / f"sample_{r.id}.png", r.images) for r in records[: args.limit]]
+        names = UniqueNames()  # ids are data: one safe file-name component each, never two samples on one file
+        jobs = [(out / names.name(r.id, "sample_", ".png"), r.images) for r in records[: args.limit]]
     for png, images in jobs:
         explain_sample(model, images, png, tile=args.tile)
         print(png)
@@ -296,9 +330,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 # -- parser -----------------------------------------------------------------------------------
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (defaults: SPEC §4, 5 beams, 256 new tokens, repetition penalty 1.5)")
-    g.add_argument("--num-beams", type=int)
-    g.add_argument("--max-new-tokens", type=int)
-    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--num-beams", type=_positive_int)
+    g.add_argument("--max-new-tokens", type=_positive_int)
+    g.add_argument("--repetition-penalty", type=_positive_float)
     g.add_argument("--length-penalty", type=float)
 
 
@@ -339,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the losses then equal those of an uninterrupted run)")
     p.add_argument("--skip-bad", action="store_true", default=None,
                    help="skip bad samples (missing/corrupt images, malformed records) and report how many")
+    p.add_argument("--allow-outside-paths", action="store_true", help=OUTSIDE_HELP)
     p.add_argument("--context-mode", choices=["leave_one_out", "shared"], help="SAMConfig.context_mode")
     p.add_argument("--guidance", choices=["adaptive", "mean", "none"], help="SAMConfig.guidance")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available, else cpu)")
@@ -373,12 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True, help="test folder with annotations.json")
     p.add_argument("--output", required=True)
-    p.add_argument("--batch-size", type=int, default=8, help="samples per generate() call (per process)")
-    p.add_argument("--limit", type=int, help="only the first N samples")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="samples per generate() call (per process)")
+    p.add_argument("--limit", type=_positive_int, help="only the first N samples")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: under torchrun cuda:LOCAL_RANK if available, "
                    "else cpu; in one process where the model loads)")
     p.add_argument("--features", help="feature cache of --data (sam-fast cache-features) to read instead of images")
     p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("--allow-outside-paths", action="store_true", help=OUTSIDE_HELP)
     p.add_argument("--no-progress", action="store_true")
     _add_generation_flags(p)
     p.set_defaults(func=_cmd_eval)
@@ -392,12 +428,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="'tiny' (with --seed, as in train --config tiny) or a model directory")
     p.add_argument("--data", required=True)
-    p.add_argument("--output", required=True, help="cache directory")
+    p.add_argument("--output", required=True, help="cache directory (an existing one is replaced only when it is a "
+                   "sam_fast feature cache or empty; anything else is refused)")
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in model's random weights")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     p.add_argument("--device")
     p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("--allow-outside-paths", action="store_true", help=OUTSIDE_HELP)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_cache_features)
 
@@ -409,10 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True)
     p.add_argument("--images", nargs="+", help="one sample's images, in order")
-    p.add_argument("--data", help="or a dataset folder: one PNG per sample")
+    p.add_argument("--data", help="or a dataset folder: one PNG per sample, OUTPUT/sample_<id>.png (characters of an "
+                   "id other than A-Z a-z 0-9 . _ - become _ and a short hash of the id is added)")
     p.add_argument("--output", required=True, help="a .png file (--images) or a directory")
-    p.add_argument("--limit", type=int, help="only the first N samples of --data")
-    p.add_argument("--tile", type=int, default=224, help="pixels per image in the PNG")
+    p.add_argument("--limit", type=_positive_int, help="only the first N samples of --data")
+    p.add_argument("--tile", type=_positive_int, default=224, help="pixels per image in the PNG")
+    p.add_argument("--allow-outside-paths", action="store_true", help=OUTSIDE_HELP)
     p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser(

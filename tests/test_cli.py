@@ -207,3 +207,76 @@ def test_torchrun_two_processes_equal_one(dirs, tmp_path):
     for a, b in zip(one, two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+# -- issue 11: bad sizes, paths out of the dataset, file names from ids, cache replacement --------------------
+@pytest.mark.parametrize("argv, flag, value", [
+    (["eval", "--limit", "-1"], "--limit", "-1"), (["eval", "--batch-size", "0"], "--batch-size", "0"),
+    (["eval", "--num-beams", "0"], "--num-beams", "0"), (["eval", "--num-beams", "-3"], "--num-beams", "-3"),
+    (["generate", "--num-beams", "0"], "--num-beams", "0"), (["cache-features", "--batch-size", "0"], "--batch-size", "0"),
+    (["explain", "--limit", "0"], "--limit", "0"), (["eval", "--max-new-tokens", "0"], "--max-new-tokens", "0")])
+def test_non_positive_sizes_are_usage_errors(argv, flag, value, capsys):
+    required = {"eval": ["--model", "m", "--data", "d", "--output", "o"], "generate": ["--model", "m", "--images", "a",
+                "--prompt", "p"], "cache-features": ["--model", "m", "--data", "d", "--output", "o"],
+                "explain": ["--model", "m", "--data", "d", "--output", "o"]}[argv[0]]
+    with pytest.raises(SystemExit) as exc:
+        main(argv + required)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}: must be a positive integer (>= 1), got {value}" in err
+
+
+def _outside_dataset(root):
+    """A dataset whose sample 1 reads ../outside.png (outside its folder)."""
+    data = write_group_captions(root / "ds", n_samples=3, size=40, seed=5, max_images=1)
+    shutil.copy(data / "images" / "0001_0.png", root / "outside.png")
+    recs = json.loads((data / "annotations.json").read_text())
+    recs[1]["img_list"] = ["../outside.png"]
+    (data / "annotations.json").write_text(json.dumps(recs))
+    return data
+
+
+def test_paths_outside_the_dataset_need_allow_outside_paths(trained, tmp_path):
+    data = _outside_dataset(tmp_path)
+    runs = {"train": ["train", "--config", "tiny", "--data", str(data), "--output", str(tmp_path / "run"),
+                      "--batch-size", "2", "--max-steps", "1", "--no-progress"],
+            "eval": ["eval", "--model", str(trained), "--data", str(data), "--output", str(tmp_path / "ev"),
+                     "--num-beams", "1", "--max-new-tokens", "2", "--no-progress"],
+            "cache-features": ["cache-features", "--model", "tiny", "--data", str(data), "--output",
+                               str(tmp_path / "cache"), "--no-progress"]}
+    for cmd, argv in runs.items():
+        with pytest.raises(SystemExit, match=rf"sam-fast {cmd}: .*sample id 1: image path '../outside.png' leaves "
+                                             r"the dataset folder .*--allow-outside-paths") as exc:
+            main(argv)
+        assert "\n" not in str(exc.value)
+        assert main(argv + ["--allow-outside-paths"]) == 0, cmd
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["num_samples"] == 3
+
+
+def test_explain_file_names_from_ids_stay_in_the_output(trained, tmp_path):
+    data = write_group_captions(tmp_path / "ds", n_samples=4, size=40, seed=6, max_images=1)
+    recs = json.loads((data / "annotations.json").read_text())
+    for rec, sid in zip(recs, ["a/../../../../x", "a_.._.._.._.._x", 7, "7"], strict=True):
+        rec["id"] = sid
+    (data / "annotations.json").write_text(json.dumps(recs))
+    out = tmp_path / "deep" / "ex"
+    assert main(["explain", "--model", str(trained), "--data", str(data), "--output", str(out), "--tile", "16"]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert len(written) == 4 and all(n.startswith("sample_") and n.endswith(".png") for n in written)
+    assert "sample_7.png" in written and "sample_7-2.png" in written  # 7 and "7": two files, not one
+    assert sorted(p.name for p in tmp_path.rglob("*.png") if p.parent != out and "images" not in p.parts) == []
+
+
+def test_cache_features_never_deletes_what_is_not_a_cache(dirs, tmp_path):
+    before = sorted(p.name for p in dirs["train"].rglob("*"))
+    with pytest.raises(SystemExit, match=r"^sam-fast cache-features: .* is not a sam_fast feature cache .*not "
+                                         r"replacing it") as exc:
+        main(["cache-features", "--model", "tiny", "--data", str(dirs["train"]), "--output", str(dirs["train"]),
+              "--no-progress"])
+    assert "\n" not in str(exc.value)
+    assert sorted(p.name for p in dirs["train"].rglob("*")) == before
+    cache = tmp_path / "cache"
+    for _ in range(2):  # the second run replaces the first cache
+        assert main(["cache-features", "--model", "tiny", "--data", str(dirs["test"]), "--output", str(cache),
+                     "--dtype", "float32", "--no-progress"]) == 0
+    assert (cache / "manifest.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
