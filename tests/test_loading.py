@@ -378,19 +378,27 @@ def test_full_lavis_instructblip_checkpoint(hf, tmp_path):
     assert report.unexpected == [] and report.missing == []
     assert report.initialized == sorted(k for k in model.state_dict() if k.startswith(NEW))
     assert_same_state(model.state_dict(), hf.state_dict())
-    ref = from_instructblip(SAM, hf)
+    # LAVIS' ln_vision eps (1e-5), not the HF vision config's (1e-6)
+    assert model.config.post_layernorm_eps == 1e-5 and model.vision_model.post_layernorm.eps == 1e-5
+    ref = from_instructblip(SAM, hf, post_layernorm_eps=1e-5)
+    hf_eps = from_instructblip(SAM, hf)
+    assert hf_eps.vision_model.post_layernorm.eps == 1e-6
     with torch.no_grad():
         for k, v in ref.state_dict().items():
             if k.startswith(NEW):
                 model.state_dict()[k].copy_(v)
+                hf_eps.state_dict()[k].copy_(v)
     assert torch.equal(encode(model), encode(ref))
+    assert not torch.equal(encode(model), encode(hf_eps))  # the eps reaches the tokens
     # the same through SAM's classmethod, with base= supplying the config
     via_cls = SAM.from_lavis_checkpoint(path, base=hf)
     assert_same_state(via_cls.state_dict(), hf.state_dict())
 
 
 def test_released_sam_checkpoint_trainable_only(hf, hf_dir, tmp_path):
-    trained = randomize_trainable_(from_instructblip(SAM, hf, context_mode="shared"), seed=11)
+    trained = randomize_trainable_(
+        from_instructblip(SAM, hf, context_mode="shared", post_layernorm_eps=1e-5), seed=11
+    )  # the LAVIS model: ln_vision eps 1e-5
     ckpt = to_lavis(trained.trainable_state_dict())
     assert set(ckpt) == {
         "attn.weight",
@@ -419,10 +427,10 @@ def test_released_sam_checkpoint_trainable_only(hf, hf_dir, tmp_path):
     assert m3.config.context_mode == "shared"
     assert_models_equal(m3, trained)
 
-    # without a base the frozen tensors are missing: reported by name
-    with pytest.raises(ValueError, match=r"missing keys.*vision_model\.embeddings\.class_embedding"):
+    # without a base the frozen modules are missing: named, with the file read
+    with pytest.raises(ValueError, match=r"no source supplies the vision encoder .*Q-former.*the LLM .*sam\.pth"):
         from_lavis_checkpoint(SAM, path, SAMConfig.from_instructblip_config(hf.config, context_mode="shared"))
-    with pytest.raises(ValueError, match="config= or base="):
+    with pytest.raises(ValueError, match="pass config="):
         from_lavis_checkpoint(SAM, path)
 
 

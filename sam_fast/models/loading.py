@@ -36,15 +36,43 @@ return_report=False, **config_overrides) -> SAM``
 
 ``from_lavis_checkpoint(cls, path, config=None, *, base=None, strict=True, context_mode=None,
 dtype=None, device=None, copy=False, return_report=False) -> SAM``
-    Load a LAVIS ``.pth`` (``torch.load(weights_only=True)``, ``["model"]`` unwrapped). If it holds
-    SAM keys (``one_2_muliple``, ``multiple_2_one``, ``attn``) it is the authors' checkpoint, which
-    was trained with ``context_mode="shared"``: that mode is set, with a warning when the caller
-    asked for another one (``context_mode=`` or ``config.context_mode``). ``base`` (an HF
-    InstructBLIP / SAM / delta directory, or an in-memory InstructBLIP or SAM model) supplies every
-    tensor the checkpoint lacks (released checkpoints hold only the trained tensors) and, when
-    ``config`` is None, the configuration. Without ``base`` the checkpoint must be complete and
-    ``config`` is required. Unknown keys raise ValueError naming them (``strict=False``: warn);
-    ignored keys are reported in ``LoadReport.ignored``.
+    Load a LAVIS checkpoint file over the sources in ``base``. ``path`` and every ``.pth`` in
+    ``base`` are read with ``torch.load(weights_only=True)``; a LAVIS runner checkpoint (a dict with
+    ``model`` plus ``optimizer`` / ``config`` / ``scaler`` / ``epoch``) gives its ``model`` entry.
+    ``base`` is one source or a list of them; each is
+      - a LAVIS ``.pth`` (full, or trimmed like ``instruct_blip_vicuna7b_trimmed.pth``: query
+        tokens, ``ln_vision``, Q-former, ``llm_proj``),
+      - an EVA ViT ``.pth`` with unprefixed keys (LAVIS' ``eva_vit_g.pth``: ``cls_token``,
+        ``blocks.0.attn.q_bias``, ...; its final norm / head and blocks past the configured depth
+        are dropped as LAVIS drops them, listed in ``LoadReport.ignored``),
+      - an HF LLM directory (``LlamaForCausalLM``, e.g. Vicuna-7B v1.1): its ``config.json`` must
+        match ``config.text_config``; an embedding / LM head with fewer rows than
+        ``text_config.vocab_size`` (Vicuna's 32000 vs LAVIS' 32000 + ``[PAD]``) is grown, each new
+        row the mean of the existing rows (LAVIS initialises them at random), listed in
+        ``LoadReport.resized``,
+      - an HF InstructBLIP / SAM / delta directory or an in-memory InstructBLIP or SAM model
+        (these also supply a configuration).
+    Later sources win over earlier ones and ``path`` wins over all. The configuration is
+    ``config`` (an InstructBlipConfig or SAMConfig, e.g. ``SAMConfig.instructblip_vicuna7b()``),
+    else the first source's that has one; LAVIS files carry none. If ``path`` holds SAM keys
+    (``one_2_muliple``, ``multiple_2_one``, ``attn``) it is the authors' checkpoint, which was
+    trained with ``context_mode="shared"``: that mode is set, with a warning when the caller asked
+    for another one (``context_mode=`` or ``config.context_mode``). The vision LayerNorm gets
+    LAVIS' ``ln_vision`` eps 1e-5 (``config.post_layernorm_eps``) unless ``config`` sets
+    ``post_layernorm_eps`` itself. With ``dtype=None`` and files of different floating dtypes
+    (an fp16 ``eva_vit_g.pth`` with an fp32 Q-former file) every tensor is cast to float32.
+    Errors (ValueError / FileNotFoundError, one line, naming the file): a file that is not a
+    checkpoint or pickles more than ``weights_only=True`` allows (see
+    ``torch_load_weights_only``), unknown keys (``strict=False``: a warning, keys in
+    ``LoadReport.unexpected``), no source for a whole component (the ViT, the Q-former, the query
+    tokens, the projection, the LLM), missing keys, shape mismatches, an LLM directory whose
+    config differs from ``config.text_config``.
+
+``torch_load_weights_only(path)``
+    ``torch.load(weights_only=True)`` on CPU (memory-mapped for zip files) with one clear
+    ValueError naming the file when it is not a checkpoint or pickles custom classes (it names
+    them and how to re-save a trusted file's weights); nothing here unpickles with
+    ``weights_only=False``. Directories' ``pytorch_model.bin`` files are read through it too.
 
 ``save_trainable_delta(model, directory, base_reference) -> Path``
     Write ``config.json``, ``sam_delta.safetensors`` (``model.trainable_state_dict()`` only) and
@@ -60,7 +88,8 @@ return_report=False) -> SAM``
     FileNotFoundError naming ``sam_delta.json`` when the base cannot be found.
 
 ``is_trainable_delta_dir(directory) -> bool``, ``read_state_dict(directory, *, dtype=None,
-device=None) -> dict``, ``LoadReport`` (missing, unexpected, ignored, initialized, source).
+device=None) -> dict``, ``LoadReport`` (missing, unexpected, ignored, initialized, resized,
+source), ``LAVIS_LN_VISION_EPS`` (1e-5).
 """
 
 from __future__ import annotations
@@ -69,8 +98,10 @@ import contextlib
 import copy as _copy
 import json
 import os
+import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +125,8 @@ __all__ = [
     "load_trainable_delta",
     "is_trainable_delta_dir",
     "read_state_dict",
+    "torch_load_weights_only",
+    "LAVIS_LN_VISION_EPS",
 ]
 
 from sam_fast.models.sam import TRAINABLE_MODULES  # noqa: E402  (what a delta holds; spec section 1)
@@ -133,12 +166,16 @@ class LoadReport:
     unexpected: source keys the model has no place for (an error unless ``strict=False``).
     ignored: source keys dropped on purpose (known buffers, LAVIS heads; see IGNORED_LAVIS_KEYS).
     initialized: keys of the new modules initialised per the spec instead of loaded.
+    resized: what was grown to the configured vocabulary, one line per tensor (an HF LLM
+        directory with fewer rows than ``text_config.vocab_size``, e.g. Vicuna's 32000 rows for
+        LAVIS' 32000 + ``[PAD]``).
     """
 
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     initialized: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
     source: str = ""
 
 
@@ -195,7 +232,8 @@ def read_state_dict(directory, *, dtype=None, device=None) -> dict[str, torch.Te
     Looks for, in order: ``model.safetensors``, ``model.safetensors.index.json`` (shards),
     ``pytorch_model.bin``, ``pytorch_model.bin.index.json``. Floating tensors are cast to
     ``dtype`` and moved to ``device`` as they are read, so the peak memory is the result plus one
-    tensor. Raises FileNotFoundError naming the directory and the file names looked for.
+    tensor. ``.bin`` files are read with ``torch_load_weights_only``. Raises FileNotFoundError
+    naming the directory and the file names looked for.
     """
     d = Path(directory)
     files: list[Path]
@@ -221,7 +259,7 @@ def read_state_dict(directory, *, dtype=None, device=None) -> dict[str, torch.Te
                 for k in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
                     out[k] = _prepare(sf.get_tensor(k), _target_dtype(dtype, k), None, False)
         else:
-            sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+            sd = _torch_load_state_dict(f)
             for k in list(sd.keys()):
                 out[k] = _prepare(sd.pop(k), _target_dtype(dtype, k), device, False)
     return out
@@ -300,12 +338,14 @@ def _build_model(
     strict: bool = True,
     source: str = "",
     report: LoadReport | None = None,
+    origin: Mapping[str, str] | None = None,
 ):
     """Construct ``cls(config)`` with meta parameters and assign ``state_dict`` into it.
 
     New modules absent from ``state_dict`` are materialised and initialised per the spec. Raises
     ValueError on shape mismatches, on missing keys (other than the new modules) and, when
-    ``strict``, on unexpected keys.
+    ``strict``, on unexpected keys. ``origin`` (key -> the file or directory it came from) makes
+    those messages name the file of each key when several sources were merged.
     """
     report = report if report is not None else LoadReport(source=source)
     report.source = report.source or source
@@ -324,14 +364,22 @@ def _build_model(
                 report.unexpected.append(k)
             continue
         if tuple(t.shape) != tuple(expected[k].shape):
-            mismatched.append(f"{k}: checkpoint {tuple(t.shape)} vs model {tuple(expected[k].shape)}")
+            src = f" (from {origin[k]})" if origin and k in origin else ""
+            mismatched.append(f"{k}{src}: checkpoint {tuple(t.shape)} vs model {tuple(expected[k].shape)}")
             continue
         to_load[k] = _prepare(t, _target_dtype(dtype, k), device, copy)
     where = f" in {source}" if source else ""
     if mismatched:
         raise ValueError(f"shape mismatch{where}: " + "; ".join(mismatched))
     if report.unexpected:
-        msg = f"unexpected keys{where} (no place in {cls.__name__}): {_format_keys(report.unexpected)}"
+        if origin:
+            by_source: dict[str, list[str]] = {}
+            for k in report.unexpected:
+                by_source.setdefault(origin.get(k, source), []).append(k)
+            listed = "; ".join(f"in {src}: {_format_keys(keys)}" for src, keys in by_source.items())
+            msg = f"unexpected keys (no place in {cls.__name__}): {listed}"
+        else:
+            msg = f"unexpected keys{where} (no place in {cls.__name__}): {_format_keys(report.unexpected)}"
         if strict:
             raise ValueError(msg)
         warnings.warn(msg + " -- ignored because strict=False", stacklevel=3)
@@ -558,13 +606,235 @@ def lavis_to_sam_state_dict(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, t
     return new_sd, sorted(unmapped)
 
 
-def _load_lavis_file(path) -> dict[str, torch.Tensor]:
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
-        obj = obj["model"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: not a state dict (nor a dict with a 'model' state dict)")
+# ----------------------------------------------------------------------------------------------
+# Single checkpoint files (.pth / .bin / .safetensors)
+# ----------------------------------------------------------------------------------------------
+_UNSAFE_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+_UNPICKLER_REASON_RE = re.compile(r"WeightsUnpickler error:\s*(.+)")
+
+
+def _unsafe_globals(path: Path, exc: BaseException) -> list[str]:
+    """The classes / functions a checkpoint pickles that ``weights_only=True`` refuses."""
+    names: list[str] = []
+    getter = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if getter is not None:
+        with contextlib.suppress(Exception):  # zip-format files only
+            names = list(getter(str(path)))
+    if not names:
+        names = _UNSAFE_GLOBAL_RE.findall(str(exc))
+    return sorted(set(names))
+
+
+def torch_load_weights_only(path) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)``, with one clear error per failure.
+
+    Zip-format files are memory-mapped. Nothing here ever unpickles with ``weights_only=False``.
+    Raises FileNotFoundError if ``path`` is not a file; ValueError naming the file when it pickles
+    more than tensors and plain containers (a custom class, an omegaconf config, ...: the message
+    names those classes and says how to re-save the weights of a file you trust), or when it is
+    not a PyTorch checkpoint at all (random bytes, a text file, a truncated download).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{str(p)!r} is not a file")
+    try:
+        return torch.load(str(p), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p))
+    except Exception as exc:
+        unsafe = _unsafe_globals(p, exc) if isinstance(exc, pickle.UnpicklingError) else []
+        if unsafe:
+            resaved = p.with_name(p.stem + ".weights" + (p.suffix or ".pth"))
+            raise ValueError(
+                f"{p}: torch.load(weights_only=True) refuses this file: besides tensors it pickles "
+                f"{', '.join(unsafe)}, and sam_fast never unpickles with weights_only=False. If you trust "
+                f"the file, re-save its weights with plain types and load that copy, e.g. python -c "
+                f"\"import torch; c = torch.load('{p}', weights_only=False); "
+                f"torch.save({{'model': c['model']}}, '{resaved}')\""
+            ) from None
+        m = _UNPICKLER_REASON_RE.search(str(exc))
+        lines = str(exc).strip().splitlines()
+        reason = m.group(1).strip() if m else (lines[0] if lines else "")
+        reason = f"{type(exc).__name__}: {reason}"[:200] if reason else type(exc).__name__
+        raise ValueError(f"{p}: not a PyTorch checkpoint that torch.load(weights_only=True) can read ({reason})") from None
+
+
+def _torch_load_state_dict(path) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.pth`` / ``.bin`` file: the file itself, or its ``model`` entry (LAVIS
+    runner checkpoints also hold ``optimizer``, ``config``, ``scaler``, ``epoch``), or a
+    ``.safetensors`` file. ValueError naming the file when it holds anything else."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        if not p.is_file():
+            raise FileNotFoundError(f"{str(p)!r} is not a file")
+        try:
+            return load_file(str(p))
+        except Exception as exc:
+            raise ValueError(f"{p}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+    obj = torch_load_weights_only(p)
+    where = str(p)
+    if isinstance(obj, Mapping) and "model" in obj:
+        obj, where = obj["model"], f"{p} (its 'model' entry)"
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{where}: holds a {type(obj).__name__}, not a state dict (a dict of tensors)")
+    bad = [k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if bad:
+        raise ValueError(
+            f"{where}: not a state dict: entries {_format_keys([str(k) for k in bad], 8)} are not named tensors "
+            f"(a runner checkpoint keeps its weights under 'model')"
+        )
+    if not obj:
+        raise ValueError(f"{where}: holds no tensors")
     return dict(obj)
+
+
+# ----------------------------------------------------------------------------------------------
+# LAVIS checkpoints and the files LAVIS users hold
+# ----------------------------------------------------------------------------------------------
+# LAVIS' ln_vision: nn.LayerNorm(num_features), torch's default eps (HF's post_layernorm uses the
+# vision config's layer_norm_eps, 1e-6, which the EVA blocks use in LAVIS too).
+LAVIS_LN_VISION_EPS = 1e-5
+
+# An EVA ViT state dict as LAVIS downloads it (eva_vit_g.pth): the keys of `visual_encoder` without
+# the prefix. Its final norm / classification head and blocks past the configured depth are dropped,
+# as LAVIS does (it loads that file with strict=False into 39 blocks and no head).
+_EVA_KEY_RE = re.compile(r"cls_token|pos_embed|patch_embed\..+|blocks\.\d+\..+|(norm|fc_norm|head)\.(weight|bias)")
+_EVA_HEAD_RE = re.compile(r"(norm|fc_norm|head)\.(weight|bias)")
+_EVA_BLOCK_RE = re.compile(r"blocks\.(\d+)\..+")
+
+# Fields of an LLM directory's config.json that must agree with config.text_config.
+_LLM_CONFIG_FIELDS = (
+    "model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+    "num_key_value_heads", "rms_norm_eps", "hidden_act",
+)
+
+# (prefix, what it is and which LAVIS file has it): each must come from some source.
+_COMPONENTS = (
+    ("vision_model.encoder.", "the vision encoder (EVA ViT: LAVIS ships it as eva_vit_g.pth)"),
+    ("query_tokens", "the query tokens (query_tokens in the LAVIS InstructBLIP .pth)"),
+    ("qformer.", "the Q-former (Qformer.bert.* in the LAVIS InstructBLIP .pth)"),
+    ("language_projection.", "the LLM projection (llm_proj.* in the LAVIS InstructBLIP or SAM .pth)"),
+    ("language_model.", "the LLM (an HF LLaMA / Vicuna directory)"),
+)
+
+
+def _strip_module_prefix(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    keys = list(sd)
+    if keys and all(k.startswith("module.") for k in keys):
+        return {k[len("module.") :]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def _is_eva_state_dict(sd: Mapping[str, torch.Tensor]) -> bool:
+    """True for an unprefixed EVA ViT state dict (eva_vit_g.pth), False for LAVIS model keys."""
+    keys = list(sd)
+    return (
+        bool(keys)
+        and all(_EVA_KEY_RE.fullmatch(k) for k in keys)
+        and any(k in ("cls_token", "pos_embed") or k.startswith(("patch_embed.", "blocks.")) for k in keys)
+    )
+
+
+@dataclass
+class _Source:
+    """One thing to take tensors from, read but not yet mapped to SAM keys."""
+
+    desc: str
+    kind: str  # "model" (HF InstructBLIP / SAM / delta dir, in-memory model), "lavis", "eva", "llm"
+    tensors: dict[str, torch.Tensor]  # "model": SAM keys; "lavis"/"eva": the file's keys; "llm": LLM keys
+    config: Any = None  # "model": its InstructBLIP / SAM config
+    llm_config: dict | None = None  # "llm": its config.json
+
+
+def _is_llm_dir(d: Path) -> bool:
+    if not (d / "config.json").is_file():
+        return False
+    raw = _read_config_json(d)
+    return raw.get("model_type") not in (None, "instructblip", "sam_fast") and "vision_config" not in raw
+
+
+def _read_source(cls, source, *, dtype=None, device=None) -> _Source:
+    """Read a LAVIS / EVA checkpoint file, an HF LLM directory, or anything `from_instructblip` takes."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_file():
+        raw = _strip_module_prefix(_torch_load_state_dict(source))
+        return _Source(str(source), "eva" if _is_eva_state_dict(raw) else "lavis", raw)
+    if isinstance(source, (str, os.PathLike)) and not Path(source).exists():
+        raise FileNotFoundError(f"{str(source)!r} does not exist (expected a .pth file or a model directory)")
+    if isinstance(source, (str, os.PathLike)) and not is_trainable_delta_dir(source) and _is_llm_dir(Path(source)):
+        return _Source(
+            str(source), "llm", read_state_dict(source, dtype=dtype, device=device), llm_config=_read_config_json(source)
+        )
+    config, sd, desc = _source_config_and_state_dict(cls, source, dtype=dtype, device=device)
+    return _Source(desc, "model", dict(sd), config=config)
+
+
+def _map_source(src: _Source, config, report: LoadReport) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(SAM-keyed tensors, unknown keys) of one source; dropped keys go to ``report.ignored``."""
+    if src.kind == "model":
+        return src.tensors, []
+    if src.kind == "llm":
+        return {f"language_model.{k}": v for k, v in src.tensors.items()}, []
+    raw = src.tensors
+    if src.kind == "eva":
+        depth = config.vision_config.num_hidden_layers
+        kept = {}
+        for k, v in raw.items():
+            m = _EVA_BLOCK_RE.fullmatch(k)
+            if _EVA_HEAD_RE.fullmatch(k) or (m and int(m.group(1)) >= depth):
+                report.ignored.append(k)
+            else:
+                kept[k] = v
+        raw = {f"visual_encoder.{k}": v for k, v in kept.items()}
+    mapped, unmapped = lavis_to_sam_state_dict(raw)
+    report.ignored.extend(k for k in unmapped if is_ignored_lavis_key(k))
+    unknown = [k for k in unmapped if not is_ignored_lavis_key(k)]
+    if src.kind == "eva":  # name keys as the file does
+        unknown = [k[len("visual_encoder.") :] if k.startswith("visual_encoder.") else k for k in unknown]
+    return mapped, unknown
+
+
+def _check_llm_config(src: _Source, config) -> None:
+    text = config.text_config
+    diffs = []
+    for name in _LLM_CONFIG_FIELDS:
+        theirs = src.llm_config.get(name)
+        if name == "num_key_value_heads" and theirs is None:
+            theirs = src.llm_config.get("num_attention_heads")
+        ours = getattr(text, name, None)
+        if theirs is not None and ours is not None and theirs != ours:
+            diffs.append(f"{name}={theirs!r} (config: {ours!r})")
+    vocab = src.llm_config.get("vocab_size")
+    if vocab is not None and vocab > text.vocab_size:
+        diffs.append(f"vocab_size={vocab} (config: {text.vocab_size}, smaller)")
+    if diffs:
+        raise ValueError(f"{src.desc}: this LLM does not match config.text_config: {', '.join(diffs)}")
+
+
+def _grow_vocabulary(sd: dict[str, torch.Tensor], src: _Source, config, report: LoadReport) -> None:
+    """Append rows to an LLM directory's embedding / LM head up to ``text_config.vocab_size``.
+
+    LAVIS adds ``[PAD]`` to Vicuna's 32000 tokens and resizes both (new rows random there); here
+    every new row is the mean of the existing rows, which is deterministic.
+    """
+    vocab = config.text_config.vocab_size
+    for key in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+        t = sd.get(key)
+        if t is None or t.dim() != 2 or t.shape[0] >= vocab:
+            continue
+        n = t.shape[0]
+        mean = t.float().mean(0, keepdim=True).to(t.dtype)
+        sd[key] = torch.cat([t, mean.expand(vocab - n, -1)])
+        report.resized.append(f"{key} (from {src.desc}): {n} -> {vocab} rows, the new rows the mean of the others")
+
+
+def _as_source_list(base) -> list:
+    if base is None:
+        return []
+    if isinstance(base, (list, tuple)):
+        if not base:
+            raise ValueError("base=[] names no source; pass None or at least one file, directory or model")
+        return list(base)
+    return [base]
 
 
 def from_lavis_checkpoint(
@@ -580,20 +850,29 @@ def from_lavis_checkpoint(
     copy: bool = False,
     return_report: bool = False,
 ):
-    """Build ``cls`` (SAM) from a LAVIS InstructBLIP or released-SAM ``.pth``; see module docstring."""
+    """Build ``cls`` (SAM) from a LAVIS InstructBLIP / released-SAM ``.pth`` over ``base``.
+
+    ``base``: one source or a list (LAVIS ``.pth``, unprefixed EVA ViT ``.pth``, HF LLM directory,
+    HF InstructBLIP / SAM / delta directory, in-memory model); later ones win, ``path`` wins over
+    all. For LAVIS' InstructBLIP-Vicuna files::
+
+        SAM.from_lavis_checkpoint(
+            "sam_checkpoint.pth", SAMConfig.instructblip_vicuna7b(context_mode="shared"),
+            base=["instruct_blip_vicuna7b_trimmed.pth", "eva_vit_g.pth", "vicuna-7b-v1.1/"],
+            dtype=torch.float16,
+        )
+
+    See the module docstring for the rules (configuration, ``post_layernorm_eps``, vocabulary
+    growth, dtypes, errors).
+    """
     dtype = _dtype_plan(cls, dtype)
-    lavis_sd = _load_lavis_file(path)
-    is_sam_ckpt = any(_SAM_LAVIS_RE.fullmatch(k) for k in lavis_sd)
-    mapped, unmapped = lavis_to_sam_state_dict(lavis_sd)
-    report = LoadReport(source=str(path))
-    report.ignored = [k for k in unmapped if is_ignored_lavis_key(k)]
-    unknown = [k for k in unmapped if not is_ignored_lavis_key(k)]
-    if unknown:
-        msg = f"unknown keys in {path} (no mapping to SAM): {_format_keys(unknown)}"
-        if strict:
-            raise ValueError(msg)
-        warnings.warn(msg + " -- ignored because strict=False", stacklevel=2)
-        report.unexpected.extend(unknown)
+    report = LoadReport()
+    main = _read_source(cls, path)
+    if main.kind == "model":
+        raise ValueError(f"{path}: from_lavis_checkpoint takes a LAVIS .pth file; load directories with from_instructblip")
+    bases = [_read_source(cls, b, dtype=dtype, device=device) for b in _as_source_list(base)]
+    sources = [*bases, main]
+    is_sam_ckpt = main.kind == "lavis" and any(_SAM_LAVIS_RE.fullmatch(k) for k in main.tensors)
 
     if is_sam_ckpt:
         asked = context_mode if context_mode is not None else getattr(config, "context_mode", None)
@@ -605,20 +884,49 @@ def from_lavis_checkpoint(
             )
         context_mode = "shared"
 
-    overrides = {} if context_mode is None else {"context_mode": context_mode}
-    state_dict: dict[str, torch.Tensor] = {}
-    if base is not None:
-        base_config, base_sd, base_desc = _source_config_and_state_dict(cls, base, dtype=dtype, device=device)
-        state_dict.update(base_sd)
-        report.source = f"{path} over base {base_desc}"
-        if config is None:
-            config = base_config
-    elif config is None:
+    overrides: dict[str, Any] = {} if context_mode is None else {"context_mode": context_mode}
+    if getattr(config, "post_layernorm_eps", None) is None:
+        overrides["post_layernorm_eps"] = LAVIS_LN_VISION_EPS  # LAVIS' ln_vision
+    if config is None:
+        config = next((s.config for s in sources if s.config is not None), None)
+    if config is None:
         raise ValueError(
-            f"from_lavis_checkpoint({path}): pass config= or base= (a LAVIS checkpoint carries no configuration)"
+            f"from_lavis_checkpoint({path}): pass config= (e.g. SAMConfig.instructblip_vicuna7b() for LAVIS' "
+            f"InstructBLIP-Vicuna-7B files), or a base= holding one (an HF InstructBLIP or SAM directory); "
+            f"LAVIS checkpoints carry no configuration"
         )
     config = _to_sam_config(cls, config, overrides)
-    state_dict.update(mapped)  # the checkpoint wins over the base
+
+    state_dict: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for src in sources:  # later sources win; the checkpoint itself last
+        mapped, unknown = _map_source(src, config, report)
+        if unknown:
+            msg = f"unknown keys in {src.desc} (no mapping to SAM): {_format_keys(unknown)}"
+            if strict:
+                raise ValueError(msg)
+            warnings.warn(msg + " -- ignored because strict=False", stacklevel=2)
+            report.unexpected.extend(unknown)
+        if src.kind == "llm":
+            _check_llm_config(src, config)
+            _grow_vocabulary(mapped, src, config, report)
+        state_dict.update(mapped)
+        origin.update(dict.fromkeys(mapped, src.desc))
+
+    descs = [s.desc for s in sources]
+    report.source = f"{path} over base {' + '.join(descs[:-1])}" if bases else str(path)
+    absent = [what for prefix, what in _COMPONENTS if not any(k.startswith(prefix) for k in state_dict)]
+    if absent:
+        raise ValueError(f"no source supplies {'; '.join(absent)} (read: {', '.join(descs)}); add it to base=")
+
+    if dtype is None:  # one dtype for the model: mixed files (fp16 EVA, fp32 Q-former) go to float32
+        keep = _dtype_plan(cls, torch.float16)
+        kinds = {
+            t.dtype for k, t in state_dict.items() if t.is_floating_point() and _target_dtype(keep, k) != torch.float32
+        }
+        if len(kinds) > 1:
+            dtype = _dtype_plan(cls, torch.get_default_dtype())
+
     model, report = _build_model(
         cls,
         config,
@@ -629,6 +937,7 @@ def from_lavis_checkpoint(
         strict=strict,
         report=report,
         source=report.source,
+        origin=origin if bases else None,
     )
     return (model, report) if return_report else model
 

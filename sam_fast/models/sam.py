@@ -404,9 +404,18 @@ class SAM(InstructBlipPreTrainedModel):
 
     @classmethod
     def from_lavis_checkpoint(cls, path, config=None, *, base=None, **kwargs) -> "SAM":
-        """SAM from a LAVIS InstructBLIP `.pth` or the authors' released SAM checkpoint (which
-        implies context_mode="shared"); `base` supplies frozen weights the file lacks. Missing or
-        unexpected keys are reported. See `sam_fast.models.loading.from_lavis_checkpoint`."""
+        """SAM from a LAVIS InstructBLIP `.pth` or the authors' released SAM checkpoint (a LAVIS
+        runner checkpoint; it implies context_mode="shared"), read with
+        `torch.load(weights_only=True)`. `base` supplies the weights the file lacks: one source or
+        a list of them (LAVIS `.pth` files, LAVIS' unprefixed `eva_vit_g.pth`, an HF LLM directory
+        such as Vicuna-7B, an HF InstructBLIP / SAM directory, an in-memory model); later sources
+        win, `path` wins over all. `config` (e.g. `SAMConfig.instructblip_vicuna7b()`) is needed
+        unless a base carries one. The vision LayerNorm keeps LAVIS' eps 1e-5
+        (`config.post_layernorm_eps`). Unknown, unexpected and missing keys, a component no source
+        supplies and files that are not plain checkpoints raise one error naming the file
+        (`strict=False`: unknown keys only warn). Keyword arguments: `strict`, `context_mode`,
+        `dtype`, `device`, `copy`, `return_report`. See
+        `sam_fast.models.loading.from_lavis_checkpoint`."""
         from sam_fast.models import loading
 
         return loading.from_lavis_checkpoint(cls, path, config, base=base, **kwargs)
