@@ -130,6 +130,8 @@ def load_records(root: str | os.PathLike, skip_bad: bool = False, require_output
         raw = json.loads(ann_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{ann_path}: not valid JSON ({e})") from e
+    except (OSError, RecursionError) as e:  # unreadable; or nested too deeply for the JSON parser
+        raise DataError(f"{ann_path}: cannot be read ({type(e).__name__}: {e})") from e
     if not isinstance(raw, list):
         raise DataError(f"{ann_path}: expected a list of samples, got {type(raw).__name__}")
     records, seen = [], set()
@@ -149,7 +151,12 @@ def load_records(root: str | os.PathLike, skip_bad: bool = False, require_output
                     problem = f"image path {rel!r} cannot be resolved ({type(e).__name__}: {e})"
                     break
                 paths.append(p)
-                if not p.is_file():
+                try:
+                    exists = p.is_file()
+                except OSError as e:  # e.g. a name too long for the file system
+                    problem = f"image file {p} cannot be accessed ({type(e).__name__}: {e.strerror})"
+                    break
+                if not exists:
                     problem = f"image file {p} does not exist"
                     break
                 if verify_images:

@@ -157,3 +157,55 @@ def test_unique_names_never_collide(tmp_path):
     for g in got:
         (tmp_path / g).write_text(g)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(got)
+
+
+# -- fuzz: random bytes and random JSON give a DataError or a dataset, never another exception -------------
+def _random_json(rng, depth=0):
+    kind = rng.integers(0, 8 if depth < 3 else 5)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return bool(rng.integers(0, 2))
+    if kind == 2:
+        return [int(rng.integers(-5, 5)), 10**30, -(2**63)][int(rng.integers(0, 3))]
+    if kind == 3:
+        return [float("nan"), float("inf"), 1e308, -0.0, 2.5][int(rng.integers(0, 5))]
+    if kind == 4:
+        return ["", "images/0000_0.png", "../x", "/etc/hostname", "a" * 300, "<image>", "x\x00y", "é/..",
+                "images", "."][int(rng.integers(0, 10))]
+    if kind == 5:
+        return [_random_json(rng, depth + 1) for _ in range(int(rng.integers(0, 4)))]
+    keys = ["id", "img_list", "instruction", "output", "extra"]
+    return {k: _random_json(rng, depth + 1) for k in keys if rng.random() < 0.7}
+
+
+def test_fuzz_annotations_and_image_bytes(ds_dir):
+    rng = np.random.default_rng(11)
+    ann = ds_dir / "annotations.json"
+    for trial in range(90):
+        if trial % 3 == 0:
+            ann.write_bytes(rng.bytes(int(rng.integers(0, 200))))
+        elif trial % 3 == 1:
+            ann.write_text(json.dumps([_random_json(rng) for _ in range(int(rng.integers(0, 6)))]))
+        else:  # well-formed records, one image file overwritten with random bytes (maybe a valid header)
+            write_group_captions(ds_dir, n_samples=2, size=16, seed=trial, max_images=1)
+            head = [b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"II*\x00"][trial % 5]
+            (ds_dir / "images" / "0001_0.png").write_bytes(head + rng.bytes(int(rng.integers(0, 300))))
+        for skip in (False, True):
+            try:
+                ds = AnnotationDataset(ds_dir, EvalTransform(16), skip_bad=skip)
+            except DataError as e:
+                assert "\n" not in str(e)
+                continue
+            for i in range(len(ds)):
+                item = ds[i]
+                assert item is None or torch.isfinite(item["pixel_values"]).all()
+
+
+@pytest.mark.parametrize("rel", ["a" * 300, "images/" + "b/" * 2100 + "c.png", "images/loop.png", "images"])
+def test_unusual_paths_give_a_data_error(ds_dir, rel):
+    (ds_dir / "images" / "loop.png").symlink_to(ds_dir / "images" / "loop.png")
+    _set(ds_dir, 1, img_list=[rel])
+    with pytest.raises(DataError, match=r"sample id 1: image (file|path)"):
+        AnnotationDataset(ds_dir, EvalTransform(28))
+    assert len(AnnotationDataset(ds_dir, EvalTransform(28), skip_bad=True)) == 3
