@@ -119,10 +119,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    locks: list = []  # the run directory's lock, once taken; released however training ends
+    try:
+        return _cmd_train_locked(args, locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _cmd_train_locked(args: argparse.Namespace, locks: list) -> int:
     import torch
 
     from sam_fast.data import AnnotationDataset, DataError, TrainTransform
-    from sam_fast.train import NonFiniteLossError, TrainConfig, Trainer, init_from_env, outputs
+    from sam_fast.train import (
+        CheckpointError,
+        NonFiniteLossError,
+        RunDirectoryError,
+        TrainConfig,
+        Trainer,
+        TrainingInterrupted,
+        init_from_env,
+        outputs,
+    )
 
     opts = _merge(args, _load_config_file(args.config),
                   ["model", "data", "output", "features", "skip_bad", "context_mode", "guidance", "fsdp",
@@ -136,13 +154,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: opts.pop(k) for k in ("context_mode", "guidance", "interaction_layers") if k in opts}
     overrides.update(opts.pop("model_overrides", {}) or {})
     opts.pop("config", None)
-    tcfg = TrainConfig.from_dict({**opts, "output_dir": str(output), "progress": not args.no_progress})
+    try:
+        tcfg = TrainConfig.from_dict({**opts, "output_dir": str(output), "progress": not args.no_progress})
+        tcfg.validate()  # before anything is built or written
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"sam-fast train: {e}") from None
+    if args.resume and args.overwrite:
+        raise SystemExit("sam-fast train: give either --resume (continue the run in --output) or --overwrite "
+                         "(replace it), not both")
 
     dist = init_from_env(args.device)
     if tcfg.fsdp and not dist.enabled:
         raise SystemExit("sam-fast train: --fsdp shards the LLM over several processes, but this is a single "
                          "process: launch with `torchrun --nproc_per_node N -m sam_fast.cli train ... --fsdp` "
                          "(N >= 2), or drop --fsdp (and `fsdp` from the config file)")
+    if dist.is_main:  # one process at a time per run directory
+        try:
+            locks.append(outputs.RunLock(output).acquire())
+        except outputs.RunLockedError as e:
+            raise SystemExit(f"sam-fast train: {e}") from None
+    existing = outputs.existing_run(output)
+    if existing and not args.resume and not args.overwrite:
+        raise SystemExit(f"sam-fast train: {output} already holds a training run ({', '.join(existing)}): pass "
+                         "--resume to continue it or --overwrite to replace it, or choose another --output")
     if model_src in outputs.BUILTIN_CONFIGS:
         model = outputs.build_builtin(model_src, tcfg.seed, **overrides)
         tokenizers = outputs.builtin_tokenizers(model_src)
@@ -166,8 +200,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                    skip_bad=skip_bad, seed=tcfg.seed, allow_outside_paths=args.allow_outside_paths)
     except DataError as e:
         raise SystemExit(f"sam-fast train: {e}") from None
+    data_info = {"path": str(Path(data_dir).resolve()),
+                 "features": str(Path(features).resolve()) if features else None}
+    model_info = outputs.model_settings(model, overrides)
+    if args.resume:
+        diffs = outputs.resume_differences(output, base, data_info, model_info, tcfg.seed)
+        if diffs:
+            raise SystemExit(f"sam-fast train: --resume with settings that differ from {Path(output) / 'run.json'} "
+                             f"({'; '.join(diffs)}): resume with the run's settings, start a new run from its "
+                             f"weights (--model {output} --output NEW_DIR), or replace it (--overwrite)")
     if dist.is_main:
-        outputs.prepare_run_dir(output, model, tokenizers, base, tcfg.to_dict())
+        if args.overwrite:
+            outputs.clear_run(output)
+        outputs.prepare_run_dir(output, model, tokenizers, base, tcfg.to_dict(), data=data_info,
+                                model_config=model_info)
     try:
         trainer = Trainer(model, ds, outputs.prompt_builder(model, tokenizers), tcfg, dist)
     except ValueError as e:
@@ -185,6 +231,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as e:
         print(f"sam-fast train: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:  # SIGINT/SIGTERM: the step finished and was checkpointed
+        if dist.is_main:
+            print(f"sam-fast train: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:  # a second signal: no checkpoint of the step in progress
+        if dist.is_main:
+            from sam_fast.train.checkpoint import latest_checkpoint
+
+            print(f"sam-fast train: interrupted; not saved since the newest checkpoint "
+                  f"{latest_checkpoint(Path(output) / 'checkpoints')}", file=sys.stderr)
+        return 130
+    except (CheckpointError, RunDirectoryError) as e:
+        raise SystemExit(f"sam-fast train: {e}") from None
     if dist.is_main:
         first = res.losses[0] if res.losses else float("nan")
         print(f"trained to step {res.step} in {res.seconds:.1f} s; loss {first:.4f} -> "
@@ -370,7 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", help="feature cache of --data (sam-fast cache-features): train on cached ViT "
                    "outputs (eval transform, so no crop/flip augmentation)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT "
-                   "(the losses then equal those of an uninterrupted run)")
+                   "(the losses then equal those of an uninterrupted run); refused when --data, --seed, "
+                   "--model, --context-mode or --guidance differ from the run's run.json")
+    p.add_argument("--overwrite", action="store_true", help="replace the training run already in OUTPUT (its "
+                   "run.json, base/, tokenizer/, log.jsonl, checkpoints/; other files are kept); without "
+                   "--resume or --overwrite an existing run is refused. One process at a time trains into "
+                   "OUTPUT (OUTPUT/.lock; a lock whose process is gone is taken over)")
     p.add_argument("--skip-bad", action="store_true", default=None,
                    help="skip bad samples (missing/corrupt images, malformed records) and report how many")
     p.add_argument("--allow-outside-paths", action="store_true", help=OUTSIDE_HELP)

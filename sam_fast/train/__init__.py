@@ -13,7 +13,7 @@ from sam_fast.train.trainer import (
 )
 
 __all__ = [
-    "CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint", "DistInfo", "init_from_env", "build_optimizer",
-    "build_scheduler", "lr_factor", "param_groups", "NonFiniteLossError", "RunDirectoryError", "TrainConfig", "Trainer",
-    "TrainingInterrupted", "TrainResult",
+    "CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint", "DistInfo", "init_from_env",
+    "build_optimizer", "build_scheduler", "lr_factor", "param_groups", "NonFiniteLossError", "RunDirectoryError",
+    "TrainConfig", "Trainer", "TrainingInterrupted", "TrainResult",
 ]

@@ -120,7 +120,8 @@ def _decode(obj, tensors: dict[str, torch.Tensor], file: Path):
         if "__ndarray__" in obj:
             return tensors[obj["__ndarray__"]].numpy().astype(np.dtype(obj["dtype"]))
     except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{file}: refers to a tensor that {file.parent / STATE_TENSORS_FILE} lacks ({e})") from None
+        raise CheckpointError(f"{file}: refers to a tensor that {file.parent / STATE_TENSORS_FILE} lacks "
+                              f"({e})") from None
     if "__tuple__" in obj:
         return tuple(_decode(v, tensors, file) for v in obj["__tuple__"])
     if "__items__" in obj:
@@ -165,7 +166,9 @@ def is_legacy(path: Path) -> bool:
     return (path / LEGACY_STATE_FILE).is_file() and not (path / STATE_FILE).is_file()
 
 
-def _complete(path: Path) -> bool:
+def is_checkpoint_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` holds every file of a checkpoint (contents not checked), of this or an older format."""
+    path = Path(path)
     if not (path / TRAINABLE_FILE).is_file():
         return False
     return ((path / STATE_FILE).is_file() and (path / STATE_TENSORS_FILE).is_file()) or is_legacy(path)
@@ -179,7 +182,7 @@ def step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
     out = []
     for p in ckpt_root.iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and _complete(p):
+        if m and p.is_dir() and is_checkpoint_dir(p):
             out.append((int(m.group(1)), p))
     return sorted(out)
 
@@ -280,9 +283,11 @@ def _read_manifest(path: Path) -> dict:
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{file}: unreadable or truncated ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"{file}: not a sam_fast trainer state (format {data.get('format') if isinstance(data, dict) else None!r})")
+        fmt = data.get("format") if isinstance(data, dict) else None
+        raise CheckpointError(f"{file}: not a sam_fast trainer state (format {fmt!r})")
     if data.get("version") != STATE_VERSION:
-        raise CheckpointError(f"{file}: trainer state version {data.get('version')!r}; this sam_fast reads {STATE_VERSION}")
+        raise CheckpointError(f"{file}: trainer state version {data.get('version')!r}; this sam_fast reads "
+                              f"{STATE_VERSION}")
     body = {k: v for k, v in data.items() if k != "sha256"}
     if hashlib.sha256(_canonical(body)).hexdigest() != data.get("sha256"):
         raise CheckpointError(f"{file}: checksum mismatch (the file was altered or damaged)")
@@ -368,7 +373,8 @@ def load_trainable_into(model, trainable: dict[str, torch.Tensor]) -> None:
     own = model.trainable_state_dict()
     missing, extra = sorted(set(own) - set(trainable)), sorted(set(trainable) - set(own))
     if missing or extra:
-        raise ValueError(f"checkpoint does not match the model's trainable tensors: missing {missing}, unexpected {extra}")
+        raise ValueError(f"checkpoint does not match the model's trainable tensors: missing {missing}, "
+                         f"unexpected {extra}")
     with torch.no_grad():
         for k, v in trainable.items():
             if own[k].shape != v.shape:

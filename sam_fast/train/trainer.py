@@ -437,8 +437,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_stale(self.ckpt_root)
         barrier(self.dist)
-        if resume:
-            self.resume()
+        if resume and not self.resume() and self.dist.is_main:
+            self._truncate_log(0)  # no checkpoint yet: the records of the interrupted first steps go
         self._set_train_mode()
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         log_f = open(self.out / "log.jsonl", "a") if self.dist.is_main else None  # noqa: SIM115

@@ -1,0 +1,346 @@
+"""Issue 11: checkpoints carry no code, damaged files are named and skipped, non-finite gradients stop
+training before they are applied, a partial log line does not block resume, run directories are locked
+and protected, SIGINT/SIGTERM save a checkpoint, nonsense numeric options are refused."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sam_fast.cli import main
+from sam_fast.data import AnnotationDataset, PromptBuilder, TrainTransform, tiny_tokenizers
+from sam_fast.data.synthetic import write_group_captions
+from sam_fast.train import NonFiniteLossError, TrainConfig, Trainer, latest_checkpoint, load_checkpoint
+from sam_fast.train import checkpoint as ckpt
+
+TRAIN = ["--batch-size", "2", "--max-steps", "4", "--save-every", "2", "--lr", "3e-3", "--warmup-steps", "1",
+         "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_group_captions(tmp_path_factory.mktemp("safety") / "train", n_samples=8, size=32, seed=5)
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    """A finished 4-step run (checkpoints at steps 2 and 4); tests copy it before changing it."""
+    out = tmp_path_factory.mktemp("safety_run") / "run"
+    assert main(["train", "--config", "tiny", "--data", str(data), "--output", str(out), *TRAIN]) == 0
+    return out
+
+
+def _copy(run, tmp_path, name="run"):
+    dst = tmp_path / name
+    shutil.copytree(run, dst)
+    return dst
+
+
+def _train(data, out, *extra):
+    return main(["train", "--config", "tiny", "--data", str(data), "--output", str(out), *TRAIN, *extra])
+
+
+def _log(out):
+    return [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+
+
+class _Payload:
+    """Unpickling this creates the marker file: what a malicious trainer_state.pt would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _plant_payload(ck, marker):
+    for f in ck.iterdir():
+        if f.name.startswith("trainer_state"):
+            f.unlink()
+    torch.save({"step": 4, "x": _Payload(marker)}, ck / "trainer_state.pt")
+
+
+# -- 1. no code from checkpoints ------------------------------------------------------------------
+def test_pickled_trainer_state_is_never_unpickled(data, run, tmp_path, capsys):
+    out = _copy(run, tmp_path)
+    marker = tmp_path / "PWNED"
+    ck = out / "checkpoints" / "step-00000004"
+    _plant_payload(ck, marker)
+    with pytest.raises(ckpt.CheckpointError, match=r"trainer_state\.pt.*can run code"):
+        load_checkpoint(ck)
+    assert not marker.exists()
+    # eval/generate/explain load only the safetensors weights of such a checkpoint
+    from sam_fast.train.outputs import load_model_dir
+
+    _, _, what = load_model_dir(out)
+    assert "step 4" in what and not marker.exists()
+    _, _, what = load_model_dir(ck)
+    assert "step 4" in what and not marker.exists()
+    # resuming from it is refused with one line naming the file
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        _train(data, out, "--resume", "--max-steps", "6")
+    msg = str(e.value)
+    assert "trainer_state.pt" in msg and "\n" not in msg and not marker.exists()
+
+
+def test_trainer_state_holds_no_pickle(run):
+    ck = latest_checkpoint(run / "checkpoints")
+    assert sorted(p.name for p in ck.iterdir()) == ["trainable.safetensors", "trainer_state.json",
+                                                    "trainer_state.safetensors"]
+    state = json.loads((ck / "trainer_state.json").read_text())  # plain JSON
+    assert state["step"] == 4 and set(state["files"]) == {"trainable.safetensors", "trainer_state.safetensors"}
+    _, st = load_checkpoint(ck)
+    assert isinstance(st["rng"]["python"], tuple) and st["rng"]["numpy"][1].dtype.name == "uint32"
+    assert st["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert sorted(st["optimizer"]["state"]) == list(range(8))  # int keys survive
+
+
+def test_state_round_trip_restores_rng_exactly(tmp_path):
+    import random
+
+    import numpy as np
+
+    rng = ckpt.rng_state()
+    path = ckpt.save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {"rng": rng, "k": {3: (1.5, None, "a")}})
+    want = (torch.rand(3), random.random(), np.random.rand(3))
+    _, state = load_checkpoint(path)
+    assert state["k"] == {3: (1.5, None, "a")}
+    ckpt.set_rng_state(state["rng"])
+    got = (torch.rand(3), random.random(), np.random.rand(3))
+    assert torch.equal(got[0], want[0]) and got[1] == want[1] and np.array_equal(got[2], want[2])
+
+
+# -- 10. damaged files are named; loading falls back ------------------------------------------------
+def test_truncated_trainable_is_named_and_skipped(run, tmp_path, capsys):
+    out = _copy(run, tmp_path)
+    f = out / "checkpoints" / "step-00000004" / "trainable.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ckpt.CheckpointError, match=r"step-00000004/trainable\.safetensors.*truncated"):
+        load_checkpoint(f.parent)
+    from sam_fast.train.outputs import load_model_dir
+
+    capsys.readouterr()
+    _, _, what = load_model_dir(out)
+    assert "step 2" in what
+    err = capsys.readouterr().err
+    assert "trainable.safetensors" in err and "falling back to step-00000002" in err
+
+
+def test_bit_flip_is_caught_by_the_checksum_and_resume_falls_back(data, run, tmp_path, capsys):
+    out = _copy(run, tmp_path)
+    f = out / "checkpoints" / "step-00000004" / "trainer_state.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) - 7] ^= 0x10
+    f.write_bytes(bytes(raw))
+    with pytest.raises(ckpt.CheckpointError, match=r"trainer_state\.safetensors: sha256 mismatch"):
+        load_checkpoint(f.parent)
+    capsys.readouterr()
+    assert _train(data, out, "--resume") == 0  # from step 2: steps 3 and 4 again, the same losses
+    assert "falling back to step-00000002" in capsys.readouterr().err
+    assert [r["loss"] for r in _log(out)] == [r["loss"] for r in _log(run)]
+
+
+def test_altered_trainer_state_json_is_refused(run, tmp_path):
+    out = _copy(run, tmp_path)
+    f = out / "checkpoints" / "step-00000004" / "trainer_state.json"
+    f.write_text(f.read_text().replace('"step": 4', '"step": 5', 1))
+    with pytest.raises(ckpt.CheckpointError, match=r"trainer_state\.json: checksum mismatch"):
+        load_checkpoint(f.parent)
+
+
+# -- 5. non-finite gradients ------------------------------------------------------------------------
+def _trainer(data, out, **kw):
+    from sam_fast import SAM, SAMConfig
+
+    cfg = SAMConfig.tiny()
+    torch.manual_seed(0)
+    model = SAM(cfg)
+    pb = PromptBuilder.for_model(cfg, *tiny_tokenizers())
+    ds = AnnotationDataset(data, TrainTransform(cfg.vision_config.image_size), seed=0)
+    opts = dict(output_dir=str(out), max_steps=5, batch_size=2, lr=3e-3, warmup_steps=1, save_every=1,
+                keep_last=1, progress=False)
+    opts.update(kw)
+    return Trainer(model, ds, pb, TrainConfig(**opts))
+
+
+def test_nan_gradient_is_never_applied_nor_checkpointed(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAM_FAST_BACKEND", "reference")
+    tr = _trainer(data, tmp_path / "nan")
+    w = tr.model.guidance_in.weight
+    w.register_hook(lambda g: g * float("nan") if tr.step == 2 else g)  # step 3's gradient; its loss is finite
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient.* at step 3 .*after step 2"):
+        tr.train()
+    assert all(torch.isfinite(p).all() for p in tr.params)  # not applied
+    ckpts = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").glob("step-*"))
+    assert ckpts == ["step-00000002"]  # --keep-last 1 kept the finite one
+    tensors, state = load_checkpoint(latest_checkpoint(tmp_path / "nan" / "checkpoints"))
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in tensors.values())
+
+
+@pytest.mark.filterwarnings(r"ignore:Seems like `optimizer.step\(\)`")
+def test_non_finite_update_stops_without_a_checkpoint(data, tmp_path):
+    tr = _trainer(data, tmp_path / "inf")
+    real_step = tr.optimizer.step
+
+    def step(*a, **k):
+        out = real_step(*a, **k)
+        if tr.step == 2:
+            with torch.no_grad():
+                tr.model.guidance_out.bias.fill_(float("inf"))  # e.g. an overflowing update
+        return out
+
+    tr.optimizer.step = step
+    with pytest.raises(NonFiniteLossError, match=r"step 3 .*guidance_out\.bias.*step-00000002"):
+        tr.train()
+    assert sorted(p.name for p in (tmp_path / "inf" / "checkpoints").glob("step-*")) == ["step-00000002"]
+
+
+def test_save_checkpoint_refuses_non_finite_tensors_and_keeps_the_last_good(tmp_path):
+    good = ckpt.save_checkpoint(tmp_path, 1, {"w": torch.ones(3)}, {"step": 1}, keep_last=1)
+    with pytest.raises(ValueError, match="trainable tensor w holds NaN"):
+        ckpt.save_checkpoint(tmp_path, 2, {"w": torch.tensor([1.0, float("nan"), 0.0])}, {"step": 2}, keep_last=1)
+    with pytest.raises(ValueError, match="trainer state tensor"):
+        ckpt.save_checkpoint(tmp_path, 2, {"w": torch.ones(3)}, {"m": torch.tensor([float("inf")])}, keep_last=1)
+    assert latest_checkpoint(tmp_path) == good and [p.name for p in tmp_path.glob("step-*")] == [good.name]
+
+
+# -- 6. a partial last log line ---------------------------------------------------------------------
+def test_partial_log_line_is_dropped_on_resume(data, run, tmp_path, capsys):
+    out = _copy(run, tmp_path)
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    log = out / "log.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:3]) + "\n" + lines[3][:17])  # disk full in the middle of step 4's record
+    capsys.readouterr()
+    assert _train(data, out, "--resume") == 0
+    err = capsys.readouterr().err
+    assert "log.jsonl" in err and "partial" in err and len([x for x in err.splitlines() if "log.jsonl" in x]) == 1
+    assert [r["loss"] for r in _log(out)] == [r["loss"] for r in _log(run)]
+
+
+# -- 9. run directories -----------------------------------------------------------------------------
+def test_training_into_an_existing_run_needs_resume_or_overwrite(data, run, tmp_path):
+    out = _copy(run, tmp_path)
+    before = (out / "log.jsonl").read_text()
+    with pytest.raises(SystemExit, match=r"already holds a training run.*--resume.*--overwrite"):
+        _train(data, out)
+    assert (out / "log.jsonl").read_text() == before
+    (out / "notes.txt").write_text("mine")
+    assert _train(data, out, "--overwrite", "--max-steps", "2", "--seed", "1") == 0
+    assert [r["step"] for r in _log(out)] == [1, 2]
+    assert json.loads((out / "run.json").read_text())["train"]["seed"] == 1
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000002"]
+    assert (out / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
+    with pytest.raises(SystemExit, match="either --resume .*or --overwrite .*not both"):
+        _train(data, out, "--overwrite", "--resume")
+
+
+@pytest.mark.parametrize("flag,value,name", [("--seed", "1", "seed"), ("--context-mode", "shared", "context_mode"),
+                                             ("--guidance", "mean", "guidance"), ("--data", None, "data")])
+def test_resume_with_other_settings_is_refused(data, run, tmp_path, flag, value, name):
+    out = _copy(run, tmp_path)
+    run_json = (out / "run.json").read_text()
+    if flag == "--data":
+        value = str(_copy(data, tmp_path, "other_data"))
+    with pytest.raises(SystemExit, match=rf"--resume.*{name}: .* -> .*{os.path.basename(value)}"):
+        _train(data, out, "--resume", "--max-steps", "6", flag, value)
+    assert (out / "run.json").read_text() == run_json
+    assert [r["step"] for r in _log(out)] == [1, 2, 3, 4]
+
+
+def test_resume_records_changed_options_in_run_json(data, run, tmp_path):
+    out = _copy(run, tmp_path)
+    with pytest.warns(UserWarning, match="max_steps: 4 -> 6"):
+        assert _train(data, out, "--resume", "--max-steps", "6", "--context-mode", "leave_one_out") == 0
+    rj = json.loads((out / "run.json").read_text())
+    assert rj["train"]["max_steps"] == 6 and rj["history"] == [{"resumed_at_step": 4, "train": {"max_steps": 4}}]
+
+
+def test_a_live_lock_refuses_a_second_writer(data, run, tmp_path):
+    from sam_fast.train.outputs import RunLock, RunLockedError
+
+    out = _copy(run, tmp_path)
+    with RunLock(out):
+        info = json.loads((out / ".lock").read_text())
+        assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
+        with pytest.raises(SystemExit, match=rf"in use by pid {os.getpid()} on {socket.gethostname()}"):
+            _train(data, out, "--resume", "--max-steps", "6")
+        with pytest.raises(RunLockedError):
+            RunLock(out).acquire()
+    assert not (out / ".lock").exists()
+    (out / ".lock").write_text(json.dumps({"pid": 1, "host": "elsewhere.example", "started": "x"}))
+    with pytest.raises(SystemExit, match="on elsewhere.example"):  # another host: cannot tell; refuse
+        _train(data, out, "--resume", "--max-steps", "6")
+
+
+def test_a_stale_lock_is_taken_over(data, run, tmp_path, capsys):
+    out = _copy(run, tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "x"}))
+    capsys.readouterr()
+    assert _train(data, out, "--resume") == 0  # nothing left to train; the lock was taken and released
+    assert f"stale lock of pid {dead.pid}" in capsys.readouterr().err
+    assert not (out / ".lock").exists()
+
+
+# -- 10. SIGINT/SIGTERM -----------------------------------------------------------------------------
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_exits_with_one_line(data, run, tmp_path, capsys, monkeypatch, sig):
+    out = tmp_path / "sig"
+    real = Trainer._load
+
+    def load(self, idx, epoch):
+        if self.step == 2:  # during step 3 (the last checkpoint was step 2)
+            os.kill(os.getpid(), sig)
+        return real(self, idx, epoch)
+
+    monkeypatch.setattr(Trainer, "_load", load)
+    capsys.readouterr()
+    rc = _train(data, out, "--save-every", "100")
+    err = capsys.readouterr().err
+    assert rc == 128 + sig
+    lines = [x for x in err.splitlines() if x.strip() and "Writing model shards" not in x]  # base/'s save bar
+    assert len(lines) == 1 and "Traceback" not in err and "step-00000003" in lines[0]
+    assert latest_checkpoint(out / "checkpoints").name == "step-00000003"
+    assert not (out / ".lock").exists()
+    monkeypatch.setattr(Trainer, "_load", real)
+    assert _train(data, out, "--resume", "--save-every", "100") == 0
+    assert [r["loss"] for r in _log(out)] == [r["loss"] for r in _log(run)]  # nothing lost, bit-exact
+
+
+# -- 7. nonsense numeric options ---------------------------------------------------------------------
+@pytest.mark.parametrize("flag,value,field", [
+    ("--clip-grad-norm", "-1", "clip_grad_norm"), ("--clip-grad-norm", "nan", "clip_grad_norm"),
+    ("--lr", "0", "lr"), ("--lr", "-3e-3", "lr"), ("--lr", "inf", "lr"), ("--weight-decay", "-0.1", "weight_decay"),
+    ("--batch-size", "0", "batch_size"), ("--max-steps", "-5", "max_steps"), ("--save-every", "0", "save_every"),
+    ("--keep-last", "0", "keep_last"), ("--log-every", "0", "log_every"), ("--grad-accum", "-1", "grad_accum"),
+    ("--warmup-steps", "-1", "warmup_steps"), ("--seed", "-1", "seed"),
+])
+def test_nonsense_numeric_flags_are_refused(data, tmp_path, flag, value, field):
+    out = tmp_path / "o"
+    args = ["train", "--config", "tiny", "--data", str(data), "--output", str(out), *TRAIN, f"{flag}={value}"]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    msg = str(e.value)
+    assert msg.startswith("sam-fast train:") and field in msg and "\n" not in msg
+    assert not out.exists()  # refused before anything is written
+
+
+def test_config_file_types_are_checked(data, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: tiny\ndata: {data}\noutput: {tmp_path / 'o'}\nlr: 1e-3\n")  # YAML 1.1: a string
+    with pytest.raises(SystemExit, match="lr='1e-3' must be a number"):
+        main(["train", "--config", str(cfg), "--no-progress"])
+    with pytest.raises(ValueError, match="betas"):
+        TrainConfig(betas=(0.9, 1.5)).validate()
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        TrainConfig(min_lr_ratio=2.0).validate()
