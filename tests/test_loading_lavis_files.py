@@ -171,6 +171,10 @@ def test_lavis_trio_plus_sam_runner_checkpoint_in_one_call(hf, trio, tmp_path):
         assert name in report.source
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(model.trainable_state_dict())
     assert torch.equal(encode(model), encode(expected))
+    model.save_pretrained(str(tmp_path / "saved"))  # the LAVIS eps survives a save
+    again = SAM.from_pretrained(str(tmp_path / "saved"))
+    assert again.vision_model.post_layernorm.eps == 1e-5
+    assert torch.equal(encode(again), encode(expected))
 
     # the trimmed InstructBLIP .pth as the loaded file, the rest as base (no SAM checkpoint):
     # a plain InstructBLIP, new modules initialised per the spec
