@@ -286,6 +286,8 @@ def test_base_missing_a_component(hf, trio):
         from_lavis_checkpoint(SAM, trio["trimmed"], config, base=[trio["eva"]])
     with pytest.raises(ValueError, match=r"pass config=.*instructblip_vicuna7b"):  # no source has a config
         from_lavis_checkpoint(SAM, trio["trimmed"], base=[trio["eva"], trio["llm"]])
+    with pytest.raises(ValueError, match=r"vicuna-7b-v1\.1: from_lavis_checkpoint takes a LAVIS \.pth file"):
+        from_lavis_checkpoint(SAM, trio["llm"], config, base=[trio["eva"]])
     with pytest.raises(ValueError, match=r"base=\[\]"):
         from_lavis_checkpoint(SAM, trio["trimmed"], config, base=[])
 

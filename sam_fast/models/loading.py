@@ -868,8 +868,10 @@ def from_lavis_checkpoint(
     dtype = _dtype_plan(cls, dtype)
     report = LoadReport()
     main = _read_source(cls, path)
-    if main.kind == "model":
-        raise ValueError(f"{path}: from_lavis_checkpoint takes a LAVIS .pth file; load directories with from_instructblip")
+    if main.kind not in ("lavis", "eva"):
+        raise ValueError(
+            f"{path}: from_lavis_checkpoint takes a LAVIS .pth file (directories go in base=, or to from_instructblip)"
+        )
     bases = [_read_source(cls, b, dtype=dtype, device=device) for b in _as_source_list(base)]
     sources = [*bases, main]
     is_sam_ckpt = main.kind == "lavis" and any(_SAM_LAVIS_RE.fullmatch(k) for k in main.tensors)
