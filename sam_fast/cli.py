@@ -255,6 +255,7 @@ def _cmd_train_locked(args: argparse.Namespace, locks: list) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from sam_fast.data import DataError
     from sam_fast.eval import answer
     from sam_fast.train import outputs
 
@@ -264,8 +265,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             raise SystemExit(f"sam-fast generate: image {p} does not exist")
     try:
         text = answer(model, outputs.prompt_builder(model, tokenizers), args.images, args.prompt, **_gen_kwargs(args))
-    except OSError as e:  # PIL: unreadable image
-        raise SystemExit(f"sam-fast generate: cannot read an image ({type(e).__name__}: {e})") from None
+    except DataError as e:  # an unreadable image, or a prompt holding <image>
+        raise SystemExit(f"sam-fast generate: {e}") from None
     print(text)
     return 0
 

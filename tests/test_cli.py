@@ -280,3 +280,15 @@ def test_cache_features_never_deletes_what_is_not_a_cache(dirs, tmp_path):
         assert main(["cache-features", "--model", "tiny", "--data", str(dirs["test"]), "--output", str(cache),
                      "--dtype", "float32", "--no-progress"]) == 0
     assert (cache / "manifest.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_generate_refuses_placeholder_prompt_and_unreadable_image_in_one_line(dirs, trained, tmp_path):
+    img = str(next((dirs["test"] / "images").iterdir()))
+    with pytest.raises(SystemExit, match=r"^sam-fast generate: the prompt: 'instruction' contains the image "
+                                         r"placeholder text '<image>'"):
+        main(["generate", "--model", str(trained), "--images", img, "--prompt", "<image> what?"])
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(SystemExit, match=r"^sam-fast generate: image .*bad.png cannot be read") as exc:
+        main(["generate", "--model", str(trained), "--images", str(bad), "--prompt", "what?"])
+    assert "\n" not in str(exc.value)

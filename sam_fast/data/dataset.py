@@ -44,6 +44,19 @@ class DataError(ValueError):
     """Bad data; the message names the dataset file, the sample id and the offending file."""
 
 
+def text_problem(name: str, text: str, max_chars: int = MAX_TEXT_CHARS) -> str | None:
+    """Why an instruction (``name="instruction"``) or output cannot be used, or None: longer than
+    `max_chars` characters, or (instructions) holding the image placeholder text ``<image>``."""
+    if len(text) > max_chars:
+        return (f"'{name}' is {len(text)} characters long, over the limit of {max_chars} (the model reads at most "
+                f"a few hundred tokens of it)")
+    m = _PLACEHOLDER.search(text) if name == "instruction" else None
+    if m:
+        return (f"'{name}' contains the image placeholder text {m.group(0)!r} at character {m.start()}; refer to "
+                f"images as {{image#1}}, {{image#2}}, ... (the model inserts the image tokens itself)")
+    return None
+
+
 @dataclass
 class Record:
     """One checked sample: its id, image paths (``root / entry``), instruction and output."""
@@ -97,13 +110,9 @@ def _check_record(rec, index: int, ann_path: Path, require_output: bool,
     if (require_output and not isinstance(out, str)) or (out is not None and not isinstance(out, str)):
         return sid, "'output' is missing or not a string"
     for name, text in (("instruction", instruction), ("output", out)):
-        if text is not None and len(text) > max_text_chars:
-            return sid, (f"'{name}' is {len(text)} characters long, over the limit of {max_text_chars} (the model "
-                         f"reads at most a few hundred tokens of it)")
-    m = _PLACEHOLDER.search(instruction)
-    if m:
-        return sid, (f"'instruction' contains the image placeholder text {m.group(0)!r} at character {m.start()}; "
-                     f"refer to images as {{image#1}}, {{image#2}}, ... (the model inserts the image tokens itself)")
+        problem = None if text is None else text_problem(name, text, max_text_chars)
+        if problem:
+            return sid, problem
     return sid, None
 
 

@@ -68,18 +68,28 @@ def _predict_indexed(model, dataset, indices, prompt_builder, batch_size: int = 
 def answer(model, prompt_builder, images, prompt: str, **generate_kwargs) -> str:
     """Generate the answer to `prompt` about `images` (paths or PIL images, in order) with the eval
     transform and the default generation settings (overridable by `generate_kwargs`). Files and PIL
-    images are read upright (EXIF orientation) with 16-bit / float pixels scaled (`sam_fast.data.images`)."""
+    images are read upright (EXIF orientation) with 16-bit / float pixels scaled (`sam_fast.data.images`).
+
+    Raises:
+        DataError: an image cannot be read, or the prompt holds ``<image>`` or is over-long.
+    """
     from PIL import Image, ImageOps
 
+    from sam_fast.data import DataError
+    from sam_fast.data.dataset import text_problem
     from sam_fast.data.images import open_image, to_rgb
 
+    problem = text_problem("instruction", prompt)
+    if problem:
+        raise DataError(f"the prompt: {problem}")
     tf = EvalTransform(model.config.vision_config.image_size)
     pix = []
     for im in images:
-        if isinstance(im, Image.Image):
-            pix.append(tf(to_rgb(ImageOps.exif_transpose(im))))
-        else:
-            pix.append(tf(open_image(im)))
+        try:
+            pix.append(tf(to_rgb(ImageOps.exif_transpose(im)) if isinstance(im, Image.Image) else open_image(im)))
+        except Exception as e:  # PIL raises many types for unreadable files
+            raise DataError(f"image {im if not isinstance(im, Image.Image) else '(PIL image)'} cannot be read "
+                            f"({type(e).__name__}: {e})") from e
     item = {"id": 0, "pixel_values": torch.stack(pix), "instruction": prompt, "output": None}
     batch = Collator(prompt_builder, train=False)([item])
     device = next(model.parameters()).device
