@@ -29,8 +29,19 @@
 // support) for the i1 term: the dominant image's own difference is then exactly 0, and a
 // saturated softmax (one image dominating) yields its tiny ds accurately instead of as the
 // difference of two large, nearly equal dot products.
+//
+// Non-finite input. A score is finite exactly when its row of F, w and b are finite and the dot
+// product does not overflow fp32 (a NaN or inf feature always makes its score NaN or inf, also
+// for uniform weights w = 0: inf * 0 is NaN). A column (sample, patch) with any non-finite score
+// has no defined softmax, so every output of the column is NaN, its feature gradients are NaN
+// and so are d(weight), d(bias) (its ds are NaN); this covers a NaN score, +inf (inf - inf) and
+// -inf scores alike, and a one-image leave-one-out column too. `column_finite` decides it, and
+// the kernels take that branch before any other arithmetic of the column. Independently, Top2's
+// indices are always valid rows (in [0, n) for n >= 1) whatever the scores: comparisons with NaN
+// are false, and an index left at -1 would be read out of bounds.
 #pragma once
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 
@@ -72,11 +83,31 @@ SAM_FAST_HD void top2_push(Top2& t, float s, int64_t k) {
   }
 }
 
+// Top two of s[0..n). The indices are rows of the column even when no comparison succeeds (NaN
+// or -inf scores): i1 defaults to 0 and i2 to another row (or 0 when n == 1). Such a column is
+// not finite (`column_finite`) and its values are not used, only its indices must be safe.
 SAM_FAST_HD Top2 top2_of(const float* s, int64_t n) {
   Top2 t = top2_init();
   for (int64_t k = 0; k < n; ++k) top2_push(t, s[k], k);
+  if (t.i1 < 0) t.i1 = 0;
+  if (t.i2 < 0) t.i2 = (t.i1 == 0 && n > 1) ? 1 : 0;
   return t;
 }
+
+// A finite float (false for NaN and +-inf), without isfinite(): a comparison that also holds
+// on the device and under any floating-point flags.
+SAM_FAST_HD bool is_finite(float v) { return fabsf(v) <= FLT_MAX; }
+
+// Whether every score of the column is finite (see "Non-finite input" above); false -> all
+// outputs and gradients of the column are NaN.
+SAM_FAST_HD bool column_finite(const float* s, int64_t n) {
+  bool ok = true;
+  for (int64_t k = 0; k < n; ++k) ok = ok && is_finite(s[k]);
+  return ok;
+}
+
+// The NaN written for a column that is not finite.
+SAM_FAST_HD float nan_value() { return NAN; }
 
 // Max of the softmax support; -inf when the support is empty.
 SAM_FAST_HD float support_max(const Top2& t, int64_t excluded) {

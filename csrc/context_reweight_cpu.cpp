@@ -202,6 +202,14 @@ SAM_FAST_CPU_CLONES void fwd_columns(const scalar_t* F, const float* w, float bi
     const int64_t t0 = cu[b], n = cu[b + 1] - t0;
     x.load(F + (t0 * P + j) * D, P * D, n, D);
     scores.get(F, w, bias, P, D, col, b, j, t0, n, end, x, s.data());
+    if (!cr::column_finite(s.data(), n)) {  // NaN / inf in the column: all its outputs are NaN
+      const int64_t rows = shared ? 1 : n;
+      for (int64_t i = 0; i < rows; ++i) {
+        scalar_t* dst = out + ((shared ? b : t0 + i) * P + j) * D;
+        std::fill(dst, dst + D, static_cast<scalar_t>(cr::nan_value()));
+      }
+      continue;
+    }
     const cr::Top2 top = cr::top2_of(s.data(), n);
 
     if (shared) {
@@ -300,7 +308,15 @@ SAM_FAST_CPU_CLONES void bwd_tasks(const scalar_t* G, const scalar_t* F, const f
       scores.get(F, w, bias, P, D, col, b, j, t0, n, std::min(cols, (task + 1) * kColsPerTask), x, s.data());
       const cr::Top2 top = cr::top2_of(s.data(), n);
 
-      if (shared) {
+      if (!cr::column_finite(s.data(), n)) {  // NaN / inf in the column: NaN gradients
+        std::fill(ds.begin(), ds.begin() + n, cr::nan_value());
+        if (dF) {
+          for (int64_t k = 0; k < n; ++k) {
+            scalar_t* dst = dF + ((t0 + k) * P + j) * D;
+            std::fill(dst, dst + D, static_cast<scalar_t>(cr::nan_value()));
+          }
+        }
+      } else if (shared) {
         g.load(G + (b * P + j) * D, 0, 1, D);
         const float inv = cr::inv_or_zero(cr::weights(s.data(), n, -1, top.m1, e.data()));
         float cc = 0.f;  // g . (y - x_i1), from p_k = g . (x_k - x_i1) (exactly 0 at i1)

@@ -50,10 +50,20 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();  // makes the block's global writes to s visible to all its threads
 
+  // NaN / inf in the column (context_reweight_common.h): every output of the column is NaN. The
+  // same scores in every thread, so the whole block takes this branch or none.
+  const int64_t n_out = shared ? 1 : n;
+  if (!cr::column_finite(s, n)) {
+    for (int64_t i = 0; i < n_out; ++i) {
+      T* dst = out + ((shared ? b : t0 + i) * P + j) * D;
+      for (int64_t d = threadIdx.x; d < D; d += kThreads) store_f(dst + d, cr::nan_value());
+    }
+    return;
+  }
+
   // 2. Outputs: one for the sample (shared) or one per excluded image (leave-one-out).
   __shared__ float wts[kThreads];
   const cr::Top2 top = cr::top2_of(s, n);
-  const int64_t n_out = shared ? 1 : n;
   for (int64_t i = 0; i < n_out; ++i) {
     const int64_t excluded = shared ? -1 : i;
     const float m = cr::support_max(top, excluded);
@@ -117,10 +127,8 @@ __global__ void __launch_bounds__(kThreads)
   auto row = [&](const T* base, int64_t k) { return base + ((t0 + k) * P + j) * D; };
 
   float* dw = partial + col * (D + 1);
-  if (n == 0 || (!shared && n == 1)) {  // no support: zero gradients
+  if (n == 0) {  // (shared mode, an empty sample): no support, zero gradients
     for (int64_t d = threadIdx.x; d <= D; d += kThreads) dw[d] = 0.f;
-    if (dF != nullptr && n == 1)
-      for (int64_t d = threadIdx.x; d < D; d += kThreads) store_f(dF + (t0 * P + j) * D + d, 0.f);
     return;
   }
 
@@ -134,6 +142,22 @@ __global__ void __launch_bounds__(kThreads)
     if (lane == 0) s[k] = static_cast<float>(acc + bias[0]);
   }
   __syncthreads();
+
+  // NaN / inf in the column (context_reweight_common.h): NaN feature gradients and ds, so NaN
+  // d(weight), d(bias). Every thread reads the same scores: the block branches as one.
+  if (!cr::column_finite(s, n)) {
+    for (int64_t d = threadIdx.x; d <= D; d += kThreads) dw[d] = cr::nan_value();
+    if (dF != nullptr)
+      for (int64_t k = 0; k < n; ++k)
+        for (int64_t d = threadIdx.x; d < D; d += kThreads) store_f(dF + ((t0 + k) * P + j) * D + d, cr::nan_value());
+    return;
+  }
+  if (!shared && n == 1) {  // leave-one-out without a contextual image: zero gradients
+    for (int64_t d = threadIdx.x; d <= D; d += kThreads) dw[d] = 0.f;
+    if (dF != nullptr)
+      for (int64_t d = threadIdx.x; d < D; d += kThreads) store_f(dF + (t0 * P + j) * D + d, 0.f);
+    return;
+  }
 
   // 2. Coefficients, serially (O(n)), by one thread.
   if (threadIdx.x == 0) {

@@ -14,6 +14,12 @@ for y_i = (S - e_i F_i) / (Z - e_i), i != i1, and writes y_i1 = S2 / Z2. For i !
 weight e_i <= 1 <= Z - e_i, so the subtraction adds at most ~eps |F_i| to y_i: no catastrophic
 cancellation (that would need e_i F_i to dominate S, i.e. i = i1, which is the S2 case).
 
+Non-finite input: a patch row whose scores are not all finite (NaN, +-inf: a NaN or inf feature,
+weight or bias, or an overflowing dot product) writes NaN for all its outputs, NaN feature
+gradients and NaN score gradients (hence NaN d(weight), d(bias)), as the other backends
+(csrc/context_reweight_common.h). No index is ever taken from a comparison that NaN could leave
+unset: the argmax rows start at 0.
+
 Backward: scores recomputed, then per program the exact (direct) leave-one-out sums, with
 features shifted by the argmax row (csrc/context_reweight_common.h) so a saturated softmax gives
 accurate tiny score gradients; per-program d(weight), d(bias) partial sums go to a buffer that a
@@ -23,8 +29,11 @@ second kernel reduces in a fixed order (no atomics: bitwise reproducible).
 import triton
 import triton.language as tl
 
-# Initial running maxima: finite, so that no inf - inf appears even in the branch a tl.where drops.
-NEG_BIG = tl.constexpr(-1.0e38)  # a constexpr object: a bare annotated float is not visible inside @jit on a GPU
+# Initial running maxima: finite, so that no inf - inf appears even in the branch a tl.where drops,
+# and the most negative float, so that every finite score is >= it (an initial -1e38 left the
+# softmax of a column whose scores are all below -1e38 at zero).
+NEG_BIG = tl.constexpr(-3.4028234663852886e38)  # a constexpr object: a bare annotated float is not visible inside @jit on a GPU
+FLT_MAX = tl.constexpr(3.4028234663852886e38)  # |s| <= FLT_MAX: finite (false for NaN and inf)
 
 
 @triton.jit
@@ -51,10 +60,12 @@ def context_reweight_fwd_kernel(
     Z = tl.zeros([BLOCK_P], tl.float32)
     S2 = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     Z2 = tl.zeros([BLOCK_P], tl.float32)
+    nonfinite = tl.zeros([BLOCK_P], tl.int32)  # > 0: a score of the row is NaN or inf
     for k in range(0, n):
         x = tl.load(F + (t0 + k) * P * D + offs, mask=mask, other=0.0).to(tl.float32)
         s = tl.sum(x * w[None, :], axis=1) + bias
         tl.store(SCORES + (t0 + k) * P + rows, s, mask=rmask)
+        nonfinite += tl.where(tl.abs(s) <= FLT_MAX, 0, 1)
         new1 = s > m1
         m1n = tl.where(new1, s, m1)
         alpha = tl.exp(m1 - m1n)
@@ -72,9 +83,11 @@ def context_reweight_fwd_kernel(
         Z = Z * alpha + es
         m1 = m1n
 
+    bad = (nonfinite > 0)[:, None]
     if SHARED:
         inv = tl.where(Z > 0, 1.0 / tl.where(Z > 0, Z, 1.0), 0.0)
-        tl.store(OUT + b * P * D + offs, (S * inv[:, None]).to(OUT.dtype.element_ty), mask=mask)
+        y = tl.where(bad, float("nan"), S * inv[:, None])
+        tl.store(OUT + b * P * D + offs, y.to(OUT.dtype.element_ty), mask=mask)
     else:
         inv2 = tl.where(Z2 > 0, 1.0 / tl.where(Z2 > 0, Z2, 1.0), 0.0)
         y1 = S2 * inv2[:, None]
@@ -85,6 +98,7 @@ def context_reweight_fwd_kernel(
             den = tl.where(i == i1, 1.0, Z - e)
             y = (S - e[:, None] * x) / den[:, None]
             y = tl.where((i == i1)[:, None], y1, y)
+            y = tl.where(bad, float("nan"), y)
             tl.store(OUT + (t0 + i) * P * D + offs, y.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -111,10 +125,12 @@ def context_reweight_bwd_kernel(
     m2 = tl.full([BLOCK_P], NEG_BIG, tl.float32)
     i1 = tl.zeros([BLOCK_P], tl.int32)
     i2 = tl.zeros([BLOCK_P], tl.int32)
+    nonfinite = tl.zeros([BLOCK_P], tl.int32)  # > 0: NaN gradients for the row
     for k in range(0, n):
         x = tl.load(F + (t0 + k) * P * D + offs, mask=mask, other=0.0).to(tl.float32)
         s = tl.sum(x * w[None, :], axis=1) + bias
         tl.store(SCORES + (t0 + k) * P + rows, s, mask=rmask)
+        nonfinite += tl.where(tl.abs(s) <= FLT_MAX, 0, 1)
         new1 = s > m1
         new2 = (s <= m1) & (s > m2)
         m2 = tl.where(new1, m1, tl.where(new2, s, m2))
@@ -125,6 +141,7 @@ def context_reweight_bwd_kernel(
     x1 = tl.load(F + (t0 + i1.to(tl.int64))[:, None] * P * D + offs, mask=mask & (n > 0), other=0.0).to(tl.float32)
     x2 = tl.load(F + (t0 + i2.to(tl.int64))[:, None] * P * D + offs, mask=mask & (n > 1), other=0.0).to(tl.float32)
 
+    bad = nonfinite > 0
     dw = tl.zeros([BLOCK_D], tl.float32)
     db = tl.zeros([BLOCK_P], tl.float32)
     if SHARED:
@@ -146,9 +163,9 @@ def context_reweight_bwd_kernel(
             s = tl.load(SCORES + (t0 + k) * P + rows, mask=rmask, other=0.0)
             p = tl.load(CWS + (t0 + k) * P + rows, mask=rmask, other=0.0)
             a = tl.exp(s - m1) * invz
-            ds = tl.where(rmask, a * (p - c), 0.0)
+            ds = tl.where(rmask, tl.where(bad, float("nan"), a * (p - c)), 0.0)
             if FEATURES_GRAD:
-                dx = a[:, None] * g + ds[:, None] * w[None, :]
+                dx = tl.where(bad[:, None], float("nan"), a[:, None] * g + ds[:, None] * w[None, :])
                 tl.store(DF + (t0 + k) * P * D + offs, dx.to(DF.dtype.element_ty), mask=mask)
             dw += tl.sum(ds[:, None] * x, axis=0)
             db += ds
@@ -188,9 +205,9 @@ def context_reweight_bwd_kernel(
                     ref = tl.where((i == i1)[:, None], x2, x1)
                     ds += a * (tl.sum(g * (x - ref), axis=1) - c)
                     gk += a[:, None] * g
-            ds = tl.where(rmask, ds, 0.0)
+            ds = tl.where(rmask, tl.where(bad, float("nan"), ds), 0.0)
             if FEATURES_GRAD:
-                dx = gk + ds[:, None] * w[None, :]
+                dx = tl.where(bad[:, None], float("nan"), gk + ds[:, None] * w[None, :])
                 tl.store(DF + (t0 + k) * P * D + offs, dx.to(DF.dtype.element_ty), mask=mask)
             dw += tl.sum(ds[:, None] * x, axis=0)
             db += ds

@@ -16,6 +16,16 @@ The softmax runs over the images of one sample, separately for each patch positi
 ``weight=None`` gives uniform weights (the "mean" guidance ablation, paper Table 3 row 3).
 Computation is in fp32 whatever the input dtype; the output has the input dtype.
 
+Non-finite input (every backend, the reference included): a *column* (one sample, one patch
+position j) whose features, or scores, hold any NaN or +-inf has no defined softmax, so every
+output of that column is NaN (``+inf`` scores give NaN as ``inf - inf`` does in a softmax, and
+``-inf`` scores too, whatever ``torch.softmax`` alone would give them); so are the column's
+feature gradients, and the weight and bias gradients are NaN. A score is non-finite when a
+feature, the weight or the bias is, or when the dot product overflows (|s| > 3.4e38 in fp32;
+the compiled CPU/CUDA kernels accumulate it in fp64, Triton and the reference in fp32, so they
+can differ only for sums that overflow midway). Other columns are unaffected. Kernels never
+index memory from a comparison with a NaN: NaN in gives NaN out, never a crash.
+
 `context_reweight_ref` is the plain-PyTorch specification and the fallback; the compiled backends
 (C++ CPU and CUDA kernels in ``sam_fast._C``, Triton kernels in ``sam_fast._kernels``, launched by
 `sam_fast.ops._context_reweight_triton`) register with the dispatcher and must match it. All of
@@ -76,7 +86,10 @@ def validate_context_reweight(features, weight, bias, cu_images, mode, offsets=N
 
 def context_reweight_ref(features, weight, bias, cu_images, mode="leave_one_out"):
     """Plain-PyTorch reference (the specification): loops over samples, masked softmax over
-    an explicit [N, N, P] logit tensor for leave_one_out. Differentiable by autograd."""
+    an explicit [N, N, P] logit tensor for leave_one_out. Differentiable by autograd.
+
+    A column with a non-finite feature or score is NaN, and so are its gradients (module
+    docstring): NaN is added to all its scores, so the softmax and autograd carry it."""
     T, P, D = features.shape
     acc = torch.promote_types(features.dtype, torch.float32)  # fp32 accumulation (fp64 stays fp64)
     x = features.to(acc)
@@ -86,17 +99,22 @@ def context_reweight_ref(features, weight, bias, cu_images, mode="leave_one_out"
         scores = x @ weight.reshape(D).to(acc)
         if bias is not None:
             scores = scores + bias.reshape(()).to(acc)
+    with torch.no_grad():
+        bad = ~torch.isfinite(scores) | ~torch.isfinite(x).all(-1)  # [T, P]
     cu = cu_images.tolist()
     outs = []
     for b in range(len(cu) - 1):
         lo, hi = cu[b], cu[b + 1]
         s, e = scores[lo:hi], x[lo:hi]  # [N, P], [N, P, D]
         n = hi - lo
+        poison = torch.where(bad[lo:hi].any(0), float("nan"), 0.0).to(acc)  # [P]: NaN or 0 per column
+        s = s + poison
         if mode == "shared":
             a = torch.softmax(s, dim=0)  # over the images of the sample, per patch
             outs.append(torch.einsum("mp,mpd->pd", a, e).unsqueeze(0))
         elif n == 1:
-            outs.append(e * 0)  # no contextual image; stays in the graph (zero gradient)
+            # no contextual image: zeros, NaN for a non-finite column; stays in the graph
+            outs.append(e * poison[:, None] + s.unsqueeze(-1) * poison[:, None])
         else:
             self_mask = torch.eye(n, dtype=torch.bool, device=x.device)[:, :, None]  # [i, m, 1]
             logits = s.unsqueeze(0).expand(n, n, P).masked_fill(self_mask, float("-inf"))
