@@ -213,7 +213,8 @@ def test_torchrun_two_processes_equal_one(dirs, tmp_path):
 @pytest.mark.parametrize("argv, flag, value", [
     (["eval", "--limit", "-1"], "--limit", "-1"), (["eval", "--batch-size", "0"], "--batch-size", "0"),
     (["eval", "--num-beams", "0"], "--num-beams", "0"), (["eval", "--num-beams", "-3"], "--num-beams", "-3"),
-    (["generate", "--num-beams", "0"], "--num-beams", "0"), (["cache-features", "--batch-size", "0"], "--batch-size", "0"),
+    (["generate", "--num-beams", "0"], "--num-beams", "0"),
+    (["cache-features", "--batch-size", "0"], "--batch-size", "0"),
     (["explain", "--limit", "0"], "--limit", "0"), (["eval", "--max-new-tokens", "0"], "--max-new-tokens", "0")])
 def test_non_positive_sizes_are_usage_errors(argv, flag, value, capsys):
     required = {"eval": ["--model", "m", "--data", "d", "--output", "o"], "generate": ["--model", "m", "--images", "a",

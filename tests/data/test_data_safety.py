@@ -129,7 +129,8 @@ def test_collator_names_the_sample_when_encoding_fails(ds_dir):
 
 def test_huge_instruction_or_output_is_refused_at_load(ds_dir):
     _set(ds_dir, 1, instruction="a " * 40_000)
-    with pytest.raises(DataError, match=r"sample id 1: 'instruction' is 80000 characters long, over the limit of 65536"):
+    with pytest.raises(DataError, match=r"sample id 1: 'instruction' is 80000 characters long, over the limit "
+                                         r"of 65536"):
         AnnotationDataset(ds_dir, EvalTransform(28))
     _set(ds_dir, 1, instruction="fine", output="b" * 70_000)
     with pytest.raises(DataError, match=r"sample id 1: 'output' is 70000 characters long"):
