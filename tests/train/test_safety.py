@@ -344,3 +344,43 @@ def test_config_file_types_are_checked(data, tmp_path):
         TrainConfig(betas=(0.9, 1.5)).validate()
     with pytest.raises(ValueError, match="min_lr_ratio"):
         TrainConfig(min_lr_ratio=2.0).validate()
+
+
+def test_a_second_signal_aborts_at_once_with_one_line(data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "twice"
+    real = Trainer._load
+
+    def load(self, idx, epoch):
+        if self.step == 2:  # two Ctrl-C during step 3: no checkpoint of step 3
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, idx, epoch)
+
+    monkeypatch.setattr(Trainer, "_load", load)
+    capsys.readouterr()
+    assert _train(data, out, "--save-every", "2") == 130
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip() and "Writing model shards" not in x]
+    assert len(lines) == 1 and "step-00000002" in lines[0] and "Traceback" not in lines[0]
+    assert latest_checkpoint(out / "checkpoints").name == "step-00000002" and not (out / ".lock").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_trainer_refuses_to_restart_over_a_run_and_resume_without_checkpoint_restarts_the_log(data, tmp_path):
+    from sam_fast.train import RunDirectoryError
+
+    tr = _trainer(data, tmp_path / "r", max_steps=2, save_every=100)
+    real = tr._load
+
+    def dying(idx, epoch):  # killed in step 2, before any checkpoint: the log holds step 1 only
+        if tr.step == 1:
+            raise KeyboardInterrupt
+        return real(idx, epoch)
+
+    tr._load = dying
+    with pytest.raises(KeyboardInterrupt):
+        tr.train()
+    assert [r["step"] for r in _log(tmp_path / "r")] == [1]
+    with pytest.raises(RunDirectoryError, match="already holds a training run"):
+        _trainer(data, tmp_path / "r", max_steps=2, save_every=100).train()
+    _trainer(data, tmp_path / "r", max_steps=2, save_every=100).train(resume=True)
+    assert [r["step"] for r in _log(tmp_path / "r")] == [1, 2]  # not 1, 1, 2
