@@ -85,11 +85,16 @@ class SAMConfig(InstructBlipConfig):
             raise ValueError(f"num_query_tokens={self.num_query_tokens} must be >= 1")
         if self.image_token_index is None:
             raise ValueError("image_token_index is None: SAM needs a placeholder token id for visual tokens")
-        if not (0 <= self.image_token_index < self.text_config.vocab_size):
-            raise ValueError(
-                f"image_token_index={self.image_token_index} is outside the LLM vocabulary "
-                f"[0, {self.text_config.vocab_size})"
-            )
+        if self.image_token_index < 0:
+            raise ValueError(f"image_token_index={self.image_token_index} must be >= 0")
+        tc = self.text_config
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if getattr(tc, name, None) is not None and getattr(tc, name) == self.image_token_index:
+                raise ValueError(
+                    f"image_token_index={self.image_token_index} equals text_config.{name}: such positions would "
+                    f"be taken for image placeholders; use an id no real token has (e.g. the vocabulary size, "
+                    f"{tc.vocab_size})"
+                )
         if self.qformer_config.encoder_hidden_size != self.vision_config.hidden_size:
             raise ValueError(
                 f"qformer_config.encoder_hidden_size={self.qformer_config.encoder_hidden_size} != "
@@ -106,13 +111,22 @@ class SAMConfig(InstructBlipConfig):
         d.update(overrides)
         if d.get("image_token_index") is None and "image_token_id" in d:
             d["image_token_index"] = d.pop("image_token_id")
+        if d.get("image_token_index") is None:  # older InstructBLIP configs: no placeholder id
+            text = d.get("text_config") or {}
+            text = text.to_dict() if hasattr(text, "to_dict") else text
+            d["image_token_index"] = int(text.get("vocab_size", 32001))  # outside the vocabulary
         return cls(**d)
 
     @classmethod
     def instructblip_vicuna7b(cls, **overrides) -> "SAMConfig":
         """The paper's full-size model: EVA-CLIP ViT-g/14 (39 blocks, 1408 wide, 224 px -> 257
         tokens), BERT-base Q-former (12 layers, cross-attention every 2nd, 32 queries), Vicuna-7B
-        v1.1 (LLaMA, 4096 hidden, 32 layers). Public sizes only; no weights."""
+        v1.1 (LLaMA, 4096 hidden, 32 layers). Public sizes only; no weights.
+
+        The LLM vocabulary is LAVIS' Vicuna one: 32000 ids + ``[PAD]`` = 32000. The image
+        placeholder id is 32001, outside it (placement goes by the placeholder mask, the id is
+        never looked up), so it can never equal ``[PAD]`` or any real token; it is also the
+        ``<image>`` id of HF's newer InstructBLIP revision (vocabulary 32064)."""
         vision = InstructBlipVisionConfig(
             hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
             image_size=224, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True,
@@ -130,7 +144,7 @@ class SAMConfig(InstructBlipConfig):
         )
         kw = dict(
             vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
-            num_query_tokens=32, image_token_index=32000,
+            num_query_tokens=32, image_token_index=32001,
         )
         kw.update(overrides)
         return cls(**kw)

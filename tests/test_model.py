@@ -196,7 +196,9 @@ def test_placeholder_count_mismatch_names_the_sample(tiny):
         (dict(interaction_layers=(0, 1)), "l=0"),
         (dict(context_mode="all"), "context_mode='all'"),
         (dict(guidance="linear"), "guidance='linear'"),
-        (dict(image_token_index=10_000), "image_token_index=10000"),
+        (dict(image_token_index=0), r"image_token_index=0 equals text_config.pad_token_id"),
+        (dict(image_token_index=2), r"image_token_index=2 equals text_config.eos_token_id"),
+        (dict(image_token_index=-1), "image_token_index=-1 must be >= 0"),
     ],
 )
 def test_bad_config(kw, match):

@@ -108,8 +108,11 @@ def test_shared_mode_runs_w_stream_once_per_sample_before_l(monkeypatch, context
     assert len(seen) == 12 + 1
 
 
-def test_one_image_samples_only_take_no_w_stream(monkeypatch):
-    model = tiny12(context_mode="shared")
+@pytest.mark.parametrize("mode", ["leave_one_out", "shared"])
+def test_one_image_samples_take_a_w_stream_in_shared_mode_only(monkeypatch, mode):
+    """leave_one_out (paper): no contextual image, no W-stream. shared (released code): the
+    W-stream runs over the sample's own image, one row per sample, batched with the Q-stream."""
+    model = tiny12(context_mode=mode)
     seen = []
     real = qformer_mod.qformer_layer
     monkeypatch.setattr(qformer_mod, "qformer_layer", lambda layer, h, *a, **k: seen.append(h.shape[0]) or real(layer, h, *a, **k))
@@ -118,7 +121,7 @@ def test_one_image_samples_only_take_no_w_stream(monkeypatch):
         ours = _encode(model, feats, [1, 1, 1], ids, mask)
         ref = reference_encode_images(model, feats, [1, 1, 1], ids, mask)
     assert (ours - ref).abs().max().item() <= 1e-5
-    assert seen == [3] * 12
+    assert seen == ([3] * 12 if mode == "leave_one_out" else [3 + 3] * 11 + [3, 3])
 
 
 needs_triton = pytest.mark.skipif(ca._triton_import_error() is not None or not (

@@ -127,6 +127,14 @@ class PromptBuilder:
         pad = self.ltok.pad_token_id
         self.pad_id = int(pad if pad is not None else 0)
         self.qformer_pad_id = int(self.qtok.pad_token_id if self.qtok.pad_token_id is not None else 0)
+        specials = {"pad": self.pad_id, "eos (</s>)": self.eos_id, "bos": self.ltok.bos_token_id,
+                    "unk": self.ltok.unk_token_id}
+        for name, tid in specials.items():
+            if tid is not None and int(tid) == self.image_token_index:
+                raise ValueError(
+                    f"image_token_index={self.image_token_index} equals the LLM tokenizer's {name} id: padded "
+                    f"or special positions would be taken for image placeholders; use an id no real token has "
+                    f"(e.g. the vocabulary size, {len(self.ltok)})")
         for name, tok, size in (("LLM", self.ltok, llm_vocab_size), ("Q-former", self.qtok, qformer_vocab_size)):
             if size is not None and len(tok) > size:
                 raise ValueError(f"the {name} tokenizer has {len(tok)} tokens but the model's vocabulary has {size}")
@@ -141,11 +149,17 @@ class PromptBuilder:
     def qformer_ids(self, instruction: str) -> list[int]:
         return self.qtok(instruction, truncation=True, max_length=self.max_txt_len)["input_ids"]
 
-    def encode(self, instruction: str, n_images: int, answer: str | None = None) -> EncodedSample:
+    def encode(self, instruction: str, n_images: int, answer: str | None = None,
+               truncate: bool | None = None) -> EncodedSample:
+        """Token ids of one sample. `truncate` (default: when an answer is given, i.e. training)
+        cuts ``</s>`` + instruction on the left to `max_txt_len` tokens, as the released training
+        code; at generation (no answer) the prompt reaches the LLM whole, as the released
+        `generate` (only the Q-former text is cut, to `max_txt_len` on the left)."""
         if n_images < 1:
             raise ValueError(f"a sample needs at least one image, got {n_images}")
         text = self.ltok(instruction, add_special_tokens=False)["input_ids"]
-        text = text[len(text) - min(len(text), self.max_txt_len - 1) :]  # </s> + text <= max_txt_len
+        if answer is not None if truncate is None else truncate:
+            text = text[len(text) - min(len(text), self.max_txt_len - 1) :]  # </s> + text <= max_txt_len
         if self.image_token_index in text:
             raise ValueError(f"the instruction {instruction!r} tokenises to the image placeholder id "
                              f"{self.image_token_index}")

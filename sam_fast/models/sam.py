@@ -19,8 +19,8 @@ guidance Linears start at zero, so an untrained SAM is InstructBLIP exactly.
 from __future__ import annotations
 
 import itertools
+import numbers
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -31,6 +31,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.instructblip.modeling_instructblip import InstructBlipPreTrainedModel
 
 from sam_fast.config import SAMConfig
+from sam_fast.models.generation import GENERATION_MODES, generated_tokens_penalty, lavis_generate
 from sam_fast.modules import (
     SCRATCH_COLUMNS,
     CrossKV,
@@ -68,20 +69,38 @@ def _counts_list(image_counts) -> list[int]:
     if image_counts is None:
         raise ValueError("image_counts is required: one entry per sample (number of its images)")
     if isinstance(image_counts, torch.Tensor):
-        if image_counts.dim() != 1 or image_counts.is_floating_point():
+        if image_counts.dim() != 1 or image_counts.is_floating_point() or image_counts.dtype == torch.bool:
             raise ValueError(
                 f"image_counts must be a 1-D integer tensor, got shape {tuple(image_counts.shape)} "
                 f"dtype {image_counts.dtype}"
             )
         counts = [int(c) for c in image_counts.tolist()]
     else:
-        counts = [int(c) for c in image_counts]
+        if isinstance(image_counts, (str, bytes)) or not hasattr(image_counts, "__iter__"):
+            raise ValueError(f"image_counts must be a list of integers (one per sample), got {image_counts!r}")
+        counts = []
+        for c in image_counts:
+            # ints only: 2.9 or "2" would otherwise be truncated or split silently
+            if isinstance(c, bool) or not isinstance(c, numbers.Integral):
+                raise ValueError(f"image_counts must hold integers, got {c!r} in {list(image_counts)!r}")
+            counts.append(int(c))
     if not counts:
         raise ValueError("image_counts is empty: a batch needs at least one sample")
     bad = [(b, c) for b, c in enumerate(counts) if c < 1]
     if bad:
         raise ValueError(f"image_counts: every sample needs >= 1 image; sample(s) {bad} (index, count) have fewer")
     return counts
+
+
+def _in_graph_with_weight_zero(tokens: torch.Tensor, modules) -> torch.Tensor:
+    """`tokens` plus ``0 * sum(p)`` for every trainable parameter of `modules` (those a batch did
+    not use: the guidance modules for a batch of one-image leave_one_out samples, the Adaptive
+    Adjustment under ``guidance="mean"``). Values are unchanged; the parameters get a zero
+    gradient instead of none, which standard DDP (``find_unused_parameters=False``) requires."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    if not params or not torch.is_grad_enabled():
+        return tokens
+    return tokens + sum(p.sum() for p in params).to(tokens.dtype) * 0
 
 
 class SAM(InstructBlipPreTrainedModel):
@@ -148,6 +167,16 @@ class SAM(InstructBlipPreTrainedModel):
         for name in TRAINABLE_MODULES:
             for p in getattr(self, name).parameters():
                 p.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> "SAM":
+        """Set training mode on the trainable modules only. The frozen backbone (ViT, Q-former,
+        LLM) stays in eval mode, so its dropout (the Q-former's 0.1) stays off whether the model
+        is trained by `sam-fast train`, a user's own loop or HF `Trainer`: one recipe. To train
+        with the frozen Q-former's dropout on, call ``model.qformer.train()`` after this."""
+        super().train(mode)
+        for name in ("vision_model", "qformer", "language_model"):
+            getattr(self, name).train(False)
+        return self
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Exactly the tensors of the four trainable modules, keyed like `state_dict()`."""
@@ -254,7 +283,12 @@ class SAM(InstructBlipPreTrainedModel):
         bias = attention_bias(mask, x.dtype)  # [B, 1, 1, Q+L]
 
         # K/V of every cross-attention layer, once per image, one GEMM (Part A's E_i).
-        guided = cfg.guidance != "none" and max(counts) > 1
+        # Which samples get a W-stream: in leave_one_out a one-image sample has no contextual image
+        # (no guidance); in shared mode every sample does, as in the released code, where a
+        # one-image sample's merged map is the image itself (softmax over one image).
+        shared = cfg.context_mode == "shared"
+        has_context = [cfg.guidance != "none" and (shared or n > 1) for n in counts]
+        guided = any(has_context)
         # leave_one_out on the fused attention kernel: I-hat's K/V are formed inside the kernel
         # from the images' K/V and the softmax weights; elsewhere they are materialised once.
         fused_mix = guided and cfg.context_mode == "leave_one_out" \
@@ -263,7 +297,7 @@ class SAM(InstructBlipPreTrainedModel):
         w_stream = None
         if fused_mix:
             index, weight = leave_one_out_mix(E, self.adaptive_adjustment, counts, cfg.guidance)
-            ctx_index = device_tensor([t for t, b in enumerate(sample_of_l) if counts[b] > 1], dev)
+            ctx_index = device_tensor([t for t, b in enumerate(sample_of_l) if has_context[b]], dev)
             rows = sample_of.index_select(0, ctx_index)
             w_stream = WStream(embed(rows), bias.index_select(0, rows), kv, ctx_index, mix=(index, weight))
         elif guided:
@@ -275,10 +309,10 @@ class SAM(InstructBlipPreTrainedModel):
                 kv = CrossKV(buf.detach(), kv.heads, kv.hidden)  # drag the Q-stream's K/V into autograd
             kv_hat = merged_context_kv(E, buf, self.adaptive_adjustment, cu, cfg.context_mode, cfg.guidance,
                                        kv_width=buf.shape[-1] - SCRATCH_COLUMNS, offsets=offsets)
-            multi_l = [b for b, n in enumerate(counts) if n > 1]  # samples with contextual images
-            ctx_l = [t for t, b in enumerate(sample_of_l) if counts[b] > 1]  # Q rows that get guidance
+            multi_l = [b for b in range(B) if has_context[b]]  # samples with a W-stream
+            ctx_l = [t for t, b in enumerate(sample_of_l) if has_context[b]]  # Q rows that get guidance
             ctx_index = device_tensor(ctx_l, dev)
-            if cfg.context_mode == "shared":
+            if shared:
                 # Dedup: before layer l every W row of a sample sees the same embeddings and the same
                 # I-hat, so it runs once per sample; at layer l it fans out to one row per image.
                 # In training the rows before l therefore share one dropout mask per sample.
@@ -307,7 +341,11 @@ class SAM(InstructBlipPreTrainedModel):
             cfg.interaction_layers,
             Q,
         )
-        return self.language_projection(hidden)
+        tokens = self.language_projection(hidden)
+        unused = [] if guided else [self.guidance_in, self.guidance_out]
+        if not guided or cfg.guidance != "adaptive":
+            unused.append(self.adaptive_adjustment)
+        return _in_graph_with_weight_zero(tokens, unused)
 
     # -- LLM ---------------------------------------------------------------------------------
     def _placeholders(self, input_ids, counts: list[int]) -> torch.Tensor:
@@ -333,8 +371,17 @@ class SAM(InstructBlipPreTrainedModel):
         """(visual tokens [T,Q,H], LLM input embeddings with the placeholders filled, attention mask)."""
         counts = _counts_list(image_counts)
         placeholder = self._placeholders(input_ids, counts)  # checked before the expensive encoding
+        limit = self.config.text_config.max_position_embeddings
+        if limit is not None and input_ids.shape[1] > limit:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[1]} positions but the LLM takes at most "
+                f"max_position_embeddings={limit}: shorten the prompts (or the answers)"
+            )
         visual = self.encode_images(pixel_values, image_features, counts, qformer_input_ids, qformer_attention_mask)
-        embeds = self.get_input_embeddings()(input_ids)
+        # Placement is by the placeholder mask, never by looking the id up: `image_token_index`
+        # may lie outside the vocabulary (the full-size config puts it there so that it can never
+        # equal a real token such as [PAD]).
+        embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholder, 0))
         tokens = visual.to(embeds.dtype).reshape(-1, embeds.shape[-1])
         embeds = embeds.masked_scatter(placeholder.unsqueeze(-1), tokens)
         if attention_mask is None:
@@ -358,6 +405,12 @@ class SAM(InstructBlipPreTrainedModel):
         `input_ids` [B, S] hold exactly Q = num_query_tokens copies of `image_token_index` per image
         of the sample, filled in image order; `labels` [B, S] use -100 for ignored positions.
         """
+        if labels is not None and input_ids is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
+            if not bool((labels[:, 1:] != -100).any()):
+                raise ValueError("labels has no predicted position (all -100 after the first): the loss would be "
+                                 "0/0 = NaN; give each batch at least one answer token")
         visual, embeds, attention_mask = self._llm_inputs(
             pixel_values, image_features, image_counts, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask
         )
@@ -374,21 +427,58 @@ class SAM(InstructBlipPreTrainedModel):
         qformer_attention_mask: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        generation_mode: str = "hf",
         **generate_kwargs,
     ) -> torch.LongTensor:
-        """Generate answers; returns only the new tokens [B, S_new] (the prompt is passed as
-        embeddings, as in LAVIS, so the repetition penalty sees generated tokens only).
+        """Generate answers from left-padded prompts; returns only the new tokens [B, S_new].
 
-        Defaults (SPEC §4): 5 beams, up to 256 new tokens, repetition_penalty 1.5,
-        length_penalty 1; any HF generation kwarg overrides them.
+        The prompt reaches the LLM as embeddings (visual tokens in the placeholders), so the
+        repetition penalty sees generated tokens only, as in the released code, and a sample's
+        answer does not depend on the samples batched with it.
+
+        Args:
+            generation_mode: ``"hf"`` (default): transformers' `generate`; any HF generation
+                kwarg applies (``max_new_tokens``, ``max_length``, ``num_beams``, ``do_sample``,
+                ``logits_processor``, ...). ``"lavis"``: the released SAM code's decoder
+                (transformers 4.33 beam search as LAVIS called it), which reproduces its answers;
+                it takes ``num_beams``, ``max_length`` (BOS included: 256 -> 255 new tokens),
+                ``min_length``, ``repetition_penalty`` and ``length_penalty`` (see
+                `sam_fast.models.generation`).
+            Other arguments as `forward`.
+
+        Defaults (the paper's): 5 beams, repetition_penalty 1.5, length_penalty 1; ``"hf"``:
+        up to 256 new tokens unless ``max_length`` or ``max_new_tokens`` is given; ``"lavis"``:
+        max_length 256, min_length 1.
         """
+        if generation_mode not in GENERATION_MODES:
+            raise ValueError(f"generation_mode={generation_mode!r} is not one of {GENERATION_MODES}")
         _, embeds, attention_mask = self._llm_inputs(
             pixel_values, image_features, image_counts, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask
         )
-        kwargs = {**GENERATION_DEFAULTS, **generate_kwargs}
-        with warnings.catch_warnings():  # penalising generated tokens only is the intent (LAVIS)
-            warnings.filterwarnings("ignore", message=".*repetition_penalty.*inputs_embeds.*")
-            return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        if generation_mode == "lavis":
+            allowed = {"num_beams", "max_length", "min_length", "repetition_penalty", "length_penalty"}
+            extra = sorted(set(generate_kwargs) - allowed)
+            if extra:
+                raise ValueError(f"generation_mode='lavis' takes only {sorted(allowed)}; got {extra}")
+            kw = dict(num_beams=5, max_length=256, min_length=1, repetition_penalty=1.5, length_penalty=1.0)
+            kw.update(generate_kwargs)
+            gen = self.language_model.generation_config  # LLaMA's: bos 1, eos 2, pad 0
+            for name, default in (("bos_token_id", 1), ("eos_token_id", 2), ("pad_token_id", 0)):
+                v = getattr(gen, name, None)
+                kw[name] = default if v is None else int(v[0] if isinstance(v, (list, tuple)) else v)
+            return lavis_generate(self.language_model, embeds, attention_mask, **kw)
+        kwargs = dict(GENERATION_DEFAULTS)
+        if "max_length" in generate_kwargs:  # the user's max_length is not overridden by our max_new_tokens
+            kwargs.pop("max_new_tokens")
+        kwargs.update(generate_kwargs)
+        penalty = kwargs.pop("repetition_penalty", None)
+        if penalty is not None and penalty != 1.0:
+            # HF's own processor would exempt the first k generated tokens of a row left-padded by k
+            processors = generated_tokens_penalty(penalty)
+            processors.extend(kwargs.pop("logits_processor", None) or [])
+            kwargs["logits_processor"] = processors
+        kwargs["repetition_penalty"] = 1.0
+        return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
 
     # -- loading (sam_fast.models.loading) ---------------------------------------------------
     @classmethod

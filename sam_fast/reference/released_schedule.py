@@ -45,7 +45,9 @@ def released_schedule_encode_images(model, image_features, image_counts, qformer
     out = [None] * sum(counts)
     for j in range(max(counts)):
         batch = [b for b, n in enumerate(counts) if n > j]
-        guided = [b for b in batch if counts[b] > 1 and cfg.guidance != "none"]
+        # the released code builds the multi-image layout for every sample: a one-image sample
+        # is guided by its own image (softmax over one); leave_one_out keeps the paper's "none"
+        guided = [b for b in batch if (counts[b] > 1 or cfg.context_mode == "shared") and cfg.guidance != "none"]
         idx = torch.tensor(batch, device=image_features.device)
         ids, mask = qformer_input_ids[idx], qformer_attention_mask[idx]
         mask = torch.cat([mask.new_ones(len(batch), Q), mask], 1)

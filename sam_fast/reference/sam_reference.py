@@ -51,7 +51,9 @@ def reference_encode_images(model, image_features, image_counts, qformer_input_i
         for i in range(n):
             x = embed()  # Q-stream (Part A)
             m4 = _mask4d(mask, x.dtype)
-            guided = n > 1 and cfg.guidance != "none"
+            # leave_one_out: a one-image sample has no contextual image; shared (released code):
+            # every sample is guided, a one-image sample by its own image (softmax over one)
+            guided = (n > 1 or cfg.context_mode == "shared") and cfg.guidance != "none"
             if guided:
                 I_hat = reference_merged_map(E, i, model.adaptive_adjustment, cfg.context_mode, cfg.guidance)
                 w = embed()  # W-stream (Part B), same frozen layers

@@ -1,0 +1,219 @@
+"""Generation from LLM input embeddings, in the two modes `SAM.generate` offers.
+
+``"hf"``: transformers' own `generate` (greedy, beams, sampling, every HF option), with one
+correction. transformers 5.x exempts the first k tokens of a row left-padded by k from the
+repetition penalty (it treats the padding as a prompt), but with ``inputs_embeds`` the ids it
+penalises are the generated ones only, so a left-padded row would skip the penalty on its first k
+generated tokens and its answer would depend on its batch-mates. `generated_tokens_penalty`
+penalises every generated token and never the prompt, in every row.
+
+``"lavis"``: the released SAM code's decoding, which ran LAVIS on transformers 4.33 with only
+``inputs_embeds`` and ``max_length``. `lavis_generate` reproduces that decoder step for step:
+
+- the running sequence starts with one BOS id that the LLM never sees (the first step reads the
+  embeddings) but that counts in the length: ``max_length=256`` allows 255 new tokens, and a
+  finished beam of n tokens before its ``</s>`` is scored ``sum_logprobs / (n + 1) **
+  length_penalty``; the early-stop test divides the best running score by the sequence length
+  including the BOS and the next token;
+- the repetition penalty applies to the log-probabilities (beams) or logits (greedy) of every id
+  in that sequence: the generated tokens and the BOS id, never the prompt;
+- beam search keeps 2 x num_beams candidates per step, adds a finished hypothesis only when its
+  ``</s>`` is among the top num_beams candidates, keeps the num_beams best hypotheses, and stops a
+  sample when no running beam can beat its worst kept hypothesis (``early_stopping=False``);
+- logits are taken in fp32 (4.33's LLaMA upcast them) and, as LAVIS does afterwards, token 0
+  becomes 2 (``</s>``) in the output.
+
+The returned ids are the new tokens only (without the BOS), ``[B, S_new]``, padded with ``</s>``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+GENERATION_MODES = ("hf", "lavis")
+
+
+def generated_tokens_penalty(penalty: float) -> LogitsProcessorList:
+    """A processor list that applies the repetition penalty to every id HF passes it (with
+    ``inputs_embeds`` only: the generated tokens), whatever each row's left padding."""
+    return LogitsProcessorList([RepetitionPenaltyLogitsProcessor(float(penalty))])
+
+
+def _penalise(scores: torch.Tensor, seq: torch.Tensor, penalty: float) -> torch.Tensor:
+    """4.33's repetition penalty: for every id in `seq` [R, n], its score [R, V] is multiplied by
+    `penalty` if negative, divided by it otherwise."""
+    if penalty == 1.0:
+        return scores
+    picked = scores.gather(1, seq)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return scores.scatter(1, seq, picked)
+
+
+class _Hypotheses:
+    """The num_beams best finished hypotheses of one sample (4.33's `BeamHypotheses`)."""
+
+    def __init__(self, num_beams: int, length_penalty: float):
+        self.num_beams, self.length_penalty = num_beams, length_penalty
+        self.beams: list[tuple[float, list[int]]] = []
+        self.worst = 1e9
+
+    def add(self, tokens: list[int], sum_logprobs: float) -> None:
+        score = sum_logprobs / (len(tokens) ** self.length_penalty)
+        if len(self.beams) < self.num_beams or score > self.worst:
+            self.beams.append((score, tokens))
+            if len(self.beams) > self.num_beams:
+                ranked = sorted((s, i) for i, (s, _) in enumerate(self.beams))
+                del self.beams[ranked[0][1]]
+                self.worst = ranked[1][0]
+            else:
+                self.worst = min(score, self.worst)
+
+    def done(self, best_sum_logprobs: float, cur_len: int) -> bool:
+        if len(self.beams) < self.num_beams:
+            return False
+        return self.worst >= best_sum_logprobs / cur_len**self.length_penalty
+
+    def best(self) -> list[int]:
+        return sorted(self.beams, key=lambda b: b[0])[-1][1]
+
+
+class _Decoder:
+    """The LLM over a KV cache: the first call reads the prompt embeddings, later calls one token
+    per row. Position ids follow the attention mask (left padding), as HF's LLaMA generation."""
+
+    def __init__(self, language_model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor):
+        self.lm, self.embeds, self.mask, self.past = language_model, inputs_embeds, attention_mask.long(), None
+
+    def logits(self, tokens: torch.Tensor | None) -> torch.Tensor:
+        if self.past is None:
+            kw = dict(inputs_embeds=self.embeds)
+        else:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
+            kw = dict(input_ids=tokens[:, None])
+        pos = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 1)
+        if self.past is not None:
+            pos = pos[:, -1:]
+        out = self.lm(**kw, attention_mask=self.mask, position_ids=pos, past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[:, -1, :].float()
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.past.reorder_cache(rows)
+        self.mask = self.mask.index_select(0, rows)
+
+
+@torch.no_grad()
+def lavis_generate(
+    language_model,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    num_beams: int = 5,
+    max_length: int = 256,
+    min_length: int = 1,
+    repetition_penalty: float = 1.5,
+    length_penalty: float = 1.0,
+    bos_token_id: int = 1,
+    eos_token_id: int = 2,
+    pad_token_id: int = 0,
+) -> torch.LongTensor:
+    """The released SAM code's decoding (see the module docstring).
+
+    Args:
+        language_model: a causal LM taking ``inputs_embeds`` / ``input_ids`` with a KV cache.
+        inputs_embeds: [B, S, H] the prompts, left-padded.
+        attention_mask: [B, S] 0 on the left padding.
+        num_beams: 1 is greedy search.
+        max_length: length of the running sequence, BOS included (so max_length - 1 new tokens).
+        min_length: ``</s>`` is forbidden while the running sequence is shorter.
+
+    Returns:
+        [B, S_new] new token ids, ``</s>``-padded, with 0 replaced by 2 as LAVIS does.
+    """
+    if num_beams < 1 or max_length < 2:
+        raise ValueError(f"lavis_generate: num_beams={num_beams} must be >= 1 and max_length={max_length} >= 2")
+    B = inputs_embeds.shape[0]
+    K = num_beams
+    if K > 1:
+        inputs_embeds = inputs_embeds.repeat_interleave(K, 0)
+        attention_mask = attention_mask.repeat_interleave(K, 0)
+    dec = _Decoder(language_model, inputs_embeds, attention_mask)
+    dev = inputs_embeds.device
+    seq = torch.full((B * K, 1), bos_token_id, dtype=torch.long, device=dev)
+
+    def processed(scores: torch.Tensor) -> torch.Tensor:
+        scores = _penalise(scores, seq, repetition_penalty)
+        if seq.shape[1] < min_length:
+            scores[:, eos_token_id] = float("-inf")
+        return scores
+
+    if K == 1:  # greedy: the penalty acts on the logits
+        running = torch.ones(B, dtype=torch.bool, device=dev)
+        tokens = None
+        while True:
+            tokens = processed(dec.logits(tokens)).argmax(-1)
+            tokens = torch.where(running, tokens, torch.full_like(tokens, pad_token_id))
+            seq = torch.cat([seq, tokens[:, None]], 1)
+            running &= tokens != eos_token_id
+            if not bool(running.any()) or seq.shape[1] >= max_length:
+                break
+        out = seq[:, 1:]
+    else:
+        hyps = [_Hypotheses(K, length_penalty) for _ in range(B)]
+        done = [False] * B
+        beam_scores = torch.zeros(B, K, device=dev)
+        beam_scores[:, 1:] = -1e9
+        beam_scores = beam_scores.view(-1)
+        tokens = None
+        while True:
+            logprobs = torch.log_softmax(dec.logits(tokens), dim=-1)
+            scores = processed(logprobs) + beam_scores[:, None]
+            V = scores.shape[-1]
+            top, flat = scores.view(B, K * V).topk(2 * K, dim=1, largest=True, sorted=True)
+            cand = zip(top.tolist(), (flat // V).tolist(), (flat % V).tolist())
+            rows = seq.tolist()
+            cur_len = seq.shape[1] + 1
+            new_scores, new_tokens, new_rows = [], [], []
+            for b, (sc, src, tok) in enumerate(cand):
+                if done[b]:
+                    new_scores += [0.0] * K
+                    new_tokens += [pad_token_id] * K
+                    new_rows += [b * K] * K
+                    continue
+                kept = 0
+                for rank, (s, i, t) in enumerate(zip(sc, src, tok)):
+                    row = b * K + i
+                    if t == eos_token_id:
+                        if rank < K:  # only an </s> among the top num_beams candidates finishes a beam
+                            hyps[b].add(rows[row], s)
+                    else:
+                        new_scores.append(s)
+                        new_tokens.append(t)
+                        new_rows.append(row)
+                        kept += 1
+                    if kept == K:
+                        break
+                done[b] = hyps[b].done(max(sc), cur_len)
+            beam_scores = torch.tensor(new_scores, dtype=beam_scores.dtype, device=dev)
+            tokens = torch.tensor(new_tokens, dtype=torch.long, device=dev)
+            order = torch.tensor(new_rows, dtype=torch.long, device=dev)
+            seq = torch.cat([seq.index_select(0, order), tokens[:, None]], 1)
+            if all(done) or seq.shape[1] >= max_length:
+                break
+            dec.reorder(order)
+        rows, finals = seq.tolist(), beam_scores.tolist()
+        best = []
+        for b in range(B):
+            if not done[b]:
+                for i in range(K):
+                    hyps[b].add(rows[b * K + i], finals[b * K + i])
+            best.append(hyps[b].best())
+        width = min(max(len(h) for h in best) + 1, max_length)
+        out = torch.full((B, width), pad_token_id, dtype=torch.long)
+        for b, h in enumerate(best):
+            out[b, : len(h)] = torch.tensor(h)
+            if len(h) < width:
+                out[b, len(h)] = eos_token_id
+        out = out[:, 1:].to(dev)
+    return out.masked_fill(out == 0, 2)
