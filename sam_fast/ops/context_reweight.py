@@ -56,6 +56,11 @@ def validate_context_reweight(features, weight, bias, cu_images, mode, offsets=N
     if not features.is_floating_point():
         raise ValueError(f"context_reweight: features dtype {features.dtype} is not floating point")
     T, _, D = features.shape
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"context_reweight: {name} must be a tensor or None, got {type(t).__name__}")
+        if t is not None and not t.is_floating_point():
+            raise ValueError(f"context_reweight: {name} dtype {t.dtype} is not floating point")
     if weight is not None:
         if weight.numel() != D or weight.dim() > 2 or (weight.dim() == 2 and weight.shape[0] != 1):
             raise ValueError(f"context_reweight: weight must be [D] or [1, D] with D={D}, got {tuple(weight.shape)}")
@@ -189,13 +194,14 @@ def _triton_forward(features, weight, bias, cu_images, shared):
     T, P, D = F.shape
     B = cu_images.shape[0] - 1
     out = F.new_empty(B if shared else T, P, D)
+    if B == 0 or P == 0 or D == 0:  # nothing to compute (and no block sizes for an empty axis)
+        return out
     scores = F.new_empty(T, P, dtype=torch.float32)
     block_p, block_d, warps = _triton_blocks(P, D, 2 if shared else 3)
-    if B > 0 and P > 0 and D > 0:
-        context_reweight_fwd_kernel[(B, triton.cdiv(P, block_p))](
-            F, weight.contiguous(), bias.reshape(1).contiguous(), cu_images.contiguous(), scores, out, P, D,
-            SHARED=shared, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=warps,
-        )
+    context_reweight_fwd_kernel[(B, triton.cdiv(P, block_p))](
+        F, weight.contiguous(), bias.reshape(1).contiguous(), cu_images.contiguous(), scores, out, P, D,
+        SHARED=shared, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=warps,
+    )
     return out
 
 
@@ -208,18 +214,20 @@ def _triton_backward(grad_out, features, weight, bias, cu_images, shared, featur
     T, P, D = F.shape
     B = cu_images.shape[0] - 1
     G = grad_out.to(F.dtype).contiguous()
+    if B == 0 or P == 0 or D == 0:  # no column: zero gradients (and no block sizes for an empty axis)
+        return (F.new_zeros(F.shape if features_grad else (0,)), F.new_zeros(D, dtype=torch.float32),
+                F.new_zeros((), dtype=torch.float32))
     d_features = F.new_empty(F.shape if features_grad else (0,))
     block_p, block_d, warps = _triton_blocks(P, D, 6)
     grid = (B, triton.cdiv(P, block_p))
     partial = F.new_zeros(grid[0] * grid[1], D + 1, dtype=torch.float32)
     scores = F.new_empty(T, P, dtype=torch.float32)
     work = F.new_empty(T, P, 2, dtype=torch.float32)
-    if B > 0 and P > 0 and D > 0:
-        context_reweight_bwd_kernel[grid](
-            G, F, weight.contiguous(), bias.reshape(1).contiguous(), cu_images.contiguous(), scores, work,
-            d_features, partial, P, D,
-            SHARED=shared, FEATURES_GRAD=features_grad, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=warps,
-        )
+    context_reweight_bwd_kernel[grid](
+        G, F, weight.contiguous(), bias.reshape(1).contiguous(), cu_images.contiguous(), scores, work,
+        d_features, partial, P, D,
+        SHARED=shared, FEATURES_GRAD=features_grad, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=warps,
+    )
     reduced = F.new_empty(D + 1, dtype=torch.float32)
     block = min(1024, triton.next_power_of_2(D + 1))
     context_reweight_reduce_kernel[(triton.cdiv(D + 1, block),)](

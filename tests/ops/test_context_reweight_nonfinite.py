@@ -213,3 +213,32 @@ def test_non_finite_input_does_not_crash_the_process():
     env = dict(os.environ, SAM_FAST_BACKEND="cpu")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0 and "ok" in r.stdout, f"rc={r.returncode}\n{r.stderr[-2000:]}"
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    (dict(weight=[1.0] * D), TypeError, "weight must be a tensor"),
+    (dict(bias=0.5), TypeError, "bias must be a tensor"),
+    (dict(weight=torch.ones(D, dtype=torch.int64)), ValueError, "weight dtype torch.int64"),
+])
+def test_weight_and_bias_of_the_wrong_type_are_refused_by_name(kwargs, error, match):
+    args = dict(features=torch.randn(3, P, D), weight=torch.ones(D), bias=torch.zeros(()),
+                cu_images=cu_of([3]), mode="shared")
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        context_reweight(**args)
+
+
+@pytest.mark.skipif(not _TRITON_OK, reason="no GPU and TRITON_INTERPRET is not 1")
+@pytest.mark.parametrize("shape", [(3, 0, 8), (3, 4, 0)])
+def test_triton_empty_patch_or_feature_axis(monkeypatch, shape):
+    """No patches or no features: empty outputs and zero gradients (the launcher divided by a
+    zero block size)."""
+    if torch.cuda.is_available():
+        pytest.skip("interpreter run")
+    _force(monkeypatch, "triton", torch.zeros(1, 1, 1))
+    F = torch.randn(shape, requires_grad=True)
+    w = torch.randn(shape[2], requires_grad=True)
+    out = context_reweight(F, w, torch.zeros(()), cu_of([1, 2]), "leave_one_out")
+    assert out.shape == shape
+    out.sum().backward()
+    assert F.grad.shape == shape and not w.grad.abs().sum()
