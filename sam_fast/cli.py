@@ -94,7 +94,7 @@ OUTSIDE_HELP = ("read img_list paths that leave the dataset folder (absolute pat
 
 
 def _gen_kwargs(args) -> dict:
-    kw = {}
+    kw = {"generation_mode": getattr(args, "generation_mode", None) or "lavis"}
     for k in ("num_beams", "max_new_tokens", "repetition_penalty", "length_penalty"):
         v = getattr(args, k, None)
         if v is not None:
@@ -389,7 +389,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 # -- parser -----------------------------------------------------------------------------------
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("generation (defaults: SPEC §4, 5 beams, 256 new tokens, repetition penalty 1.5)")
+    g = p.add_argument_group("generation (defaults: the paper's: 5 beams, 255 new tokens, repetition penalty 1.5)")
+    g.add_argument("--generation-mode", choices=("lavis", "hf"), default="lavis",
+                   help="lavis (default): the released SAM code's decoder, reproducing its answers token for "
+                        "token (transformers 4.33 beam search as LAVIS called it); hf: transformers' own generate")
     g.add_argument("--num-beams", type=_positive_int)
     g.add_argument("--max-new-tokens", type=_positive_int)
     g.add_argument("--repetition-penalty", type=_positive_float)

@@ -111,12 +111,14 @@ def evaluate(model, data_dir, prompt_builder, output_dir, batch_size: int = 8, s
     `dist`: under torchrun, this process's `DistInfo` (`init_from_env`): the samples are split over
     the ranks, rank 0 writes the files (module docstring), every rank returns the metrics, plus
     ``samples_per_rank`` (predictions each rank made; not written to metrics.json).
-    `limit`: only the first `limit` (>= 1) samples. `allow_outside_paths`: read image paths that leave
+    `generate_kwargs` go to `SAM.generate`; ``generation_mode`` defaults to ``"lavis"``, the released
+    code's decoder, so scores compare with the paper's. `limit`: only the first `limit` (>= 1) samples. `allow_outside_paths`: read image paths that leave
     `data_dir` (refused by default, `sam_fast.data.paths`).
 
     Raises:
         ValueError: `batch_size` or `limit` below 1.
     """
+    generate_kwargs.setdefault("generation_mode", "lavis")  # the released code's answers (SAM.generate)
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and int(limit) < 1:

@@ -441,9 +441,9 @@ class SAM(InstructBlipPreTrainedModel):
                 kwarg applies (``max_new_tokens``, ``max_length``, ``num_beams``, ``do_sample``,
                 ``logits_processor``, ...). ``"lavis"``: the released SAM code's decoder
                 (transformers 4.33 beam search as LAVIS called it), which reproduces its answers;
-                it takes ``num_beams``, ``max_length`` (BOS included: 256 -> 255 new tokens),
-                ``min_length``, ``repetition_penalty`` and ``length_penalty`` (see
-                `sam_fast.models.generation`).
+                it takes ``num_beams``, ``max_length`` (BOS included: 256 -> 255 new tokens) or
+                ``max_new_tokens`` (= max_length - 1), ``min_length``, ``repetition_penalty`` and
+                ``length_penalty`` (see `sam_fast.models.generation`). `sam-fast eval` uses it.
             Other arguments as `forward`.
 
         Defaults (the paper's): 5 beams, repetition_penalty 1.5, length_penalty 1; ``"hf"``:
@@ -456,11 +456,17 @@ class SAM(InstructBlipPreTrainedModel):
             pixel_values, image_features, image_counts, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask
         )
         if generation_mode == "lavis":
-            allowed = {"num_beams", "max_length", "min_length", "repetition_penalty", "length_penalty"}
+            allowed = {"num_beams", "max_length", "max_new_tokens", "min_length", "repetition_penalty",
+                       "length_penalty"}
             extra = sorted(set(generate_kwargs) - allowed)
             if extra:
                 raise ValueError(f"generation_mode='lavis' takes only {sorted(allowed)}; got {extra}")
             kw = dict(num_beams=5, max_length=256, min_length=1, repetition_penalty=1.5, length_penalty=1.0)
+            new_tokens = generate_kwargs.pop("max_new_tokens", None)
+            if new_tokens is not None:
+                if "max_length" in generate_kwargs:
+                    raise ValueError("give max_length or max_new_tokens, not both")
+                kw["max_length"] = int(new_tokens) + 1  # the seeded BOS counts in max_length
             kw.update(generate_kwargs)
             gen = self.language_model.generation_config  # LLaMA's: bos 1, eos 2, pad 0
             for name, default in (("bos_token_id", 1), ("eos_token_id", 2), ("pad_token_id", 0)):
