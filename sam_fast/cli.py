@@ -45,15 +45,28 @@ def _load_config_file(spec: str | None) -> dict:
     path = Path(spec)
     if not path.is_file():
         raise SystemExit(f"sam-fast: --config {spec!r} is neither 'tiny' nor an existing JSON/YAML file")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
 
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"sam-fast: --config {spec} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise SystemExit(f"sam-fast: --config {spec} is nested too deeply to be an options file") from None
+    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError: one line, no traceback
+        what = "YAML" if path.suffix in (".yaml", ".yml") else "JSON"
+        msg = " ".join(str(e).split())
+        raise SystemExit(f"sam-fast: --config {spec} is not valid {what}: {msg[:300]}") from None
     if not isinstance(data, dict):
-        raise SystemExit(f"sam-fast: {spec} must hold a mapping of options")
+        raise SystemExit(f"sam-fast: {spec} must hold a mapping of options, got {type(data).__name__}")
+    overrides = data.get("model_overrides")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise SystemExit(f"sam-fast: {spec}: model_overrides must be a mapping of SAMConfig fields, "
+                         f"got {type(overrides).__name__} {overrides!r:.80}")
     return data
 
 

@@ -30,16 +30,9 @@ CASES = {"dataset": 60, "cli": 60, "context_reweight": 150}
 
 # Exception types the loader raises today where a DataError (naming the file) is promised.
 KNOWN_DATASET_BUGS: set[str] = set()
-# Exception types `sam-fast train --config FILE` raises today instead of a one-line SystemExit
-# (sam_fast/cli.py `_load_config_file` and the option handling after it):
-#   JSONDecodeError     a config that is not valid JSON (any suffix but .yaml/.yml is read as JSON)
-#   ParserError         (yaml.YAMLError) a .yaml/.yml file that is not valid YAML
-#   UnicodeDecodeError  a config file that is not UTF-8 text
-#   RecursionError      deeply nested JSON ("[" * 3000)
-#   TypeError           `model_overrides: true` / a number ("'bool' object is not iterable")
-#   ValueError          `model_overrides` a string or list ("dictionary update sequence ...")
-KNOWN_CLI_BUGS: set[str] = {"JSONDecodeError", "ParserError", "UnicodeDecodeError", "RecursionError", "TypeError",
-                            "ValueError"}
+# Exception types `sam-fast train --config FILE` raises instead of a one-line SystemExit (none left:
+# invalid JSON/YAML, non-UTF-8, deep nesting and a non-mapping model_overrides are one-line errors).
+KNOWN_CLI_BUGS: set[str] = set()
 
 
 # ----------------------------------------------------------------------------------- generators
