@@ -12,7 +12,7 @@ Layout of a cache directory::
     shard-00000.safetensors  features keyed by image index (memory-mapped when read)
 
 A cache is refused (`StaleCacheError`, naming what differs) when the vision model's fingerprint
-(config + weights), the transform, or an image file (size or mtime) does not match, or an image is
+(config, weights and the final LayerNorm's eps), the transform, or an image file (size or mtime) does not match, or an image is
 missing from it.
 
 Building writes the new cache into a fresh hidden directory beside the target and renames it into
@@ -100,10 +100,17 @@ def cache_key(data_dir: Path, path: Path) -> str:
 
 
 def vision_fingerprint(model) -> str:
-    """sha256 over the vision config's shape fields and every vision-model tensor (name, shape, dtype, bytes)."""
+    """sha256 over the vision config's shape fields, every vision-model tensor (name, shape, dtype, bytes) and
+    the final LayerNorm's eps (``vision_model.post_layernorm.eps``) where it differs from the config's
+    ``layer_norm_eps`` (LAVIS' ln_vision uses 1e-5, HF 1e-6); when they are equal the fingerprint is the one
+    earlier versions wrote, so their caches stay valid."""
     vc = model.config.vision_config
     shape = {k: getattr(vc, k, None) for k in ("image_size", "patch_size", "hidden_size", "num_hidden_layers",
                                                 "num_attention_heads", "intermediate_size", "layer_norm_eps")}
+    post_ln = getattr(model.vision_model, "post_layernorm", None)
+    post_eps = getattr(post_ln, "eps", None)
+    if post_eps is not None and post_eps != shape["layer_norm_eps"]:
+        shape["post_layernorm_eps"] = float(post_eps)
     h = hashlib.sha256(json.dumps(shape, sort_keys=True).encode())
     for name, t in sorted(model.vision_model.state_dict().items()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())

@@ -104,3 +104,22 @@ def test_failed_build_leaves_the_old_cache_and_no_temporaries(setup, tmp_path):
         build_feature_cache(model, data, cache)
     assert _tree(cache) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_cache_is_refused_for_another_post_layernorm_eps(setup):
+    """A cache built with HF's final-LayerNorm eps (the vision config's, 1e-6) is not reused for the same
+    weights with LAVIS' ln_vision eps (1e-5), and vice versa; an eps equal to the config's keeps it valid."""
+    model, data, cache = setup
+    lavis = SAM(SAMConfig.tiny(post_layernorm_eps=1e-5)).eval()
+    lavis.load_state_dict(model.state_dict())
+    assert lavis.vision_model.post_layernorm.eps == 1e-5 != model.vision_model.post_layernorm.eps
+    with pytest.raises(StaleCacheError, match="another vision model.*rebuild it"):
+        CachedFeatureDataset(data, cache, lavis)
+    same = SAM(SAMConfig.tiny(post_layernorm_eps=model.config.vision_config.layer_norm_eps)).eval()
+    same.load_state_dict(model.state_dict())
+    CachedFeatureDataset(data, cache, same)  # the same computation: the existing cache stays valid
+    # and the other direction: a cache built with the LAVIS eps is refused for the HF-eps model
+    build_feature_cache(lavis, data, cache, batch_size=3, dtype=torch.float32)
+    CachedFeatureDataset(data, cache, lavis)
+    with pytest.raises(StaleCacheError, match="another vision model"):
+        CachedFeatureDataset(data, cache, model)
