@@ -216,6 +216,12 @@ class AnnotationDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    @property
+    def failed_indices(self) -> frozenset[int]:
+        """Indices whose images failed to decode under ``skip_bad``: each is in `skipped` once, however often
+        it is drawn (the item is then ``None``)."""
+        return frozenset(self._failed)
+
     def __len__(self) -> int:
         return len(self.records)
 
@@ -250,7 +256,8 @@ class Collator:
     Returns ``pixel_values [T,3,S,S]`` (or ``image_features [T,P,D]`` when items carry features),
     ``image_counts`` LongTensor [B], the padded Q-former and LLM ids/masks (`PromptBuilder.batch_text`),
     ``labels`` when ``train``, plus ``ids`` and ``outputs`` (lists, for evaluation). `None` items
-    (undecodable under ``skip_bad``) are dropped and counted in ``dropped``.
+    (undecodable under ``skip_bad``) are dropped and counted in ``dropped``, once per draw (a sample drawn in
+    every epoch counts every time; the distinct samples are in the dataset's ``skipped``).
     """
 
     def __init__(self, prompt_builder: PromptBuilder, train: bool = True):

@@ -192,6 +192,7 @@ class Trainer:
             raise ValueError("the model is already sharded with FSDP; pass TrainConfig(fsdp=True) so that every "
                              "rank runs the LLM equally often (otherwise FSDP's all-gathers can deadlock)")
         self.collator = Collator(prompt_builder, train=True)
+        self._dropped: set[int] = set()  # dataset indices whose item was None (undecodable under skip_bad)
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named_params]
         self.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas)
@@ -225,7 +226,17 @@ class Trainer:
     def _load(self, indices: list[int], epoch: int):
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
-        return self.collator([self.dataset[i] for i in indices])
+        items = [self.dataset[i] for i in indices]
+        self._dropped.update(i for i, it in zip(indices, items, strict=True) if it is None)
+        return self.collator(items)
+
+    def skipped_count(self) -> int:
+        """Distinct samples skipped so far: those in the dataset's skip report (``dataset.skipped``, each
+        counted once) plus dataset indices that gave ``None`` without being reported there. A sample that
+        fails to decode counts once however many epochs draw it."""
+        report = getattr(self.dataset, "skipped", None)
+        reported = frozenset(getattr(self.dataset, "failed_indices", ()))
+        return (len(report) if report is not None else 0) + len(self._dropped - reported)
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self, data: DataPosition, rng: dict) -> dict:
@@ -238,7 +249,7 @@ class Trainer:
             "data": dataclasses.asdict(data),
             "config": self.config.to_dict(),
             "world_size": self.dist.world_size,
-            "skipped": len(getattr(self.dataset, "skipped", [])) + self.collator.dropped,
+            "skipped": self.skipped_count(),
         }
 
     def save(self, data: DataPosition | None = None, rng: dict | None = None) -> Path | None:
@@ -526,6 +537,6 @@ class Trainer:
             if log_f is not None:
                 log_f.close()
         result.step, result.checkpoint = self.step, last_saved or ckpt.latest_checkpoint(self.ckpt_root)
-        result.skipped = len(getattr(self.dataset, "skipped", [])) + self.collator.dropped
+        result.skipped = self.skipped_count()
         result.seconds = time.perf_counter() - t_start
         return result

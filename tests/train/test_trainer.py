@@ -191,3 +191,24 @@ def test_resume_with_more_steps_follows_the_new_schedule(data_dir, tmp_path):
     want = [3e-3 * lr_factor(s, 2, 8) for s in range(4, 8)]
     assert [r["lr"] for r in recs[4:]] == pytest.approx(want, rel=1e-12)
     assert recs[4]["lr"] > 0
+
+
+def test_skipped_samples_are_counted_once_across_epochs(tmp_path):
+    """One sample skipped when the dataset opens and one that fails only at decode time (drawn on every step):
+    the trainer reports 2 skipped samples, not one per draw."""
+    data = write_group_captions(tmp_path / "ds", n_samples=12, size=32, seed=3)
+    (data / "images" / "0005_0.png").unlink()  # skipped at open
+    (data / "images" / "0003_0.png").write_bytes(b"\x89PNG\r\n\x1a\nnot a png")  # passes the open (no verify)
+    cfg = SAMConfig.tiny()
+    torch.manual_seed(0)
+    model = SAM(cfg)
+    pb = PromptBuilder.for_model(cfg, *tiny_tokenizers())
+    ds = AnnotationDataset(data, TrainTransform(cfg.vision_config.image_size), skip_bad=True, verify_images=False)
+    assert len(ds) == 11 and len(ds.skipped) == 1
+    trainer = Trainer(model, ds, pb, TrainConfig(output_dir=str(tmp_path / "run"), max_steps=3, batch_size=11,
+                                                 lr=1e-3, save_every=3, progress=False))
+    res = trainer.train()  # one step = one epoch of all 11 samples: the undecodable one is drawn 3 times
+    assert res.step == 3 and trainer.collator.dropped == 3
+    assert res.skipped == 2
+    _, state = load_checkpoint(res.checkpoint)
+    assert state["skipped"] == 2
