@@ -267,12 +267,26 @@ def _cmd_train_locked(args: argparse.Namespace, locks: list) -> int:
     return 0
 
 
+def _load_model(cmd: str, model_dir):
+    """`outputs.load_model_dir(model_dir)`, with a damaged checkpoint (`CheckpointError`), a missing or
+    unrecognised directory, or another loading ValueError/OSError turned into one line ``sam-fast CMD: ...``."""
+    from sam_fast.train import outputs
+
+    try:
+        return outputs.load_model_dir(model_dir)
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError; FileNotFoundError an OSError
+        msg = " ".join(str(e).split()) or type(e).__name__
+        if str(model_dir) not in msg:
+            msg = f"--model {model_dir}: {msg}"
+        raise SystemExit(f"sam-fast {cmd}: {msg}") from None
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from sam_fast.data import DataError
     from sam_fast.eval import answer
     from sam_fast.train import outputs
 
-    model, tokenizers, _ = outputs.load_model_dir(args.model)
+    model, tokenizers, _ = _load_model("generate", args.model)
     for p in args.images:
         if not Path(p).is_file():
             raise SystemExit(f"sam-fast generate: image {p} does not exist")
@@ -296,7 +310,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     dist = None
     if args.device or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one share of the samples per rank
         dist = init_from_env(args.device)
-    model, tokenizers, what = outputs.load_model_dir(args.model)
+    model, tokenizers, what = _load_model("eval", args.model)
     if dist is not None:
         model.to(dist.device)
     try:
@@ -330,7 +344,7 @@ def _cmd_cache_features(args: argparse.Namespace) -> int:
     if args.model in outputs.BUILTIN_CONFIGS:
         model = outputs.build_builtin(args.model, args.seed)
     else:
-        model, _, _ = outputs.load_model_dir(args.model)
+        model, _, _ = _load_model("cache-features", args.model)
     if args.device:
         model.to(args.device)
     try:
@@ -350,11 +364,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from sam_fast.data import DataError, load_records
     from sam_fast.data.paths import UniqueNames
     from sam_fast.eval.explain import explain_sample
-    from sam_fast.train import outputs
 
     if (args.images is None) == (args.data is None):
         raise SystemExit("sam-fast explain: give either --images or --data")
-    model, _, what = outputs.load_model_dir(args.model)
+    model, _, what = _load_model("explain", args.model)
     out = Path(args.output)
     if args.images:
         png = out if out.suffix == ".png" else out / "explain.png"

@@ -293,3 +293,30 @@ def test_generate_refuses_placeholder_prompt_and_unreadable_image_in_one_line(di
     with pytest.raises(SystemExit, match=r"^sam-fast generate: image .*bad.png cannot be read") as exc:
         main(["generate", "--model", str(trained), "--images", str(bad), "--prompt", "what?"])
     assert "\n" not in str(exc.value)
+
+
+def _damaged_run(trained, tmp_path):
+    """A copy of the trained run whose only checkpoint has a truncated trainable.safetensors."""
+    run = tmp_path / "damaged"
+    shutil.copytree(trained, run)
+    shutil.rmtree(run / "checkpoints" / "step-00000002")
+    f = run / "checkpoints" / "step-00000004" / "trainable.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return run
+
+
+@pytest.mark.parametrize("cmd", ["eval", "generate", "explain", "cache-features"])
+def test_damaged_or_missing_model_is_one_line(cmd, dirs, trained, tmp_path):
+    run = _damaged_run(trained, tmp_path)
+    imgs = sorted(str(p) for p in (dirs["test"] / "images").iterdir())[:2]
+    rest = {"eval": ["--data", str(dirs["test"]), "--output", str(tmp_path / "ev"), "--no-progress"],
+            "generate": ["--images", *imgs, "--prompt", "what?"],
+            "explain": ["--images", *imgs, "--output", str(tmp_path / "x.png")],
+            "cache-features": ["--data", str(dirs["test"]), "--output", str(tmp_path / "cache"), "--no-progress"]}[cmd]
+    for model, what in [(run, r"trainable\.safetensors"), (run / "checkpoints" / "step-00000004",
+                                                           r"step-00000004/trainable\.safetensors"),
+                        (tmp_path / "no-such-run", "no-such-run")]:
+        with pytest.raises(SystemExit, match=rf"^sam-fast {cmd}: .*{what}") as exc:
+            main([cmd, "--model", str(model), *rest])
+        assert "\n" not in str(exc.value)
+    assert not (tmp_path / "ev").exists() and not (tmp_path / "x.png").exists()
