@@ -138,3 +138,43 @@ def test_generation_prompt_is_not_truncated():
     train = pb.encode(story, 2, "a b")
     assert train.prompt == [3] * 4 + [pb.eos_id] + text[-7:]
     assert len(gen.qformer_ids) == 8  # the Q-former text is cut in both
+
+
+@pytest.mark.parametrize("mode", ["hf", "lavis"])
+def test_prompt_runs_once_per_sample_not_per_beam(mode):
+    """Beam search prefills each prompt once and copies the cache to the beams; the ids are those
+    of HF's own beam search, which runs the prompt once per beam."""
+    from sam_fast.models.generation import generated_tokens_penalty
+
+    model = randomize_guidance(tiny_sam())
+    counts, K = [1, 3, 2], 4
+    feats, qids, qmask = ragged_batch(model, counts)
+    ids, mask = _prompts(model, counts, [3, 9, 6])
+    lm = model.language_model
+    seen = []
+    real = lm.model.forward
+
+    def spy(*args, **kwargs):
+        x = kwargs.get("inputs_embeds")
+        seen.append(tuple(x.shape[:2]) if x is not None else tuple(kwargs["input_ids"].shape))
+        return real(*args, **kwargs)
+
+    kw = dict(num_beams=K, repetition_penalty=1.5)
+    kw.update(max_new_tokens=12) if mode == "hf" else kw.update(max_length=13)
+    with torch.no_grad():
+        _, embeds, _ = model._llm_inputs(None, feats, counts, qids, qmask, ids, mask)
+        lm.model.forward = spy
+        try:
+            got = model.generate(image_features=feats, image_counts=counts, qformer_input_ids=qids,
+                                 qformer_attention_mask=qmask, input_ids=ids, attention_mask=mask,
+                                 generation_mode=mode, **kw)
+        finally:
+            del lm.model.forward
+        S = ids.shape[1]
+        assert max(rows for rows, length in seen if length > 1) == len(counts)  # no [B * K, S] prefill
+        assert sum(length for _, length in seen) <= S + 13 + 1
+        if mode == "hf":
+            want = lm.generate(inputs_embeds=embeds, attention_mask=mask, num_beams=K, max_new_tokens=12,
+                               do_sample=False, repetition_penalty=1.0,
+                               logits_processor=generated_tokens_penalty(1.5))
+            assert torch.equal(got, want)

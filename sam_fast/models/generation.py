@@ -40,6 +40,32 @@ def generated_tokens_penalty(penalty: float) -> LogitsProcessorList:
     return LogitsProcessorList([RepetitionPenaltyLogitsProcessor(float(penalty))])
 
 
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """LLaMA position ids of a left-padded batch: valid tokens count from 0, padding gets 1."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+
+
+@torch.no_grad()
+def prefill_for_beams(language_model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, num_beams: int):
+    """A KV cache of every prompt position but the last, computed once per sample and repeated
+    for its `num_beams` beams ([B, S-1] -> [B * num_beams, S-1] rows).
+
+    Passed to HF `generate` as ``past_key_values`` with the full `inputs_embeds`, it makes
+    generate run only the last prompt position per beam, instead of the whole prompt per beam
+    (HF expands ``inputs_embeds`` to the beams before its prefill). The ids are the same.
+    """
+    from transformers import DynamicCache
+
+    S = inputs_embeds.shape[1]
+    cache = DynamicCache(config=language_model.config)
+    if S > 1:
+        language_model.model(inputs_embeds=inputs_embeds[:, : S - 1], attention_mask=attention_mask[:, : S - 1],
+                             position_ids=_positions(attention_mask)[:, : S - 1], past_key_values=cache,
+                             use_cache=True)
+        cache.batch_repeat_interleave(num_beams)
+    return cache
+
+
 def _penalise(scores: torch.Tensor, seq: torch.Tensor, penalty: float) -> torch.Tensor:
     """4.33's repetition penalty: for every id in `seq` [R, n], its score [R, V] is multiplied by
     `penalty` if negative, divided by it otherwise."""
@@ -91,12 +117,17 @@ class _Decoder:
         else:
             self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
             kw = dict(input_ids=tokens[:, None])
-        pos = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 1)
+        pos = _positions(self.mask)
         if self.past is not None:
             pos = pos[:, -1:]
         out = self.lm(**kw, attention_mask=self.mask, position_ids=pos, past_key_values=self.past, use_cache=True)
         self.past = out.past_key_values
         return out.logits[:, -1, :].float()
+
+    def expand(self, repeats: int) -> None:
+        """Give each row's cache `repeats` consecutive copies (after the prefill: one per beam)."""
+        self.past.batch_repeat_interleave(repeats)
+        self.mask = self.mask.repeat_interleave(repeats, 0)
 
     def reorder(self, rows: torch.Tensor) -> None:
         self.past.reorder_cache(rows)
@@ -135,10 +166,7 @@ def lavis_generate(
         raise ValueError(f"lavis_generate: num_beams={num_beams} must be >= 1 and max_length={max_length} >= 2")
     B = inputs_embeds.shape[0]
     K = num_beams
-    if K > 1:
-        inputs_embeds = inputs_embeds.repeat_interleave(K, 0)
-        attention_mask = attention_mask.repeat_interleave(K, 0)
-    dec = _Decoder(language_model, inputs_embeds, attention_mask)
+    dec = _Decoder(language_model, inputs_embeds, attention_mask)  # the prompt runs once per sample
     dev = inputs_embeds.device
     seq = torch.full((B * K, 1), bos_token_id, dtype=torch.long, device=dev)
 
@@ -167,7 +195,11 @@ def lavis_generate(
         beam_scores = beam_scores.view(-1)
         tokens = None
         while True:
-            logprobs = torch.log_softmax(dec.logits(tokens), dim=-1)
+            logits = dec.logits(tokens)
+            if tokens is None:  # after the prefill: every beam starts from its sample's cache
+                logits = logits.repeat_interleave(K, 0)
+                dec.expand(K)
+            logprobs = torch.log_softmax(logits, dim=-1)
             scores = processed(logprobs) + beam_scores[:, None]
             V = scores.shape[-1]
             top, flat = scores.view(B, K * V).topk(2 * K, dim=1, largest=True, sorted=True)

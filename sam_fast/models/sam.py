@@ -31,7 +31,12 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.instructblip.modeling_instructblip import InstructBlipPreTrainedModel
 
 from sam_fast.config import SAMConfig
-from sam_fast.models.generation import GENERATION_MODES, generated_tokens_penalty, lavis_generate
+from sam_fast.models.generation import (
+    GENERATION_MODES,
+    generated_tokens_penalty,
+    lavis_generate,
+    prefill_for_beams,
+)
 from sam_fast.modules import (
     SCRATCH_COLUMNS,
     CrossKV,
@@ -484,6 +489,11 @@ class SAM(InstructBlipPreTrainedModel):
             processors.extend(kwargs.pop("logits_processor", None) or [])
             kwargs["logits_processor"] = processors
         kwargs["repetition_penalty"] = 1.0
+        beams = int(kwargs.get("num_beams") or 1)
+        if beams > 1 and "past_key_values" not in kwargs and (kwargs.get("num_return_sequences") or 1) == 1:
+            # HF copies the prompt to every beam before its prefill (num_beams x the prefill work):
+            # run the prompt but its last position once per sample, then give every beam a copy
+            kwargs["past_key_values"] = prefill_for_beams(self.language_model, embeds, attention_mask, beams)
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
 
     # -- loading (sam_fast.models.loading) ---------------------------------------------------
