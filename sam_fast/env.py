@@ -75,6 +75,23 @@ def _schedule() -> list[str]:
     return lines
 
 
+def _loss() -> list[str]:
+    """Which backend the LM loss (linear_cross_entropy: lm_head fused with the cross-entropy, no
+    full logits) takes on each device here, and why (bf16 on CUDA, fp32 on CPU)."""
+    import torch
+
+    from sam_fast.ops.linear_cross_entropy import linear_cross_entropy_backend
+
+    devices = [("cpu", torch.float32)] + ([("cuda", torch.bfloat16)] if torch.cuda.is_available() else [])
+    lines = []
+    for dev, dtype in devices:
+        name, reasons = linear_cross_entropy_backend(dev, dtype)
+        ahead = list(reasons)[: list(reasons).index(name)] if name in reasons else list(reasons)
+        why = "; ".join(f"{k}: {reasons[k]}" for k in ahead)  # the preferred backends it could not take
+        lines.append(f"  {dev}: linear_cross_entropy backend {name}" + (f" (not {why})" if why else ""))
+    return lines
+
+
 def _section(title: str, fn) -> list[str]:
     try:
         return fn()
@@ -97,6 +114,8 @@ def report() -> str:
     lines += _section("  ops", _ops)
     lines.append("encode_images schedule:")
     lines += _section("  schedule", _schedule)
+    lines.append("LM loss:")
+    lines += _section("  loss", _loss)
     return "\n".join(lines)
 
 

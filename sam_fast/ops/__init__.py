@@ -14,6 +14,11 @@ from sam_fast.ops.cross_attention import (
     streams_backend,
 )
 from sam_fast.ops.dispatch import BackendUnavailable, explain
+from sam_fast.ops.linear_cross_entropy import (
+    linear_cross_entropy,
+    linear_cross_entropy_backend,
+    linear_cross_entropy_ref,
+)
 
 __all__ = [
     "BackendUnavailable",
@@ -24,6 +29,9 @@ __all__ = [
     "cross_attention_streams",
     "cross_attention_streams_ref",
     "explain",
+    "linear_cross_entropy",
+    "linear_cross_entropy_backend",
+    "linear_cross_entropy_ref",
     "mix_kv",
     "streams_backend",
 ]

@@ -1,0 +1,337 @@
+"""Language-model loss without full logits: the lm_head matmul fused with the cross-entropy.
+
+Public op::
+
+    linear_cross_entropy(hidden [M, H], weight [V, H], targets [M], bias [V] | None,
+                         reduction="mean" | "sum", chunk_size=None, ignore_index=-100) -> loss []
+
+equals ``F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction=...)``, which is
+what a Hugging Face causal LM computes (logits in the model's dtype from its ``lm_head``, upcast to
+fp32 for the loss), without ever holding the ``[M, V]`` logits:
+
+- Rows whose target is ``ignore_index`` contribute nothing, so they are dropped *before* the
+  matmul (no logits are computed for visual or instruction positions handed in with target -100);
+  their hidden-state gradient is zero. Finding them reads the targets on the host (one sync).
+- The remaining rows are processed ``chunk_size`` at a time: the chunk's logits (model dtype,
+  then fp32), the per-row ``logsumexp(logits) - logits[target]``, and in the same pass the
+  gradient of the loss w.r.t. the chunk's logits, ``(softmax - onehot) * s`` (``s`` = 1 for
+  ``"sum"``, 1/#targets for ``"mean"``), turned into the chunk's hidden-state gradient
+  ``g @ weight`` right away. Backward only multiplies the stored gradient by the incoming scalar.
+  Peak extra memory is one chunk of logits, ``chunk_size x V`` in fp32 (plus its model-dtype
+  copy for half inputs); by default ``chunk_size`` keeps that near 128 MiB.
+- The weight (and bias) gradient is accumulated (fp32) only when the weight (bias) requires
+  grad; a frozen ``lm_head``, as in SAM, costs nothing extra.
+
+Numerics follow the reference: the matmul runs in the input dtype (fp32 accumulation inside the
+GEMM, output rounded to the model dtype), the softmax and loss in fp32, and the logits' gradient
+is rounded to the model dtype before the matmul with the weight, as autograd does through
+``.float()``. ``reduction="mean"`` divides by the number of non-ignored targets as
+``F.cross_entropy`` does. Unlike ``F.cross_entropy`` (NaN for "mean", 0 for "sum"), an input
+with no target to supervise raises ValueError: a loss over nothing is a caller's bug.
+
+Backends (`sam_fast.ops.dispatch`): ``liger`` (liger-kernel's fused linear cross-entropy, Triton,
+CUDA tensors, where ``liger_kernel`` is installed; ``chunk_size`` is then liger's business),
+``chunked`` (the PyTorch path above, any device), ``reference`` (`linear_cross_entropy_ref`,
+full logits; only when forced with ``SAM_FAST_BACKEND=reference``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from sam_fast.ops.dispatch import dispatcher
+
+REDUCTIONS = ("mean", "sum")
+CHUNK_BYTES = 128 * 2**20  # default fp32 logits chunk: chunk_size * V * 4 bytes ~ this
+
+
+def default_chunk_size(vocab: int) -> int:
+    """Rows per chunk so that one fp32 logits chunk is about `CHUNK_BYTES` (128 MiB)."""
+    return max(1, CHUNK_BYTES // (4 * max(1, vocab)))
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+
+def _validate_shapes(hidden, weight, targets, bias, reduction, chunk_size, ignore_index) -> None:
+    name = "linear_cross_entropy"
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{name}: reduction={reduction!r} is not one of {REDUCTIONS}")
+    for arg, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{name}: bias must be a tensor or None, got {type(bias).__name__}")
+    if hidden.dim() != 2 or not hidden.is_floating_point():
+        raise ValueError(f"{name}: hidden must be a floating [M, H] tensor, got {hidden.dtype} {tuple(hidden.shape)}")
+    M, H = hidden.shape
+    if weight.dim() != 2 or weight.shape[1] != H:
+        raise ValueError(f"{name}: weight must be [V, H] with H={H} (hidden.shape[1]), got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"{name}: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{name}: weight has an empty vocabulary (shape {tuple(weight.shape)})")
+    if targets.dim() != 1 or targets.numel() != M:
+        raise ValueError(f"{name}: targets must be [M] with M={M} (hidden.shape[0]), got {tuple(targets.shape)}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name}: targets dtype {targets.dtype} must be int64 or int32")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype):
+        raise ValueError(f"{name}: bias must be [{weight.shape[0]}] in {hidden.dtype}, got {bias.dtype} "
+                         f"{tuple(bias.shape)}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{name}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise ValueError(f"{name}: ignore_index must be an int, got {ignore_index!r}")
+    for arg, t in (("weight", weight), ("targets", targets), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name}: {arg} is on {t.device} but hidden is on {hidden.device}")
+
+
+def _check_targets(targets, vocab: int, ignore_index: int) -> int:
+    """Number of supervised targets; ValueError for a target outside [0, V) that is not
+    ignore_index, or for no supervised target at all. One host read of two counts."""
+    valid = targets != ignore_index
+    bad = valid & ((targets < 0) | (targets >= vocab))
+    n_valid, n_bad = torch.stack([valid.sum(), bad.sum()]).tolist()
+    if n_bad:
+        pos = int(bad.nonzero()[0, 0])
+        raise ValueError(f"linear_cross_entropy: targets[{pos}]={int(targets[pos])} is outside [0, {vocab}) "
+                         f"and is not ignore_index={ignore_index} ({n_bad} such target(s))")
+    if n_valid == 0:
+        raise ValueError(f"linear_cross_entropy: every one of the {targets.numel()} targets is ignore_index="
+                         f"{ignore_index}: there is nothing to supervise (the mean would be 0/0)")
+    return int(n_valid)
+
+
+def _validate(hidden, weight, targets, bias, reduction, chunk_size, ignore_index) -> int:
+    _validate_shapes(hidden, weight, targets, bias, reduction, chunk_size, ignore_index)
+    return _check_targets(targets, weight.shape[0], ignore_index)
+
+
+# -- the specification --------------------------------------------------------------------------
+
+
+def linear_cross_entropy_ref(hidden, weight, targets, bias=None, reduction="mean", chunk_size=None,
+                             ignore_index=-100):
+    """Plain-PyTorch reference (the specification): full logits ``F.linear(hidden, weight, bias)``
+    in the input dtype (what an ``nn.Linear`` lm_head gives), upcast to fp32, then
+    ``F.cross_entropy``. Differentiable by autograd. ``chunk_size`` is accepted and unused.
+
+    Raises ValueError on the same inputs as `linear_cross_entropy` (an all-ignored input included).
+    """
+    _validate(hidden, weight, targets, bias, reduction, chunk_size, ignore_index)
+    logits = F.linear(hidden, weight, bias)
+    return F.cross_entropy(logits.float(), targets.long(), ignore_index=ignore_index, reduction=reduction)
+
+
+# -- chunked PyTorch backend -------------------------------------------------------------------
+
+
+def _chunked_forward(h, weight, t, bias, divisor: int, chunk: int, need_h: bool, need_w: bool, need_b: bool):
+    """Loss (fp32) of the supervised rows `h` [n, H] with targets `t` [n], summed and divided by
+    `divisor`, and its gradients w.r.t. h (model dtype), weight and bias (fp32) where asked for."""
+    n, H = h.shape
+    V = weight.shape[0]
+    need_g = need_h or need_w or need_b
+    loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    grad_h = torch.empty_like(h, memory_format=torch.contiguous_format) if need_h else None
+    grad_w = torch.zeros(V, H, dtype=torch.float32, device=h.device) if need_w else None
+    grad_b = torch.zeros(V, dtype=torch.float32, device=h.device) if need_b else None
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        hc, tc = h[lo:hi], t[lo:hi, None]
+        logits = F.linear(hc, weight, bias)
+        if logits.dtype != torch.float32:
+            logits = logits.float()  # a new fp32 tensor; the model-dtype one is freed here
+        lse = torch.logsumexp(logits, dim=1)
+        loss += (lse - logits.gather(1, tc).squeeze(1)).sum()
+        if not need_g:
+            continue
+        g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+        g.scatter_add_(1, tc, torch.full_like(tc, -1, dtype=g.dtype))
+        if divisor != 1:
+            g.mul_(1.0 / divisor)
+        if need_h:
+            torch.mm(g.to(h.dtype), weight, out=grad_h[lo:hi])
+        if need_w:
+            grad_w.addmm_(g.t(), hc.float())
+        if need_b:
+            grad_b += g.sum(0)
+        del g, logits
+    return (loss if divisor == 1 else loss / divisor), grad_h, grad_w, grad_b
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss and every gradient asked for; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, rows, t, divisor, chunk, need_h, need_w, need_b):
+        h = hidden if rows is None else hidden.index_select(0, rows)
+        loss, gh, gw, gb = _chunked_forward(h, weight, t, bias, divisor, chunk, need_h, need_w, need_b)
+        ctx.save_for_backward(gh, gw, gb, rows)
+        ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        gh, gw, gb, rows = ctx.saved_tensors
+        d_hidden = d_weight = d_bias = None
+        if ctx.needs_input_grad[0] and gh is not None:
+            gh = gh * grad_out  # (computed in fp32, one rounding; exact when grad_out == 1)
+            if rows is None:
+                d_hidden = gh
+            else:
+                d_hidden = gh.new_zeros(ctx.hidden_shape).index_copy_(0, rows, gh)
+        if ctx.needs_input_grad[1] and gw is not None:
+            d_weight = (gw * grad_out).to(ctx.weight_dtype)
+        if ctx.needs_input_grad[2] and gb is not None:
+            d_bias = (gb * grad_out).to(ctx.bias_dtype)
+        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None
+
+
+def _supervised_rows(targets, ignore_index: int, n_valid: int):
+    """(rows or None when every row is supervised, the supervised targets as int64)."""
+    t = targets.long()
+    if n_valid == targets.numel():
+        return None, t
+    rows = (targets != ignore_index).nonzero().squeeze(1)
+    return rows, t.index_select(0, rows)
+
+
+def _chunked_backend(hidden, weight, targets, bias=None, reduction="mean", chunk_size=None, ignore_index=-100,
+                     n_valid=None):
+    if n_valid is None:
+        n_valid = _check_targets(targets, weight.shape[0], ignore_index)
+    rows, t = _supervised_rows(targets, ignore_index, n_valid)
+    chunk = chunk_size or default_chunk_size(weight.shape[0])
+    divisor = n_valid if reduction == "mean" else 1
+    grad = torch.is_grad_enabled()
+    need_h = grad and hidden.requires_grad
+    need_w = grad and weight.requires_grad
+    need_b = grad and bias is not None and bias.requires_grad
+    if not (need_h or need_w or need_b):
+        with torch.no_grad():
+            h = hidden if rows is None else hidden.index_select(0, rows)
+            return _chunked_forward(h, weight, t, bias, divisor, chunk, False, False, False)[0]
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, rows, t, divisor, chunk, need_h, need_w, need_b)
+
+
+# -- liger-kernel backend (optional dependency, CUDA) ------------------------------------------
+
+_LIGER = None  # (function, None) or (None, why not)
+
+
+def _liger():
+    """liger-kernel's functional fused linear cross-entropy, or the reason it is unusable."""
+    global _LIGER
+    if _LIGER is None:
+        try:
+            mod = importlib.import_module("liger_kernel.transformers.functional")
+            fn = getattr(mod, "liger_fused_linear_cross_entropy")
+            params = inspect.signature(fn).parameters
+            missing = [p for p in ("bias", "ignore_index", "reduction") if p not in params]
+            _LIGER = (None, f"liger_kernel's liger_fused_linear_cross_entropy lacks {missing} (too old)") if missing \
+                else (fn, None)
+        except ImportError as exc:
+            _LIGER = (None, f"liger_kernel is not installed ({exc})")
+        except Exception as exc:  # installed but broken
+            _LIGER = (None, f"liger_kernel failed to import ({type(exc).__name__}: {exc})")
+    return _LIGER
+
+
+def _liger_backend(hidden, weight, targets, bias=None, reduction="mean", chunk_size=None, ignore_index=-100,
+                   n_valid=None):
+    fn, why = _liger()
+    if fn is None:
+        raise RuntimeError(why)
+    if n_valid is None:
+        n_valid = _check_targets(targets, weight.shape[0], ignore_index)
+    rows, t = _supervised_rows(targets, ignore_index, n_valid)
+    h = hidden if rows is None else hidden.index_select(0, rows)  # autograd scatters the gradient back
+    out = fn(h.contiguous(), weight, t, bias=bias, ignore_index=ignore_index, reduction=reduction)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _reference_backend(hidden, weight, targets, bias=None, reduction="mean", chunk_size=None, ignore_index=-100,
+                       n_valid=None):
+    logits = F.linear(hidden, weight, bias)
+    return F.cross_entropy(logits.float(), targets.long(), ignore_index=ignore_index, reduction=reduction)
+
+
+# -- backend checks -----------------------------------------------------------------------------
+
+_LIGER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_liger(hidden, weight, targets, bias=None, *args, **kwargs):
+    _, why = _liger()
+    if why:
+        return why
+    if hidden.device.type != "cuda":
+        return f"inputs on {hidden.device}: liger-kernel's Triton kernels need CUDA tensors"
+    if hidden.dtype not in _LIGER_DTYPES:
+        return f"dtype {hidden.dtype} not supported (float32, float16, bfloat16)"
+    return None
+
+
+def _check_chunked(*args, **kwargs):
+    return None
+
+
+def _check_reference(*args, **kwargs):
+    return None  # always runs; last in line, as it materialises the full [M, V] logits
+
+
+def _sample():
+    h = torch.randn(6, 8)
+    return (h, torch.randn(11, 8), torch.tensor([1, -100, 3, 10, -100, 0]), None, "mean"), {}
+
+
+_dispatch = dispatcher("linear_cross_entropy")
+_dispatch.sample = _sample
+_dispatch.register("liger", _liger_backend, _check_liger)
+_dispatch.register("chunked", _chunked_backend, _check_chunked)
+_dispatch.register("reference", _reference_backend, _check_reference)
+
+
+def linear_cross_entropy_backend(device="cpu", dtype=torch.float32) -> tuple[str, dict[str, str]]:
+    """(backend name, {backend: "usable" or why not}) that `linear_cross_entropy` takes for
+    inputs in `dtype` on `device` (what ``sam-fast env`` reports)."""
+    h = torch.empty(2, 4, dtype=dtype, device=device)
+    args = (h, torch.empty(3, 4, dtype=dtype, device=device), torch.zeros(2, dtype=torch.long, device=device))
+    reasons = {k: ("usable" if v is None else v) for k, v in _dispatch.reasons(*args).items()}
+    return _dispatch.choose(*args).name, reasons
+
+
+def linear_cross_entropy(hidden, weight, targets, bias=None, reduction="mean", chunk_size=None, ignore_index=-100):
+    """Cross-entropy of ``F.linear(hidden, weight, bias)`` against `targets` without the full logits
+    (module docstring).
+
+    Args:
+        hidden: [M, H] final hidden states (after the final norm), any floating dtype.
+        weight: [V, H] lm_head weight, same dtype as hidden; frozen or trainable.
+        targets: [M] int64/int32 target ids in [0, V), or ignore_index for rows not supervised
+            (those rows are dropped before the matmul and get a zero gradient).
+        bias: optional [V] lm_head bias (LLaMA has none).
+        reduction: "mean" (over the non-ignored targets, as F.cross_entropy) or "sum".
+        chunk_size: rows of logits per chunk for the chunked backend (default: a ~128 MiB fp32
+            chunk, `default_chunk_size`).
+        ignore_index: target value that marks an unsupervised row (-100, as F.cross_entropy).
+
+    Returns:
+        The fp32 scalar loss, differentiable w.r.t. hidden, weight and bias (whichever require grad).
+
+    Raises:
+        ValueError: naming the bad shape, dtype, device or target value, and when every target is
+            ignore_index (nothing to supervise).
+    """
+    n_valid = _validate(hidden, weight, targets, bias, reduction, chunk_size, ignore_index)
+    backend = _dispatch.choose(hidden, weight, targets, bias, reduction, chunk_size, ignore_index)
+    return backend.impl(hidden, weight, targets, bias, reduction, chunk_size, ignore_index, n_valid=n_valid)
