@@ -25,7 +25,7 @@ fp32 for the loss), without ever holding the ``[M, V]`` logits:
 Numerics follow the reference: the matmul runs in the input dtype (fp32 accumulation inside the
 GEMM, output rounded to the model dtype), the softmax and loss in fp32, and the logits' gradient
 is rounded to the model dtype before the matmul with the weight, as autograd does through
-``.float()``. ``reduction="mean"`` divides by the number of non-ignored targets as
+``.float()`` (float64 inputs stay float64 throughout). ``reduction="mean"`` divides by the number of non-ignored targets as
 ``F.cross_entropy`` does. Unlike ``F.cross_entropy`` (NaN for "mean", 0 for "sum"), an input
 with no target to supervise raises ValueError: a loss over nothing is a caller's bug.
 
@@ -118,14 +118,15 @@ def _validate(hidden, weight, targets, bias, reduction, chunk_size, ignore_index
 def linear_cross_entropy_ref(hidden, weight, targets, bias=None, reduction="mean", chunk_size=None,
                              ignore_index=-100):
     """Plain-PyTorch reference (the specification): full logits ``F.linear(hidden, weight, bias)``
-    in the input dtype (what an ``nn.Linear`` lm_head gives), upcast to fp32, then
-    ``F.cross_entropy``. Differentiable by autograd. ``chunk_size`` is accepted and unused.
+    in the input dtype (what an ``nn.Linear`` lm_head gives), upcast to fp32 (float64 stays
+    float64), then ``F.cross_entropy``. Differentiable by autograd. ``chunk_size`` is accepted and unused.
 
     Raises ValueError on the same inputs as `linear_cross_entropy` (an all-ignored input included).
     """
     _validate(hidden, weight, targets, bias, reduction, chunk_size, ignore_index)
     logits = F.linear(hidden, weight, bias)
-    return F.cross_entropy(logits.float(), targets.long(), ignore_index=ignore_index, reduction=reduction)
+    acc = torch.promote_types(logits.dtype, torch.float32)  # .float(), but float64 stays float64
+    return F.cross_entropy(logits.to(acc), targets.long(), ignore_index=ignore_index, reduction=reduction)
 
 
 # -- chunked PyTorch backend -------------------------------------------------------------------
@@ -137,16 +138,17 @@ def _chunked_forward(h, weight, t, bias, divisor: int, chunk: int, need_h: bool,
     n, H = h.shape
     V = weight.shape[0]
     need_g = need_h or need_w or need_b
-    loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    acc = torch.promote_types(h.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    loss = torch.zeros((), dtype=acc, device=h.device)
     grad_h = torch.empty_like(h, memory_format=torch.contiguous_format) if need_h else None
-    grad_w = torch.zeros(V, H, dtype=torch.float32, device=h.device) if need_w else None
-    grad_b = torch.zeros(V, dtype=torch.float32, device=h.device) if need_b else None
+    grad_w = torch.zeros(V, H, dtype=acc, device=h.device) if need_w else None
+    grad_b = torch.zeros(V, dtype=acc, device=h.device) if need_b else None
     for lo in range(0, n, chunk):
         hi = min(n, lo + chunk)
         hc, tc = h[lo:hi], t[lo:hi, None]
         logits = F.linear(hc, weight, bias)
-        if logits.dtype != torch.float32:
-            logits = logits.float()  # a new fp32 tensor; the model-dtype one is freed here
+        if logits.dtype != acc:
+            logits = logits.to(acc)  # a new fp32 tensor; the model-dtype one is freed here
         lse = torch.logsumexp(logits, dim=1)
         loss += (lse - logits.gather(1, tc).squeeze(1)).sum()
         if not need_g:
@@ -158,7 +160,7 @@ def _chunked_forward(h, weight, t, bias, divisor: int, chunk: int, need_h: bool,
         if need_h:
             torch.mm(g.to(h.dtype), weight, out=grad_h[lo:hi])
         if need_w:
-            grad_w.addmm_(g.t(), hc.float())
+            grad_w.addmm_(g.t(), hc.to(acc))
         if need_b:
             grad_b += g.sum(0)
         del g, logits
@@ -262,7 +264,8 @@ def _liger_backend(hidden, weight, targets, bias=None, reduction="mean", chunk_s
 def _reference_backend(hidden, weight, targets, bias=None, reduction="mean", chunk_size=None, ignore_index=-100,
                        n_valid=None):
     logits = F.linear(hidden, weight, bias)
-    return F.cross_entropy(logits.float(), targets.long(), ignore_index=ignore_index, reduction=reduction)
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    return F.cross_entropy(logits.to(acc), targets.long(), ignore_index=ignore_index, reduction=reduction)
 
 
 # -- backend checks -----------------------------------------------------------------------------
@@ -326,7 +329,7 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, reduction="mean", c
         ignore_index: target value that marks an unsupervised row (-100, as F.cross_entropy).
 
     Returns:
-        The fp32 scalar loss, differentiable w.r.t. hidden, weight and bias (whichever require grad).
+        The scalar loss in fp32 (float64 for float64 inputs), differentiable w.r.t. hidden, weight and bias (whichever require grad).
 
     Raises:
         ValueError: naming the bad shape, dtype, device or target value, and when every target is
