@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from sam_fast import SAM, SAMConfig
+from sam_fast.bench_plan import padding_fraction, realistic_batch, realistic_shapes, scaled_config
 from sam_fast.reference.released_schedule import released_schedule_encode_images
 
-SIZES = ("tiny", "mid")
+SIZES = ("tiny", "mid", "scaled")
 
 
 def config(size: str, **kw) -> SAMConfig:
@@ -26,6 +27,8 @@ def config(size: str, **kw) -> SAMConfig:
                            pad_token_id=0, tie_word_embeddings=False, initializer_range=0.2)
         return SAMConfig(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
                          num_query_tokens=32, image_token_index=3, **kw)
+    if size == "scaled":  # the 7B model's widths / 8, real depths and token counts (P = 257, 32 LLM layers)
+        return scaled_config(**kw)
     raise ValueError(f"unknown size {size!r}; one of {SIZES}")
 
 
@@ -59,6 +62,17 @@ def batch(model: SAM, counts, text_len: int = 16, seed: int = 0) -> dict:
     return dict(pixel_values=torch.randn(T, 3, s, s, generator=g), image_counts=list(counts),
                 qformer_input_ids=torch.randint(5, cfg.qformer_config.vocab_size, (B, 12), generator=g),
                 input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def realistic(model: SAM, seed: int = 0) -> dict:
+    """The seeded realistic batch (B=8, 2-5 images, instructions 20-128 and answers 8-200 LLM
+    tokens, right-padded): `sam_fast.bench_plan.realistic_batch` for this model's config."""
+    return realistic_batch(model.config, realistic_shapes(seed), seed=seed)
+
+
+def realistic_padding(seed: int = 0, query_tokens: int = 32) -> float:
+    """Fraction of the realistic batch's LLM positions that are padding."""
+    return padding_fraction(realistic_shapes(seed), query_tokens)
 
 
 def optimizer(model: SAM):
@@ -100,10 +114,11 @@ def step_released(model, opt, inputs):
     """Released schedule: per-image ViT, 2N full Q-former passes per sample, no cache."""
     counts = inputs["image_counts"]
     E = _released_features(model, inputs["pixel_values"], counts)
-    visual = released_schedule_encode_images(model, E, counts, inputs["qformer_input_ids"])
+    visual = released_schedule_encode_images(model, E, counts, inputs["qformer_input_ids"],
+                                             inputs.get("qformer_attention_mask"))
     ids = inputs["input_ids"]
     placeholder = model._placeholders(ids, counts)
-    embeds = model.get_input_embeddings()(ids)
+    embeds = model.get_input_embeddings()(ids.masked_fill(placeholder, 0))  # the id may lie outside the vocabulary
     embeds = embeds.masked_scatter(placeholder.unsqueeze(-1), visual.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
     loss = model.language_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
                                 labels=inputs["labels"]).loss

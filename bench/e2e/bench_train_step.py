@@ -6,6 +6,13 @@ go to ``extra_info`` as ``speedup_vs_released`` (the two sides alternate round b
 their fastest rounds: `benchutil.alternating_rounds`); targets (issue 6, CPU, tiny config): >= 1.5x from
 pixels, >= 2x with cached features. Also: samples/s, peak memory (GPU: max allocated; CPU: max RSS
 of a fresh process running the step), and a breakdown into vision / Q-W-former / LLM.
+
+Sizes: ``tiny`` (the smoke test), ``mid`` and ``scaled`` (timed only, `make bench`). ``scaled`` is
+the vicuna-7b config with every width / 8 and real depths and token counts
+(`sam_fast.bench_plan.scaled_config`), run on the seeded realistic batch (B=8, 2-5 images,
+instructions 20-128 and answers 8-200 LLM tokens, about a quarter of the LLM positions padding):
+its time splits as the 7B model's does, so its ratios are the ones that predict real runs. A
+released step takes ~20 s there on a CPU: 2 rounds, no warm-up, a 1-round breakdown.
 """
 
 from __future__ import annotations
@@ -16,10 +23,20 @@ import sys
 
 import pytest
 import torch
-from _setup import batch, build, features, optimizer, step_cached, step_released, step_sam_fast
+from _setup import (batch, build, features, optimizer, realistic, realistic_padding, step_cached, step_released,
+                    step_sam_fast)
 from benchutil import alternating_rounds, run_benchmark, sync, timed
 
+from sam_fast.bench_plan import flop_shares, realistic_shapes
+
 COUNTS = [4, 4, 2, 1]
+# rounds / warm-up rounds of the timed step, rounds of the breakdown, calls in the memory probe
+ROUNDS = {"tiny": (5, 1, 3, 2), "mid": (5, 1, 3, 2), "scaled": (2, 0, 1, 1)}
+
+
+def _inputs(size: str, model):
+    """The batch a size is measured on: the realistic mix for ``scaled``, COUNTS otherwise."""
+    return realistic(model) if size == "scaled" else batch(model, COUNTS)
 
 
 def _peak_memory_mb(size: str, variant: str) -> float:
@@ -29,11 +46,12 @@ def _peak_memory_mb(size: str, variant: str) -> float:
     code = (
         "import sys, torch; sys.path[:0] = ['bench', 'bench/e2e'];"
         "from _setup import *;"
-        f"m = build({size!r}); o = optimizer(m); x = batch(m, {COUNTS!r});"
+        f"m = build({size!r}); o = optimizer(m);"
+        f"x = {'realistic(m)' if size == 'scaled' else f'batch(m, {COUNTS!r})'};"
         "c = features(m, x['pixel_values']);"
         f"f = {{'sam_fast': lambda: step_sam_fast(m, o, x), 'cached': lambda: step_cached(m, o, x, c),"
         f" 'released': lambda: step_released(m, o, x)}}[{variant!r}];"
-        "f(); f();"
+        f"{'f();' * ROUNDS[size][3]}"
         # VmHWM is this process's peak RSS; ru_maxrss would include the forking parent's (Linux keeps it over exec)
         "print(int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) / 1024)"
     )
@@ -42,7 +60,7 @@ def _peak_memory_mb(size: str, variant: str) -> float:
     return float(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else float("nan")
 
 
-def _breakdown(model, inputs, cached) -> dict:
+def _breakdown(model, inputs, cached, rounds: int = 3) -> dict:
     """Seconds of one step's parts: frozen ViT forward, Q/W-former fwd+bwd, LLM fwd+bwd."""
     kw = {k: v for k, v in inputs.items() if k not in ("pixel_values", "input_ids", "attention_mask", "labels")}
 
@@ -56,41 +74,53 @@ def _breakdown(model, inputs, cached) -> dict:
     def llm():
         ids = inputs["input_ids"]
         ph = model._placeholders(ids, inputs["image_counts"])
-        emb = model.get_input_embeddings()(ids).masked_scatter(ph.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
+        emb = model.get_input_embeddings()(ids.masked_fill(ph, 0)).masked_scatter(ph.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
         model.language_model(inputs_embeds=emb, attention_mask=inputs["attention_mask"],
                              labels=inputs["labels"]).loss.backward()
 
-    return {"vision": timed(lambda: features(model, inputs["pixel_values"]), rounds=3),
-            "qwformer": timed(qw, rounds=3), "llm": timed(llm, rounds=3)}
+    warmup = 2 if rounds > 1 else 0
+    out = {"vision": timed(lambda: features(model, inputs["pixel_values"]), warmup=warmup, rounds=rounds),
+           "qwformer": timed(qw, warmup=warmup, rounds=rounds), "llm": timed(llm, warmup=warmup, rounds=rounds)}
+    total = sum(out.values())
+    out.update({f"{part}_share": t / total for part, t in list(out.items())})
+    return out
 
 
-@pytest.mark.parametrize("size", ["tiny", "mid"])
+@pytest.mark.parametrize("size", ["tiny", "mid", "scaled"])
 @pytest.mark.parametrize("variant", ["sam_fast", "cached", "released"])
 def bench_train_step(benchmark, size, variant):
-    if size == "mid" and getattr(benchmark, "disabled", False):
-        pytest.skip("mid size is timed only (make bench); the tiny size is the smoke test")
+    if size != "tiny" and getattr(benchmark, "disabled", False):
+        pytest.skip(f"{size} size is timed only (make bench); the tiny size is the smoke test")
+    rounds, warmup, breakdown_rounds, _ = ROUNDS[size]
     model = build(size).train()
     opt = optimizer(model)
-    inputs = batch(model, COUNTS)
+    inputs = _inputs(size, model)
+    counts = inputs["image_counts"]
     cached = features(model, inputs["pixel_values"])
     steps = {"sam_fast": lambda: step_sam_fast(model, opt, inputs),
              "cached": lambda: step_cached(model, opt, inputs, cached),
              "released": lambda: step_released(model, opt, inputs)}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    benchmark.extra_info.update(size=size, variant=variant, images=sum(COUNTS), samples=len(COUNTS))
+    benchmark.extra_info.update(size=size, variant=variant, images=sum(counts), samples=len(counts),
+                                llm_tokens=int(inputs["attention_mask"].sum()),
+                                llm_padding=float(1 - inputs["attention_mask"].float().mean()))
+    if size == "scaled":  # analytic FLOP shares of this batch (vit / qwformer / llm_forward / llm_backward)
+        benchmark.extra_info.update(realistic_padding=realistic_padding(), flop_shares=flop_shares(
+            model.config, realistic_shapes(0), "released" if variant == "released" else "sam_fast"))
     if getattr(benchmark, "disabled", False) or variant == "released":
-        loss = run_benchmark(benchmark, steps[variant], rounds=5, warmup_rounds=1)
+        loss = run_benchmark(benchmark, steps[variant], rounds=rounds, warmup_rounds=warmup)
         assert torch.isfinite(loss)
         if getattr(benchmark, "disabled", False):
             return  # smoke run: one call, no side measurements
     else:  # the released schedule alternates with ours round by round; ratio of the fastest rounds
-        t_fast, t_released, round_ratio = alternating_rounds(benchmark, steps[variant], steps["released"])
+        t_fast, t_released, round_ratio = alternating_rounds(benchmark, steps[variant], steps["released"],
+                                                             rounds=rounds, warmup_rounds=warmup)
         benchmark.extra_info.update(speedup_vs_released=t_released / t_fast, median_of_round_ratios=round_ratio)
     median = benchmark.stats.stats.median
-    benchmark.extra_info["samples_per_s"] = len(COUNTS) / median
+    benchmark.extra_info["samples_per_s"] = len(counts) / median
     if variant == "sam_fast":
-        benchmark.extra_info["breakdown"] = _breakdown(model, inputs, cached)
+        benchmark.extra_info["breakdown"] = _breakdown(model, inputs, cached, breakdown_rounds)
     if torch.cuda.is_available():
         sync()
         benchmark.extra_info["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
