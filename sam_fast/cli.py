@@ -5,7 +5,7 @@
     sam-fast eval     --model DIR --data DIR --output OUT                         pred.json + metrics.json
     sam-fast cache-features --model M --data DIR --output CACHE                   frozen ViT outputs, once
     sam-fast explain  --model DIR (--images a b ... | --data DIR) --output OUT    Adaptive Adjustment weights as PNGs
-    sam-fast bench    [-k EXPR] [--json FILE]                                     the pytest-benchmark suite (bench/)
+    sam-fast bench    [-k EXPR] [--json FILE] [--plan]                              the pytest-benchmark suite (bench/)
     sam-fast demo     [--steps N] [--batch B] [--seed S]                          the tiny SAM end to end on a CPU
     sam-fast env                                                                  versions, devices, extension, op backends
 
@@ -388,6 +388,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import subprocess
 
+    if args.plan:  # analytic, no source tree needed
+        from sam_fast.bench_plan import plan_table
+
+        print(plan_table())
+        return 0
     repo = Path(__file__).resolve().parent.parent
     bench = repo / "bench"
     if not bench.is_dir():
@@ -556,6 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
         "to --json (stamped with device, versions and commit).",
     )
     p.add_argument("-k", help="pytest -k expression selecting benchmarks (e.g. context_reweight)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the FLOPs of one training step by part (ViT, Q/W-former, LLM forward, LLM backward) "
+                   "for the vicuna-7b config and the benchmarks' 'scaled' config side by side, then exit")
     p.add_argument("--json", help="benchmark JSON output (default: bench/results/<device>-<date>.json); a "
                    "markdown table and PNG plots are written beside it, and README's Speed table is updated "
                    "when the whole suite ran")
