@@ -1,0 +1,410 @@
+"""Padding-free (packed) LLM step for the frozen LLaMA.
+
+A training batch's LLM rows (visual tokens, ``</s>``, instruction, answer) differ a lot in length,
+so about a quarter of a padded ``[B, S]`` batch is padding that every linear layer of the LLM still
+pays for, forward and backward. This module removes it:
+
+* `pack` keeps only the valid tokens of every row, concatenated into one row ``[1, N, H]``, with
+  position ids restarting at 0 for every sample, ``cu_seqlens`` (the samples' boundaries) and the
+  next-token targets shifted *within* each sample (a sample's first label is never predicted from
+  the previous sample's last token).
+* A varlen causal attention registered with transformers as ``"sam_fast_varlen"``: every sample
+  attends only to its own earlier tokens. It runs flash-attn's varlen kernel on CUDA where
+  flash-attn is installed and the dtype is half precision, otherwise one SDPA call per sample
+  (``is_causal=True``), so no ``[N, N]`` mask or score matrix is ever built. `packing_backend` says
+  which one runs and why.
+* `use_attention` switches the LLM to that attention for one call and restores it afterwards, so
+  generation and the padded path are untouched.
+* `packed_hidden_states` runs the LLaMA body (no ``lm_head``) on a packed batch, and
+  `packed_lm_loss` computes the mean next-token cross-entropy from those hidden states, with the
+  ``lm_head`` applied only at supervised positions. Its ``loss_fn`` hook takes
+  ``(hidden [M, H], weight [V, H], targets [M]) -> summed loss`` so a fused linear cross-entropy
+  can replace the plain one.
+
+The loss and the gradients equal the padded ``LlamaForCausalLM(..., labels=...)`` step's (same
+positions, same mean over supervised tokens), up to floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_NAME = "sam_fast_varlen"
+IGNORE_INDEX = -100
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Packed:
+    """A padded batch with its padding removed (see `pack`).
+
+    inputs_embeds: ``[1, N, H]`` the valid tokens of all rows, row after row.
+    position_ids: ``[1, N]`` positions restarting at 0 for every sample (the padded row's
+        ``cumsum(attention_mask) - 1`` at its valid tokens).
+    cu_seqlens: int32 ``[B + 1]`` cumulative sample lengths (sample ``b`` is ``cu[b]:cu[b+1]``).
+    max_seqlen: length of the longest sample.
+    seqlens: the ``B`` sample lengths as Python ints (so attention needs no device sync).
+    indices: ``[N]`` flat indices of the valid tokens in the ``[B * S]`` padded layout.
+    batch_shape: ``(B, S)`` of the padded batch, for `unpack`.
+    labels: ``[1, N]`` the packed labels, or None.
+    shift_labels: ``[1, N]`` the label of the next token of the same sample, ``-100`` at each
+        sample's last token (the target predicted from each position), or None.
+    """
+
+    inputs_embeds: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    seqlens: tuple[int, ...]
+    indices: torch.Tensor
+    batch_shape: tuple[int, int]
+    labels: torch.Tensor | None = None
+    shift_labels: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.indices.numel())
+
+    def attention_kwargs(self) -> dict:
+        """The keyword arguments the varlen attention reads (transformers forwards a model's extra
+        kwargs down to the attention function)."""
+        return {
+            "cu_seq_lens_q": self.cu_seqlens,
+            "cu_seq_lens_k": self.cu_seqlens,
+            "max_length_q": self.max_seqlen,
+            "max_length_k": self.max_seqlen,
+            "sam_fast_seqlens": self.seqlens,
+        }
+
+
+def pack(
+    inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None
+) -> Packed:
+    """Remove the padding of a ``[B, S, H]`` batch: keep the tokens where ``attention_mask == 1``.
+
+    Rows may be right- or left-padded, but each row's valid tokens must be contiguous. `labels`
+    ``[B, S]`` (``-100`` = ignored) must be ``-100`` at padded positions. The returned
+    ``shift_labels`` hold, for every packed token, the label of the next token of the same sample
+    (``-100`` after each sample's last token), which is what HF's loss predicts from that position
+    in the padded row. Raises ValueError naming the offending row on bad input.
+    """
+    if inputs_embeds.dim() != 3:
+        raise ValueError(f"inputs_embeds must be [B, S, H], got shape {tuple(inputs_embeds.shape)}")
+    B, S, H = inputs_embeds.shape
+    if attention_mask is None or tuple(attention_mask.shape) != (B, S):
+        got = None if attention_mask is None else tuple(attention_mask.shape)
+        raise ValueError(f"attention_mask must be [B, S] = {(B, S)} like inputs_embeds, got {got}")
+    if labels is not None and tuple(labels.shape) != (B, S):
+        raise ValueError(f"labels must be [B, S] = {(B, S)} like inputs_embeds, got {tuple(labels.shape)}")
+    mask = attention_mask.to(inputs_embeds.device)
+    valid = mask if mask.dtype == torch.bool else mask != 0
+    bad = torch.zeros(B, dtype=torch.long, device=valid.device) if mask.dtype == torch.bool else (
+        (valid & (mask != 1)).any(dim=1).long()
+    )
+
+    lengths = valid.sum(dim=1)
+    # contiguous rows: the span from the first to the last valid token holds only valid tokens
+    idx = torch.arange(S, device=valid.device)
+    first = torch.where(valid, idx, S).amin(dim=1)
+    last = torch.where(valid, idx, -1).amax(dim=1)
+    span = torch.where(lengths > 0, last - first + 1, 0)
+    gap = span != lengths
+    if labels is not None:
+        stray = ((labels.to(valid.device) != IGNORE_INDEX) & ~valid).any(dim=1)
+    host = torch.stack([lengths, gap.long(), bad] + ([stray.long()] if labels is not None else [])).tolist()
+    seqlens = tuple(int(n) for n in host[0])
+    if any(host[2]):
+        raise ValueError(f"attention_mask row {host[2].index(1)} holds values other than 0 and 1")
+    if any(host[1]):
+        row = host[1].index(1)
+        raise ValueError(
+            f"attention_mask row {row} has a gap: packing needs each row's tokens contiguous (left or right padding)"
+        )
+    if labels is not None and any(host[3]):
+        row = host[3].index(1)
+        raise ValueError(f"labels row {row} has a label other than -100 at a padded position (attention_mask 0)")
+
+    indices = valid.reshape(-1).nonzero().squeeze(1)
+    embeds = inputs_embeds.reshape(B * S, H).index_select(0, indices).unsqueeze(0)
+    positions = (valid.long().cumsum(dim=1) - 1).reshape(-1).index_select(0, indices).unsqueeze(0)
+    cu = torch.zeros(B + 1, dtype=torch.int32, device=inputs_embeds.device)
+    cu[1:] = lengths.cumsum(0).to(torch.int32)
+    packed = Packed(
+        inputs_embeds=embeds,
+        position_ids=positions,
+        cu_seqlens=cu,
+        max_seqlen=max(seqlens) if seqlens else 0,
+        seqlens=seqlens,
+        indices=indices,
+        batch_shape=(B, S),
+    )
+    if labels is not None:
+        flat = labels.to(inputs_embeds.device).reshape(-1).index_select(0, indices)
+        shifted = torch.full_like(flat, IGNORE_INDEX)
+        shifted[:-1] = flat[1:]
+        ends = [e - 1 for e, n in zip(_cumsum(seqlens), seqlens) if n > 0]
+        if ends:
+            shifted[torch.tensor(ends, device=flat.device)] = IGNORE_INDEX
+        packed.labels = flat.unsqueeze(0)
+        packed.shift_labels = shifted.unsqueeze(0)
+    return packed
+
+
+def _cumsum(seqlens: tuple[int, ...]) -> list[int]:
+    out, total = [], 0
+    for n in seqlens:
+        total += n
+        out.append(total)
+    return out
+
+
+def unpack(values: torch.Tensor, packed: Packed, fill: float = 0.0) -> torch.Tensor:
+    """Scatter packed ``[1, N, ...]`` (or ``[N, ...]``) values back to the padded ``[B, S, ...]``
+    layout of `packed`, with `fill` at padded positions (differentiable)."""
+    if values.dim() >= 1 and values.shape[0] == 1 and values.shape[0] != packed.num_tokens:
+        values = values[0]
+    if values.shape[0] != packed.num_tokens:
+        raise ValueError(f"values hold {values.shape[0]} tokens, the packed batch {packed.num_tokens}")
+    B, S = packed.batch_shape
+    out = values.new_full((B * S, *values.shape[1:]), fill)
+    out = out.index_copy(0, packed.indices, values)
+    return out.reshape(B, S, *values.shape[1:])
+
+
+# --------------------------------------------------------------------------------------------
+# Varlen causal attention
+
+_FLASH: dict = {}
+
+
+def _flash_attn():
+    """(flash_attn_varlen_func, version) or (None, why it could not be imported); cached."""
+    if "result" not in _FLASH:
+        try:
+            mod = importlib.import_module("flash_attn")
+            _FLASH["result"] = (mod.flash_attn_varlen_func, getattr(mod, "__version__", "?"))
+        except Exception as exc:  # ImportError, or a build that does not match this torch
+            _FLASH["result"] = (None, f"{type(exc).__name__}: {exc}")
+    return _FLASH["result"]
+
+
+def packing_backend(device, dtype: torch.dtype, head_dim: int | None = None) -> tuple[str, str]:
+    """Which varlen attention a packed step runs on `device` / `dtype`, and why.
+
+    Returns ``("flash_attn_varlen", reason)`` when flash-attn's varlen kernel can run (CUDA,
+    float16/bfloat16, flash-attn importable, head dim a multiple of 8 up to 256), otherwise
+    ``("sdpa_segments", reason it was not used)``: one causal SDPA call per sample.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "sdpa_segments", f"device is {device.type}: flash-attn's varlen kernel runs on CUDA only"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return "sdpa_segments", f"dtype {dtype}: flash-attn supports float16/bfloat16 only"
+    if head_dim is not None and (head_dim % 8 or head_dim > 256):
+        return "sdpa_segments", f"head dim {head_dim}: flash-attn needs a multiple of 8 up to 256"
+    fn, info = _flash_attn()
+    if fn is None:
+        return "sdpa_segments", f"flash-attn is not installed or does not import ({info})"
+    return "flash_attn_varlen", f"flash-attn {info} on CUDA, {dtype}"
+
+
+def _sdpa_segments(query, key, value, seqlens, scaling, dropout):
+    """Causal attention of each sample on its own: q/k/v ``[1, heads, N, d]`` -> ``[1, N, heads, d]``."""
+    gqa = query.shape[1] != key.shape[1]
+    outs = []
+    start = 0
+    for n in seqlens:
+        if n == 0:
+            continue
+        end = start + n
+        outs.append(
+            F.scaled_dot_product_attention(
+                query[:, :, start:end],
+                key[:, :, start:end],
+                value[:, :, start:end],
+                dropout_p=dropout,
+                is_causal=True,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
+        )
+        start = end
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.transpose(1, 2)
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    """transformers attention function for a packed row: causal attention within each sample.
+
+    Reads the samples' boundaries from the kwargs transformers forwards from the model call
+    (``cu_seq_lens_q``, ``max_length_q`` and the host-side ``sam_fast_seqlens``; see
+    `Packed.attention_kwargs`). Returns ``([1, N, heads, d], None)``.
+    """
+    seqlens = kwargs.get("sam_fast_seqlens")
+    cu = kwargs.get("cu_seq_lens_q")
+    if seqlens is None or cu is None:
+        raise RuntimeError(
+            f"attention {ATTENTION_NAME!r} runs only on packed batches: call the model with "
+            "Packed.attention_kwargs() (see sam_fast.models.packing.packed_hidden_states)"
+        )
+    if attention_mask is not None:
+        raise RuntimeError(f"attention {ATTENTION_NAME!r} takes no attention mask (got {tuple(attention_mask.shape)})")
+    if query.shape[0] != 1 or query.shape[2] != sum(seqlens) or key.shape[2] != query.shape[2]:
+        raise RuntimeError(
+            f"attention {ATTENTION_NAME!r} expects one packed row of {sum(seqlens)} tokens, "
+            f"got query {tuple(query.shape)} key {tuple(key.shape)}"
+        )
+    name, _ = packing_backend(query.device, query.dtype, query.shape[-1])
+    if name == "flash_attn_varlen":
+        fn, _ = _flash_attn()
+        max_len = int(kwargs.get("max_length_q") or max(seqlens))
+        out = fn(
+            query[0].transpose(0, 1),
+            key[0].transpose(0, 1),
+            value[0].transpose(0, 1),
+            cu_seqlens_q=cu.to(torch.int32),
+            cu_seqlens_k=cu.to(torch.int32),
+            max_seqlen_q=max_len,
+            max_seqlen_k=max_len,
+            dropout_p=dropout,
+            softmax_scale=scaling,
+            causal=True,
+        )
+        return out.unsqueeze(0), None
+    return _sdpa_segments(query, key, value, seqlens, scaling, dropout), None
+
+
+def _no_mask(*args, **kwargs):
+    """Mask function for the varlen attention: the boundaries travel as cu_seqlens, never as a mask."""
+    return None
+
+
+_REGISTERED = False
+
+
+def register_attention() -> str:
+    """Register the varlen attention (and its no-op mask builder) with transformers; idempotent.
+    Returns its name."""
+    global _REGISTERED
+    if not _REGISTERED:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(ATTENTION_NAME, varlen_attention_forward)
+        AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
+        _REGISTERED = True
+    return ATTENTION_NAME
+
+
+def _configs(model: torch.nn.Module) -> list:
+    seen, out = set(), []
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation") and id(cfg) not in seen:
+            seen.add(id(cfg))
+            out.append(cfg)
+    return out
+
+
+@contextlib.contextmanager
+def use_attention(language_model: torch.nn.Module, name: str = ATTENTION_NAME) -> Iterator[None]:
+    """Switch every config of `language_model` to attention implementation `name` inside the
+    block, and restore each one's previous implementation on exit (also on error)."""
+    if name == ATTENTION_NAME:
+        register_attention()
+    configs = _configs(language_model)
+    if not configs:
+        raise ValueError(f"{type(language_model).__name__} has no transformers config to switch attention on")
+    saved = [cfg._attn_implementation for cfg in configs]
+    try:
+        for cfg in configs:
+            cfg._attn_implementation = name
+        yield
+    finally:
+        for cfg, old in zip(configs, saved):
+            cfg._attn_implementation = old
+
+
+def _decoder(language_model: torch.nn.Module) -> torch.nn.Module:
+    body = getattr(language_model, "model", None)
+    if body is None and hasattr(language_model, "get_decoder"):
+        body = language_model.get_decoder()
+    if body is None:
+        raise ValueError(f"{type(language_model).__name__} has no decoder body (.model) to run packed")
+    return body
+
+
+def packed_hidden_states(language_model: torch.nn.Module, packed: Packed) -> torch.Tensor:
+    """Last hidden states ``[1, N, H]`` (after the final norm, before ``lm_head``) of the LLM's body
+    on a packed batch, with varlen causal attention and per-sample positions."""
+    body = _decoder(language_model)
+    if getattr(body, "gradient_checkpointing", False) and body.training:
+        raise ValueError(
+            "packed LLM step: gradient checkpointing of the LLM is on; its recomputation would run "
+            "outside the packed attention. Disable it or use the padded path"
+        )
+    if packed.num_tokens == 0:
+        raise ValueError("packed LLM step: the batch has no valid token (attention_mask all 0)")
+    with use_attention(language_model, ATTENTION_NAME):
+        out = body(
+            inputs_embeds=packed.inputs_embeds,
+            position_ids=packed.position_ids,
+            attention_mask=None,
+            use_cache=False,
+            **packed.attention_kwargs(),
+        )
+    return out.last_hidden_state
+
+
+def plain_loss_fn(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of ``hidden [M, H] @ weight[V, H].T`` against `targets` ``[M]``, with the
+    logits in float32 (as HF's causal-LM loss upcasts them)."""
+    logits = F.linear(hidden, weight).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def packed_lm_loss(
+    language_model: torch.nn.Module,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    loss_fn: LossFn | None = None,
+) -> torch.Tensor:
+    """Mean next-token cross-entropy of a padded batch, computed without its padding.
+
+    Equals ``language_model(inputs_embeds=..., attention_mask=..., labels=...).loss`` for a
+    right-padded batch (and for a left-padded one called with ``position_ids = cumsum(mask) - 1``):
+    targets are shifted within each sample and the mean runs over supervised positions. The
+    ``lm_head`` is applied only at those positions; `loss_fn(hidden [M, H], weight [V, H],
+    targets [M]) -> summed loss` replaces the plain logits + cross-entropy (e.g. a fused kernel).
+    """
+    packed = pack(inputs_embeds, attention_mask, labels)
+    head = language_model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise ValueError(f"{type(language_model).__name__} has no output embedding (lm_head) for the loss")
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("packed_lm_loss: an lm_head with a bias is not supported (LLaMA's has none)")
+    targets = packed.shift_labels[0]
+    sel = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    count = int(sel.numel())
+    if count == 0:
+        raise ValueError("labels have no supervised next-token position (all -100 after each sample's first token)")
+    hidden = packed_hidden_states(language_model, packed)[0]
+    total = (loss_fn or plain_loss_fn)(hidden.index_select(0, sel), head.weight, targets.index_select(0, sel))
+    return total / count

@@ -1,0 +1,331 @@
+"""Padding-free (packed) LLM step: same loss and input gradients as HF's padded causal-LM step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sam_fast.models import packing
+from sam_fast.models.packing import (
+    ATTENTION_NAME,
+    pack,
+    packed_hidden_states,
+    packed_lm_loss,
+    packing_backend,
+    unpack,
+    use_attention,
+)
+
+H, V = 32, 50
+
+
+def tiny_llama(kv_heads: int = 4, seed: int = 0, **cfg) -> LlamaForCausalLM:
+    """2-layer fp32 LLaMA with large random weights (std 0.3) so attention and positions matter."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=kv_heads, max_position_embeddings=64, initializer_range=0.3, **cfg,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def ragged(lengths, S=None, side="right", seed=0, label_first=True):
+    """Random embeds [B, S, H], mask and labels (-100 at padding): even rows have their first 40%
+    of tokens unsupervised (a prompt), odd rows are labelled from their first token on (a label
+    that no position of the sample predicts, which must not become the previous sample's target).
+    label_first=False keeps every row's first token unlabelled: HF's padded loss predicts a
+    left-padded row's first label from the pad before it, which the packed step rightly does not."""
+    g = torch.Generator().manual_seed(seed)
+    B, S = len(lengths), S or max(lengths)
+    embeds = torch.randn(B, S, H, generator=g)
+    mask = torch.zeros(B, S, dtype=torch.long)
+    labels = torch.full((B, S), -100)
+    for b, n in enumerate(lengths):
+        lo = 0 if side == "right" else S - n
+        mask[b, lo : lo + n] = 1
+        start = lo + (max(1, int(0.4 * n)) if b % 2 == 0 else int(not label_first))
+        labels[b, start : lo + n] = torch.randint(0, V, (lo + n - start,), generator=g)
+    return embeds, mask, labels
+
+
+def padded_step(model, embeds, mask, labels, left=False):
+    """HF's padded loss and its gradient w.r.t. the embeddings (positions cumsum(mask) - 1)."""
+    e = embeds.clone().requires_grad_(True)
+    kw = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if left else {}
+    loss = model(inputs_embeds=e, attention_mask=mask, labels=labels, **kw).loss
+    (grad,) = torch.autograd.grad(loss, e)
+    return loss.detach(), grad
+
+
+def packed_step(model, embeds, mask, labels, **kw):
+    e = embeds.clone().requires_grad_(True)
+    loss = packed_lm_loss(model, e, mask, labels, **kw)
+    (grad,) = torch.autograd.grad(loss, e)
+    return loss.detach(), grad
+
+
+def assert_same_step(model, embeds, mask, labels, left=False, **kw):
+    """Loss within rel 1e-5; gradient within rel 1e-5 as a whole (norm) and elementwise with an
+    absolute floor of 1e-5 x its largest entry. With these std-0.3 weights gradients reach ~2 and
+    the fp32 padded path itself is ~3e-6 away from float64, so a fixed 1e-6 floor would test
+    rounding; `test_packed_hidden_states_equal_padded_float64` checks the LLM body at 1e-10."""
+    ref_loss, ref_grad = padded_step(model, embeds, mask, labels, left=left)
+    loss, grad = packed_step(model, embeds, mask, labels, **kw)
+    rel = 1e-5
+    torch.testing.assert_close(loss, ref_loss, rtol=rel, atol=0)
+    valid = mask.bool()
+    g, r = grad[valid], ref_grad[valid]
+    assert (g - r).norm() <= rel * r.norm()
+    torch.testing.assert_close(g, r, rtol=rel, atol=rel * float(r.abs().max()))
+    assert torch.count_nonzero(grad[~valid]) == 0
+    assert ref_grad[valid].abs().max() > 1e-3  # the comparison is not between zeros
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_packed_step_equals_padded_right_padding(kv_heads):
+    model = tiny_llama(kv_heads)
+    assert_same_step(model, *ragged([11, 6, 3, 9]))
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_packed_hidden_states_equal_padded_float64(side):
+    """In float64 (HF's loss upcasts logits to float32 only, so this compares the LLM body) the
+    packed hidden states and their input gradients equal the padded rows' to 1e-10."""
+    model = tiny_llama(kv_heads=2).double()
+    embeds, mask, _ = ragged([11, 6, 3, 9], S=13, side=side)
+    embeds = embeds.double()
+    probe = torch.randn(*mask.shape, H, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    valid = mask.bool()
+
+    e = embeds.clone().requires_grad_(True)
+    ref = model.model(inputs_embeds=e, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    ref_hidden = ref.last_hidden_state
+    (ref_grad,) = torch.autograd.grad((ref_hidden * probe)[valid].sum(), e)
+
+    e = embeds.clone().requires_grad_(True)
+    p = pack(e, mask)
+    hidden = unpack(packed_hidden_states(model, p), p)
+    (grad,) = torch.autograd.grad((hidden * probe)[valid].sum(), e)
+    torch.testing.assert_close(hidden[valid], ref_hidden[valid].detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad[valid], ref_grad[valid], rtol=1e-10, atol=1e-10)
+    assert torch.count_nonzero(grad[~valid]) == 0
+
+
+def test_packed_step_equals_padded_left_padding():
+    model = tiny_llama()
+    embeds, mask, labels = ragged([11, 6, 3, 9], S=13, side="left", label_first=False)
+    assert_same_step(model, embeds, mask, labels, left=True)
+
+
+@pytest.mark.parametrize("S", [7, 10])
+def test_packed_step_one_sample(S):
+    model = tiny_llama()
+    assert_same_step(model, *ragged([7], S=S))
+
+
+def test_pack_layout_positions_and_per_sample_shift():
+    embeds = torch.arange(2 * 4, dtype=torch.float32).reshape(2, 4, 1)
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 1, 1]])
+    labels = torch.tensor([[-100, 5, 6, -100], [-100, -100, 7, 8]])
+    p = pack(embeds, mask, labels)
+    assert p.inputs_embeds[0, :, 0].tolist() == [0, 1, 2, 6, 7]
+    assert p.position_ids.tolist() == [[0, 1, 2, 0, 1]]
+    assert p.cu_seqlens.dtype == torch.int32 and p.cu_seqlens.tolist() == [0, 3, 5]
+    assert p.max_seqlen == 3 and p.seqlens == (3, 2)
+    assert p.labels.tolist() == [[-100, 5, 6, 7, 8]]
+    # sample 2's first label (7) is not a target of sample 1's last token
+    assert p.shift_labels.tolist() == [[5, 6, -100, 8, -100]]
+    back = unpack(p.inputs_embeds, p, fill=-1.0)
+    assert back[..., 0].tolist() == [[0, 1, 2, -1], [-1, -1, 6, 7]]
+
+
+def test_positions_restart_per_sample_and_matter():
+    """longrope switches its frequencies when a position passes original_max_position_embeddings
+    (12): every sample here fits, the packed row (26 tokens) does not, so positions counted over
+    the packed row would change the loss."""
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4, "long_factor": [5.0] * 4,
+            "original_max_position_embeddings": 12, "factor": 4.0}
+    model = tiny_llama(rope_parameters=rope)
+    embeds, mask, labels = ragged([10, 9, 7])
+    seen = []
+    handle = model.model.rotary_emb.register_forward_hook(
+        lambda m, args, kwargs, out: seen.append(kwargs.get("position_ids", args[-1]).clone()), with_kwargs=True
+    )
+    try:
+        assert_same_step(model, embeds, mask, labels)
+    finally:
+        handle.remove()
+    expected = torch.cat([torch.arange(n) for n in (10, 9, 7)])[None]
+    assert any(torch.equal(s, expected) for s in seen)
+
+    real_pack = packing.pack
+
+    def pack_without_restart(*args, **kw):
+        p = real_pack(*args, **kw)
+        p.position_ids = torch.arange(p.num_tokens)[None]
+        return p
+
+    ref_loss, _ = padded_step(model, embeds, mask, labels)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(packing, "pack", pack_without_restart)
+        wrong = packed_lm_loss(model, embeds, mask, labels)
+    assert abs(wrong.item() - ref_loss.item()) > 1e-3 * abs(ref_loss.item())
+
+
+def test_no_full_attention_matrix(monkeypatch):
+    """Attention runs per sample: no SDPA call (hence no score matrix or mask) spans two samples."""
+    model = tiny_llama()
+    lengths = [11, 6, 3, 9]
+    embeds, mask, labels = ragged(lengths)
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, *args, **kw):
+        calls.append((q.shape[-2], k.shape[-2], attn_mask))
+        return real(q, k, v, attn_mask, *args, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    packed_step(model, embeds, mask, labels)
+    assert len(calls) == model.config.num_hidden_layers * len(lengths)
+    assert all(q <= max(lengths) and k <= max(lengths) and m is None for q, k, m in calls)
+    assert sorted({q for q, _, _ in calls}) == sorted(set(lengths))
+
+
+def test_attention_implementation_restored():
+    model = tiny_llama()
+    model.config._attn_implementation = "eager"
+    embeds, mask, labels = ragged([5, 3])
+    packed_lm_loss(model, embeds, mask, labels)
+    assert model.config._attn_implementation == "eager"
+    assert model.model.layers[0].self_attn.config._attn_implementation == "eager"
+    with pytest.raises(RuntimeError, match="boom"):
+        with use_attention(model):
+            assert model.config._attn_implementation == ATTENTION_NAME
+            raise RuntimeError("boom")
+    assert model.config._attn_implementation == "eager"
+
+
+def test_varlen_attention_refuses_unpacked_calls():
+    """Left switched on by mistake (e.g. generation inside the block), it fails loudly instead of
+    attending across the whole row."""
+    model = tiny_llama()
+    with use_attention(model), pytest.raises(RuntimeError, match="packed"):
+        model(inputs_embeds=torch.randn(1, 4, H))
+
+
+def test_loss_fn_hook_gets_supervised_positions_only():
+    model = tiny_llama()
+    embeds, mask, labels = ragged([11, 6, 3])
+    n_targets = int((labels[:, 1:] != -100).sum())
+    got = {}
+
+    def loss_fn(hidden, weight, targets):
+        got.update(hidden=hidden.shape, weight=weight, targets=targets.clone())
+        return F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+
+    assert_same_step(model, embeds, mask, labels, loss_fn=loss_fn)
+    assert got["hidden"] == (n_targets, H)
+    assert got["weight"] is model.lm_head.weight
+    assert bool((got["targets"] >= 0).all())
+
+
+def test_hidden_states_match_padded_rows():
+    model = tiny_llama()
+    embeds, mask, _ = ragged([8, 5, 2])
+    with torch.no_grad():
+        ref = model.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        p = pack(embeds, mask)
+        hidden = unpack(packed_hidden_states(model, p), p)
+    valid = mask.bool()
+    torch.testing.assert_close(hidden[valid], ref[valid], rtol=1e-5, atol=1e-5)
+
+
+def test_flash_varlen_path_wiring(monkeypatch):
+    """With flash-attn chosen, its varlen kernel gets [N, heads, d] q/k/v, int32 cu_seqlens and
+    causal=True (a fake kernel written here stands in for flash-attn on CPU)."""
+    model = tiny_llama(kv_heads=2)
+    embeds, mask, labels = ragged([9, 4, 7])
+    seen = []
+
+    def fake_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                    softmax_scale, causal):
+        assert q.dim() == 3 and causal and cu_seqlens_q.dtype == torch.int32
+        seen.append((tuple(q.shape), cu_seqlens_q.tolist(), max_seqlen_q))
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        out = torch.empty_like(q)
+        bounds = cu_seqlens_q.tolist()
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            scores = torch.einsum("qhd,khd->hqk", q[s:e], k[s:e]) * softmax_scale
+            causal_mask = torch.ones(e - s, e - s, dtype=torch.bool).tril()
+            probs = scores.masked_fill(~causal_mask, float("-inf")).softmax(-1)
+            out[s:e] = torch.einsum("hqk,khd->qhd", probs, v[s:e])
+        return out
+
+    monkeypatch.setattr(packing, "packing_backend", lambda *a, **k: ("flash_attn_varlen", "test"))
+    monkeypatch.setattr(packing, "_flash_attn", lambda: (fake_varlen, "fake"))
+    assert_same_step(model, embeds, mask, labels)
+    assert seen and seen[0] == ((20, 4, H // 4), [0, 9, 13, 20], 9)
+
+
+def test_packing_backend_reasons(monkeypatch):
+    name, why = packing_backend("cpu", torch.float32)
+    assert name == "sdpa_segments" and "cpu" in why
+    name, why = packing_backend(torch.device("cuda"), torch.float32)
+    assert name == "sdpa_segments" and "float32" in why
+    monkeypatch.setitem(packing._FLASH, "result", (None, "ModuleNotFoundError: No module named 'flash_attn'"))
+    name, why = packing_backend(torch.device("cuda"), torch.bfloat16)
+    assert name == "sdpa_segments" and "not installed" in why and "flash_attn" in why
+    monkeypatch.setitem(packing._FLASH, "result", (lambda *a, **k: None, "2.8.3"))
+    assert packing_backend(torch.device("cuda"), torch.bfloat16, head_dim=128) == (
+        "flash_attn_varlen", "flash-attn 2.8.3 on CUDA, torch.bfloat16")
+    assert packing_backend(torch.device("cuda"), torch.float16, head_dim=12)[0] == "sdpa_segments"
+
+
+@pytest.mark.parametrize(
+    "mask_row, labels_row, match",
+    [
+        ([1, 0, 1, 1], [-100, -100, 4, 5], "attention_mask row 1 has a gap"),
+        ([1, 1, 1, 0], [-100, 4, 5, 6], "labels row 1 has a label other than -100 at a padded position"),
+        ([1, 2, 1, 0], [-100, 4, 5, -100], "attention_mask row 1 holds values other than 0 and 1"),
+    ],
+)
+def test_bad_input_names_the_row(mask_row, labels_row, match):
+    embeds = torch.randn(2, 4, H)
+    mask = torch.tensor([[1, 1, 1, 1], mask_row])
+    labels = torch.tensor([[-100, 1, 2, 3], labels_row])
+    with pytest.raises(ValueError, match=match):
+        pack(embeds, mask, labels)
+
+
+def test_no_supervised_position_refused():
+    model = tiny_llama()
+    embeds, mask, _ = ragged([4, 3])
+    labels = torch.full_like(mask, -100)
+    labels[1, 0] = 7  # a first token is never a target
+    with pytest.raises(ValueError, match="no supervised next-token position"):
+        packed_lm_loss(model, embeds, mask, labels)
+
+
+def test_sam_tiny_language_model():
+    """The LLM that SAM builds (SAMConfig.tiny) runs packed with the padded step's loss and gradients,
+    and keeps its attention implementation."""
+    from conftest import tiny_sam
+
+    sam = tiny_sam()
+    lm = sam.language_model
+    before = lm.config._attn_implementation
+    g = torch.Generator().manual_seed(3)
+    lengths = [13, 7, 10]
+    B, S, width = len(lengths), max(lengths), lm.config.hidden_size
+    embeds = torch.randn(B, S, width, generator=g)
+    mask = torch.zeros(B, S, dtype=torch.long)
+    labels = torch.full((B, S), -100)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+        labels[b, n // 2 : n] = torch.randint(0, lm.config.vocab_size, (n - n // 2,), generator=g)
+    assert_same_step(lm, embeds, mask, labels)
+    assert lm.config._attn_implementation == before
+    assert sam.config.text_config._attn_implementation == before
