@@ -205,7 +205,7 @@ def _cmd_train_locked(args: argparse.Namespace, locks: list) -> int:
 
             try:
                 ds = CachedFeatureDataset(data_dir, features, model, skip_bad=skip_bad, seed=tcfg.seed,
-                                          allow_outside_paths=args.allow_outside_paths)
+                                          allow_outside_paths=args.allow_outside_paths, train=True)
             except StaleCacheError as e:
                 raise SystemExit(f"sam-fast train: {e}") from None
         else:
@@ -331,10 +331,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache_features(args: argparse.Namespace) -> int:
-    import torch
-
     from sam_fast.data import DataError
-    from sam_fast.data.feature_cache import CacheOutputError, build_feature_cache, check_replaceable
+    from sam_fast.data.feature_cache import (
+        CacheDtypeError,
+        CacheOutputError,
+        build_feature_cache,
+        check_replaceable,
+        size_summary,
+    )
     from sam_fast.train import outputs
 
     try:
@@ -349,12 +353,14 @@ def _cmd_cache_features(args: argparse.Namespace) -> int:
         model.to(args.device)
     try:
         m = build_feature_cache(model.eval(), args.data, args.output, batch_size=args.batch_size,
-                                dtype=getattr(torch, args.dtype), skip_bad=args.skip_bad,
+                                dtype=args.dtype, skip_bad=args.skip_bad, views=args.views, seed=args.seed,
                                 progress=not args.no_progress, allow_outside_paths=args.allow_outside_paths)
-    except (DataError, CacheOutputError) as e:
+    except (DataError, CacheOutputError, CacheDtypeError) as e:
         raise SystemExit(f"sam-fast cache-features: {e}") from None
-    print(f"cached {len(m['images'])} images as [{m['P']}, {m['D']}] {m['dtype']} features in {args.output} "
-          f"(vision model {m['vision_fingerprint']}, transform {m['transform']})")
+    what = "eval-transform view" if m["views"] == 1 else f"augmented views (seed {m['seed']})"
+    print(f"cached {len(m['images'])} images x {m['views']} {what} as [{m['P']}, {m['D']}] {m['dtype']} features in "
+          f"{args.output} (vision model {m['vision_fingerprint']}, transform {m['transform']})")
+    print(f"size: {size_summary(m['size'])}")
     return 0
 
 
@@ -523,15 +529,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the frozen vision model once over a dataset and store its outputs",
         description="Store the vision model's [P, D] output for every image of --data (eval transform) in "
         "safetensors shards with a manifest (model fingerprint, transform, file sizes/mtimes). train/eval "
-        "--features CACHE then skip the ViT; a cache that no longer matches the model or the images is refused.",
+        "--features CACHE then skip the ViT; a cache that no longer matches the model or the images is refused. "
+        "--views V > 1 stores V augmented views per image instead (train transform: RandomResizedCrop + flip, "
+        "drawn from (--seed, image, view)); training picks one view per image per epoch (train only).",
     )
     p.add_argument("--model", required=True, help="'tiny' (with --seed, as in train --config tiny) or a model directory")
     p.add_argument("--data", required=True)
     p.add_argument("--output", required=True, help="cache directory (an existing one is replaced only when it is a "
                    "sam_fast feature cache or empty; anything else is refused)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the built-in model's random weights")
+    p.add_argument("--seed", type=int, default=0, help="seed of the built-in model's random weights "
+                   "and of the augmented views (--views > 1)")
+    p.add_argument("--views", type=_positive_int, default=1, help="1 (default): one eval-transform view per image; "
+                   "V > 1: V augmented (train-transform) views per image, V times the disk space")
     p.add_argument("--batch-size", type=_positive_int, default=16)
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    p.add_argument("--dtype", choices=["float16", "fp16", "bfloat16", "bf16", "float32", "fp32"], default="float16",
+                   help="on-disk dtype (default float16: 2 bytes per value)")
     p.add_argument("--device")
     p.add_argument("--skip-bad", action="store_true")
     p.add_argument("--allow-outside-paths", action="store_true", help=OUTSIDE_HELP)

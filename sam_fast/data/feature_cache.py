@@ -1,14 +1,31 @@
 """A cache of the frozen vision model's outputs E [P, D] per image (`sam-fast cache-features`).
 
 The ViT is frozen and, in the paper's setting, the biggest per-image cost before the LLM; caching
-its outputs once lets training and evaluation feed ``image_features`` instead of pixels. Cached
-features are computed with the **eval** transform (resize, no augmentation), so training from a
-cache trains without RandomResizedCrop/flip.
+its outputs once lets training and evaluation feed ``image_features`` instead of pixels.
+
+Two kinds of cache:
+
+- ``views=1`` (default): one view per image with the **eval** transform (resize, no augmentation),
+  for evaluation, or for training without RandomResizedCrop/flip. Stored as ``[P, D]`` per image.
+- ``views=V > 1``: V augmented views per image with the **train** transform (RandomResizedCrop
+  scale 0.5-1 + horizontal flip, `sam_fast.data.transforms.TrainTransform`). View v of an image
+  draws its randomness from `view_generator(seed, image key, v)`, a generator seeded by a stable
+  hash of the three, so a view does not depend on the batch size or the order of the images.
+  Stored as ``[V, P, D]`` per image. Training from it (`CachedFeatureDataset(..., train=True)`)
+  picks, for image j of sample s in epoch e, view `view_index(seed, s's id, e, j, V)`: each image
+  of a sample picks its own view (a sample with N images sees up to V**N combinations), and a
+  resumed run picks the same views as an uninterrupted one. Evaluation refuses such a cache.
+
+Features are stored in float16 by default (0.72 MB per view of a [257, 1408] ViT-g output); they
+are the output of the ViT's final LayerNorm, so their range fits float16. A value that does not
+fit is refused (`CacheDtypeError`, naming the image) instead of being written as inf. Reading
+upcasts them to the vision model's dtype.
 
 Layout of a cache directory::
 
-    manifest.json            format, vision-model fingerprint, transform key, P, D, dtype, and per image
-                             (path relative to the dataset): shard, size and mtime of the file
+    manifest.json            format, vision-model fingerprint, transform key and parameters, views, seed,
+                             P, D, dtype, sizes (`cache_size`), and per image (path relative to the
+                             dataset): shard, size and mtime of the file
     shard-00000.safetensors  features keyed by image index (memory-mapped when read)
 
 A cache is refused (`StaleCacheError`, naming what differs) when the vision model's fingerprint
@@ -36,9 +53,13 @@ import torch
 
 from sam_fast.data.dataset import AnnotationDataset, DataError, load_records
 from sam_fast.data.images import open_image
-from sam_fast.data.transforms import EvalTransform
+from sam_fast.data.transforms import EvalTransform, TrainTransform
 
 FORMAT = "sam_fast.feature_cache/1"
+
+DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float32": torch.float32, "fp32": torch.float32}
+"""Names accepted for the on-disk dtype (`build_feature_cache(dtype=...)`, ``--dtype``)."""
 
 
 class StaleCacheError(RuntimeError):
@@ -47,6 +68,53 @@ class StaleCacheError(RuntimeError):
 
 class CacheOutputError(RuntimeError):
     """The output path exists and is not a sam_fast feature cache, so it is not replaced."""
+
+
+class CacheDtypeError(ValueError):
+    """A feature does not fit the cache's dtype (e.g. beyond float16's range) or is not finite."""
+
+
+def _stable_int(*parts) -> int:
+    """A 63-bit integer from a sha256 of `parts` (JSON): the same in every process and Python version."""
+    digest = hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def view_generator(seed: int, key: str, view: int) -> torch.Generator:
+    """The generator of augmented view `view` of the image with cache key `key` (`cache_key`): seeded by a
+    stable hash of (seed, key, view). ``TrainTransform(size)(image, view_generator(seed, key, view))`` gives
+    the pixels whose vision-model output a ``views > 1`` cache stores for that view."""
+    return torch.Generator().manual_seed(_stable_int("view", int(seed), str(key), int(view)))
+
+
+def view_index(seed: int, sample_id, epoch: int, image: int, views: int) -> int:
+    """Which of `views` cached views image number `image` (0-based position in the sample's ``img_list``) of
+    the sample with id `sample_id` uses in `epoch`: a stable hash of (seed, id, epoch, image) modulo `views`."""
+    if views < 1:
+        raise ValueError(f"views={views} must be >= 1")
+    if not isinstance(sample_id, (int, str)) or isinstance(sample_id, bool):
+        raise ValueError(f"sample id {sample_id!r} must be an int or a str")
+    return _stable_int("pick", int(seed), sample_id, int(epoch), int(image)) % views
+
+
+def train_transform_params(size: int) -> dict:
+    """The parameters of the train transform a ``views > 1`` cache uses (recorded in its manifest)."""
+    tf = TrainTransform(size)
+    return {"kind": "train", "size": tf.size, "scale": list(tf.scale), "ratio": list(tf.ratio), "flip_p": tf.flip_p,
+            "interpolation": "bicubic", "normalize": "clip"}
+
+
+def eval_transform_params(size: int) -> dict:
+    """The parameters of the eval transform a ``views=1`` cache uses (recorded in its manifest)."""
+    return {"kind": "eval", "size": int(size), "interpolation": "bicubic", "normalize": "clip"}
+
+
+def _dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)} (or the matching torch dtype)")
 
 
 _CACHE_ENTRY = re.compile(r"shard-\d{5}\.safetensors|manifest\.json")
@@ -126,16 +194,30 @@ def _file_stamp(path: Path) -> dict:
 @torch.no_grad()
 def build_feature_cache(model, data_dir, cache_dir, batch_size: int = 16, dtype=torch.float16,
                         shard_images: int = 4096, skip_bad: bool = False, progress: bool = False,
-                        allow_outside_paths: bool = False) -> dict:
-    """Run the frozen vision model over every image of `data_dir` once and write the cache to `cache_dir`
-    (replacing only an earlier cache there, see the module docstring); returns the manifest.
+                        allow_outside_paths: bool = False, views: int = 1, seed: int = 0) -> dict:
+    """Run the frozen vision model over every image of `data_dir` and write the cache to `cache_dir`
+    (replacing only an earlier cache there, see the module docstring); returns the manifest, whose
+    ``size`` (`cache_size`) also holds ``total_bytes``, the whole cache on disk.
+
+    Args:
+        batch_size: images (views) per vision-model call.
+        dtype: on-disk dtype: torch.float16 (default), torch.bfloat16, torch.float32 or a name in `DTYPES`.
+        shard_images: images per safetensors shard.
+        views: 1: the eval transform, one view per image; V > 1: V train-transform views per image.
+        seed: augmentation seed of the views (`view_generator`); recorded, unused when ``views=1``.
 
     Raises:
         CacheOutputError: `cache_dir` exists and is not a sam_fast feature cache.
+        CacheDtypeError: a feature does not fit `dtype` (use float32 or bfloat16) or is not finite.
         DataError: bad data (unless `skip_bad`).
     """
     if batch_size < 1 or shard_images < 1:
         raise ValueError(f"batch_size ({batch_size}) and shard_images ({shard_images}) must be >= 1")
+    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+        raise ValueError(f"views={views!r} must be an integer >= 1")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed={seed!r} must be an integer")
+    dtype = _dtype(dtype)
     data_dir, cache_dir = Path(data_dir), Path(cache_dir)
     check_replaceable(cache_dir)  # before any work
     records, skipped = load_records(data_dir, skip_bad=skip_bad, require_output=False,
@@ -146,49 +228,111 @@ def build_feature_cache(model, data_dir, cache_dir, batch_size: int = 16, dtype=
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the cache gets a normal directory's mode
     try:
-        manifest = _write_cache(model, data_dir, records, tmp, batch_size, dtype, shard_images, progress)
+        manifest = _write_cache(model, data_dir, records, tmp, batch_size, dtype, shard_images, progress, views,
+                                seed)
         _replace_dir(tmp, cache_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    manifest["size"] = cache_size(cache_dir)
     return manifest
 
 
+def cache_size(cache_dir) -> dict:
+    """The size report of a cache, from its manifest and the files on disk: ``images``, ``views``,
+    ``bytes_per_view`` (P x D x the dtype's bytes), ``bytes_per_image`` (views x that), ``feature_bytes``
+    (images x that), ``shard_bytes`` (the shard files) and ``total_bytes`` (every file of the cache)."""
+    cache_dir = Path(cache_dir)
+    m = json.loads((cache_dir / "manifest.json").read_text())
+    views = int(m.get("views", 1))
+    per_view = int(m["P"] or 0) * int(m["D"] or 0) * _dtype(m["dtype"]).itemsize
+    files = [p for p in cache_dir.iterdir() if p.is_file()]
+    return {"images": len(m["images"]), "views": views, "bytes_per_view": per_view, "bytes_per_image": views * per_view,
+            "feature_bytes": len(m["images"]) * views * per_view,
+            "shard_bytes": sum(p.stat().st_size for p in files if p.name.startswith("shard-")),
+            "total_bytes": sum(p.stat().st_size for p in files)}
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
+
+
+def size_summary(size: dict) -> str:
+    """One line of a `cache_size` report: per view, per image and in total (decimal units)."""
+    per_image, per_view = _bytes(size["bytes_per_image"]), _bytes(size["bytes_per_view"])
+    return (f"{per_image} per image ({size['views']} view(s) x {per_view}), "
+            f"{_bytes(size['total_bytes'])} in total for {size['images']} images ({size['total_bytes']} bytes on disk)")
+
+
+def _to_disk(e: torch.Tensor, dtype: torch.dtype, path: Path) -> torch.Tensor:
+    """`e` [.., P, D] as `dtype` on the CPU; `CacheDtypeError` naming `path` when a value does not fit."""
+    out = e.to("cpu", dtype).contiguous()
+    if not bool(torch.isfinite(out).all()):
+        if not bool(torch.isfinite(e).all()):
+            raise CacheDtypeError(f"{path}: the vision model's output holds NaN or inf; not cached")
+        raise CacheDtypeError(f"{path}: a feature reaches {float(e.abs().max()):.4g}, beyond the range of "
+                              f"{str(dtype).replace('torch.', '')} ({torch.finfo(dtype).max:.4g}); build the cache "
+                              f"with --dtype float32 or bfloat16")
+    return out
+
+
 def _write_cache(model, data_dir: Path, records, tmp: Path, batch_size: int, dtype, shard_images: int,
-                 progress: bool) -> dict:
+                 progress: bool, views: int, seed: int) -> dict:
     from safetensors.torch import save_file
 
     files = {cache_key(data_dir, p): p for r in records for p in r.images}
     paths = sorted(files)
-    tf = EvalTransform(model.config.vision_config.image_size)
+    size = model.config.vision_config.image_size
+    if views == 1:
+        tf, params = EvalTransform(size), eval_transform_params(size)
+    else:
+        tf, params = TrainTransform(size), train_transform_params(size)
     device = next(model.vision_model.parameters()).device
     images, shard, P, D = {}, {}, None, None
-    starts = range(0, len(paths), batch_size)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc="cache-features", unit="batch")
-    for s in starts:
-        chunk = paths[s : s + batch_size]
-        pix = []
-        for rel in chunk:
-            try:
-                pix.append(tf(open_image(files[rel])))
-            except Exception as e:
-                raise DataError(f"{files[rel]}: could not be decoded ({type(e).__name__}: {e})") from e
-        E = model.vision_model(pixel_values=torch.stack(pix).to(device)).last_hidden_state
-        P, D = E.shape[1], E.shape[2]
-        for rel, e in zip(chunk, E, strict=True):
-            idx = len(images)
-            sid = idx // shard_images
-            shard[str(idx)] = e.to("cpu", dtype).contiguous()
-            images[rel] = {"shard": sid, "key": str(idx), **_file_stamp(files[rel])}
-            if len(shard) == shard_images:
-                save_file(shard, str(tmp / f"shard-{sid:05d}.safetensors"))
-                shard = {}
+        bar = tqdm(total=len(paths) * views, desc="cache-features", unit="view" if views > 1 else "image")
+    per_call = max(1, batch_size // views)  # images per vision-model call (their views: up to batch_size)
+    try:
+        for s in range(0, len(paths), per_call):
+            chunk = paths[s : s + per_call]
+            pix = []
+            for rel in chunk:
+                try:
+                    img = open_image(files[rel])
+                    if views == 1:
+                        pix.append(tf(img))
+                    else:
+                        pix += [tf(img, view_generator(seed, rel, v)) for v in range(views)]
+                except Exception as e:
+                    raise DataError(f"{files[rel]}: could not be decoded ({type(e).__name__}: {e})") from e
+            x = torch.stack(pix)
+            E = torch.cat([model.vision_model(pixel_values=x[i : i + batch_size].to(device)).last_hidden_state
+                           for i in range(0, len(x), batch_size)])
+            P, D = E.shape[1], E.shape[2]
+            E = E.view(len(chunk), views, P, D) if views > 1 else E
+            for rel, e in zip(chunk, E, strict=True):
+                idx = len(images)
+                sid = idx // shard_images
+                shard[str(idx)] = _to_disk(e, dtype, files[rel])
+                images[rel] = {"shard": sid, "key": str(idx), **_file_stamp(files[rel])}
+                if len(shard) == shard_images:
+                    save_file(shard, str(tmp / f"shard-{sid:05d}.safetensors"))
+                    shard = {}
+            if bar is not None:
+                bar.update(len(chunk) * views)
+    finally:
+        if bar is not None:
+            bar.close()
     if shard:
         save_file(shard, str(tmp / f"shard-{(len(images) - 1) // shard_images:05d}.safetensors"))
     manifest = {"format": FORMAT, "vision_fingerprint": vision_fingerprint(model), "transform": tf.key(),
+                "transform_params": params, "views": views, "seed": seed if views > 1 else None,
                 "P": P, "D": D, "dtype": str(dtype).replace("torch.", ""), "images": images}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -208,15 +352,29 @@ class FeatureCache:
             raise StaleCacheError(f"{mf}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
         self._shards = {}
 
+    @property
+    def views(self) -> int:
+        """Views per image: 1 (eval transform; also every cache written before views existed) or V > 1."""
+        return int(self.manifest.get("views", 1))
+
     def check(self, model, data_dir, records) -> None:
+        """Raise `StaleCacheError` (naming what differs) unless the cache matches the model's vision model and
+        transform and holds every image of `records` unchanged."""
         m = self.manifest
         fp = vision_fingerprint(model)
         if m["vision_fingerprint"] != fp:
             raise StaleCacheError(f"{self.dir}: built with another vision model (fingerprint "
                                   f"{m['vision_fingerprint']} != {fp}); rebuild it with sam-fast cache-features")
-        want_tf = EvalTransform(model.config.vision_config.image_size).key()
+        size = model.config.vision_config.image_size
+        if self.views == 1:
+            want_tf, want_params = EvalTransform(size).key(), eval_transform_params(size)
+        else:
+            want_tf, want_params = TrainTransform(size).key(), train_transform_params(size)
         if m["transform"] != want_tf:
             raise StaleCacheError(f"{self.dir}: built with transform {m['transform']!r}, the model needs {want_tf!r}")
+        if "transform_params" in m and m["transform_params"] != want_params:
+            raise StaleCacheError(f"{self.dir}: built with transform parameters {m['transform_params']}, this version "
+                                  f"uses {want_params}; rebuild it with sam-fast cache-features")
         data_dir = Path(data_dir)
         for r in records:
             for p in r.images:
@@ -228,27 +386,60 @@ class FeatureCache:
                     raise StaleCacheError(f"{self.dir}: image {rel} (sample id {r.id!r}) changed since the cache "
                                           f"was built")
 
-    def get(self, rel: str) -> torch.Tensor:
+    def get(self, rel: str, view: int | None = None) -> torch.Tensor:
+        """The stored features of image `rel` (its `cache_key`): [P, D] of a ``views=1`` cache; of a ``views > 1``
+        cache view `view` [P, D], or all views [V, P, D] when `view` is None. Only the asked view is read."""
         from safetensors import safe_open
 
         entry = self.manifest["images"][rel]
         sid = entry["shard"]
         if sid not in self._shards:
             self._shards[sid] = safe_open(str(self.dir / f"shard-{sid:05d}.safetensors"), framework="pt")
-        return self._shards[sid].get_tensor(entry["key"])
+        if self.views == 1 or view is None:
+            return self._shards[sid].get_tensor(entry["key"])
+        if not 0 <= view < self.views:
+            raise IndexError(f"{self.dir}: view {view} of image {rel}: the cache has views 0..{self.views - 1}")
+        return self._shards[sid].get_slice(entry["key"])[view]
 
 
 class CachedFeatureDataset(AnnotationDataset):
-    """`AnnotationDataset` whose items carry ``image_features`` [N, P, D] (float32) from a checked cache."""
+    """`AnnotationDataset` whose items carry ``image_features`` [N, P, D] from a checked cache, in the vision
+    model's dtype (float32 for a float32 model; cached float16/bfloat16 values are upcast).
+
+    Args:
+        root, skip_bad, require_output, allow_outside_paths: as `AnnotationDataset`.
+        cache_dir: the cache (`build_feature_cache`) of `root`'s images.
+        model: the SAM model the features are for (checked against the cache's fingerprint).
+        seed: the training seed; with an augmented cache it picks the views (`view_index`).
+        train: accept an augmented (``views > 1``) cache. Item `i` in epoch ``set_epoch(e)`` then carries, for
+            its image j, view ``view_index(seed, id, e, j, V)``. Without `train` such a cache is refused
+            (`StaleCacheError`): evaluation reads the eval-transform (``views=1``) features.
+    """
 
     def __init__(self, root, cache_dir, model, skip_bad: bool = False, seed: int = 0, require_output: bool = True,
-                 allow_outside_paths: bool = False):
+                 allow_outside_paths: bool = False, train: bool = False):
         super().__init__(root, EvalTransform(model.config.vision_config.image_size), skip_bad=skip_bad, seed=seed,
                          require_output=require_output, verify_images=False, allow_outside_paths=allow_outside_paths)
         self.cache = FeatureCache(cache_dir)
+        self.views = self.cache.views
+        if self.views > 1 and not train:
+            raise StaleCacheError(f"{self.cache.dir}: holds {self.views} augmented (train-transform) views per image, "
+                                  f"for training; evaluation needs a --views 1 (eval transform) cache")
         self.cache.check(model, self.root, self.records)
+        self.feature_dtype = next(model.vision_model.parameters()).dtype
+
+    def view_indices(self, index: int, epoch: int | None = None) -> list[int]:
+        """The view of each image of sample `index` in `epoch` (default: the current one); all 0 for ``views=1``."""
+        rec = self.records[index]
+        e = self.epoch if epoch is None else int(epoch)
+        return [view_index(self.seed, rec.id, e, j, self.views) for j in range(len(rec.images))]
 
     def __getitem__(self, index: int):
         rec = self.records[index]
-        feats = torch.stack([self.cache.get(cache_key(self.root, p)) for p in rec.images]).float()
+        if self.views == 1:
+            feats = [self.cache.get(cache_key(self.root, p)) for p in rec.images]
+        else:
+            feats = [self.cache.get(cache_key(self.root, p), v)
+                     for p, v in zip(rec.images, self.view_indices(index), strict=True)]
+        feats = torch.stack(feats).to(self.feature_dtype)
         return {"id": rec.id, "image_features": feats, "instruction": rec.instruction, "output": rec.output}
