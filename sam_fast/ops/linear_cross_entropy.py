@@ -32,7 +32,9 @@ with no target to supervise raises ValueError: a loss over nothing is a caller's
 Backends (`sam_fast.ops.dispatch`): ``liger`` (liger-kernel's fused linear cross-entropy, Triton,
 CUDA tensors, where ``liger_kernel`` is installed; ``chunk_size`` is then liger's business),
 ``chunked`` (the PyTorch path above, any device), ``reference`` (`linear_cross_entropy_ref`,
-full logits; only when forced with ``SAM_FAST_BACKEND=reference``).
+full logits; last in line, so in practice taken only when forced with ``SAM_FAST_BACKEND=reference``).
+Under ``torch.compile`` the op runs eagerly (one graph break, no recompilation per batch: the
+number of supervised rows sets every shape inside it).
 """
 
 from __future__ import annotations
@@ -335,6 +337,14 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, reduction="mean", c
         ValueError: naming the bad shape, dtype, device or target value, and when every target is
             ignore_index (nothing to supervise).
     """
+    return _linear_cross_entropy_eager(hidden, weight, targets, bias, reduction, chunk_size, ignore_index)
+
+
+@torch.compiler.disable
+def _linear_cross_entropy_eager(hidden, weight, targets, bias, reduction, chunk_size, ignore_index):
+    # Opaque to torch.compile: the number of supervised rows is data (it sets every shape inside),
+    # so tracing it would graph-break at each host read and recompile for each new count; the
+    # work is a few large matmuls that gain nothing from compilation.
     n_valid = _validate(hidden, weight, targets, bias, reduction, chunk_size, ignore_index)
     backend = _dispatch.choose(hidden, weight, targets, bias, reduction, chunk_size, ignore_index)
     return backend.impl(hidden, weight, targets, bias, reduction, chunk_size, ignore_index, n_valid=n_valid)
