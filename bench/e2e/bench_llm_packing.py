@@ -1,0 +1,101 @@
+"""The frozen LLM's part of a training step, packed (padding-free) vs padded.
+
+Forward plus the input-gradient backward of the frozen LLaMA (weights frozen, as in SAM training)
+with the next-token loss, on the seeded realistic batch (`sam_fast.bench_plan.realistic_shapes`:
+B=8, per sample 32 query tokens x 2-5 images, instruction 20-128 and answer 8-200 tokens, right-
+padded; about a quarter of the positions are padding). ``padded`` is HF's
+``LlamaForCausalLM(inputs_embeds, attention_mask, labels).loss`` (what `SAM.forward` runs today);
+``packed`` is `sam_fast.models.packing.packed_lm_loss` (padding removed, per-sample varlen causal
+attention, lm_head at supervised positions only: the logits are ~2% of the FLOPs here, so the
+ratio is the padding's). The two sides alternate round by round (`benchutil.alternating_rounds`);
+``speedup_packed_vs_padded`` is the ratio of their fastest rounds, ``padding_bound`` the ratio of
+padded positions to real tokens (what removing padding can give at most). Target >= 1.25x.
+
+Sizes: ``tiny`` (the smoke test, also checks both sides give the same loss) and ``scaled``
+(`sam_fast.bench_plan.scaled_config`'s LLM: hidden 512, 32 layers, FFN 1376, vocab 4000; timed
+only, `make bench`; a padded round takes ~20 s on a 2-core CPU, hence 3 rounds, no warm-up).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from benchutil import alternating_rounds, run_benchmark
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sam_fast.bench_plan import realistic_shapes, scaled_config
+from sam_fast.models.packing import packed_lm_loss, packing_backend
+
+QUERY_TOKENS = 32
+ROUNDS = {"tiny": (3, 1), "scaled": (3, 0)}  # rounds, warm-up rounds
+
+
+def _llm(size: str) -> LlamaForCausalLM:
+    if size == "scaled":
+        config = scaled_config().text_config
+    else:
+        config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+                             initializer_range=0.2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _batch(model: LlamaForCausalLM, seed: int = 0) -> dict:
+    """Right-padded embeddings, mask and labels (on the answers) of the realistic mix."""
+    shapes = realistic_shapes(seed)
+    lengths = [s.llm_tokens(QUERY_TOKENS) for s in shapes]
+    B, S, H = len(lengths), max(lengths), model.config.hidden_size
+    g = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(B, S, H, generator=g)
+    mask = torch.zeros(B, S, dtype=torch.long)
+    labels = torch.full((B, S), -100)
+    for b, (n, s) in enumerate(zip(lengths, shapes)):
+        mask[b, :n] = 1
+        labels[b, n - s.answer : n] = torch.randint(4, model.config.vocab_size, (s.answer,), generator=g)
+    embeds[~mask.bool()] = 0
+    return dict(embeds=embeds, attention_mask=mask, labels=labels)
+
+
+def _steps(model, batch):
+    def padded():
+        e = batch["embeds"].clone().requires_grad_(True)
+        loss = model(inputs_embeds=e, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        loss.backward()
+        return loss.detach()
+
+    def packed():
+        e = batch["embeds"].clone().requires_grad_(True)
+        loss = packed_lm_loss(model, e, batch["attention_mask"], batch["labels"])
+        loss.backward()
+        return loss.detach()
+
+    return packed, padded
+
+
+@pytest.mark.parametrize("size", ["tiny", "scaled"])
+def bench_llm_packing(benchmark, size):
+    disabled = getattr(benchmark, "disabled", False)
+    if size != "tiny" and disabled:
+        pytest.skip(f"{size} size is timed only (make bench); the tiny size is the smoke test")
+    model = _llm(size)
+    batch = _batch(model)
+    packed, padded = _steps(model, batch)
+    mask = batch["attention_mask"]
+    tokens, positions = int(mask.sum()), mask.numel()
+    backend, why = packing_backend(batch["embeds"].device, batch["embeds"].dtype,
+                                   model.config.hidden_size // model.config.num_attention_heads)
+    benchmark.extra_info.update(size=size, samples=mask.shape[0], llm_tokens=tokens, padded_positions=positions,
+                                llm_padding=1 - tokens / positions, padding_bound=positions / tokens,
+                                attention_backend=backend, attention_backend_reason=why)
+    rounds, warmup = ROUNDS[size]
+    if disabled:  # smoke run: one call, and both sides agree
+        loss = run_benchmark(benchmark, packed, rounds=1, warmup_rounds=0)
+        torch.testing.assert_close(loss, padded(), rtol=1e-4, atol=0)
+        return
+    t_packed, t_padded, round_ratio = alternating_rounds(benchmark, packed, padded, rounds=rounds,
+                                                         warmup_rounds=warmup)
+    benchmark.extra_info.update(speedup_packed_vs_padded=t_padded / t_packed, median_of_round_ratios=round_ratio,
+                                packed_s=t_packed, padded_s=t_padded)
