@@ -329,3 +329,13 @@ def test_sam_tiny_language_model():
     assert_same_step(lm, embeds, mask, labels)
     assert lm.config._attn_implementation == before
     assert sam.config.text_config._attn_implementation == before
+
+
+def test_num_items_in_batch_divides_the_summed_loss():
+    model = tiny_llama()
+    embeds, mask, labels = ragged([8, 5])
+    ref = model(inputs_embeds=embeds, attention_mask=mask, labels=labels, num_items_in_batch=40).loss
+    loss = packed_lm_loss(model, embeds, mask, labels, num_items_in_batch=40)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
+    n = int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(loss * 40 / n, packed_lm_loss(model, embeds, mask, labels), rtol=1e-5, atol=0)

@@ -385,6 +385,7 @@ def packed_lm_loss(
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
     loss_fn: LossFn | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy of a padded batch, computed without its padding.
 
@@ -393,7 +394,13 @@ def packed_lm_loss(
     targets are shifted within each sample and the mean runs over supervised positions. The
     ``lm_head`` is applied only at those positions; `loss_fn(hidden [M, H], weight [V, H],
     targets [M]) -> summed loss` replaces the plain logits + cross-entropy (e.g. a fused kernel).
+    A sample's first label is never a target (nothing of the sample precedes it); HF's padded loss
+    agrees for right padding, while for a left-padded row it would predict that label from the pad
+    before it. `num_items_in_batch` (as in HF, for gradient accumulation) replaces the count of
+    supervised positions as the divisor.
     """
+    if labels is None:
+        raise ValueError("packed_lm_loss needs labels [B, S] (-100 = ignored)")
     packed = pack(inputs_embeds, attention_mask, labels)
     head = language_model.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None:
@@ -407,4 +414,4 @@ def packed_lm_loss(
         raise ValueError("labels have no supervised next-token position (all -100 after each sample's first token)")
     hidden = packed_hidden_states(language_model, packed)[0]
     total = (loss_fn or plain_loss_fn)(hidden.index_select(0, sel), head.weight, targets.index_select(0, sel))
-    return total / count
+    return total / (count if num_items_in_batch is None else num_items_in_batch)
