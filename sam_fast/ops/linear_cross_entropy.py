@@ -12,22 +12,26 @@ fp32 for the loss), without ever holding the ``[M, V]`` logits:
 - Rows whose target is ``ignore_index`` contribute nothing, so they are dropped *before* the
   matmul (no logits are computed for visual or instruction positions handed in with target -100);
   their hidden-state gradient is zero. Finding them reads the targets on the host (one sync).
-- The remaining rows are processed ``chunk_size`` at a time: the chunk's logits (model dtype,
-  then fp32), the per-row ``logsumexp(logits) - logits[target]``, and in the same pass the
-  gradient of the loss w.r.t. the chunk's logits, ``(softmax - onehot) * s`` (``s`` = 1 for
-  ``"sum"``, 1/#targets for ``"mean"``), turned into the chunk's hidden-state gradient
-  ``g @ weight`` right away. Backward only multiplies the stored gradient by the incoming scalar.
-  Peak extra memory is one chunk of logits, ``chunk_size x V`` in fp32 (plus its model-dtype
-  copy for half inputs); by default ``chunk_size`` keeps that near 128 MiB.
+- The remaining rows are processed ``chunk_size`` at a time: the chunk's logits (model dtype),
+  their log-softmax in fp32 (one fused pass), the loss ``-logp[target]``, and in the same pass
+  the gradient w.r.t. the chunk's logits, ``softmax - onehot`` (the exp of the log-softmax, in
+  place), turned into the chunk's hidden-state gradient ``g @ weight`` right away. Backward only
+  multiplies the stored ``[rows, H]`` gradient by ``grad_output`` (divided by the number of
+  targets for ``"mean"``). Peak extra memory is about two chunks of logits at once (the
+  model-dtype logits while their fp32 log-softmax is written), ``chunk_size x V x (4 + 4)``
+  bytes in fp32, ``x (2 + 4)`` in bf16/fp16; by default one fp32 chunk is about 64 MiB.
 - The weight (and bias) gradient is accumulated (fp32) only when the weight (bias) requires
   grad; a frozen ``lm_head``, as in SAM, costs nothing extra.
 
 Numerics follow the reference: the matmul runs in the input dtype (fp32 accumulation inside the
-GEMM, output rounded to the model dtype), the softmax and loss in fp32, and the logits' gradient
-is rounded to the model dtype before the matmul with the weight, as autograd does through
-``.float()`` (float64 inputs stay float64 throughout). ``reduction="mean"`` divides by the number of non-ignored targets as
-``F.cross_entropy`` does. Unlike ``F.cross_entropy`` (NaN for "mean", 0 for "sum"), an input
-with no target to supervise raises ValueError: a loss over nothing is a caller's bug.
+GEMM, output rounded to the model dtype), the softmax and loss in fp32 (float64 inputs stay
+float64 throughout), and the logits' gradient is rounded to the model dtype before the matmul
+with the weight, as autograd does through ``.float()``; the ``1/#targets`` and ``grad_output``
+factors are applied to the product instead of to the logits' gradient (a rounding in a
+different place, within the error budget the tests check). ``reduction="mean"`` divides by the
+number of non-ignored targets as ``F.cross_entropy`` does. Unlike ``F.cross_entropy`` (NaN for
+"mean", 0 for "sum"), an input with no target to supervise raises ValueError: a loss over
+nothing is a caller's bug.
 
 Backends (`sam_fast.ops.dispatch`): ``liger`` (liger-kernel's fused linear cross-entropy, Triton,
 CUDA tensors, where ``liger_kernel`` is installed; ``chunk_size`` is then liger's business),
@@ -48,11 +52,11 @@ import torch.nn.functional as F
 from sam_fast.ops.dispatch import dispatcher
 
 REDUCTIONS = ("mean", "sum")
-CHUNK_BYTES = 128 * 2**20  # default fp32 logits chunk: chunk_size * V * 4 bytes ~ this
+CHUNK_BYTES = 64 * 2**20  # default fp32 logits chunk: chunk_size * V * 4 bytes ~ this
 
 
 def default_chunk_size(vocab: int) -> int:
-    """Rows per chunk so that one fp32 logits chunk is about `CHUNK_BYTES` (128 MiB)."""
+    """Rows per chunk so that one fp32 logits chunk is about `CHUNK_BYTES` (64 MiB)."""
     return max(1, CHUNK_BYTES // (4 * max(1, vocab)))
 
 
@@ -134,9 +138,9 @@ def linear_cross_entropy_ref(hidden, weight, targets, bias=None, reduction="mean
 # -- chunked PyTorch backend -------------------------------------------------------------------
 
 
-def _chunked_forward(h, weight, t, bias, divisor: int, chunk: int, need_h: bool, need_w: bool, need_b: bool):
-    """Loss (fp32) of the supervised rows `h` [n, H] with targets `t` [n], summed and divided by
-    `divisor`, and its gradients w.r.t. h (model dtype), weight and bias (fp32) where asked for."""
+def _chunked_forward(h, weight, t, bias, chunk: int, need_h: bool, need_w: bool, need_b: bool):
+    """Summed loss (fp32) of the supervised rows `h` [n, H] with targets `t` [n], and its
+    gradients w.r.t. h (model dtype), weight and bias (fp32) where asked for."""
     n, H = h.shape
     V = weight.shape[0]
     need_g = need_h or need_w or need_b
@@ -148,55 +152,54 @@ def _chunked_forward(h, weight, t, bias, divisor: int, chunk: int, need_h: bool,
     for lo in range(0, n, chunk):
         hi = min(n, lo + chunk)
         hc, tc = h[lo:hi], t[lo:hi, None]
-        logits = F.linear(hc, weight, bias)
-        if logits.dtype != acc:
-            logits = logits.to(acc)  # a new fp32 tensor; the model-dtype one is freed here
-        lse = torch.logsumexp(logits, dim=1)
-        loss += (lse - logits.gather(1, tc).squeeze(1)).sum()
+        # logits in the model dtype, log-softmax in fp32 (one fused pass, upcasting as it reads)
+        logp = torch.log_softmax(F.linear(hc, weight, bias), dim=1, dtype=acc)
+        loss -= logp.gather(1, tc).sum()
         if not need_g:
             continue
-        g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-        g.scatter_add_(1, tc, torch.full_like(tc, -1, dtype=g.dtype))
-        if divisor != 1:
-            g.mul_(1.0 / divisor)
+        g = logp.exp_()  # softmax, in place
+        g.scatter_add_(1, tc, g.new_full(tc.shape, -1.0))  # d loss / d logits = softmax - onehot
         if need_h:
             torch.mm(g.to(h.dtype), weight, out=grad_h[lo:hi])
         if need_w:
             grad_w.addmm_(g.t(), hc.to(acc))
         if need_b:
             grad_b += g.sum(0)
-        del g, logits
-    return (loss if divisor == 1 else loss / divisor), grad_h, grad_w, grad_b
+        del g, logp
+    return loss, grad_h, grad_w, grad_b
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Forward computes the loss and every gradient asked for; backward scales them."""
+    """Forward computes the loss and every gradient asked for; backward scales them by
+    grad_output / divisor (one multiplication of [n, H], not of logits)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, rows, t, divisor, chunk, need_h, need_w, need_b):
         h = hidden if rows is None else hidden.index_select(0, rows)
-        loss, gh, gw, gb = _chunked_forward(h, weight, t, bias, divisor, chunk, need_h, need_w, need_b)
+        loss, gh, gw, gb = _chunked_forward(h, weight, t, bias, chunk, need_h, need_w, need_b)
         ctx.save_for_backward(gh, gw, gb, rows)
-        ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
+        ctx.divisor = divisor
+        ctx.hidden_shape = hidden.shape
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return loss
+        return loss if divisor == 1 else loss / divisor
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         gh, gw, gb, rows = ctx.saved_tensors
+        scale = grad_out if ctx.divisor == 1 else grad_out / ctx.divisor  # fp32 scalar
         d_hidden = d_weight = d_bias = None
         if ctx.needs_input_grad[0] and gh is not None:
-            gh = gh * grad_out  # (computed in fp32, one rounding; exact when grad_out == 1)
+            gh = gh * scale  # computed in fp32, rounded once to the model dtype; exact when scale == 1
             if rows is None:
                 d_hidden = gh
             else:
                 d_hidden = gh.new_zeros(ctx.hidden_shape).index_copy_(0, rows, gh)
         if ctx.needs_input_grad[1] and gw is not None:
-            d_weight = (gw * grad_out).to(ctx.weight_dtype)
+            d_weight = (gw * scale).to(ctx.weight_dtype)
         if ctx.needs_input_grad[2] and gb is not None:
-            d_bias = (gb * grad_out).to(ctx.bias_dtype)
+            d_bias = (gb * scale).to(ctx.bias_dtype)
         return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None
 
 
@@ -223,7 +226,7 @@ def _chunked_backend(hidden, weight, targets, bias=None, reduction="mean", chunk
     if not (need_h or need_w or need_b):
         with torch.no_grad():
             h = hidden if rows is None else hidden.index_select(0, rows)
-            return _chunked_forward(h, weight, t, bias, divisor, chunk, False, False, False)[0]
+            return _chunked_forward(h, weight, t, bias, chunk, False, False, False)[0] / divisor
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, rows, t, divisor, chunk, need_h, need_w, need_b)
 
 
@@ -326,7 +329,7 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, reduction="mean", c
             (those rows are dropped before the matmul and get a zero gradient).
         bias: optional [V] lm_head bias (LLaMA has none).
         reduction: "mean" (over the non-ignored targets, as F.cross_entropy) or "sum".
-        chunk_size: rows of logits per chunk for the chunked backend (default: a ~128 MiB fp32
+        chunk_size: rows of logits per chunk for the chunked backend (default: a 64 MiB fp32
             chunk, `default_chunk_size`).
         ignore_index: target value that marks an unsupervised row (-100, as F.cross_entropy).
 

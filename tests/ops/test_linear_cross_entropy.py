@@ -199,10 +199,10 @@ def test_no_full_logits_and_no_logits_for_ignored_rows():
     assert (M, V) in rec_ref.shapes
 
 
-def test_default_chunk_is_about_128_mib_of_fp32_logits():
+def test_default_chunk_is_about_64_mib_of_fp32_logits():
     for V in (4000, 32000, 32001, 152064):
         c = default_chunk_size(V)
-        assert 64 * 2**20 <= c * V * 4 <= 128 * 2**20
+        assert 32 * 2**20 <= c * V * 4 <= 64 * 2**20
     assert default_chunk_size(10**9) == 1
 
 
