@@ -11,7 +11,8 @@ fp32 for the loss), without ever holding the ``[M, V]`` logits:
 
 - Rows whose target is ``ignore_index`` contribute nothing, so they are dropped *before* the
   matmul (no logits are computed for visual or instruction positions handed in with target -100);
-  their hidden-state gradient is zero. Finding them reads the targets on the host (one sync).
+  their hidden-state gradient is zero. Finding (and checking) them reads the targets' counts
+  and positions on the host (a device sync).
 - The remaining rows are processed ``chunk_size`` at a time: the chunk's logits (model dtype),
   their log-softmax in fp32 (one fused pass), the loss ``-logp[target]``, and in the same pass
   the gradient w.r.t. the chunk's logits, ``softmax - onehot`` (the exp of the log-softmax, in
@@ -239,18 +240,28 @@ def _liger():
     """liger-kernel's functional fused linear cross-entropy, or the reason it is unusable."""
     global _LIGER
     if _LIGER is None:
-        try:
-            mod = importlib.import_module("liger_kernel.transformers.functional")
-            fn = getattr(mod, "liger_fused_linear_cross_entropy")
-            params = inspect.signature(fn).parameters
-            missing = [p for p in ("bias", "ignore_index", "reduction") if p not in params]
-            _LIGER = (None, f"liger_kernel's liger_fused_linear_cross_entropy lacks {missing} (too old)") if missing \
-                else (fn, None)
-        except ImportError as exc:
-            _LIGER = (None, f"liger_kernel is not installed ({exc})")
-        except Exception as exc:  # installed but broken
-            _LIGER = (None, f"liger_kernel failed to import ({type(exc).__name__}: {exc})")
+        _LIGER = _load_liger()
     return _LIGER
+
+
+def _load_liger():
+    try:
+        mod = importlib.import_module("liger_kernel.transformers.functional")
+    except ImportError as exc:
+        return None, f"liger_kernel is not installed ({exc})"
+    except Exception as exc:  # installed but broken
+        return None, f"liger_kernel failed to import ({type(exc).__name__}: {exc})"
+    fn = getattr(mod, "liger_fused_linear_cross_entropy", None)
+    if fn is None:
+        return None, "liger_kernel has no liger_fused_linear_cross_entropy (too old)"
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # old releases alias the autograd Function's apply (positional only)
+        return None, "liger_kernel's liger_fused_linear_cross_entropy takes no keywords (too old)"
+    missing = [p for p in ("bias", "ignore_index", "reduction") if p not in params]
+    if missing:
+        return None, f"liger_kernel's liger_fused_linear_cross_entropy lacks {missing} (too old)"
+    return fn, None
 
 
 def _liger_backend(hidden, weight, targets, bias=None, reduction="mean", chunk_size=None, ignore_index=-100,
@@ -263,7 +274,8 @@ def _liger_backend(hidden, weight, targets, bias=None, reduction="mean", chunk_s
     rows, t = _supervised_rows(targets, ignore_index, n_valid)
     h = hidden if rows is None else hidden.index_select(0, rows)  # autograd scatters the gradient back
     out = fn(h.contiguous(), weight, t, bias=bias, ignore_index=ignore_index, reduction=reduction)
-    return out[0] if isinstance(out, tuple) else out
+    out = out[0] if isinstance(out, tuple) else out  # (loss, z_loss) in some releases
+    return out.float()  # the op's contract: an fp32 loss (liger's is fp32 in current releases)
 
 
 def _reference_backend(hidden, weight, targets, bias=None, reduction="mean", chunk_size=None, ignore_index=-100,
@@ -334,7 +346,8 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, reduction="mean", c
         ignore_index: target value that marks an unsupervised row (-100, as F.cross_entropy).
 
     Returns:
-        The scalar loss in fp32 (float64 for float64 inputs), differentiable w.r.t. hidden, weight and bias (whichever require grad).
+        The scalar loss in fp32 (float64 for float64 inputs), differentiable w.r.t. hidden,
+        weight and bias (whichever require grad).
 
     Raises:
         ValueError: naming the bad shape, dtype, device or target value, and when every target is

@@ -7,6 +7,7 @@ plus a small floor relative to the quantity's natural scale."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 
@@ -223,26 +224,41 @@ def test_forced_reference_backend_matches(monkeypatch):
     torch.testing.assert_close(linear_cross_entropy(h, w, t), want, rtol=1e-12, atol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="liger-kernel runs on CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_cuda_backends_within_budget(dtype, reduction, monkeypatch):
-    """Whichever backend CUDA takes (liger where installed, else chunked), and each forced."""
-    pytest.importorskip("liger_kernel")
-    for backend in ("liger", "chunked"):
-        monkeypatch.setenv(ENV_VAR, backend)
-        g = torch.Generator().manual_seed(0)
-        h = torch.randn(300, 64, generator=g).to(dtype)
-        w = (torch.randn(1009, 64, generator=g) * 0.4).to(dtype)
-        t = torch.randint(0, 1009, (300,), generator=g)
-        t[::4] = IGNORE
-        exact = loss_and_grads(oracle, h.double(), w.double(), t, None, reduction, "h")
-        plain = loss_and_grads(linear_cross_entropy_ref, h.cuda(), w.cuda(), t.cuda(), None, reduction, "h")
-        fast = loss_and_grads(linear_cross_entropy, h.cuda(), w.cuda(), t.cuda(), None, reduction, "h")
-        for i in range(2):
-            err = (fast[i].double().cpu() - exact[i]).abs().max().item()
-            budget = 2 * (plain[i].double().cpu() - exact[i]).abs().max().item() + FLOOR[dtype] * exact[i].abs().max()
-            assert err <= budget, (backend, i, err, budget)
+@pytest.mark.parametrize("backend", ["liger", "chunked"])
+def test_cuda_backends_within_budget(backend, dtype, reduction, monkeypatch):
+    """Each backend that runs on CUDA, forced, against the float64 oracle (liger where installed)."""
+    if backend == "liger":
+        pytest.importorskip("liger_kernel")
+    monkeypatch.setenv(ENV_VAR, backend)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(300, 64, generator=g).to(dtype)
+    w = (torch.randn(1009, 64, generator=g) * 0.4).to(dtype)
+    t = torch.randint(0, 1009, (300,), generator=g)
+    t[::4] = IGNORE
+    exact = loss_and_grads(oracle, h.double(), w.double(), t, None, reduction, "h")
+    plain = loss_and_grads(linear_cross_entropy_ref, h.cuda(), w.cuda(), t.cuda(), None, reduction, "h")
+    fast = loss_and_grads(linear_cross_entropy, h.cuda(), w.cuda(), t.cuda(), None, reduction, "h")
+    assert fast[0].dtype == torch.float32 and fast[1].dtype == dtype
+    for i, name in enumerate(("loss", "d hidden")):
+        err = (fast[i].double().cpu() - exact[i]).abs().max().item()
+        scale = exact[i].abs().max().item()
+        budget = 2 * (plain[i].double().cpu() - exact[i]).abs().max().item() + FLOOR[dtype] * scale
+        assert err <= budget, f"{backend} {dtype} {reduction} {name}: error {err:.3g} > budget {budget:.3g}"
+
+
+def test_liger_missing_or_too_old_is_reported(monkeypatch):
+    """The liger backend is never taken on CPU, and an unusable liger_kernel says why."""
+    lce = importlib.import_module("sam_fast.ops.linear_cross_entropy")  # (the package attribute is the function)
+
+    monkeypatch.setattr(lce, "_LIGER", (None, "liger_kernel is not installed (test)"))
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    name, reasons = linear_cross_entropy_backend("cpu", torch.float32)
+    assert name == "chunked" and reasons["liger"] == "liger_kernel is not installed (test)"
+    monkeypatch.setattr(lce, "_LIGER", (lambda *a, **k: None, None))  # "installed": CPU is still refused
+    assert "need CUDA tensors" in linear_cross_entropy_backend("cpu", torch.float32)[1]["liger"]
 
 
 def test_torch_compile_smoke():
