@@ -312,7 +312,7 @@ def test_no_supervised_position_refused():
 def test_sam_tiny_language_model():
     """The LLM that SAM builds (SAMConfig.tiny) runs packed with the padded step's loss and gradients,
     and keeps its attention implementation."""
-    from conftest import tiny_sam
+    from _sam_helpers import tiny_sam
 
     sam = tiny_sam()
     lm = sam.language_model
