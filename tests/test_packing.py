@@ -339,3 +339,13 @@ def test_num_items_in_batch_divides_the_summed_loss():
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
     n = int((labels[:, 1:] != -100).sum())
     torch.testing.assert_close(loss * 40 / n, packed_lm_loss(model, embeds, mask, labels), rtol=1e-5, atol=0)
+
+
+def test_unpack_one_token_batch():
+    embeds = torch.randn(2, 3, 4)
+    mask = torch.tensor([[0, 0, 0], [0, 1, 0]])
+    p = pack(embeds, mask)
+    back = unpack(p.inputs_embeds, p)
+    assert back.shape == (2, 3, 4)
+    torch.testing.assert_close(back[1, 1], embeds[1, 1])
+    assert torch.count_nonzero(back[0]) == 0 and p.seqlens == (0, 1) and p.cu_seqlens.tolist() == [0, 0, 1]

@@ -168,7 +168,7 @@ def _cumsum(seqlens: tuple[int, ...]) -> list[int]:
 def unpack(values: torch.Tensor, packed: Packed, fill: float = 0.0) -> torch.Tensor:
     """Scatter packed ``[1, N, ...]`` (or ``[N, ...]``) values back to the padded ``[B, S, ...]``
     layout of `packed`, with `fill` at padded positions (differentiable)."""
-    if values.dim() >= 1 and values.shape[0] == 1 and values.shape[0] != packed.num_tokens:
+    if values.dim() >= 2 and values.shape[0] == 1 and values.shape[1] == packed.num_tokens:
         values = values[0]
     if values.shape[0] != packed.num_tokens:
         raise ValueError(f"values hold {values.shape[0]} tokens, the packed batch {packed.num_tokens}")
