@@ -157,7 +157,7 @@ def _cmd_train_locked(args: argparse.Namespace, locks: list) -> int:
 
     opts = _merge(args, _load_config_file(args.config),
                   ["model", "data", "output", "features", "skip_bad", "context_mode", "guidance", "fsdp",
-                   *TRAIN_FLAGS])
+                   "no_packing", *TRAIN_FLAGS])
     for k in ("data", "output"):
         if not opts.get(k):
             raise SystemExit(f"sam-fast train: --{k} is required (or `{k}` in the config file)")
@@ -166,6 +166,8 @@ def _cmd_train_locked(args: argparse.Namespace, locks: list) -> int:
     features = opts.pop("features", None)
     overrides = {k: opts.pop(k) for k in ("context_mode", "guidance", "interaction_layers") if k in opts}
     overrides.update(opts.pop("model_overrides", {}) or {})
+    if opts.pop("no_packing", False):
+        overrides["packed_loss"] = False
     opts.pop("config", None)
     try:
         tcfg = TrainConfig.from_dict({**opts, "output_dir": str(output), "progress": not args.no_progress})
@@ -483,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", choices=["adaptive", "mean", "none"], help="SAMConfig.guidance")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--no-packing", action="store_true", default=None,
+                   help="run the LLM on the padded batch with full logits (default: the batch's real tokens "
+                   "packed into one sequence, loss without logits: same loss and gradients, faster)")
     p.add_argument("--fsdp", action="store_true", default=None,
                    help="under torchrun: shard the frozen LLM over the processes with FSDP2 (its parameter "
                    "memory per GPU / N; the input embeddings and the trainable modules stay replicated)")

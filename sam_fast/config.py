@@ -38,6 +38,11 @@ class SAMConfig(InstructBlipConfig):
             (``vision_model.post_layernorm``); None (default) uses ``vision_config.layer_norm_eps``
             as HF InstructBLIP does (1e-6). LAVIS' ``ln_vision`` uses 1e-5, which
             ``SAM.from_lavis_checkpoint`` records here.
+        packed_loss: with labels, `SAM.forward` runs the LLM on the batch's real tokens only,
+            packed into one sequence with per-sample causal attention, and computes the loss from
+            the hidden states at supervised positions without materialising logits (default True;
+            ``forward(..., packing=False)`` or ``sam-fast train --no-packing`` keeps the padded
+            HF call, which also returns logits).
         **kwargs: everything `InstructBlipConfig` takes (vision_config, qformer_config,
             text_config, num_query_tokens, image_token_index, ...).
 
@@ -49,8 +54,9 @@ class SAMConfig(InstructBlipConfig):
 
     def __init__(
         self, context_mode="leave_one_out", guidance="adaptive", interaction_layers=None, post_layernorm_eps=None,
-        **kwargs,
+        packed_loss=True, **kwargs,
     ):
+        self.packed_loss = bool(packed_loss)
         if post_layernorm_eps is not None and not float(post_layernorm_eps) > 0:
             raise ValueError(f"post_layernorm_eps={post_layernorm_eps!r} must be a positive number or None")
         self.post_layernorm_eps = None if post_layernorm_eps is None else float(post_layernorm_eps)

@@ -320,3 +320,18 @@ def test_damaged_or_missing_model_is_one_line(cmd, dirs, trained, tmp_path):
             main([cmd, "--model", str(model), *rest])
         assert "\n" not in str(exc.value)
     assert not (tmp_path / "ev").exists() and not (tmp_path / "x.png").exists()
+
+
+def test_train_no_packing_gives_the_same_losses(tmp_path):
+    """--no-packing runs the padded LLM call with full logits; the default packed, logit-free step
+    must train identically (losses within fp32 rounding)."""
+    data = write_group_captions(tmp_path / "ds", n_samples=6, size=32, seed=7)
+    losses = {}
+    for name, extra in (("packed", []), ("padded", ["--no-packing"])):
+        out = tmp_path / name
+        assert main(["train", "--config", "tiny", "--data", str(data), "--output", str(out), "--batch-size", "3",
+                     "--max-steps", "3", "--lr", "3e-3", "--warmup-steps", "1", "--no-progress", *extra]) == 0
+        losses[name] = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(losses["packed"]) == 3
+    assert losses["packed"] == pytest.approx(losses["padded"], rel=1e-5)
+    assert json.loads((tmp_path / "padded" / "run.json").read_text())["model"]["packed_loss"] is False

@@ -71,7 +71,7 @@ def test_single_image_samples_give_hf_logits_even_with_guidance():
     labels = ids.masked_fill(mask == 0, -100)
     with torch.no_grad():
         ours = model(pixel_values=px, image_counts=counts, qformer_input_ids=qids, qformer_attention_mask=qmask,
-                     input_ids=ids, attention_mask=mask, labels=labels)
+                     input_ids=ids, attention_mask=mask, labels=labels, packing=False)  # the padded call: logits
         theirs = hf(pixel_values=px, qformer_input_ids=qids, qformer_attention_mask=qmask,
                     input_ids=ids, attention_mask=mask, labels=labels)
     assert (ours.logits - theirs.logits).abs().max().item() <= 1e-5

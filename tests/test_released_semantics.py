@@ -182,3 +182,34 @@ def test_too_long_prompt_and_label_free_batch_are_refused(tiny):
 
 def test_sam_class_is_importable_from_the_package():
     assert SAM.__name__ == "SAM"
+
+
+# -- the packed, logit-free training step -----------------------------------------------------------
+@pytest.mark.parametrize("mode", ["leave_one_out", "shared"])
+def test_packed_loss_equals_the_padded_llm_call(mode):
+    """SAM.forward with labels: packed LLM + fused loss (default) against the padded HF call:
+    same loss and gradients of every trainable tensor (fp32, rel 1e-5)."""
+    from sam_fast.bench_plan import realistic_batch, realistic_shapes
+
+    model = randomize_guidance(tiny_sam(context_mode=mode))
+    model.train()
+    shapes = realistic_shapes(seed=3)[:4]
+    batch = realistic_batch(model.config, shapes, seed=3)
+    batch.pop("pixel_values")
+    for key in ("qformer_input_ids", "qformer_attention_mask"):  # the tiny Q-former has 64 positions
+        batch[key] = batch[key][:, :32]
+    feats, _, _ = ragged_batch(model, batch["image_counts"])
+    results = []
+    for packing in (True, False):
+        model.zero_grad(set_to_none=True)
+        out = model(image_features=feats, packing=packing, **batch)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad},
+                        out.logits))
+    (packed, g_packed, no_logits), (padded, g_padded, logits) = results
+    assert no_logits is None and logits is not None
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=0)
+    for name in g_padded:  # the floor: 1e-5 of the module's largest gradient (the Adaptive Adjustment's bias
+        module = name.split(".")[0]  # gradient is 0 in exact arithmetic: softmax ignores a common shift)
+        scale = max(float(g.abs().max()) for n, g in g_padded.items() if n.startswith(module + "."))
+        torch.testing.assert_close(g_packed[name], g_padded[name], rtol=1e-5, atol=1e-5 * scale, msg=name)

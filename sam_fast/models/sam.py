@@ -31,6 +31,8 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.instructblip.modeling_instructblip import InstructBlipPreTrainedModel
 
 from sam_fast.config import SAMConfig
+from sam_fast.models.packing import packed_lm_loss
+from sam_fast.ops.linear_cross_entropy import linear_cross_entropy
 from sam_fast.models.generation import (
     GENERATION_MODES,
     generated_tokens_penalty,
@@ -95,6 +97,21 @@ def _counts_list(image_counts) -> list[int]:
     if bad:
         raise ValueError(f"image_counts: every sample needs >= 1 image; sample(s) {bad} (index, count) have fewer")
     return counts
+
+
+def _summed_fused_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the supervised rows, logits never materialised whole."""
+    return linear_cross_entropy(hidden, weight, targets, reduction="sum")
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    """True when FSDP2 shards `module` (the packed step calls the LLM's decoder directly, which
+    would skip the root unit's all-gather)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
 def _in_graph_with_weight_zero(tokens: torch.Tensor, modules) -> torch.Tensor:
@@ -403,12 +420,22 @@ class SAM(InstructBlipPreTrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        packing: bool | None = None,
         **kwargs,
     ) -> SAMOutput:
         """Visual tokens into the LLM prompt, then the LLM (with loss when `labels` are given).
 
         `input_ids` [B, S] hold exactly Q = num_query_tokens copies of `image_token_index` per image
         of the sample, filled in image order; `labels` [B, S] use -100 for ignored positions.
+
+        With `labels` and `packing` (default: ``config.packed_loss``, True) the LLM step skips the
+        padding: the rows' real tokens run as one packed sequence (positions restart per sample,
+        causal attention within each sample: flash-attn's varlen kernel on CUDA where installed,
+        SDPA per sample elsewhere; `sam_fast.models.packing`), and the loss comes from the hidden
+        states at supervised positions through `sam_fast.ops.linear_cross_entropy` (no
+        ``[tokens, vocab]`` logits). Same loss and gradients as the padded call; ``logits`` is then
+        None. ``packing=False`` (or extra LLM kwargs, or an FSDP-sharded LLM) runs the padded HF
+        call and returns logits [B, S, vocab].
         """
         if labels is not None and input_ids is not None:
             if labels.shape != input_ids.shape:
@@ -419,6 +446,11 @@ class SAM(InstructBlipPreTrainedModel):
         visual, embeds, attention_mask = self._llm_inputs(
             pixel_values, image_features, image_counts, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask
         )
+        if packing is None:
+            packing = getattr(self.config, "packed_loss", True)
+        if labels is not None and packing and not kwargs and not _is_sharded(self.language_model):
+            loss = packed_lm_loss(self.language_model, embeds, attention_mask, labels, loss_fn=_summed_fused_loss)
+            return SAMOutput(loss=loss, visual_tokens=visual)
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
         return SAMOutput(loss=out.loss, logits=out.logits, visual_tokens=visual, language_model_outputs=out)
 
