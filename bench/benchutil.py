@@ -80,3 +80,26 @@ def alternating_rounds(benchmark, fast, other, *, rounds: int = 5, warmup_rounds
     other_times = other_times[-rounds:]
     ratio = statistics.median(o / f for o, f in zip(other_times, fast_times, strict=True))
     return min(fast_times), min(other_times), ratio
+
+
+def peak_allocated_bytes(fn) -> int:
+    """Peak bytes torch allocates while `fn()` runs, above what was allocated before: the call's
+    own memory (activations, gradients, optimizer state it creates), not the process RSS. GPU:
+    the caching allocator's peak; CPU: the allocation and free events of torch's profiler."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()  # allocations positive, frees negative
+        peak = max(peak, live)
+    return peak

@@ -126,3 +126,22 @@ def step_released(model, opt, inputs):
     loss.backward()
     opt.step()
     return loss
+
+
+def realistic_prompts(model: SAM, batch_size: int = 4, seed: int = 0) -> dict:
+    """Generation inputs for the first `batch_size` samples of the realistic mix: their images'
+    cached features, Q-former ids, and LLM prompts (32 placeholders per image, then the
+    instruction), left-padded as `SAM.generate` takes them."""
+    full = realistic(model, seed)
+    counts = full["image_counts"][:batch_size]
+    answer_start = (full["labels"][:batch_size] != -100).int().argmax(1).tolist()  # rows: prompt, answer, pad
+    prompts = [full["input_ids"][b, :n] for b, n in enumerate(answer_start)]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((batch_size, width), model.config.text_config.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = p
+        mask[b, width - len(p):] = 1
+    return dict(image_features=features(model, full["pixel_values"][: sum(counts)]), image_counts=counts,
+                qformer_input_ids=full["qformer_input_ids"][:batch_size],
+                qformer_attention_mask=full["qformer_attention_mask"][:batch_size], input_ids=ids, attention_mask=mask)

@@ -4,8 +4,10 @@ Variants measured side by side: sam_fast from pixels, sam_fast from cached ViT f
 released code's schedule (per-image ViT, 2N full Q-former passes per sample, no cache). Ratios
 go to ``extra_info`` as ``speedup_vs_released`` (the two sides alternate round by round, ratio of
 their fastest rounds: `benchutil.alternating_rounds`); targets (issue 6, CPU, tiny config): >= 1.5x from
-pixels, >= 2x with cached features. Also: samples/s, peak memory (GPU: max allocated; CPU: max RSS
-of a fresh process running the step), and a breakdown into vision / Q-W-former / LLM.
+pixels, >= 2x with cached features. Also: samples/s, the step's own peak allocation
+(`benchutil.peak_allocated_bytes`: what torch allocates during one step, not the process RSS) and
+its ratio to the released step's (``memory_vs_released``), and a breakdown into vision /
+Q-W-former / LLM.
 
 Sizes: ``tiny`` (the smoke test), ``mid`` and ``scaled`` (timed only, `make bench`). ``scaled`` is
 the vicuna-7b config with every width / 8 and real depths and token counts
@@ -17,47 +19,24 @@ released step takes ~20 s there on a CPU: 2 rounds, no warm-up, a 1-round breakd
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from _setup import (batch, build, features, optimizer, realistic, realistic_padding, step_cached, step_released,
                     step_sam_fast)
-from benchutil import alternating_rounds, run_benchmark, sync, timed
+from benchutil import alternating_rounds, peak_allocated_bytes, run_benchmark, timed
 
 from sam_fast.bench_plan import flop_shares, realistic_shapes
+from sam_fast.models.packing import packed_lm_loss
+from sam_fast.ops import linear_cross_entropy
 
 COUNTS = [4, 4, 2, 1]
-# rounds / warm-up rounds of the timed step, rounds of the breakdown, calls in the memory probe
-ROUNDS = {"tiny": (5, 1, 3, 2), "mid": (5, 1, 3, 2), "scaled": (2, 0, 1, 1)}
+# rounds / warm-up rounds of the timed step, rounds of the breakdown
+ROUNDS = {"tiny": (5, 1, 3), "mid": (5, 1, 3), "scaled": (2, 0, 1)}
 
 
 def _inputs(size: str, model):
     """The batch a size is measured on: the realistic mix for ``scaled``, COUNTS otherwise."""
     return realistic(model) if size == "scaled" else batch(model, COUNTS)
-
-
-def _peak_memory_mb(size: str, variant: str) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        return -1.0  # filled in-process by the caller on GPU
-    code = (
-        "import sys, torch; sys.path[:0] = ['bench', 'bench/e2e'];"
-        "from _setup import *;"
-        f"m = build({size!r}); o = optimizer(m);"
-        f"x = {'realistic(m)' if size == 'scaled' else f'batch(m, {COUNTS!r})'};"
-        "c = features(m, x['pixel_values']);"
-        f"f = {{'sam_fast': lambda: step_sam_fast(m, o, x), 'cached': lambda: step_cached(m, o, x, c),"
-        f" 'released': lambda: step_released(m, o, x)}}[{variant!r}];"
-        f"{'f();' * ROUNDS[size][3]}"
-        # VmHWM is this process's peak RSS; ru_maxrss would include the forking parent's (Linux keeps it over exec)
-        "print(int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) / 1024)"
-    )
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
-    return float(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else float("nan")
 
 
 def _breakdown(model, inputs, cached, rounds: int = 3) -> dict:
@@ -75,8 +54,12 @@ def _breakdown(model, inputs, cached, rounds: int = 3) -> dict:
         ids = inputs["input_ids"]
         ph = model._placeholders(ids, inputs["image_counts"])
         emb = model.get_input_embeddings()(ids.masked_fill(ph, 0)).masked_scatter(ph.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
-        model.language_model(inputs_embeds=emb, attention_mask=inputs["attention_mask"],
-                             labels=inputs["labels"]).loss.backward()
+        if model.config.packed_loss:  # as SAM.forward runs it: packed tokens, loss without logits
+            packed_lm_loss(model.language_model, emb, inputs["attention_mask"], inputs["labels"],
+                           loss_fn=lambda h, w, t: linear_cross_entropy(h, w, t, reduction="sum")).backward()
+        else:
+            model.language_model(inputs_embeds=emb, attention_mask=inputs["attention_mask"],
+                                 labels=inputs["labels"]).loss.backward()
 
     warmup = 2 if rounds > 1 else 0
     out = {"vision": timed(lambda: features(model, inputs["pixel_values"]), warmup=warmup, rounds=rounds),
@@ -91,7 +74,7 @@ def _breakdown(model, inputs, cached, rounds: int = 3) -> dict:
 def bench_train_step(benchmark, size, variant):
     if size != "tiny" and getattr(benchmark, "disabled", False):
         pytest.skip(f"{size} size is timed only (make bench); the tiny size is the smoke test")
-    rounds, warmup, breakdown_rounds, _ = ROUNDS[size]
+    rounds, warmup, breakdown_rounds = ROUNDS[size]
     model = build(size).train()
     opt = optimizer(model)
     inputs = _inputs(size, model)
@@ -100,8 +83,6 @@ def bench_train_step(benchmark, size, variant):
     steps = {"sam_fast": lambda: step_sam_fast(model, opt, inputs),
              "cached": lambda: step_cached(model, opt, inputs, cached),
              "released": lambda: step_released(model, opt, inputs)}
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     benchmark.extra_info.update(size=size, variant=variant, images=sum(counts), samples=len(counts),
                                 llm_tokens=int(inputs["attention_mask"].sum()),
                                 llm_padding=float(1 - inputs["attention_mask"].float().mean()))
@@ -121,8 +102,7 @@ def bench_train_step(benchmark, size, variant):
     benchmark.extra_info["samples_per_s"] = len(counts) / median
     if variant == "sam_fast":
         benchmark.extra_info["breakdown"] = _breakdown(model, inputs, cached, breakdown_rounds)
-    if torch.cuda.is_available():
-        sync()
-        benchmark.extra_info["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        benchmark.extra_info["peak_memory_mb"] = _peak_memory_mb(size, variant)
+    peak = peak_allocated_bytes(steps[variant])
+    benchmark.extra_info["peak_step_alloc_mb"] = peak / 2**20
+    if variant != "released":
+        benchmark.extra_info["memory_vs_released"] = peak / peak_allocated_bytes(steps["released"])

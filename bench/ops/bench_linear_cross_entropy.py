@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchutil import alternating_rounds, benchmarks_disabled, run_benchmark
+from benchutil import alternating_rounds, benchmarks_disabled, peak_allocated_bytes, run_benchmark
 from sam_fast.ops import linear_cross_entropy, linear_cross_entropy_backend
 
 N, H = 1500, 512
@@ -35,27 +35,6 @@ def inputs(vocab, supervised, seed=0):
     t = torch.randint(0, vocab, (N,), generator=g)
     t[torch.rand(N, generator=g) >= supervised] = -100
     return h, lm_head, t.to(DEVICE)
-
-
-def peak_bytes(fn) -> int:
-    """Peak bytes torch allocates while `fn` runs, over what was allocated before."""
-    if CUDA:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()  # allocations positive, frees negative
-        peak = max(peak, live)
-    return peak
 
 
 @pytest.mark.parametrize("vocab, supervised", [(4000, 1.0), (32000, 1.0), (32000, 0.4)])
@@ -77,7 +56,7 @@ def bench_linear_cross_entropy(benchmark, vocab, supervised):
         a, b = linear_cross_entropy(h, lm_head.weight, t), F.cross_entropy(lm_head(h).float(), t)
     assert torch.allclose(a, b, rtol=1e-3 if DTYPE != torch.float32 else 1e-5), (a.item(), b.item())
     t_fused, t_full, ratio = alternating_rounds(benchmark, fused, full, rounds=3 if vocab > 8000 else 5)
-    p_fused, p_full = peak_bytes(fused), peak_bytes(full)
+    p_fused, p_full = peak_allocated_bytes(fused), peak_allocated_bytes(full)
     mib = 2.0**20
     info = dict(speedup_vs_full_logits=ratio, fused_ms=t_fused * 1e3, full_ms=t_full * 1e3,
                 peak_mib=p_fused / mib, full_peak_mib=p_full / mib, memory_ratio=p_fused / max(1, p_full),
