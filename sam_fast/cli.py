@@ -611,7 +611,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    import torch.distributed as torch_dist
+
+    was_initialized = torch_dist.is_available() and torch_dist.is_initialized()
+    ok = False
+    try:
+        rc = args.func(args)
+        ok = True
+        return rc
+    finally:
+        # Under torchrun: leave the process group together and tear it down before the interpreter
+        # exits (a gloo group destroyed at exit while a peer still talks to it aborts the process).
+        if not was_initialized and torch_dist.is_available() and torch_dist.is_initialized():
+            if ok:
+                torch_dist.barrier()
+            torch_dist.destroy_process_group()
 
 
 if __name__ == "__main__":
