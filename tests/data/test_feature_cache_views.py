@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from _killing import train_killed_at
 
 from sam_fast import SAM, SAMConfig
 from sam_fast.data import AnnotationDataset, EvalTransform, PromptBuilder, TrainTransform, tiny_tokenizers
@@ -207,9 +208,6 @@ def test_features_beyond_float16_are_refused(data, tmp_path):
         build_feature_cache(big, data, tmp_path / "d", views=0)
 
 
-class _Killed(Exception):
-    pass
-
 
 def _trainer(data, cache, out):
     from sam_fast.train import TrainConfig, Trainer
@@ -257,16 +255,7 @@ def test_training_from_a_two_view_cache_resumes_bit_exactly(tmp_path, one_thread
     assert len({v for _, picks in seen for p in picks for v in p}) == 2  # both views are trained on
 
     part = _trainer(data, tmp_path / "cache", tmp_path / "part")
-    real_part = part._load
-
-    def dying_load(idx, epoch):  # killed while loading step 6's data (after checkpoint 4, log up to 5)
-        if part.step == 5:
-            raise _Killed
-        return real_part(idx, epoch)
-
-    part._load = dying_load
-    with pytest.raises(_Killed):
-        part.train()
+    train_killed_at(part, 5)  # killed while loading step 6's data (after checkpoint 4, log up to 5)
     resumed = _trainer(data, tmp_path / "cache", tmp_path / "part")
     resumed.train(resume=True)
     got = _log(tmp_path / "part")

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from _killing import train_killed_at
 
 from sam_fast.cli import main
 from sam_fast.data import AnnotationDataset, PromptBuilder, TrainTransform, tiny_tokenizers
@@ -369,16 +370,7 @@ def test_trainer_refuses_to_restart_over_a_run_and_resume_without_checkpoint_res
     from sam_fast.train import RunDirectoryError
 
     tr = _trainer(data, tmp_path / "r", max_steps=2, save_every=100)
-    real = tr._load
-
-    def dying(idx, epoch):  # killed in step 2, before any checkpoint: the log holds step 1 only
-        if tr.step == 1:
-            raise KeyboardInterrupt
-        return real(idx, epoch)
-
-    tr._load = dying
-    with pytest.raises(KeyboardInterrupt):
-        tr.train()
+    train_killed_at(tr, 1, KeyboardInterrupt)  # killed in step 2, before any checkpoint: the log holds step 1
     assert [r["step"] for r in _log(tmp_path / "r")] == [1]
     with pytest.raises(RunDirectoryError, match="already holds a training run"):
         _trainer(data, tmp_path / "r", max_steps=2, save_every=100).train()

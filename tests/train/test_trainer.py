@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from _killing import train_killed_at
 
 from sam_fast import SAM, SAMConfig
 from sam_fast.data import AnnotationDataset, PromptBuilder, TrainTransform, tiny_tokenizers
@@ -67,9 +68,6 @@ def _log(out):
     return [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
 
 
-class _Killed(Exception):
-    pass
-
 
 def test_kill_and_resume_is_bit_exact(data_dir, tmp_path):
     full = _setup(data_dir, tmp_path / "full")
@@ -81,16 +79,7 @@ def test_kill_and_resume_is_bit_exact(data_dir, tmp_path):
                                                                                            "step-00000006"]
 
     part = _setup(data_dir, tmp_path / "part")
-    real_load = part._load
-
-    def dying_load(idx, epoch):  # killed while loading step 6's data (after checkpoint 4, log up to 5)
-        if part.step == 5:
-            raise _Killed
-        return real_load(idx, epoch)
-
-    part._load = dying_load
-    with pytest.raises(_Killed):
-        part.train()
+    train_killed_at(part, 5)  # killed while loading step 6's data (after checkpoint 4, log up to 5)
     assert [r["step"] for r in _log(tmp_path / "part")] == [1, 2, 3, 4, 5]
     resumed = _setup(data_dir, tmp_path / "part")
     resumed.train(resume=True)
