@@ -49,25 +49,16 @@ def scaled_config(**overrides) -> SAMConfig:
     Random weights get the larger initialisations of `SAMConfig.tiny` (vision 0.02, LLM 0.2) so
     that a random frozen backbone still responds to its inputs.
     """
-    from transformers import InstructBlipQFormerConfig, InstructBlipVisionConfig, LlamaConfig
-
-    vision = InstructBlipVisionConfig(
-        hidden_size=176, intermediate_size=768, num_hidden_layers=39, num_attention_heads=2,
-        image_size=224, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True, initializer_range=0.02,
-    )
-    qformer = InstructBlipQFormerConfig(
-        vocab_size=3816, hidden_size=96, num_hidden_layers=12, num_attention_heads=3,
-        intermediate_size=384, cross_attention_frequency=2, encoder_hidden_size=176,
-        max_position_embeddings=512, layer_norm_eps=1e-12,
-    )
-    text = LlamaConfig(
-        vocab_size=4000, hidden_size=512, intermediate_size=1376, num_hidden_layers=32,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
-        rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        tie_word_embeddings=False, initializer_range=0.2,
-    )
-    kw = dict(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
-              num_query_tokens=32, image_token_index=4000)
+    # widths (and the values that follow them) from the 7B config / 8; depths, token counts, eps as they are
+    full = SAMConfig.instructblip_vicuna7b()
+    vision = dict(full.vision_config.to_dict(), hidden_size=176, intermediate_size=768, num_attention_heads=2,
+                  initializer_range=0.02)
+    qformer = dict(full.qformer_config.to_dict(), vocab_size=3816, hidden_size=96, num_attention_heads=3,
+                   intermediate_size=384, encoder_hidden_size=176)
+    text = dict(full.text_config.to_dict(), vocab_size=4000, hidden_size=512, intermediate_size=1376,
+                num_attention_heads=4, num_key_value_heads=4, initializer_range=0.2)
+    kw = dict(vision_config=vision, qformer_config=qformer, text_config=text,
+              num_query_tokens=full.num_query_tokens, image_token_index=4000)
     kw.update(overrides)
     return SAMConfig(**kw)
 
