@@ -522,7 +522,8 @@ class SAM(InstructBlipPreTrainedModel):
             kwargs["logits_processor"] = processors
         kwargs["repetition_penalty"] = 1.0
         beams = int(kwargs.get("num_beams") or 1)
-        if beams > 1 and "past_key_values" not in kwargs and (kwargs.get("num_return_sequences") or 1) == 1:
+        if (beams > 1 and "past_key_values" not in kwargs and kwargs.get("use_cache", True)
+                and (kwargs.get("num_return_sequences") or 1) == 1):
             # HF copies the prompt to every beam before its prefill (num_beams x the prefill work):
             # run the prompt but its last position once per sample, then give every beam a copy
             kwargs["past_key_values"] = prefill_for_beams(self.language_model, embeds, attention_mask, beams)
