@@ -3,6 +3,10 @@
 # make demo   same install, then the end-to-end demo (tiny random SAM on a CPU)
 # make bench  same install, then the pytest-benchmark suite (JSON in bench/results/latest.json)
 # make clean  remove build outputs and the install stamp (keeps .venv)
+# make gpu-check  on a CUDA machine without network: build against its own torch, CUDA tests,
+#             model checks, GPU benchmarks (bench/gpu_check.py; report in $SAM_FAST_GPU_CHECK_OUT,
+#             default bench/results/). Uses $(PYTHON) as is (no venv, no installs); its --dry-run
+#             CPU mode runs inside `make test` (tests/test_gpu_check.py).
 #
 # TORCH_SPEC is passed to pip as is. The default is the CPU build found on the dev/CI machines;
 # for a CUDA torch, e.g.:
@@ -23,7 +27,7 @@ STAMP     := $(VENV)/.stamp-sam-fast
 SPEC_FILE := $(VENV)/.install-spec
 SOURCES   := setup.py pyproject.toml $(wildcard csrc/*)
 
-.PHONY: install test bench bench-compare demo clean FORCE
+.PHONY: install test bench bench-compare demo clean gpu-check FORCE
 
 install: $(STAMP)
 
@@ -45,6 +49,11 @@ BASELINE ?= bench/baseline.json
 NEW      ?= $(lastword $(sort $(wildcard bench/results/*.json)))
 bench-compare:
 	$(PY) bench/compare.py $(NEW) $(BASELINE)
+
+# The machine's own interpreter and torch: nothing is installed from a network.
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m sam_fast.cli demo
