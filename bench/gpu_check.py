@@ -139,6 +139,8 @@ def _env_info(device) -> dict:
                                     capture_output=True, text=True, timeout=10).stdout.strip())
     except Exception:
         commit, dirty = None, None
+    if not commit:  # a copy of the tree without .git: the caller may say which commit it is
+        commit = os.environ.get("SAM_FAST_GIT_COMMIT") or None
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu-{platform.machine()}"
     return {"device": name, "device_type": device.type, "python": platform.python_version(),
             "torch": torch.__version__, "torch_cuda": torch.version.cuda, "triton": version("triton"),
@@ -593,6 +595,9 @@ def _bench_7b(sec: Section, device, dry: bool, timer: Timer) -> dict:
     from sam_fast.bench_plan import realistic_batch
 
     dtype = torch.bfloat16
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the earlier sections' cached blocks count as used in mem_get_info
     if dry:
         cfg = SAMConfig.tiny()
     else:
