@@ -68,6 +68,27 @@ CUDA_TESTS = [
 FLOOR = {"float32": 2e-6, "float16": 2.0**-9, "bfloat16": 2.0**-6}  # relative to max|oracle|
 
 
+def _prompts(model, batch: dict) -> dict:
+    """Generation inputs from a training batch already on the device (as bench/e2e's
+    realistic_prompts, which builds them on the CPU): each row's prompt (placeholders and
+    instruction, up to its first label) left-padded, the images' cached ViT features."""
+    import torch
+
+    ids, labels = batch["input_ids"], batch["labels"]
+    starts = (labels != -100).int().argmax(1).tolist()
+    width = max(starts)
+    pad = model.config.text_config.pad_token_id or 0
+    out = torch.full((len(starts), width), pad, dtype=ids.dtype, device=ids.device)
+    mask = torch.zeros_like(out)
+    for b, n in enumerate(starts):
+        out[b, width - n:] = ids[b, :n]
+        mask[b, width - n:] = 1
+    with torch.no_grad():
+        feats = model.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
+    return dict(image_features=feats, image_counts=batch["image_counts"], qformer_input_ids=batch["qformer_input_ids"],
+                qformer_attention_mask=batch["qformer_attention_mask"], input_ids=out, attention_mask=mask)
+
+
 # ----------------------------------------------------------------------------- report plumbing
 class Section:
     """Items of one section under a wall-clock budget; an item whose estimate exceeds what is
@@ -139,8 +160,8 @@ def _env_info(device) -> dict:
                                     capture_output=True, text=True, timeout=10).stdout.strip())
     except Exception:
         commit, dirty = None, None
-    if not commit:  # a copy of the tree without .git: the caller may say which commit it is
-        commit = os.environ.get("SAM_FAST_GIT_COMMIT") or None
+    # a copy of the tree (no .git, or a synthetic one): the caller may say which commit it is
+    commit = os.environ.get("SAM_FAST_GIT_COMMIT") or commit
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu-{platform.machine()}"
     return {"device": name, "device_type": device.type, "python": platform.python_version(),
             "torch": torch.__version__, "torch_cuda": torch.version.cuda, "triton": version("triton"),
@@ -194,7 +215,7 @@ def section_build(sec: Section, dry: bool, no_build: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- 2. tests
-def section_tests(sec: Section, dry: bool) -> None:
+def section_tests(sec: Section, dry: bool, log_path: Path | None = None) -> None:
     selected = [t for t in CUDA_TESTS if (ROOT / t.split("::")[0]).exists()]
     missing = sorted(set(CUDA_TESTS) - set(selected))
     env = dict(os.environ)
@@ -211,7 +232,10 @@ def section_tests(sec: Section, dry: bool) -> None:
         except subprocess.TimeoutExpired as e:
             out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
             rc, timed_out = None, True
-        info = {"selection": selected, "missing_files": missing, "rc": rc, "wall_s": round(time.monotonic() - t0, 1)}
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_path.write_text(out)
+        info = {"log": str(log_path) if log_path else None, "selection": selected, "missing_files": missing, "rc": rc, "wall_s": round(time.monotonic() - t0, 1)}
         if dry:
             ids = [line for line in out.splitlines() if "::" in line]
             info.update(collected=len(ids), ok=rc == 0 and len(ids) > 0)
@@ -233,11 +257,12 @@ def section_tests(sec: Section, dry: bool) -> None:
 
 # ----------------------------------------------------------------------------- 3. model checks
 def _err(a, b) -> float:
-    return (a.double() - b.double()).abs().max().item()
+    return (a.detach().double().cpu() - b.detach().double().cpu()).abs().max().item()
 
 
 def within_budget(fast, plain, oracle, dtype_name: str) -> dict:
     """Error-budget rule: |fast - oracle| <= 2 |plain - oracle| + floor * max|oracle|."""
+    oracle = oracle.detach().double().cpu()
     err, plain_err = _err(fast, oracle), _err(plain, oracle)
     budget = 2 * plain_err + FLOOR[dtype_name] * max(oracle.abs().max().item(), 1e-30)
     return {"ok": err <= budget, "err": f"{err:.3g}", "budget": f"{budget:.3g}"}
@@ -433,7 +458,7 @@ def section_model_checks(sec: Section, device, dry: bool, inject: bool) -> None:
         err = _err(out, eager)
         return {"ok": err <= 1e-4 * max(eager.abs().max().item(), 1.0), "max_abs_diff_vs_eager": f"{err:.3g}"}
 
-    sec.run("torch.compile(encode_images) smoke", compiled, estimate=30)
+    sec.run("torch.compile(encode_images) smoke", compiled, estimate=20)
 
 
 # ----------------------------------------------------------------------------- 4. benchmarks
@@ -647,12 +672,7 @@ def _bench_7b(sec: Section, device, dry: bool, timer: Timer) -> dict:
     opt.zero_grad(set_to_none=True)
     del opt
     model.eval()
-    prompts = _setup.realistic_prompts(model, batch_size=len(shapes))
-    cap = max(int(model.config.qformer_config.max_position_embeddings) // 2, 1)  # as _shapes (toy config)
-    for key in ("qformer_input_ids", "qformer_attention_mask"):
-        prompts[key] = prompts[key][:, :cap]
-    prompts = {k: (v.to(device, dtype) if torch.is_floating_point(v) else v.to(device)) if torch.is_tensor(v) else v
-               for k, v in prompts.items()}
+    prompts = _prompts(model, batch)
     new = 4 if dry else 32
     for mode in ("hf", "lavis"):
         if not dry and sec.remaining() < 15:
@@ -672,6 +692,27 @@ def _bench_7b(sec: Section, device, dry: bool, timer: Timer) -> dict:
     if cuda:
         torch.cuda.empty_cache()
     return res
+
+
+def _prompts(model, batch: dict) -> dict:
+    """Generation inputs from a training batch already on the device (as bench/e2e's
+    realistic_prompts, which builds them on the CPU): each row's prompt (placeholders and
+    instruction, up to its first label) left-padded, the images' cached ViT features."""
+    import torch
+
+    ids, labels = batch["input_ids"], batch["labels"]
+    starts = (labels != -100).int().argmax(1).tolist()
+    width = max(starts)
+    pad = model.config.text_config.pad_token_id or 0
+    out = torch.full((len(starts), width), pad, dtype=ids.dtype, device=ids.device)
+    mask = torch.zeros_like(out)
+    for b, n in enumerate(starts):
+        out[b, width - n:] = ids[b, :n]
+        mask[b, width - n:] = 1
+    with torch.no_grad():
+        feats = model.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
+    return dict(image_features=feats, image_counts=batch["image_counts"], qformer_input_ids=batch["qformer_input_ids"],
+                qformer_attention_mask=batch["qformer_attention_mask"], input_ids=out, attention_mask=mask)
 
 
 # ----------------------------------------------------------------------------- report
@@ -713,6 +754,7 @@ def main(argv=None) -> int:
         ap.error(f"unknown section(s) {unknown}; choose from {list(BUDGETS)}")
 
     t_start = time.monotonic()
+    sys.path.insert(0, str(ROOT))  # an editable install made by this process is not on its path yet
     import torch
 
     dry = args.dry_run
@@ -726,6 +768,8 @@ def main(argv=None) -> int:
     print(f"gpu_check: {env['device']} | torch {env['torch']} | triton {env['triton']} | "
           f"transformers {env['transformers']} | commit {env['commit']} | {'dry run' if dry else 'GPU run'}", flush=True)
 
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", env["device"]) + ("-dry" if dry else "")
+    stem = out_dir / f"gpu_check-{slug}-{env['date'][:10]}"
     sections = {}
     for name in BUDGETS:
         sec = Section(name, BUDGETS[name])
@@ -735,7 +779,7 @@ def main(argv=None) -> int:
         elif name == "build":
             section_build(sec, dry, args.no_build)
         elif name == "tests":
-            section_tests(sec, dry)
+            section_tests(sec, dry, Path(f"{stem}-pytest.log"))
         elif name == "model_checks":
             section_model_checks(sec, device, dry, inject)
         else:
@@ -747,8 +791,6 @@ def main(argv=None) -> int:
     report = {"dry_run": dry, "inject_failure": inject, "env": env, "sections": sections, "passed": not bad,
               "failures": bad, "seconds": round(time.monotonic() - t_start, 1)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", env["device"]) + ("-dry" if dry else "")
-    stem = out_dir / f"gpu_check-{slug}-{env['date'][:10]}"
     Path(f"{stem}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     Path(f"{stem}.md").write_text(_markdown(report))
     print(f"gpu_check: {'PASS' if not bad else 'FAIL'} in {report['seconds']:.0f} s; "
