@@ -19,6 +19,7 @@ from sam_fast.ops.linear_cross_entropy import (
     linear_cross_entropy_backend,
     linear_cross_entropy_ref,
 )
+from sam_fast.ops.llama import rms_norm, rms_norm_ref, swiglu, swiglu_ref
 
 __all__ = [
     "BackendUnavailable",
@@ -33,5 +34,9 @@ __all__ = [
     "linear_cross_entropy_backend",
     "linear_cross_entropy_ref",
     "mix_kv",
+    "rms_norm",
+    "rms_norm_ref",
     "streams_backend",
+    "swiglu",
+    "swiglu_ref",
 ]
