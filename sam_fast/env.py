@@ -92,6 +92,22 @@ def _loss() -> list[str]:
     return lines
 
 
+def _llama() -> list[str]:
+    """What `sam_fast.models.llama_kernels.apply_fused_llama_kernels` would patch in a LLaMA on each
+    device here (fp32 on CPU, bf16 on CUDA): fused RMSNorm / SwiGLU or why not; RoPE; liger-kernel."""
+    import torch
+
+    from sam_fast.models.llama_kernels import fused_llama_kernels_plan
+
+    devices = [("cpu", torch.float32)] + ([("cuda", torch.bfloat16)] if torch.cuda.is_available() else [])
+    lines = []
+    for dev, dtype in devices:
+        plan = fused_llama_kernels_plan(dev, dtype)
+        lines.append(f"  {dev}: {plan['summary']}")
+    lines.append(f"  liger_kernel: {plan['liger_kernel']}")
+    return lines
+
+
 def _section(title: str, fn) -> list[str]:
     try:
         return fn()
@@ -116,6 +132,8 @@ def report() -> str:
     lines += _section("  schedule", _schedule)
     lines.append("LM loss:")
     lines += _section("  loss", _loss)
+    lines.append("LLaMA fused kernels (apply_fused_llama_kernels; not applied by default):")
+    lines += _section("  llama", _llama)
     return "\n".join(lines)
 
 
