@@ -302,7 +302,7 @@ def _scenarios(full: bool):
     """
     import torch
 
-    from sam_fast.ops import context_reweight, cross_attention, cross_attention_streams
+    from sam_fast.ops import context_reweight, cross_attention, cross_attention_streams, rms_norm, swiglu
 
     f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
     dtypes = (f32, f16, bf16)
@@ -433,6 +433,27 @@ def _scenarios(full: bool):
                 s.append((f"cross_attention_streams {dt} second={second}", streams(dt, second)))
             for d in (8, 16, 128, 256):
                 s.append((f"cross_attention {dt} d={d}", attention(dt, "rows", d=d)))
+    # -- the frozen LLaMA's RMSNorm / SwiGLU (sam_fast.ops.llama): the 7B width 4096 and FFN 11008
+    # in every dtype, the scaled config's 512; the weight-gradient variant; a bf16 input with an fp32 weight
+    def norm(dtype, D, rows=6, weight_grad=False, wdtype=None):
+        def run():
+            backward(rms_norm(g(rows, D, dtype=dtype), g(D, dtype=wdtype or dtype, grad=weight_grad), 1e-6))
+        return run
+
+    def act(dtype, n=11008, rows=3):
+        def run():
+            backward(swiglu(g(rows, n, dtype=dtype), g(rows, n, dtype=dtype)))
+        return run
+
+    for dt in dtypes:
+        s.append((f"rms_norm {dt} D=4096", norm(dt, 4096)))
+        s.append((f"swiglu {dt} 3x11008", act(dt)))
+    s.append(("rms_norm fp32 D=512 weight grad", norm(f32, 512, weight_grad=True)))
+    s.append(("rms_norm bf16 x fp32 weight D=4096 weight grad", norm(bf16, 4096, weight_grad=True, wdtype=f32)))
+    if full:
+        for dt in dtypes:
+            s.append((f"rms_norm {dt} D=16384 (the limit)", norm(dt, 16384)))
+            s.append((f"rms_norm {dt} D=40 weight grad", norm(dt, 40, weight_grad=True)))
     # -- the tiny model end to end (its own layouts: strided K/V, scratch columns, head dim 8)
     for mode in modes:
         s.append((f"model encode_images {mode}", model(mode)))
