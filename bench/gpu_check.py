@@ -196,6 +196,7 @@ def section_build(sec: Section, dry: bool, no_build: bool) -> None:
                     "max_jobs": env["MAX_JOBS"], **({"log_tail": tail} if p.returncode else {})}
 
         sec.run("pip install -e .", build, estimate=30)
+        _activate_editable_install()
 
     def info():
         # a fresh interpreter: this one may hold an older sam_fast._C
@@ -212,6 +213,21 @@ def section_build(sec: Section, dry: bool, no_build: bool) -> None:
         return {"ok": ok, "ext": i}
 
     sec.run("sam_fast._ext.info()", info)
+
+
+def _activate_editable_install() -> None:
+    """Make an editable install done by this very process importable in it: run the site
+    directories' .pth files again (they install the finder that maps kernels/ to
+    sam_fast._kernels); a process only reads them at start-up."""
+    import importlib
+    import site
+    import sysconfig
+
+    for key in ("purelib", "platlib"):
+        path = sysconfig.get_paths().get(key)
+        if path and os.path.isdir(path):
+            site.addsitedir(path)
+    importlib.invalidate_caches()
 
 
 # ----------------------------------------------------------------------------- 2. tests
@@ -754,7 +770,6 @@ def main(argv=None) -> int:
         ap.error(f"unknown section(s) {unknown}; choose from {list(BUDGETS)}")
 
     t_start = time.monotonic()
-    sys.path.insert(0, str(ROOT))  # an editable install made by this process is not on its path yet
     import torch
 
     dry = args.dry_run
