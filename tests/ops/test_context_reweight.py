@@ -165,22 +165,29 @@ def make(counts, P, D, dtype, scale=1.0, bias=0.0, seed=0):
     return F, w, torch.tensor(bias, dtype=dtype)
 
 
-def check_backend(backend, counts, P, D, dtype, mode, scale=1.0, bias=0.0, seed=0, layout=None, dominate=0.0):
+def check_backend(backend, counts, P, D, dtype, mode, scale=1.0, bias=0.0, seed=0, layout=None, dominate=0.0,
+                  device="cpu"):
     """Run `backend` through the public op and assert the error budget on out, dF, dw, db.
-    `dominate` adds that much to the score of the first image of every sample."""
+    `dominate` adds that much to the score of the first image of every sample. The inputs are
+    made on the host (the float64 oracle and the plain formula run there); the op under test gets
+    copies on `device` (with `layout` applied there) and its results come back to the host.
+    Returns (out, dF, dw, db, None) of the op, on the host."""
     F, w, b = make(counts, P, D, dtype, scale, bias, seed)
     if dominate:
         first = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()[:-1]])
         F = F.clone()
         F[first] += (w.float() * (dominate / w.float().square().sum())).to(dtype)
+    Fd, wd, bd, cu = F.to(device), w.to(device), b.to(device), cu_of(counts).to(device)
     if layout is not None:
-        F = layout(F)
-    cu = cu_of(counts)
+        F, Fd = layout(F), layout(Fd)
     rows = len(counts) if mode == "shared" else sum(counts)
     g = torch.randn(rows, P, D, generator=torch.Generator().manual_seed(seed + 1))
     ref = forward_and_grads(F.double(), w.double(), b.double(), counts, mode, g.double())
     plain = forward_and_grads(F, w, b, counts, mode, g)
-    fast = forward_and_grads(F, w, b, counts, mode, g, fn=lambda F_, w_, b_: context_reweight(F_, w_, b_, cu, mode))
+    fast = forward_and_grads(Fd, wd, bd, counts, mode, g.to(device),
+                             fn=lambda F_, w_, b_: context_reweight(F_, w_, b_, cu, mode))
+    assert fast[0].device == Fd.device, f"{backend}: result on {fast[0].device}, inputs on {Fd.device}"
+    fast = tuple(x.cpu() if x is not None else None for x in fast)
     ds = ref[4]
     scales = {  # natural magnitude of each result (d bias is 0 mathematically: scale it by |ds|)
         "out": ref[0].abs().max().item(),
