@@ -82,8 +82,9 @@ def merged_context_kv(
     w = adaptive_adjustment.weight.reshape(-1).to(acc).clone()
     scores = (features.to(acc) @ w + adaptive_adjustment.bias.to(acc)).unsqueeze(-1)
     kv_scratch[..., C:C + 1] = scores.to(kv_scratch.dtype)
-    pick = torch.zeros(kv_scratch.shape[-1], dtype=kv_scratch.dtype, device=kv_scratch.device)
-    pick[C] = 1.0
+    # one-hot on column C, built on the device without writing a host scalar into it (that write
+    # synchronised with the GPU, found by CUDA's sync debug mode on an H200)
+    pick = (torch.arange(kv_scratch.shape[-1], device=kv_scratch.device) == C).to(kv_scratch.dtype)
     return context_reweight(kv_scratch, pick, None, cu_images, context_mode, offsets=offsets)
 
 

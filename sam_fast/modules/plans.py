@@ -15,6 +15,6 @@ def device_tensor(values: Sequence, device: torch.device | str, dtype: torch.dty
     alive until the copy has run."""
     t = torch.tensor(values, dtype=dtype)
     device = torch.device(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and not torch.compiler.is_compiling():  # dynamo cannot trace pin_memory
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)

@@ -33,7 +33,15 @@ from sam_fast.ops.dispatch import ENV_VAR, dispatcher
 
 
 def cross_attention_ref(query, key, value, attn_bias=None, dropout_p=0.0, scale=None):
-    """Reference: SDPA (math or fused, PyTorch's choice), same formula as HF's eager path."""
+    """Reference: SDPA (math or fused, PyTorch's choice), same formula as HF's eager path.
+
+    K/V are often strided views of the one K/V buffer of all cross layers; CUDA's fused SDPA
+    kernels refuse rows that are not aligned ("key is not correctly aligned (strideM)", seen on
+    an H200), so on CUDA non-contiguous K/V are copied first (this fallback path only)."""
+    if key.is_cuda and not key.is_contiguous():
+        key = key.contiguous()
+    if value.is_cuda and not value.is_contiguous():
+        value = value.contiguous()
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_bias, dropout_p=dropout_p, scale=scale)
 
 
