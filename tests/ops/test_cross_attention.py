@@ -160,7 +160,8 @@ def test_triton_op_is_registered_with_fake_and_autograd(force_triton):
     q1 = q[:1].contiguous().requires_grad_()
     k2, v2 = (t.contiguous() for t in kvs[1])
     for args in ((q1, k, v, None, None, None, 1, None, 0.25),
-                 (torch.cat([q1, q1]).detach().requires_grad_(), k, v, k2, v2, torch.tensor([0], dtype=torch.int32),
+                 (torch.cat([q1, q1]).detach().requires_grad_(), k, v, k2, v2,
+                  torch.tensor([0], dtype=torch.int32, device=DEV),
                   1, None, 0.25)):
         torch.library.opcheck(torch.ops.sam_fast.cross_attention_fwd.default, args,
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
@@ -281,7 +282,7 @@ def test_triton_mixed_op_passes_opcheck(force_triton):
             index.to(torch.int32), w)
     torch.library.opcheck(torch.ops.sam_fast.cross_attention_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    dk_hat = torch.randn(3, H, k.shape[2], d)
+    dk_hat = torch.randn(3, H, k.shape[2], d, device=DEV)  # the kernel reads it: on the GPU where there is one
     torch.library.opcheck(torch.ops.sam_fast.mix_weight_grad.default,
                           (dk_hat, dk_hat.clone(), k.detach(), v.detach(), index.to(torch.int32)),
                           test_utils=("test_schema", "test_faketensor"))
