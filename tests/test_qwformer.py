@@ -31,8 +31,11 @@ def _encode(model, feats, counts, ids, mask):
                                qformer_attention_mask=mask)
 
 
-def _check_equal_with_grads(model, counts, pad_sample=2):
-    feats, ids, mask = ragged_batch(model, counts, pad_sample=pad_sample)
+def _check_equal_with_grads(model, counts, pad_sample=2, device="cpu"):
+    """encode_images against the per-image reference on `device` (the model is moved there):
+    values within 1e-5 and the trainable parameters' gradients."""
+    model = model.to(device)
+    feats, ids, mask = (t.to(device) for t in ragged_batch(model, counts, pad_sample=pad_sample))
     ours = _encode(model, feats, counts, ids, mask)
     ref = reference_encode_images(model, feats, counts, ids, mask)
     assert (ours - ref).abs().max().item() <= 1e-5
@@ -132,16 +135,17 @@ needs_triton = pytest.mark.skipif(ca._triton_import_error() is not None or not (
 @needs_triton
 @pytest.mark.parametrize("context_mode", ["leave_one_out", "shared"])
 def test_fused_attention_through_the_model_with_gradients(monkeypatch, context_mode):
-    """Every attention of encode_images on the Triton kernel (interpreter on CPU): values and the
-    gradients of the trainable modules, the Adaptive Adjustment's included (its gradient reaches
-    the scores through the W-stream's K/V), equal the reference's."""
+    """Every attention of encode_images on the Triton kernel (on the GPU where there is one, else
+    the interpreter on CPU): values and the gradients of the trainable modules, the Adaptive
+    Adjustment's included (its gradient reaches the scores through the W-stream's K/V), equal the
+    reference's. (CPU tensors on a CUDA machine, where TRITON_INTERPRET is unset, would take SDPA.)"""
     monkeypatch.setattr(ca, "_interpreter_allowed", lambda: True)
     calls = []
     for dispatch, tag in ((ca._dispatch, "attention"), (ca._streams, "streams")):
         backend = next(b for b in dispatch.backends if b.name == "triton")
         monkeypatch.setattr(backend, "impl", lambda *a, _real=backend.impl, _tag=tag, **k: calls.append(_tag) or _real(*a, **k))
     model = randomize_guidance(tiny_sam(context_mode=context_mode, interaction_layers=(1, 3)))
-    _check_equal_with_grads(model, [1, 3], pad_sample=1)
+    _check_equal_with_grads(model, [1, 3], pad_sample=1, device="cuda" if torch.cuda.is_available() else "cpu")
     # self-attention: layers 1, 2, 4 and layer 3 (= k) twice; cross-attention: layer 1 both
     # streams in one call, layer 3 the W-stream then the Q-stream
     assert calls.count("attention") == 5 and calls.count("streams") == 3
