@@ -710,27 +710,6 @@ def _bench_7b(sec: Section, device, dry: bool, timer: Timer) -> dict:
     return res
 
 
-def _prompts(model, batch: dict) -> dict:
-    """Generation inputs from a training batch already on the device (as bench/e2e's
-    realistic_prompts, which builds them on the CPU): each row's prompt (placeholders and
-    instruction, up to its first label) left-padded, the images' cached ViT features."""
-    import torch
-
-    ids, labels = batch["input_ids"], batch["labels"]
-    starts = (labels != -100).int().argmax(1).tolist()
-    width = max(starts)
-    pad = model.config.text_config.pad_token_id or 0
-    out = torch.full((len(starts), width), pad, dtype=ids.dtype, device=ids.device)
-    mask = torch.zeros_like(out)
-    for b, n in enumerate(starts):
-        out[b, width - n:] = ids[b, :n]
-        mask[b, width - n:] = 1
-    with torch.no_grad():
-        feats = model.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
-    return dict(image_features=feats, image_counts=batch["image_counts"], qformer_input_ids=batch["qformer_input_ids"],
-                qformer_attention_mask=batch["qformer_attention_mask"], input_ids=out, attention_mask=mask)
-
-
 # ----------------------------------------------------------------------------- report
 def _markdown(report: dict) -> str:
     env = report["env"]
