@@ -178,3 +178,34 @@ def test_prompt_runs_once_per_sample_not_per_beam(mode):
                                do_sample=False, repetition_penalty=1.0,
                                logits_processor=generated_tokens_penalty(1.5))
             assert torch.equal(got, want)
+
+
+def test_generation_config_defaults_override_and_round_trip(tmp_path):
+    """model.generation_config holds the paper's settings, a GenerationConfig passed to generate
+    replaces them (keyword arguments win over both), and it is saved and loaded with the model."""
+    from transformers import GenerationConfig
+
+    from sam_fast import SAM
+
+    model = tiny_sam()
+    assert SAM.can_generate()
+    g = model.generation_config
+    assert (g.num_beams, g.max_new_tokens, g.repetition_penalty, g.length_penalty) == (5, 256, 1.5, 1.0)
+    feats, qids, qmask = ragged_batch(model, [2])
+    ids, mask = _prompts(model, [2], [4])
+    common = dict(image_features=feats, image_counts=[2], qformer_input_ids=qids, input_ids=ids, attention_mask=mask)
+    with torch.no_grad():
+        short = model.generate(**common, generation_config=GenerationConfig(max_new_tokens=3, num_beams=1))
+        assert short.shape[1] <= 3  # the hard-coded defaults gave up to 256 tokens here
+        assert model.generate(**common, generation_config=GenerationConfig(max_new_tokens=3, num_beams=1),
+                              max_new_tokens=2).shape[1] <= 2
+        assert model.generate(**common, generation_mode="lavis",
+                              generation_config=GenerationConfig(max_new_tokens=3, num_beams=1)).shape[1] <= 3
+    model.generation_config.num_beams = 2
+    model.generation_config.max_new_tokens = 4
+    model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "generation_config.json").is_file()
+    back = SAM.from_pretrained(tmp_path / "m")
+    assert (back.generation_config.num_beams, back.generation_config.max_new_tokens) == (2, 4)
+    with torch.no_grad():
+        assert back.generate(**common).shape[1] <= 4  # the saved settings are used

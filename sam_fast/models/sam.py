@@ -18,6 +18,7 @@ guidance Linears start at zero, so an untrained SAM is InstructBLIP exactly.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import numbers
 import os
@@ -26,7 +27,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, InstructBlipQFormerModel, InstructBlipVisionModel
+from transformers import AutoModelForCausalLM, GenerationConfig, InstructBlipQFormerModel, InstructBlipVisionModel
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.instructblip.modeling_instructblip import InstructBlipPreTrainedModel
 
@@ -55,6 +56,18 @@ from sam_fast.modules import (
 TRAINABLE_MODULES = ("adaptive_adjustment", "guidance_in", "guidance_out", "language_projection")
 
 GENERATION_DEFAULTS = dict(num_beams=5, max_new_tokens=256, repetition_penalty=1.5, length_penalty=1.0, do_sample=False)
+LAVIS_KWARGS = ("num_beams", "max_length", "max_new_tokens", "min_length", "repetition_penalty", "length_penalty")
+
+
+def paper_generation_config(text_config) -> GenerationConfig:
+    """The paper's decoding settings (5 beams, repetition penalty 1.5, length penalty 1, up to 256
+    new tokens, no sampling) with the LLM's special ids: `SAM.generation_config`'s default."""
+    ids = {k: getattr(text_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return GenerationConfig(**GENERATION_DEFAULTS, **{k: v for k, v in ids.items() if v is not None})
+
+
+def _token_id(value, default: int) -> int:
+    return default if value is None else int(value[0] if isinstance(value, (list, tuple)) else value)
 
 
 @dataclass
@@ -161,6 +174,12 @@ class SAM(InstructBlipPreTrainedModel):
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
         self.freeze_backbone()
+        self.generation_config = paper_generation_config(config.text_config)
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """True: `generate` exists, `generation_config` holds its defaults and is saved with the model."""
+        return True
 
     # -- parameters --------------------------------------------------------------------------
     @torch.no_grad()
@@ -483,51 +502,66 @@ class SAM(InstructBlipPreTrainedModel):
                 ``length_penalty`` (see `sam_fast.models.generation`). `sam-fast eval` uses it.
             Other arguments as `forward`.
 
-        Defaults (the paper's): 5 beams, repetition_penalty 1.5, length_penalty 1; ``"hf"``:
-        up to 256 new tokens unless ``max_length`` or ``max_new_tokens`` is given; ``"lavis"``:
-        max_length 256, min_length 1.
+        Settings: ``generation_config`` (a `GenerationConfig`; default ``self.generation_config``,
+        the paper's: 5 beams, repetition_penalty 1.5, length_penalty 1, up to 256 new tokens, saved
+        and loaded with the model as ``generation_config.json``), then keyword arguments over it, as
+        in HF models. ``"lavis"`` reads the beams and penalties from it and its length from
+        ``max_length`` / ``max_new_tokens`` (default max_length 256, min_length 1).
+
+        Returns:
+            [B, S_new] LongTensor of the new token ids (no prompt), padded after ``</s>``.
         """
         if generation_mode not in GENERATION_MODES:
             raise ValueError(f"generation_mode={generation_mode!r} is not one of {GENERATION_MODES}")
         _, embeds, attention_mask = self._llm_inputs(
             pixel_values, image_features, image_counts, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask
         )
+        user_config = generate_kwargs.pop("generation_config", None)
+        config = copy.deepcopy(self.generation_config)
+        if user_config is not None:  # as HF: what the user's config sets wins, the rest is the model's
+            config.update(**user_config.to_diff_dict())
         if generation_mode == "lavis":
-            allowed = {"num_beams", "max_length", "max_new_tokens", "min_length", "repetition_penalty",
-                       "length_penalty"}
-            extra = sorted(set(generate_kwargs) - allowed)
+            extra = sorted(set(generate_kwargs) - set(LAVIS_KWARGS))
             if extra:
-                raise ValueError(f"generation_mode='lavis' takes only {sorted(allowed)}; got {extra}")
-            kw = dict(num_beams=5, max_length=256, min_length=1, repetition_penalty=1.5, length_penalty=1.0)
-            new_tokens = generate_kwargs.pop("max_new_tokens", None)
-            if new_tokens is not None:
-                if "max_length" in generate_kwargs:
-                    raise ValueError("give max_length or max_new_tokens, not both")
-                kw["max_length"] = int(new_tokens) + 1  # the seeded BOS counts in max_length
-            kw.update(generate_kwargs)
+                raise ValueError(f"generation_mode='lavis' takes only {sorted(LAVIS_KWARGS)}; got {extra}")
+            if "max_length" in generate_kwargs and "max_new_tokens" in generate_kwargs:
+                raise ValueError("give max_length or max_new_tokens, not both")
+            new_tokens = generate_kwargs.get("max_new_tokens")
+            if new_tokens is None and "max_length" not in generate_kwargs and user_config is not None:
+                new_tokens = user_config.max_new_tokens
+            # the seeded BOS counts in max_length: LAVIS' max_length=256 is 255 new tokens
+            max_length = generate_kwargs.get("max_length", 256 if new_tokens is None else int(new_tokens) + 1)
             gen = self.language_model.generation_config  # LLaMA's: bos 1, eos 2, pad 0
-            for name, default in (("bos_token_id", 1), ("eos_token_id", 2), ("pad_token_id", 0)):
-                v = getattr(gen, name, None)
-                kw[name] = default if v is None else int(v[0] if isinstance(v, (list, tuple)) else v)
-            return lavis_generate(self.language_model, embeds, attention_mask, **kw)
-        kwargs = dict(GENERATION_DEFAULTS)
-        if "max_length" in generate_kwargs:  # the user's max_length is not overridden by our max_new_tokens
-            kwargs.pop("max_new_tokens")
-        kwargs.update(generate_kwargs)
-        penalty = kwargs.pop("repetition_penalty", None)
+            return lavis_generate(
+                self.language_model, embeds, attention_mask, max_length=max_length,
+                num_beams=generate_kwargs.get("num_beams", config.num_beams or 1),
+                min_length=generate_kwargs.get("min_length", 1),
+                repetition_penalty=generate_kwargs.get("repetition_penalty", config.repetition_penalty or 1.0),
+                length_penalty=generate_kwargs.get("length_penalty",
+                                                   1.0 if config.length_penalty is None else config.length_penalty),
+                bos_token_id=_token_id(config.bos_token_id if config.bos_token_id is not None else gen.bos_token_id, 1),
+                eos_token_id=_token_id(config.eos_token_id if config.eos_token_id is not None else gen.eos_token_id, 2),
+                pad_token_id=_token_id(config.pad_token_id if config.pad_token_id is not None else gen.pad_token_id, 0),
+            )
+        if "max_length" in generate_kwargs and "max_new_tokens" not in generate_kwargs:
+            config.max_new_tokens = None  # the user's max_length is not overridden by the default
+        kwargs = config.update(**generate_kwargs)  # what is not a generation setting goes to the LLM
+        penalty = config.repetition_penalty
         if penalty is not None and penalty != 1.0:
             # HF's own processor would exempt the first k generated tokens of a row left-padded by k
             processors = generated_tokens_penalty(penalty)
             processors.extend(kwargs.pop("logits_processor", None) or [])
             kwargs["logits_processor"] = processors
-        kwargs["repetition_penalty"] = 1.0
-        beams = int(kwargs.get("num_beams") or 1)
-        if (beams > 1 and "past_key_values" not in kwargs and kwargs.get("use_cache", True)
-                and (kwargs.get("num_return_sequences") or 1) == 1):
+        config.repetition_penalty = 1.0
+        beams = int(config.num_beams or 1)
+        use_cache = kwargs.get("use_cache", config.use_cache)
+        if (beams > 1 and "past_key_values" not in kwargs and use_cache is not False
+                and (config.num_return_sequences or 1) == 1):
             # HF copies the prompt to every beam before its prefill (num_beams x the prefill work):
             # run the prompt but its last position once per sample, then give every beam a copy
             kwargs["past_key_values"] = prefill_for_beams(self.language_model, embeds, attention_mask, beams)
-        return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask,
+                                            generation_config=config, **kwargs)
 
     # -- loading (sam_fast.models.loading) ---------------------------------------------------
     @classmethod
@@ -585,4 +619,7 @@ class SAM(InstructBlipPreTrainedModel):
             return loading.load_trainable_delta(cls, pretrained_model_name_or_path, **kwargs)
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model.freeze_backbone()
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and os.path.isfile(
+                os.path.join(pretrained_model_name_or_path, "generation_config.json")):
+            model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path)
         return model
