@@ -458,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train SAM's four trainable modules (AdamW, warm-up + cosine, AMP, checkpoints, resume)",
-        description="Train on an annotations.json folder with the recipe of SPEC §4. OUTPUT receives "
+        description="Train on an annotations.json folder with the paper's recipe (AdamW, warm-up + cosine, AMP). OUTPUT receives "
         "run.json, tokenizer/, log.jsonl (one record per step) and checkpoints/ (trainable tensors + resume "
         "state, the newest --keep-last kept). A config file (JSON/YAML) may hold any option below by its "
         "long name with underscores (e.g. batch_size: 20), plus model (tiny or a directory), "

@@ -7,7 +7,7 @@ import os
 import torch
 
 # Triton kernels run under the interpreter on CPU tensors when there is no GPU. The variable must
-# be set before any module that defines kernels is imported (ENV.md), hence here, first.
+# be set before any module that defines kernels is imported, hence here, first.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

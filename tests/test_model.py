@@ -152,7 +152,7 @@ def test_generate_greedy_first_token_is_forward_argmax():
     with torch.no_grad():
         logits = model(**kw).logits
         gen = model.generate(**kw, num_beams=1, max_new_tokens=3, repetition_penalty=1.0, min_new_tokens=3)
-        beams = model.generate(**kw, max_new_tokens=4)  # SPEC defaults: 5 beams, penalty 1.5
+        beams = model.generate(**kw, max_new_tokens=4)  # the paper's defaults: 5 beams, penalty 1.5
     assert gen.shape == (2, 3)
     assert torch.equal(gen[:, 0], logits[:, -1].argmax(-1))
     assert beams.shape[0] == 2 and beams.shape[1] <= 4

@@ -1,4 +1,4 @@
-"""Data: annotations.json datasets, SPEC §4 transforms, SPEC §3 tokenisation and the ragged collator."""
+"""Data: annotations.json datasets, the paper's image transforms, tokenisation and the ragged collator."""
 
 from sam_fast.data.dataset import (
     AnnotationDataset,

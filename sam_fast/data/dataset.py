@@ -251,7 +251,7 @@ class AnnotationDataset(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Ragged batches (SPEC §3): images concatenated sample-major.
+    """Ragged batches: images concatenated sample-major.
 
     Returns ``pixel_values [T,3,S,S]`` (or ``image_features [T,P,D]`` when items carry features),
     ``image_counts`` LongTensor [B], the padded Q-former and LLM ids/masks (`PromptBuilder.batch_text`),

@@ -2,7 +2,7 @@
 
 Each sample shows 1-4 pictures of the same kind of object (a colour and a shape, drawn at random
 sizes and places over a random light background); the caption names what the group has in common,
-e.g. "a group of red circles". Written in the `annotations.json` format of SPEC §5.
+e.g. "a group of red circles". Written in the `annotations.json` format that `sam-fast train` reads (see the README).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tokenisation per SPEC §3, and offline tokenizers for the tiny configuration.
+"""Tokenisation as the released code does it, and offline tokenizers for the tiny configuration.
 
 `PromptBuilder` turns (instruction, number of images, answer) into the two token streams SAM needs:
 
@@ -113,7 +113,7 @@ class EncodedSample:
 
 
 class PromptBuilder:
-    """SPEC §3 prompts for a model configuration and its two tokenizers."""
+    """Prompts (placeholders, </s> + instruction, answer + </s>) for a model configuration and its two tokenizers."""
 
     def __init__(self, qformer_tokenizer, llm_tokenizer, num_query_tokens: int, image_token_index: int,
                  max_txt_len: int = 128, max_output_txt_len: int = 256, llm_vocab_size: int | None = None,

@@ -1,4 +1,4 @@
-"""Image transforms of SPEC §4 (PIL + torch; no torchvision).
+"""Image transforms of the paper's recipe (PIL + torch; no torchvision).
 
 - train: RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(3/4, 4/3), bicubic) + horizontal flip
   (p = 0.5) + CLIP normalisation;

@@ -1,6 +1,6 @@
 """Generation over a dataset and evaluation (`sam-fast eval`).
 
-`predict` runs `SAM.generate` (SPEC §4 defaults unless overridden) over an `AnnotationDataset`
+`predict` runs `SAM.generate` (the paper's settings unless overridden) over an `AnnotationDataset`
 with the eval transform; `evaluate` writes ``OUT/pred.json`` (records ``sample_id``,
 ``pred_response``, ``gt_response``, the SAM scorer's input format), ``OUT/metrics.json``
 (ROUGE_L, CIDEr, Bleu_4 x100 via `caption_metrics`, plus sample counts) and

@@ -71,8 +71,8 @@ dtype=None, device=None, copy=False, return_report=False) -> SAM``
 ``torch_load_weights_only(path)``
     ``torch.load(weights_only=True)`` on CPU (memory-mapped for zip files) with one clear
     ValueError naming the file when it is not a checkpoint or pickles custom classes (it names
-    them and how to re-save a trusted file's weights); nothing here unpickles with
-    ``weights_only=False``. Directories' ``pytorch_model.bin`` files are read through it too.
+    them and how to re-save a trusted file's weights); nothing here unpickles arbitrary objects.
+    Directories' ``pytorch_model.bin`` files are read through it too.
 
 ``save_trainable_delta(model, directory, base_reference) -> Path``
     Write ``config.json``, ``sam_delta.safetensors`` (``model.trainable_state_dict()`` only) and
@@ -628,7 +628,7 @@ def _unsafe_globals(path: Path, exc: BaseException) -> list[str]:
 def torch_load_weights_only(path) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)``, with one clear error per failure.
 
-    Zip-format files are memory-mapped. Nothing here ever unpickles with ``weights_only=False``.
+    Zip-format files are memory-mapped. Nothing here ever unpickles arbitrary objects.
     Raises FileNotFoundError if ``path`` is not a file; ValueError naming the file when it pickles
     more than tensors and plain containers (a custom class, an omegaconf config, ...: the message
     names those classes and says how to re-save the weights of a file you trust), or when it is
@@ -642,13 +642,11 @@ def torch_load_weights_only(path) -> Any:
     except Exception as exc:
         unsafe = _unsafe_globals(p, exc) if isinstance(exc, pickle.UnpicklingError) else []
         if unsafe:
-            resaved = p.with_name(p.stem + ".weights" + (p.suffix or ".pth"))
             raise ValueError(
                 f"{p}: torch.load(weights_only=True) refuses this file: besides tensors it pickles "
-                f"{', '.join(unsafe)}, and sam_fast never unpickles with weights_only=False. If you trust "
-                f"the file, re-save its weights with plain types and load that copy, e.g. python -c "
-                f"\"import torch; c = torch.load('{p}', weights_only=False); "
-                f"torch.save({{'model': c['model']}}, '{resaved}')\""
+                f"{', '.join(unsafe)}, and sam_fast never unpickles arbitrary objects (they can run code). "
+                f"If you trust where the file came from, re-save only its tensors (e.g. its 'model' state "
+                f"dict, with torch.save) with the tools that wrote it, and load that copy"
             ) from None
         m = _UNPICKLER_REASON_RE.search(str(exc))
         lines = str(exc).strip().splitlines()

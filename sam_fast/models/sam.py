@@ -141,7 +141,7 @@ def _in_graph_with_weight_zero(tokens: torch.Tensor, modules) -> torch.Tensor:
 class SAM(InstructBlipPreTrainedModel):
     """SAM as a transformers `PreTrainedModel` (state-dict compatible with HF InstructBLIP).
 
-    Attributes (SPEC §2): ``vision_model``, ``query_tokens`` [1, Q, 768], ``qformer``,
+    Attributes (HF InstructBLIP's names plus SAM's three modules): ``vision_model``, ``query_tokens`` [1, Q, 768], ``qformer``,
     ``adaptive_adjustment`` (Linear(D, 1)), ``guidance_in``, ``guidance_out`` (Linear(768, 768),
     zero-initialised), ``language_projection`` (Linear(768, llm_hidden)), ``language_model``.
     Only the last four (``TRAINABLE_MODULES``) require grad.
@@ -192,7 +192,7 @@ class SAM(InstructBlipPreTrainedModel):
             nn.init.zeros_(module.bias)
 
     def reset_guidance_parameters(self) -> None:
-        """Re-initialise the three new modules per SPEC: guidance Linears zero, Adaptive
+        """Re-initialise the three new modules as the paper starts them: guidance Linears zero, Adaptive
         Adjustment normal(0, initializer_range) weight and zero bias."""
         with torch.no_grad():
             for m in (self.guidance_in, self.guidance_out):
@@ -202,7 +202,7 @@ class SAM(InstructBlipPreTrainedModel):
             self.adaptive_adjustment.bias.zero_()
 
     def freeze_backbone(self) -> None:
-        """Freeze everything but the four trainable modules (SPEC §1)."""
+        """Freeze everything but the four trainable modules (the paper trains only these 4.3M parameters)."""
         for p in self.parameters():
             p.requires_grad_(False)
         for name in TRAINABLE_MODULES:
@@ -567,7 +567,7 @@ class SAM(InstructBlipPreTrainedModel):
     @classmethod
     def from_instructblip(cls, path_or_model, **kwargs) -> "SAM":
         """SAM from an HF InstructBLIP directory (safetensors, sharded too) or an in-memory
-        `InstructBlipForConditionalGeneration`; the three new modules start per SPEC (guidance
+        `InstructBlipForConditionalGeneration`; the three new modules start as in the paper (guidance
         Linears zero). Keyword arguments: loader options (`dtype`, `device`, `copy`, `strict`,
         `return_report`) and SAMConfig overrides (`context_mode=...`, ...). See
         `sam_fast.models.loading.from_instructblip`."""

@@ -59,7 +59,7 @@ def merged_context_kv(
 
     Why the K/V and not the 1408-wide features: merging the features and then projecting I-hat
     costs one more ``[P, D] x [D, n_cross*2*H]`` GEMM per merged map (the K/V projections are 36 %
-    of a Q-former pass, SPEC §6); merging the K/V is a memory-bound weighted sum over a 6.5x wider
+    of a Q-former pass at the real sizes); merging the K/V is a memory-bound weighted sum over a 6.5x wider
     row. Measured (``bench_merge_kv_vs_features`` in `bench/models/bench_encode_images.py`, real
     sizes, B=2, N=4, fp32, 2-core dev CPU under load, 2026-11-22): K/V 31 ms vs features + projection
     457 ms in shared mode, 71 ms vs 1312 ms in leave_one_out.

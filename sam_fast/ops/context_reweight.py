@@ -1,4 +1,4 @@
-"""Adaptive Adjustment re-weighting (paper eq. 1, SPEC §1): merge the contextual images of a sample.
+"""Adaptive Adjustment re-weighting (paper eq. 1): merge the contextual images of a sample.
 
 Public op::
 

@@ -105,7 +105,7 @@ def _check_triton(query, key, value, attn_bias=None, dropout_p=0.0, scale=None):
 
 def _blocks(Lq: int, Lk: int, d: int, interpret: bool, dtype: torch.dtype = torch.float32
             ) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_stages). Dot blocks >= 16 (ENV.md); under the interpreter,
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_stages). Dot blocks >= 16 (the interpreter accepts smaller ones, GPUs do not); under the interpreter,
     big blocks (each program instance costs milliseconds there). On a GPU the K/V tiles of the
     software pipeline live in shared memory, so wide heads take narrower key blocks and fewer
     stages: checked against the per-block limits of sm_80 (163 KB) and sm_90 (227 KB) by

@@ -1,4 +1,4 @@
-"""Training: the SPEC §4 recipe, checkpoints and resume, data parallelism over torchrun."""
+"""Training: the paper's recipe, checkpoints and resume, data parallelism over torchrun."""
 
 from sam_fast.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from sam_fast.train.distributed import DistInfo, init_from_env

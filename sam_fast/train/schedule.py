@@ -1,4 +1,4 @@
-"""The recipe's optimiser and learning-rate schedule (SPEC §4).
+"""The recipe's optimiser and learning-rate schedule (the paper's recipe: AdamW 0.9/0.999, lr 2e-5, weight decay 0.05 on >= 2-D weights, 240 warm-up steps then cosine).
 
 AdamW (betas 0.9/0.999), weight decay 0.05 on >= 2-D weights only (biases and other 1-D tensors
 get 0), a linear warm-up then a cosine decay:

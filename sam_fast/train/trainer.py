@@ -1,4 +1,4 @@
-"""The training loop of SPEC §4: AdamW + warm-up/cosine, AMP, accumulation, clipping, checkpoints, resume.
+"""The training loop of the paper's recipe: AdamW + warm-up/cosine, AMP, accumulation, clipping, checkpoints, resume.
 
 Batches: ``batch_size`` samples per micro-batch per process; one optimiser step takes
 ``grad_accum`` micro-batches on each of ``world_size`` processes (global batch =
@@ -79,7 +79,7 @@ def _notice(msg: str) -> None:
 
 @dataclass
 class TrainConfig:
-    """Training options (defaults: the paper's recipe, SPEC §4)."""
+    """Training options (defaults: the paper's recipe)."""
 
     output_dir: str = "output"
     max_steps: int = 1000

@@ -1,4 +1,4 @@
-"""SPEC §3 tokenisation: Q-former left truncation, prompt layout, labels, padding sides, offline tokenizers."""
+"""Tokenisation: Q-former left truncation, prompt layout, labels, padding sides, offline tokenizers."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""SPEC §4 transforms: CLIP numbers, bicubic resizing, RandomResizedCrop ranges, flips, determinism."""
+"""The paper's transforms: CLIP numbers, bicubic resizing, RandomResizedCrop ranges, flips, determinism."""
 
 import math
 
