@@ -80,26 +80,24 @@ def _merge(args: argparse.Namespace, file_opts: dict, keys) -> dict:
     return out
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (one-line usage error otherwise)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {v}")
-    return v
+def _positive(kind: type, what: str, rule: str):
+    """An argparse type: `kind(text)` that is > 0 and finite, else a one-line usage error."""
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not (v > 0 and v != float("inf")):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return v
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (v > 0 and v != float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return v
+_positive_int = _positive(int, "an integer", "a positive integer (>= 1)")
+_positive_float = _positive(float, "a number", "a finite number > 0")
 
 
 OUTSIDE_HELP = ("read img_list paths that leave the dataset folder (absolute paths, '..', symlinks to elsewhere); "

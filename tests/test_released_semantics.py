@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from _sam_helpers import ragged_batch, randomize_guidance, tiny_sam
-from sam_fast import SAM, SAMConfig
+from sam_fast import SAMConfig
 from sam_fast.data.tokenization import PromptBuilder, tiny_tokenizers
 from sam_fast.reference import reference_encode_images, released_schedule_encode_images
 
@@ -178,10 +178,6 @@ def test_too_long_prompt_and_label_free_batch_are_refused(tiny):
     with pytest.raises(ValueError, match="labels has no predicted position"):
         tiny(image_features=feats, image_counts=[1], qformer_input_ids=qids, input_ids=ids,
              labels=torch.full_like(ids, -100))
-
-
-def test_sam_class_is_importable_from_the_package():
-    assert SAM.__name__ == "SAM"
 
 
 # -- the packed, logit-free training step -----------------------------------------------------------

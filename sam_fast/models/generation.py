@@ -204,7 +204,6 @@ def lavis_generate(
             V = scores.shape[-1]
             top, flat = scores.view(B, K * V).topk(2 * K, dim=1, largest=True, sorted=True)
             cand = zip(top.tolist(), (flat // V).tolist(), (flat % V).tolist())
-            rows = seq.tolist()
             cur_len = seq.shape[1] + 1
             new_scores, new_tokens, new_rows = [], [], []
             for b, (sc, src, tok) in enumerate(cand):
@@ -218,7 +217,7 @@ def lavis_generate(
                     row = b * K + i
                     if t == eos_token_id:
                         if rank < K:  # only an </s> among the top num_beams candidates finishes a beam
-                            hyps[b].add(rows[row], s)
+                            hyps[b].add(seq[row].tolist(), s)  # read only when a beam finishes
                     else:
                         new_scores.append(s)
                         new_tokens.append(t)
