@@ -34,6 +34,7 @@ from transformers.models.instructblip.modeling_instructblip import InstructBlipP
 from sam_fast.config import SAMConfig
 from sam_fast.models.packing import packed_lm_loss
 from sam_fast.ops.linear_cross_entropy import linear_cross_entropy
+from sam_fast.train.distributed import is_sharded
 from sam_fast.models.generation import (
     GENERATION_MODES,
     generated_tokens_penalty,
@@ -115,16 +116,6 @@ def _counts_list(image_counts) -> list[int]:
 def _summed_fused_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of the supervised rows, logits never materialised whole."""
     return linear_cross_entropy(hidden, weight, targets, reduction="sum")
-
-
-def _is_sharded(module: nn.Module) -> bool:
-    """True when FSDP2 shards `module` (the packed step calls the LLM's decoder directly, which
-    would skip the root unit's all-gather)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
 def _in_graph_with_weight_zero(tokens: torch.Tensor, modules) -> torch.Tensor:
@@ -467,7 +458,7 @@ class SAM(InstructBlipPreTrainedModel):
         )
         if packing is None:
             packing = getattr(self.config, "packed_loss", True)
-        if labels is not None and packing and not kwargs and not _is_sharded(self.language_model):
+        if labels is not None and packing and not kwargs and not is_sharded(self.language_model):
             loss = packed_lm_loss(self.language_model, embeds, attention_mask, labels, loss_fn=_summed_fused_loss)
             return SAMOutput(loss=loss, visual_tokens=visual)
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
