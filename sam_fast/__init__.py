@@ -10,5 +10,6 @@ __version__ = "0.1.0"
 
 from sam_fast.config import SAMConfig  # noqa: E402
 from sam_fast.models import SAM, SAMOutput  # noqa: E402
+from sam_fast.processing import SAMImageProcessor, SAMProcessor  # noqa: E402
 
-__all__ = ["SAM", "SAMConfig", "SAMOutput", "__version__"]
+__all__ = ["SAM", "SAMConfig", "SAMImageProcessor", "SAMOutput", "SAMProcessor", "__version__"]
