@@ -210,3 +210,18 @@ def test_unknown_keyword_is_refused(processor):
 
 def test_exported_from_the_package():
     assert sam_fast.SAMProcessor is SAMProcessor and "SAMProcessor" in sam_fast.__all__
+
+
+def test_from_an_instructblip_folder(tmp_path):
+    from _tiny import tiny_instructblip
+
+    tiny_instructblip().save_pretrained(tmp_path)
+    q, llm = tiny_tokenizers(qformer_vocab_size=100, llm_vocab_size=119)
+    llm.save_pretrained(tmp_path)  # the HF InstructBLIP layout: LLM tokenizer at the top
+    q.save_pretrained(tmp_path / "qformer_tokenizer")
+    processor = SAMProcessor.from_pretrained(tmp_path)
+    assert (processor.num_query_tokens, processor.image_token_index, processor.image_processor.size) == (4, 119, 28)
+    batch = processor(images=[_images(2)], text=["red"])
+    assert batch["input_ids"][0, :8].tolist() == [119] * 8
+    out = SAM.from_instructblip(tmp_path).generate(**batch, max_new_tokens=2, num_beams=1)
+    assert out.shape[0] == 1
