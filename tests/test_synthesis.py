@@ -1,0 +1,320 @@
+"""sam_fast.data.synthesis and `sam-fast synthesize`: tiny random models built from configs, offline, CPU.
+
+Sources are drawn here: each object is a solid-colour rectangle on a white background, so the threshold
+segmenter's mask, the compositor's placements and the filters' verdicts can be stated exactly."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import sys
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from sam_fast.data.synthesis import (  # noqa: E402
+    FilterConfig,
+    Manifest,
+    OpenAITextWriter,
+    RandomCompositor,
+    SamSegmenter,
+    SynthesisError,
+    Synthesizer,
+    ThresholdSegmenter,
+    TransformersTextWriter,
+    largest_component,
+    load_prompts,
+    plan_samples,
+    discover_sources,
+)
+from sam_fast.data.synthesis import filters as F  # noqa: E402
+from sam_fast.data.synthesis.pipeline import parse_refined  # noqa: E402
+
+COLOURS = {"apple": (200, 30, 30), "boat": (30, 60, 200), "chair": (30, 160, 60), "drum": (200, 160, 20)}
+
+
+def rect_image(colour, box, size=(48, 40)) -> Image.Image:
+    """White image with a solid `colour` rectangle at box = (x0, y0, x1, y1), x1/y1 exclusive."""
+    a = np.full((size[1], size[0], 3), 255, np.uint8)
+    x0, y0, x1, y1 = box
+    a[y0:y1, x0:x1] = colour
+    return Image.fromarray(a)
+
+
+def write_sources(root: Path, groups=COLOURS, tiny: tuple[str, int] | None = None) -> Path:
+    """Two views per object: the rectangle at two places/sizes. `tiny=(group, view)` makes that view's
+    object 2x2 pixels (a segmentation 'failure' the mask-area filter must catch)."""
+    for name, colour in groups.items():
+        (root / name).mkdir(parents=True)
+        for v, box in enumerate([(8, 6, 30, 30), (14, 10, 40, 28)]):
+            if tiny == (name, v):
+                box = (20, 20, 22, 22)
+            rect_image(colour, box).save(root / name / f"view{v}.png")
+    return root
+
+
+# -- stub components (the pipeline's bookkeeping, without model time) ------------------------------
+class KeepInpainter:
+    """Paints the background a colour derived from the seed; keeps object pixels."""
+
+    def __init__(self, wipe: set[str] | None = None):
+        self.wipe, self.calls = wipe or set(), []
+
+    def inpaint(self, image, mask, prompt, seed):
+        self.calls.append(prompt)
+        a = np.asarray(image).copy()
+        m = np.asarray(mask) > 127
+        a[m] = (seed % 200, 100, 50)
+        if any(w in prompt for w in self.wipe):
+            a[:] = 0  # destroys the objects
+        return Image.fromarray(a)
+
+    def describe(self):
+        return {"kind": "stub"}
+
+
+class FixedCaptioner:
+    def caption(self, image):
+        return f"a {image.getpixel((24, 20))} coloured block"
+
+    def describe(self):
+        return {"kind": "stub"}
+
+
+class EchoWriter:
+    """Background: 'a studio for OBJECT'; refine: a deterministic answer, or per-object overrides."""
+
+    def __init__(self, answers: dict[str, str] | None = None, fail_after: int | None = None):
+        self.answers, self.fail_after, self.calls = answers or {}, fail_after, 0
+
+    def complete(self, prompt, seed):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt  # as a kill in the middle of a sample
+        if "photograph of " in prompt:  # the shipped background prompt names the object
+            obj = prompt.split("photograph of ")[1].split(":")[0]
+            return f"a quiet studio for the {obj} with soft light number {seed % 97}"
+        obj = prompt.split("The object is ")[1].split(".")[0]
+        return self.answers.get(obj, f"it is a {obj} shown twice, seed {seed % 1000}")
+
+    def describe(self):
+        return {"kind": "stub"}
+
+
+def stub_synth(**kw) -> Synthesizer:
+    args = dict(segmenter=ThresholdSegmenter(), compositor=RandomCompositor(64, (0.3, 0.4), 0.0),
+                inpainter=KeepInpainter(), captioner=FixedCaptioner(), writer=EchoWriter())
+    args.update(kw)
+    return Synthesizer(**args)
+
+
+def read_manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+# -- segmentation ----------------------------------------------------------------------------
+def test_threshold_segmenter_keeps_the_largest_component():
+    a = np.full((30, 40, 3), 250, np.uint8)
+    a[2:12, 3:20] = (10, 10, 10)  # 170 px
+    a[20:25, 30:35] = (10, 10, 10)  # 25 px
+    a[15, 0:40] = (245, 252, 250)  # near the background colour: not foreground
+    mask = ThresholdSegmenter(30).segment(Image.fromarray(a))
+    want = np.zeros((30, 40), bool)
+    want[2:12, 3:20] = True
+    assert mask.dtype == bool and np.array_equal(mask, want)
+
+
+def test_largest_component_is_4_connected():
+    m = np.zeros((5, 5), bool)
+    m[0, 0] = m[1, 1] = m[2, 2] = True  # diagonal: three components of 1
+    m[3:5, 3:5] = True  # 4 px
+    out = largest_component(m)
+    assert out.sum() == 4 and out[3:5, 3:5].all()
+    assert not largest_component(np.zeros((3, 3), bool)).any()
+
+
+def tiny_sam_parts():
+    from transformers import (
+        SamConfig,
+        SamImageProcessor,
+        SamMaskDecoderConfig,
+        SamModel,
+        SamProcessor,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
+
+    torch.manual_seed(0)
+    cfg = SamConfig(
+        vision_config=SamVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                                      patch_size=8, output_channels=16, global_attn_indexes=[1], mlp_dim=64,
+                                      window_size=4, num_pos_feats=8),
+        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4),
+        mask_decoder_config=SamMaskDecoderConfig(hidden_size=16, num_attention_heads=2, mlp_dim=32,
+                                                 iou_head_hidden_dim=16))
+    proc = SamProcessor(SamImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64},
+                                          mask_size={"longest_edge": 16}, mask_pad_size={"height": 16, "width": 16}))
+    return SamModel(cfg).eval(), proc
+
+
+@pytest.mark.parametrize("prompt", ["center", "saliency"])
+def test_sam_segmenter_from_local_directory(tmp_path, prompt):
+    model, proc = tiny_sam_parts()
+    model.save_pretrained(tmp_path / "sam")
+    proc.save_pretrained(tmp_path / "sam")
+    seg = SamSegmenter.from_pretrained(tmp_path / "sam", prompt=prompt)
+    mask = seg.segment(rect_image((200, 30, 30), (8, 6, 30, 30)))
+    assert mask.shape == (40, 48) and mask.dtype == bool
+    assert seg.describe() == {"kind": "sam", "model": str(tmp_path / "sam"), "prompt": prompt}
+    with pytest.raises(SynthesisError, match="--sam-model .*nowhere"):
+        SamSegmenter.from_pretrained(tmp_path / "nowhere")
+
+
+def test_saliency_box_is_the_box_of_non_background_pixels():
+    from sam_fast.data.synthesis.segmentation import saliency_box
+
+    assert saliency_box(np.asarray(rect_image((0, 0, 0), (8, 6, 30, 30)))) == [8.0, 6.0, 29.0, 29.0]
+    assert saliency_box(np.full((10, 12, 3), 9, np.uint8)) == [0.0, 0.0, 11.0, 9.0]
+
+
+# -- compositing -----------------------------------------------------------------------------
+def obj(colour, w, h):
+    """A w x h solid object on a white margin, and its exact mask."""
+    img = rect_image(colour, (3, 2, 3 + w, 2 + h), size=(w + 6, h + 4))
+    m = np.zeros((h + 4, w + 6), bool)
+    m[2:2 + h, 3:3 + w] = True
+    return img, m
+
+
+def test_compositing_exact_placements_masks_and_overlap_limit():
+    S = 64
+    comp = RandomCompositor(S, (0.25, 0.5), max_overlap=0.0, background=(127, 127, 127))
+    objects = [obj((200, 0, 0), 20, 10), obj((0, 0, 200), 12, 24)]
+    seen = set()
+    for seed in range(25):
+        c = comp.compose(objects, seed)
+        canvas = np.asarray(c.image)
+        inpaint = np.asarray(c.inpaint_mask) == 255
+        union = np.zeros((S, S), bool)
+        for p, m, (_, src), colour in zip(c.placements, c.object_masks, objects, [(200, 0, 0), (0, 0, 200)],
+                                           strict=True):
+            # the longer side is scale * S, the aspect ratio of the mask's box is kept
+            longer, shorter = (p.w, p.h) if src.sum(0).max() < src.sum(1).max() else (p.h, p.w)
+            assert longer == round(p.scale * S) and 0.25 <= p.scale <= 0.5
+            assert 0 <= p.x <= S - p.w and 0 <= p.y <= S - p.h  # max_outside=0: inside the canvas
+            box = np.zeros((S, S), bool)
+            box[p.y:p.y + p.h, p.x:p.x + p.w] = True
+            assert np.array_equal(m, box)  # a full-box object's mask is exactly its placed box
+            assert p.area == p.inside == p.visible == p.w * p.h
+            assert (canvas[m] == colour).all()
+            assert not (union & m).any()  # max_overlap 0: disjoint
+            union |= m
+        assert np.array_equal(inpaint, ~union)
+        assert (canvas[~union] == (127, 127, 127)).all()
+        again = comp.compose(objects, seed)
+        assert [p.to_dict() for p in again.placements] == [p.to_dict() for p in c.placements]
+        assert np.array_equal(np.asarray(again.image), canvas)
+        seen.add(tuple((p.x, p.y, p.w) for p in c.placements))
+    assert len(seen) > 20  # the seed matters
+
+
+def test_compositing_overlap_limit_and_impossible_layouts():
+    S = 64
+    objects = [obj((200, 0, 0), 20, 20), obj((0, 0, 200), 20, 20)]
+    comp = RandomCompositor(S, (0.4, 0.4), max_overlap=0.25, max_tries=1000)
+    for seed in range(10):
+        c = comp.compose(objects, seed)
+        full = []
+        for p in c.placements:
+            b = np.zeros((S, S), bool)
+            b[p.y:p.y + p.h, p.x:p.x + p.w] = True
+            full.append(b)
+        assert (full[0] & full[1]).sum() / full[0].sum() <= 0.25
+        assert c.placements[0].visible == full[0].sum() - (full[0] & full[1]).sum()  # covered by the later one
+    with pytest.raises(SynthesisError, match="object 1 could not be placed within max_overlap=0.0"):
+        RandomCompositor(S, (0.9, 0.9), max_overlap=0.0, max_tries=20).compose(objects, 0)
+    with pytest.raises(SynthesisError, match="empty mask"):
+        comp.compose([(objects[0][0], np.zeros_like(objects[0][1]))], 0)
+
+
+def test_compositing_max_outside_records_the_cut():
+    S = 64
+    comp = RandomCompositor(S, (0.5, 0.5), max_overlap=1.0, max_outside=0.5)
+    cut = 0
+    for seed in range(20):
+        for p, m in zip(*(lambda c: (c.placements, c.object_masks))(comp.compose([obj((9, 9, 9), 10, 10)], seed)),
+                        strict=True):
+            xs = max(0, min(p.x + p.w, S) - max(p.x, 0))
+            ys = max(0, min(p.y + p.h, S) - max(p.y, 0))
+            assert p.inside == p.visible == xs * ys == m.sum() and p.area == p.w * p.h == 32 * 32
+            cut += p.inside < p.area
+    assert cut > 0
+
+
+# -- filters ---------------------------------------------------------------------------------
+def test_filter_functions_exact():
+    cfg = FilterConfig(min_mask_area=0.1, max_mask_area=0.5, min_visible=0.9, max_object_change=0.2,
+                       max_repetition=0.5)
+    m = np.zeros((10, 10), bool)
+    m[:3, :3] = True  # 0.09
+    d = F.mask_area(m, "source A1", cfg)
+    assert (d.name, d.passed, d.value) == ("mask_area", False, 0.09) and "0.0900" in d.reason
+    m[:5, :10] = True  # 0.5: on the limit
+    assert F.mask_area(m, "x", cfg).passed
+    assert F.object_cut(100, 90, "o", cfg).passed and not F.object_cut(100, 89, "o", cfg).passed
+    before = Image.fromarray(np.zeros((4, 4, 3), np.uint8))
+    after = np.zeros((4, 4, 3), np.uint8)
+    after[0, 0] = 204  # one pixel of 16 changed by 204 on every channel: 204 / 16 / 255 = 0.05
+    mask = np.ones((4, 4), bool)
+    d = F.object_change(before, Image.fromarray(after), mask, "o", cfg)
+    assert d.passed and d.value == pytest.approx(0.05)
+    mask[:] = False
+    mask[0, 0] = True  # only the changed pixel: 0.8
+    d = F.object_change(before, Image.fromarray(after), mask, "o", cfg)
+    assert not d.passed and d.value == pytest.approx(0.8) and d.name == "object_changed"
+    assert F.repetition("a b a b a b") == pytest.approx(1 - 2 / 5)
+    assert F.repetition("red red") == 0.5 and F.repetition("") == 0.0
+    assert not F.text_quality("answer", "  ", cfg).passed
+    assert "repetitive" in F.text_quality("answer", "the cat the cat the cat the cat", cfg).reason
+    assert F.text_quality("answer", "a small red boat with a white sail", cfg).passed
+    assert "image placeholder" in F.text_quality("instruction", "<image> what is it", cfg).reason
+    with pytest.raises(SynthesisError, match="min_mask_area=0.6 is above max_mask_area=0.5"):
+        FilterConfig(min_mask_area=0.6, max_mask_area=0.5).validate()
+
+
+def test_pipeline_drops_exactly_the_bad_samples_and_says_why(tmp_path):
+    """apple: view 1 is a 2x2 object (mask_area); boat: inpainting wipes it (object_changed); chair: the
+    refined answer is empty (text); drum: repetitive answer (text)."""
+    src = write_sources(tmp_path / "src", tiny=("apple", 1))
+    groups = discover_sources(src)
+    # a seed whose plan gives the tiny view to apple's own sample only (partners are drawn too)
+    seed = next(sd for sd in range(100) if all("apple/view1.png" not in [img for _, img in s.partners]
+                                              for s in plan_samples(groups, 1, sd)))
+    writer = EchoWriter({"chair": "", "drum": "drum drum drum drum drum drum"})
+    synth = stub_synth(inpainter=KeepInpainter(wipe={"boat"}), writer=writer, seed=seed)
+    res = synth.run(src, tmp_path / "out", progress=False)
+    entries = {e["id"]: e for e in read_manifest(tmp_path / "out")}
+    assert {sid: e["dropped_by"] for sid, e in entries.items()} == {
+        "apple-0": "mask_area", "boat-0": "object_changed", "chair-0": "text", "drum-0": "text"}
+    assert re.fullmatch(r"source A[12] \(apple/view1\.png\): mask covers 0\.0021 of the image, outside "
+                        r"\[0\.02, 0\.9\]", entries["apple-0"]["reason"])
+    assert entries["boat-0"]["reason"].startswith("canvas 1 object 0: inpainting changed the object's pixels by")
+    assert entries["chair-0"]["reason"] == "answer is empty"
+    assert entries["drum-0"]["reason"] == "answer is repetitive (repetition 0.800, maximum 0.5)"
+    assert res.kept == 0 and res.dropped == 4 and json.loads((tmp_path / "out" / "annotations.json").read_text()) == []
+    # every decision up to the failing one is recorded, all but the last passed
+    for e in entries.values():
+        assert [d["passed"] for d in e["decisions"]] == [True] * (len(e["decisions"]) - 1) + [False]
+
+
+def test_parse_refined():
+    assert parse_refined("Instruction: What is it?\nAnswer: a boat.") == ("What is it?", "a boat.")
+    assert parse_refined("Answer: a boat") == (None, "a boat")
+    assert parse_refined("  a red boat ") == (None, "a red boat")
