@@ -7,6 +7,8 @@
     sam-fast explain  --model DIR (--images a b ... | --data DIR) --output OUT    Adaptive Adjustment weights as PNGs
     sam-fast bench    [-k EXPR] [--json FILE] [--plan]                              the pytest-benchmark suite (bench/)
     sam-fast demo     [--steps N] [--batch B] [--seed S]                          the tiny SAM end to end on a CPU
+    sam-fast synthesize --sources DIR --output DIR --inpaint-model SD --caption-model M (--text-model LM | --text-url URL)
+                                                                                  MmLINK-style training data
     sam-fast env                                                                  versions, devices, extension, op backends
 
 Options come from built-in defaults, then a config file (`--config FILE`, JSON or YAML), then the
@@ -424,6 +426,64 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return rc
 
 
+def _cmd_synthesize(args: argparse.Namespace) -> int:
+    from sam_fast.data.synthesis import (
+        DiffusersInpainter,
+        FilterConfig,
+        OpenAITextWriter,
+        RandomCompositor,
+        SAMCaptioner,
+        SamSegmenter,
+        SynthesisError,
+        Synthesizer,
+        ThresholdSegmenter,
+        TransformersTextWriter,
+        load_prompts,
+    )
+
+    if (args.text_model is None) == (args.text_url is None):
+        raise SystemExit("sam-fast synthesize: give one text writer: --text-model DIR (a local causal LM) or "
+                         "--text-url URL (an OpenAI-compatible endpoint, with --text-api-model)")
+    if args.segmenter == "sam" and not args.sam_model:
+        raise SystemExit("sam-fast synthesize: --segmenter sam needs --sam-model DIR (a local Segment Anything "
+                         "model), or use --segmenter threshold for clean-background sources")
+    import torch
+
+    dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        filters = FilterConfig(min_mask_area=args.min_mask_area, max_mask_area=args.max_mask_area,
+                               min_visible=args.min_visible, max_object_change=args.max_object_change,
+                               max_repetition=args.max_repetition).validate()
+        compositor = RandomCompositor(args.canvas_size, tuple(args.scale_range), args.max_overlap,
+                                      max_outside=args.max_outside)
+        prompts = load_prompts(args.prompts)
+        segmenter = (SamSegmenter.from_pretrained(args.sam_model, args.sam_prompt, device=device)
+                     if args.segmenter == "sam" else ThresholdSegmenter(args.threshold))
+        inpainter = DiffusersInpainter.from_pretrained(args.inpaint_model, device=device, dtype=dtype,
+                                                       steps=args.inpaint_steps, guidance_scale=args.guidance_scale)
+        gen = {"generation_mode": "lavis", "num_beams": args.caption_beams, "max_new_tokens": args.caption_max_tokens}
+        captioner = SAMCaptioner.from_pretrained(args.caption_model, device=device, dtype=dtype,
+                                                 prompt=args.caption_prompt, generate_kwargs=gen)
+        if args.text_model:
+            writer = TransformersTextWriter.from_pretrained(args.text_model, device=device, dtype=dtype,
+                                                            max_new_tokens=args.text_max_tokens,
+                                                            do_sample=args.text_temperature > 0,
+                                                            temperature=args.text_temperature or 1.0)
+        else:
+            writer = OpenAITextWriter(args.text_url, args.text_api_model, api_key_env=args.text_api_key_env,
+                                      max_tokens=args.text_max_tokens, temperature=args.text_temperature)
+        synth = Synthesizer(segmenter, compositor, inpainter, captioner, writer, prompts=prompts, filters=filters,
+                            samples_per_group=args.samples_per_group, seed=args.seed)
+        res = synth.run(args.sources, args.output, limit=args.limit, progress=not args.no_progress)
+    except SynthesisError as e:
+        raise SystemExit(f"sam-fast synthesize: {e}") from None
+    why = ", ".join(f"{k} {v}" for k, v in sorted(res.drop_reasons.items()))
+    print(f"synthesized {res.kept + res.dropped} sample(s) ({res.resumed} done before): kept {res.kept}, dropped "
+          f"{res.dropped}{f' ({why})' if why else ''}; {res.kept_total} of {res.planned} in {res.annotations}")
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------------
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (defaults: the paper's: 5 beams, 255 new tokens, repetition penalty 1.5)")
@@ -604,6 +664,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="samples per training batch")
     p.add_argument("--seed", type=int, help="random seed")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "synthesize",
+        help="MmLINK-style training data: object image groups -> an annotations.json dataset",
+        description="For each object folder of --sources (>= 2 images of the object; >= 3 folders), segment the "
+        "object, place two views of it with two other objects on two canvases, inpaint the backgrounds from "
+        "written descriptions, caption the object and refine the caption into an instruction/answer pair; "
+        "filter failures (reasons in OUTPUT/manifest.jsonl). OUTPUT gets annotations.json (what `sam-fast "
+        "train --data` reads), images/, masks/, manifest.jsonl and synthesis.json. Rerunning the same command "
+        "continues a stopped run; a non-empty folder that is not a synthesis run is refused. Models are read "
+        "from local directories only.",
+    )
+    p.add_argument("--sources", required=True, help="folder of object folders, each with >= 2 images")
+    p.add_argument("--output", required=True, help="dataset folder (new, empty, or a stopped run to continue)")
+    p.add_argument("--samples-per-group", type=_positive_int, default=1, help="samples per object folder")
+    p.add_argument("--limit", type=_positive_int, help="only the first N samples of the plan")
+    p.add_argument("--seed", type=int, default=0, help="seed of every draw (sources, placements, inpainting, text)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="dtype of the inpainting, captioning and local text models")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    g = p.add_argument_group("segmentation")
+    g.add_argument("--segmenter", choices=["sam", "threshold"], default="sam", help="sam: Segment Anything "
+                   "(--sam-model); threshold: border-colour threshold + largest component (clean backgrounds)")
+    g.add_argument("--sam-model", help="local transformers SamModel directory (e.g. a copy of facebook/sam-vit-huge)")
+    g.add_argument("--sam-prompt", choices=["center", "saliency"], default="center",
+                   help="center: a point at the image centre; saliency: the box of pixels unlike the border")
+    g.add_argument("--threshold", type=float, default=30.0, help="threshold segmenter: RGB distance from the border colour")
+    g = p.add_argument_group("compositing")
+    g.add_argument("--canvas-size", type=_positive_int, default=512, help="canvas side in pixels (multiple of 8)")
+    g.add_argument("--scale-range", type=_positive_float, nargs=2, default=[0.35, 0.6], metavar=("LOW", "HIGH"),
+                   help="an object's longer side as a fraction of the canvas")
+    g.add_argument("--max-overlap", type=float, default=0.05, help="largest share of the smaller object covered")
+    g.add_argument("--max-outside", type=float, default=0.0, help="share of an object's size allowed off the canvas")
+    g = p.add_argument_group("inpainting, captioning, text")
+    g.add_argument("--inpaint-model", required=True, help="local diffusers Stable Diffusion inpainting directory")
+    g.add_argument("--inpaint-steps", type=_positive_int, default=50)
+    g.add_argument("--guidance-scale", type=float, default=7.5)
+    g.add_argument("--caption-model", required=True, help="HF InstructBLIP directory (loaded as SAM with zero "
+                   "guidance), SAM directory or training output")
+    g.add_argument("--caption-prompt", default="{image#1} Describe the main object in this image in detail.")
+    g.add_argument("--caption-beams", type=_positive_int, default=5)
+    g.add_argument("--caption-max-tokens", type=_positive_int, default=64)
+    g.add_argument("--text-model", help="local transformers causal LM directory")
+    g.add_argument("--text-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
+    g.add_argument("--text-api-model", help="model name sent to --text-url")
+    g.add_argument("--text-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    g.add_argument("--text-max-tokens", type=_positive_int, default=160)
+    g.add_argument("--text-temperature", type=float, default=0.7, help="0: greedy (local model)")
+    g.add_argument("--prompts", help="prompts JSON file (default: the one shipped in sam_fast/data/synthesis/)")
+    g = p.add_argument_group("filters")
+    g.add_argument("--min-mask-area", type=float, default=0.02)
+    g.add_argument("--max-mask-area", type=float, default=0.9)
+    g.add_argument("--min-visible", type=float, default=0.9, help="least visible share of a placed object")
+    g.add_argument("--max-object-change", type=float, default=0.15,
+                   help="largest mean absolute change (0-1) of an object's pixels by inpainting")
+    g.add_argument("--max-repetition", type=float, default=0.5, help="largest share of repeated word bigrams")
+    p.set_defaults(func=_cmd_synthesize)
     return parser
 
 

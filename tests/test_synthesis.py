@@ -318,3 +318,245 @@ def test_parse_refined():
     assert parse_refined("Instruction: What is it?\nAnswer: a boat.") == ("What is it?", "a boat.")
     assert parse_refined("Answer: a boat") == (None, "a boat")
     assert parse_refined("  a red boat ") == (None, "a red boat")
+
+
+# -- resume and the output folder --------------------------------------------------------------
+def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
+    src = write_sources(tmp_path / "src")
+    full = tmp_path / "full"
+    stub_synth(samples_per_group=2).run(src, full, progress=False)
+    want = json.loads((full / "annotations.json").read_text())
+    assert len(want) == 8  # nothing dropped: every sample is in
+
+    out = tmp_path / "out"
+    # killed during sample 4 (3 text calls per sample: two backgrounds and the refinement)
+    with pytest.raises(KeyboardInterrupt):
+        stub_synth(samples_per_group=2, writer=EchoWriter(fail_after=3 * 3 + 1)).run(src, out, progress=False)
+    assert [e["id"] for e in read_manifest(out)] == [r["id"] for r in want[:3]]
+    assert json.loads((out / "annotations.json").read_text()) == want[:3]  # written on the way out
+    assert not (out / ".lock").exists()
+    with open(out / "manifest.jsonl", "ab") as f:  # a line cut by a kill while it was written
+        f.write(b'{"id": "chair-1", "status": "ke')
+    res = stub_synth(samples_per_group=2).run(src, out, progress=False)
+    assert (res.resumed, res.kept, res.kept_total) == (3, 5, 8)
+    ids = [e["id"] for e in read_manifest(out)]
+    assert ids == [r["id"] for r in want] and len(set(ids)) == 8
+    assert json.loads((out / "annotations.json").read_text()) == want
+    for r in want:  # the same pixels as the uninterrupted run
+        for rel in r["img_list"]:
+            assert np.array_equal(np.asarray(Image.open(out / rel)), np.asarray(Image.open(full / rel)))
+    # a run with nothing left to do changes nothing
+    res = stub_synth(samples_per_group=2).run(src, out, progress=False)
+    assert (res.resumed, res.kept, res.dropped) == (8, 0, 0) and len(read_manifest(out)) == 8
+
+
+def test_limit_then_continue(tmp_path):
+    src = write_sources(tmp_path / "src")
+    stub_synth().run(src, tmp_path / "out", limit=2, progress=False)
+    assert len(read_manifest(tmp_path / "out")) == 2
+    res = stub_synth().run(src, tmp_path / "out", progress=False)
+    assert (res.resumed, res.kept_total) == (2, 4)
+
+
+def test_refuses_a_foreign_folder_and_other_settings(tmp_path):
+    src = write_sources(tmp_path / "src")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(SynthesisError, match=r"is not empty and is not a sam-fast synthesis run \(no synthesis.json\)"):
+        stub_synth().run(src, mine, progress=False)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    stub_synth().run(src, tmp_path / "out", limit=1, progress=False)
+    with pytest.raises(SynthesisError, match=r"made with other settings \(filters.max_object_change, seed\)"):
+        stub_synth(seed=1, filters=FilterConfig(max_object_change=0.3)).run(src, tmp_path / "out", progress=False)
+
+
+def test_sources_need_two_images_and_three_objects(tmp_path):
+    src = write_sources(tmp_path / "src", groups={"apple": COLOURS["apple"], "boat": COLOURS["boat"]})
+    with pytest.raises(SynthesisError, match="2 object folder"):
+        discover_sources(src)
+    (src / "chair").mkdir()
+    rect_image((1, 2, 3), (1, 1, 5, 5)).save(src / "chair" / "only.png")
+    with pytest.raises(SynthesisError, match=r"chair has 1 image\(s\)"):
+        discover_sources(src)
+
+
+def test_manifest_refuses_duplicates(tmp_path):
+    m = Manifest(tmp_path)
+    m.append({"id": "a", "status": "kept"})
+    with pytest.raises(SynthesisError, match="'a' is already recorded"):
+        m.append({"id": "a", "status": "kept"})
+    with open(tmp_path / "manifest.jsonl", "a") as f:
+        f.write('{"id": "a", "status": "dropped"}\n')
+    with pytest.raises(SynthesisError, match="line 2: sample id 'a' recorded twice"):
+        Manifest(tmp_path)
+
+
+# -- text ------------------------------------------------------------------------------------
+def test_prompts_file_is_shipped_and_checked(tmp_path):
+    p = load_prompts()
+    assert "{object}" in p.background and all("{images}" in t for t in p.instructions)
+    bad = tmp_path / "p.json"
+    bad.write_text(json.dumps({"background": "a {place}", "refine": "{caption}", "instructions": ["{images} x"]}))
+    with pytest.raises(SynthesisError, match=r"p.json: 'background' uses unknown field\(s\) \['place'\]"):
+        load_prompts(bad)
+    with pytest.raises(SynthesisError, match="no such file"):
+        load_prompts(tmp_path / "missing.json")
+
+
+class FakeResponse(io.BytesIO):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.close()
+
+
+def test_openai_writer_request_and_errors(monkeypatch):
+    sent = []
+
+    def opener(req, timeout):
+        sent.append((req, timeout))
+        return FakeResponse(json.dumps({"choices": [{"message": {"content": "  a sunny beach  "}}]}).encode())
+
+    monkeypatch.setenv("MY_KEY", "sk-test")
+    w = OpenAITextWriter("http://localhost:8000/v1/", "vicuna", api_key_env="MY_KEY", timeout=5, opener=opener)
+    assert w.complete("describe", seed=7) == "a sunny beach"
+    req, timeout = sent[0]
+    assert req.full_url == "http://localhost:8000/v1/chat/completions" and req.get_method() == "POST" and timeout == 5
+    assert req.get_header("Authorization") == "Bearer sk-test"
+    body = json.loads(req.data)
+    assert body["model"] == "vicuna" and body["seed"] == 7 and body["messages"] == [{"role": "user", "content": "describe"}]
+    assert "sk-test" not in json.dumps(w.describe())
+
+    def failing(req, timeout):
+        raise urllib.error.HTTPError(req.full_url, 503, "Service Unavailable", {}, None)
+
+    with pytest.raises(SynthesisError, match="HTTP 503 Service Unavailable"):
+        OpenAITextWriter("https://x/v1/chat/completions", "m", opener=failing).complete("p", 0)
+    with pytest.raises(SynthesisError, match="not an OpenAI chat completion"):
+        OpenAITextWriter("https://x/v1", "m", opener=lambda r, timeout: FakeResponse(b'{"error": 1}')).complete("p", 0)
+    for url in ("file:///etc/passwd", "ftp://host/v1", "localhost:8000"):
+        with pytest.raises(SynthesisError, match="must be an http:// or https:// URL"):
+            OpenAITextWriter(url, "m")
+    with pytest.raises(SynthesisError, match="not in the URL"):
+        OpenAITextWriter("http://user:secret@host/v1", "m")
+
+
+def tiny_causal_lm(path: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sam_fast.data import tiny_tokenizers
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, max_position_embeddings=512, bos_token_id=1, eos_token_id=None,
+                      pad_token_id=0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tiny_tokenizers()[1].save_pretrained(path)
+    return path
+
+
+def test_transformers_writer_is_seeded(tmp_path):
+    w = TransformersTextWriter.from_pretrained(tiny_causal_lm(tmp_path / "lm"), max_new_tokens=6, do_sample=True)
+    a, b = w.complete("a red boat", 3), w.complete("a red boat", 3)
+    assert a == b and a and w.complete("a red boat", 4) != a
+    assert w.describe()["model"] == str(tmp_path / "lm")
+
+
+# -- the whole pipeline with the real components -------------------------------------------------
+def tiny_inpaint_dir(path: Path) -> Path:
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=9,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                norm_num_groups=8, attention_head_dim=4)
+    vae = AutoencoderKL(block_out_channels=[16, 32], in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=8, sample_size=32)
+    text = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32,
+                                        intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=64))
+    tok_dir = path.parent / "clip_tok"
+    tok_dir.mkdir(parents=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=16)
+    pipe = StableDiffusionInpaintPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                          scheduler=DDIMScheduler(steps_offset=1), safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    return path
+
+
+def tiny_instructblip_dir(path: Path) -> Path:
+    from _tiny import tiny_instructblip
+
+    from sam_fast.data import tiny_tokenizers
+
+    tiny_instructblip().save_pretrained(path)
+    q, llm = tiny_tokenizers(qformer_vocab_size=100, llm_vocab_size=119)  # the tiny HF config's sizes
+    q.save_pretrained(path / "qformer_tokenizer")
+    llm.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_synthesize_command_builds_a_dataset_that_trains(tmp_path, capsys):
+    """sam-fast synthesize with tiny random diffusers / InstructBLIP / causal LM directories, then one training
+    step of sam-fast train on the result."""
+    from sam_fast.cli import main
+    from sam_fast.data import load_records
+
+    src = write_sources(tmp_path / "src", groups={k: COLOURS[k] for k in ("apple", "boat", "chair")})
+    out = tmp_path / "data"
+    args = ["synthesize", "--sources", str(src), "--output", str(out), "--segmenter", "threshold",
+            "--inpaint-model", str(tiny_inpaint_dir(tmp_path / "sd")), "--inpaint-steps", "2", "--guidance-scale", "1",
+            "--caption-model", str(tiny_instructblip_dir(tmp_path / "blip")), "--caption-beams", "1",
+            "--caption-max-tokens", "4", "--text-model", str(tiny_causal_lm(tmp_path / "lm")),
+            "--text-max-tokens", "8", "--text-temperature", "1.0", "--canvas-size", "32", "--scale-range", "0.3", "0.4",
+            # random models: the pixels and texts they produce are noise, so only the layout filters bite
+            "--max-object-change", "1", "--max-repetition", "1", "--device", "cpu", "--no-progress"]
+    assert main(args) == 0
+    assert "kept 3, dropped 0" in capsys.readouterr().out
+    records, skipped = load_records(out)
+    assert len(records) == 3 and not skipped
+    entries = read_manifest(out)
+    for e, r in zip(entries, records, strict=True):
+        assert e["status"] == "kept" and e["record"]["id"] == r.id
+        assert r.instruction.startswith("{image#1} {image#2} ") and len(r.images) == 2
+        assert Image.open(r.images[0]).size == (32, 32)
+        assert e["models"]["inpainting"]["model"] == str(tmp_path / "sd")
+        assert e["models"]["captioning"]["model"] == str(tmp_path / "blip")
+        assert e["models"]["text"]["model"] == str(tmp_path / "lm")
+        assert {d["name"] for d in e["decisions"]} == {"mask_area", "object_cut", "text", "object_changed"}
+        mask = np.asarray(Image.open(out / e["masks"][0])) == 255
+        assert 0 < mask.mean() < 1
+    # rerunning the same command has nothing left to do
+    assert main(args) == 0 and "synthesized 0 sample(s) (3 done before)" in capsys.readouterr().out
+    run = tmp_path / "run"
+    assert main(["train", "--config", "tiny", "--data", str(out), "--output", str(run), "--max-steps", "1",
+                 "--batch-size", "2", "--no-progress"]) == 0
+    assert (run / "log.jsonl").read_text().strip()
+
+
+def test_synthesize_command_errors_are_one_line(tmp_path):
+    from sam_fast.cli import main
+
+    src = write_sources(tmp_path / "src")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("")
+    common = ["synthesize", "--sources", str(src), "--inpaint-model", str(tmp_path / "sd"),
+              "--caption-model", str(tmp_path / "c"), "--segmenter", "threshold"]
+    with pytest.raises(SystemExit, match="give one text writer"):
+        main([*common, "--output", str(busy)])
+    with pytest.raises(SystemExit, match="--segmenter sam needs --sam-model"):
+        main([*common[:-2], "--output", str(busy), "--text-url", "http://h/v1", "--text-api-model", "m"])
+    with pytest.raises(SystemExit, match=r"^sam-fast synthesize: --inpaint-model .*/sd: cannot load"):
+        main([*common, "--output", str(busy), "--text-url", "http://h/v1", "--text-api-model", "m"])
