@@ -137,3 +137,147 @@ def test_build_records_the_torch_it_compiled_against():
     assert info["built_isolated"] is None
     assert info["built_torch_dir"] is not None, "library carries no build-environment tag (rebuilt since?)"
     assert os.path.samefile(info["built_torch_dir"], os.path.dirname(torch.__file__))
+
+
+# --------------------------------------------------------------------------- setup.py's build checks
+
+
+def test_isolated_pip_build_against_another_torch_stops_with_the_command_to_type(tmp_path):
+    """setup.py inside pip's isolated build environment (a torch under pip-build-env-*, here a stub
+    of another version put first by PYTHONPATH the way pip does) while this interpreter's own
+    environment has the real torch: the build stops before compiling and says what to type."""
+    site = tmp_path / "pip-build-env-test" / "overlay" / "site-packages"
+    (site / "torch" / "utils").mkdir(parents=True)
+    (site / "torch" / "__init__.py").write_text("__version__ = '0.0.1'\n")
+    (site / "torch" / "utils" / "__init__.py").write_text("")
+    (site / "torch" / "utils" / "cpp_extension.py").write_text("")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "setup.py").write_text((ROOT / "setup.py").read_text())
+    env = {k: v for k, v in os.environ.items() if k != "SAM_FAST_BUILD_EXT"}
+    env.update(PYTHONPATH=str(site), PYTHONNOUSERSITE="1")
+    r = subprocess.run([sys.executable, "setup.py", "egg_info"], cwd=src, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0, r.stdout[-2000:]
+    assert "isolated build environment downloaded torch 0.0.1" in r.stderr, r.stderr[-2000:]
+    assert f"torch {torch.__version__} is installed" in r.stderr
+    assert "pip install --no-build-isolation ." in r.stderr
+    assert not (src / "build").exists()  # stopped before writing or compiling anything
+
+
+# --------------------------------------------------------------------------- sdist -> fresh venv
+
+_SKIP_COPY = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", ".benchmarks", "demo_output", "results"}
+
+
+def _copy_tree(dst: Path) -> Path:
+    """The checkout without build outputs, so that building the sdist writes nothing into it."""
+    import shutil
+
+    def ignore(folder, names):
+        return [n for n in names if n in _SKIP_COPY or n.endswith((".so", ".egg-info", ".pyc"))]
+
+    shutil.copytree(ROOT, dst, ignore=ignore)
+    return dst
+
+
+def _run(cmd, cwd, timeout=600, **env):
+    r = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, **env})
+    assert r.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def _fresh_venv(path: Path) -> Path:
+    """A new venv that sees this one's packages (torch, setuptools, pip, ...) through a .pth path
+    line, after its own site-packages: what pip installs there wins, and this venv's .pth files
+    (the editable sam_fast among them) are not run."""
+    _run([sys.executable, "-m", "venv", "--without-pip", path], cwd=path.parent)
+    py = path / "bin" / "python"
+    purelib = _run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=path).stdout.strip()
+    import sysconfig
+
+    (Path(purelib) / "_outer_venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return py
+
+
+_OP_CHECK = r"""
+import sys, torch
+import sam_fast
+from sam_fast import _ext
+from sam_fast.ops.context_reweight import context_reweight
+assert sam_fast.__file__.startswith(sys.prefix), sam_fast.__file__
+assert _ext.load() is not None, _ext.info()
+info = _ext.info()
+assert info["path"].startswith(sys.prefix) and info["built_with_torch"] == torch.__version__, info
+g = torch.Generator().manual_seed(0)
+F, w, b = torch.randn(5, 3, 8, generator=g), torch.randn(8, generator=g), torch.tensor(0.25)
+cu = torch.tensor([0, 2, 5])
+got = context_reweight(F, w, b, cu, "shared")  # SAM_FAST_BACKEND=cpu: the C++ op or an error
+expect = []
+for lo, hi in ((0, 2), (2, 5)):  # softmax over a sample's images, per patch, of F.w + b
+    x = F[lo:hi].double()
+    a = torch.softmax(x @ w.double() + 0.25, 0)
+    expect.append((a[..., None] * x).sum(0))
+err = (got.double() - torch.stack(expect)).abs().max().item()
+assert err < 1e-5, err
+print("ok", info["path"])
+"""
+
+
+@pytest.mark.slow
+@needs_ext
+def test_sdist_installs_into_a_fresh_venv_with_a_working_extension(tmp_path):
+    """What a user of the sdist does: `python -m build --sdist`, then `pip install
+    --no-build-isolation --no-deps sam_fast-*.tar.gz` into another venv; sam_fast imports from
+    there with its extension loaded and runs context_reweight through the C++ op. Also checks what
+    the sdist and the installed wheel hold, the torch each requires, and that
+    `python -m build --wheel --no-isolation` of a pure-Python build works."""
+    import tarfile
+
+    pytest.importorskip("build", reason="python -m build is not installed (pip install build)")
+    src = _copy_tree(tmp_path / "src")
+    dist = tmp_path / "dist"
+    _run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", dist, src], cwd=tmp_path)
+    (sdist,) = dist.glob("sam_fast-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+        pkg_info = tar.extractfile(f"{sdist.name[:-len('.tar.gz')]}/PKG-INFO").read().decode()
+    for header in (ROOT / "csrc").iterdir():
+        if header.suffix in (".h", ".cu", ".cpp"):
+            assert f"csrc/{header.name}" in names, f"sdist lacks csrc/{header.name}"
+    for need in ("CMakeLists.txt", "README.md", "MANIFEST.in", "setup.py", "pyproject.toml",
+                 "kernels/__init__.py", "kernels/context_reweight.py", "sam_fast/_ext.py"):
+        assert need in names, f"sdist lacks {need}"
+    assert not [n for n in names if n.startswith(("tests/", "bench/", "build/")) or n.endswith((".so", ".pyc"))]
+    assert "Requires-Dist: torch>=2.4" in pkg_info
+
+    venv_py = _fresh_venv(tmp_path / "venv")
+    env = {k: "" for k in ("SAM_FAST_DISABLE_EXT", "SAM_FAST_BUILD_EXT")}
+    _run([venv_py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "--no-cache-dir",
+          "--disable-pip-version-check", "-q", sdist], cwd=tmp_path, **env)
+    (dist_info,) = (tmp_path / "venv").glob("lib/python*/site-packages/sam_fast-*.dist-info")
+    record = {line.split(",")[0] for line in (dist_info / "RECORD").read_text().splitlines()}
+    assert any(n.startswith("sam_fast/_C.") and n.endswith(".so") for n in record), sorted(record)[:20]
+    assert "sam_fast/_kernels/context_reweight.py" in record
+    assert not [n for n in record if n.startswith(("csrc/", "tests/"))]
+    public = torch.__version__.split("+")[0]
+    assert f"Requires-Dist: torch=={public}\n" in (dist_info / "METADATA").read_text()
+
+    r = _run([venv_py, "-I", "-c", _OP_CHECK], cwd=tmp_path, timeout=300, SAM_FAST_BACKEND="cpu", **env)
+    assert r.stdout.startswith("ok "), r.stdout
+    assert "ExtensionWarning" not in r.stderr, r.stderr
+
+    # a pure-Python wheel from the unpacked sdist: python -m build --wheel --no-isolation, torch>=2.4
+    with tarfile.open(sdist) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    (unpacked,) = (tmp_path / "unpacked").iterdir()
+    _run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", tmp_path / "pure", unpacked],
+         cwd=tmp_path, SAM_FAST_BUILD_EXT="0")
+    (wheel,) = (tmp_path / "pure").glob("sam_fast-*-py3-none-any.whl")
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        (meta,) = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")]
+        assert "Requires-Dist: torch>=2.4\n" in z.read(meta).decode()
+        assert not [n for n in z.namelist() if n.endswith(".so")]
