@@ -478,6 +478,10 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
         res = synth.run(args.sources, args.output, limit=args.limit, progress=not args.no_progress)
     except SynthesisError as e:
         raise SystemExit(f"sam-fast synthesize: {e}") from None
+    except KeyboardInterrupt:
+        print(f"sam-fast synthesize: interrupted; the finished samples are in {args.output} (manifest.jsonl, "
+              f"annotations.json): rerun the same command to continue", file=sys.stderr)
+        return 130
     why = ", ".join(f"{k} {v}" for k, v in sorted(res.drop_reasons.items()))
     print(f"synthesized {res.kept + res.dropped} sample(s) ({res.resumed} done before): kept {res.kept}, dropped "
           f"{res.dropped}{f' ({why})' if why else ''}; {res.kept_total} of {res.planned} in {res.annotations}")

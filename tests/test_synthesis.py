@@ -560,3 +560,35 @@ def test_synthesize_command_errors_are_one_line(tmp_path):
         main([*common[:-2], "--output", str(busy), "--text-url", "http://h/v1", "--text-api-model", "m"])
     with pytest.raises(SystemExit, match=r"^sam-fast synthesize: --inpaint-model .*/sd: cannot load"):
         main([*common, "--output", str(busy), "--text-url", "http://h/v1", "--text-api-model", "m"])
+
+
+def test_synthesize_command_wiring_and_interrupt(tmp_path, monkeypatch, capsys):
+    """The options reach the components; Ctrl-C ends with one line and exit status 130, and a rerun finishes."""
+    import sam_fast.data.synthesis as S
+    from sam_fast.cli import main
+
+    got = {}
+
+    def fake(kind, stub):
+        def load(cls, path, **kw):
+            got[kind] = (str(path), kw)
+            return stub
+        return classmethod(load)
+
+    writer = EchoWriter(fail_after=4)
+    monkeypatch.setattr(S.DiffusersInpainter, "from_pretrained", fake("inpaint", KeepInpainter()))
+    monkeypatch.setattr(S.SAMCaptioner, "from_pretrained", fake("caption", FixedCaptioner()))
+    monkeypatch.setattr(S, "OpenAITextWriter", lambda url, model, **kw: got.setdefault("text", (url, model, kw))
+                        and writer)
+    src = write_sources(tmp_path / "src")
+    args = ["synthesize", "--sources", str(src), "--output", str(tmp_path / "out"), "--segmenter", "threshold",
+            "--inpaint-model", "SD", "--inpaint-steps", "7", "--caption-model", "BLIP", "--caption-prompt",
+            "{image#1} What is this?", "--text-url", "http://h:1/v1", "--text-api-model", "m", "--canvas-size", "64",
+            "--scale-range", "0.3", "0.4", "--device", "cpu", "--no-progress"]
+    assert main(args) == 130
+    assert capsys.readouterr().err.strip().endswith("rerun the same command to continue")
+    assert got["inpaint"] == ("SD", {"device": "cpu", "dtype": None, "steps": 7, "guidance_scale": 7.5})
+    assert got["caption"][0] == "BLIP" and got["caption"][1]["prompt"] == "{image#1} What is this?"
+    assert got["text"][:2] == ("http://h:1/v1", "m")
+    writer.fail_after = None
+    assert main(args) == 0 and "synthesized 3 sample(s) (1 done before): kept 3" in capsys.readouterr().out

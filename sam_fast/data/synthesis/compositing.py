@@ -39,6 +39,7 @@ class Placement:
     visible: int
 
     def to_dict(self) -> dict:
+        """The placement as a JSON-ready dict (the manifest's record)."""
         return asdict(self)
 
 

@@ -44,6 +44,7 @@ class FilterConfig:
         return self
 
     def to_dict(self) -> dict:
+        """The thresholds as a JSON-ready dict."""
         return asdict(self)
 
 
@@ -59,6 +60,7 @@ class Decision:
     reason: str = ""
 
     def to_dict(self) -> dict:
+        """The decision as a JSON-ready dict (the manifest's record)."""
         return asdict(self)
 
 

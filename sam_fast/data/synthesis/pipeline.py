@@ -92,6 +92,7 @@ class PlannedSample:
 
     @property
     def stem(self) -> str:
+        """The file-name stem of the sample's images and masks (its position in the plan)."""
         return f"{self.index:06d}"
 
 

@@ -50,6 +50,7 @@ class Prompts:
     source: str = "built-in"
 
     def to_dict(self) -> dict:
+        """The prompts as a JSON-ready dict."""
         return {"background": self.background, "refine": self.refine, "instructions": list(self.instructions)}
 
 
