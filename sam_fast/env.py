@@ -39,12 +39,19 @@ def _extension() -> list[str]:
 
     i = _ext.info()
     status = "loaded" if _ext.load() is not None else f"not loaded: {i['error']}"
-    return [
+    where = i.get("built_torch_dir") or "-"
+    if i.get("built_isolated"):
+        where += f" (an isolated build environment: {i['built_isolated']})"
+    lines = [
         f"extension sam_fast._C: {status}",
         f"  path: {i['path'] or '-'}",
         f"  built with torch: {i['built_with_torch'] or '-'} (matches running torch: {i['torch_matches']})",
+        f"  torch it was compiled against: {where}",
         f"  CUDA op compiled in: {i['with_cuda']}",
     ]
+    if i.get("fix"):
+        lines.append(f"  to fix: {i['fix']}")
+    return lines
 
 
 def _ops() -> list[str]:

@@ -99,6 +99,19 @@ def test_refused_editable_build_says_to_rebuild_in_place(fresh_loader, tmp_path)
     assert ext.info()["fix"] == f"pip install --no-build-isolation -e {tmp_path}"
 
 
+def test_env_report_names_the_build_environment_and_the_fix(fresh_loader, tmp_path):
+    from sam_fast import env
+
+    build_torch = "/tmp/pip-build-env-xyz/overlay/lib/python3.11/site-packages/torch"
+    fresh_loader(_fake_library(tmp_path / "sam_fast" / "_C.so", "2.7.1", isolated="pip", torch_dir=build_torch))
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        text = "\n".join(env._extension())
+    assert "extension sam_fast._C: not loaded: sam_fast._C was built against torch 2.7.1" in text
+    assert f"torch it was compiled against: {build_torch} (an isolated build environment: pip)" in text
+    assert "to fix: pip install --no-build-isolation ." in text
+
+
 def test_disabled_extension_gives_no_warning(fresh_loader, tmp_path, monkeypatch):
     ext = fresh_loader(_fake_library(tmp_path / "sam_fast" / "_C.so", "0.0.1"))
     monkeypatch.setenv(_ext.DISABLE_ENV, "1")
