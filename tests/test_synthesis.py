@@ -350,10 +350,13 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
     assert (res.resumed, res.kept, res.dropped) == (8, 0, 0) and len(read_manifest(out)) == 8
 
 
-def test_limit_then_continue(tmp_path):
+def test_limit_then_continue_with_a_bar_per_stage(tmp_path, capsys):
     src = write_sources(tmp_path / "src")
-    stub_synth().run(src, tmp_path / "out", limit=2, progress=False)
+    stub_synth().run(src, tmp_path / "out", limit=2, progress=True)
     assert len(read_manifest(tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    for stage in ("segment", "compose", "caption", "background", "inpaint", "refine", "write"):
+        assert re.search(stage + r" *: *100%", err), stage
     res = stub_synth().run(src, tmp_path / "out", progress=False)
     assert (res.resumed, res.kept_total) == (2, 4)
 
