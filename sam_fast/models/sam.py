@@ -388,6 +388,12 @@ class SAM(InstructBlipPreTrainedModel):
             raise ValueError(f"input_ids has {input_ids.shape[0]} rows but image_counts has {len(counts)} samples")
         Q = self.config.num_query_tokens
         placeholder = input_ids == self.config.image_token_index
+        if torch.compiler.is_compiling():  # no host read in a compiled graph: checked on the device
+            want_t = torch.tensor([n * Q for n in counts], device=input_ids.device)
+            torch._assert_async((placeholder.sum(1) == want_t).all(),
+                                f"image placeholders (token {self.config.image_token_index}) per sample must be "
+                                f"{Q} x its image count {counts}")
+            return placeholder
         found = placeholder.sum(1).tolist()
         want = [n * Q for n in counts]
         if found != want:
@@ -447,10 +453,14 @@ class SAM(InstructBlipPreTrainedModel):
         None. ``packing=False`` (or extra LLM kwargs, or an FSDP-sharded LLM) runs the padded HF
         call and returns logits [B, S, vocab].
         """
+        compiling = torch.compiler.is_compiling()
         if labels is not None and input_ids is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
-            if not bool((labels[:, 1:] != -100).any()):
+            if compiling:  # no host read in a compiled graph: checked on the device
+                torch._assert_async((labels[:, 1:] != -100).any(),
+                                    "labels has no predicted position (all -100 after the first)")
+            elif not bool((labels[:, 1:] != -100).any()):
                 raise ValueError("labels has no predicted position (all -100 after the first): the loss would be "
                                  "0/0 = NaN; give each batch at least one answer token")
         visual, embeds, attention_mask = self._llm_inputs(
@@ -458,6 +468,8 @@ class SAM(InstructBlipPreTrainedModel):
         )
         if packing is None:
             packing = getattr(self.config, "packed_loss", True)
+        if compiling:  # packing reads the sequence lengths on the host: the padded call compiles whole
+            packing = False
         if labels is not None and packing and not kwargs and not is_sharded(self.language_model):
             loss = packed_lm_loss(self.language_model, embeds, attention_mask, labels, loss_fn=_summed_fused_loss)
             return SAMOutput(loss=loss, visual_tokens=visual)

@@ -51,7 +51,9 @@ def cross_kv_weight(layers, scratch: bool = False) -> tuple[torch.Tensor, torch.
     zero rows when ``scratch``).
 
     The stack is cached per module list while the (frozen) parameters keep their storage and
-    version; when a parameter requires grad it is rebuilt in the graph every call.
+    version; when a parameter requires grad it is rebuilt in the graph every call, and so it is
+    under torch.compile (the cache key compares data pointers, which dynamo cannot trace; in the
+    compiled graph the stack is one concatenation of the weights).
     """
     def stack():
         w, b = torch.cat([m.weight for m in mods]), torch.cat([m.bias for m in mods])
@@ -62,7 +64,7 @@ def cross_kv_weight(layers, scratch: bool = False) -> tuple[torch.Tensor, torch.
     mods = [m for layer in cross_layers(layers) for m in (layer.crossattention.attention.key,
                                                            layer.crossattention.attention.value)]
     params = [p for m in mods for p in (m.weight, m.bias)]
-    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
         return stack()
     key = (scratch,) + tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
     cache = _KV_WEIGHT_CACHE.setdefault(layers, {})

@@ -54,7 +54,14 @@ def _check_reference(*args, **kwargs):
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _triton_import_error() -> str | None:
+_UNPROBED = "unprobed"
+# Result of the one import attempt (None: importable), `_UNPROBED` until the first check. Cached:
+# an import attempted on every call costs a failed module search each time and, under
+# torch.compile, a graph break per attention call when Triton is not installed.
+_triton_probe: str | None = _UNPROBED
+
+
+def _probe_triton() -> str | None:
     try:
         import triton  # noqa: F401
 
@@ -62,6 +69,16 @@ def _triton_import_error() -> str | None:
     except Exception as exc:  # ImportError, or a Triton that cannot initialise here
         return f"triton kernels not importable ({type(exc).__name__}: {exc})"
     return None
+
+
+@torch.compiler.assume_constant_result
+def _triton_import_error() -> str | None:
+    """Why the Triton kernels cannot be imported (None: they can). Probed once per process and
+    cached; torch.compile takes the answer as a constant (the probe runs eagerly, never traced)."""
+    global _triton_probe
+    if _triton_probe == _UNPROBED:
+        _triton_probe = _probe_triton()
+    return _triton_probe
 
 
 def _interpreter_allowed() -> bool:
