@@ -185,3 +185,12 @@ class SAMConfig(InstructBlipConfig):
         )
         kw.update(overrides)
         return cls(**kw)
+
+
+def _register_auto_config() -> None:
+    from transformers import AutoConfig
+
+    AutoConfig.register(SAMConfig.model_type, SAMConfig, exist_ok=True)
+
+
+_register_auto_config()  # AutoConfig.from_pretrained reads a SAM folder once sam_fast is imported

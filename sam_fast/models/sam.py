@@ -19,15 +19,24 @@ guidance Linears start at zero, so an untrained SAM is InstructBLIP exactly.
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
 import itertools
 import numbers
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationConfig, InstructBlipQFormerModel, InstructBlipVisionModel
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    InstructBlipQFormerModel,
+    InstructBlipVisionModel,
+)
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.instructblip.modeling_instructblip import InstructBlipPreTrainedModel
 
@@ -65,6 +74,35 @@ def paper_generation_config(text_config) -> GenerationConfig:
     new tokens, no sampling) with the LLM's special ids: `SAM.generation_config`'s default."""
     ids = {k: getattr(text_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     return GenerationConfig(**GENERATION_DEFAULTS, **{k: v for k, v in ids.items() if v is not None})
+
+
+# keyword arguments `AutoModel.from_pretrained` passes on (resolved Hub settings and the config it
+# read); a trainable-delta directory is local and carries its own config.json
+_HUB_KWARGS = ("config", "cache_dir", "force_download", "local_files_only", "proxies", "revision", "token",
+               "trust_remote_code", "code_revision", "adapter_kwargs", "_from_auto", "_from_pipeline", "_commit_hash")
+
+# set by SAM itself: a caller passing them would be ignored or clash
+_OWN_LLM_INPUTS = frozenset({"input_ids", "inputs_embeds", "attention_mask", "labels", "self", "kwargs"})
+_LLM_KEYWORDS: dict[type, frozenset[str]] = {}
+
+
+def _llm_keywords(language_model) -> frozenset[str]:
+    """Keyword names the LLM's forward accepts besides those SAM sets: its named parameters and,
+    when it takes ``**kwargs``, HF's common model keywords (`TransformersKwargs`)."""
+    cls = type(language_model)
+    if cls not in _LLM_KEYWORDS:
+        params = inspect.signature(language_model.forward).parameters
+        names = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        names |= {"return_dict", "output_attentions", "output_hidden_states"}
+        if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            try:
+                from transformers.utils.generic import TransformersKwargs
+
+                names |= set(TransformersKwargs.__annotations__)
+            except ImportError:  # older transformers: no such TypedDict
+                pass
+        _LLM_KEYWORDS[cls] = frozenset(names - _OWN_LLM_INPUTS)
+    return _LLM_KEYWORDS[cls]
 
 
 def _token_id(value, default: int) -> int:
@@ -143,7 +181,10 @@ class SAM(InstructBlipPreTrainedModel):
     main_input_name = "pixel_values"
     base_model_prefix = "sam"
     _keep_in_fp32_modules = ["query_tokens"]
-    supports_gradient_checkpointing = False
+    # through the LLM only (`_set_gradient_checkpointing`): its activations are a training step's memory
+    supports_gradient_checkpointing = True
+    # `forward` takes `num_items_in_batch` (HF Trainer's token count for gradient accumulation)
+    accepts_loss_kwargs = True
 
     def __init__(self, config: SAMConfig):
         super().__init__(config)
@@ -166,6 +207,7 @@ class SAM(InstructBlipPreTrainedModel):
         self.post_init()
         self.freeze_backbone()
         self.generation_config = paper_generation_config(config.text_config)
+        self.loss_type = "ForCausalLM"  # labels are shifted: HF Trainer counts `labels[..., 1:]` for num_items_in_batch
 
     @classmethod
     def can_generate(cls) -> bool:
@@ -208,6 +250,7 @@ class SAM(InstructBlipPreTrainedModel):
         super().train(mode)
         for name in ("vision_model", "qformer", "language_model"):
             getattr(self, name).train(False)
+        self._sync_checkpointing_mode()
         return self
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -222,6 +265,64 @@ class SAM(InstructBlipPreTrainedModel):
 
     def get_output_embeddings(self):
         return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings):
+        self.language_model.set_output_embeddings(new_embeddings)
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Resize the LLM's input embedding and LM head to `new_num_tokens` rows (HF semantics,
+        e.g. after adding tokens to the LLM tokenizer) and keep ``config.text_config.vocab_size``
+        in step. The resized tensors keep their frozen/trainable state. Warns when the image
+        placeholder id ``config.image_token_index`` becomes a real token id (its positions are
+        still taken as image placeholders).
+
+        Returns:
+            The new input embedding module.
+        """
+        old_vocab = self.config.text_config.vocab_size
+        modules = {"input": self.get_input_embeddings(), "output": self.get_output_embeddings()}
+        frozen = {k: [p.requires_grad for p in m.parameters()] for k, m in modules.items() if m is not None}
+        embeddings = self.language_model.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        for key, module in (("input", self.get_input_embeddings()), ("output", self.get_output_embeddings())):
+            if module is not None and key in frozen:
+                for p, flag in zip(module.parameters(), frozen[key]):
+                    p.requires_grad_(flag)
+        vocab = embeddings.weight.shape[0]
+        self.config.text_config.vocab_size = vocab
+        self.language_model.config.vocab_size = vocab
+        if old_vocab <= self.config.image_token_index < vocab:
+            warnings.warn(
+                f"resize_token_embeddings: image_token_index={self.config.image_token_index} is now inside the "
+                f"vocabulary ({vocab} ids); every position holding that id is taken as an image placeholder",
+                stacklevel=2,
+            )
+        return embeddings
+
+    # -- gradient checkpointing ----------------------------------------------------------------
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
+        """`gradient_checkpointing_enable()` / `activation_checkpointing_enable()` land here:
+        checkpointing is set on the LLM only (its decoder layers' activations are what a training
+        step keeps; the frozen ViT and Q-former keep almost none, as nothing before the guidance
+        modules needs a gradient). The LLM stays in eval mode under `train()` (no dropout), except
+        the flag that lets its checkpointed layers recompute in the backward pass. While it is on,
+        `forward` takes the padded LLM call (the packed step cannot be recomputed)."""
+        if gradient_checkpointing_func is not None:
+            kwargs["gradient_checkpointing_func"] = gradient_checkpointing_func
+        self.language_model._set_gradient_checkpointing(enable=enable, **kwargs)
+        self._sync_checkpointing_mode()
+
+    def _checkpointing_modules(self) -> list[nn.Module]:
+        return [m for m in self.language_model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+    def _sync_checkpointing_mode(self) -> None:
+        # HF checkpoints a layer only when it is in training mode; only the flagged modules
+        # themselves follow `self.training` (not their children: attention dropout stays off).
+        for m in self._checkpointing_modules():
+            m.training = self.training
+
+    def _llm_checkpointing(self) -> bool:
+        return self.training and torch.is_grad_enabled() and bool(self._checkpointing_modules())
 
     # -- inputs ------------------------------------------------------------------------------
     def _image_features(self, pixel_values, image_features) -> torch.Tensor:
@@ -430,29 +531,56 @@ class SAM(InstructBlipPreTrainedModel):
         self,
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
-        image_counts=None,
+        image_counts: Sequence[int] | torch.Tensor | None = None,
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         packing: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> SAMOutput:
         """Visual tokens into the LLM prompt, then the LLM (with loss when `labels` are given).
 
-        `input_ids` [B, S] hold exactly Q = num_query_tokens copies of `image_token_index` per image
-        of the sample, filled in image order; `labels` [B, S] use -100 for ignored positions.
+        Args:
+            pixel_values: [T, 3, H, W] float images of the whole batch, sample-major (sample 0's
+                images, then sample 1's, ...); H = W = ``config.vision_config.image_size``. Or
+            image_features: [T, P, D] cached vision-model outputs instead (the ViT is skipped).
+            image_counts: [B] images per sample (list of ints or 1-D LongTensor), each >= 1,
+                summing to T. Required.
+            qformer_input_ids: [B, L] Q-former (BERT) ids of each sample's instruction, shared by
+                its images.
+            qformer_attention_mask: [B, L] 0/1 (default all ones).
+            input_ids: [B, S] LLM ids holding exactly Q = ``config.num_query_tokens`` copies of
+                ``config.image_token_index`` per image of the sample, in image order; the visual
+                tokens are placed there.
+            attention_mask: [B, S] 0/1 (default all ones).
+            labels: [B, S] target ids, -100 where ignored; at least one supervised position after
+                the first. Gives ``loss`` (mean next-token cross-entropy).
+            packing: with `labels`, run the LLM on the real tokens only (default
+                ``config.packed_loss``, True; see below).
+            num_items_in_batch: divisor of the summed loss instead of this batch's supervised
+                token count (HF `Trainer` passes the count over all accumulated micro-batches).
+            **kwargs: keyword arguments of the LLM's forward (``output_hidden_states``,
+                ``use_cache``, ...); they imply the padded call. Any other name (a misspelt
+                ``lables=``) raises ValueError naming it.
 
-        With `labels` and `packing` (default: ``config.packed_loss``, True) the LLM step skips the
-        padding: the rows' real tokens run as one packed sequence (positions restart per sample,
-        causal attention within each sample: flash-attn's varlen kernel on CUDA where installed,
-        SDPA per sample elsewhere; `sam_fast.models.packing`), and the loss comes from the hidden
-        states at supervised positions through `sam_fast.ops.linear_cross_entropy` (no
-        ``[tokens, vocab]`` logits). Same loss and gradients as the padded call; ``logits`` is then
-        None. ``packing=False`` (or extra LLM kwargs, or an FSDP-sharded LLM) runs the padded HF
-        call and returns logits [B, S, vocab].
+        Returns:
+            `SAMOutput`: ``loss`` (scalar, with labels), ``logits`` [B, S, vocab] (padded call
+            only), ``visual_tokens`` [T, Q, llm_hidden], ``language_model_outputs``.
+
+        With `labels` and `packing` the LLM step skips the padding: the rows' real tokens run as
+        one packed sequence (positions restart per sample, causal attention within each sample:
+        flash-attn's varlen kernel on CUDA where installed, SDPA per sample elsewhere;
+        `sam_fast.models.packing`), and the loss comes from the hidden states at supervised
+        positions through `sam_fast.ops.linear_cross_entropy` (no ``[tokens, vocab]`` logits).
+        Same loss and gradients as the padded call; ``logits`` is then None. ``packing=False``,
+        extra LLM kwargs, an FSDP-sharded LLM, gradient checkpointing in training and
+        torch.compile run the padded HF call, which returns logits [B, S, vocab].
         """
+        if kwargs:
+            self._check_llm_kwargs(kwargs)
         compiling = torch.compiler.is_compiling()
         if labels is not None and input_ids is not None:
             if labels.shape != input_ids.shape:
@@ -470,18 +598,41 @@ class SAM(InstructBlipPreTrainedModel):
             packing = getattr(self.config, "packed_loss", True)
         if compiling:  # packing reads the sequence lengths on the host: the padded call compiles whole
             packing = False
+        checkpointing = self._llm_checkpointing()
+        if checkpointing:  # the packed step's attention cannot be recomputed in the backward pass
+            packing = False
+            kwargs.setdefault("use_cache", False)
         if labels is not None and packing and not kwargs and not is_sharded(self.language_model):
-            loss = packed_lm_loss(self.language_model, embeds, attention_mask, labels, loss_fn=_summed_fused_loss)
+            loss = packed_lm_loss(self.language_model, embeds, attention_mask, labels, loss_fn=_summed_fused_loss,
+                                  num_items_in_batch=num_items_in_batch)
             return SAMOutput(loss=loss, visual_tokens=visual)
+        if labels is not None and num_items_in_batch is not None:
+            kwargs["num_items_in_batch"] = num_items_in_batch
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
         return SAMOutput(loss=out.loss, logits=out.logits, visual_tokens=visual, language_model_outputs=out)
+
+    def _check_llm_kwargs(self, kwargs: dict) -> None:
+        """Refuse keyword arguments that neither `forward` nor the LLM's forward takes."""
+        allowed = _llm_keywords(self.language_model)
+        unknown = sorted(k for k in kwargs if k not in allowed)
+        if not unknown:
+            return
+        own = [n for n in inspect.signature(type(self).forward).parameters if n not in ("self", "kwargs")]
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, own + sorted(allowed), n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(
+            f"SAM.forward got unexpected keyword argument(s) {', '.join(hints)}; it takes {own} and the LLM's "
+            f"keywords {sorted(allowed)}"
+        )
 
     @torch.no_grad()
     def generate(
         self,
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
-        image_counts=None,
+        image_counts: Sequence[int] | torch.Tensor | None = None,
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
@@ -613,16 +764,35 @@ class SAM(InstructBlipPreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "SAM":
         """HF `from_pretrained` for full SAM directories; a trainable-delta directory (from
-        `save_trainable_delta`) is detected and loaded over its base."""
+        `save_trainable_delta` or `sam_fast.train.hf.SAMTrainer`) is detected and loaded over its
+        base (``base=`` overrides the recorded one; the directory's own config.json is used, so a
+        ``config`` passed by `AutoModel.from_pretrained` is not needed there)."""
         from sam_fast.models import loading
 
         if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and loading.is_trainable_delta_dir(
             pretrained_model_name_or_path
         ):
-            return loading.load_trainable_delta(cls, pretrained_model_name_or_path, **kwargs)
+            for key in _HUB_KWARGS:  # what AutoModel.from_pretrained adds; a delta directory is local
+                kwargs.pop(key, None)
+            return loading.load_trainable_delta(cls, pretrained_model_name_or_path, *args, **kwargs)
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model.freeze_backbone()
         if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and os.path.isfile(
                 os.path.join(pretrained_model_name_or_path, "generation_config.json")):
             model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path)
         return model
+
+
+def _register_auto_models() -> None:
+    """`AutoModel` (and the image-text-to-text auto class of this transformers, where it has one)
+    build `SAM` for a folder whose config.json says ``model_type: sam_fast``."""
+    import transformers
+
+    AutoModel.register(SAMConfig, SAM, exist_ok=True)
+    for name in ("AutoModelForImageTextToText", "AutoModelForVision2Seq"):
+        auto = getattr(transformers, name, None)
+        if auto is not None:
+            auto.register(SAMConfig, SAM, exist_ok=True)
+
+
+_register_auto_models()
