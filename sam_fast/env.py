@@ -139,7 +139,7 @@ def report() -> str:
     lines += _section("  schedule", _schedule)
     lines.append("LM loss:")
     lines += _section("  loss", _loss)
-    lines.append("LLaMA fused kernels (apply_fused_llama_kernels; not applied by default):")
+    lines.append("LLaMA RMSNorm/SwiGLU ops (applied in SAM's packed training step; apply_fused_llama_kernels patches for good):")
     lines += _section("  llama", _llama)
     return "\n".join(lines)
 

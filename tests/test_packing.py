@@ -349,3 +349,51 @@ def test_unpack_one_token_batch():
     assert back.shape == (2, 3, 4)
     torch.testing.assert_close(back[1, 1], embeds[1, 1])
     assert torch.count_nonzero(back[0]) == 0 and p.seqlens == (0, 1) and p.cu_seqlens.tolist() == [0, 0, 1]
+
+
+def _grad_fn_names(t: torch.Tensor) -> set[str]:
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def test_packed_step_runs_the_lean_llama_ops_for_the_call_only(monkeypatch):
+    """The packed step's RMSNorm/SwiGLU are the lean autograd ops (on CPU: the ``torch``
+    backend, which keeps fewer tensors for the backward); the model gets HF's forwards back after
+    the call, so the padded path and generation are untouched. Same loss and gradient as HF's
+    padded step (`assert_same_step`)."""
+    monkeypatch.delenv("SAM_FAST_BACKEND", raising=False)
+    model = tiny_llama(kv_heads=2)
+    embeds, mask, labels = ragged([11, 6, 3, 9])
+    e = embeds.clone().requires_grad_(True)
+    names = _grad_fn_names(packed_lm_loss(model, e, mask, labels))
+    assert {"_RMSNormFnBackward", "_SwiGLUFnBackward"} <= names, sorted(names)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    e = embeds.clone().requires_grad_(True)
+    padded = model(inputs_embeds=e, attention_mask=mask, labels=labels).loss
+    assert "_RMSNormFnBackward" not in _grad_fn_names(padded)
+    assert_same_step(model, embeds, mask, labels)
+
+
+def test_split_attention_gradient_has_no_whole_row_fills(monkeypatch):
+    """The per-sample attention splits the packed row (one concatenation in the backward) instead
+    of slicing it (a zero tensor of the whole row per slice and sample)."""
+    model = tiny_llama(kv_heads=2)
+    embeds, mask, labels = ragged([11, 6, 3, 9])
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        seen.append({type(t.grad_fn).__name__ for t in (q, k, v)})
+        return sdpa(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(packing.F, "scaled_dot_product_attention", spy)
+    packed_lm_loss(model, embeds.clone().requires_grad_(True), mask, labels)
+    assert len(seen) == 4 * model.config.num_hidden_layers
+    assert all(names == {"SplitWithSizesBackward0"} for names in seen), seen

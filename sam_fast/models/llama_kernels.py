@@ -14,7 +14,9 @@ replaces them, per module instance, with the fused ops of `sam_fast.ops.llama`:
   function of ``modeling_llama`` shared by every LLaMA in the process, and patching it there is
   not per-model and not cleanly reversible).
 
-Usage (nothing in sam_fast applies it on its own)::
+SAM's packed training step runs its LLM inside `fused_llama_kernels` (patched for the call, on
+every device: Triton where it runs, else the lean ``torch`` autograd backend that keeps half the
+activations of these layers). For other uses (generation, your own loop), patch a model for good::
 
     from sam_fast.models.llama_kernels import apply_fused_llama_kernels, remove_fused_llama_kernels
 
@@ -39,8 +41,10 @@ reduces the weight gradient; the report says whether it is installed.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import types
+from typing import Iterator
 
 import torch
 
@@ -124,7 +128,9 @@ def fused_llama_kernels_plan(device="cpu", dtype=torch.float32, hidden_size: int
         summary = f"RMSNorm and SwiGLU fused (Triton); RoPE: {rope}"
     else:
         why = rms_reasons.get("triton") if rms != "triton" else act_reasons.get("triton")
-        summary = f"not applied (Triton backend unusable: {why})"
+        summary = f"RMSNorm {rms}, SwiGLU {act} backend (Triton unusable: {why})"
+        if rms == act == "torch":
+            summary = f"RMSNorm and SwiGLU on the lean autograd backend 'torch' (Triton unusable: {why})"
     return {"fused": fused, "device": str(torch.device(device)), "dtype": str(dtype), "rms_norm": rms,
             "swiglu": act, "reasons": {"rms_norm": rms_reasons, "swiglu": act_reasons}, "rope": rope,
             "liger_kernel": _liger_status(), "summary": summary}
@@ -172,6 +178,7 @@ def apply_fused_llama_kernels(language_model: torch.nn.Module, force: bool = Fal
     report = fused_llama_kernels_plan(device, dtype, hidden_size=norms[0][1].weight.shape[0] if norms else 4096)
     report.update(applied=False, forced=force, patched={"rms_norm": 0, "swiglu": 0}, already=0, skipped=skipped)
     if not report["fused"] and not force:
+        report["summary"] = f"not applied (force=True patches anyway): {report['summary']}"
         return report
     for kind, mods, fn in (("rms_norm", norms, _rms_norm_forward), ("swiglu", mlps, _mlp_forward)):
         for name, mod in mods:
@@ -212,3 +219,30 @@ def fused_llama_kernels_applied(language_model: torch.nn.Module) -> dict[str, in
         if kind in counts:
             counts[kind] += 1
     return counts
+
+
+@contextlib.contextmanager
+def fused_llama_kernels(language_model: torch.nn.Module) -> Iterator[dict[str, int]]:
+    """Run `language_model` with the fused ops inside the block, whatever the device: the patch of
+    `apply_fused_llama_kernels` (forced, so each call takes the dispatcher's backend: Triton on
+    CUDA, the lean ``torch`` autograd backend elsewhere), undone on exit for the modules this block
+    patched (modules patched before stay patched). A backward run after the block still uses the
+    fused ops' saved tensors and backwards. Yields `fused_llama_kernels_applied` inside the block.
+    SAM's packed training step runs its LLM this way; generation and the padded path keep Hugging
+    Face's forwards. A float64 model is left alone (Hugging Face's RMSNorm computes its
+    statistics in float32 even there; the fused ops keep float64), so float64 checks compare like
+    with like."""
+    norms, mlps, _ = _targets(language_model)
+    if any(mod.weight.dtype == torch.float64 for _, mod in norms):
+        norms, mlps = [], []  # Hugging Face's RMSNorm computes a float64 model's norms in float32
+    mine = []
+    for kind, mods, fn in (("rms_norm", norms, _rms_norm_forward), ("swiglu", mlps, _mlp_forward)):
+        for _, mod in mods:
+            if "forward" not in mod.__dict__ and _patch(mod, fn, kind):
+                mine.append(mod)
+    try:
+        yield fused_llama_kernels_applied(language_model)
+    finally:
+        for mod in mine:
+            mod.__dict__.pop("forward", None)
+            mod.__dict__.pop(_MARK, None)

@@ -15,7 +15,9 @@ pays for, forward and backward. This module removes it:
   which one runs and why.
 * `use_attention` switches the LLM to that attention for one call and restores it afterwards, so
   generation and the padded path are untouched.
-* `packed_hidden_states` runs the LLaMA body (no ``lm_head``) on a packed batch, and
+* `packed_hidden_states` runs the LLaMA body (no ``lm_head``) on a packed batch, with its RMSNorm
+  and SwiGLU on the fused ops for the call (`sam_fast.models.llama_kernels.fused_llama_kernels`:
+  Triton on CUDA, a lean autograd backend that saves less elsewhere), and
   `packed_lm_loss` computes the mean next-token cross-entropy from those hidden states, with the
   ``lm_head`` applied only at supervised positions. Its ``loss_fn`` hook takes
   ``(hidden [M, H], weight [V, H], targets [M]) -> summed loss`` so a fused linear cross-entropy
@@ -34,6 +36,8 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+
+from sam_fast.models.llama_kernels import fused_llama_kernels
 
 ATTENTION_NAME = "sam_fast_varlen"
 IGNORE_INDEX = -100
@@ -218,24 +222,13 @@ def packing_backend(device, dtype: torch.dtype, head_dim: int | None = None) -> 
 def _sdpa_segments(query, key, value, seqlens, scaling, dropout):
     """Causal attention of each sample on its own: q/k/v ``[1, heads, N, d]`` -> ``[1, N, heads, d]``."""
     gqa = query.shape[1] != key.shape[1]
-    outs = []
-    start = 0
-    for n in seqlens:
-        if n == 0:
-            continue
-        end = start + n
-        outs.append(
-            F.scaled_dot_product_attention(
-                query[:, :, start:end],
-                key[:, :, start:end],
-                value[:, :, start:end],
-                dropout_p=dropout,
-                is_causal=True,
-                scale=scaling,
-                enable_gqa=gqa,
-            )
-        )
-        start = end
+    seqlens = [n for n in seqlens if n]
+    # split, not slices: split's backward is one concatenation of the segments' gradients, where
+    # each slice's backward would fill a zero tensor of the whole row and add into it
+    outs = [
+        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+        for q, k, v in zip(query.split(seqlens, 2), key.split(seqlens, 2), value.split(seqlens, 2))
+    ]
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2)
 
@@ -361,7 +354,7 @@ def packed_hidden_states(language_model: torch.nn.Module, packed: Packed) -> tor
         )
     if packed.num_tokens == 0:
         raise ValueError("packed LLM step: the batch has no valid token (attention_mask all 0)")
-    with use_attention(language_model, ATTENTION_NAME):
+    with use_attention(language_model, ATTENTION_NAME), fused_llama_kernels(language_model):
         out = body(
             inputs_embeds=packed.inputs_embeds,
             position_ids=packed.position_ids,

@@ -183,20 +183,82 @@ def test_opcheck_triton_ops(triton_forced):
     torch.library.opcheck(llama_ops._swiglu_fwd_op, (a, b))
 
 
-def test_reference_on_cpu_by_default(monkeypatch):
-    """Without forcing, CPU tensors take the plain-PyTorch reference (equal to HF's module)."""
+def test_lean_torch_backend_on_cpu_by_default(monkeypatch):
+    """Without forcing, CPU tensors take the lean ``torch`` backend: its forward is HF's module's,
+    bit for bit; the reference stays HF's formula."""
     monkeypatch.delenv("SAM_FAST_BACKEND", raising=False)
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     x = _rows((4, 24), torch.float32, 9)
-    assert dispatcher("rms_norm").choose(x, torch.ones(24), 1e-6).name == "reference"
-    assert dispatcher("swiglu").choose(x, x).name == "reference"
+    assert dispatcher("rms_norm").choose(x, torch.ones(24), 1e-6).name == "torch"
+    assert dispatcher("swiglu").choose(x, x).name == "torch"
     hf = LlamaRMSNorm(24, eps=1e-5)
     with torch.no_grad():
         hf.weight.copy_(torch.linspace(0.5, 1.5, 24))
     assert torch.equal(rms_norm(x, hf.weight, 1e-5), hf(x))
     for dtype in (torch.float16, torch.bfloat16):  # the reference is HF's formula in every dtype
         assert torch.equal(rms_norm_ref(x.to(dtype), hf.weight.to(dtype), 1e-5), hf.to(dtype)(x.to(dtype)))
+
+
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FLOOR[torch.bfloat16] = 2.0**-6
+
+
+@pytest.mark.parametrize("weight_grad", [False, True], ids=["frozen", "trainable"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_rms_norm_torch_backend_matches_oracle(monkeypatch, dtype, weight_grad):
+    monkeypatch.setenv("SAM_FAST_BACKEND", "torch")
+    shape, eps = (3, 7, 40), 1e-6
+    x = _rows(shape, dtype, 3)
+    w = (1 + 0.5 * torch.randn(40, generator=torch.Generator().manual_seed(4))).to(dtype)
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    needs = (True, weight_grad)
+    ref, _ = _run(lambda a, b: rms_oracle(a, b, eps), (x.double(), w.double()), needs, g.double())
+    plain, _ = _run(lambda a, b: rms_norm_ref(a, b, eps), (x, w), needs, g)
+    fast, _ = _run(lambda a, b: rms_norm(a, b, eps), (x, w), needs, g)
+    assert torch.equal(fast[0], plain[0])  # the same forward ops as the reference
+    _assert_budget(fast, plain, ref, ("out", "dx", "dw")[: len(fast)], dtype)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_swiglu_torch_backend_matches_oracle(monkeypatch, dtype):
+    monkeypatch.setenv("SAM_FAST_BACKEND", "torch")
+    gen = torch.Generator().manual_seed(6)
+    a, b, g = (4 * torch.randn(2, 5, 33, generator=gen) for _ in range(3))
+    a, b = a.to(dtype), b.to(dtype)
+    ref, _ = _run(swiglu_oracle, (a.double(), b.double()), (True, True), g.double())
+    plain, _ = _run(swiglu_ref, (a, b), (True, True), g)
+    fast, _ = _run(swiglu, (a, b), (True, True), g)
+    assert torch.equal(fast[0], plain[0])
+    _assert_budget(fast, plain, ref, ("out", "d gate", "d up"), dtype)
+
+
+def _saved_elements(fn, *args):
+    """Number of elements autograd keeps for the backward of fn(*args) (parameters excluded)."""
+    count = [0]
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter) and t.dim() > 1:
+            count[0] += t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return count[0]
+
+
+def test_torch_backend_saves_less_than_the_reference(monkeypatch):
+    """The point of the ``torch`` backend: RMSNorm keeps x and one 1/rms per row (the reference's
+    autograd keeps x, the normalised row and two per-row statistics), SwiGLU keeps gate and up
+    (the reference also keeps silu(gate))."""
+    monkeypatch.setenv("SAM_FAST_BACKEND", "torch")
+    x = torch.randn(64, 32, requires_grad=True)
+    w = torch.nn.Parameter(torch.ones(32), requires_grad=False)
+    assert _saved_elements(rms_norm, x, w, 1e-6) == 64 * 32 + 64
+    assert _saved_elements(rms_norm_ref, x, w, 1e-6) >= 2 * 64 * 32 + 64
+    u = torch.randn(64, 32, requires_grad=True)
+    assert _saved_elements(swiglu, x, u) == 2 * 64 * 32
+    assert _saved_elements(swiglu_ref, x, u) == 3 * 64 * 32
 
 
 @pytest.mark.parametrize(
@@ -343,11 +405,11 @@ def test_bad_model():
 def test_plan_and_env_report(monkeypatch):
     monkeypatch.delenv("SAM_FAST_BACKEND", raising=False)
     plan = fused_llama_kernels_plan("cpu", torch.float32)
-    assert plan["rms_norm"] == plan["swiglu"] == "reference" and not plan["fused"]
+    assert plan["rms_norm"] == plan["swiglu"] == "torch" and not plan["fused"]
     assert "Triton needs a CUDA device" in plan["reasons"]["rms_norm"]["triton"]
     from sam_fast.env import report
 
     text = report()
-    assert "LLaMA fused kernels" in text
-    assert "  cpu: not applied (Triton backend unusable" in text
+    assert "LLaMA RMSNorm/SwiGLU ops (applied in SAM's packed training step" in text
+    assert "  cpu: RMSNorm and SwiGLU on the lean autograd backend 'torch' (Triton unusable" in text
     assert "liger_kernel:" in text
