@@ -245,7 +245,8 @@ def test_sam_trainer_checkpoints_hold_only_the_trainable_delta(tmp_path):
     frozen = [k for k in trained if k not in model.trainable_state_dict()]
     assert all(torch.equal(trained[k], before[k]) for k in frozen)
 
-    for loaded in (SAM.from_pretrained(ckpt), SAM.from_pretrained(ckpt, base=base_dir), AutoModel.from_pretrained(ckpt)):
+    loads = (SAM.from_pretrained(ckpt), SAM.from_pretrained(ckpt, base=base_dir), AutoModel.from_pretrained(ckpt))
+    for loaded in loads:
         got = loaded.state_dict()
         assert sorted(got) == sorted(trained)
         for k in trained:
