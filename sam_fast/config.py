@@ -43,6 +43,10 @@ class SAMConfig(InstructBlipConfig):
             the hidden states at supervised positions without materialising logits (default True;
             ``forward(..., packing=False)`` or ``sam-fast train --no-packing`` keeps the padded
             HF call, which also returns logits).
+        recompute_qformer: in training, `SAM.encode_images` does not keep the frozen Q/W-former's
+            activations for the backward but runs the two streams again there (default True: at
+            the real model's proportions the streams are ~3% of a step's FLOPs but ~20% of its
+            activation memory, held through the whole LLM step). False keeps them.
         **kwargs: everything `InstructBlipConfig` takes (vision_config, qformer_config,
             text_config, num_query_tokens, image_token_index, ...).
 
@@ -54,9 +58,10 @@ class SAMConfig(InstructBlipConfig):
 
     def __init__(
         self, context_mode="leave_one_out", guidance="adaptive", interaction_layers=None, post_layernorm_eps=None,
-        packed_loss=True, **kwargs,
+        packed_loss=True, recompute_qformer=True, **kwargs,
     ):
         self.packed_loss = bool(packed_loss)
+        self.recompute_qformer = bool(recompute_qformer)
         if post_layernorm_eps is not None and not float(post_layernorm_eps) > 0:
             raise ValueError(f"post_layernorm_eps={post_layernorm_eps!r} must be a positive number or None")
         self.post_layernorm_eps = None if post_layernorm_eps is None else float(post_layernorm_eps)

@@ -4,6 +4,7 @@ counts 1..6, both context modes, every guidance mode, gradients of the trainable
 W-stream dedup of shared mode; the released code's schedule; the fused Triton attention through
 the whole model (under the interpreter on CPU)."""
 
+import copy
 import importlib
 
 import pytest
@@ -144,7 +145,8 @@ def test_fused_attention_through_the_model_with_gradients(monkeypatch, context_m
     for dispatch, tag in ((ca._dispatch, "attention"), (ca._streams, "streams")):
         backend = next(b for b in dispatch.backends if b.name == "triton")
         monkeypatch.setattr(backend, "impl", lambda *a, _real=backend.impl, _tag=tag, **k: calls.append(_tag) or _real(*a, **k))
-    model = randomize_guidance(tiny_sam(context_mode=context_mode, interaction_layers=(1, 3)))
+    # recompute_qformer=False: the calls below are counted once (recomputation would run them again)
+    model = randomize_guidance(tiny_sam(context_mode=context_mode, interaction_layers=(1, 3), recompute_qformer=False))
     _check_equal_with_grads(model, [1, 3], pad_sample=1, device="cuda" if torch.cuda.is_available() else "cpu")
     # self-attention: layers 1, 2, 4 and layer 3 (= k) twice; cross-attention: layer 1 both
     # streams in one call, layer 3 the W-stream then the Q-stream
@@ -254,3 +256,44 @@ def test_encode_images_has_no_device_sync_on_cuda(context_mode):
             _encode(model, feats, COUNTS, ids, mask)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward of fn() (parameters excluded)."""
+    seen = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+@pytest.mark.parametrize("context_mode", ["leave_one_out", "shared"])
+def test_recomputed_streams_give_the_same_step_and_keep_less(context_mode):
+    """recompute_qformer (default): the two streams' activations are not kept for the backward but
+    recomputed there. Same visual tokens and the same gradients of every trainable parameter, bit
+    for bit, as keeping them; autograd keeps less than a third of the bytes."""
+    counts = [1, 3, 2]
+    kept = randomize_guidance(tiny12(context_mode=context_mode, recompute_qformer=False))
+    again = copy.deepcopy(kept)
+    again.config.recompute_qformer = True
+    kept.train(), again.train()
+    feats, ids, mask = ragged_batch(kept, counts)
+    results = []
+    for model in (kept, again):
+        out, nbytes = _saved_bytes(lambda m=model: _encode(m, feats, counts, ids, mask))
+        params = [p for p in model.parameters() if p.requires_grad]
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+        grads = torch.autograd.grad(out, params, g, allow_unused=True, materialize_grads=True)
+        results.append((out.detach(), grads, nbytes))
+    (o1, g1, b1), (o2, g2, b2) = results
+    assert torch.equal(o1, o2)
+    assert len(g1) >= 4 and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    assert any(a.abs().sum() > 0 for a in g1)
+    assert b2 < b1 / 3, (b2, b1)
+    with torch.no_grad():  # nothing to recompute without a gradient
+        assert _saved_bytes(lambda: _encode(again, feats, counts, ids, mask))[1] == 0

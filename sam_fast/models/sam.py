@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from transformers import (
     AutoModel,
@@ -463,22 +464,29 @@ class SAM(InstructBlipPreTrainedModel):
                 w_stream = WStream(embed(rows), bias.index_select(0, rows), CrossKV(kv_hat, kv.heads, kv.hidden),
                                    ctx_index)
 
-        hidden = run_two_streams(
-            layers,
-            x,
-            bias.index_select(0, sample_of),
-            kv,
-            w_stream,
-            self.guidance_in,
-            self.guidance_out,
-            cfg.interaction_layers,
-            Q,
-        )
+        streams = (layers, x, bias.index_select(0, sample_of), kv, w_stream, self.guidance_in, self.guidance_out,
+                   cfg.interaction_layers, Q)
+        if self._recompute_streams():
+            # The two streams' activations (the frozen Q-former's, about a fifth of a training
+            # step's memory at the real proportions) are not kept through the LLM's step: the
+            # backward runs the streams again (a few % of the step's FLOPs) from their inputs.
+            hidden = torch.utils.checkpoint.checkpoint(run_two_streams, *streams, use_reentrant=False)
+        else:
+            hidden = run_two_streams(*streams)
         tokens = self.language_projection(hidden)
         unused = [] if guided else [self.guidance_in, self.guidance_out]
         if not guided or cfg.guidance != "adaptive":
             unused.append(self.adaptive_adjustment)
         return _in_graph_with_weight_zero(tokens, unused)
+
+    def _recompute_streams(self) -> bool:
+        """Whether `encode_images` recomputes the Q/W-former in the backward instead of keeping its
+        activations (`SAMConfig.recompute_qformer`): only when a gradient will be taken, never
+        while torch.compile traces (the compiler plans its own recomputation)."""
+        return (getattr(self.config, "recompute_qformer", False) and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()
+                and any(p.requires_grad for m in (self.guidance_in, self.guidance_out, self.adaptive_adjustment)
+                        for p in m.parameters()))
 
     # -- LLM ---------------------------------------------------------------------------------
     def _placeholders(self, input_ids, counts: list[int]) -> torch.Tensor:
