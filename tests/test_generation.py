@@ -209,3 +209,39 @@ def test_generation_config_defaults_override_and_round_trip(tmp_path):
     assert (back.generation_config.num_beams, back.generation_config.max_new_tokens) == (2, 4)
     with torch.no_grad():
         assert back.generate(**common).shape[1] <= 4  # the saved settings are used
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_static_cache_gives_the_same_ids(beams):
+    """``cache_implementation="static"`` (fixed-shape KV cache, which HF's generate compiles its
+    decoding step for on a GPU) gives the ids of the dynamic cache; with beams the prompt is still
+    prefilled once per sample, into a StaticCache given to every beam."""
+    from transformers import StaticCache
+
+    model = randomize_guidance(tiny_sam())
+    counts = [1, 3, 2]
+    feats, qids, qmask = ragged_batch(model, counts)
+    ids, mask = _prompts(model, counts, [3, 9, 6])
+    kw = dict(image_features=feats, image_counts=counts, qformer_input_ids=qids, qformer_attention_mask=qmask,
+              input_ids=ids, attention_mask=mask, num_beams=beams, max_new_tokens=12, repetition_penalty=1.5,
+              generation_mode="hf")
+    lm = model.language_model
+    caches = []
+    real = lm.generate
+
+    def spy(*args, **kwargs):
+        caches.append(kwargs.get("past_key_values"))
+        return real(*args, **kwargs)
+
+    with torch.no_grad():
+        dynamic = model.generate(**kw)
+        lm.generate = spy
+        try:
+            static = model.generate(**kw, cache_implementation="static")
+        finally:
+            del lm.generate
+    assert torch.equal(static, dynamic)
+    assert len(_strip(dynamic[0].tolist())) >= 4
+    if beams > 1:
+        assert isinstance(caches[0], StaticCache)
+        assert caches[0].get_max_length() == ids.shape[1] + 12

@@ -46,15 +46,20 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prefill_for_beams(language_model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, num_beams: int):
+def prefill_for_beams(language_model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, num_beams: int,
+                      static_cache_len: int | None = None):
     """A KV cache of every prompt position but the last, computed once per sample and repeated
     for its `num_beams` beams ([B, S-1] -> [B * num_beams, S-1] rows).
 
     Passed to HF `generate` as ``past_key_values`` with the full `inputs_embeds`, it makes
     generate run only the last prompt position per beam, instead of the whole prompt per beam
     (HF expands ``inputs_embeds`` to the beams before its prefill). The ids are the same.
+
+    With `static_cache_len` (prompt plus new tokens) the cache is a transformers ``StaticCache``
+    of that length (fixed shapes, what HF's generate compiles its decoding step for on a GPU)
+    holding the same keys and values; otherwise a ``DynamicCache``.
     """
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StaticCache
 
     S = inputs_embeds.shape[1]
     cache = DynamicCache(config=language_model.config)
@@ -63,7 +68,14 @@ def prefill_for_beams(language_model, inputs_embeds: torch.Tensor, attention_mas
                              position_ids=_positions(attention_mask)[:, : S - 1], past_key_values=cache,
                              use_cache=True)
         cache.batch_repeat_interleave(num_beams)
-    return cache
+    if static_cache_len is None:
+        return cache
+    if static_cache_len < S:
+        raise ValueError(f"static_cache_len={static_cache_len} is shorter than the prompt ({S} positions)")
+    static = StaticCache(config=language_model.config, max_cache_len=static_cache_len)
+    for i, layer in enumerate(cache.layers if S > 1 else []):
+        static.update(layer.keys, layer.values, i)
+    return static
 
 
 def _penalise(scores: torch.Tensor, seq: torch.Tensor, penalty: float) -> torch.Tensor:

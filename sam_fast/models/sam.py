@@ -670,6 +670,10 @@ class SAM(InstructBlipPreTrainedModel):
         in HF models. ``"lavis"`` reads the beams and penalties from it and its length from
         ``max_length`` / ``max_new_tokens`` (default max_length 256, min_length 1).
 
+        Speed ("hf" mode): with beams each prompt is run once and its KV cache copied to the beams
+        (HF would run it once per beam); ``cache_implementation="static"`` gives a fixed-shape KV
+        cache, for which HF's generate compiles the decoding step on a GPU. Same ids either way.
+
         Returns:
             [B, S_new] LongTensor of the new token ids (no prompt), padded after ``</s>``.
         """
@@ -721,7 +725,13 @@ class SAM(InstructBlipPreTrainedModel):
                 and (config.num_return_sequences or 1) == 1):
             # HF copies the prompt to every beam before its prefill (num_beams x the prefill work):
             # run the prompt but its last position once per sample, then give every beam a copy
-            kwargs["past_key_values"] = prefill_for_beams(self.language_model, embeds, attention_mask, beams)
+            static_len = None
+            if config.cache_implementation == "static":  # HF refuses a cache object next to this setting
+                config.cache_implementation = None
+                new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length
+                static_len = embeds.shape[1] + int(new)
+            kwargs["past_key_values"] = prefill_for_beams(self.language_model, embeds, attention_mask, beams,
+                                                          static_cache_len=static_len)
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask,
                                             generation_config=config, **kwargs)
 
