@@ -52,6 +52,8 @@ def test_dry_run_runs_every_section_and_writes_the_report(tmp_path):
     step = items["tiny-config train step + generation"]
     assert step["status"] == "ok" and step["speedup_vs_released"] > 0
     assert step["generate_hf"]["new_tokens"] > 0 and step["generate_lavis"]["new_tokens"] > 0
+    assert step["cached_speedup_vs_released"] > 0
+    assert step["generate_hf_static"]["same_ids_as_hf"] is True
     md = path.with_name(path.name[: -len(".json")] + ".md")
     text = md.read_text()
     assert "PASS" in text and all(f"## {s}" in text for s in SECTIONS)
