@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
-from sam_fast.data.synthesis.errors import SynthesisError
+from sam_fast.data.synthesis.errors import SynthesisError, load_local
 
 
 @runtime_checkable
@@ -52,13 +52,10 @@ class DiffusersInpainter:
         except ImportError:
             raise SynthesisError("inpainting needs diffusers: pip install 'sam-fast[synthesis]' "
                                  "(or pip install diffusers)") from None
-        try:
-            pipe = StableDiffusionInpaintPipeline.from_pretrained(
-                path, local_files_only=True, safety_checker=None, requires_safety_checker=False,
-                **({"torch_dtype": dtype} if dtype is not None else {}))
-        except (OSError, ValueError) as e:
-            raise SynthesisError(f"--inpaint-model {path}: cannot load a Stable Diffusion inpainting pipeline "
-                                 f"from local files ({' '.join(str(e).split())[:200]})") from None
+        pipe = load_local("--inpaint-model", path, "a Stable Diffusion inpainting pipeline",
+                          lambda: StableDiffusionInpaintPipeline.from_pretrained(
+                              path, local_files_only=True, safety_checker=None, requires_safety_checker=False,
+                              **({"torch_dtype": dtype} if dtype is not None else {})))
         if device is not None:
             pipe.to(device)
         return cls(pipe, name=str(path), **kwargs)

@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from sam_fast.data.synthesis.errors import SynthesisError
+from sam_fast.data.synthesis.errors import SynthesisError, load_local
 
 
 @runtime_checkable
@@ -145,12 +145,9 @@ class SamSegmenter:
         """Load `SamModel`/`SamProcessor` from a local directory (never downloads)."""
         from transformers import SamModel, SamProcessor
 
-        try:
-            processor = SamProcessor.from_pretrained(path, local_files_only=True)
-            model = SamModel.from_pretrained(path, local_files_only=True, dtype=dtype)
-        except (OSError, ValueError) as e:
-            raise SynthesisError(f"--sam-model {path}: cannot load a Segment Anything model from local files "
-                                 f"({' '.join(str(e).split())[:200]})") from None
+        processor, model = load_local("--sam-model", path, "a Segment Anything model", lambda: (
+            SamProcessor.from_pretrained(path, local_files_only=True),
+            SamModel.from_pretrained(path, local_files_only=True, dtype=dtype)))
         if device is not None:
             model.to(device)
         return cls(model, processor, prompt, name=str(path))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from sam_fast.data.synthesis.errors import SynthesisError
+from sam_fast.data.synthesis.errors import SynthesisError, load_local
 
 DEFAULT_PROMPTS = Path(__file__).with_name("prompts.json")
 _FIELDS = {"background": {"object", "caption"}, "refine": {"object", "caption", "instruction"},
@@ -112,12 +112,9 @@ class TransformersTextWriter:
         """Load a causal LM and its tokenizer from a local directory (never downloads)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        try:
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
-        except (OSError, ValueError) as e:
-            raise SynthesisError(f"--text-model {path}: cannot load a causal LM from local files "
-                                 f"({' '.join(str(e).split())[:200]})") from None
+        tok, model = load_local("--text-model", path, "a causal LM", lambda: (
+            AutoTokenizer.from_pretrained(path, local_files_only=True),
+            AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)))
         if device is not None:
             model.to(device)
         return cls(model, tok, name=str(path), **kwargs)
