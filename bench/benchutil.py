@@ -103,3 +103,58 @@ def peak_allocated_bytes(fn) -> int:
         live += e.nbytes()  # allocations positive, frees negative
         peak = max(peak, live)
     return peak
+
+
+def record_sizes(benchmark, *, dtype, **sizes) -> None:
+    """Store the problem a benchmark times in its ``extra_info``: ``dtype`` (a torch dtype or its
+    name) and named sizes (ints, or shapes given as tuples / ``torch.Size``, stored as lists) under
+    ``sizes``; ``threads`` and ``device`` are stamped by bench/conftest.py. Call it before any
+    early return so the smoke run (``--benchmark-disable``) records them too."""
+    def plain(v):
+        if isinstance(v, (tuple, list, torch.Size)):
+            return [plain(x) for x in v]
+        return v
+
+    benchmark.extra_info["dtype"] = str(dtype).removeprefix("torch.")
+    benchmark.extra_info.setdefault("sizes", {}).update({k: plain(v) for k, v in sizes.items()})
+
+
+#: extra_info keys read as memory figures (MiB unless the name says otherwise)
+MEMORY_SUFFIXES = ("_mb", "_mib")
+
+
+def _is_ratio(key: str) -> bool:
+    return key.startswith("speedup_") or "_vs_" in key
+
+
+def _is_memory(key: str) -> bool:
+    return key.endswith(MEMORY_SUFFIXES) or key.endswith("_bytes")
+
+
+def summary_lines(records) -> list[str]:
+    """One line per benchmark that has ratios or memory figures in ``extra_info``:
+    ``name: speedup_vs_x 2.31x, memory_vs_x 0.55x | peak_step_alloc_mb 2011 MiB``. `records` are
+    ``(name, extra_info)`` pairs; non-numeric values are left out. Ratios are "how many times",
+    memory is in MiB (keys ending ``_mb`` / ``_mib``) or bytes (``_bytes``)."""
+    lines = []
+    width = max((len(name) for name, _ in records), default=0)
+    for name, extra in records:
+        nums = {k: v for k, v in sorted(extra.items())
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        ratios = [f"{k} {v:.2f}x" for k, v in nums.items() if _is_ratio(k)]
+        memory = [f"{k} {v:,.0f} B" if k.endswith("_bytes") else f"{k} {v:,.1f} MiB"
+                  for k, v in nums.items() if _is_memory(k) and not _is_ratio(k)]
+        if not ratios and not memory:
+            continue
+        parts = ", ".join(ratios) + (" | " if ratios and memory else "") + ", ".join(memory)
+        lines.append(f"{name:<{width}}  {parts}")
+    return lines
+
+
+def sam_sizes(config) -> dict:
+    """The widths and depths of a SAM config that set a benchmark's cost (for `record_sizes`)."""
+    v, q, t = config.vision_config, config.qformer_config, config.text_config
+    return dict(vit_hidden=v.hidden_size, vit_layers=v.num_hidden_layers, image_size=v.image_size,
+                patch_size=v.patch_size, qformer_hidden=q.hidden_size, qformer_layers=q.num_hidden_layers,
+                query_tokens=config.num_query_tokens, llm_hidden=t.hidden_size, llm_layers=t.num_hidden_layers,
+                llm_vocab=t.vocab_size)

@@ -6,13 +6,25 @@ that the JSON report carries them; never assert on absolute times. ``--benchmark
 every benchmark into a single-call smoke test (that is how CI runs them).
 
 On a GPU, `timed` synchronises CUDA around every call so that the same suite times real work.
+
+How the suite is run (pyproject.toml lists ``tests`` and ``bench`` as test paths):
+
+- ``pytest --benchmark-only`` (repository root) or ``pytest bench --benchmark-only``: the timed
+  suite; the tests that take no ``benchmark`` fixture are deselected, and the terminal summary
+  ends with every benchmark's ratios and memory figures, one line each;
+- ``pytest -q tests bench --benchmark-disable`` (``make test``): every benchmark once, untimed;
+- plain ``pytest`` at the root (no paths, no benchmark option): the same smoke run, so that it
+  never starts minutes of timing by accident.
+
+Every benchmark records its problem (shapes, dtype) with `benchutil.record_sizes`; one that
+runs without doing so fails.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from benchutil import device_name
+from benchutil import device_name, summary_lines
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
@@ -38,9 +50,46 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     )
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """Plain ``pytest`` at the root (test paths from pyproject.toml, no benchmark option) runs the
+    benchmarks as smoke tests: timing is asked for with ``--benchmark-only`` / ``--benchmark-enable``
+    or by naming ``bench`` on the command line."""
+    asked = any(config.getoption(o, False) for o in ("benchmark_only", "benchmark_enable", "benchmark_skip"))
+    if config.args_source == pytest.Config.ArgsSource.TESTPATHS and not asked:
+        config.option.benchmark_disable = True
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under ``--benchmark-only`` deselect (rather than skip one by one) the tests that take no
+    ``benchmark`` fixture, so that the root call reports the suite and not hundreds of skips."""
+    if not config.getoption("benchmark_only", False):
+        return
+    keep = [i for i in items if "benchmark" in getattr(i, "fixturenames", ())]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """After pytest-benchmark's table: each timed benchmark's ``speedup_*`` / ``*_vs_*`` ratios and
+    memory figures from its ``extra_info``, one line per benchmark."""
+    session = getattr(config, "_benchmarksession", None)
+    if session is None:
+        return
+    lines = summary_lines([(b.name, b.extra_info) for b in session.benchmarks])
+    if lines:
+        terminalreporter.write_sep("-", "ratios (x: times faster / larger, measured side by side) and memory")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(autouse=True)
 def _stamp(benchmark):
     benchmark.extra_info.update(
         device=device_name(), torch=torch.__version__, threads=torch.get_num_threads()
     )
     yield
+    if getattr(benchmark, "_mode", None) and not benchmark.has_error and "sizes" not in benchmark.extra_info:
+        pytest.fail(f"{benchmark.name}: no problem size in extra_info; call benchutil.record_sizes(benchmark, ...)",
+                    pytrace=False)

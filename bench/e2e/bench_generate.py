@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _setup import batch, build, features, realistic_prompts
-from benchutil import run_benchmark
+from benchutil import record_sizes, run_benchmark, sam_sizes
 
 COUNTS = [3, 2]
 NEW_TOKENS = 16
@@ -19,6 +19,9 @@ def bench_generate(benchmark, size, source):
         pytest.skip("mid size is timed only (make bench); the tiny size is the smoke test")
     model = build(size).eval()
     inputs = batch(model, COUNTS, text_len=8)
+    record_sizes(benchmark, dtype=inputs["pixel_values"].dtype, image_counts=COUNTS,
+                 pixel_values=inputs["pixel_values"].shape, prompt_ids=inputs["input_ids"].shape,
+                 new_tokens=NEW_TOKENS, beams=5, **sam_sizes(model.config))
     kw = dict(image_counts=inputs["image_counts"], qformer_input_ids=inputs["qformer_input_ids"],
               input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
     if source == "pixels":
@@ -62,6 +65,10 @@ def bench_generate_realistic(benchmark, mode):
                                                                              "attention_mask")},
         qformer_attention_mask=None)
     new = 48 if size == "scaled" else 8
+    record_sizes(benchmark, dtype=inputs["image_features"].dtype, image_counts=list(inputs["image_counts"]),
+                 image_features=inputs["image_features"].shape, prompt_ids=inputs["input_ids"].shape,
+                 new_tokens=new, beams=5, **sam_sizes(model.config))
+    benchmark.extra_info.update(size=size, mode=mode)
     if mode == "hf":
         kw = dict(num_beams=5, max_new_tokens=new, min_new_tokens=new, repetition_penalty=1.5)
     else:  # lavis: </s> can end a beam early; min_length keeps every answer `new` tokens long

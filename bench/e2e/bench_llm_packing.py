@@ -25,7 +25,7 @@ import time
 
 import pytest
 import torch
-from benchutil import alternating_rounds, device_name, run_benchmark
+from benchutil import alternating_rounds, device_name, record_sizes, run_benchmark
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sam_fast.bench_plan import realistic_shapes, scaled_config
@@ -107,6 +107,9 @@ def bench_llm_packing(benchmark, size, one_cpu_thread):
     packed, padded = _steps(model, batch)
     mask = batch["attention_mask"]
     tokens, positions = int(mask.sum()), mask.numel()
+    cfg = model.config
+    record_sizes(benchmark, dtype=batch["embeds"].dtype, embeds=batch["embeds"].shape, llm_hidden=cfg.hidden_size,
+                 llm_layers=cfg.num_hidden_layers, heads=cfg.num_attention_heads)
     backend, why = packing_backend(batch["embeds"].device, batch["embeds"].dtype,
                                    model.config.hidden_size // model.config.num_attention_heads)
     benchmark.extra_info.update(size=size, samples=mask.shape[0], llm_tokens=tokens, padded_positions=positions,

@@ -23,7 +23,7 @@ import pytest
 import torch
 from _setup import (batch, build, features, optimizer, realistic, realistic_padding, step_cached, step_released,
                     step_sam_fast)
-from benchutil import alternating_rounds, peak_allocated_bytes, run_benchmark, timed
+from benchutil import alternating_rounds, peak_allocated_bytes, record_sizes, run_benchmark, sam_sizes, timed
 
 from sam_fast.bench_plan import flop_shares, realistic_shapes
 from sam_fast.models.packing import packed_lm_loss
@@ -83,6 +83,9 @@ def bench_train_step(benchmark, size, variant):
     steps = {"sam_fast": lambda: step_sam_fast(model, opt, inputs),
              "cached": lambda: step_cached(model, opt, inputs, cached),
              "released": lambda: step_released(model, opt, inputs)}
+    record_sizes(benchmark, dtype=inputs["pixel_values"].dtype, image_counts=list(counts),
+                 pixel_values=inputs["pixel_values"].shape, input_ids=inputs["input_ids"].shape,
+                 **sam_sizes(model.config))
     benchmark.extra_info.update(size=size, variant=variant, images=sum(counts), samples=len(counts),
                                 llm_tokens=int(inputs["attention_mask"].sum()),
                                 llm_padding=float(1 - inputs["attention_mask"].float().mean()))

@@ -28,7 +28,7 @@ from sam_fast.modules import merged_context_kv, merged_context_maps, project_cro
 from sam_fast.reference import released_schedule_encode_images
 
 
-from benchutil import alternating_rounds, benchmarks_disabled, run_benchmark, timed  # bench/benchutil.py
+from benchutil import alternating_rounds, benchmarks_disabled, record_sizes, run_benchmark, timed  # bench/benchutil.py
 
 B, P, D, TEXT = 2, 257, 1408, 32
 
@@ -72,6 +72,10 @@ def bench_encode_images(benchmark, model, context_mode, n):
         pytest.skip("smoke run (--benchmark-disable): N=2 only")
     model.config.context_mode = context_mode
     feats, counts, ids = inputs(model, n)
+    q = model.config.qformer_config
+    record_sizes(benchmark, dtype=feats.dtype, B=B, N=n, image_features=feats.shape, qformer_input_ids=ids.shape,
+                 qformer_layers=q.num_hidden_layers, qformer_hidden=q.hidden_size,
+                 query_tokens=model.config.num_query_tokens)
 
     @torch.no_grad()
     def fast():
@@ -107,6 +111,7 @@ def bench_merge_kv_vs_features(benchmark, model, context_mode):
     features [T, P, 1408] and project each merged map (the alternative)."""
     n = 2 if benchmarks_disabled(benchmark) else 4
     feats, counts, _ = inputs(model, n)
+    record_sizes(benchmark, dtype=feats.dtype, B=B, N=n, image_features=feats.shape)
     layers = model.qformer.encoder.layer
     cu = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32)
     plain = project_cross_kv(layers, feats)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchutil import benchmarks_disabled, run_benchmark, timed
+from benchutil import benchmarks_disabled, record_sizes, run_benchmark, timed
 from sam_fast.ops import context_reweight
 
 B, N, P, D = 4, 8, 257, 1408
@@ -52,6 +52,11 @@ def released_shared(F, w, bias, n):
     return (a[..., None] * x).sum(1)
 
 
+def _sizes(benchmark, F, n=N, **more):
+    record_sizes(benchmark, dtype=F.dtype, features=F.shape, B=F.shape[0] // n, N=n, P=F.shape[1], D=F.shape[2],
+                 **more)
+
+
 def _record(benchmark, **ratios):
     benchmark.extra_info.update({k: round(v, 3) for k, v in ratios.items()})
     print(" ".join(f"{k}={v:.3g}" for k, v in ratios.items()))
@@ -59,6 +64,7 @@ def _record(benchmark, **ratios):
 
 def bench_context_reweight_leave_one_out(benchmark):
     F, w, b, cu = inputs()
+    _sizes(benchmark, F)
     with torch.no_grad():
         fast = lambda: context_reweight(F, w, b, cu, "leave_one_out")  # noqa: E731
         run_benchmark(benchmark, fast)
@@ -76,6 +82,7 @@ def bench_context_reweight_leave_one_out(benchmark):
 
 def bench_context_reweight_shared(benchmark):
     F, w, b, cu = inputs()
+    _sizes(benchmark, F)
     with torch.no_grad():
         fast = lambda: context_reweight(F, w, b, cu, "shared")  # noqa: E731
         run_benchmark(benchmark, fast)
@@ -91,6 +98,7 @@ def bench_context_reweight_shared(benchmark):
 def bench_context_reweight_per_image(benchmark, mode):
     """Time per image for N = 2, 4, 8, 16 images per sample (B=4): flat means O(n D) per patch."""
     F, w, b, cu = inputs(n=8)
+    _sizes(benchmark, F, n=8, N_per_image_sweep=[2, 4, 8, 16])
     with torch.no_grad():
         run_benchmark(benchmark, lambda: context_reweight(F, w, b, cu, mode))
         if benchmarks_disabled(benchmark):
@@ -107,6 +115,7 @@ def bench_context_reweight_per_image(benchmark, mode):
 def bench_context_reweight_backward(benchmark, mode):
     """Forward + backward to weight and bias (frozen features) vs autograd through the naive form."""
     F, w, b, cu = inputs(requires_grad=True)
+    _sizes(benchmark, F)
     naive = naive_leave_one_out if mode == "leave_one_out" else released_shared
 
     def fast():

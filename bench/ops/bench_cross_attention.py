@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchutil import benchmarks_disabled, run_benchmark, timed
+from benchutil import benchmarks_disabled, record_sizes, run_benchmark, timed
 from sam_fast.ops import cross_attention_streams, cross_attention_streams_ref, mix_kv
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -50,6 +50,8 @@ def _record(benchmark, **ratios):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def bench_cross_attention_streams_vs_sdpa(benchmark, dtype):
     q, k, v, _, _ = _inputs(dtype)
+    record_sizes(benchmark, dtype=dtype, B=B, N=N, queries=Q, heads=H, head_dim=d, image_tokens=P, q=q.shape,
+                 kv=k.shape)
     k2, v2 = k.contiguous(), v.contiguous()  # materialised merged K/V of the W-stream
     with torch.no_grad():
         fused = lambda: cross_attention_streams(q, k, v, k2, v2)  # noqa: E731
@@ -65,6 +67,8 @@ def bench_cross_attention_streams_vs_sdpa(benchmark, dtype):
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
 def bench_cross_attention_leave_one_out_mix(benchmark, dtype, backward):
     q, k, v, index, scores = _inputs(dtype, requires_grad=backward)
+    record_sizes(benchmark, dtype=dtype, B=B, N=N, queries=Q, heads=H, head_dim=d, image_tokens=P, q=q.shape,
+                 kv=k.shape, mix_weights=scores.shape)
 
     def run(streams_fn, materialise):
         w = torch.softmax(scores, 1)

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchutil import alternating_rounds, benchmarks_disabled, peak_allocated_bytes, run_benchmark
+from benchutil import alternating_rounds, benchmarks_disabled, peak_allocated_bytes, record_sizes, run_benchmark
 from sam_fast.ops import linear_cross_entropy, linear_cross_entropy_backend
 
 N, H = 1500, 512
@@ -40,6 +40,8 @@ def inputs(vocab, supervised, seed=0):
 @pytest.mark.parametrize("vocab, supervised", [(4000, 1.0), (32000, 1.0), (32000, 0.4)])
 def bench_linear_cross_entropy(benchmark, vocab, supervised):
     h, lm_head, t = inputs(vocab, supervised)
+    record_sizes(benchmark, dtype=DTYPE, hidden=h.shape, lm_head=lm_head.weight.shape, vocab=vocab,
+                 supervised_rows=int((t != -100).sum()))
 
     def fused():
         linear_cross_entropy(h, lm_head.weight, t).backward()
