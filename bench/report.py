@@ -9,7 +9,9 @@ Conventions the benchmarks follow (``benchmark.extra_info``):
 - ``images_per_sample``: x value for the speed-up curve.
 - ``gbps`` and ``copy_gbps``: achieved bandwidth and the measured copy floor on the same device.
 - ``breakdown``: ``{"vision": s, "qwformer": s, "llm": s}`` seconds of one training step.
-- ``peak_memory_mb``, ``samples_per_s``, ``tokens_per_s``: shown in the table when present.
+- memory: keys ending ``_mb`` / ``_mib`` / ``_bytes`` (e.g. ``peak_step_alloc_mb``, what torch allocates
+  during one step); older results' ``peak_memory_mb`` was the process RSS and is shown as
+  ``process_rss_mb``. ``samples_per_s``, ``tokens_per_s``: shown in the table when present.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import datetime as dt
 import json
 import re
+import textwrap
 from pathlib import Path
 
 START, END = "<!-- speed:start -->", "<!-- speed:end -->"
@@ -41,78 +44,195 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds * 1e9:.3g} ns"
 
 
+#: keys shown in the table's "other" column (besides memory figures)
+THROUGHPUT = ("samples_per_s", "tokens_per_s", "gbps", "copy_gbps")
+#: old results stored the process RSS (torch and Python included) under this name
+RSS_ALIASES = {"peak_memory_mb": "process_rss_mb"}
+
+
+def _is_ratio(key: str) -> bool:
+    return key.startswith("speedup_") or "_vs_" in key
+
+
+def _is_memory(key: str) -> bool:
+    return key.endswith(("_mb", "_mib", "_bytes")) and not _is_ratio(key)
+
+
 def markdown_table(data: dict) -> str:
+    """The results as a markdown table: median time, the ratios measured side by side
+    (``speedup_*`` with the prefix dropped, other ``*_vs_*`` by full name) and the throughput and
+    memory figures. Memory stored by older runs as ``peak_memory_mb`` (the process RSS, torch
+    included) is shown as ``process_rss_mb``."""
     rows = ["| benchmark | median | ratios (same run) | other |", "| --- | --- | --- | --- |"]
     for b in data.get("benchmarks", []):
-        extra = b.get("extra_info", {})
-        ratios = ", ".join(f"{k[len('speedup_'):]} {v:.2f}x" for k, v in sorted(extra.items())
-                           if k.startswith("speedup_") and isinstance(v, (int, float)))
+        extra = {RSS_ALIASES.get(k, k): v for k, v in b.get("extra_info", {}).items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        ratios = ", ".join(f"{k.removeprefix('speedup_')} {v:.2f}x" for k, v in sorted(extra.items()) if _is_ratio(k))
         other = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(extra.items())
-                          if k in ("peak_memory_mb", "samples_per_s", "tokens_per_s", "gbps", "copy_gbps"))
+                          if k in THROUGHPUT or _is_memory(k))
         rows.append(f"| `{b['name']}` | {_fmt_time(b['stats']['median'])} | {ratios or '-'} | {other or '-'} |")
     return f"Measured on {stamp(data)}.\n\n" + "\n".join(rows) + "\n"
 
 
-def plots(data: dict, out_dir: Path, prefix: str) -> list[Path]:
-    """Up to three PNGs; only those the data can fill are written."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    benches = data.get("benchmarks", [])
+    return plt
 
-    def save(fig, ax, xlabel: str, suffix: str) -> None:
-        ax.set_xlabel(xlabel)
-        ax.set_title(stamp(data), fontsize=7)
-        ax.legend(fontsize=7)
-        path = out_dir / f"{prefix}-{suffix}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
 
-    curves: dict[str, list[tuple[float, float]]] = {}
-    for b in benches:
+def _finish(fig, ax, data: dict, title: str, note: str = "") -> None:
+    """Title, legend outside the axes (right), and the run's stamp (and `note`) under the plot."""
+    fig.suptitle(title, fontsize=12, fontweight="bold", x=0.02, ha="left")
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize=9,
+                  frameon=False)
+    height = fig.get_figheight()  # room in inches for the x label below and the title above
+    fig.subplots_adjust(bottom=0.8 / height, top=1 - 0.75 / height)
+    caption = textwrap.fill(stamp(data), 110) + (f"\n{textwrap.fill(note, 110)}" if note else "")
+    fig.text(0.02, 0.0, caption, fontsize=7.5, color="dimgray", ha="left", va="top")
+
+
+def _iqr_scale(b: dict) -> tuple[float, float]:
+    """(q1 / median, q3 / median) of the benchmark's timed rounds (1, 1 when not stored)."""
+    st = b.get("stats", {})
+    med = st.get("median") or 0.0
+    if not med or "q1" not in st or "q3" not in st:
+        return 1.0, 1.0
+    return st["q1"] / med, st["q3"] / med
+
+
+def speedup_figure(data: dict):
+    """Speed-up over the compared implementation against images per sample, one curve per
+    benchmark and setting; error bars span the fastest-round ratio and the median of the per-round
+    ratios. None when no benchmark has ``images_per_sample``."""
+    curves: dict[str, list[tuple[float, float, float]]] = {}
+    for b in data.get("benchmarks", []):
         extra = b.get("extra_info", {})
         if "images_per_sample" not in extra:
             continue
         x = extra["images_per_sample"]
         others = [str(v) for v in (b.get("params") or {}).values() if v != x]  # one curve per other setting
-        group = re.sub(r"\[.*\]$", "", b["name"]) + (f"[{', '.join(others)}]" if others else "")
+        group = re.sub(r"\[.*\]$", "", b["name"]) + (f" [{', '.join(others)}]" if others else "")
         for k, v in extra.items():
             if k.startswith("speedup_"):
-                curves.setdefault(f"{group}: {k[8:]}", []).append((extra["images_per_sample"], v))
-    if curves:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for label, pts in sorted(curves.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_ylabel("speed-up (x)")
-        save(fig, ax, "images per sample", "speedup")
+                curves.setdefault(f"{group}: {k[8:]}", []).append((x, v, extra.get("median_of_round_ratios", v)))
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 5))
+    for label, pts in sorted(curves.items()):
+        pts.sort()
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        lo = [y - min(y, m) for _, y, m in pts]
+        hi = [max(y, m) - y for _, y, m in pts]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=4, label=label)
+    ax.axhline(1.0, color="grey", lw=1, ls="--", label="1x = as fast as the compared code")
+    ax.set_xticks(sorted({p[0] for pts in curves.values() for p in pts}))
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("images per sample (N)")
+    ax.set_ylabel("speed-up (x, time of compared code / ours)")
+    ax.grid(alpha=0.3)
+    _finish(fig, ax, data, "Speed-up over the released code, by images per sample",
+            "Points: ratio of the two sides' fastest rounds, timed alternately in one run; error bars reach "
+            "the median of the per-round ratios.")
+    return fig
 
-    bw = [(b["name"], b["extra_info"]["gbps"], b["extra_info"].get("copy_gbps")) for b in benches
-          if "gbps" in b.get("extra_info", {})]
-    if bw:
-        fig, ax = plt.subplots(figsize=(7, 0.5 + 0.4 * len(bw)))
-        names = [n for n, _, _ in bw]
-        ax.barh(names, [g for _, g, _ in bw], label="achieved")
-        floors = [c for _, _, c in bw if c]
-        if floors:
-            ax.axvline(max(floors), color="red", ls="--", label="copy floor")
-        save(fig, ax, "GB/s", "bandwidth")
 
-    parts = [(b["name"], b["extra_info"]["breakdown"]) for b in benches if "breakdown" in b.get("extra_info", {})]
-    if parts:
-        fig, ax = plt.subplots(figsize=(7, 0.5 + 0.4 * len(parts)))
-        left = [0.0] * len(parts)
-        for key in ("vision", "qwformer", "llm"):
-            vals = [p.get(key, 0.0) * 1e3 for _, p in parts]
-            ax.barh([n for n, _ in parts], vals, left=left, label=key)
-            left = [a + b for a, b in zip(left, vals)]
-        save(fig, ax, "ms per training step", "train-breakdown")
+def bandwidth_figure(data: dict):
+    """Achieved memory bandwidth of each benchmark with ``gbps`` next to the copy floor measured
+    on the same device (``copy_gbps``: copying the same bytes); error bars from the interquartile
+    range of the timed rounds. None when no benchmark has ``gbps``."""
+    bw = [b for b in data.get("benchmarks", []) if "gbps" in b.get("extra_info", {})]
+    if not bw:
+        return None
+    plt = _pyplot()
+    n = len(bw)
+    fig, ax = plt.subplots(figsize=(10, max(3.2, 1.6 + 1.0 * n)))
+    h = 0.38
+    ys = list(range(n))
+    achieved = [b["extra_info"]["gbps"] for b in bw]
+    q1s, q3s = zip(*(_iqr_scale(b) for b in bw))
+    err = [[g - g / q3 for g, q3 in zip(achieved, q3s)], [g / q1 - g for g, q1 in zip(achieved, q1s)]]
+    ax.barh([y - h / 2 for y in ys], achieved, height=h, xerr=err, capsize=4, color="tab:blue",
+            label="achieved (median; error bar: IQR of rounds)")
+    floors = [b["extra_info"].get("copy_gbps") or 0.0 for b in bw]
+    if any(floors):
+        ax.barh([y + h / 2 for y in ys], floors, height=h, color="tab:gray",
+                label="copy of the same bytes (memory floor)")
+    top = max(max(a + e for a, e in zip(achieved, err[1])), max(floors))
+    for y, a, e, f in zip(ys, achieved, err[1], floors):
+        ax.text(a + e, y - h / 2, f"  {a:.1f} GB/s", va="center", fontsize=9)
+        if f:
+            ax.text(f, y + h / 2, f"  {f:.1f} GB/s", va="center", fontsize=9)
+    ax.set_yticks(ys, [b["name"] for b in bw])
+    ax.invert_yaxis()
+    ax.set_xlim(0, top * 1.25)
+    ax.set_xlabel("bandwidth (GB/s: bytes read + written per second)")
+    ax.grid(axis="x", alpha=0.3)
+    _finish(fig, ax, data, "Memory bandwidth achieved vs a plain copy of the same bytes")
+    return fig
+
+
+PARTS = (("vision", "frozen ViT forward"), ("qwformer", "Q/W-former fwd + bwd"), ("llm", "LLM fwd + bwd"))
+
+
+def breakdown_figure(data: dict):
+    """One training step split into its parts (ms), one panel per benchmark with ``breakdown``,
+    each on its own scale; the whole step's median with the interquartile range of its rounds is
+    drawn above the parts. None when no benchmark has ``breakdown``."""
+    runs = [b for b in data.get("benchmarks", []) if "breakdown" in b.get("extra_info", {})]
+    if not runs:
+        return None
+    plt = _pyplot()
+    n = len(runs)
+    fig, axes = plt.subplots(n, 1, figsize=(10, 1.4 + 1.7 * n), squeeze=False)
+    colors = dict(zip((k for k, _ in PARTS), ("tab:green", "tab:orange", "tab:blue")))
+    for ax, b in zip(axes[:, 0], runs):
+        parts = b["extra_info"]["breakdown"]
+        total = sum(parts.get(k, 0.0) for k, _ in PARTS) * 1e3
+        left = 0.0
+        for key, label in PARTS:
+            ms = parts.get(key, 0.0) * 1e3
+            ax.barh([0], [ms], left=left, height=0.6, color=colors[key], label=label)
+            if total and ms / total >= 0.07:
+                ax.text(left + ms / 2, 0, f"{ms:.3g} ms\n{ms / total:.0%}", ha="center", va="center", fontsize=8,
+                        color="white")
+            left += ms
+        st = b.get("stats", {})
+        step = st.get("median", 0.0) * 1e3
+        if step:
+            lo, hi = step - st.get("q1", st["median"]) * 1e3, st.get("q3", st["median"]) * 1e3 - step
+            ax.errorbar([step], [0.55], xerr=[[lo], [hi]], fmt="D", color="black", capsize=4,
+                        label="whole step (median, IQR of rounds)")
+        ax.set_yticks([0], [b["name"]])
+        ax.set_ylim(-0.6, 0.9)
+        ax.set_xlim(0, max(total, step + (hi if step else 0)) * 1.08)
+        ax.set_xlabel("ms per training step")
+        ax.grid(axis="x", alpha=0.3)
+    fig.subplots_adjust(hspace=0.9)
+    _finish(fig, axes[0, 0], data, "Where one training step's time goes (each panel on its own scale)",
+            "Parts: median of separate timed calls (ViT forward; Q/W-former forward + backward; LLM forward + "
+            "backward); their sum can differ from the whole step.")
+    return fig
+
+
+def plots(data: dict, out_dir: Path, prefix: str) -> list[Path]:
+    """Write `<prefix>-speedup.png`, `-bandwidth.png` and `-train-breakdown.png` into `out_dir`,
+    only those the data can fill; returns their paths."""
+    written = []
+    for suffix, make in (("speedup", speedup_figure), ("bandwidth", bandwidth_figure),
+                         ("train-breakdown", breakdown_figure)):
+        fig = make(data)
+        if fig is None:
+            continue
+        path = out_dir / f"{prefix}-{suffix}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.2)
+        _pyplot().close(fig)
+        written.append(path)
     return written
 
 
