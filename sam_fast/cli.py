@@ -5,7 +5,7 @@
     sam-fast eval     --model DIR --data DIR --output OUT                         pred.json + metrics.json
     sam-fast cache-features --model M --data DIR --output CACHE                   frozen ViT outputs, once
     sam-fast explain  --model DIR (--images a b ... | --data DIR) --output OUT    Adaptive Adjustment weights as PNGs
-    sam-fast bench    [-k EXPR] [--json FILE] [--plan]                              the pytest-benchmark suite (bench/)
+    sam-fast bench    [-k EXPR] [--json FILE] [--plan] [--update-readme]           the pytest-benchmark suite (bench/)
     sam-fast demo     [--steps N] [--batch B] [--seed S]                          the tiny SAM end to end on a CPU
     sam-fast synthesize --sources DIR --output DIR --inpaint-model SD --caption-model M (--text-model LM | --text-url URL)
                                                                                   MmLINK-style training data
@@ -420,9 +420,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     print(" ".join(cmd))
     rc = subprocess.call(cmd, cwd=repo)
-    if rc == 0:  # markdown table, PNG plots, README "Speed" block
-        readme = ["--readme", str(repo / "README.md")] if args.k is None else []
+    if rc == 0:  # markdown table and PNG plots beside the JSON; README's "Speed" block only on request
+        readme = ["--readme", str(repo / "README.md")] if args.update_readme else []
         rc = subprocess.call([sys.executable, str(bench / "report.py"), args.json, *readme], cwd=repo)
+    if rc == 0:
+        where = Path(args.json).resolve().parent
+        print(f"sam-fast bench: results in {where} ({Path(args.json).name}, its .md table and PNG plots)"
+              + ("; README.md's Speed table updated" if args.update_readme else
+                 "; README.md untouched (--update-readme rewrites its Speed table)"))
     return rc
 
 
@@ -644,8 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the FLOPs of one training step by part (ViT, Q/W-former, LLM forward, LLM backward) "
                    "for the vicuna-7b config and the benchmarks' 'scaled' config side by side, then exit")
     p.add_argument("--json", help="benchmark JSON output (default: bench/results/<device>-<date>.json); a "
-                   "markdown table and PNG plots are written beside it, and README's Speed table is updated "
-                   "when the whole suite ran")
+                   "markdown table and PNG plots are written beside it")
+    p.add_argument("--update-readme", action="store_true",
+                   help="also rewrite README.md's Speed table from this run (default: README.md is left alone)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser(
