@@ -1,7 +1,8 @@
 # make test   build .venv (if missing), install torch + deps + sam_fast (editable, with the
 #             compiled extension), run the tests
 # make demo   same install, then the end-to-end demo (tiny random SAM on a CPU)
-# make bench  same install, then the pytest-benchmark suite (JSON in bench/results/latest.json)
+# make bench  same install, then the pytest-benchmark suite (bench/results/<device>-<date>.json;
+#             UPDATE_README=1 also rewrites README.md's Speed table)
 # make clean  remove build outputs and the install stamp (keeps .venv)
 # make gpu-check  on a CUDA machine without network: build against its own torch, CUDA tests,
 #             model checks, GPU benchmarks (bench/gpu_check.py; report in $SAM_FAST_GPU_CHECK_OUT,
@@ -35,14 +36,17 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests bench --benchmark-disable
 
-# Results: bench/results/<device>-<date>.json (+ .md table, PNG plots; README "Speed" block).
+# Results: bench/results/<device>-<date>.json (+ .md table, PNG plots). README.md's "Speed" table is
+# rewritten only on request: make bench UPDATE_README=1
+UPDATE_README ?=
 bench: $(STAMP)
 	@mkdir -p bench/results
 	@name=$$($(PY) -c "import sys; sys.path.insert(0, 'bench'); from benchutil import device_name; \
 		print(device_name().replace(' ', '_'))")-$$(date +%Y-%m-%d); \
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-columns=median,iqr,rounds \
 		--benchmark-json=bench/results/$$name.json && \
-	$(PY) bench/report.py bench/results/$$name.json --readme README.md
+	$(PY) bench/report.py bench/results/$$name.json $(if $(UPDATE_README),--readme README.md) && \
+	echo "results: bench/results/$$name.json (+ .md, PNG plots)$(if $(UPDATE_README),; README.md Speed table updated,; README.md untouched (UPDATE_README=1 updates it))"
 
 # Fails when a tracked speedup_* ratio of NEW dropped by more than 10% against BASELINE.
 BASELINE ?= bench/baseline.json

@@ -57,3 +57,142 @@ def test_report_writes_table_plots_and_readme_block(tmp_path):
     for suffix in ("speedup", "bandwidth", "train-breakdown"):
         png = tmp_path / f"cpu-test-2026-11-22-{suffix}.png"
         assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+# --- the pytest hook, the plots, and README only on request -------------------------------------
+
+def _conftest(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # bench/conftest.py imports benchutil
+    return _module("conftest")
+
+
+class _Reporter:
+    def __init__(self):
+        self.lines = []
+
+    def write_sep(self, sep, title=""):
+        self.lines.append(f"{sep * 3} {title}")
+
+    def write_line(self, line):
+        self.lines.append(line)
+
+
+def test_terminal_summary_prints_ratios_and_memory_one_line_each(monkeypatch):
+    conftest = _conftest(monkeypatch)
+    fake = [("bench_train_step[sam_fast-tiny]", {"speedup_vs_released": 2.643, "memory_vs_released": 0.554,
+                                                 "peak_step_alloc_mb": 2011.4, "samples_per_s": 221.9,
+                                                 "sizes": {"B": 4}, "dtype": "float32"}),
+            ("bench_generate[pixels-tiny]", {"tokens_per_s": 664.4, "sizes": {"B": 2}}),  # nothing to show
+            ("bench_context_reweight_leave_one_out", {"speedup_vs_naive_einsum": 5.67, "time_vs_output_copy": 2.5}),
+            ("bench_linear_cross_entropy[32000-1.0]", {"peak_mib": 12.5, "full_peak_mib": 190.0})]
+
+    class Bench:
+        def __init__(self, name, extra):
+            self.name, self.extra_info = name, extra
+
+    config = type("Config", (), {"_benchmarksession": type("S", (), {"benchmarks": [Bench(*f) for f in fake]})()})()
+    rep = _Reporter()
+    conftest.pytest_terminal_summary(rep, 0, config)
+    assert "ratios" in rep.lines[0] and "memory" in rep.lines[0]
+    body = rep.lines[1:]
+    assert len(body) == 3  # one line per benchmark with something to show; generate has none
+    train = next(line for line in body if line.startswith("bench_train_step[sam_fast-tiny]"))
+    assert "speedup_vs_released 2.64x" in train and "memory_vs_released 0.55x" in train
+    assert "peak_step_alloc_mb 2,011.4 MiB" in train and "samples_per_s" not in train
+    cr = next(line for line in body if line.startswith("bench_context_reweight_leave_one_out"))
+    assert "speedup_vs_naive_einsum 5.67x" in cr and "time_vs_output_copy 2.50x" in cr
+    lce = next(line for line in body if line.startswith("bench_linear_cross_entropy"))
+    assert "peak_mib 12.5 MiB" in lce and "full_peak_mib 190.0 MiB" in lce and "x" not in lce.split("  ", 1)[1]
+    # a timing-free run (no session, or nothing timed) adds no section
+    rep = _Reporter()
+    conftest.pytest_terminal_summary(rep, 0, type("C", (), {})())
+    assert rep.lines == []
+
+
+def test_root_benchmark_only_call_collects_the_bench_suite():
+    """`pytest --benchmark-only` at the root collects bench/ (testpaths) and deselects plain tests."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "pytest", "--benchmark-only", "--collect-only", "-q",
+                          "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    ids = [line for line in out.stdout.splitlines() if "::" in line]
+    assert any(i.startswith("bench/ops/bench_context_reweight.py::") for i in ids)
+    assert any(i.startswith("bench/e2e/bench_train_step.py::") for i in ids)
+    assert not any(i.startswith("tests/") for i in ids)
+    assert "deselected" in out.stdout
+
+
+def test_record_sizes_stores_shapes_and_dtype(monkeypatch):
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    benchutil = _module("benchutil")
+    bench = type("B", (), {"extra_info": {}})()
+    benchutil.record_sizes(bench, dtype=torch.bfloat16, features=torch.Size([32, 257, 1408]), B=4, counts=(2, 3))
+    assert bench.extra_info == {"dtype": "bfloat16", "sizes": {"features": [32, 257, 1408], "B": 4, "counts": [2, 3]}}
+    json.dumps(bench.extra_info)  # lands in the JSON report as is
+
+
+def _overlap(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+@pytest.mark.parametrize("name", ["speedup_figure", "bandwidth_figure", "breakdown_figure"])
+def test_plots_have_title_units_legend_outside_and_error_bars(name):
+    pytest.importorskip("matplotlib")
+    from matplotlib.container import ErrorbarContainer
+
+    report = _module("report")
+    data = _run({2: 1.5, 4: 2.0, 8: 2.6})
+    for b in data["benchmarks"]:  # rounds' spread, and a second timing scale (tiny vs 100x larger)
+        b["stats"].update(q1=b["stats"]["median"] * 0.9, q3=b["stats"]["median"] * 1.2)
+        b["extra_info"]["median_of_round_ratios"] = b["extra_info"]["speedup_vs_released"] * 1.1
+    data["benchmarks"][-1]["extra_info"]["breakdown"] = {"vision": 1.0, "qwformer": 0.2, "llm": 3.0}
+    fig = getattr(report, name)(data)
+    try:
+        w, h = fig.get_size_inches()
+        assert w >= 8 and h >= 3, (w, h)  # not a 0.9-inch strip
+        assert fig._suptitle is not None and len(fig._suptitle.get_text()) > 20
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        axes = [ax for ax in fig.axes if ax.get_xlabel()]
+        assert axes
+        for ax in axes:
+            label = ax.get_xlabel() + " " + ax.get_ylabel()
+            assert any(u in label for u in ("(x", "GB/s", "ms", "(N)")), label
+        legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+        assert len(legends) == 1
+        box = legends[0].get_window_extent(renderer)
+        for ax in fig.axes:  # outside every plotting area
+            assert not _overlap(box, ax.get_window_extent(renderer)), name
+        assert any(isinstance(c, ErrorbarContainer) or getattr(c, "errorbar", None) is not None
+                   for ax in fig.axes for c in ax.containers), "no error bars"
+        if name == "breakdown_figure":  # each size on its own scale: its bars fill most of its axis
+            for ax in fig.axes:
+                total = sum(p.get_width() for p in ax.patches)
+                assert total >= 0.5 * ax.get_xlim()[1], (total, ax.get_xlim())
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def test_sam_fast_bench_leaves_readme_alone_unless_asked(monkeypatch, tmp_path, capsys):
+    from sam_fast import cli
+
+    calls = []
+    monkeypatch.setattr("subprocess.call", lambda cmd, **kw: calls.append(cmd) or 0)
+    readme = ROOT / "README.md"
+    before = readme.read_bytes()
+    out = tmp_path / "r.json"
+    assert cli.main(["bench", "--json", str(out)]) == 0
+    assert len(calls) == 2 and "--benchmark-only" in calls[0] and "report.py" in calls[1][1]
+    assert "--readme" not in calls[1]
+    printed = capsys.readouterr().out
+    assert str(tmp_path) in printed and "README.md untouched" in printed
+    assert readme.read_bytes() == before
+    calls.clear()
+    assert cli.main(["bench", "--json", str(out), "--update-readme"]) == 0
+    assert calls[1][calls[1].index("--readme") + 1] == str(readme)
