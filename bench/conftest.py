@@ -71,6 +71,7 @@ def pytest_collection_modifyitems(config, items):
         items[:] = keep
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's own table
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """After pytest-benchmark's table: each timed benchmark's ``speedup_*`` / ``*_vs_*`` ratios and
     memory figures from its ``extra_info``, one line per benchmark."""
