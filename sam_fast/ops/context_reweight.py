@@ -35,12 +35,18 @@ explains the numerics) and have a fused backward.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
-from sam_fast.ops.dispatch import ENV_VAR, dispatcher
+from sam_fast.ops._common import (
+    HAVE_TRITON,
+    always_usable,
+    cdiv,
+    dtype_reason,
+    interpreting,
+    next_pow2,
+    triton_device_reason,
+)
+from sam_fast.ops.dispatch import dispatcher
 
 MODES = ("leave_one_out", "shared")
 
@@ -167,27 +173,19 @@ def _out_rows(features, cu_images, shared):
     return cu_images.shape[0] - 1 if shared else features.shape[0]
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
-
-
-def _triton_blocks(P, D, tiles):
+def _triton_blocks(P, D, tiles, interpret: bool):
     """(BLOCK_P, BLOCK_D, num_warps). On a GPU a program holds `tiles` fp32 [BLOCK_P, BLOCK_D]
-    tiles in registers; under the CPU interpreter every program costs milliseconds, so one
-    program takes all patches of a sample."""
-    import triton
-
-    block_d = triton.next_power_of_2(D)
-    if _interpreting():
-        return triton.next_power_of_2(P), block_d, 4
+    tiles in registers; under the CPU interpreter (`interpret`) every program costs milliseconds,
+    so one program takes all patches of a sample."""
+    block_d = next_pow2(D)
+    if interpret:
+        return next_pow2(P), block_d, 4
     budget = max(1, 8192 // (tiles * block_d))  # patches whose `tiles` fp32 rows fit 8192 elements
-    block_p = min(triton.next_power_of_2(P), 1 << (budget.bit_length() - 1))  # tl.arange needs a power of 2
+    block_p = min(next_pow2(P), 1 << (budget.bit_length() - 1))  # tl.arange needs a power of 2
     return block_p, block_d, 8 if block_d >= 1024 else 4
 
 
 def _triton_forward(features, weight, bias, cu_images, shared):
-    import triton
-
     from sam_fast._kernels.context_reweight import context_reweight_fwd_kernel
 
     F = features.contiguous()
@@ -197,8 +195,8 @@ def _triton_forward(features, weight, bias, cu_images, shared):
     if B == 0 or P == 0 or D == 0:  # nothing to compute (and no block sizes for an empty axis)
         return out
     scores = F.new_empty(T, P, dtype=torch.float32)
-    block_p, block_d, warps = _triton_blocks(P, D, 2 if shared else 3)
-    context_reweight_fwd_kernel[(B, triton.cdiv(P, block_p))](
+    block_p, block_d, warps = _triton_blocks(P, D, 2 if shared else 3, interpret=interpreting())
+    context_reweight_fwd_kernel[(B, cdiv(P, block_p))](
         F, weight.contiguous(), bias.reshape(1).contiguous(), cu_images.contiguous(), scores, out, P, D,
         SHARED=shared, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=warps,
     )
@@ -206,8 +204,6 @@ def _triton_forward(features, weight, bias, cu_images, shared):
 
 
 def _triton_backward(grad_out, features, weight, bias, cu_images, shared, features_grad):
-    import triton
-
     from sam_fast._kernels.context_reweight import context_reweight_bwd_kernel, context_reweight_reduce_kernel
 
     F = features.contiguous()
@@ -218,8 +214,8 @@ def _triton_backward(grad_out, features, weight, bias, cu_images, shared, featur
         return (F.new_zeros(F.shape if features_grad else (0,)), F.new_zeros(D, dtype=torch.float32),
                 F.new_zeros((), dtype=torch.float32))
     d_features = F.new_empty(F.shape if features_grad else (0,))
-    block_p, block_d, warps = _triton_blocks(P, D, 6)
-    grid = (B, triton.cdiv(P, block_p))
+    block_p, block_d, warps = _triton_blocks(P, D, 6, interpret=interpreting())
+    grid = (B, cdiv(P, block_p))
     partial = F.new_zeros(grid[0] * grid[1], D + 1, dtype=torch.float32)
     scores = F.new_empty(T, P, dtype=torch.float32)
     work = F.new_empty(T, P, 2, dtype=torch.float32)
@@ -229,8 +225,8 @@ def _triton_backward(grad_out, features, weight, bias, cu_images, shared, featur
         SHARED=shared, FEATURES_GRAD=features_grad, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=warps,
     )
     reduced = F.new_empty(D + 1, dtype=torch.float32)
-    block = min(1024, triton.next_power_of_2(D + 1))
-    context_reweight_reduce_kernel[(triton.cdiv(D + 1, block),)](
+    block = min(1024, next_pow2(D + 1))
+    context_reweight_reduce_kernel[(cdiv(D + 1, block),)](
         partial, reduced, partial.shape[0], D + 1, BLOCK=block)
     return d_features, reduced[:D].clone(), reduced[D].clone()
 
@@ -274,7 +270,6 @@ def _load_cpp_ops():
 
 
 _CPP_FWD = _load_cpp_ops()
-_HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _cpp_ops():
@@ -304,13 +299,6 @@ def _triton_backend(features, weight, bias, cu_images, mode="leave_one_out"):
 
 # -- backend checks: None = can run these inputs, else the reason ----------------------------------
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _check_reference(*args, **kwargs):
-    return None
-
-
 def _ext_reason():
     from sam_fast import _ext
 
@@ -325,9 +313,7 @@ def _check_cpu(features, weight, bias, cu_images, mode="leave_one_out"):
         return why
     if features.device.type != "cpu":
         return f"inputs on {features.device}, this is the CPU kernel"
-    if features.dtype not in _DTYPES:
-        return f"dtype {features.dtype} not supported (float32, float16, bfloat16)"
-    return None
+    return dtype_reason(features.dtype)
 
 
 def _check_cuda(features, weight, bias, cu_images, mode="leave_one_out"):
@@ -338,22 +324,15 @@ def _check_cuda(features, weight, bias, cu_images, mode="leave_one_out"):
         return "sam_fast._C was built without CUDA (CPU torch or no CUDA toolkit at build time)"
     if features.device.type != "cuda":
         return f"inputs on {features.device}, the CUDA kernel needs CUDA tensors"
-    if features.dtype not in _DTYPES:
-        return f"dtype {features.dtype} not supported (float32, float16, bfloat16)"
-    return None
+    return dtype_reason(features.dtype)
 
 
 def _check_triton(features, weight, bias, cu_images, mode="leave_one_out"):
-    if not _HAVE_TRITON:
+    if not HAVE_TRITON:
         return "triton is not installed"
-    if features.device.type != "cuda":
-        interpret = os.environ.get("TRITON_INTERPRET", "") == "1"
-        forced = os.environ.get(ENV_VAR, "").strip() == "triton"
-        if not (features.device.type == "cpu" and interpret and forced):
-            return (f"inputs on {features.device}: Triton needs a CUDA device (CPU tensors only under "
-                    f"TRITON_INTERPRET=1 with {ENV_VAR}=triton, for tests)")
-    if features.dtype not in _DTYPES:
-        return f"dtype {features.dtype} not supported (float32, float16, bfloat16)"
+    why = triton_device_reason(features.device) or dtype_reason(features.dtype)
+    if why:
+        return why
     if features.shape[-1] > _TRITON_MAX_D:
         return f"D={features.shape[-1]} > {_TRITON_MAX_D} (one program holds a whole row)"
     return None
@@ -369,7 +348,7 @@ _dispatch.sample = _sample
 _dispatch.register("triton", _triton_backend, _check_triton)
 _dispatch.register("cuda", _cpp_backend, _check_cuda)
 _dispatch.register("cpu", _cpp_backend, _check_cpu)
-_dispatch.register("reference", context_reweight_ref, _check_reference)
+_dispatch.register("reference", context_reweight_ref, always_usable)
 
 
 def _check_traced(features, weight, bias, cu_images, mode) -> None:

@@ -24,11 +24,14 @@ Backends, in order of preference (``sam-fast env`` explains the choice):
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
+from sam_fast.ops._common import KERNEL_DTYPES as _TRITON_DTYPES
+from sam_fast.ops._common import always_usable as _check_reference
+from sam_fast.ops._common import cdiv as triton_cdiv
+from sam_fast.ops._common import forced_backend, interpreting
+from sam_fast.ops._common import next_pow2 as triton_next_pow2
 from sam_fast.ops.dispatch import ENV_VAR, dispatcher
 
 
@@ -45,14 +48,7 @@ def cross_attention_ref(query, key, value, attn_bias=None, dropout_p=0.0, scale=
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_bias, dropout_p=dropout_p, scale=scale)
 
 
-def _check_reference(*args, **kwargs):
-    return None
-
-
 # -- Triton backend ---------------------------------------------------------------------------
-
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 _UNPROBED = "unprobed"
 # Result of the one import attempt (None: importable), `_UNPROBED` until the first check. Cached:
@@ -84,7 +80,7 @@ def _triton_import_error() -> str | None:
 def _interpreter_allowed() -> bool:
     """Whether CPU tensors may take the Triton backend under TRITON_INTERPRET=1 (tests patch this
     to run the model through the interpreter without forcing every op's Triton backend)."""
-    return os.environ.get(ENV_VAR, "").strip() == "triton"
+    return forced_backend() == "triton"
 
 
 def _check_triton(query, key, value, attn_bias=None, dropout_p=0.0, scale=None):
@@ -93,7 +89,7 @@ def _check_triton(query, key, value, attn_bias=None, dropout_p=0.0, scale=None):
         return why
     dev = query.device
     if dev.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
+        if not interpreting():
             return "CPU tensors and TRITON_INTERPRET is not 1 (the kernel runs on CUDA)"
         if not _interpreter_allowed():
             return f"CPU tensors: the interpreter runs only when forced ({ENV_VAR}=triton), it is slow"
@@ -139,10 +135,6 @@ def _blocks(Lq: int, Lk: int, d: int, interpret: bool, dtype: torch.dtype = torc
     if wide >= 1024:  # fp32 d=256
         stages = 1
     return block_m, block_n, block_d, stages
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def _bias_args(attn_bias, q):
@@ -323,10 +315,6 @@ def _backward(ctx, grad_out, grad_lse):
 _triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def cross_attention_triton(query, key, value, attn_bias=None, dropout_p=0.0, scale=None):
     """The fused Triton kernel (see module docstring); callers check `_check_triton` first."""
     if scale is None:
@@ -410,7 +398,7 @@ _PLAIN_STREAMS_SLOWER = ("no mixing plan: on a GPU one SDPA call per stream is f
 def _sdpa_preferred(device_type: str, mixed: bool) -> str | None:
     """Why the streams should not take the fused kernel on `device_type` (None: take it). Plain
     streams on CUDA go to SDPA unless the Triton backend is forced (``SAM_FAST_BACKEND=triton``)."""
-    if device_type == "cuda" and not mixed and os.environ.get(ENV_VAR, "").strip() != "triton":
+    if device_type == "cuda" and not mixed and forced_backend() != "triton":
         return _PLAIN_STREAMS_SLOWER
     return None
 

@@ -50,6 +50,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from sam_fast.ops._common import always_usable, dtype_reason, usable_table
 from sam_fast.ops.dispatch import dispatcher
 
 REDUCTIONS = ("mean", "sum")
@@ -287,26 +288,13 @@ def _reference_backend(hidden, weight, targets, bias=None, reduction="mean", chu
 
 # -- backend checks -----------------------------------------------------------------------------
 
-_LIGER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _check_liger(hidden, weight, targets, bias=None, *args, **kwargs):
     _, why = _liger()
     if why:
         return why
     if hidden.device.type != "cuda":
         return f"inputs on {hidden.device}: liger-kernel's Triton kernels need CUDA tensors"
-    if hidden.dtype not in _LIGER_DTYPES:
-        return f"dtype {hidden.dtype} not supported (float32, float16, bfloat16)"
-    return None
-
-
-def _check_chunked(*args, **kwargs):
-    return None
-
-
-def _check_reference(*args, **kwargs):
-    return None  # always runs; last in line, as it materialises the full [M, V] logits
+    return dtype_reason(hidden.dtype)
 
 
 def _sample():
@@ -317,8 +305,8 @@ def _sample():
 _dispatch = dispatcher("linear_cross_entropy")
 _dispatch.sample = _sample
 _dispatch.register("liger", _liger_backend, _check_liger)
-_dispatch.register("chunked", _chunked_backend, _check_chunked)
-_dispatch.register("reference", _reference_backend, _check_reference)
+_dispatch.register("chunked", _chunked_backend, always_usable)
+_dispatch.register("reference", _reference_backend, always_usable)  # last: materialises the [M, V] logits
 
 
 def linear_cross_entropy_backend(device="cpu", dtype=torch.float32) -> tuple[str, dict[str, str]]:
@@ -326,8 +314,7 @@ def linear_cross_entropy_backend(device="cpu", dtype=torch.float32) -> tuple[str
     inputs in `dtype` on `device` (what ``sam-fast env`` reports)."""
     h = torch.empty(2, 4, dtype=dtype, device=device)
     args = (h, torch.empty(3, 4, dtype=dtype, device=device), torch.zeros(2, dtype=torch.long, device=device))
-    reasons = {k: ("usable" if v is None else v) for k, v in _dispatch.reasons(*args).items()}
-    return _dispatch.choose(*args).name, reasons
+    return _dispatch.choose(*args).name, usable_table(_dispatch.reasons(*args))
 
 
 def linear_cross_entropy(hidden, weight, targets, bias=None, reduction="mean", chunk_size=None, ignore_index=-100):

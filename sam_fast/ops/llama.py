@@ -25,16 +25,21 @@ these ops.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
-from sam_fast.ops.dispatch import ENV_VAR, dispatcher
+from sam_fast.ops._common import (
+    HAVE_TRITON,
+    always_usable,
+    cdiv,
+    dtype_reason,
+    interpreting,
+    next_pow2,
+    triton_device_reason,
+    usable_table,
+)
+from sam_fast.ops.dispatch import dispatcher
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 RMS_NORM_MAX_D = 16384  # one program holds whole rows of next_pow2(D) fp32 values
-_HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
 # -- the specification ---------------------------------------------------------------------------
@@ -151,34 +156,24 @@ def _validate_swiglu(gate, up) -> None:
 # -- Triton launchers ----------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
-
-
-def _rms_blocks(M: int, D: int, tiles: int):
+def _rms_blocks(M: int, D: int, tiles: int, interpret: bool):
     """(BLOCK_M, BLOCK_D, num_warps): on a GPU a program holds `tiles` fp32 [BLOCK_M, BLOCK_D]
     tiles in registers (about 8192 values in all; one row when a row alone is more); under the
-    interpreter (milliseconds per program) one program takes up to 2^20 values."""
-    import triton
-
-    block_d = triton.next_power_of_2(D)
-    budget = max(1, ((1 << 20) if _interpreting() else 8192 // tiles) // block_d)  # rows per program
-    block_m = min(triton.next_power_of_2(max(M, 1)), 1 << (budget.bit_length() - 1))  # a power of 2
+    interpreter (`interpret`: milliseconds per program) one program takes up to 2^20 values."""
+    block_d = next_pow2(D)
+    budget = max(1, ((1 << 20) if interpret else 8192 // tiles) // block_d)  # rows per program
+    block_m = min(next_pow2(max(M, 1)), 1 << (budget.bit_length() - 1))  # a power of 2
     return block_m, block_d, 8 if block_d >= 2048 else 4
 
 
-def _elementwise_block(N: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) of the SwiGLU kernels."""
-    import triton
-
-    if _interpreting():
-        return min(triton.next_power_of_2(max(N, 1)), 1 << 20), 4
+def _elementwise_block(N: int, interpret: bool) -> tuple[int, int]:
+    """(BLOCK, num_warps) of the SwiGLU kernels (`interpret`: under the CPU interpreter)."""
+    if interpret:
+        return min(next_pow2(max(N, 1)), 1 << 20), 4
     return 1024, 4
 
 
 def _rms_norm_forward(x, weight, eps):
-    import triton
-
     from sam_fast._kernels.llama import rms_norm_fwd_kernel
 
     D = x.shape[-1]
@@ -188,15 +183,13 @@ def _rms_norm_forward(x, weight, eps):
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if M == 0 or D == 0:
         return y, rstd
-    block_m, block_d, warps = _rms_blocks(M, D, 2)
-    rms_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
+    block_m, block_d, warps = _rms_blocks(M, D, 2, interpret=interpreting())
+    rms_norm_fwd_kernel[(cdiv(M, block_m),)](
         X, weight.contiguous(), y, rstd, M, D, float(eps), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
     return y, rstd
 
 
 def _rms_norm_backward(grad, x, weight, rstd, weight_grad):
-    import triton
-
     from sam_fast._kernels.llama import rms_norm_bwd_kernel
 
     D = x.shape[-1]
@@ -206,8 +199,8 @@ def _rms_norm_backward(grad, x, weight, rstd, weight_grad):
     if M == 0 or D == 0:
         return dx, torch.zeros(D if weight_grad else 0, dtype=torch.float32, device=x.device)
     G = grad.contiguous().view(-1, D)
-    block_m, block_d, warps = _rms_blocks(M, D, 4)
-    grid = triton.cdiv(M, block_m)
+    block_m, block_d, warps = _rms_blocks(M, D, 4, interpret=interpreting())
+    grid = cdiv(M, block_m)
     partial = torch.empty((grid, D) if weight_grad else (0,), dtype=torch.float32, device=x.device)
     rms_norm_bwd_kernel[(grid,)](
         G, X, weight.contiguous(), rstd, dx, partial, M, D,
@@ -216,23 +209,19 @@ def _rms_norm_backward(grad, x, weight, rstd, weight_grad):
 
 
 def _swiglu_forward(gate, up):
-    import triton
-
     from sam_fast._kernels.llama import swiglu_fwd_kernel
 
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     N = gate.numel()
     if N == 0:
         return y
-    block, warps = _elementwise_block(N)
-    swiglu_fwd_kernel[(triton.cdiv(N, block),)](gate.contiguous(), up.contiguous(), y, N, BLOCK=block,
-                                                num_warps=warps)
+    block, warps = _elementwise_block(N, interpret=interpreting())
+    swiglu_fwd_kernel[(cdiv(N, block),)](gate.contiguous(), up.contiguous(), y, N, BLOCK=block,
+                                         num_warps=warps)
     return y
 
 
 def _swiglu_backward(grad, gate, up):
-    import triton
-
     from sam_fast._kernels.llama import swiglu_bwd_kernel
 
     d_gate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
@@ -240,9 +229,9 @@ def _swiglu_backward(grad, gate, up):
     N = gate.numel()
     if N == 0:
         return d_gate, d_up
-    block, warps = _elementwise_block(N)
-    swiglu_bwd_kernel[(triton.cdiv(N, block),)](grad.contiguous(), gate.contiguous(), up.contiguous(), d_gate,
-                                                d_up, N, BLOCK=block, num_warps=warps)
+    block, warps = _elementwise_block(N, interpret=interpreting())
+    swiglu_bwd_kernel[(cdiv(N, block),)](grad.contiguous(), gate.contiguous(), up.contiguous(), d_gate,
+                                         d_up, N, BLOCK=block, num_warps=warps)
     return d_gate, d_up
 
 
@@ -326,41 +315,21 @@ torch.library.register_autograd("sam_fast::swiglu_triton_fwd", _swiglu_backward_
 # -- backends and their checks -------------------------------------------------------------------
 
 
-def _triton_device_reason(t: torch.Tensor) -> str | None:
-    if not _HAVE_TRITON:
-        return "triton is not installed"
-    if t.device.type == "cuda":
-        return None
-    # (not `_interpreting()`: the AOT compile test patches that one to capture the GPU launch configuration)
-    interpret = os.environ.get("TRITON_INTERPRET", "") == "1"
-    if t.device.type == "cpu" and interpret and os.environ.get(ENV_VAR, "").strip() == "triton":
-        return None
-    return (f"inputs on {t.device}: Triton needs a CUDA device (CPU tensors only under TRITON_INTERPRET=1 "
-            f"with {ENV_VAR}=triton, for tests)")
-
-
 def _check_rms_triton(x, weight, eps=1e-6):
-    why = _triton_device_reason(x)
+    if not HAVE_TRITON:
+        return "triton is not installed"
+    why = triton_device_reason(x.device) or dtype_reason(x.dtype) or dtype_reason(weight.dtype)
     if why:
         return why
-    if x.dtype not in _DTYPES or weight.dtype not in _DTYPES:
-        return f"dtypes {x.dtype}/{weight.dtype}: need float32, float16 or bfloat16"
     if x.shape[-1] > RMS_NORM_MAX_D:
         return f"D={x.shape[-1]} > {RMS_NORM_MAX_D} (one program holds whole rows)"
     return None
 
 
 def _check_swiglu_triton(gate, up):
-    why = _triton_device_reason(gate)
-    if why:
-        return why
-    if gate.dtype not in _DTYPES:
-        return f"dtype {gate.dtype}: need float32, float16 or bfloat16"
-    return None
-
-
-def _check_reference(*args, **kwargs):
-    return None
+    if not HAVE_TRITON:
+        return "triton is not installed"
+    return triton_device_reason(gate.device) or dtype_reason(gate.dtype)
 
 
 def _rms_triton_backend(x, weight, eps=1e-6):
@@ -375,17 +344,13 @@ _rms_dispatch = dispatcher("rms_norm")
 _rms_dispatch.sample = lambda: ((torch.randn(3, 8), torch.ones(8), 1e-6), {})
 _rms_dispatch.register("triton", _rms_triton_backend, _check_rms_triton)
 _rms_dispatch.register("torch", _rms_torch_backend, _check_torch)
-_rms_dispatch.register("reference", rms_norm_ref, _check_reference)
+_rms_dispatch.register("reference", rms_norm_ref, always_usable)
 
 _swiglu_dispatch = dispatcher("swiglu")
 _swiglu_dispatch.sample = lambda: ((torch.randn(3, 8), torch.randn(3, 8)), {})
 _swiglu_dispatch.register("triton", _swiglu_triton_backend, _check_swiglu_triton)
 _swiglu_dispatch.register("torch", _swiglu_torch_backend, _check_torch)
-_swiglu_dispatch.register("reference", swiglu_ref, _check_reference)
-
-
-def _reasons(d, args) -> dict[str, str]:
-    return {k: ("usable" if v is None else v) for k, v in d.reasons(*args).items()}
+_swiglu_dispatch.register("reference", swiglu_ref, always_usable)
 
 
 def rms_norm_backend(device="cpu", dtype=torch.float32, hidden_size: int = 4096) -> tuple[str, dict[str, str]]:
@@ -393,14 +358,14 @@ def rms_norm_backend(device="cpu", dtype=torch.float32, hidden_size: int = 4096)
     inputs in `dtype` on `device` (what ``sam-fast env`` and the LLaMA patch report)."""
     args = (torch.empty(2, hidden_size, dtype=dtype, device=device), torch.empty(hidden_size, dtype=dtype, device=device),
             1e-6)
-    return _rms_dispatch.choose(*args).name, _reasons(_rms_dispatch, args)
+    return _rms_dispatch.choose(*args).name, usable_table(_rms_dispatch.reasons(*args))
 
 
 def swiglu_backend(device="cpu", dtype=torch.float32) -> tuple[str, dict[str, str]]:
     """(backend name, {backend: "usable" or why not}) that `swiglu` takes for inputs in `dtype`
     on `device`."""
     args = (torch.empty(2, 8, dtype=dtype, device=device), torch.empty(2, 8, dtype=dtype, device=device))
-    return _swiglu_dispatch.choose(*args).name, _reasons(_swiglu_dispatch, args)
+    return _swiglu_dispatch.choose(*args).name, usable_table(_swiglu_dispatch.reasons(*args))
 
 
 # -- public ops ----------------------------------------------------------------------------------
