@@ -184,9 +184,14 @@ def load_records(root: str | os.PathLike, skip_bad: bool = False, require_output
     return records, skipped
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample `index` in `epoch` of a run seeded with `seed` (what `sample_generator` is seeded with)."""
+    return (seed * 1_000_003 + epoch) * 1_000_033 + index
+
+
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """The augmentation RNG of one sample: a function of (seed, epoch, index) only."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + index)
+    return torch.Generator().manual_seed(sample_seed(seed, epoch, index))
 
 
 class AnnotationDataset(torch.utils.data.Dataset):
@@ -214,7 +219,18 @@ class AnnotationDataset(torch.utils.data.Dataset):
             raise DataError(f"{self.root / 'annotations.json'}: no usable samples ({self.skipped.summary()})")
 
     def set_epoch(self, epoch: int) -> None:
+        """Draw the augmentations of the following items for `epoch` (see `sample_generator`)."""
         self.epoch = int(epoch)
+
+    def record_failure(self, index: int, sample_id, reason: str) -> bool:
+        """Mark item `index` as undecodable (its later draws give ``None``) and add it to `skipped`, once;
+        False when it was already marked. The trainer's loader workers decode in other processes and
+        report their failures back through this."""
+        if index in self._failed:
+            return False
+        self._failed.add(index)
+        self.skipped.add(sample_id, reason)
+        return True
 
     @property
     def failed_indices(self) -> frozenset[int]:
@@ -244,8 +260,7 @@ class AnnotationDataset(torch.utils.data.Dataset):
         except DataError as e:
             if not self.skip_bad:
                 raise
-            self._failed.add(index)
-            self.skipped.add(rec.id, str(e))
+            self.record_failure(index, rec.id, str(e))
             return None
         return {"id": rec.id, "pixel_values": pixels, "instruction": rec.instruction, "output": rec.output}
 
@@ -287,7 +302,8 @@ MODEL_INPUTS = ("pixel_values", "image_features", "image_counts", "qformer_input
                 "input_ids", "attention_mask", "labels")
 
 
-def model_inputs(batch: dict, device=None, generation: bool = False) -> dict:
-    """The tensors of a collated batch that `SAM.forward` / `SAM.generate` take, moved to `device`."""
+def model_inputs(batch: dict, device=None, generation: bool = False, non_blocking: bool = False) -> dict:
+    """The tensors of a collated batch that `SAM.forward` / `SAM.generate` take, moved to `device`
+    (`non_blocking`: copy asynchronously, for a batch in pinned memory)."""
     keys = [k for k in MODEL_INPUTS if k in batch and not (generation and k == "labels")]
-    return {k: batch[k].to(device) if device is not None else batch[k] for k in keys}
+    return {k: batch[k].to(device, non_blocking=non_blocking) if device is not None else batch[k] for k in keys}

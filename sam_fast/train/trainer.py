@@ -9,6 +9,21 @@ tail that does not fill a global batch is dropped), and micro-batch a of rank r 
 So the data position is two integers, and resumed or data-parallel runs see the same samples and
 pixels as one uninterrupted process.
 
+Loading: a `torch.utils.data.DataLoader` builds the micro-batches (reading, augmenting, tokenising,
+collating) in ``num_workers`` processes, each ``prefetch_factor`` micro-batches ahead, into pinned
+memory when training on CUDA; ``num_workers=0`` loads them in the training process when they are
+needed. The loader walks the same (epoch, position) plan as the loop, and while an item is read
+the global torch / random / numpy RNGs are seeded from (seed, epoch, index)
+(`sam_fast.data.dataset.sample_seed`), so the batches, and the run, are the same for any number of
+workers, and a resumed run's loader starts exactly where the checkpoint left off. Samples that fail to decode in a worker (``skip_bad``)
+are reported back and counted once, as in the training process.
+
+On a CPU the loop runs with ``cpu_threads`` intra-op threads (default 1, restored afterwards): the
+small matrix products of a step gain nothing from more, and on a busy machine spinning threads
+made steps many times slower (20 tiny steps: 116 s with the default threads, 3.9 s with one, on a
+loaded 2-core machine). ``report_to`` adds TensorBoard (``OUTPUT/tensorboard``) and/or Weights &
+Biases logging to ``log.jsonl``.
+
 Loss: the LLM's token-mean cross-entropy over answer tokens, taken over the *global* batch (each
 micro-batch contributes loss x its tokens / all tokens of the step), so gradient accumulation and
 data parallelism give the same step as one big batch.
@@ -25,10 +40,13 @@ and on a CPU a resumed run reproduces an uninterrupted one bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
+import random
 import signal
 import sys
 import threading
@@ -36,10 +54,12 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from sam_fast.data import Collator, model_inputs
+from sam_fast.data.dataset import DataError, sample_seed
 from sam_fast.train import checkpoint as ckpt
 from sam_fast.train.distributed import (
     DistInfo,
@@ -96,7 +116,10 @@ class TrainConfig:
     keep_last: int = 3
     seed: int = 0
     log_every: int = 1
-    num_workers: int = 0
+    num_workers: int = 0  # loader processes (0: load in the training process)
+    prefetch_factor: int = 2  # micro-batches each loader process prepares ahead
+    cpu_threads: int = 1  # intra-op threads while training on a CPU (0: leave torch's setting)
+    report_to: tuple[str, ...] = ()  # besides log.jsonl: "tensorboard", "wandb"
     progress: bool = True
     fsdp: bool = False  # shard the frozen LLM over the torchrun processes (FSDP2); needs world_size > 1
 
@@ -105,7 +128,8 @@ class TrainConfig:
         if self.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"amp={self.amp!r} is not one of 'none', 'bf16', 'fp16'")
         at_least = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "save_every": 1, "keep_last": 1,
-                    "log_every": 1, "warmup_steps": 0, "seed": 0, "num_workers": 0}
+                    "log_every": 1, "warmup_steps": 0, "seed": 0, "num_workers": 0, "prefetch_factor": 1,
+                    "cpu_threads": 0}
         for name, low in at_least.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
@@ -135,10 +159,22 @@ class TrainConfig:
         for name in ("progress", "fsdp"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
+        r = self.report_to
+        if isinstance(r, str) or not isinstance(r, (tuple, list)) or not all(isinstance(x, str) for x in r):
+            raise ValueError(f"report_to={r!r} must be a list of 'tensorboard', 'wandb'")
+        for name in r:
+            if name not in REPORTERS:
+                raise ValueError(f"report_to: {name!r} is not one of {', '.join(map(repr, REPORTERS))}")
+            missing = _missing_reporter_package(name)
+            if missing:
+                raise ValueError(f"report_to {name!r} needs the {missing} package, which is not installed "
+                                 f"(pip install {missing})")
 
     def to_dict(self) -> dict:
+        """The options as JSON-ready values (run.json, checkpoints)."""
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
+        d["report_to"] = list(self.report_to)
         return d
 
     @classmethod
@@ -148,9 +184,163 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(names)}")
         d = dict(d)
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
+        for k in ("betas", "report_to"):
+            if isinstance(d.get(k), list):
+                d[k] = tuple(d[k])
         return cls(**d)
+
+
+REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report-to name -> the package it needs
+
+
+def _missing_reporter_package(name: str) -> str | None:
+    import importlib.util
+
+    pkg = REPORTERS[name]
+    return None if importlib.util.find_spec(pkg) is not None else pkg
+
+
+class _Reporters:
+    """TensorBoard / Weights & Biases writers of the log records (main process only)."""
+
+    SCALARS = ("loss", "lr", "grad_norm", "samples_per_s", "data_s", "tokens")
+
+    def __init__(self, names, out: Path, first_step: int, config: dict):
+        self.tb = self.wandb_run = None
+        try:
+            if "tensorboard" in names:
+                from torch.utils.tensorboard import SummaryWriter
+
+                # records after the checkpoint a resumed run starts from are written again: drop the old ones
+                self.tb = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=first_step + 1)
+            if "wandb" in names:
+                import wandb
+
+                self.wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", "sam_fast"), name=out.name,
+                                            dir=str(out), config=config)
+        except BaseException:
+            self.close()
+            raise
+
+    def log(self, rec: dict) -> None:
+        """Write one log.jsonl record's numbers at its step."""
+        values = {k: rec[k] for k in self.SCALARS if rec.get(k) is not None}
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"train/{k}", v, rec["step"])
+            self.tb.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"train/{k}": v for k, v in values.items()}, step=rec["step"])
+
+    def close(self) -> None:
+        """Flush and close the writers."""
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+# -- the data loader --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _seeded_global_rngs(seed: int, restore: bool):
+    """Seed torch's, random's and (when loaded) numpy's global RNGs with `seed`; `restore` puts their previous
+    states back afterwards (in the training process, whose RNG state is checkpointed)."""
+    np = sys.modules.get("numpy")
+    saved = (torch.get_rng_state(), random.getstate(), np.random.get_state() if np is not None else None) \
+        if restore else None
+    torch.manual_seed(seed)
+    random.seed(seed)
+    if np is not None:
+        np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            if np is not None:
+                np.random.set_state(saved[2])
+
+
+def load_items(dataset, indices: list[int], epoch: int, seed: int, restore_rng: bool = True) -> list:
+    """Items `indices` of `dataset` in `epoch`: ``set_epoch(epoch)`` (when the dataset has it), then each item
+    read with the global RNGs seeded from (seed, epoch, index), so that its value does not depend on
+    which process reads it or what it read before."""
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    items = []
+    for i in indices:
+        with _seeded_global_rngs(sample_seed(seed, epoch, i), restore_rng):
+            items.append(dataset[i])
+    return items
+
+
+class _Loaded(NamedTuple):
+    """A micro-batch made in a loader process, with what the training process must learn about it."""
+
+    indices: tuple  # dataset indices asked for
+    batch: dict | None  # the collated batch (None: no decodable sample)
+    none: tuple  # indices whose item was None (undecodable under skip_bad)
+    failures: tuple  # (index, sample id, reason) of decode failures first met by this process
+    error: Exception | None  # a DataError raised while loading, re-raised by the training process
+
+
+def _load_in_worker(dataset, collator: Collator, seed: int, epoch: int, indices: tuple) -> _Loaded:
+    """One micro-batch, in a loader process (picklable: module-level, no trainer)."""
+    report = getattr(dataset, "skipped", None)
+    failures, items = [], []
+    try:
+        for i in indices:
+            before = len(report.items) if report is not None else 0
+            item = load_items(dataset, [i], epoch, seed, restore_rng=False)[0]
+            if item is None and report is not None and len(report.items) > before:
+                sid, reason = report.items[before]
+                failures.append((i, sid, reason))
+            items.append(item)
+        batch = collator(items)
+    except DataError as e:
+        return _Loaded(tuple(indices), None, (), tuple(failures), e)
+    none = tuple(i for i, it in zip(indices, items, strict=True) if it is None)
+    return _Loaded(tuple(indices), batch, none, tuple(failures), None)
+
+
+def _worker_init(worker_id: int) -> None:
+    # SIGINT/SIGTERM go to the whole process group: the training process decides (it finishes the step,
+    # checkpoints and stops, which shuts the loader down); a worker killed by them would fail that step.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _as_is(x):
+    return x
+
+
+class _MicroBatchKeys:
+    """The loader's sampler: (epoch, indices) of every micro-batch of this rank, step after step, from a
+    data position on: the plan `Trainer._step_indices` gives the loop."""
+
+    def __init__(self, trainer: Trainer, start: DataPosition, steps: int):
+        self.trainer, self.start, self.steps = trainer, start, steps
+
+    def __iter__(self):
+        data = DataPosition(**dataclasses.asdict(self.start))
+        for _ in range(self.steps):
+            micro, epoch, data = self.trainer._step_indices(data)
+            for idx in micro:
+                yield epoch, tuple(idx)
+
+
+class _MicroBatchDataset(torch.utils.data.Dataset):
+    """Maps an (epoch, indices) key of `_MicroBatchKeys` to the loaded micro-batch."""
+
+    def __init__(self, fetch):
+        self.fetch = fetch
+
+    def __getitem__(self, key):
+        epoch, indices = key
+        return self.fetch(epoch, indices)
 
 
 @dataclass
@@ -204,31 +394,73 @@ class Trainer:
                              f"({len(dataset)} samples)")
         self.step = 0
         self.data = DataPosition()
+        self._perm_cache: tuple[int, list[int]] | None = None  # (epoch, its permutation)
         self.out = Path(config.output_dir)
         self.ckpt_root = self.out / "checkpoints"
 
     # -- data ---------------------------------------------------------------------------------
     def _permutation(self, epoch: int) -> list[int]:
+        cached = self._perm_cache
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
         g = torch.Generator().manual_seed(self.config.seed * 7919 + epoch)
-        return torch.randperm(len(self.dataset), generator=g).tolist()
+        perm = torch.randperm(len(self.dataset), generator=g).tolist()
+        self._perm_cache = (epoch, perm)
+        return perm
+
+    def _step_indices(self, data: DataPosition) -> tuple[list[list[int]], int, DataPosition]:
+        """This rank's micro-batches of the step taken at data position `data`, their epoch, and the position
+        after the step (a pure function of `data`)."""
+        if data.pos + self.global_batch > len(self.dataset):
+            data = DataPosition(data.epoch + 1, 0)
+        perm = self._permutation(data.epoch)
+        chunk = perm[data.pos : data.pos + self.global_batch]
+        bs, world, rank = self.config.batch_size, self.dist.world_size, self.dist.rank
+        micro = [chunk[(a * world + rank) * bs : (a * world + rank + 1) * bs] for a in range(self.config.grad_accum)]
+        return micro, data.epoch, DataPosition(data.epoch, data.pos + self.global_batch)
 
     def _next_indices(self) -> tuple[list[list[int]], int]:
         """This rank's micro-batches of the next step, and the epoch they come from."""
-        if self.data.pos + self.global_batch > len(self.dataset):
-            self.data = DataPosition(self.data.epoch + 1, 0)
-        perm = self._permutation(self.data.epoch)
-        chunk = perm[self.data.pos : self.data.pos + self.global_batch]
-        self.data.pos += self.global_batch
-        bs, world, rank = self.config.batch_size, self.dist.world_size, self.dist.rank
-        micro = [chunk[(a * world + rank) * bs : (a * world + rank + 1) * bs] for a in range(self.config.grad_accum)]
-        return micro, self.data.epoch
+        micro, epoch, self.data = self._step_indices(self.data)
+        return micro, epoch
 
     def _load(self, indices: list[int], epoch: int):
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-        items = [self.dataset[i] for i in indices]
+        """Collated micro-batch of dataset `indices` in `epoch`, read in this process."""
+        items = load_items(self.dataset, indices, epoch, self.config.seed)
         self._dropped.update(i for i, it in zip(indices, items, strict=True) if it is None)
         return self.collator(items)
+
+    def _loader(self, steps: int):
+        """The DataLoader of the micro-batches of the next `steps` steps from the current data position."""
+        cfg = self.config
+        if cfg.num_workers:
+            fetch = functools.partial(_load_in_worker, self.dataset, Collator(self.collator.pb, train=True), cfg.seed)
+        else:
+            def fetch(epoch, indices):  # noqa: E306 -- looked up per call: tests replace _load
+                return self._load(list(indices), epoch)
+        workers = {"num_workers": cfg.num_workers, "prefetch_factor": cfg.prefetch_factor,
+                   "worker_init_fn": _worker_init} if cfg.num_workers else {}
+        return torch.utils.data.DataLoader(
+            _MicroBatchDataset(fetch), batch_size=None, sampler=_MicroBatchKeys(self, self.data, steps),
+            collate_fn=_as_is, pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.seed),  # leaves the global RNG alone
+            **workers)
+
+    def _receive(self, got, indices: list[int]):
+        """The batch of a loaded micro-batch; a loader process's record of undecodable samples is merged in."""
+        if not isinstance(got, _Loaded):
+            return got
+        if list(got.indices) != list(indices):  # the loader's plan is the loop's: a bug if not
+            raise RuntimeError(f"the data loader gave samples {list(got.indices)} where the step expects {indices}")
+        if got.error is not None:
+            raise got.error
+        record = getattr(self.dataset, "record_failure", None)
+        for i, sid, reason in got.failures:
+            if record is not None:
+                record(i, sid, reason)
+        self._dropped.update(got.none)
+        self.collator.dropped += len(got.none)
+        return got.batch
 
     def skipped_count(self) -> int:
         """Distinct samples skipped so far: those in the dataset's skip report (``dataset.skipped``, each
@@ -462,13 +694,24 @@ class Trainer:
         t_start = time.perf_counter()
         last_saved, saved_step = None, None
         flag = {"signum": None}
+        threads = torch.get_num_threads()
+        limit_threads = self.device.type == "cpu" and cfg.cpu_threads > 0 and cfg.cpu_threads != threads
+        pin = self.device.type == "cuda"
+        reporters = loaded = None
         previous_handlers = self._install_signal_handlers(flag)
         try:
+            if limit_threads:
+                torch.set_num_threads(cfg.cpu_threads)
+            if self.dist.is_main and cfg.report_to:
+                reporters = _Reporters(cfg.report_to, self.out, self.step, cfg.to_dict())
+            loaded = iter(self._loader(cfg.max_steps - self.step))
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
                 data_before, rng_before = DataPosition(**dataclasses.asdict(self.data)), ckpt.rng_state()
                 micro, epoch = self._next_indices()
-                batches = [self._load(idx, epoch) for idx in micro]
+                t_data = time.perf_counter()
+                batches = [self._receive(next(loaded), idx) for idx in micro]
+                t_data = time.perf_counter() - t_data
                 n_tok = [0 if b is None else int((b["labels"][:, 1:] != -100).sum()) for b in batches]
                 total = all_reduce_sum(torch.tensor([float(sum(n_tok))], dtype=torch.float64), self.dist).item()
                 if total == 0:
@@ -480,7 +723,7 @@ class Trainer:
                     if weight:
                         ids += b["ids"]
                     with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        out = self.model(**model_inputs(b, self.device))
+                        out = self.model(**model_inputs(b, self.device, non_blocking=pin))
                     loss = out.loss.float() * (n / total) * weight
                     self.scaler.scale(loss).backward()
                     loss_sum += loss.detach().double().cpu()
@@ -516,9 +759,11 @@ class Trainer:
                 if log_f is not None and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
                     rec = {"step": self.step, "loss": global_loss, "lr": lr, "grad_norm": grad_norm,
                            "epoch": epoch, "samples": self.step * self.global_batch,
-                           "samples_per_s": self.global_batch / dt, "tokens": int(total)}
+                           "samples_per_s": self.global_batch / dt, "tokens": int(total), "data_s": t_data}
                     log_f.write(json.dumps(rec) + "\n")
                     log_f.flush()
+                    if reporters is not None:
+                        reporters.log(rec)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{global_loss:.4f}", lr=f"{lr:.2e}", sps=f"{self.global_batch / dt:.1f}")
@@ -530,8 +775,16 @@ class Trainer:
                         last_saved, saved_step = self.save(), self.step
                     raise TrainingInterrupted(signum, self.step, last_saved or self.ckpt_root)
         finally:
+            shutdown = getattr(loaded, "_shutdown_workers", None)
+            if shutdown is not None:  # stop the loader processes now, not when the iterator is collected
+                shutdown()
+            loaded = None
             for sig, h in previous_handlers.items():
                 signal.signal(sig, h)
+            if limit_threads:
+                torch.set_num_threads(threads)
+            if reporters is not None:
+                reporters.close()
             if bar is not None:
                 bar.close()
             if log_f is not None:
