@@ -1,5 +1,21 @@
-"""Triton kernels of sam_fast (bare ``@triton.jit`` functions), installed as ``sam_fast._kernels``.
+"""Triton kernels of sam_fast: bare ``@triton.jit`` functions, no launchers.
 
-Only `sam_fast.ops` imports this package: the launchers, autograd and dispatch live there, so a
-machine without Triton never touches these modules.
+This folder stays at the top of the source tree and is installed as the package
+``sam_fast._kernels``: setup.py lists it with ``package_dir={"sam_fast._kernels": "kernels"}``
+(MANIFEST.in puts it in the sdist), so ``kernels/llama.py`` is imported as
+``sam_fast._kernels.llama``. Only `sam_fast.ops` imports it, inside the Triton launchers, so a
+machine without Triton never touches these modules. Grids, block sizes, autograd, the
+torch.library registration and the backend choice live in the op modules:
+
+    kernels/context_reweight.py  -> sam_fast.ops.context_reweight (its "triton" backend)
+        context_reweight_fwd_kernel, context_reweight_bwd_kernel, context_reweight_reduce_kernel
+        (the op's "cpu" and "cuda" backends are C++/CUDA in csrc/, built into sam_fast._C)
+    kernels/cross_attention.py   -> sam_fast.ops.cross_attention (cross_attention and
+                                    cross_attention_streams, "triton" backend)
+        attn_fwd_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, mix_weight_grad_kernel
+    kernels/llama.py             -> sam_fast.ops.llama (rms_norm and swiglu, "triton" backend;
+                                    patched into the LLaMA by sam_fast.models.llama_kernels)
+        rms_norm_fwd_kernel, rms_norm_bwd_kernel, swiglu_fwd_kernel, swiglu_bwd_kernel
+
+The op modules' PyTorch ``*_ref`` functions are the specification each kernel is tested against.
 """

@@ -270,12 +270,12 @@ def _cmd_train_locked(args: argparse.Namespace, locks: list) -> int:
 
 
 def _load_model(cmd: str, model_dir):
-    """`outputs.load_model_dir(model_dir)`, with a damaged checkpoint (`CheckpointError`), a missing or
+    """`load_model_dir(model_dir)`, with a damaged checkpoint (`CheckpointError`), a missing or
     unrecognised directory, or another loading ValueError/OSError turned into one line ``sam-fast CMD: ...``."""
-    from sam_fast.train import outputs
+    from sam_fast.models.directory import load_model_dir
 
     try:
-        return outputs.load_model_dir(model_dir)
+        return load_model_dir(model_dir)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError; FileNotFoundError an OSError
         msg = " ".join(str(e).split()) or type(e).__name__
         if str(model_dir) not in msg:
@@ -286,14 +286,14 @@ def _load_model(cmd: str, model_dir):
 def _cmd_generate(args: argparse.Namespace) -> int:
     from sam_fast.data import DataError
     from sam_fast.eval import answer
-    from sam_fast.train import outputs
+    from sam_fast.models.directory import prompt_builder
 
     model, tokenizers, _ = _load_model("generate", args.model)
     for p in args.images:
         if not Path(p).is_file():
             raise SystemExit(f"sam-fast generate: image {p} does not exist")
     try:
-        text = answer(model, outputs.prompt_builder(model, tokenizers), args.images, args.prompt, **_gen_kwargs(args))
+        text = answer(model, prompt_builder(model, tokenizers), args.images, args.prompt, **_gen_kwargs(args))
     except DataError as e:  # an unreadable image, or a prompt holding <image>
         raise SystemExit(f"sam-fast generate: {e}") from None
     print(text)
@@ -305,9 +305,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from sam_fast.data import DataError
     from sam_fast.data.feature_cache import StaleCacheError
+    from sam_fast.distributed import DistInfo, init_from_env
     from sam_fast.eval import evaluate
-    from sam_fast.train import outputs
-    from sam_fast.train.distributed import DistInfo, init_from_env
+    from sam_fast.models.directory import prompt_builder
 
     dist = None
     if args.device or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one share of the samples per rank
@@ -316,7 +316,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if dist is not None:
         model.to(dist.device)
     try:
-        m = evaluate(model, args.data, outputs.prompt_builder(model, tokenizers), args.output,
+        m = evaluate(model, args.data, prompt_builder(model, tokenizers), args.output,
                      batch_size=args.batch_size, skip_bad=args.skip_bad, progress=not args.no_progress,
                      limit=args.limit, features=args.features, dist=dist,
                      allow_outside_paths=args.allow_outside_paths, **_gen_kwargs(args))
@@ -341,14 +341,14 @@ def _cmd_cache_features(args: argparse.Namespace) -> int:
         check_replaceable,
         size_summary,
     )
-    from sam_fast.train import outputs
+    from sam_fast.models import directory
 
     try:
         check_replaceable(args.output)  # before the model loads
     except CacheOutputError as e:
         raise SystemExit(f"sam-fast cache-features: {e}") from None
-    if args.model in outputs.BUILTIN_CONFIGS:
-        model = outputs.build_builtin(args.model, args.seed)
+    if args.model in directory.BUILTIN_CONFIGS:
+        model = directory.build_builtin(args.model, args.seed)
     else:
         model, _, _ = _load_model("cache-features", args.model)
     if args.device:

@@ -69,3 +69,123 @@ def test_interpreter_rule(monkeypatch):
     monkeypatch.setenv("SAM_FAST_BACKEND", "reference")
     assert "TRITON_INTERPRET=1" in _common.triton_device_reason(cpu)
     assert _common.triton_device_reason(cpu, interpreter_allowed=True) is None
+
+
+def _imports(path: Path) -> set[str]:
+    """Every sam_fast module `path` imports, at module level or inside functions."""
+    out = set()
+    for n in ast.walk(_tree(path)):
+        if isinstance(n, ast.Import):
+            out |= {a.name for a in n.names if a.name.startswith("sam_fast")}
+        elif isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("sam_fast") and not n.level:
+            out.add(n.module)
+            out |= {f"{n.module}.{a.name}" for a in n.names}  # `from sam_fast.models import loading`
+    return out
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_models_package_has_no_import_circle():
+    """No import cycle among sam_fast/models/*.py, counting imports inside functions (the old
+    loading.py <-> sam.py circle was hidden behind function-level imports)."""
+    mods = {_module_name(p): p for p in (PKG / "models").glob("*.py") if p.name != "__init__.py"}
+    graph = {m: {i for i in _imports(p) if i in mods and i != m} for m, p in mods.items()}
+
+    def reach(start, seen):
+        for nxt in graph[start]:
+            if nxt not in seen:
+                seen.add(nxt)
+                reach(nxt, seen)
+        return seen
+
+    circles = sorted(m for m in graph if m in reach(m, set()))
+    assert not circles, f"import circle through {circles}: {graph}"
+
+
+@pytest.mark.parametrize("module", ["sam_fast.models.loading", "sam_fast.models.sam", "sam_fast.models.directory"])
+def test_model_modules_import_first(module):
+    r = _run(f"import {module}")
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_inference_imports_do_not_import_the_trainer():
+    """generate / eval / explain (and `import sam_fast`) load models without importing the trainer."""
+    code = (
+        "import sys\n"
+        "import sam_fast, sam_fast.cli, sam_fast.eval, sam_fast.eval.explain, sam_fast.distributed\n"
+        "from sam_fast.models.directory import load_model_dir, prompt_builder, build_builtin\n"
+        "from sam_fast.train.outputs import load_model_dir as old_path\n"
+        "assert old_path is load_model_dir\n"
+        "print(sorted(m for m in sys.modules if m.startswith('sam_fast.train.trainer')))\n"
+    )
+    r = _run(code)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]", f"the trainer was imported: {r.stdout}"
+
+
+def test_generate_command_does_not_import_the_trainer(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "a.png")
+    code = (
+        "import sys\n"
+        "from sam_fast.cli import main\n"
+        "from sam_fast.models.directory import build_builtin, builtin_tokenizers\n"
+        "from sam_fast.data import save_tokenizers\n"
+        f"d = {str(tmp_path / 'm')!r}\n"
+        "build_builtin('tiny').save_pretrained(d)\n"
+        "save_tokenizers(*builtin_tokenizers('tiny'), d)\n"
+        f"main(['generate', '--model', d, '--images', {str(tmp_path / 'a.png')!r}, '--prompt', 'what?', "
+        "'--max-new-tokens', '2', '--num-beams', '1'])\n"
+        "print('trainer imported:', 'sam_fast.train.trainer' in sys.modules)\n"
+    )
+    r = _run(code)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "trainer imported: False" in r.stdout, r.stdout
+
+
+def test_trainable_modules_defined_once():
+    where = [str(p.relative_to(ROOT)) for p in PKG.rglob("*.py")
+             for n in ast.walk(_tree(p)) if isinstance(n, ast.Assign)
+             for t in n.targets if isinstance(t, ast.Name) and t.id == "TRAINABLE_MODULES"]
+    assert where == ["sam_fast/models/loading.py"], where
+    from sam_fast.models import TRAINABLE_MODULES
+    from sam_fast.train import trainer
+
+    assert trainer.TRAINABLE_MODULES is TRAINABLE_MODULES
+
+
+@pytest.mark.parametrize("layer", ["ops", "modules", "models"])
+def test_lower_layers_do_not_import_train_eval_or_cli(layer):
+    """kernels -> ops -> modules -> models -> train/eval -> cli: no back-edge to the trainer, eval or
+    the CLI (models/directory.py reads checkpoints through sam_fast.train.checkpoint, the file format)."""
+    bad = {}
+    for p in (PKG / layer).rglob("*.py"):
+        hits = sorted(i for i in _imports(p) if i.startswith(("sam_fast.eval", "sam_fast.cli", "sam_fast.train"))
+                      and i not in ("sam_fast.train.checkpoint",) and not i.startswith("sam_fast.train.checkpoint."))
+        if hits:
+            bad[str(p.relative_to(ROOT))] = hits
+    assert not bad, bad
+
+
+def test_kernels_mapping_is_documented():
+    """kernels/__init__.py names, for every kernel file, the package it is installed as and the op
+    module that launches it; README's tree shows the mapping."""
+    doc = ast.get_docstring(_tree(ROOT / "kernels" / "__init__.py"))
+    assert "sam_fast._kernels" in doc and "package_dir" in doc
+    launched = {}
+    for p in OPS.glob("*.py"):
+        for i in _imports(p):
+            if i.startswith("sam_fast._kernels."):
+                launched.setdefault(i.split(".")[2], set()).add(_module_name(p))
+    files = sorted(p.stem for p in (ROOT / "kernels").glob("*.py") if p.name != "__init__.py")
+    assert files and set(launched) <= set(files)
+    for stem in files:
+        assert f"{stem}.py" in doc, f"kernels/{stem}.py is not described in kernels/__init__.py"
+        for op in launched.get(stem, ()):
+            assert op in doc, f"kernels/{stem}.py is launched by {op}, which kernels/__init__.py does not name"
+    readme = (ROOT / "README.md").read_text()
+    assert "kernels/" in readme and "sam_fast._kernels" in readme

@@ -25,7 +25,7 @@ import torch
 
 from sam_fast.data import AnnotationDataset, Collator, EvalTransform, model_inputs
 from sam_fast.eval.metrics import caption_metrics
-from sam_fast.train.distributed import DistInfo, barrier, broadcast_object, gather_objects, is_sharded, shard_indices
+from sam_fast.distributed import DistInfo, barrier, broadcast_object, gather_objects, is_sharded, shard_indices
 
 
 @torch.no_grad()

@@ -129,7 +129,9 @@ __all__ = [
     "LAVIS_LN_VISION_EPS",
 ]
 
-from sam_fast.models.sam import TRAINABLE_MODULES  # noqa: E402  (what a delta holds; spec section 1)
+# SAM's modules that training updates (everything else is the frozen InstructBLIP): what a
+# checkpoint or a trainable delta holds. Defined here, imported by sam_fast.models.sam and the trainer.
+TRAINABLE_MODULES = ("adaptive_adjustment", "guidance_in", "guidance_out", "language_projection")
 
 # Modules SAM adds to InstructBLIP (absent from an HF InstructBLIP checkpoint).
 NEW_MODULES = tuple(m for m in TRAINABLE_MODULES if m != "language_projection")

@@ -42,9 +42,11 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.instructblip.modeling_instructblip import InstructBlipPreTrainedModel
 
 from sam_fast.config import SAMConfig
+from sam_fast.models import loading
+from sam_fast.models.loading import TRAINABLE_MODULES
 from sam_fast.models.packing import packed_lm_loss
 from sam_fast.ops.linear_cross_entropy import linear_cross_entropy
-from sam_fast.train.distributed import is_sharded
+from sam_fast.distributed import is_sharded
 from sam_fast.models.generation import (
     GENERATION_MODES,
     generated_tokens_penalty,
@@ -63,8 +65,6 @@ from sam_fast.modules import (
     project_cross_kv,
     run_two_streams,
 )
-
-TRAINABLE_MODULES = ("adaptive_adjustment", "guidance_in", "guidance_out", "language_projection")
 
 GENERATION_DEFAULTS = dict(num_beams=5, max_new_tokens=256, repetition_penalty=1.5, length_penalty=1.0, do_sample=False)
 LAVIS_KWARGS = ("num_beams", "max_length", "max_new_tokens", "min_length", "repetition_penalty", "length_penalty")
@@ -743,8 +743,6 @@ class SAM(InstructBlipPreTrainedModel):
         Linears zero). Keyword arguments: loader options (`dtype`, `device`, `copy`, `strict`,
         `return_report`) and SAMConfig overrides (`context_mode=...`, ...). See
         `sam_fast.models.loading.from_instructblip`."""
-        from sam_fast.models import loading
-
         return loading.from_instructblip(cls, path_or_model, **kwargs)
 
     @classmethod
@@ -761,22 +759,16 @@ class SAM(InstructBlipPreTrainedModel):
         (`strict=False`: unknown keys only warn). Keyword arguments: `strict`, `context_mode`,
         `dtype`, `device`, `copy`, `return_report`. See
         `sam_fast.models.loading.from_lavis_checkpoint`."""
-        from sam_fast.models import loading
-
         return loading.from_lavis_checkpoint(cls, path, config, base=base, **kwargs)
 
     def save_trainable_delta(self, directory, base_reference: str):
         """Save config + only the trainable tensors (`sam_delta.safetensors`) + a reference to the
         base weights (`sam_delta.json`); `SAM.from_pretrained(directory)` loads it back."""
-        from sam_fast.models import loading
-
         return loading.save_trainable_delta(self, directory, base_reference)
 
     @classmethod
     def from_trainable_delta(cls, directory, base=None, **kwargs) -> "SAM":
         """Load the base model then the trainable delta saved by `save_trainable_delta`."""
-        from sam_fast.models import loading
-
         return loading.load_trainable_delta(cls, directory, base=base, **kwargs)
 
     @classmethod
@@ -785,8 +777,6 @@ class SAM(InstructBlipPreTrainedModel):
         `save_trainable_delta` or `sam_fast.train.hf.SAMTrainer`) is detected and loaded over its
         base (``base=`` overrides the recorded one; the directory's own config.json is used, so a
         ``config`` passed by `AutoModel.from_pretrained` is not needed there)."""
-        from sam_fast.models import loading
-
         if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and loading.is_trainable_delta_dir(
             pretrained_model_name_or_path
         ):

@@ -1,19 +1,34 @@
-"""Training: the paper's recipe, checkpoints and resume, data parallelism over torchrun."""
+"""Training: the paper's recipe, checkpoints and resume, data parallelism over torchrun.
 
-from sam_fast.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from sam_fast.train.distributed import DistInfo, init_from_env
-from sam_fast.train.schedule import build_optimizer, build_scheduler, lr_factor, param_groups
-from sam_fast.train.trainer import (
-    NonFiniteLossError,
-    RunDirectoryError,
-    TrainConfig,
-    Trainer,
-    TrainingInterrupted,
-    TrainResult,
-)
+The names below are imported on first use, so importing a submodule (``sam_fast.train.checkpoint``
+to read checkpoints, ``sam_fast.train.outputs``) does not import the trainer.
+"""
 
-__all__ = [
-    "CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint", "DistInfo", "init_from_env",
-    "build_optimizer", "build_scheduler", "lr_factor", "param_groups", "NonFiniteLossError", "RunDirectoryError",
-    "TrainConfig", "Trainer", "TrainingInterrupted", "TrainResult",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "CheckpointError": "checkpoint", "latest_checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "DistInfo": "distributed", "init_from_env": "distributed",
+    "build_optimizer": "schedule", "build_scheduler": "schedule", "lr_factor": "schedule",
+    "param_groups": "schedule",
+    "NonFiniteLossError": "trainer", "RunDirectoryError": "trainer", "TrainConfig": "trainer",
+    "Trainer": "trainer", "TrainingInterrupted": "trainer", "TrainResult": "trainer",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,4 +1,4 @@
-"""Training output directories, and loading a model from one (``--model DIR``).
+"""Training output directories (loading a model from one, ``--model DIR``: `sam_fast.models.directory`).
 
 ``OUTPUT/`` after `sam-fast train`::
 
@@ -11,10 +11,9 @@
     log.jsonl       one record per step
     checkpoints/    trainable tensors + resume state (sam_fast.train.checkpoint)
 
-`load_model_dir` accepts such a directory (newest checkpoint, or one named), a checkpoint directory
-inside it, a full SAM directory (`save_pretrained`), a trainable-delta directory, or an HF
-InstructBLIP directory; tokenizers come from the same place. Only safetensors, JSON and tokenizer
-files are read from a run directory: nothing in it is unpickled.
+`sam_fast.models.directory.load_model_dir` (also importable from here) loads a model from such a
+directory, a checkpoint inside it, or a SAM / delta / HF InstructBLIP directory, without importing
+the trainer.
 
 One process at a time writes a run directory: `RunLock` creates ``.lock`` exclusively; a lock whose
 process is gone (same host, pid not running) is stale and taken over, any other is refused.
@@ -31,13 +30,17 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
-from sam_fast import SAM, SAMConfig
-from sam_fast.data import PromptBuilder, load_tokenizers, save_tokenizers, tiny_tokenizers
+from sam_fast.data import save_tokenizers
+from sam_fast.models import SAM
+from sam_fast.models.directory import (  # noqa: F401  (loading moved there; these names stay importable here)
+    BUILTIN_CONFIGS,
+    build_builtin,
+    builtin_tokenizers,
+    load_model_dir,
+    prompt_builder,
+)
 from sam_fast.train import checkpoint as ckpt
-
-BUILTIN_CONFIGS = ("tiny",)
 LOCK_FILE = ".lock"
 # settings a resumed run must share with the run it continues (the rest may change, e.g. max_steps)
 MODEL_KEYS = ("context_mode", "guidance")
@@ -209,24 +212,6 @@ def resume_differences(output: str | os.PathLike, base: dict, data: dict, model:
     return diffs
 
 
-def build_builtin(name: str, seed: int = 0, **overrides) -> SAM:
-    """A built-in configuration with random frozen weights (seeded). For ``tiny`` the query tokens are
-    drawn N(0, 0.5): HF zero-initialises them, which would make every query of a random model equal."""
-    if name != "tiny":
-        raise ValueError(f"unknown built-in configuration {name!r}; known: {BUILTIN_CONFIGS}")
-    torch.manual_seed(seed)
-    model = SAM(SAMConfig.tiny(**overrides))
-    with torch.no_grad():
-        model.query_tokens.normal_(0, 0.5)
-    return model
-
-
-def builtin_tokenizers(name: str):
-    if name != "tiny":
-        raise ValueError(f"unknown built-in configuration {name!r}; known: {BUILTIN_CONFIGS}")
-    return tiny_tokenizers()
-
-
 def _write_run_json(out: Path, run: dict) -> None:
     tmp = out / ".run.json.tmp"
     tmp.write_text(json.dumps(run, indent=1))
@@ -263,48 +248,3 @@ def prepare_run_dir(output: str | os.PathLike, model: SAM, tokenizers, base: dic
     if model_config is not None:
         run["model"] = model_config
     _write_run_json(out, run)
-
-
-def _from_base(run_dir: Path, base: dict, **load_kwargs) -> SAM:
-    if base["kind"] == "builtin":
-        return SAM.from_pretrained(run_dir / "base", **load_kwargs)
-    path = base["path"]
-    overrides = base.get("overrides", {})
-    if Path(path, "config.json").is_file() and json.loads(Path(path, "config.json").read_text()).get(
-            "model_type") == "sam_fast":
-        return SAM.from_pretrained(path, **load_kwargs)
-    return SAM.from_instructblip(path, **overrides, **load_kwargs)
-
-
-def load_model_dir(path: str | os.PathLike, checkpoint: str | os.PathLike | None = None, **load_kwargs):
-    """(model, (qformer_tokenizer, llm_tokenizer), description) from any directory `--model` accepts."""
-    path = Path(path)
-    if ckpt.is_checkpoint_dir(path):
-        checkpoint, path = path, path.parent.parent  # a checkpoint inside a run directory
-    if (path / "run.json").is_file():
-        run = json.loads((path / "run.json").read_text())
-        model = _from_base(path, run["base"], **load_kwargs)
-        what = f"{path} (base only: no checkpoint yet)"
-        if checkpoint is not None:  # exactly this one: a damaged file raises CheckpointError naming it
-            ck = Path(checkpoint)
-            trainable, step = ckpt.load_trainable(ck)
-        else:  # the newest intact one (a damaged one is reported and skipped)
-            found = ckpt.load_latest(path / "checkpoints", loader=ckpt.load_trainable)
-            ck, trainable, step = found if found is not None else (None, None, None)
-        if ck is not None:
-            ckpt.load_trainable_into(model, trainable)
-            what = f"{path} at step {step} ({ck.name})"
-        return model.eval(), load_tokenizers(path), what
-    if (path / "config.json").is_file() or (path / "sam_delta.json").is_file():
-        cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-        if cfg.get("model_type") in (None, "sam_fast") or (path / "sam_delta.json").is_file():
-            model = SAM.from_pretrained(path, **load_kwargs)
-        else:
-            model = SAM.from_instructblip(path, **load_kwargs)
-        return model.eval(), load_tokenizers(path), str(path)
-    raise FileNotFoundError(f"{path}: not a training output (run.json), a checkpoint, a SAM directory or an "
-                            f"HF InstructBLIP directory (config.json)")
-
-
-def prompt_builder(model: SAM, tokenizers) -> PromptBuilder:
-    return PromptBuilder.for_model(model.config, *tokenizers)

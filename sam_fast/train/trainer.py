@@ -60,8 +60,9 @@ import torch
 
 from sam_fast.data import Collator, model_inputs
 from sam_fast.data.dataset import DataError, sample_seed
+from sam_fast.models.loading import TRAINABLE_MODULES
 from sam_fast.train import checkpoint as ckpt
-from sam_fast.train.distributed import (
+from sam_fast.distributed import (
     DistInfo,
     all_reduce_grads,
     all_reduce_sum,
@@ -70,8 +71,6 @@ from sam_fast.train.distributed import (
     shard_language_model,
 )
 from sam_fast.train.schedule import build_optimizer, build_scheduler, lr_factor
-
-TRAINABLE_MODULES = ("adaptive_adjustment", "guidance_in", "guidance_out", "language_projection")
 
 
 class NonFiniteLossError(RuntimeError):
