@@ -20,6 +20,7 @@ shard the frozen LLM over the processes); data parallel evaluation: ``torchrun .
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -36,9 +37,21 @@ TRAIN_FLAGS = {
     "weight_decay": (float, "AdamW weight decay on >= 2-D weights (paper: 0.05)"),
     "grad_accum": (int, "micro-batches per optimiser step"),
     "clip_grad_norm": (float, "gradient-norm clipping (0 disables)"),
-    "amp": (str, "mixed precision: none | bf16 | fp16 (fp16 with a grad scaler)"),
+    "amp": (str, "mixed precision (fp16 with a grad scaler)"),
     "log_every": (int, "write a log.jsonl record every N steps"),
+    "num_workers": (int, "data loader processes reading, augmenting and collating batches ahead of the step "
+                         "(0, the default: in the training process); any number gives the same run"),
+    "prefetch_factor": (int, "micro-batches each loader process prepares ahead (default 2)"),
+    "cpu_threads": (int, "intra-op threads while training on a CPU (default 1: the step's small products gain "
+                         "nothing from more, and spinning threads slow a busy machine down; 0: torch's default)"),
 }
+AMP_CHOICES = ("none", "bf16", "fp16")
+REPORT_TO_CHOICES = ("tensorboard", "wandb")
+# train options a config file may hold besides TRAIN_FLAGS (and the other TrainConfig fields)
+TRAIN_FILE_KEYS = ("model", "data", "output", "features", "skip_bad", "context_mode", "guidance", "interaction_layers",
+                   "fsdp", "no_packing", "model_overrides", "report_to")
+MODEL_HELP = ("the model: a training output (sam-fast train --output), one of its checkpoints, a SAM directory or an "
+              "HF InstructBLIP directory")
 
 
 def _load_config_file(spec: str | None) -> dict:
@@ -155,20 +168,36 @@ def _cmd_train_locked(args: argparse.Namespace, locks: list) -> int:
         outputs,
     )
 
-    opts = _merge(args, _load_config_file(args.config),
+    file_opts = _load_config_file(args.config)
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"output_dir", "progress"} | set(TRAIN_FILE_KEYS)
+    unknown = sorted((k for k in file_opts if k not in known and k != "config"), key=str)
+    if unknown:
+        raise SystemExit(f"sam-fast train: --config {args.config}: unknown option(s) {', '.join(map(repr, unknown))}; "
+                         f"known: {', '.join(sorted(known))}")
+    opts = _merge(args, file_opts,
                   ["model", "data", "output", "features", "skip_bad", "context_mode", "guidance", "fsdp",
-                   "no_packing", *TRAIN_FLAGS])
+                   "no_packing", "report_to", *TRAIN_FLAGS])
     for k in ("data", "output"):
         if not opts.get(k):
             raise SystemExit(f"sam-fast train: --{k} is required (or `{k}` in the config file)")
-    model_src = opts.pop("model", None) or "tiny"
+    model_src = opts.pop("model", None)
+    if not model_src:
+        raise SystemExit("sam-fast train: --model is required (or `model` in the config file): the pretrained "
+                         "InstructBLIP or SAM directory to train from, or a training output; --model tiny (or "
+                         "--config tiny) trains the built-in tiny model with random weights")
     data_dir, output, skip_bad = opts.pop("data"), opts.pop("output"), bool(opts.pop("skip_bad", False))
     features = opts.pop("features", None)
     overrides = {k: opts.pop(k) for k in ("context_mode", "guidance", "interaction_layers") if k in opts}
     overrides.update(opts.pop("model_overrides", {}) or {})
+    bad = _unknown_model_overrides(overrides)
+    if bad:
+        raise SystemExit(f"sam-fast train: unknown model override(s) {', '.join(map(repr, bad))} (model_overrides "
+                         "takes SAMConfig fields, e.g. context_mode, guidance, interaction_layers, packed_loss)")
     if opts.pop("no_packing", False):
         overrides["packed_loss"] = False
     opts.pop("config", None)
+    if isinstance(opts.get("report_to"), str):  # report_to: tensorboard
+        opts["report_to"] = [opts["report_to"]]
     try:
         tcfg = TrainConfig.from_dict({**opts, "output_dir": str(output), "progress": not args.no_progress})
         tcfg.validate()  # before anything is built or written
@@ -178,6 +207,9 @@ def _cmd_train_locked(args: argparse.Namespace, locks: list) -> int:
         raise SystemExit("sam-fast train: give either --resume (continue the run in --output) or --overwrite "
                          "(replace it), not both")
 
+    if model_src not in outputs.BUILTIN_CONFIGS and not Path(model_src).exists():  # before OUTPUT is touched
+        raise SystemExit(f"sam-fast train: --model {model_src}: no such directory (give an HF InstructBLIP or SAM "
+                         "directory, a training output or one of its checkpoints, or tiny)")
     dist = init_from_env(args.device)
     if tcfg.fsdp and not dist.enabled:
         raise SystemExit("sam-fast train: --fsdp shards the LLM over several processes, but this is a single "
@@ -197,7 +229,7 @@ def _cmd_train_locked(args: argparse.Namespace, locks: list) -> int:
         tokenizers = outputs.builtin_tokenizers(model_src)
         base = {"kind": "builtin", "name": model_src, "seed": tcfg.seed, "overrides": overrides}
     else:
-        model, tokenizers, _ = outputs.load_model_dir(model_src)
+        model, tokenizers, _ = _load_model("train", model_src)
         base = {"kind": "pretrained", "path": str(Path(model_src).resolve()), "overrides": overrides}
     model.to(dist.device)
     torch.manual_seed(tcfg.seed)
@@ -269,6 +301,18 @@ def _cmd_train_locked(args: argparse.Namespace, locks: list) -> int:
     return 0
 
 
+def _unknown_model_overrides(overrides: dict) -> list[str]:
+    """Keys of `overrides` that are no SAMConfig field (a typo would otherwise be stored and ignored)."""
+    import inspect
+
+    from sam_fast import SAMConfig
+
+    cfg = SAMConfig.tiny()
+    params = set(inspect.signature(SAMConfig.__init__).parameters)
+    return sorted((k for k in overrides if not isinstance(k, str) or (k not in params and not hasattr(cfg, k))),
+                  key=str)
+
+
 def _load_model(cmd: str, model_dir):
     """`load_model_dir(model_dir)`, with a damaged checkpoint (`CheckpointError`), a missing or
     unrecognised directory, or another loading ValueError/OSError turned into one line ``sam-fast CMD: ...``."""
@@ -289,6 +333,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from sam_fast.models.directory import prompt_builder
 
     model, tokenizers, _ = _load_model("generate", args.model)
+    if args.device:
+        model.to(args.device)
     for p in args.images:
         if not Path(p).is_file():
             raise SystemExit(f"sam-fast generate: image {p} does not exist")
@@ -319,7 +365,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         m = evaluate(model, args.data, prompt_builder(model, tokenizers), args.output,
                      batch_size=args.batch_size, skip_bad=args.skip_bad, progress=not args.no_progress,
                      limit=args.limit, features=args.features, dist=dist,
-                     allow_outside_paths=args.allow_outside_paths, **_gen_kwargs(args))
+                     allow_outside_paths=args.allow_outside_paths, model_name=str(args.model), **_gen_kwargs(args))
     except (DataError, StaleCacheError) as e:
         raise SystemExit(f"sam-fast eval: {e}") from None
     if not (dist or DistInfo()).is_main:
@@ -533,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
         "process takes --batch-size samples per micro-batch.",
     )
     p.add_argument("--config", help="'tiny' (built-in tiny model, random frozen backbone) or a JSON/YAML file")
-    p.add_argument("--model", help="base model: 'tiny', an HF InstructBLIP dir, a SAM dir or a training output")
+    p.add_argument("--model", help="base model (required; or `model` in the config file): an HF InstructBLIP "
+                   "directory, a SAM directory, a training output, or 'tiny' (the built-in tiny model, random weights)")
     p.add_argument("--data", help="dataset folder with annotations.json")
     p.add_argument("--output", help="output directory")
     p.add_argument("--features", help="feature cache of --data (sam-fast cache-features): train on cached ViT "
@@ -558,8 +605,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdp", action="store_true", default=None,
                    help="under torchrun: shard the frozen LLM over the processes with FSDP2 (its parameter "
                    "memory per GPU / N; the input embeddings and the trainable modules stay replicated)")
+    p.add_argument("--report-to", nargs="+", choices=REPORT_TO_CHOICES, metavar="{tensorboard,wandb}",
+                   help="log the step records to TensorBoard (OUTPUT/tensorboard) and/or Weights & Biases (needs "
+                   "wandb installed; set WANDB_MODE=offline to keep it local) besides OUTPUT/log.jsonl")
     for name, (typ, hlp) in TRAIN_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=typ, help=hlp)
+        p.add_argument("--" + name.replace("_", "-"), type=typ, help=hlp,
+                       **({"choices": AMP_CHOICES} if name == "amp" else {}))
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -568,9 +619,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load --model (a training output, a checkpoint, a SAM or HF InstructBLIP directory) and "
         "generate an answer for the images, in order, and the prompt (instruction).",
     )
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--images", nargs="+", required=True, help="image files, in order")
     p.add_argument("--prompt", required=True, help='instruction, e.g. "{image#1} {image#2} what is common?"')
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: where the model loads)")
     _add_generation_flags(p)
     p.set_defaults(func=_cmd_generate)
 
@@ -582,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Under torchrun (torchrun --nproc_per_node N -m sam_fast.cli eval ...) each process generates for every "
         "N-th sample with a whole copy of the model and rank 0 writes the files, the same as one process would.",
     )
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--data", required=True, help="test folder with annotations.json")
     p.add_argument("--output", required=True)
     p.add_argument("--batch-size", type=_positive_int, default=8, help="samples per generate() call (per process)")

@@ -1,6 +1,7 @@
 """`sam-fast` end to end on a tiny PIL-drawn dataset: train, resume, config file + overrides, eval,
 generate, bad data, and torchrun data parallelism (2 gloo processes == 1 process, same global batch)."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -335,3 +336,76 @@ def test_train_no_packing_gives_the_same_losses(tmp_path):
     assert len(losses["packed"]) == 3
     assert losses["packed"] == pytest.approx(losses["padded"], rel=1e-5)
     assert json.loads((tmp_path / "padded" / "run.json").read_text())["model"]["packed_loss"] is False
+
+
+# -- issue 15: data loading options, a required --model, one-line errors, help texts, metrics.json metadata --------
+def test_train_refuses_a_missing_model(dirs, tmp_path):
+    with pytest.raises(SystemExit, match=r"^sam-fast train: --model is required .*--model tiny") as exc:
+        main(["train", "--data", str(dirs["train"]), "--output", str(tmp_path / "o"), "--no-progress"])
+    assert "\n" not in str(exc.value) and not (tmp_path / "o").exists()
+
+
+def test_train_bad_config_key_override_or_model_is_one_line(dirs, tmp_path):
+    base = f"data: {dirs['train']}\noutput: {tmp_path / 'o'}\n"
+    cases = [("model: tiny\nbogus_key: 3\n", r"--config .*c\.yaml: unknown option\(s\) 'bogus_key'; known: .*batch_size"),
+             ("model: tiny\nmodel_overrides:\n  contxt_mode: shared\n", r"unknown model override\(s\) 'contxt_mode'"),
+             ("model: tiny\n1: x\n", r"unknown option\(s\) 1;"),
+             (f"model: {tmp_path / 'no-such-model'}\n", r"--model .*no-such-model: no such directory")]
+    for text, msg in cases:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(base + text)
+        with pytest.raises(SystemExit, match=rf"^sam-fast train: .*{msg}") as exc:
+            main(["train", "--config", str(cfg), "--no-progress"])
+        assert "\n" not in str(exc.value) and "Traceback" not in str(exc.value)
+    assert not (tmp_path / "o").exists()
+    cfg.write_text(base + f"model: {dirs['train']}\n")  # a directory, but no model
+    with pytest.raises(SystemExit, match=r"^sam-fast train: .*train: not a training output") as exc:
+        main(["train", "--config", str(cfg), "--no-progress"])
+    assert "\n" not in str(exc.value)
+
+
+def test_help_texts(capsys):
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    train = sub.choices["train"].format_help()
+    assert "{none,bf16,fp16}" in train and "--num-workers" in train and "--cpu-threads" in train
+    assert "--report-to {tensorboard,wandb}" in train
+    for cmd in ("eval", "generate"):
+        model = next(a for a in sub.choices[cmd]._actions if a.dest == "model")
+        assert model.help and "training output" in model.help
+    assert any(a.dest == "device" for a in sub.choices["generate"]._actions)
+    with pytest.raises(SystemExit):
+        main(["train", "--amp", "fp8"])
+    assert "invalid choice: 'fp8' (choose from 'none', 'bf16', 'fp16')" in capsys.readouterr().err
+    for name, p in sub.choices.items():
+        text = p.format_help()
+        assert "SPEC" not in text and "§" not in text, name
+
+
+def test_train_with_workers_and_tensorboard_matches(dirs, trained, tmp_path):
+    out = tmp_path / "w2"
+    extra = ["--num-workers", "2", "--cpu-threads", "1"]
+    if importlib.util.find_spec("tensorboard") is not None:
+        extra += ["--report-to", "tensorboard"]
+    assert main(["train", "--config", "tiny", "--data", str(dirs["train"]), "--output", str(out), *TRAIN, *extra]) == 0
+    assert [r["loss"] for r in _log(out)] == [r["loss"] for r in _log(trained)]  # bit for bit
+    run = json.loads((out / "run.json").read_text())
+    assert run["train"]["num_workers"] == 2 and run["train"]["cpu_threads"] == 1
+    if "--report-to" in extra:
+        assert run["train"]["report_to"] == ["tensorboard"] and any((out / "tensorboard").iterdir())
+
+
+def test_metrics_json_records_model_generation_version_and_commit(dirs, trained, tmp_path, capsys):
+    import sam_fast
+
+    ev = tmp_path / "eval"
+    assert main(["eval", "--model", str(trained), "--data", str(dirs["test"]), "--output", str(ev), "--limit", "1",
+                 "--num-beams", "2", "--max-new-tokens", "3", "--no-progress"]) == 0
+    m = json.loads((ev / "metrics.json").read_text())
+    assert m["model"] == str(trained) and m["sam_fast_version"] == sam_fast.__version__
+    assert m["generation"]["num_beams"] == 2 and m["generation"]["max_new_tokens"] == 3
+    assert m["generation"]["generation_mode"] == "lavis" and m["generation"]["repetition_penalty"] == 1.5
+    assert "git_commit" in m and (m["git_commit"] is None or len(m["git_commit"]) >= 40)
+    img = str(next((dirs["test"] / "images").iterdir()))
+    assert main(["generate", "--model", str(trained), "--images", img, "--prompt", "what?", "--device", "cpu",
+                 "--num-beams", "1", "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.endswith("\n")

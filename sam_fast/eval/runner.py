@@ -3,7 +3,8 @@
 `predict` runs `SAM.generate` (the paper's settings unless overridden) over an `AnnotationDataset`
 with the eval transform; `evaluate` writes ``OUT/pred.json`` (records ``sample_id``,
 ``pred_response``, ``gt_response``, the SAM scorer's input format), ``OUT/metrics.json``
-(ROUGE_L, CIDEr, Bleu_4 x100 via `caption_metrics`, plus sample counts) and
+(ROUGE_L, CIDEr, Bleu_4 x100 via `caption_metrics`, plus sample counts, and `run_metadata`: the
+model, the generation settings, the sam_fast version and commit) and
 ``OUT/eval_score.json`` (per-sample scores, as the scorer writes them).
 
 Data parallel (`evaluate(..., dist=DistInfo)`, ``torchrun ... -m sam_fast.cli eval``): rank r
@@ -97,6 +98,56 @@ def answer(model, prompt_builder, images, prompt: str, **generate_kwargs) -> str
     return prompt_builder.decode(ids[0].tolist())
 
 
+def _source_commit() -> str | None:
+    """The git commit of the sam_fast source tree this runs from, or None (an installed wheel, no git)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out + ("-dirty" if dirty else "") if out else None
+
+
+def _json_value(v):
+    return v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
+
+
+def generation_settings(model, generate_kwargs: dict) -> dict:
+    """The generation settings an evaluation used: the model's `generation_config` (its defaults: the
+    paper's) with `generate_kwargs` over it, as `SAM.generate` combines them."""
+    settings = {}
+    gc = getattr(model, "generation_config", None)
+    if gc is not None:
+        for k in ("num_beams", "max_new_tokens", "min_new_tokens", "repetition_penalty", "length_penalty",
+                  "do_sample", "temperature", "top_p", "top_k"):
+            v = getattr(gc, k, None)
+            if v is not None:
+                settings[k] = _json_value(v)
+    for k, v in generate_kwargs.items():
+        if k == "generation_config" and v is not None:
+            settings.update({key: _json_value(val) for key, val in v.to_diff_dict().items()})
+        else:
+            settings[k] = _json_value(v)
+    return settings
+
+
+def run_metadata(model, generate_kwargs: dict, model_name: str | None = None) -> dict:
+    """What metrics.json records next to the scores: the model, the generation settings, the sam_fast
+    version and the git commit of its source (None outside a git checkout; ``-dirty`` with local changes)."""
+    import sam_fast
+
+    name = model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return {"model": None if name is None else str(name), "generation": generation_settings(model, generate_kwargs),
+            "sam_fast_version": sam_fast.__version__, "git_commit": _source_commit()}
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -105,7 +156,7 @@ def _write_json(path: Path, obj) -> None:
 
 def evaluate(model, data_dir, prompt_builder, output_dir, batch_size: int = 8, skip_bad: bool = False,
              progress: bool = False, limit: int | None = None, features=None, dist: DistInfo | None = None,
-             allow_outside_paths: bool = False, **generate_kwargs) -> dict:
+             allow_outside_paths: bool = False, model_name: str | None = None, **generate_kwargs) -> dict:
     """Generate for every sample of `data_dir`, score, write pred.json / metrics.json; returns the metrics.
     `features`: a feature-cache directory to read instead of the images (checked against the model).
     `dist`: under torchrun, this process's `DistInfo` (`init_from_env`): the samples are split over
@@ -113,7 +164,9 @@ def evaluate(model, data_dir, prompt_builder, output_dir, batch_size: int = 8, s
     ``samples_per_rank`` (predictions each rank made; not written to metrics.json).
     `generate_kwargs` go to `SAM.generate`; ``generation_mode`` defaults to ``"lavis"``, the released
     code's decoder, so scores compare with the paper's. `limit`: only the first `limit` (>= 1) samples. `allow_outside_paths`: read image paths that leave
-    `data_dir` (refused by default, `sam_fast.data.paths`).
+    `data_dir` (refused by default, `sam_fast.data.paths`). metrics.json also records `run_metadata`: the
+    model (`model_name`, default the model's ``name_or_path``), the generation settings, the sam_fast
+    version and git commit; the returned dict holds the scores and counts only.
 
     Raises:
         ValueError: `batch_size` or `limit` below 1.
@@ -151,7 +204,7 @@ def evaluate(model, data_dir, prompt_builder, output_dir, batch_size: int = 8, s
         per = m.pop("per_sample")
         _write_json(out / "eval_score.json", [{"id": p["sample_id"], **s} for p, s in zip(preds, per, strict=True)])
         m.update(num_samples=len(preds), skipped=skipped_at_load + sum(n for _, n in shares))
-        _write_json(out / "metrics.json", m)
+        _write_json(out / "metrics.json", {**m, **run_metadata(model, generate_kwargs, model_name)})
         if info.enabled:
             m = {**m, "samples_per_rank": [len(share) for share, _ in shares]}
     m = broadcast_object(m, info)
