@@ -66,20 +66,14 @@ def _ops() -> list[str]:
 
 
 def _schedule() -> list[str]:
-    """How encode_images builds the leave_one_out W-stream's K/V on each device here (BERT-base
-    Q-former heads: 12 x 64, fp16 on CUDA, fp32 on CPU)."""
+    """How encode_images builds the leave_one_out W-stream's K/V on each device here, as the
+    cross-attention op answers for BERT-base Q-former heads (12 x 64; fp16 on CUDA, fp32 on CPU)."""
     import torch
 
-    from sam_fast.ops.cross_attention import streams_backend
+    from sam_fast.ops.cross_attention import mixed_kv_schedule
 
     devices = [("cpu", torch.float32)] + ([("cuda", torch.float16)] if torch.cuda.is_available() else [])
-    lines = []
-    for dev, dtype in devices:
-        backend = streams_backend(12, 64, dtype, dev, mixed=True)
-        how = ("formed inside the fused attention kernel (never materialised)" if backend == "triton" else
-               f"materialised once per batch by context_reweight (attention backend: {backend})")
-        lines.append(f"  {dev}: leave_one_out W-stream K/V {how}")
-    return lines
+    return [f"  {dev}: leave_one_out W-stream K/V {mixed_kv_schedule(12, 64, dtype, dev)}" for dev, dtype in devices]
 
 
 def _loss() -> list[str]:

@@ -185,7 +185,7 @@ def test_leave_one_out_k_v_formed_in_the_kernel_not_materialised(monkeypatch, gu
     def refuse(*a, **k):
         raise AssertionError("merged K/V materialised on the fused leave_one_out path")
 
-    monkeypatch.setattr(sam_mod, "merged_context_kv", refuse)
+    monkeypatch.setattr(guidance_mod.AdaptiveAdjustment, "merged_kv", refuse)
     plans = []
     real_streams = ca.cross_attention_streams_triton
     monkeypatch.setattr(next(b for b in ca._streams.backends if b.name == "triton"), "impl",

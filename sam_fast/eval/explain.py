@@ -28,11 +28,7 @@ def patch_weights(model, pixel_values: torch.Tensor) -> torch.Tensor:
         raise ValueError("guidance='none': this model has no Adaptive Adjustment to explain")
     E = model.vision_model(pixel_values=pixel_values).last_hidden_state  # [N, P, D]
     N, P = E.shape[:2]
-    if cfg.guidance == "mean":
-        w = torch.full((N, P), 1.0 / N)
-    else:
-        s = model.adaptive_adjustment(E).squeeze(-1).float()  # [N, P]
-        w = torch.softmax(s, dim=0)
+    w = model.adaptive_adjustment.weights(E, cfg.guidance).float()  # [N, P], softmax over the N images
     g = int(round((P - 1) ** 0.5))
     return w[:, 1:].reshape(N, g, g).cpu()
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
-import itertools
 import numbers
 import os
 import warnings
@@ -55,15 +54,14 @@ from sam_fast.models.generation import (
 )
 from sam_fast.modules import (
     SCRATCH_COLUMNS,
+    AdaptiveAdjustment,
     CrossKV,
+    GuidanceIn,
+    GuidanceOut,
+    ImagePlan,
+    WFormer,
     WStream,
     attention_bias,
-    device_tensor,
-    leave_one_out_mix,
-    merged_context_kv,
-    mix_in_kernel,
-    project_cross_kv,
-    run_two_streams,
 )
 
 GENERATION_DEFAULTS = dict(num_beams=5, max_new_tokens=256, repetition_penalty=1.5, length_penalty=1.0, do_sample=False)
@@ -152,6 +150,19 @@ def _counts_list(image_counts) -> list[int]:
     return counts
 
 
+def _instruction_mask(ids, mask, B: int) -> torch.Tensor:
+    """The Q-former instruction's padding mask [B, L] (all ones by default), `ids` checked to be
+    [B, L], one row per sample."""
+    if ids is None or ids.dim() != 2 or ids.shape[0] != B:
+        got = None if ids is None else tuple(ids.shape)
+        raise ValueError(f"qformer_input_ids must be [B={B}, L] (one row per sample), got {got}")
+    if mask is None:
+        return torch.ones_like(ids)
+    if mask.shape != ids.shape:
+        raise ValueError(f"qformer_attention_mask {tuple(mask.shape)} must match qformer_input_ids {tuple(ids.shape)}")
+    return mask
+
+
 def _summed_fused_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of the supervised rows, logits never materialised whole."""
     return linear_cross_entropy(hidden, weight, targets, reduction="sum")
@@ -200,9 +211,11 @@ class SAM(InstructBlipPreTrainedModel):
             self.vision_model.post_layernorm.eps = config.post_layernorm_eps
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qcfg.hidden_size))
         self.qformer = InstructBlipQFormerModel._from_config(qcfg)
-        self.adaptive_adjustment = nn.Linear(config.vision_config.hidden_size, 1)
-        self.guidance_in = nn.Linear(qcfg.hidden_size, qcfg.hidden_size)
-        self.guidance_out = nn.Linear(qcfg.hidden_size, qcfg.hidden_size)
+        self.adaptive_adjustment = AdaptiveAdjustment(config.vision_config.hidden_size)
+        self.guidance_in = GuidanceIn(qcfg.hidden_size, qcfg.hidden_size)
+        self.guidance_out = GuidanceOut(qcfg.hidden_size, qcfg.hidden_size)
+        # both streams over the Q-former's layers; holds references only (no state-dict key)
+        self.w_former = WFormer(self.qformer, self.guidance_in, self.guidance_out, config)
         self.language_projection = nn.Linear(qcfg.hidden_size, config.text_config.hidden_size)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
@@ -378,106 +391,75 @@ class SAM(InstructBlipPreTrainedModel):
         cfg = self.config
         E = self._image_features(pixel_values, image_features)
         counts = _counts_list(image_counts)
-        T, dev = E.shape[0], E.device
-        if sum(counts) != T:
-            raise ValueError(f"image_counts {counts} sum to {sum(counts)} but there are T={T} images")
-        B = len(counts)
-        if qformer_input_ids is None or qformer_input_ids.dim() != 2 or qformer_input_ids.shape[0] != B:
-            got = None if qformer_input_ids is None else tuple(qformer_input_ids.shape)
-            raise ValueError(f"qformer_input_ids must be [B={B}, L] (one row per sample), got {got}")
-        if qformer_attention_mask is None:
-            qformer_attention_mask = torch.ones_like(qformer_input_ids)
-        elif qformer_attention_mask.shape != qformer_input_ids.shape:
-            raise ValueError(
-                f"qformer_attention_mask {tuple(qformer_attention_mask.shape)} must match "
-                f"qformer_input_ids {tuple(qformer_input_ids.shape)}"
-            )
-
-        # Index plans are built on the host from the counts (no device syncs), then moved once.
-        Q = cfg.num_query_tokens
-        layers = self.qformer.encoder.layer
-        sample_of_l = [b for b, n in enumerate(counts) for _ in range(n)]
-        sample_of = device_tensor(sample_of_l, dev)  # [T] sample of each image
-
-        # [query tokens ; instruction] embeddings and padding bias: once per sample, shared by the
-        # rows of both streams (text padding is handled once for the batch). In training with
-        # embedding dropout every row gets its own call, hence its own mask, as in the reference.
-        mask = torch.cat([qformer_attention_mask.new_ones(B, Q), qformer_attention_mask], 1)
-        per_row = self.qformer.embeddings.training and self.qformer.embeddings.dropout.p > 0
-
-        def embed(rows: torch.Tensor) -> torch.Tensor:
-            if per_row:
-                ids = qformer_input_ids.index_select(0, rows)
-                return self.qformer.embeddings(input_ids=ids, query_embeds=self.query_tokens.expand(len(ids), -1, -1))
-            return emb.index_select(0, rows)
-
-        emb = None if per_row else self.qformer.embeddings(
-            input_ids=qformer_input_ids, query_embeds=self.query_tokens.expand(B, -1, -1))
-        x = embed(sample_of)
+        if sum(counts) != E.shape[0]:
+            raise ValueError(f"image_counts {counts} sum to {sum(counts)} but there are T={E.shape[0]} images")
+        qformer_attention_mask = _instruction_mask(qformer_input_ids, qformer_attention_mask, len(counts))
+        plan = ImagePlan.build(counts, cfg.context_mode, cfg.guidance, E.device)
+        embed, mask = self._instruction_embeddings(qformer_input_ids, qformer_attention_mask)
+        x = embed(plan.sample_of)  # Q-stream (Part A): one row per image
         bias = attention_bias(mask, x.dtype)  # [B, 1, 1, Q+L]
-
-        # K/V of every cross-attention layer, once per image, one GEMM (Part A's E_i).
-        # Which samples get a W-stream: in leave_one_out a one-image sample has no contextual image
-        # (no guidance); in shared mode every sample does, as in the released code, where a
-        # one-image sample's merged map is the image itself (softmax over one image).
-        shared = cfg.context_mode == "shared"
-        has_context = [cfg.guidance != "none" and (shared or n > 1) for n in counts]
-        guided = any(has_context)
-        # leave_one_out on the fused attention kernel: I-hat's K/V are formed inside the kernel
-        # from the images' K/V and the softmax weights; elsewhere they are materialised once.
-        fused_mix = guided and cfg.context_mode == "leave_one_out" \
-            and mix_in_kernel(layers, x.dtype, dev, training=self.qformer.training)
-        kv = project_cross_kv(layers, E.to(x.dtype), scratch=guided and not fused_mix)
-        w_stream = None
-        if fused_mix:
-            index, weight = leave_one_out_mix(E, self.adaptive_adjustment, counts, cfg.guidance)
-            ctx_index = device_tensor([t for t, b in enumerate(sample_of_l) if has_context[b]], dev)
-            rows = sample_of.index_select(0, ctx_index)
-            w_stream = WStream(embed(rows), bias.index_select(0, rows), kv, ctx_index, mix=(index, weight))
-        elif guided:
-            # Part B: the K/V of the merged contextual maps I-hat, re-weighted from the images' K/V.
-            offsets = [0] + list(itertools.accumulate(counts))
-            cu = device_tensor(offsets, dev, torch.int32)
-            buf = kv.buffer
-            if not buf.requires_grad:  # the scores written into buf's scratch column below must not
-                kv = CrossKV(buf.detach(), kv.heads, kv.hidden)  # drag the Q-stream's K/V into autograd
-            kv_hat = merged_context_kv(E, buf, self.adaptive_adjustment, cu, cfg.context_mode, cfg.guidance,
-                                       kv_width=buf.shape[-1] - SCRATCH_COLUMNS, offsets=offsets)
-            multi_l = [b for b in range(B) if has_context[b]]  # samples with a W-stream
-            ctx_l = [t for t, b in enumerate(sample_of_l) if has_context[b]]  # Q rows that get guidance
-            ctx_index = device_tensor(ctx_l, dev)
-            if shared:
-                # Dedup: before layer l every W row of a sample sees the same embeddings and the same
-                # I-hat, so it runs once per sample; at layer l it fans out to one row per image.
-                # In training the rows before l therefore share one dropout mask per sample.
-                multi = device_tensor(multi_l, dev)
-                if len(multi_l) < B:
-                    kv_hat = kv_hat.index_select(0, multi)
-                slot = {b: j for j, b in enumerate(multi_l)}
-                expand = device_tensor([slot[sample_of_l[t]] for t in ctx_l], dev)
-                w_stream = WStream(embed(multi), bias.index_select(0, multi), CrossKV(kv_hat, kv.heads, kv.hidden),
-                                   ctx_index, expand=expand, kv_rows=expand)
-            else:
-                if len(ctx_l) < T:
-                    kv_hat = kv_hat.index_select(0, ctx_index)
-                rows = sample_of.index_select(0, ctx_index)
-                w_stream = WStream(embed(rows), bias.index_select(0, rows), CrossKV(kv_hat, kv.heads, kv.hidden),
-                                   ctx_index)
-
-        streams = (layers, x, bias.index_select(0, sample_of), kv, w_stream, self.guidance_in, self.guidance_out,
-                   cfg.interaction_layers, Q)
+        lazy = self._mixes_in_kernel(plan, x.dtype, E.device)
+        kv = self.w_former.project_kv(E.to(x.dtype), scratch=plan.guided and not lazy)
+        kv, w_stream = self._w_stream(E, kv, plan, embed, bias, lazy)  # W-stream (Part B)
+        streams = (x, bias.index_select(0, plan.sample_of), kv, w_stream)
         if self._recompute_streams():
             # The two streams' activations (the frozen Q-former's, about a fifth of a training
             # step's memory at the real proportions) are not kept through the LLM's step: the
             # backward runs the streams again (a few % of the step's FLOPs) from their inputs.
-            hidden = torch.utils.checkpoint.checkpoint(run_two_streams, *streams, use_reentrant=False)
+            hidden = torch.utils.checkpoint.checkpoint(self.w_former, *streams, use_reentrant=False)
         else:
-            hidden = run_two_streams(*streams)
+            hidden = self.w_former(*streams)
         tokens = self.language_projection(hidden)
-        unused = [] if guided else [self.guidance_in, self.guidance_out]
-        if not guided or cfg.guidance != "adaptive":
+        unused = [] if plan.guided else [self.guidance_in, self.guidance_out]
+        if not plan.guided or cfg.guidance != "adaptive":
             unused.append(self.adaptive_adjustment)
         return _in_graph_with_weight_zero(tokens, unused)
+
+    def _instruction_embeddings(self, ids: torch.Tensor, mask: torch.Tensor):
+        """(embed, mask): ``embed(rows)`` [R, Q+L, H] the [query tokens ; instruction] embeddings of
+        the samples `rows` [R], and their 0/1 padding mask [B, Q+L]. Embedded once per sample and
+        shared by the rows of both streams; in training with embedding dropout every row gets its
+        own call, hence its own mask, as in the per-image reference."""
+        B, Q = ids.shape[0], self.config.num_query_tokens
+        embeddings = self.qformer.embeddings
+        if embeddings.training and embeddings.dropout.p > 0:
+            def embed(rows: torch.Tensor) -> torch.Tensor:
+                r_ids = ids.index_select(0, rows)
+                return embeddings(input_ids=r_ids, query_embeds=self.query_tokens.expand(len(r_ids), -1, -1))
+        else:
+            emb = embeddings(input_ids=ids, query_embeds=self.query_tokens.expand(B, -1, -1))
+
+            def embed(rows: torch.Tensor) -> torch.Tensor:
+                return emb.index_select(0, rows)
+        return embed, torch.cat([mask.new_ones(B, Q), mask], 1)
+
+    def _mixes_in_kernel(self, plan: ImagePlan, dtype: torch.dtype, device) -> bool:
+        """Whether the leave_one_out W-stream's K/V stay a lazy mixing plan (the attention op forms
+        them inside its kernel) instead of being merged once for all layers."""
+        return plan.guided and plan.context_mode == "leave_one_out" \
+            and self.w_former.mixes_in_kernel(dtype, device, training=self.qformer.training)
+
+    def _w_stream(self, E, kv: CrossKV, plan: ImagePlan, embed, bias, lazy: bool):
+        """(Q-stream K/V, W-stream or None). The W-stream cross-attends to I-hat's K/V, merged by
+        the Adaptive Adjustment from the images' K/V `kv`: a mixing plan over them (``lazy``) or
+        materialised once for all layers (in `kv`'s scratch column: the Q-stream then reads a
+        detached view, so that writing the scores does not drag its K/V into autograd)."""
+        if not plan.guided:
+            return kv, None
+        aa, guidance = self.adaptive_adjustment, self.config.guidance
+        rows, w_bias = embed(plan.w_samples), bias.index_select(0, plan.w_samples)
+        if lazy:
+            mix = aa.leave_one_out_mix(E, plan.counts, guidance)
+            return kv, WStream(rows, w_bias, kv, plan.target, mix=mix)
+        buf = kv.buffer
+        if not buf.requires_grad:
+            kv = CrossKV(buf.detach(), kv.heads, kv.hidden)
+        kv_hat = aa.merged_kv(E, buf, plan.cu, plan.context_mode, guidance,
+                              kv_width=buf.shape[-1] - SCRATCH_COLUMNS, offsets=plan.offsets)
+        if plan.merged_rows is not None:
+            kv_hat = kv_hat.index_select(0, plan.merged_rows)
+        w_kv = CrossKV(kv_hat, kv.heads, kv.hidden)
+        return kv, WStream(rows, w_bias, w_kv, plan.target, expand=plan.fan_out, kv_rows=plan.fan_out)
 
     def _recompute_streams(self) -> bool:
         """Whether `encode_images` recomputes the Q/W-former in the backward instead of keeping its

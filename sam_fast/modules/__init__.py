@@ -1,29 +1,40 @@
-"""Building blocks of SAM, between the ops and the model."""
+"""Building blocks of SAM, between the ops and the model: the image plan of a ragged batch
+(`ImagePlan`), Part B's `AdaptiveAdjustment` and the two injections (`GuidanceIn`, `GuidanceOut`),
+and the Q-former run as two streams (`WFormer`)."""
 
-from sam_fast.modules.plans import device_tensor
-from sam_fast.modules.guidance import leave_one_out_mix, merged_context_kv, merged_context_maps
+from sam_fast.modules.plans import ImagePlan, device_tensor
+from sam_fast.modules.guidance import (
+    AdaptiveAdjustment,
+    GuidanceIn,
+    GuidanceOut,
+    leave_one_out_mix,
+    merged_context_kv,
+    merged_context_maps,
+)
 from sam_fast.modules.qformer import (
     SCRATCH_COLUMNS,
     CrossKV,
+    WFormer,
     WStream,
     attention_bias,
-    mix_in_kernel,
     project_cross_kv,
     qformer_layer,
-    run_two_streams,
 )
 
 __all__ = [
     "SCRATCH_COLUMNS",
+    "AdaptiveAdjustment",
     "CrossKV",
+    "GuidanceIn",
+    "GuidanceOut",
+    "ImagePlan",
+    "WFormer",
     "WStream",
     "attention_bias",
     "device_tensor",
     "leave_one_out_mix",
     "merged_context_kv",
     "merged_context_maps",
-    "mix_in_kernel",
     "project_cross_kv",
     "qformer_layer",
-    "run_two_streams",
 ]

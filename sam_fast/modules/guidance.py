@@ -1,8 +1,18 @@
-"""Part B, contextual semantic generation: the Adaptive Adjustment that builds the merged
-contextual features I-hat which the W-stream cross-attends to (`merged_context_maps`), or directly
-the cross-attention K/V of I-hat (`merged_context_kv`, what the model uses on CPU and in shared
-mode), or, in leave_one_out mode on the fused attention kernel, only the weights of I-hat
-(`leave_one_out_mix`): the kernel forms I-hat's K/V tiles from the images' K/V as it needs them."""
+"""Part B, contextual semantic generation, as modules:
+
+- `AdaptiveAdjustment` scores every patch of every image, ``s = Linear(D -> 1)(E)``, and merges
+  the contextual images of a sample patch by patch into I-hat with softmax weights over the images
+  (eq. 1). It is the one place the scores are computed. The W-stream needs I-hat's cross-attention
+  K/V: materialised from the images' K/V (`AdaptiveAdjustment.merged_kv`, CPU and shared mode) or,
+  in leave_one_out mode on a fused attention kernel, only the weights of I-hat
+  (`AdaptiveAdjustment.leave_one_out_mix`), the kernel forming I-hat's K/V tiles as it reads them.
+- `GuidanceIn`, the first injection: ``w <- w + guidance_in(h_i)`` before W-former layer l.
+- `GuidanceOut`, the second: ``c_i = guidance_out(w)`` after W-former layer k, added to the
+  Q-stream's input to layer k.
+
+The functions `merged_context_maps`, `merged_context_kv` and `leave_one_out_mix` are the same
+computations for any ``Linear(D, 1)``.
+"""
 
 from __future__ import annotations
 
@@ -12,128 +22,175 @@ from torch import nn
 from sam_fast.modules.plans import device_tensor
 from sam_fast.ops import context_reweight
 
+GUIDANCE_WITH_MAPS = ("adaptive", "mean")
 
-def merged_context_maps(
-    features: torch.Tensor,
-    adaptive_adjustment: nn.Linear,
-    cu_images: torch.Tensor,
-    context_mode: str,
-    guidance: str,
-) -> torch.Tensor:
-    """I-hat for every image (leave_one_out, [T, P, D]) or every sample (shared, [B, P, D]).
 
-    ``alpha_{m,j} = softmax_m(Linear(I_{m,j}))`` over the images of a sample per patch j
-    (``guidance="adaptive"``), or uniform weights (``guidance="mean"``).
+def _check_guidance(where: str, guidance: str) -> None:
+    if guidance not in GUIDANCE_WITH_MAPS:
+        raise ValueError(f"{where}: guidance={guidance!r} has no merged maps")
+
+
+class AdaptiveAdjustment(nn.Linear):
+    """Adaptive Adjustment: ``Linear(D, 1)`` scoring each patch of each image (keys ``weight``
+    [1, D], ``bias`` [1], as in the released checkpoints).
+
+    ``alpha_{m,j} = softmax_m(s_{m,j})`` over the contextual images m of a sample, per patch j,
+    and ``I-hat_j = sum_m alpha_{m,j} E_m[j]``. ``guidance="mean"`` uses uniform weights instead.
     """
-    if guidance == "adaptive":
-        weight, bias = adaptive_adjustment.weight, adaptive_adjustment.bias
-    elif guidance == "mean":
-        weight, bias = None, None
-    else:
-        raise ValueError(f"merged_context_maps: guidance={guidance!r} has no merged maps")
-    return context_reweight(features, weight, bias, cu_images, context_mode)
+
+    def __init__(self, in_features: int, **kwargs):
+        super().__init__(in_features, 1, **kwargs)
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        """s [..., P] for features E [..., P, D], in fp32 (fp64 for fp64 features)."""
+        acc = torch.promote_types(features.dtype, torch.float32)
+        # The weight is copied into fresh (allocator-aligned) memory: a memory-mapped checkpoint can
+        # leave it misaligned, and the vectorised product then rounds differently (bitwise-equal
+        # outputs for equal weights are tested).
+        w = self.weight.reshape(-1).to(acc).clone()
+        return features.to(acc) @ w + self.bias.to(acc)
+
+    def weights(self, features: torch.Tensor, guidance: str = "adaptive") -> torch.Tensor:
+        """alpha [M, P]: the weights of the M images of one merged map (features [M, P, D]),
+        softmax over the images per patch (uniform for ``guidance="mean"``)."""
+        _check_guidance("AdaptiveAdjustment.weights", guidance)
+        if guidance == "mean":
+            M, P = features.shape[:2]
+            return torch.full((M, P), 1.0 / M, dtype=torch.promote_types(features.dtype, torch.float32),
+                              device=features.device)
+        return torch.softmax(self.scores(features), dim=0)
+
+    def merged_maps(self, features: torch.Tensor, cu_images: torch.Tensor, context_mode: str,
+                    guidance: str) -> torch.Tensor:
+        """I-hat for every image (leave_one_out, [T, P, D]) or every sample (shared, [B, P, D]) of
+        the features E [T, P, D] of a ragged batch (``cu_images`` [B+1] its offsets)."""
+        _check_guidance("merged_context_maps", guidance)
+        weight, bias = (self.weight, self.bias) if guidance == "adaptive" else (None, None)
+        return context_reweight(features, weight, bias, cu_images, context_mode)
+
+    def merged_kv(self, features: torch.Tensor, kv_scratch: torch.Tensor, cu_images: torch.Tensor,
+                  context_mode: str, guidance: str, kv_width: int | None = None,
+                  offsets: list[int] | None = None) -> torch.Tensor:
+        """The cross-attention K/V of I-hat from the K/V of the images: [T, P, W] (leave_one_out)
+        or [B, P, W] (shared), merged K/V in ``[..., :C]``.
+
+        `kv_scratch` [T, P, W] holds the K/V of the features E [T, P, D] in ``[..., :C]``, C =
+        `kv_width` (default W - 1), and scratch columns after them (``project_cross_kv(...,
+        scratch=True)``); column C is overwritten with the scores ``s = Linear(E)``. `offsets`:
+        host copy of cu_images (see `context_reweight`).
+
+        Exact, not an approximation: K/V are affine in E (``K = E W_k^T + b_k``) and the weights
+        ``alpha_{m,j}`` of a merged map sum to 1 over m, so ``sum_m alpha_{m,j} K_m[j] =
+        (sum_m alpha_{m,j} E_m[j]) W_k^T + b_k``, the K of I-hat. (A one-image leave_one_out sample
+        has no weights and a zero map; it gets no W-stream row, so that row is unused.) Merging
+        the K/V instead of the features saves projecting every I-hat (one more
+        ``[P, D] x [D, n_cross*2*H]`` GEMM per merged map) for a weighted sum over a wider row;
+        ``bench_merge_kv_vs_features`` in `bench/models/bench_encode_images.py` measures both.
+
+        `context_reweight` computes its scores from its own input, so the scores ride in the scratch
+        column and a one-hot weight picks them (``s * 1 + 0 * K = s`` exactly); the gradient reaches
+        s, hence this Linear.
+        """
+        C = kv_scratch.shape[-1] - 1 if kv_width is None else kv_width
+        if not 0 <= C < kv_scratch.shape[-1]:
+            raise ValueError(f"merged_context_kv: kv_width={C} leaves no scratch column in {tuple(kv_scratch.shape)}")
+        _check_guidance("merged_context_kv", guidance)
+        if guidance == "mean":
+            return context_reweight(kv_scratch, None, None, cu_images, context_mode, offsets=offsets)
+        kv_scratch[..., C:C + 1] = self.scores(features).unsqueeze(-1).to(kv_scratch.dtype)
+        # one-hot on column C, built on the device without writing a host scalar into it (that write
+        # synchronised with the GPU, found by CUDA's sync debug mode on an H200)
+        pick = (torch.arange(kv_scratch.shape[-1], device=kv_scratch.device) == C).to(kv_scratch.dtype)
+        return context_reweight(kv_scratch, pick, None, cu_images, context_mode, offsets=offsets)
+
+    def leave_one_out_mix(self, features: torch.Tensor, counts: list[int],
+                          guidance: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The leave_one_out I-hat of every image that has contextual images, as a mixing plan over
+        the images: ``(index [Tw, M], weight [Tw, M, P])`` with M = max(counts) - 1 and Tw the images
+        of the samples with more than one image, in image order. Row j (image i of sample b) lists
+        the other images m of b in order and ``weight[j, s, p] = softmax_{m != i}(s_m[p])``
+        (``guidance="adaptive"``) or ``1 / (n_b - 1)`` (``"mean"``); unused slots point at image i
+        with weight 0. So ``I-hat_i[p] = sum_s weight[j, s, p] E_{index[j, s]}[p]``
+        (`sam_fast.ops.mix_kv`), and, as in `merged_kv`, the same weights applied to the images'
+        K/V give I-hat's K/V.
+
+        The index is built on the host from `counts` (no device sync); the weights are in fp32
+        (fp64 for fp64 features), differentiable with respect to this Linear.
+        """
+        _check_guidance("leave_one_out_mix", guidance)
+        T, P, _ = features.shape
+        if sum(counts) != T or min(counts, default=1) < 1:
+            raise ValueError(f"leave_one_out_mix: image counts {counts} do not describe the {T} images of features")
+        M = max(counts) - 1
+        dev = features.device
+        acc = torch.promote_types(features.dtype, torch.float32)
+        index, live = [], []
+        start = 0
+        for n in counts:
+            if n > 1:
+                for i in range(start, start + n):
+                    others = [m for m in range(start, start + n) if m != i]
+                    index.append(others + [i] * (M - len(others)))
+                    live.append([True] * len(others) + [False] * (M - len(others)))
+            start += n
+        if not index:
+            return (torch.zeros(0, max(M, 1), dtype=torch.long, device=dev),
+                    torch.zeros(0, max(M, 1), P, dtype=acc, device=dev))
+        index_t = device_tensor(index, dev)
+        live_t = device_tensor(live, dev, torch.bool)[:, :, None]
+        if guidance == "mean":
+            weight = live_t.to(acc) / live_t.sum(1, keepdim=True).to(acc)
+            return index_t, weight.expand(-1, -1, P).contiguous()
+        picked = self.scores(features).index_select(0, index_t.reshape(-1)).view(*index_t.shape, P)
+        return index_t, torch.softmax(picked.masked_fill(~live_t, float("-inf")), dim=1)
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> "AdaptiveAdjustment":
+        """`linear` itself when it is one, else an AdaptiveAdjustment sharing its weight and bias
+        (gradients reach `linear`'s parameters)."""
+        if isinstance(linear, cls):
+            return linear
+        if linear.out_features != 1:
+            raise ValueError(f"AdaptiveAdjustment: need a Linear(D, 1), got out_features={linear.out_features}")
+        view = cls.__new__(cls)
+        nn.Module.__init__(view)
+        view.in_features, view.out_features = linear.in_features, 1
+        view.weight, view.bias = linear.weight, linear.bias
+        return view
 
 
-def merged_context_kv(
-    features: torch.Tensor,
-    kv_scratch: torch.Tensor,
-    adaptive_adjustment: nn.Linear,
-    cu_images: torch.Tensor,
-    context_mode: str,
-    guidance: str,
-    kv_width: int | None = None,
-    offsets: list[int] | None = None,
-) -> torch.Tensor:
-    """The cross-attention K/V of I-hat from the K/V of the images: [T, P, W] (leave_one_out)
-    or [B, P, W] (shared), merged K/V in ``[..., :C]``.
+class GuidanceIn(nn.Linear):
+    """The first injection, H -> H (zero-initialised by the model): before W-former layer l the
+    W-stream gets the initial visual tokens h_i of its image, ``w <- w + guidance_in(h_i)``."""
 
-    `kv_scratch` [T, P, W] holds the K/V of the features E [T, P, D] in ``[..., :C]``, C =
-    `kv_width` (default W - 1), and scratch columns after them (``project_cross_kv(...,
-    scratch=True)``); column C is overwritten with the Adaptive Adjustment scores ``s = Linear(E)``.
-    `offsets`: host copy of cu_images (see `context_reweight`).
-
-    Exact, not an approximation: K/V are affine in E (``K = E W_k^T + b_k``) and the weights
-    ``alpha_{m,j}`` of a merged map sum to 1 over m, so ``sum_m alpha_{m,j} K_m[j] =
-    (sum_m alpha_{m,j} E_m[j]) W_k^T + b_k``, the K of I-hat. (A one-image leave_one_out sample
-    has no weights and a zero map; it gets no W-stream row, so that row is unused.)
-
-    Why the K/V and not the 1408-wide features: merging the features and then projecting I-hat
-    costs one more ``[P, D] x [D, n_cross*2*H]`` GEMM per merged map (the K/V projections are 36 %
-    of a Q-former pass at the real sizes); merging the K/V is a memory-bound weighted sum over a 6.5x wider
-    row. Measured (``bench_merge_kv_vs_features`` in `bench/models/bench_encode_images.py`, real
-    sizes, B=2, N=4, fp32, 2-core dev CPU under load, 2026-11-22): K/V 31 ms vs features + projection
-    457 ms in shared mode, 71 ms vs 1312 ms in leave_one_out.
-
-    `context_reweight` computes its scores from its own input, so the scores ride in the scratch
-    column and a one-hot weight picks them (``s * 1 + 0 * K = s`` exactly); the gradient reaches
-    s, hence the Adaptive Adjustment Linear.
-    """
-    C = kv_scratch.shape[-1] - 1 if kv_width is None else kv_width
-    if not 0 <= C < kv_scratch.shape[-1]:
-        raise ValueError(f"merged_context_kv: kv_width={C} leaves no scratch column in {tuple(kv_scratch.shape)}")
-    if guidance == "mean":
-        return context_reweight(kv_scratch, None, None, cu_images, context_mode, offsets=offsets)
-    if guidance != "adaptive":
-        raise ValueError(f"merged_context_kv: guidance={guidance!r} has no merged maps")
-    acc = torch.promote_types(features.dtype, torch.float32)
-    # The weight is copied into fresh (allocator-aligned) memory: a memory-mapped checkpoint can
-    # leave it misaligned, and the vectorised product then rounds differently (bitwise-equal
-    # outputs for equal weights are tested).
-    w = adaptive_adjustment.weight.reshape(-1).to(acc).clone()
-    scores = (features.to(acc) @ w + adaptive_adjustment.bias.to(acc)).unsqueeze(-1)
-    kv_scratch[..., C:C + 1] = scores.to(kv_scratch.dtype)
-    # one-hot on column C, built on the device without writing a host scalar into it (that write
-    # synchronised with the GPU, found by CUDA's sync debug mode on an H200)
-    pick = (torch.arange(kv_scratch.shape[-1], device=kv_scratch.device) == C).to(kv_scratch.dtype)
-    return context_reweight(kv_scratch, pick, None, cu_images, context_mode, offsets=offsets)
+    def inject(self, w: torch.Tensor, h_i: torch.Tensor) -> torch.Tensor:
+        """``w + guidance_in(h_i)``, both [R, Q+L, H]."""
+        return w + self(h_i)
 
 
-def leave_one_out_mix(
-    features: torch.Tensor,
-    adaptive_adjustment: nn.Linear,
-    counts: list[int],
-    guidance: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The leave_one_out I-hat of every image that has contextual images, as a mixing plan over
-    the images: ``(index [Tw, M], weight [Tw, M, P])`` with M = max(counts) - 1 and Tw the images
-    of the samples with more than one image, in image order. Row j (image i of sample b) lists
-    the other images m of b in order and ``weight[j, s, p] = softmax_{m != i}(s_m[p])`` with
-    ``s = Linear(E)`` (``guidance="adaptive"``) or ``1 / (n_b - 1)`` (``"mean"``); unused slots
-    point at image i with weight 0. So ``I-hat_i[p] = sum_s weight[j, s, p] E_{index[j, s]}[p]``
-    (`sam_fast.ops.mix_kv`), equal to `context_reweight(..., "leave_one_out")`, and, as in
-    `merged_context_kv`, the same weights applied to the images' K/V give I-hat's K/V.
+class GuidanceOut(nn.Linear):
+    """The second injection, H -> H (zero-initialised by the model): after W-former layer k the
+    contextual semantics ``c_i = guidance_out(w)`` are added to the Q-stream's input to layer k."""
 
-    The index is built on the host from `counts` (no device sync); the scores are computed in
-    fp32 (fp64 for fp64 features) and the weights are returned in that dtype, differentiable
-    with respect to the Adaptive Adjustment Linear.
-    """
-    if guidance not in ("adaptive", "mean"):
-        raise ValueError(f"leave_one_out_mix: guidance={guidance!r} has no merged maps")
-    T, P, _ = features.shape
-    if sum(counts) != T or min(counts, default=1) < 1:
-        raise ValueError(f"leave_one_out_mix: image counts {counts} do not describe the {T} images of features")
-    M = max(counts) - 1
-    dev = features.device
-    acc = torch.promote_types(features.dtype, torch.float32)
-    index, live = [], []
-    start = 0
-    for n in counts:
-        if n > 1:
-            for i in range(start, start + n):
-                others = [m for m in range(start, start + n) if m != i]
-                index.append(others + [i] * (M - len(others)))
-                live.append([True] * len(others) + [False] * (M - len(others)))
-        start += n
-    if not index:
-        return (torch.zeros(0, max(M, 1), dtype=torch.long, device=dev),
-                torch.zeros(0, max(M, 1), P, dtype=acc, device=dev))
-    index_t = device_tensor(index, dev)
-    live_t = device_tensor(live, dev, torch.bool)[:, :, None]
-    if guidance == "mean":
-        weight = live_t.to(acc) / live_t.sum(1, keepdim=True).to(acc)
-        return index_t, weight.expand(-1, -1, P).contiguous()
-    w = adaptive_adjustment.weight.reshape(-1).to(acc)
-    scores = features.to(acc) @ w + adaptive_adjustment.bias.to(acc)  # [T, P]
-    picked = scores.index_select(0, index_t.reshape(-1)).view(*index_t.shape, P)
-    weight = torch.softmax(picked.masked_fill(~live_t, float("-inf")), dim=1)
-    return index_t, weight
+    def inject(self, x: torch.Tensor, target: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x [T, Q+L, H] with ``c_i = guidance_out(w[j])`` added to row ``target[j]`` (w [Tw, Q+L, H])."""
+        return x.index_add(0, target, self(w).to(x.dtype))  # (autocast: c_i may be half precision)
+
+
+def merged_context_maps(features, adaptive_adjustment: nn.Linear, cu_images, context_mode: str,
+                        guidance: str) -> torch.Tensor:
+    """`AdaptiveAdjustment.merged_maps` for any ``Linear(D, 1)``."""
+    return AdaptiveAdjustment.of(adaptive_adjustment).merged_maps(features, cu_images, context_mode, guidance)
+
+
+def merged_context_kv(features, kv_scratch, adaptive_adjustment: nn.Linear, cu_images, context_mode: str,
+                      guidance: str, kv_width: int | None = None, offsets: list[int] | None = None) -> torch.Tensor:
+    """`AdaptiveAdjustment.merged_kv` for any ``Linear(D, 1)``."""
+    return AdaptiveAdjustment.of(adaptive_adjustment).merged_kv(features, kv_scratch, cu_images, context_mode,
+                                                                guidance, kv_width, offsets)
+
+
+def leave_one_out_mix(features, adaptive_adjustment: nn.Linear, counts: list[int],
+                      guidance: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`AdaptiveAdjustment.leave_one_out_mix` for any ``Linear(D, 1)``."""
+    return AdaptiveAdjustment.of(adaptive_adjustment).leave_one_out_mix(features, counts, guidance)

@@ -1,15 +1,16 @@
-"""The frozen Q-former run as two streams in one batch: the Q-stream (Part A) and the W-stream
-(the W-former of Part B, the same layers a second time over merged contextual maps I-hat).
+"""The frozen Q-former run as two streams in one batch (`WFormer`): the Q-stream (Part A) and
+the W-stream (the W-former of Part B, the same layers a second time over merged contextual maps
+I-hat), with the two injections at the interaction layers (l, k).
 
-The parameters stay in HF's `InstructBlipQFormerModel` (so checkpoints load by key); this module
-runs its layers functionally so that
+The parameters stay in HF's `InstructBlipQFormerModel` (so checkpoints load by key); the layers
+run functionally here so that
 
 - both streams share every layer's launches (their rows are one batch, except at layer k where
   the Q-stream needs c_i from the W-stream's output of that same layer);
 - the cross-attention K/V of *all* cross-attention layers are projected once per image, in one
   GEMM ``[T*P, D] x [D, n_cross*2*H]`` (`project_cross_kv`); the W-stream's K/V are the Q-stream's
-  re-weighted (`sam_fast.modules.guidance.merged_context_kv`), so I-hat is never projected;
-- attention goes through `sam_fast.ops.cross_attention` (SDPA or the fused Triton kernel).
+  re-weighted (`sam_fast.modules.guidance.AdaptiveAdjustment`), so I-hat is never projected;
+- attention goes through `sam_fast.ops.cross_attention`, which picks its own backend.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sam_fast.ops import cross_attention, cross_attention_streams, streams_backend
+from sam_fast.ops import cross_attention, cross_attention_streams
+from sam_fast.ops.cross_attention import mixes_in_kernel
 
 
 def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -108,17 +110,6 @@ def project_cross_kv(layers, features: torch.Tensor, scratch: bool = False) -> C
     return CrossKV(buf, first.num_attention_heads, first.all_head_size)
 
 
-def mix_in_kernel(layers, dtype: torch.dtype, device: torch.device, training: bool = False) -> bool:
-    """Whether the leave_one_out W-stream's K/V can be formed inside the attention kernel
-    (`WStream.mix`): true where `cross_attention_streams` takes the fused Triton backend for
-    cross-attention K/V of this dtype and device (CUDA, no attention dropout). Elsewhere the
-    reference backend would materialise the mixed K/V layer by layer, slower on CPU than merging
-    all layers at once with the C++ re-weighting kernel (`merged_context_kv`)."""
-    att = cross_layers(layers)[0].crossattention.attention
-    p = att.attention_dropout if training else 0.0
-    return streams_backend(att.num_attention_heads, att.attention_head_size, dtype, device, p, mixed=True) == "triton"
-
-
 # -- one layer --------------------------------------------------------------------------------
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -146,8 +137,8 @@ def cross_attention_block(attn: nn.Module, qrows: torch.Tensor, kv_streams) -> t
     `kv_streams` is ``[(k, v)]`` or ``[(k, v), (k2, v2, rows2[, mix])]``: the first ``k.shape[0]``
     rows of `qrows` (the Q-stream; may be none) attend to (k, v) row by row, the others (the
     W-stream) to (k2, v2) rows ``rows2`` (None: row by row) or to the K/V mixed from them by
-    ``mix`` (`cross_attention_streams`). One query projection, one attention call (one launch on
-    the Triton backend) and one output projection serve both streams."""
+    ``mix`` (`cross_attention_streams`). One query projection, one attention call (one kernel
+    launch where the op fuses the streams) and one output projection serve both streams."""
     mha = attn.attention
     q = _heads(mha.query(qrows), mha.num_attention_heads)
     p = mha.attention_dropout if mha.training else 0.0
@@ -214,66 +205,98 @@ class WStream:
     mix: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
-def run_two_streams(
-    layers,
-    hidden: torch.Tensor,
-    self_bias: torch.Tensor,
-    kv: CrossKV,
-    w_stream: WStream | None,
-    guidance_in: nn.Module,
-    guidance_out: nn.Module,
-    interaction_layers: tuple[int, int],
-    query_length: int,
-) -> torch.Tensor:
-    """Run the Q-stream and the W-stream through the Q-former layers with the two injections.
+class _WRows:
+    """The W-stream's rows while it runs (a `WStream` is an input and is never mutated: a
+    recomputing backward runs the streams again from it)."""
 
-    `hidden` [T, Q+L, H], `self_bias` and `kv` are the Q-stream (one row per image, cross-attending
-    to its own features E_i); `w_stream` the W-stream (None: no guidance). With (l, k) 1-based:
+    def __init__(self, ws: WStream, q_bias: torch.Tensor):
+        self.ws, self.q_bias = ws, q_bias
+        self.hidden, self.bias, self.kv_rows = ws.hidden, ws.self_bias, None
+        self.both_bias = torch.cat([q_bias, self.bias])
 
-    - before layer l: ``w <- w + guidance_in(h_i)``, h_i the Q-stream input to layer l (rows
-      deduplicated per sample are expanded to one per image first);
-    - after W-stream layer k: ``c_i = guidance_out(w)``; the Q-stream input to layer k gets
-      ``x <- x + c_i`` before Q-stream layer k runs; the W-stream ends there.
+    def fan_out(self) -> None:
+        """At layer l: one row per guided image from here on (shared mode's dedup rows expand)."""
+        if self.ws.expand is not None:
+            self.hidden = self.hidden.index_select(0, self.ws.expand)
+            self.bias = self.bias.index_select(0, self.ws.expand)
+            self.both_bias = torch.cat([self.q_bias, self.bias])
+        self.kv_rows = self.ws.kv_rows
 
-    Layers before k run both streams in one batch. Returns the Q query rows of the Q-stream
-    output [T, Q, H] (the last layer skips the text rows, which nothing reads).
+    def kv(self, c: int):
+        """(k2, v2, rows2, mix) of cross layer c, the second entry of `cross_attention_block`'s streams."""
+        return (*self.ws.kv.layer(c), self.kv_rows, self.ws.mix)
+
+
+class WFormer(nn.Module):
+    """The frozen Q-former as two streams: the Q-stream (Part A, one row per image, cross-attending
+    to its own features E_i) and the W-stream, the W-former of Part B (one row per guided image,
+    cross-attending to I-hat). With the interaction layers (l, k), 1-based:
+
+    - before layer l: ``w <- w + guidance_in(h_i)`` (`GuidanceIn`), h_i the Q-stream input to
+      layer l (shared mode's rows deduplicated per sample fan out to one per image first);
+    - after W-stream layer k: ``c_i = guidance_out(w)`` (`GuidanceOut`) is added to the Q-stream
+      input to layer k before Q-stream layer k runs; the W-stream ends there.
+
+    Layers before k run both streams in one batch. It holds references to the model's Q-former
+    and injection modules, registered on the model (no parameter of its own, no state-dict key);
+    (l, k) and the query length are read from the model config.
     """
-    l, k = interaction_layers
-    n_layers = len(layers)
-    T = hidden.shape[0]
-    x, w = hidden, None
-    if w_stream is not None:
-        ws = w_stream
-        w, w_bias, w_kv_rows = ws.hidden, ws.self_bias, None
-        both_bias = torch.cat([self_bias, w_bias])
-    c = 0
-    for n, layer in enumerate(layers, start=1):
-        last = n == n_layers
-        if w is not None and n == l:
-            if ws.expand is not None:
-                w = w.index_select(0, ws.expand)
-                w_bias = w_bias.index_select(0, ws.expand)
-                both_bias = torch.cat([self_bias, w_bias])
-            w_kv_rows = ws.kv_rows
-            h_i = x.index_select(0, ws.target)  # initial visual tokens: Q-stream input to layer l
-            w = w + guidance_in(h_i)
-        q_kv = w_kv = None
-        if layer.has_cross_attention:
-            q_kv = kv.layer(c)
-            if w is not None:
-                w_kv = (*ws.kv.layer(c), w_kv_rows, ws.mix)  # (k2, v2, rows2, mix)
-            c += 1
-        if w is not None and n < k:
-            streams = [q_kv, w_kv] if q_kv is not None else []
-            out = qformer_layer(layer, torch.cat([x, w]), both_bias, streams, query_length)
-            x, w = out[:T], out[T:]
-        elif w is not None:  # n == k: the W-stream alone, then the Q-stream with c_i
-            streams = _w_alone(w_kv) if w_kv is not None else []
-            w = qformer_layer(layer, w, w_bias, streams, query_length)
-            c_i = guidance_out(w)  # contextual semantics
-            x = x.index_add(0, ws.target, c_i.to(x.dtype))  # (autocast: c_i may be half precision)
-            w = None
-            x = qformer_layer(layer, x, self_bias, [q_kv] if q_kv else [], query_length, queries_only=last)
-        else:
-            x = qformer_layer(layer, x, self_bias, [q_kv] if q_kv else [], query_length, queries_only=last)
-    return x[:, :query_length]
+
+    def __init__(self, qformer: nn.Module, guidance_in: nn.Module, guidance_out: nn.Module, config):
+        super().__init__()
+        self._parts = (qformer, guidance_in, guidance_out)  # a tuple: not registered twice
+        self._config = config
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The Q-former layers (shared by both streams)."""
+        return self._parts[0].encoder.layer
+
+    @property
+    def interaction_layers(self) -> tuple[int, int]:
+        """(l, k), 1-based: where guidance enters the W-stream and where it leaves it."""
+        l, k = self._config.interaction_layers
+        return l, k
+
+    @property
+    def query_length(self) -> int:
+        """Q, the query tokens per row."""
+        return self._config.num_query_tokens
+
+    def mixes_in_kernel(self, dtype: torch.dtype, device, training: bool = False) -> bool:
+        """Whether the cross-attention op forms a mixing plan's K/V inside its kernel for these
+        layers (then the leave_one_out W-stream's K/V stay lazy; else they are merged once)."""
+        att = cross_layers(self.layers)[0].crossattention.attention
+        p = att.attention_dropout if training else 0.0
+        return mixes_in_kernel(att.num_attention_heads, att.attention_head_size, dtype, device, p)
+
+    def project_kv(self, features: torch.Tensor, scratch: bool = False) -> CrossKV:
+        """K/V of every cross-attention layer for features E [T, P, D] (`project_cross_kv`)."""
+        return project_cross_kv(self.layers, features, scratch)
+
+    def forward(self, hidden: torch.Tensor, self_bias: torch.Tensor, kv: CrossKV,
+                w_stream: WStream | None = None) -> torch.Tensor:
+        """Q-stream rows `hidden` [T, Q+L, H] with `self_bias` [T, 1, 1, Q+L] and K/V `kv` (one
+        row per image), W-stream `w_stream` (None: no guidance) -> the Q query rows of the
+        Q-stream output [T, Q, H] (the last layer skips the text rows, which nothing reads)."""
+        _, guidance_in, guidance_out = self._parts
+        (l, k), Q, T = self.interaction_layers, self.query_length, hidden.shape[0]
+        x, w = hidden, None if w_stream is None else _WRows(w_stream, self_bias)
+        c, last = 0, len(self.layers)
+        for n, layer in enumerate(self.layers, start=1):
+            if w is not None and n == l:
+                w.fan_out()
+                w.hidden = guidance_in.inject(w.hidden, x.index_select(0, w.ws.target))  # h_i
+            q_kv = w_kv = None
+            if layer.has_cross_attention:
+                q_kv, w_kv = kv.layer(c), (w.kv(c) if w is not None else None)
+                c += 1
+            if w is not None and n < k:  # both streams in one batch
+                out = qformer_layer(layer, torch.cat([x, w.hidden]), w.both_bias, [q_kv, w_kv] if q_kv else [], Q)
+                x, w.hidden = out[:T], out[T:]
+                continue
+            if w is not None:  # n == k: the W-stream alone, then the Q-stream with c_i
+                w_out = qformer_layer(layer, w.hidden, w.bias, _w_alone(w_kv) if w_kv else [], Q)
+                x, w = guidance_out.inject(x, w.ws.target, w_out), None
+            x = qformer_layer(layer, x, self_bias, [q_kv] if q_kv else [], Q, queries_only=n == last)
+        return x[:, :Q]

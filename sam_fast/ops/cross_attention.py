@@ -444,6 +444,22 @@ def streams_backend(heads: int, head_dim: int, dtype: torch.dtype, device, dropo
                            mix=mix).name
 
 
+def mixes_in_kernel(heads: int, head_dim: int, dtype: torch.dtype, device, dropout_p: float = 0.0) -> bool:
+    """Whether `cross_attention_streams` forms the K/V of a mixing plan inside its kernel for K/V
+    of `heads` x `head_dim` in `dtype` on `device` (lazy: never materialised). Where it does not,
+    it would materialise them layer by layer (`mix_kv`); a caller that can merge the K/V of all
+    layers at once, as the model does, should do that instead and pass plain K/V."""
+    return streams_backend(heads, head_dim, dtype, device, dropout_p, mixed=True) == "triton"
+
+
+def mixed_kv_schedule(heads: int, head_dim: int, dtype: torch.dtype, device) -> str:
+    """How a mixing plan's K/V are formed for these K/V on `device`, in words (``sam-fast env``)."""
+    if mixes_in_kernel(heads, head_dim, dtype, device):
+        return "formed inside the fused attention kernel (never materialised)"
+    backend = streams_backend(heads, head_dim, dtype, device, mixed=True)
+    return f"materialised once per batch by context_reweight (attention backend: {backend})"
+
+
 def _validate_mix(mix, n2, key2):
     if not (isinstance(mix, (tuple, list)) and len(mix) == 2):
         raise ValueError("cross_attention_streams: mix must be (index [R2, M], weight [R2, M, Lk])")

@@ -8,8 +8,9 @@ the features again, I-hat included): 2N full passes per sample. Within a pass, l
 W-stream then the Q-stream, so that h_i (Q-stream input to layer l) exists when the W-stream needs
 it and c_i (W-stream output of layer k) exists when the Q-stream needs it.
 
-Same parameters and same results as `sam_fast.reference.reference_encode_images`; it shares no
-code with the fast path (no `sam_fast.ops`, no `sam_fast.modules`).
+Same parameters and same results as `sam_fast.reference.reference_encode_images`; apart from the
+patch scores (`AdaptiveAdjustment.scores`) it shares no code with the fast path (no
+`sam_fast.ops`, no batched streams).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def _merged_maps(E: torch.Tensor, j: int, adaptive_adjustment, context_mode: str
     if guidance == "mean":
         scores = torch.zeros(ctx.shape[:2], dtype=torch.float32, device=E.device)
     else:
-        scores = adaptive_adjustment(ctx.float()).squeeze(-1)  # [M, P]
+        scores = adaptive_adjustment.scores(ctx)  # [M, P]
     alpha = torch.softmax(scores, dim=0).unsqueeze(-1)
     return (alpha * ctx.float()).sum(0).to(E.dtype)
 

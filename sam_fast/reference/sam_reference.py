@@ -1,8 +1,10 @@
 """Reference SAM image encoding: a loop over samples and images, merged maps materialised
 image by image from eq. (1), HF `InstructBlipQFormerLayer`s called as they are.
 
-It reads the parameters of a `sam_fast.SAM` but shares none of its code paths (no
-`sam_fast.ops`, no `sam_fast.modules`), so comparing the two tests the fast path.
+It reads the parameters of a `sam_fast.SAM` and takes the patch scores from its Adaptive
+Adjustment (`AdaptiveAdjustment.scores`, the one definition of ``s = Linear(E)``) but shares none
+of the fast path's schedule (no `sam_fast.ops`, no plan, no batched streams), so comparing the
+two tests the fast path.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ def reference_merged_map(E: torch.Tensor, i: int, adaptive_adjustment, context_m
     if guidance == "mean":
         scores = torch.zeros(ctx.shape[:2], dtype=ctx.dtype, device=ctx.device)
     else:
-        scores = torch.stack([adaptive_adjustment(ctx[m]).squeeze(-1) for m in range(len(members))])  # [M, P]
+        scores = torch.stack([adaptive_adjustment.scores(ctx[m]) for m in range(len(members))])  # [M, P]
     alpha = torch.softmax(scores, dim=0)
     merged = sum(alpha[m].unsqueeze(-1) * ctx[m] for m in range(len(members)))
     return merged.to(E.dtype)
