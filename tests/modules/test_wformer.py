@@ -67,3 +67,22 @@ def test_injections_follow_the_formulas():
     assert out.dtype == torch.float32 and out[1].abs().max() == 0
     torch.testing.assert_close(out[2], c[0].float())
     torch.testing.assert_close(out[0], c[1].float())
+
+
+def test_the_op_decides_where_mixed_kv_are_formed(monkeypatch):
+    """The model never names a backend: it asks the cross-attention op, which answers from its own
+    dispatch (forced onto the kernel under the interpreter here, when Triton is importable)."""
+    import importlib
+
+    import pytest
+
+    ca = importlib.import_module("sam_fast.ops.cross_attention")
+    assert "materialised once per batch" in ca.mixed_kv_schedule(12, 64, torch.float32, "cpu")
+    if ca._triton_import_error() is not None:
+        pytest.skip("triton kernels not importable here")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(ca, "_interpreter_allowed", lambda: True)
+    model = tiny_sam()
+    assert ca.mixes_in_kernel(12, 64, torch.float32, "cpu") and model.w_former.mixes_in_kernel(torch.float32, "cpu")
+    assert "inside the fused attention kernel" in ca.mixed_kv_schedule(12, 64, torch.float32, "cpu")
+    assert not ca.mixes_in_kernel(12, 64, torch.float32, "cpu", dropout_p=0.1)  # the kernel has no dropout
