@@ -183,8 +183,10 @@ class SAM(InstructBlipPreTrainedModel):
     """SAM as a transformers `PreTrainedModel` (state-dict compatible with HF InstructBLIP).
 
     Attributes (HF InstructBLIP's names plus SAM's three modules): ``vision_model``, ``query_tokens`` [1, Q, 768], ``qformer``,
-    ``adaptive_adjustment`` (Linear(D, 1)), ``guidance_in``, ``guidance_out`` (Linear(768, 768),
-    zero-initialised), ``language_projection`` (Linear(768, llm_hidden)), ``language_model``.
+    ``adaptive_adjustment`` (`AdaptiveAdjustment`, Linear(D, 1)), ``guidance_in``, ``guidance_out``
+    (`GuidanceIn` / `GuidanceOut`, Linear(768, 768), zero-initialised), ``language_projection``
+    (Linear(768, llm_hidden)), ``language_model``; ``w_former`` (`WFormer`) runs the Q-former's
+    layers as Q-stream and W-stream and holds no parameter of its own.
     Only the last four (``TRAINABLE_MODULES``) require grad.
     """
 
@@ -379,14 +381,15 @@ class SAM(InstructBlipPreTrainedModel):
         Returns:
             [T, Q, llm_hidden] visual tokens, image order as given.
 
-        Schedule (equal to the per-image reference `sam_fast.reference.reference_encode_images`):
-        embeddings once per sample; the K/V of every cross-attention layer projected once per
-        image in one GEMM; the W-stream's K/V re-weighted from those (I-hat is never projected;
-        in leave_one_out mode on the fused attention kernel they are not even materialised: the
-        kernel weights the other images' K/V tiles as it reads them);
-        Q-stream and W-stream rows batched in every layer up to k; in shared mode the W-stream
-        layers before l run once per sample (so in training those layers draw one dropout mask
-        per sample instead of one per image).
+        Steps (equal to the per-image reference `sam_fast.reference.reference_encode_images`):
+        features E -> `ImagePlan` (built once on the host from the counts) -> [query tokens ;
+        instruction] embeddings, once per sample -> the K/V of every cross-attention layer, once
+        per image in one GEMM (Part A) -> the W-stream: I-hat's K/V merged from those by the
+        `AdaptiveAdjustment` (I-hat is never projected; where the attention op forms mixed K/V in
+        its kernel, leave_one_out's are not even materialised) -> `WFormer`: Q-stream and W-stream
+        rows batched in every layer up to k, with the two injections -> `language_projection`.
+        In shared mode the W-stream layers before l run once per sample (so in training those
+        layers draw one dropout mask per sample instead of one per image).
         """
         cfg = self.config
         E = self._image_features(pixel_values, image_features)

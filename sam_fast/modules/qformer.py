@@ -102,7 +102,7 @@ class CrossKV:
 def project_cross_kv(layers, features: torch.Tensor, scratch: bool = False) -> CrossKV:
     """K/V of all cross-attention layers for image features E [T, P, D] in one GEMM
     ``[T*P, D] x [D, n_cross*2*H]``. ``scratch=True`` appends `SCRATCH_COLUMNS` zero columns (zero
-    weight rows in the same GEMM); `merged_context_kv` puts the Adaptive Adjustment scores there."""
+    weight rows in the same GEMM); `AdaptiveAdjustment.merged_kv` puts the Adaptive Adjustment scores there."""
     weight, bias = cross_kv_weight(layers, scratch)
     T, P, D = features.shape
     buf = F.linear(features.reshape(T * P, D), weight, bias).view(T, P, -1)
