@@ -208,8 +208,10 @@ def qwformer_flops(config: SAMConfig, shapes: Sequence[SampleShape], schedule: s
     modules): the Q-stream from layer k on (where ``c_i`` enters), the W-stream through every
     layer up to k when the Adaptive Adjustment is trained (its softmax weights reach every
     cross-attention layer's K/V), else from layer l on; sam_fast's batched layers before k take
-    their Q-stream rows through the backward too (one batch). ``attention_core=False`` leaves out
-    the attention products (scores, weights x values).
+    their Q-stream rows through the backward too (one batch). With ``config.recompute_qformer``
+    (sam_fast's default) the backward also runs the two streams' forward again (the K/V
+    projection, merged K/V and scores are kept). ``attention_core=False`` leaves out the attention
+    products (scores, weights x values).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}")
@@ -247,18 +249,22 @@ def qwformer_flops(config: SAMConfig, shapes: Sequence[SampleShape], schedule: s
     q_fwd = layers(1, n_layers - 1) + cost(cross[-1], text_ffn=last_text) + n_cross * kv_proj
     q_bwd = layers(k, n_layers - 1, backward=True) * (k < n_layers) \
         + cost(cross[-1], text_ffn=last_text, backward=True)
-    fwd = bwd = 0.0
+    q_streams = q_fwd - n_cross * kv_proj  # what runs inside the two streams (K/V projected before)
+    fwd = bwd = streams = 0.0
     for sh in shapes:
         N = sh.images
         guided = config.guidance != "none" and (shared or N > 1)
         fwd += N * q_fwd
         bwd += N * q_bwd
+        streams += N * q_streams
         if guided:
             ctx = N if shared else N - 1  # images merged into one I-hat
             first = 1 if adaptive else l
             if schedule == "sam_fast":
                 w_rows_before_l = 1 if shared else N
-                fwd += w_rows_before_l * layers(1, l - 1) + N * layers(l, k)
+                w_layers = w_rows_before_l * layers(1, l - 1) + N * layers(l, k)
+                fwd += w_layers
+                streams += w_layers
                 fwd += (1 if shared else N) * n_cross_k * 2 * ctx * P * 2 * H  # I-hat K/V from the images' K/V
                 fwd += 2 * N * P * Dv  # Adaptive Adjustment scores
                 # layers first..k-1 ran as one batch with the Q-stream rows: all of it goes backward
@@ -272,10 +278,13 @@ def qwformer_flops(config: SAMConfig, shapes: Sequence[SampleShape], schedule: s
                     bwd += N * n_cross_k * kv_proj  # gradient into I-hat through its K/V projection
             rows_in = N * (Q + L)
             fwd += 2 * 2 * rows_in * H * H  # guidance_in, guidance_out
+            streams += 2 * 2 * rows_in * H * H
             bwd += 2 * 2 * rows_in * H * H + 2 * rows_in * H * H  # weight grads of both, input grad of one
         proj = 2 * N * Q * H * Hl
         fwd += proj
         bwd += 2 * proj if guided else proj  # weight gradient (+ input gradient toward c_i)
+    if schedule == "sam_fast" and getattr(config, "recompute_qformer", False) and config.guidance != "none":
+        bwd += streams  # the two streams run again in the backward (SAMConfig.recompute_qformer)
     return {"forward": float(fwd), "backward": float(bwd)}
 
 

@@ -48,7 +48,8 @@ def test_scaled_flop_shares_within_5_points_of_the_7b(schedule, seed):
     for part in PARTS:
         assert abs(big[part] - small[part]) < 0.05, (part, big[part], small[part])
     assert big["llm_forward"] + big["llm_backward"] > 0.75  # the LLM dominates a real step
-    assert 0.10 < big["vit"] < 0.20 and big["qwformer"] < 0.05
+    # the Q/W-former is a few % of a real step (sam_fast's recomputation of the streams included)
+    assert 0.10 < big["vit"] < 0.20 and big["qwformer"] < 0.06
 
 
 def test_7b_vit_forward_is_about_half_a_teraflop_per_image():
