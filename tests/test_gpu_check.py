@@ -22,7 +22,7 @@ def _run(tmp_path, *extra, sections=None):
     cmd = [sys.executable, str(SCRIPT), "--dry-run", "--out", str(tmp_path), *extra]
     if sections:
         cmd += ["--sections", sections]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     reports = sorted(tmp_path.glob("gpu_check-*.json"))
     assert len(reports) == 1, p.stdout[-2000:] + p.stderr[-2000:]
     return p, json.loads(reports[0].read_text()), reports[0]
@@ -68,7 +68,7 @@ def test_a_failed_correctness_check_fails_the_run(tmp_path, how, monkeypatch):
         env = dict(os.environ)
         p = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(tmp_path),
                             "--sections", "model_checks"], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=180)
+                           timeout=600)
         report = json.loads(next(tmp_path.glob("gpu_check-*.json")).read_text())
     assert p.returncode == 1, p.stdout[-2000:]
     assert report["passed"] is False and report["sections"]["model_checks"]["status"] == "failed"
