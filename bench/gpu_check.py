@@ -698,6 +698,7 @@ def _bench_7b(sec: Section, device, dry: bool, timer: Timer) -> dict:
     new = 4 if dry else 32
     # hf_static: HF's fixed-shape KV cache, whose decoding step HF's generate compiles on a GPU
     # (the warm-up call pays the compilation); its ids must equal the dynamic cache's
+    hf_ids = None
     for mode, need in (("hf", 15), ("lavis", 15), ("hf_static", 90)):
         if not dry and sec.remaining() < need:
             res[f"generate_{mode}"] = "skipped: budget"
@@ -715,7 +716,7 @@ def _bench_7b(sec: Section, device, dry: bool, timer: Timer) -> dict:
         res[f"generate_{mode}"] = {"ms": round(ms, 1), "new_tokens": made, "tokens_per_s": round(made / ms * 1e3, 1)}
         if mode == "hf":
             hf_ids = out[-1]
-        elif mode == "hf_static" and "hf_ids" in locals():
+        elif mode == "hf_static" and hf_ids is not None:
             res[f"generate_{mode}"]["same_ids_as_hf"] = bool(torch.equal(out[-1], hf_ids))
     del model, prompts, batch
     gc.collect()
