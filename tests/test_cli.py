@@ -409,3 +409,80 @@ def test_metrics_json_records_model_generation_version_and_commit(dirs, trained,
     assert main(["generate", "--model", str(trained), "--images", img, "--prompt", "what?", "--device", "cpu",
                  "--num-beams", "1", "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().out.endswith("\n")
+
+
+# `sam-fast [CMD] --help` as it read before build_parser was split into one function per command
+# (sha256 of the text printed at COLUMNS=100); a change of any option, help text or choice changes these.
+HELP_COMMANDS = ["", "train", "generate", "eval", "cache-features", "explain", "bench", "env", "demo", "synthesize"]
+HELP_SHA256_PY311 = {
+    '': 'e0b5b1ae8e26990936e615704fe5b132209775ff044da95bb9f20d2de1220f41',
+    'train': '0cb0e471ef2dbc62cee437cdb4ad2a606e0be781bcfe648831f267303d9a78a2',
+    'generate': '183a338dba2d82fb8e5e70098ac369d18b1ecb9f951f3cd5240d86ba72ad66c0',
+    'eval': '769c35ba25ce8836888d8996842046b4d0f851162f694a79d213f334d6b07809',
+    'cache-features': 'a0221b2743f713884ae8b7c605d564e805cbd425957d77f823fe1ba2b9a33b17',
+    'explain': '66c28d58a4860ab90f447269905669e14af22f7ec2912990ba03b2a2410044a6',
+    'bench': '48e5d64bcd2bac493abfacc428a20eebd53401ba43047e2e298fd9e58e9490f1',
+    'env': '14748aebe2253064d4c9e24ec9ebd93f77f598fa083f65ede303e06c5dc26b91',
+    'demo': '9e38c10259c3eb190f83f380a98aee43d9a69e1990560b582c20c7784c0a4652',
+    'synthesize': '29291c5bd89644383816dc4b3e40087f782a9180e4b8761a6889105f789da61c',
+}
+# the same parsers described field by field (independent of argparse's layout, so checked on every Python)
+PARSER_SHA256 = {
+    '': '5bbbe93f8bb59ab2a6e61a80da6a384f304130cec993fed637915a4414a23e22',
+    'train': '21134b67941517e897b940f0f81aba3ef9c7fe66dd0f03f7065f7a01cec1bfa9',
+    'generate': 'a250bc7dcbdcf45577bbbf9bf2720c73c3c17ee41c6249584ecd5794eb62243f',
+    'eval': 'f2563938322d901b0550098d81fc01b3579933f5247f48ed3d2ecffd3f1b850d',
+    'cache-features': '701418903df36dd9ef17b0dc094285bf1073a52d8f687fc7d82eebd6638f22a5',
+    'explain': '9f8fa738f118a60565d6c2de6f26e72369ea1cdf74bdd66cea6fb74a1e6a9c08',
+    'bench': '1dd31a9207fefd638dcb99ee22792e18156de05530078731308febcb336e06af',
+    'env': '26feee10ff785e16cccf29f8888774b2e6619a18d1c18cf5af4c7eb29a13f319',
+    'demo': 'f70bbb269b0cd5bb31ab1445298cacafa3789ef340283c6e3cfb50778dde0302',
+    'synthesize': '255fd65c6be74430b337422d78c851e6073908df394eee0748094bba55f4e91d',
+}
+
+
+def _help_text(cmd: str, capsys, monkeypatch) -> str:
+    monkeypatch.setenv("COLUMNS", "100")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        main([cmd, "--help"] if cmd else ["--help"])
+    assert exc.value.code == 0
+    return capsys.readouterr().out
+
+
+def _describe(parser) -> str:
+    """Every field of `parser` and its actions that --help or parsing shows, as stable text."""
+    lines = [repr((parser.prog, parser.description, parser.epilog, parser.formatter_class.__name__))]
+    for group in parser._action_groups:
+        lines.append(repr(("group", group.title, group.description)))
+        for a in group._group_actions:
+            typ = getattr(a.type, "__name__", repr(a.type))
+            lines.append(repr((type(a).__name__, a.option_strings, a.dest, a.nargs, a.const, a.default, typ,
+                               a.choices if not isinstance(a.choices, dict) else sorted(a.choices),
+                               a.required, a.help, a.metavar)))
+    lines.append(repr(("func", getattr(parser.get_default("func"), "__name__", None))))
+    return "\n".join(lines)
+
+
+def _sha256(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="argparse lays help out differently on other Pythons; "
+                    "test_parsers_unchanged checks the same content on every version")
+@pytest.mark.parametrize("cmd", HELP_COMMANDS)
+def test_help_output_unchanged(cmd, capsys, monkeypatch):
+    text = _help_text(cmd, capsys, monkeypatch)
+    assert _sha256(text) == HELP_SHA256_PY311[cmd], f"`sam-fast {cmd} --help` changed:\n{text}"
+
+
+@pytest.mark.parametrize("cmd", HELP_COMMANDS)
+def test_parsers_unchanged(cmd):
+    parser = build_parser()
+    if cmd:
+        parser = next(a for a in parser._actions if a.dest == "command").choices[cmd]
+    text = _describe(parser)
+    assert _sha256(text) == PARSER_SHA256[cmd], f"the parser of `sam-fast {cmd}` changed:\n{text}"
