@@ -15,10 +15,11 @@ import pytest
 import torch
 import torch._dynamo as dynamo
 
-from _sam_helpers import ragged_batch, randomize_guidance, tiny_sam
+from _compile_helpers import train_step, training_inputs
+from _sam_helpers import randomize_guidance, tiny_sam
+
 ca = importlib.import_module("sam_fast.ops.cross_attention")  # the module (sam_fast.ops.cross_attention is the op)
 
-COUNTS = [2, 1, 3]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -42,35 +43,6 @@ def model():
     return randomize_guidance(tiny_sam())
 
 
-def _inputs(m, counts=COUNTS):
-    feats, ids, mask = ragged_batch(m, counts, pad_sample=1)
-    enc = dict(image_features=feats, image_counts=counts, qformer_input_ids=ids, qformer_attention_mask=mask)
-    Q, B = m.config.num_query_tokens, len(counts)
-    S = max(counts) * Q + 6
-    g = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(5, 100, (B, S), generator=g)
-    attention_mask = torch.ones_like(input_ids)
-    for b, n in enumerate(counts):
-        input_ids[b, : n * Q] = m.config.image_token_index
-    input_ids[1, S - 3:] = 0  # right padding in one sample
-    attention_mask[1, S - 3:] = 0
-    labels = input_ids.clone()
-    labels[:, : S - 5] = -100
-    labels[attention_mask == 0] = -100
-    return enc, dict(enc, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-
-
-def _grads(m):
-    return {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
-
-
-def _train_step(fn, m, kw):
-    m.zero_grad(set_to_none=True)
-    loss = fn(**kw).loss
-    loss.backward()
-    return loss.detach(), _grads(m)
-
-
 @pytest.mark.parametrize("context_mode", ["leave_one_out", "shared"])
 def test_encode_images_fullgraph_capture(model, triton_state, context_mode, monkeypatch):
     """fullgraph=True (any graph break raises) without an eager warm-up: the Triton probe runs
@@ -78,7 +50,7 @@ def test_encode_images_fullgraph_capture(model, triton_state, context_mode, monk
     ("Data pointer comparison" of the K/V weight cache) and 25-28 without (an import attempt per
     attention call); the training forward 12 / 43-46."""
     monkeypatch.setattr(model.config, "context_mode", context_mode)
-    enc, _ = _inputs(model)
+    enc, _ = training_inputs(model)
     compiled = torch.compile(model.encode_images, fullgraph=True, backend="eager")
     with torch.no_grad():
         got = compiled(**enc)
@@ -89,11 +61,11 @@ def test_encode_images_fullgraph_capture(model, triton_state, context_mode, monk
 def test_training_forward_fullgraph_aot(model, triton_state):
     """The training forward with labels (padded LLM call under compile) through AOT autograd:
     same loss and trainable gradients as the eager (packed) step."""
-    _, fwd = _inputs(model)
+    _, fwd = training_inputs(model)
     model.train()
     try:
-        want_loss, want_grads = _train_step(model, model, fwd)
-        got_loss, got_grads = _train_step(torch.compile(model, fullgraph=True, backend="aot_eager"), model, fwd)
+        want_loss, want_grads = train_step(model, model, fwd)
+        got_loss, got_grads = train_step(torch.compile(model, fullgraph=True, backend="aot_eager"), model, fwd)
     finally:
         model.eval()
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
@@ -105,7 +77,7 @@ def test_training_forward_fullgraph_aot(model, triton_state):
 
 def test_compiled_forward_still_checks_placeholders(model):
     """Under compile the placeholder count is checked on the device (no host read), not skipped."""
-    _, fwd = _inputs(model)
+    _, fwd = training_inputs(model)
     fwd["input_ids"] = fwd["input_ids"].clone()
     fwd["input_ids"][0, 0] = 7  # sample 0 loses one placeholder
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
@@ -127,7 +99,7 @@ def test_triton_probe_runs_once(monkeypatch):
 
 @pytest.mark.slow
 def test_encode_images_inductor(model, triton_state):
-    enc, _ = _inputs(model)
+    enc, _ = training_inputs(model)
     compiled = torch.compile(model.encode_images, fullgraph=True)  # CPU inductor
     with torch.no_grad():
         got = compiled(**enc)
@@ -137,11 +109,11 @@ def test_encode_images_inductor(model, triton_state):
 
 @pytest.mark.slow
 def test_training_forward_inductor(model, triton_state):
-    _, fwd = _inputs(model)
+    _, fwd = training_inputs(model)
     model.train()
     try:
-        want_loss, want_grads = _train_step(model, model, fwd)
-        got_loss, got_grads = _train_step(torch.compile(model, fullgraph=True), model, fwd)
+        want_loss, want_grads = train_step(model, model, fwd)
+        got_loss, got_grads = train_step(torch.compile(model, fullgraph=True), model, fwd)
     finally:
         model.eval()
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-5)
@@ -154,19 +126,19 @@ import sys
 sys.modules["triton"] = None  # before torch: as if the package were not installed
 sys.path.insert(0, sys.argv[1])
 import torch
-from test_compile import _inputs, _train_step
+from _compile_helpers import train_step, training_inputs
 from _sam_helpers import randomize_guidance, tiny_sam
 import sam_fast.ops.cross_attention  # noqa: F401
 ca = sys.modules["sam_fast.ops.cross_attention"]
 m = randomize_guidance(tiny_sam())
-enc, fwd = _inputs(m)
+enc, fwd = training_inputs(m)
 with torch.no_grad():
     got = torch.compile(m.encode_images, fullgraph=True, backend="eager")(**enc)
     torch.testing.assert_close(got, m.encode_images(**enc))
 assert "ImportError" in ca._triton_import_error() or "ModuleNotFoundError" in ca._triton_import_error()
 m.train()
-want_loss, want_grads = _train_step(m, m, fwd)
-got_loss, got_grads = _train_step(torch.compile(m, fullgraph=True, backend="eager"), m, fwd)
+want_loss, want_grads = train_step(m, m, fwd)
+got_loss, got_grads = train_step(torch.compile(m, fullgraph=True, backend="eager"), m, fwd)
 torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
 for name in want_grads:
     torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-5)

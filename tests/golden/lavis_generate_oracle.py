@@ -1,4 +1,4 @@
-"""Writes the answers of the released SAM code's decoder, for `tests/test_generation.py`.
+"""Writes the answers of the released SAM code's decoder, for `tests/models/test_generation.py`.
 
 The released code (LAVIS) calls transformers 4.33's `generate(inputs_embeds=..., attention_mask=...,
 max_length=..., num_beams=..., repetition_penalty=..., length_penalty=..., min_length=1)` and then

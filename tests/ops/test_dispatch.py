@@ -72,7 +72,7 @@ def test_model_tests_pass_with_the_extension_disabled():
     env = dict(os.environ, SAM_FAST_DISABLE_EXT="1")
     code = (
         "import sam_fast._ext as e, sys; assert e.load() is None, e.info();"
-        "import pytest; sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', 'tests/test_model.py',"
+        "import pytest; sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', 'tests/models/test_sam.py',"
         " '-k', 'hf or reference or gradients']))"
     )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

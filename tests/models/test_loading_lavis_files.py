@@ -9,8 +9,7 @@ import warnings
 
 import pytest
 import torch
-from _tiny import VISION_HIDDEN, tiny_instructblip
-from test_loading import (
+from _loading_helpers import (
     LAVIS_EXTRAS,
     NEW,
     assert_models_equal,
@@ -19,6 +18,7 @@ from test_loading import (
     randomize_trainable_,
     to_lavis,
 )
+from _tiny import VISION_HIDDEN, tiny_instructblip
 
 from sam_fast import SAM, SAMConfig
 from sam_fast.models.loading import from_instructblip, from_lavis_checkpoint

@@ -15,7 +15,7 @@ from sam_fast.data import tiny_tokenizers
 from sam_fast.data.tokenization import PromptBuilder
 from sam_fast.models.generation import lavis_generate
 
-GOLDEN = Path(__file__).with_name("golden")
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"  # tests/golden: the recorded answers and their script
 sys.path.insert(0, str(GOLDEN))
 import lavis_generate_oracle as oracle  # noqa: E402
 

@@ -1,0 +1,45 @@
+"""Helpers of tests/test_compile.py, shared with the fresh interpreter its Triton-less test starts
+(a script run by path cannot import a test module): a ragged batch with labels for SAM's training
+forward, and one training step returning the loss and the trainable gradients."""
+
+from __future__ import annotations
+
+import torch
+
+from _sam_helpers import ragged_batch
+
+COUNTS = [2, 1, 3]  # images per sample
+
+
+def training_inputs(m, counts=COUNTS):
+    """(encode_images kwargs, training-forward kwargs) of SAM `m` for a ragged batch of `counts`
+    images per sample: placeholders first, one right-padded sample, the last 5 positions supervised."""
+    feats, ids, mask = ragged_batch(m, counts, pad_sample=1)
+    enc = dict(image_features=feats, image_counts=counts, qformer_input_ids=ids, qformer_attention_mask=mask)
+    Q, B = m.config.num_query_tokens, len(counts)
+    S = max(counts) * Q + 6
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(5, 100, (B, S), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    for b, n in enumerate(counts):
+        input_ids[b, : n * Q] = m.config.image_token_index
+    input_ids[1, S - 3:] = 0  # right padding in one sample
+    attention_mask[1, S - 3:] = 0
+    labels = input_ids.clone()
+    labels[:, : S - 5] = -100
+    labels[attention_mask == 0] = -100
+    return enc, dict(enc, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def grads(m):
+    """Copies of the gradients of `m`'s trainable parameters, by name."""
+    return {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+
+def train_step(fn, m, kw):
+    """(loss, trainable gradients) of one backward of `fn(**kw).loss` (`fn`: `m` or a compiled `m`)."""
+    m.zero_grad(set_to_none=True)
+    loss = fn(**kw).loss
+    loss.backward()
+    return loss.detach(), grads(m)
+
