@@ -24,6 +24,10 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sam_fast.train.trainer import TrainConfig
 
 # train options that the command line can override: flag -> (TrainConfig field, type, help)
 TRAIN_FLAGS = {
@@ -153,23 +157,43 @@ def _cmd_train(args: argparse.Namespace) -> int:
             lock.release()
 
 
+@dataclasses.dataclass
+class _TrainPlan:
+    """What `sam-fast train` resolved from the config file and the command line, checked."""
+
+    model_src: str
+    data_dir: str
+    output: str
+    features: str | None
+    skip_bad: bool
+    overrides: dict  # SAMConfig fields of the model to build or load
+    tcfg: TrainConfig  # validated
+
+
 def _cmd_train_locked(args: argparse.Namespace, locks: list) -> int:
     import torch
 
-    from sam_fast.data import AnnotationDataset, DataError, TrainTransform
-    from sam_fast.train import (
-        CheckpointError,
-        NonFiniteLossError,
-        RunDirectoryError,
-        TrainConfig,
-        Trainer,
-        TrainingInterrupted,
-        init_from_env,
-        outputs,
-    )
+    from sam_fast.train import init_from_env
 
+    plan = _train_plan(args)
+    dist = init_from_env(args.device)
+    _check_fsdp(plan, dist)
+    _claim_run_dir(args, plan, dist, locks)
+    model, tokenizers, base = _train_model(plan, dist)
+    torch.manual_seed(plan.tcfg.seed)
+    ds = _train_dataset(args, plan, model)
+    data_info = {"path": str(Path(plan.data_dir).resolve()),
+                 "features": str(Path(plan.features).resolve()) if plan.features else None}
+    _prepare_run(args, plan, dist, model, tokenizers, base, data_info)
+    trainer = _make_trainer(plan, dist, model, tokenizers, ds)
+    return _run_trainer(args, plan, dist, trainer, ds)
+
+
+def _train_options(args: argparse.Namespace, train_config: type) -> dict:
+    """The config file's options overridden by the command line's; unknown keys and a missing
+    --data/--output are one-line errors."""
     file_opts = _load_config_file(args.config)
-    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"output_dir", "progress"} | set(TRAIN_FILE_KEYS)
+    known = {f.name for f in dataclasses.fields(train_config)} - {"output_dir", "progress"} | set(TRAIN_FILE_KEYS)
     unknown = sorted((k for k in file_opts if k not in known and k != "config"), key=str)
     if unknown:
         raise SystemExit(f"sam-fast train: --config {args.config}: unknown option(s) {', '.join(map(repr, unknown))}; "
@@ -180,6 +204,14 @@ def _cmd_train_locked(args: argparse.Namespace, locks: list) -> int:
     for k in ("data", "output"):
         if not opts.get(k):
             raise SystemExit(f"sam-fast train: --{k} is required (or `{k}` in the config file)")
+    return opts
+
+
+def _train_plan(args: argparse.Namespace) -> _TrainPlan:
+    """Resolve and check every train option before anything is built or written."""
+    from sam_fast.train import TrainConfig, outputs
+
+    opts = _train_options(args, TrainConfig)
     model_src = opts.pop("model", None)
     if not model_src:
         raise SystemExit("sam-fast train: --model is required (or `model` in the config file): the pretrained "
@@ -187,14 +219,7 @@ def _cmd_train_locked(args: argparse.Namespace, locks: list) -> int:
                          "--config tiny) trains the built-in tiny model with random weights")
     data_dir, output, skip_bad = opts.pop("data"), opts.pop("output"), bool(opts.pop("skip_bad", False))
     features = opts.pop("features", None)
-    overrides = {k: opts.pop(k) for k in ("context_mode", "guidance", "interaction_layers") if k in opts}
-    overrides.update(opts.pop("model_overrides", {}) or {})
-    bad = _unknown_model_overrides(overrides)
-    if bad:
-        raise SystemExit(f"sam-fast train: unknown model override(s) {', '.join(map(repr, bad))} (model_overrides "
-                         "takes SAMConfig fields, e.g. context_mode, guidance, interaction_layers, packed_loss)")
-    if opts.pop("no_packing", False):
-        overrides["packed_loss"] = False
+    overrides = _train_model_overrides(opts)
     opts.pop("config", None)
     if isinstance(opts.get("report_to"), str):  # report_to: tensorboard
         opts["report_to"] = [opts["report_to"]]
@@ -206,63 +231,109 @@ def _cmd_train_locked(args: argparse.Namespace, locks: list) -> int:
     if args.resume and args.overwrite:
         raise SystemExit("sam-fast train: give either --resume (continue the run in --output) or --overwrite "
                          "(replace it), not both")
-
     if model_src not in outputs.BUILTIN_CONFIGS and not Path(model_src).exists():  # before OUTPUT is touched
         raise SystemExit(f"sam-fast train: --model {model_src}: no such directory (give an HF InstructBLIP or SAM "
                          "directory, a training output or one of its checkpoints, or tiny)")
-    dist = init_from_env(args.device)
-    if tcfg.fsdp and not dist.enabled:
+    return _TrainPlan(model_src, data_dir, output, features, skip_bad, overrides, tcfg)
+
+
+def _train_model_overrides(opts: dict) -> dict:
+    """Pop the SAMConfig overrides (--context-mode, --guidance, model_overrides, --no-packing) from `opts`."""
+    overrides = {k: opts.pop(k) for k in ("context_mode", "guidance", "interaction_layers") if k in opts}
+    overrides.update(opts.pop("model_overrides", {}) or {})
+    bad = _unknown_model_overrides(overrides)
+    if bad:
+        raise SystemExit(f"sam-fast train: unknown model override(s) {', '.join(map(repr, bad))} (model_overrides "
+                         "takes SAMConfig fields, e.g. context_mode, guidance, interaction_layers, packed_loss)")
+    if opts.pop("no_packing", False):
+        overrides["packed_loss"] = False
+    return overrides
+
+
+def _check_fsdp(plan: _TrainPlan, dist) -> None:
+    if plan.tcfg.fsdp and not dist.enabled:
         raise SystemExit("sam-fast train: --fsdp shards the LLM over several processes, but this is a single "
                          "process: launch with `torchrun --nproc_per_node N -m sam_fast.cli train ... --fsdp` "
                          "(N >= 2), or drop --fsdp (and `fsdp` from the config file)")
+
+
+def _claim_run_dir(args: argparse.Namespace, plan: _TrainPlan, dist, locks: list) -> None:
+    """Lock OUTPUT (main process) and refuse a run already there unless --resume or --overwrite."""
+    from sam_fast.train import outputs
+
     if dist.is_main:  # one process at a time per run directory
         try:
-            locks.append(outputs.RunLock(output).acquire())
+            locks.append(outputs.RunLock(plan.output).acquire())
         except outputs.RunLockedError as e:
             raise SystemExit(f"sam-fast train: {e}") from None
-    existing = outputs.existing_run(output)
+    existing = outputs.existing_run(plan.output)
     if existing and not args.resume and not args.overwrite:
-        raise SystemExit(f"sam-fast train: {output} already holds a training run ({', '.join(existing)}): pass "
+        raise SystemExit(f"sam-fast train: {plan.output} already holds a training run ({', '.join(existing)}): pass "
                          "--resume to continue it or --overwrite to replace it, or choose another --output")
-    if model_src in outputs.BUILTIN_CONFIGS:
-        model = outputs.build_builtin(model_src, tcfg.seed, **overrides)
-        tokenizers = outputs.builtin_tokenizers(model_src)
-        base = {"kind": "builtin", "name": model_src, "seed": tcfg.seed, "overrides": overrides}
+
+
+def _train_model(plan: _TrainPlan, dist):
+    """(model on the process's device, tokenizers, the run's `base` record)."""
+    from sam_fast.train import outputs
+
+    if plan.model_src in outputs.BUILTIN_CONFIGS:
+        model = outputs.build_builtin(plan.model_src, plan.tcfg.seed, **plan.overrides)
+        tokenizers = outputs.builtin_tokenizers(plan.model_src)
+        base = {"kind": "builtin", "name": plan.model_src, "seed": plan.tcfg.seed, "overrides": plan.overrides}
     else:
-        model, tokenizers, _ = _load_model("train", model_src)
-        base = {"kind": "pretrained", "path": str(Path(model_src).resolve()), "overrides": overrides}
+        model, tokenizers, _ = _load_model("train", plan.model_src)
+        base = {"kind": "pretrained", "path": str(Path(plan.model_src).resolve()), "overrides": plan.overrides}
     model.to(dist.device)
-    torch.manual_seed(tcfg.seed)
+    return model, tokenizers, base
+
+
+def _train_dataset(args: argparse.Namespace, plan: _TrainPlan, model):
+    """The training samples: cached features (--features) or images with the train transform."""
+    from sam_fast.data import AnnotationDataset, DataError, TrainTransform
+
     try:
-        if features:
+        if plan.features:
             from sam_fast.data.feature_cache import CachedFeatureDataset, StaleCacheError
 
             try:
-                ds = CachedFeatureDataset(data_dir, features, model, skip_bad=skip_bad, seed=tcfg.seed,
-                                          allow_outside_paths=args.allow_outside_paths, train=True)
+                return CachedFeatureDataset(plan.data_dir, plan.features, model, skip_bad=plan.skip_bad,
+                                            seed=plan.tcfg.seed, allow_outside_paths=args.allow_outside_paths,
+                                            train=True)
             except StaleCacheError as e:
                 raise SystemExit(f"sam-fast train: {e}") from None
-        else:
-            ds = AnnotationDataset(data_dir, TrainTransform(model.config.vision_config.image_size),
-                                   skip_bad=skip_bad, seed=tcfg.seed, allow_outside_paths=args.allow_outside_paths)
+        return AnnotationDataset(plan.data_dir, TrainTransform(model.config.vision_config.image_size),
+                                 skip_bad=plan.skip_bad, seed=plan.tcfg.seed,
+                                 allow_outside_paths=args.allow_outside_paths)
     except DataError as e:
         raise SystemExit(f"sam-fast train: {e}") from None
-    data_info = {"path": str(Path(data_dir).resolve()),
-                 "features": str(Path(features).resolve()) if features else None}
-    model_info = outputs.model_settings(model, overrides)
+
+
+def _prepare_run(args: argparse.Namespace, plan: _TrainPlan, dist, model, tokenizers, base: dict,
+                 data_info: dict) -> None:
+    """Refuse --resume with other settings than the run's; (main process) write run.json, base/, tokenizer/."""
+    from sam_fast.train import outputs
+
+    model_info = outputs.model_settings(model, plan.overrides)
     if args.resume:
-        diffs = outputs.resume_differences(output, base, data_info, model_info, tcfg.seed)
+        diffs = outputs.resume_differences(plan.output, base, data_info, model_info, plan.tcfg.seed)
         if diffs:
-            raise SystemExit(f"sam-fast train: --resume with settings that differ from {Path(output) / 'run.json'} "
-                             f"({'; '.join(diffs)}): resume with the run's settings, start a new run from its "
-                             f"weights (--model {output} --output NEW_DIR), or replace it (--overwrite)")
+            raise SystemExit(f"sam-fast train: --resume with settings that differ from "
+                             f"{Path(plan.output) / 'run.json'} ({'; '.join(diffs)}): resume with the run's settings, "
+                             f"start a new run from its weights (--model {plan.output} --output NEW_DIR), or "
+                             f"replace it (--overwrite)")
     if dist.is_main:
         if args.overwrite:
-            outputs.clear_run(output)
-        outputs.prepare_run_dir(output, model, tokenizers, base, tcfg.to_dict(), data=data_info,
+            outputs.clear_run(plan.output)
+        outputs.prepare_run_dir(plan.output, model, tokenizers, base, plan.tcfg.to_dict(), data=data_info,
                                 model_config=model_info)
+
+
+def _make_trainer(plan: _TrainPlan, dist, model, tokenizers, ds):
+    """The `Trainer`; under --fsdp the main process prints how the LLM was sharded."""
+    from sam_fast.train import Trainer, outputs
+
     try:
-        trainer = Trainer(model, ds, outputs.prompt_builder(model, tokenizers), tcfg, dist)
+        trainer = Trainer(model, ds, outputs.prompt_builder(model, tokenizers), plan.tcfg, dist)
     except ValueError as e:
         raise SystemExit(f"sam-fast train: {e}") from None
     if trainer.fsdp is not None:
@@ -273,6 +344,13 @@ def _cmd_train_locked(args: argparse.Namespace, locks: list) -> int:
             f = trainer.fsdp
             print(f"fsdp: language_model sharded over {f['world_size']} processes; LLM parameters held per rank "
                   f"{held} of {f['llm_parameters']} (replicated: {', '.join(f['replicated'])})", flush=True)
+    return trainer
+
+
+def _run_trainer(args: argparse.Namespace, plan: _TrainPlan, dist, trainer, ds) -> int:
+    """Train; a non-finite loss, an interruption or a damaged checkpoint becomes the exit status / one line."""
+    from sam_fast.train import CheckpointError, NonFiniteLossError, RunDirectoryError, TrainingInterrupted
+
     try:
         res = trainer.train(resume=args.resume)
     except NonFiniteLossError as e:
@@ -287,18 +365,22 @@ def _cmd_train_locked(args: argparse.Namespace, locks: list) -> int:
             from sam_fast.train.checkpoint import latest_checkpoint
 
             print(f"sam-fast train: interrupted; not saved since the newest checkpoint "
-                  f"{latest_checkpoint(Path(output) / 'checkpoints')}", file=sys.stderr)
+                  f"{latest_checkpoint(Path(plan.output) / 'checkpoints')}", file=sys.stderr)
         return 130
     except (CheckpointError, RunDirectoryError) as e:
         raise SystemExit(f"sam-fast train: {e}") from None
     if dist.is_main:
-        first = res.losses[0] if res.losses else float("nan")
-        print(f"trained to step {res.step} in {res.seconds:.1f} s; loss {first:.4f} -> "
-              f"{res.losses[-1] if res.losses else float('nan'):.4f}; checkpoint {res.checkpoint}")
-        if res.skipped:
-            print(f"{ds.skipped.summary()}" + (f"; {trainer.collator.dropped} undecodable item(s) dropped"
-                                              if trainer.collator.dropped else ""))
+        _print_train_result(res, trainer, ds)
     return 0
+
+
+def _print_train_result(res, trainer, ds) -> None:
+    first = res.losses[0] if res.losses else float("nan")
+    print(f"trained to step {res.step} in {res.seconds:.1f} s; loss {first:.4f} -> "
+          f"{res.losses[-1] if res.losses else float('nan'):.4f}; checkpoint {res.checkpoint}")
+    if res.skipped:
+        print(f"{ds.skipped.summary()}" + (f"; {trainer.collator.dropped} undecodable item(s) dropped"
+                                          if trainer.collator.dropped else ""))
 
 
 def _unknown_model_overrides(overrides: dict) -> list[str]:
@@ -478,19 +560,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_synthesize(args: argparse.Namespace) -> int:
-    from sam_fast.data.synthesis import (
-        DiffusersInpainter,
-        FilterConfig,
-        OpenAITextWriter,
-        RandomCompositor,
-        SAMCaptioner,
-        SamSegmenter,
-        SynthesisError,
-        Synthesizer,
-        ThresholdSegmenter,
-        TransformersTextWriter,
-        load_prompts,
-    )
+    from sam_fast.data.synthesis import SynthesisError
 
     if (args.text_model is None) == (args.text_url is None):
         raise SystemExit("sam-fast synthesize: give one text writer: --text-model DIR (a local causal LM) or "
@@ -498,34 +568,8 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
     if args.segmenter == "sam" and not args.sam_model:
         raise SystemExit("sam-fast synthesize: --segmenter sam needs --sam-model DIR (a local Segment Anything "
                          "model), or use --segmenter threshold for clean-background sources")
-    import torch
-
-    dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        filters = FilterConfig(min_mask_area=args.min_mask_area, max_mask_area=args.max_mask_area,
-                               min_visible=args.min_visible, max_object_change=args.max_object_change,
-                               max_repetition=args.max_repetition).validate()
-        compositor = RandomCompositor(args.canvas_size, tuple(args.scale_range), args.max_overlap,
-                                      max_outside=args.max_outside)
-        prompts = load_prompts(args.prompts)
-        segmenter = (SamSegmenter.from_pretrained(args.sam_model, args.sam_prompt, device=device)
-                     if args.segmenter == "sam" else ThresholdSegmenter(args.threshold))
-        inpainter = DiffusersInpainter.from_pretrained(args.inpaint_model, device=device, dtype=dtype,
-                                                       steps=args.inpaint_steps, guidance_scale=args.guidance_scale)
-        gen = {"generation_mode": "lavis", "num_beams": args.caption_beams, "max_new_tokens": args.caption_max_tokens}
-        captioner = SAMCaptioner.from_pretrained(args.caption_model, device=device, dtype=dtype,
-                                                 prompt=args.caption_prompt, generate_kwargs=gen)
-        if args.text_model:
-            writer = TransformersTextWriter.from_pretrained(args.text_model, device=device, dtype=dtype,
-                                                            max_new_tokens=args.text_max_tokens,
-                                                            do_sample=args.text_temperature > 0,
-                                                            temperature=args.text_temperature or 1.0)
-        else:
-            writer = OpenAITextWriter(args.text_url, args.text_api_model, api_key_env=args.text_api_key_env,
-                                      max_tokens=args.text_max_tokens, temperature=args.text_temperature)
-        synth = Synthesizer(segmenter, compositor, inpainter, captioner, writer, prompts=prompts, filters=filters,
-                            samples_per_group=args.samples_per_group, seed=args.seed)
+        synth = _build_synthesizer(args)
         res = synth.run(args.sources, args.output, limit=args.limit, progress=not args.no_progress)
     except SynthesisError as e:
         raise SystemExit(f"sam-fast synthesize: {e}") from None
@@ -537,6 +581,55 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
     print(f"synthesized {res.kept + res.dropped} sample(s) ({res.resumed} done before): kept {res.kept}, dropped "
           f"{res.dropped}{f' ({why})' if why else ''}; {res.kept_total} of {res.planned} in {res.annotations}")
     return 0
+
+
+def _build_synthesizer(args: argparse.Namespace):
+    """The `Synthesizer` of the synthesize options: filters, compositor, prompts, then the models
+    (segmenter, inpainter, captioner, text writer) in that order; a bad one raises SynthesisError."""
+    import torch
+
+    from sam_fast.data.synthesis import (
+        DiffusersInpainter,
+        FilterConfig,
+        RandomCompositor,
+        SAMCaptioner,
+        SamSegmenter,
+        Synthesizer,
+        ThresholdSegmenter,
+        load_prompts,
+    )
+
+    dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    filters = FilterConfig(min_mask_area=args.min_mask_area, max_mask_area=args.max_mask_area,
+                           min_visible=args.min_visible, max_object_change=args.max_object_change,
+                           max_repetition=args.max_repetition).validate()
+    compositor = RandomCompositor(args.canvas_size, tuple(args.scale_range), args.max_overlap,
+                                  max_outside=args.max_outside)
+    prompts = load_prompts(args.prompts)
+    segmenter = (SamSegmenter.from_pretrained(args.sam_model, args.sam_prompt, device=device)
+                 if args.segmenter == "sam" else ThresholdSegmenter(args.threshold))
+    inpainter = DiffusersInpainter.from_pretrained(args.inpaint_model, device=device, dtype=dtype,
+                                                   steps=args.inpaint_steps, guidance_scale=args.guidance_scale)
+    gen = {"generation_mode": "lavis", "num_beams": args.caption_beams, "max_new_tokens": args.caption_max_tokens}
+    captioner = SAMCaptioner.from_pretrained(args.caption_model, device=device, dtype=dtype,
+                                             prompt=args.caption_prompt, generate_kwargs=gen)
+    writer = _text_writer(args, device, dtype)
+    return Synthesizer(segmenter, compositor, inpainter, captioner, writer, prompts=prompts, filters=filters,
+                       samples_per_group=args.samples_per_group, seed=args.seed)
+
+
+def _text_writer(args: argparse.Namespace, device: str, dtype):
+    """A local causal LM (--text-model) or an OpenAI-compatible endpoint (--text-url)."""
+    from sam_fast.data.synthesis import OpenAITextWriter, TransformersTextWriter
+
+    if args.text_model:
+        return TransformersTextWriter.from_pretrained(args.text_model, device=device, dtype=dtype,
+                                                      max_new_tokens=args.text_max_tokens,
+                                                      do_sample=args.text_temperature > 0,
+                                                      temperature=args.text_temperature or 1.0)
+    return OpenAITextWriter(args.text_url, args.text_api_model, api_key_env=args.text_api_key_env,
+                            max_tokens=args.text_max_tokens, temperature=args.text_temperature)
 
 
 # -- parser -----------------------------------------------------------------------------------
@@ -551,23 +644,8 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--length-penalty", type=float)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sam-fast",
-        description="sam_fast: a fast SAM (InstructBLIP + W-former guidance). "
-        "Run `sam-fast COMMAND --help` for a command's options.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-        "  sam-fast train --config tiny --data DS --output runs/tiny --max-steps 200 --lr 3e-3\n"
-        "  sam-fast train --config tiny --data DS --output runs/tiny --max-steps 400 --resume\n"
-        "  sam-fast eval --model runs/tiny --data TESTSET --output runs/tiny/eval\n"
-        "  sam-fast generate --model runs/tiny --images a.png b.png --prompt 'what is common?'\n"
-        "  torchrun --nproc_per_node 2 -m sam_fast.cli train --config run.yaml\n"
-        "  torchrun --nproc_per_node 4 -m sam_fast.cli train --config run.yaml --fsdp   (LLM sharded over 4 GPUs)\n"
-        "  torchrun --nproc_per_node 4 -m sam_fast.cli eval --model runs/x --data TESTSET --output runs/x/eval",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_train_command(sub) -> None:
+    """`sam-fast train`: its options and help."""
     p = sub.add_parser(
         "train",
         help="train SAM's four trainable modules (AdamW, warm-up + cosine, AMP, checkpoints, resume)",
@@ -585,13 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output directory")
     p.add_argument("--features", help="feature cache of --data (sam-fast cache-features): train on cached ViT "
                    "outputs (eval transform, so no crop/flip augmentation)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT "
-                   "(the losses then equal those of an uninterrupted run); refused when --data, --seed, "
-                   "--model, --context-mode or --guidance differ from the run's run.json")
-    p.add_argument("--overwrite", action="store_true", help="replace the training run already in OUTPUT (its "
-                   "run.json, base/, tokenizer/, log.jsonl, checkpoints/; other files are kept); without "
-                   "--resume or --overwrite an existing run is refused. One process at a time trains into "
-                   "OUTPUT (OUTPUT/.lock; a lock whose process is gone is taken over)")
+    _add_run_dir_flags(p)
     p.add_argument("--skip-bad", action="store_true", default=None,
                    help="skip bad samples (missing/corrupt images, malformed records) and report how many")
     p.add_argument("--allow-outside-paths", action="store_true", help=OUTSIDE_HELP)
@@ -599,6 +671,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", choices=["adaptive", "mean", "none"], help="SAMConfig.guidance")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    _add_train_step_flags(p)
+    p.set_defaults(func=_cmd_train)
+
+
+def _add_run_dir_flags(p: argparse.ArgumentParser) -> None:
+    """train's --resume / --overwrite: what happens to a run already in OUTPUT."""
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT "
+                   "(the losses then equal those of an uninterrupted run); refused when --data, --seed, "
+                   "--model, --context-mode or --guidance differ from the run's run.json")
+    p.add_argument("--overwrite", action="store_true", help="replace the training run already in OUTPUT (its "
+                   "run.json, base/, tokenizer/, log.jsonl, checkpoints/; other files are kept); without "
+                   "--resume or --overwrite an existing run is refused. One process at a time trains into "
+                   "OUTPUT (OUTPUT/.lock; a lock whose process is gone is taken over)")
+
+
+def _add_train_step_flags(p: argparse.ArgumentParser) -> None:
+    """train's --no-packing, --fsdp, --report-to and the TRAIN_FLAGS (batch size, steps, optimiser...)."""
     p.add_argument("--no-packing", action="store_true", default=None,
                    help="run the LLM on the padded batch with full logits (default: the batch's real tokens "
                    "packed into one sequence, loss without logits: same loss and gradients, faster)")
@@ -611,8 +700,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (typ, hlp) in TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, help=hlp,
                        **({"choices": AMP_CHOICES} if name == "amp" else {}))
-    p.set_defaults(func=_cmd_train)
 
+
+def _add_generate_command(sub) -> None:
+    """`sam-fast generate`: its options and help."""
     p = sub.add_parser(
         "generate",
         help="answer one prompt about one or more images",
@@ -626,6 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_flags(p)
     p.set_defaults(func=_cmd_generate)
 
+
+def _add_eval_command(sub) -> None:
+    """`sam-fast eval`: its options and help."""
     p = sub.add_parser(
         "eval",
         help="generate for a test set and score it like the SAM paper (ROUGE_L, CIDEr, Bleu_4)",
@@ -648,6 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_flags(p)
     p.set_defaults(func=_cmd_eval)
 
+
+def _add_cache_features_command(sub) -> None:
+    """`sam-fast cache-features`: its options and help."""
     p = sub.add_parser(
         "cache-features",
         help="run the frozen vision model once over a dataset and store its outputs",
@@ -674,6 +771,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_cache_features)
 
+
+def _add_explain_command(sub) -> None:
+    """`sam-fast explain`: its options and help."""
     p = sub.add_parser(
         "explain",
         help="PNGs of the Adaptive Adjustment weights: which contextual patches guided each image",
@@ -690,6 +790,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-outside-paths", action="store_true", help=OUTSIDE_HELP)
     p.set_defaults(func=_cmd_explain)
 
+
+def _add_bench_command(sub) -> None:
+    """`sam-fast bench`: its options and help."""
     p = sub.add_parser(
         "bench",
         help="time the ops, encode_images, a training step and generation (pytest-benchmark, bench/)",
@@ -706,6 +809,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also rewrite README.md's Speed table from this run (default: README.md is left alone)")
     p.set_defaults(func=_cmd_bench)
 
+
+def _add_env_command(sub) -> None:
+    """`sam-fast env`: its options and help."""
     p = sub.add_parser(
         "env",
         help="print versions, devices, the compiled extension and each op's backend",
@@ -715,6 +821,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_env)
 
+
+def _add_demo_command(sub) -> None:
+    """`sam-fast demo`: its options and help."""
     p = sub.add_parser(
         "demo",
         help="train, generate and evaluate a tiny random SAM end to end on a CPU (no downloads)",
@@ -727,6 +836,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed")
     p.set_defaults(func=_cmd_demo)
 
+
+def _add_synthesize_command(sub) -> None:
+    """`sam-fast synthesize`: its options and help."""
     p = sub.add_parser(
         "synthesize",
         help="MmLINK-style training data: object image groups -> an annotations.json dataset",
@@ -747,6 +859,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="dtype of the inpainting, captioning and local text models")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    _add_segmentation_flags(p)
+    _add_compositing_flags(p)
+    _add_synthesis_model_flags(p)
+    _add_filter_flags(p)
+    p.set_defaults(func=_cmd_synthesize)
+
+
+def _add_segmentation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("segmentation")
     g.add_argument("--segmenter", choices=["sam", "threshold"], default="sam", help="sam: Segment Anything "
                    "(--sam-model); threshold: border-colour threshold + largest component (clean backgrounds)")
@@ -754,12 +874,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sam-prompt", choices=["center", "saliency"], default="center",
                    help="center: a point at the image centre; saliency: the box of pixels unlike the border")
     g.add_argument("--threshold", type=float, default=30.0, help="threshold segmenter: RGB distance from the border colour")
+
+
+def _add_compositing_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compositing")
     g.add_argument("--canvas-size", type=_positive_int, default=512, help="canvas side in pixels (multiple of 8)")
     g.add_argument("--scale-range", type=_positive_float, nargs=2, default=[0.35, 0.6], metavar=("LOW", "HIGH"),
                    help="an object's longer side as a fraction of the canvas")
     g.add_argument("--max-overlap", type=float, default=0.05, help="largest share of the smaller object covered")
     g.add_argument("--max-outside", type=float, default=0.0, help="share of an object's size allowed off the canvas")
+
+
+def _add_synthesis_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("inpainting, captioning, text")
     g.add_argument("--inpaint-model", required=True, help="local diffusers Stable Diffusion inpainting directory")
     g.add_argument("--inpaint-steps", type=_positive_int, default=50)
@@ -776,6 +902,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-max-tokens", type=_positive_int, default=160)
     g.add_argument("--text-temperature", type=float, default=0.7, help="0: greedy (local model)")
     g.add_argument("--prompts", help="prompts JSON file (default: the one shipped in sam_fast/data/synthesis/)")
+
+
+def _add_filter_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("filters")
     g.add_argument("--min-mask-area", type=float, default=0.02)
     g.add_argument("--max-mask-area", type=float, default=0.9)
@@ -783,7 +912,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-object-change", type=float, default=0.15,
                    help="largest mean absolute change (0-1) of an object's pixels by inpainting")
     g.add_argument("--max-repetition", type=float, default=0.5, help="largest share of repeated word bigrams")
-    p.set_defaults(func=_cmd_synthesize)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `sam-fast` parser: one subcommand per `_add_*_command`, each dispatching to its `_cmd_*`."""
+    parser = argparse.ArgumentParser(
+        prog="sam-fast",
+        description="sam_fast: a fast SAM (InstructBLIP + W-former guidance). "
+        "Run `sam-fast COMMAND --help` for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  sam-fast train --config tiny --data DS --output runs/tiny --max-steps 200 --lr 3e-3\n"
+        "  sam-fast train --config tiny --data DS --output runs/tiny --max-steps 400 --resume\n"
+        "  sam-fast eval --model runs/tiny --data TESTSET --output runs/tiny/eval\n"
+        "  sam-fast generate --model runs/tiny --images a.png b.png --prompt 'what is common?'\n"
+        "  torchrun --nproc_per_node 2 -m sam_fast.cli train --config run.yaml\n"
+        "  torchrun --nproc_per_node 4 -m sam_fast.cli train --config run.yaml --fsdp   (LLM sharded over 4 GPUs)\n"
+        "  torchrun --nproc_per_node 4 -m sam_fast.cli eval --model runs/x --data TESTSET --output runs/x/eval",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_train_command(sub)
+    _add_generate_command(sub)
+    _add_eval_command(sub)
+    _add_cache_features_command(sub)
+    _add_explain_command(sub)
+    _add_bench_command(sub)
+    _add_env_command(sub)
+    _add_demo_command(sub)
+    _add_synthesize_command(sub)
     return parser
 
 
