@@ -3,7 +3,7 @@
 Variants measured side by side: sam_fast from pixels, sam_fast from cached ViT features, and the
 released code's schedule (per-image ViT, 2N full Q-former passes per sample, no cache). Ratios
 go to ``extra_info`` as ``speedup_vs_released`` (the two sides alternate round by round, ratio of
-their fastest rounds: `benchutil.alternating_rounds`); targets (issue 6, CPU, tiny config): >= 1.5x from
+their fastest rounds: `benchutil.alternating_rounds`); targets (CPU, tiny config): >= 1.5x from
 pixels, >= 2x with cached features. Also: samples/s, the step's own peak allocation
 (`benchutil.peak_allocated_bytes`: what torch allocates during one step, not the process RSS) and
 its ratio to the released step's (``memory_vs_released``), and a breakdown into vision /

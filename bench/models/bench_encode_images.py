@@ -3,16 +3,16 @@
 
 Real Q-former size (BERT-base: 12 layers, hidden 768, 12 heads, cross-attention every 2nd layer,
 encoder width 1408, 32 queries), cached features P=257 x D=1408, B=2 samples of N images,
-instruction of 32 tokens, fp32, eval mode, random weights. Targets (issue 4, at N=4): >= 1.6x in
+instruction of 32 tokens, fp32, eval mode, random weights. Targets (at N=4): >= 1.6x in
 shared mode, >= 1.25x in leave_one_out. The ratio is stored in ``extra_info["speedup_vs_released"]`` and
 printed.
 
 With ``--benchmark-disable`` (CI smoke run) only N=2 runs, once per side, and the two sides are
 compared for equality at the real size.
 
-``bench_merge_kv_vs_features`` measures the choice documented in
-`sam_fast.modules.guidance.merged_context_kv`: re-weighting the images' K/V (what the model does)
-against re-weighting the 1408-wide features and projecting the merged maps.
+``bench_merge_kv_vs_features`` measures the choice explained in docs/model.md#adaptive-adjustment:
+re-weighting the images' K/V (what the model does) against re-weighting the 1408-wide features and
+projecting the merged maps.
 """
 
 from __future__ import annotations
