@@ -12,6 +12,9 @@ converts by adding three fields:
   W-stream input to layer l receives ``guidance_in(h_i)``; the W-stream output of layer k gives
   ``c_i = guidance_out(w)``, added to the Q-stream input of layer k. Default: the last layer for
   both (paper: l = k = 12).
+
+What the modes and layers mean: docs/model.md#context-modes, docs/model.md#guidance-modes and
+docs/model.md#w-former-and-the-interaction-layers.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@
   Lengths as in the released code: ``</s>`` + instruction is cut on the left to ``max_txt_len``
   (128) tokens; answer + ``</s>`` is cut on the right to ``max_output_txt_len - 1`` (255) tokens (its
   tokenizer counts the BOS it then strips), so an over-long answer loses its ``</s>``, as there.
-  Labels are -100 everywhere except the answer and its final ``</s>``.
+  Labels are -100 everywhere except the answer and its final ``</s>``
+  (docs/model.md#tokenisation-and-the-prompt).
 
 Real models bring their tokenizers as local files (an HF InstructBLIP directory has the LLaMA
 tokenizer at its root and the BERT one in ``qformer_tokenizer/``); `load_tokenizers` reads them

@@ -4,6 +4,8 @@
   (p = 0.5) + CLIP normalisation;
 - eval: resize to size x size (bicubic, aspect not kept) + CLIP normalisation.
 
+(docs/model.md#training-recipe)
+
 The crop follows torchvision's RandomResizedCrop sampling (10 tries, then a centre crop clamped to
 the ratio range). Randomness comes from an explicit `torch.Generator`, so a sample's augmentation
 is a function of (seed, epoch, index): resumed and data-parallel runs see the same pixels.

@@ -8,8 +8,8 @@ spaces, the VQA-style punctuation stripping, quotes stripped, lower-cased), then
 - CIDEr: CIDEr-D from pycocoevalcap over the corpus, one reference per sample;
 - Bleu_4: corpus BLEU-4 from pycocoevalcap;
 
-no PTB tokenizer (so no Java), each x100. The scorer rounds to 2 decimals when it reports; we
-return full precision (`round_metrics` rounds like it).
+no PTB tokenizer (so no Java), each x100 (docs/model.md#data-format-and-metrics). The scorer
+rounds to 2 decimals when it reports; we return full precision (`round_metrics` rounds like it).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Generation from LLM input embeddings, in the two modes `SAM.generate` offers.
+"""Generation from LLM input embeddings, in the two modes `SAM.generate` offers
+(docs/model.md#generation compares them).
 
 ``"hf"``: transformers' own `generate` (greedy, beams, sampling, every HF option), with one
 correction. transformers 5.x exempts the first k tokens of a row left-padded by k from the

@@ -15,8 +15,8 @@ return_report=False, **config_overrides) -> SAM``
     an in-memory source therefore shares storage with the result unless ``copy=True``, and
     tensors read from ``.safetensors`` files without a dtype cast stay memory-mapped, as with HF
     ``from_pretrained`` (do not overwrite those files while the model is alive). The three
-    new modules (``adaptive_adjustment``, ``guidance_in``, ``guidance_out``) are initialised per
-    the spec (``model.reset_guidance_parameters()``: guidance zero) when the source lacks them.
+    new modules (``adaptive_adjustment``, ``guidance_in``, ``guidance_out``) start as the paper
+    starts them (``model.reset_guidance_parameters()``: guidance zero) when the source lacks them.
     Then ``model.freeze_backbone()`` and ``model.eval()``.
     ``config_overrides`` go to ``SAMConfig.from_instructblip_config`` (``context_mode``,
     ``guidance``, ``interaction_layers``, ...); ``dtype`` (cast floating tensors while reading;
@@ -28,8 +28,9 @@ return_report=False, **config_overrides) -> SAM``
     With ``return_report=True`` returns ``(model, LoadReport)``.
 
 ``lavis_to_sam_state_dict(sd) -> (new_sd, unmapped)``
-    Rename a LAVIS ``blip2_vicuna_instruct`` or released-SAM state dict to our keys. Tensors are
-    not copied, except the EVA-ViT ``q_bias``/``v_bias`` pairs which become
+    Rename a LAVIS ``blip2_vicuna_instruct`` or released-SAM state dict to our keys (the table:
+    docs/model.md#checkpoint-key-maps). Tensors are not copied, except the EVA-ViT
+    ``q_bias``/``v_bias`` pairs which become
     ``qkv.bias = cat[q_bias, zeros, v_bias]``. ``unmapped`` lists every input key that was not
     mapped, sorted; ``is_ignored_lavis_key(k)`` tells which of them are dropped on purpose
     (see ``IGNORED_LAVIS_KEYS``).
@@ -167,7 +168,7 @@ class LoadReport:
     missing: model keys nobody supplied (a successful load has none).
     unexpected: source keys the model has no place for (an error unless ``strict=False``).
     ignored: source keys dropped on purpose (known buffers, LAVIS heads; see IGNORED_LAVIS_KEYS).
-    initialized: keys of the new modules initialised per the spec instead of loaded.
+    initialized: keys of the new modules initialised (guidance zero) instead of loaded.
     resized: what was grown to the configured vocabulary, one line per tensor (an HF LLM
         directory with fewer rows than ``text_config.vocab_size``, e.g. Vicuna's 32000 rows for
         LAVIS' 32000 + ``[PAD]``).
@@ -344,7 +345,7 @@ def _build_model(
 ):
     """Construct ``cls(config)`` with meta parameters and assign ``state_dict`` into it.
 
-    New modules absent from ``state_dict`` are materialised and initialised per the spec. Raises
+    New modules absent from ``state_dict`` are materialised and initialised (guidance zero). Raises
     ValueError on shape mismatches, on missing keys (other than the new modules) and, when
     ``strict``, on unexpected keys. ``origin`` (key -> the file or directory it came from) makes
     those messages name the file of each key when several sources were merged.
@@ -386,7 +387,7 @@ def _build_model(
             raise ValueError(msg)
         warnings.warn(msg + " -- ignored because strict=False", stacklevel=3)
 
-    # The new modules: initialise per spec where the source lacks them; loaded values (assigned
+    # The new modules: initialise (guidance zero) where the source lacks them; loaded values (assigned
     # below) replace the initial ones where it has them.
     new_keys = [k for k in expected if _is_new_module_key(k)]
     missing_new = [k for k in new_keys if k not in to_load]
@@ -494,7 +495,7 @@ def from_instructblip(
 ):
     """Build ``cls`` (SAM) from an HF InstructBLIP (or SAM) directory or in-memory model.
 
-    See the module docstring. The three new modules are initialised per the spec when absent
+    See the module docstring. The three new modules are initialised (guidance zero) when absent
     (the usual case); a SAM source keeps its own.
     """
     dtype = _dtype_plan(cls, dtype)

@@ -1,5 +1,6 @@
 """Reference SAM image encoding: a loop over samples and images, merged maps materialised
-image by image from eq. (1), HF `InstructBlipQFormerLayer`s called as they are.
+image by image from eq. (1), HF `InstructBlipQFormerLayer`s called as they are (the semantics:
+docs/model.md#the-parts-of-the-model).
 
 It reads the parameters of a `sam_fast.SAM` and takes the patch scores from its Adaptive
 Adjustment (`AdaptiveAdjustment.scores`, the one definition of ``s = Linear(E)``) but shares none
