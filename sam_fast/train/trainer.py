@@ -357,6 +357,37 @@ class TrainResult:
     seconds: float = 0.0
 
 
+@dataclass
+class _Saved:
+    """The checkpoint this `Trainer.train` call wrote last, and its step."""
+
+    path: Path | None = None
+    step: int | None = None
+
+
+@dataclass
+class _StepLog:
+    """Where a step's record goes (main process): log.jsonl every ``log_every`` steps and at the last,
+    the reporters with it, and the progress bar every step."""
+
+    log_every: int
+    max_steps: int
+    file: object = None
+    bar: object = None
+    reporters: _Reporters | None = None
+
+    def write(self, rec: dict) -> None:
+        """Record step ``rec["step"]``."""
+        if self.file is not None and (rec["step"] % self.log_every == 0 or rec["step"] == self.max_steps):
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+            if self.reporters is not None:
+                self.reporters.log(rec)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", sps=f"{rec['samples_per_s']:.1f}")
+
+
 class Trainer:
     """Trains SAM's trainable modules on an `AnnotationDataset` (or any dataset of the same items).
 
@@ -669,7 +700,28 @@ class Trainer:
         (`RunDirectoryError`). SIGINT/SIGTERM finish the current step, checkpoint it and raise
         `TrainingInterrupted`; NaN/inf in the loss, a gradient or the updated state raise
         `NonFiniteLossError` without applying or checkpointing them."""
-        cfg = self.config
+        self._open_run_dir(resume)
+        result = TrainResult(step=self.step)
+        t_start = time.perf_counter()
+        saved = _Saved()
+        with contextlib.ExitStack() as stack:  # closed in reverse: loader, threads, signals, log
+            log = self._open_step_log(stack)
+            flag = self._catch_signals(stack)
+            self._limit_cpu_threads(stack)
+            loaded = self._open_loader(stack, self.config.max_steps - self.step)
+            while self.step < self.config.max_steps:
+                rec = self._train_step(loaded)
+                result.losses.append(rec["loss"])
+                log.write(rec)
+                self._checkpoint_or_stop(flag, saved)
+        result.step, result.checkpoint = self.step, saved.path or ckpt.latest_checkpoint(self.ckpt_root)
+        result.skipped = self.skipped_count()
+        result.seconds = time.perf_counter() - t_start
+        return result
+
+    def _open_run_dir(self, resume: bool) -> None:
+        """Refuse a run already in OUTPUT unless resuming; create OUTPUT, drop interrupted writes,
+        restore the newest checkpoint (`resume`) and put the model in training mode."""
         if not resume and self.dist.is_main:
             log = self.out / "log.jsonl"
             if ckpt.step_dirs(self.ckpt_root) or (log.is_file() and log.stat().st_size > 0):
@@ -682,113 +734,123 @@ class Trainer:
         if resume and not self.resume() and self.dist.is_main:
             self._truncate_log(0)  # no checkpoint yet: the records of the interrupted first steps go
         self._set_train_mode()
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-        log_f = open(self.out / "log.jsonl", "a") if self.dist.is_main else None  # noqa: SIM115
-        bar = None
-        if self.dist.is_main and cfg.progress:
+
+    def _open_step_log(self, stack: contextlib.ExitStack) -> _StepLog:
+        """log.jsonl (appended), the progress bar and the reporters of the main process; closed by `stack`."""
+        cfg = self.config
+        log = _StepLog(cfg.log_every, cfg.max_steps)
+        if not self.dist.is_main:
+            return log
+        log.file = stack.enter_context(open(self.out / "log.jsonl", "a"))  # noqa: SIM115
+        if cfg.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        result = TrainResult(step=self.step)
-        t_start = time.perf_counter()
-        last_saved, saved_step = None, None
+            log.bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+            stack.callback(log.bar.close)
+        if cfg.report_to:
+            log.reporters = _Reporters(cfg.report_to, self.out, self.step, cfg.to_dict())
+            stack.callback(log.reporters.close)
+        return log
+
+    def _catch_signals(self, stack: contextlib.ExitStack) -> dict:
+        """Install the SIGINT/SIGTERM handlers (`_install_signal_handlers`) until `stack` closes."""
         flag = {"signum": None}
-        threads = torch.get_num_threads()
-        limit_threads = self.device.type == "cpu" and cfg.cpu_threads > 0 and cfg.cpu_threads != threads
+        previous = self._install_signal_handlers(flag)
+        stack.callback(lambda: [signal.signal(sig, h) for sig, h in previous.items()])
+        return flag
+
+    def _limit_cpu_threads(self, stack: contextlib.ExitStack) -> None:
+        """On a CPU, run with ``cpu_threads`` intra-op threads until `stack` closes."""
+        threads, want = torch.get_num_threads(), self.config.cpu_threads
+        if self.device.type == "cpu" and want > 0 and want != threads:
+            torch.set_num_threads(want)
+            stack.callback(torch.set_num_threads, threads)
+
+    def _open_loader(self, stack: contextlib.ExitStack, steps: int):
+        """An iterator over the micro-batches of the next `steps` steps; its processes stop when `stack` closes
+        (now, not when the iterator is collected)."""
+        loaded = iter(self._loader(steps))
+        shutdown = getattr(loaded, "_shutdown_workers", None)
+        if shutdown is not None:
+            stack.callback(shutdown)
+        return loaded
+
+    def _train_step(self, loaded) -> dict:
+        """One optimiser step on the next global batch; returns its log record."""
+        t0 = time.perf_counter()
+        data_before, rng_before = DataPosition(**dataclasses.asdict(self.data)), ckpt.rng_state()
+        micro, epoch = self._next_indices()
+        t_data = time.perf_counter()
+        batches = [self._receive(next(loaded), idx) for idx in micro]
+        t_data = time.perf_counter() - t_data
+        n_tok = [0 if b is None else int((b["labels"][:, 1:] != -100).sum()) for b in batches]
+        total = all_reduce_sum(torch.tensor([float(sum(n_tok))], dtype=torch.float64), self.dist).item()
+        if total == 0:
+            raise RuntimeError(f"step {self.step + 1}: the global batch has no answer tokens")
+        lr = self.optimizer.param_groups[0]["lr"]
+        global_loss, ids = self._forward_backward(batches, n_tok, total, epoch)
+        if not math.isfinite(global_loss):
+            self._stop_before_update(f"non-finite loss ({global_loss})", ids, data_before, rng_before)
+        grad_norm = self._update(ids, data_before, rng_before)
+        self.step += 1
+        dt = time.perf_counter() - t0
+        return {"step": self.step, "loss": global_loss, "lr": lr, "grad_norm": grad_norm, "epoch": epoch,
+                "samples": self.step * self.global_batch, "samples_per_s": self.global_batch / dt,
+                "tokens": int(total), "data_s": t_data}
+
+    def _forward_backward(self, batches: list, n_tok: list[int], total: float, epoch: int) -> tuple[float, list]:
+        """Accumulate the gradients of this rank's micro-batches, each weighted by its share of the global
+        batch's `total` answer tokens; returns (the global batch's loss, the ids of the samples used)."""
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.amp)
         pin = self.device.type == "cuda"
-        reporters = loaded = None
-        previous_handlers = self._install_signal_handlers(flag)
-        try:
-            if limit_threads:
-                torch.set_num_threads(cfg.cpu_threads)
-            if self.dist.is_main and cfg.report_to:
-                reporters = _Reporters(cfg.report_to, self.out, self.step, cfg.to_dict())
-            loaded = iter(self._loader(cfg.max_steps - self.step))
-            while self.step < cfg.max_steps:
-                t0 = time.perf_counter()
-                data_before, rng_before = DataPosition(**dataclasses.asdict(self.data)), ckpt.rng_state()
-                micro, epoch = self._next_indices()
-                t_data = time.perf_counter()
-                batches = [self._receive(next(loaded), idx) for idx in micro]
-                t_data = time.perf_counter() - t_data
-                n_tok = [0 if b is None else int((b["labels"][:, 1:] != -100).sum()) for b in batches]
-                total = all_reduce_sum(torch.tensor([float(sum(n_tok))], dtype=torch.float64), self.dist).item()
-                if total == 0:
-                    raise RuntimeError(f"step {self.step + 1}: the global batch has no answer tokens")
-                lr = self.optimizer.param_groups[0]["lr"]
-                loss_sum = torch.zeros((), dtype=torch.float64)
-                ids = []
-                for b, n, weight in self._micro_batches(batches, n_tok, epoch):
-                    if weight:
-                        ids += b["ids"]
-                    with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        out = self.model(**model_inputs(b, self.device, non_blocking=pin))
-                    loss = out.loss.float() * (n / total) * weight
-                    self.scaler.scale(loss).backward()
-                    loss_sum += loss.detach().double().cpu()
-                global_loss = all_reduce_sum(loss_sum.reshape(1), self.dist).item()
-                if not math.isfinite(global_loss):
-                    self._stop_before_update(f"non-finite loss ({global_loss})", ids, data_before, rng_before)
-                all_reduce_grads(self.params, self.dist)
-                self.scaler.unscale_(self.optimizer)
-                if not self.scaler.is_enabled():  # fp16: the scaler skips steps with inf gradients itself
-                    bad = self._non_finite_grads()
-                    if bad:
-                        self._stop_before_update(f"non-finite gradient ({', '.join(bad)})", ids, data_before,
-                                                 rng_before)
-                grad_norm = None
-                if cfg.clip_grad_norm:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm))
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                with warnings.catch_warnings():  # fp16: the scaler skips steps with inf grads; the schedule goes on
-                    warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step")
-                    self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                bad = self._non_finite_state()
-                if bad:
-                    good = ckpt.latest_checkpoint(self.ckpt_root)
-                    raise NonFiniteLossError(
-                        f"non-finite values after the update of step {self.step + 1} ({', '.join(bad)}; samples "
-                        f"{ids} on rank {self.dist.rank}); stopped without saving this state. The last good "
-                        f"checkpoint is {good or 'none (no checkpoint yet)'}. Try a lower --lr.")
-                self.step += 1
-                result.losses.append(global_loss)
-                dt = time.perf_counter() - t0
-                if log_f is not None and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
-                    rec = {"step": self.step, "loss": global_loss, "lr": lr, "grad_norm": grad_norm,
-                           "epoch": epoch, "samples": self.step * self.global_batch,
-                           "samples_per_s": self.global_batch / dt, "tokens": int(total), "data_s": t_data}
-                    log_f.write(json.dumps(rec) + "\n")
-                    log_f.flush()
-                    if reporters is not None:
-                        reporters.log(rec)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{global_loss:.4f}", lr=f"{lr:.2e}", sps=f"{self.global_batch / dt:.1f}")
-                if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
-                    last_saved, saved_step = self.save(), self.step
-                signum = self._stop_requested(flag)
-                if signum is not None and self.step < cfg.max_steps:
-                    if saved_step != self.step:
-                        last_saved, saved_step = self.save(), self.step
-                    raise TrainingInterrupted(signum, self.step, last_saved or self.ckpt_root)
-        finally:
-            shutdown = getattr(loaded, "_shutdown_workers", None)
-            if shutdown is not None:  # stop the loader processes now, not when the iterator is collected
-                shutdown()
-            loaded = None
-            for sig, h in previous_handlers.items():
-                signal.signal(sig, h)
-            if limit_threads:
-                torch.set_num_threads(threads)
-            if reporters is not None:
-                reporters.close()
-            if bar is not None:
-                bar.close()
-            if log_f is not None:
-                log_f.close()
-        result.step, result.checkpoint = self.step, last_saved or ckpt.latest_checkpoint(self.ckpt_root)
-        result.skipped = self.skipped_count()
-        result.seconds = time.perf_counter() - t_start
-        return result
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        ids = []
+        for b, n, weight in self._micro_batches(batches, n_tok, epoch):
+            if weight:
+                ids += b["ids"]
+            with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out = self.model(**model_inputs(b, self.device, non_blocking=pin))
+            loss = out.loss.float() * (n / total) * weight
+            self.scaler.scale(loss).backward()
+            loss_sum += loss.detach().double().cpu()
+        return all_reduce_sum(loss_sum.reshape(1), self.dist).item(), ids
+
+    def _update(self, ids: list, data_before: DataPosition, rng_before: dict) -> float | None:
+        """All-reduce, check, clip and apply the gradients, advance the schedule; returns the gradient norm
+        (when clipping). Non-finite gradients or updated state raise `NonFiniteLossError`."""
+        cfg = self.config
+        all_reduce_grads(self.params, self.dist)
+        self.scaler.unscale_(self.optimizer)
+        if not self.scaler.is_enabled():  # fp16: the scaler skips steps with inf gradients itself
+            bad = self._non_finite_grads()
+            if bad:
+                self._stop_before_update(f"non-finite gradient ({', '.join(bad)})", ids, data_before, rng_before)
+        grad_norm = None
+        if cfg.clip_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        with warnings.catch_warnings():  # fp16: the scaler skips steps with inf grads; the schedule goes on
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step")
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        bad = self._non_finite_state()
+        if bad:
+            good = ckpt.latest_checkpoint(self.ckpt_root)
+            raise NonFiniteLossError(
+                f"non-finite values after the update of step {self.step + 1} ({', '.join(bad)}; samples "
+                f"{ids} on rank {self.dist.rank}); stopped without saving this state. The last good "
+                f"checkpoint is {good or 'none (no checkpoint yet)'}. Try a lower --lr.")
+        return grad_norm
+
+    def _checkpoint_or_stop(self, flag: dict, saved: _Saved) -> None:
+        """Checkpoint every ``save_every`` steps and at the end; after a SIGINT/SIGTERM (on any rank),
+        checkpoint this step and raise `TrainingInterrupted`."""
+        cfg = self.config
+        if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+            saved.path, saved.step = self.save(), self.step
+        signum = self._stop_requested(flag)
+        if signum is not None and self.step < cfg.max_steps:
+            if saved.step != self.step:
+                saved.path, saved.step = self.save(), self.step
+            raise TrainingInterrupted(signum, self.step, saved.path or self.ckpt_root)
