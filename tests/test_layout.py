@@ -189,3 +189,42 @@ def test_kernels_mapping_is_documented():
             assert op in doc, f"kernels/{stem}.py is launched by {op}, which kernels/__init__.py does not name"
     readme = (ROOT / "README.md").read_text()
     assert "kernels/" in readme and "sam_fast._kernels" in readme
+
+
+def test_tests_mirror_the_package():
+    """tests/ mirrors sam_fast/: no test module imports another test module (shared pieces live in
+    underscore helper modules such as _sam_helpers or in conftest fixtures), also not in the code of
+    a subprocess it runs; and every op module of sam_fast/ops (one that registers backends with the
+    dispatcher) has tests/ops/test_<op>.py and bench/ops/bench_<op>.py."""
+    import re
+
+    tests = ROOT / "tests"
+    names = {p.stem for p in tests.rglob("test_*.py")}
+    in_code = re.compile(r"^\s*(?:from|import)\s+(test_\w+)", re.MULTILINE)
+    bad = {}
+    for p in sorted(tests.rglob("test_*.py")):
+        hits = set()
+        for n in ast.walk(_tree(p)):
+            if isinstance(n, ast.Import):
+                hits |= {a.name.split(".")[0] for a in n.names}
+            elif isinstance(n, ast.ImportFrom) and n.module and not n.level:
+                hits.add(n.module.split(".")[0])
+            elif isinstance(n, ast.Constant) and isinstance(n.value, str):
+                hits |= set(in_code.findall(n.value))
+            elif isinstance(n, ast.Call) and ast.unparse(n.func).endswith("import_module") and n.args \
+                    and isinstance(n.args[0], ast.Constant) and isinstance(n.args[0].value, str):
+                hits.add(n.args[0].value.split(".")[0])
+        hits = sorted(h for h in hits if h.startswith("test_") and h != p.stem)
+        if hits:
+            bad[str(p.relative_to(ROOT))] = hits
+    dupes = sorted(n for n in names if len(list(tests.rglob(f"{n}.py"))) > 1)
+
+    ops = sorted(p.stem for p in OPS.glob("*.py") if not p.name.startswith("_")
+                 and any(isinstance(n, ast.Call) and ast.unparse(n.func) == "dispatcher" and n.args
+                         and isinstance(n.args[0], ast.Constant) for n in ast.walk(_tree(p))))
+    assert {"context_reweight", "cross_attention", "linear_cross_entropy", "llama"} <= set(ops), ops
+    missing = [f for op in ops for f in (f"tests/ops/test_{op}.py", f"bench/ops/bench_{op}.py")
+               if not (ROOT / f).is_file()]
+    assert not (bad or dupes or missing), (f"test modules importing other test modules: {bad}; test module "
+                                           f"basenames used twice: {dupes}; ops without their test / bench file: "
+                                           f"{missing}")
