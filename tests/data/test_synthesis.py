@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the _tiny helper
 
 from sam_fast.data.synthesis import (  # noqa: E402
     FilterConfig,
