@@ -45,16 +45,16 @@ def _run(steps: int, batch: int, seed: int, workdir: str | None) -> dict:
     from sam_fast.data.feature_cache import CachedFeatureDataset, build_feature_cache
     from sam_fast.data.synthetic import write_group_captions
     from sam_fast.eval import evaluate
+    from sam_fast.models import TRAINABLE_MODULES, directory
     from sam_fast.train import TrainConfig, Trainer, outputs
-    from sam_fast.train.trainer import TRAINABLE_MODULES
 
     t0 = time.time()
     root = Path(workdir or tempfile.mkdtemp(prefix="sam_fast_demo_"))
     train_dir = write_group_captions(root / "train", n_samples=96, size=64, seed=seed)
     test_dir = write_group_captions(root / "test", n_samples=16, size=64, seed=seed + 1000)
-    model = outputs.build_builtin("tiny", seed)
-    tokenizers = outputs.builtin_tokenizers("tiny")
-    pb = outputs.prompt_builder(model, tokenizers)
+    model = directory.build_builtin("tiny", seed)
+    tokenizers = directory.builtin_tokenizers("tiny")
+    pb = directory.prompt_builder(model, tokenizers)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     print("== sam_fast demo: tiny SAM (random frozen backbone), CPU ==")

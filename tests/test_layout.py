@@ -105,7 +105,8 @@ def test_models_package_has_no_import_circle():
     assert not circles, f"import circle through {circles}: {graph}"
 
 
-@pytest.mark.parametrize("module", ["sam_fast.models.loading", "sam_fast.models.sam", "sam_fast.models.directory"])
+@pytest.mark.parametrize("module", ["sam_fast.models.loading", "sam_fast.models.sam", "sam_fast.models.directory",
+                                    "sam_fast.models.checkpoint_files"])
 def test_model_modules_import_first(module):
     r = _run(f"import {module}")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -158,17 +159,86 @@ def test_trainable_modules_defined_once():
     assert trainer.TRAINABLE_MODULES is TRAINABLE_MODULES
 
 
-@pytest.mark.parametrize("layer", ["ops", "modules", "models"])
-def test_lower_layers_do_not_import_train_eval_or_cli(layer):
-    """kernels -> ops -> modules -> models -> train/eval -> cli: no back-edge to the trainer, eval or
-    the CLI (models/directory.py reads checkpoints through sam_fast.train.checkpoint, the file format)."""
+# kernels -> ops -> modules -> models -> train/eval -> cli: a module imports its own layer and earlier
+# ones only (train and eval side by side: neither imports the other). kernels/ installs as sam_fast._kernels.
+LAYERS = {"sam_fast._kernels": 0, "sam_fast.ops": 1, "sam_fast.modules": 2, "sam_fast.models": 3,
+          "sam_fast.train": 4, "sam_fast.eval": 4, "sam_fast.cli": 5}
+
+
+def _layer(module: str) -> str | None:
+    """The layer (a key of LAYERS) `module` belongs to, or None for modules outside the chain."""
+    return next((k for k in LAYERS if module == k or module.startswith(k + ".")), None)
+
+
+def _layer_files(layer: str) -> list[tuple[str, Path]]:
+    """(module name, file) of every module of `layer`."""
+    if layer == "sam_fast._kernels":
+        return [(f"sam_fast._kernels.{p.stem}" if p.stem != "__init__" else "sam_fast._kernels", p)
+                for p in sorted((ROOT / "kernels").glob("*.py"))]
+    base = PKG / layer.split(".")[1]
+    files = sorted(base.rglob("*.py")) if base.is_dir() else [base.with_suffix(".py")]
+    return [(_module_name(p), p) for p in files]
+
+
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_layers_import_only_earlier_layers(layer):
+    """No back-edge along kernels -> ops -> modules -> models -> train/eval -> cli, counting imports inside
+    functions; in particular sam_fast.models.* never imports sam_fast.train.* (loading a model directory reads
+    checkpoints through sam_fast.models.checkpoint_files)."""
+    files = _layer_files(layer)
+    assert files, f"no modules found for layer {layer}"
     bad = {}
-    for p in (PKG / layer).rglob("*.py"):
-        hits = sorted(i for i in _imports(p) if i.startswith(("sam_fast.eval", "sam_fast.cli", "sam_fast.train"))
-                      and i not in ("sam_fast.train.checkpoint",) and not i.startswith("sam_fast.train.checkpoint."))
+    for name, p in files:
+        hits = sorted(i for i in _imports(p) if _layer(i) not in (None, layer) and LAYERS[_layer(i)] >= LAYERS[layer])
         if hits:
-            bad[str(p.relative_to(ROOT))] = hits
-    assert not bad, bad
+            bad[name] = hits
+    assert not bad, f"imports of a later (or sibling) layer: {bad}"
+
+
+def test_layer_graph_has_no_circle():
+    """The layers' import graph (an edge when any module of one imports a module of another) is acyclic."""
+    graph = {layer: {_layer(i) for _, p in _layer_files(layer) for i in _imports(p)} - {None, layer}
+             for layer in LAYERS}
+
+    def reach(start, seen):
+        for nxt in graph[start]:
+            if nxt not in seen:
+                seen.add(nxt)
+                reach(nxt, seen)
+        return seen
+
+    circles = sorted(layer for layer in graph if layer in reach(layer, set()))
+    assert not circles, f"import circle through {circles}: {graph}"
+
+
+def test_lower_layers_load_no_later_layer():
+    """Importing every module of ops, modules and models (and all they import in turn, through any package)
+    loads nothing of sam_fast.train, sam_fast.eval or sam_fast.cli."""
+    names = [n for layer in ("sam_fast.ops", "sam_fast.modules", "sam_fast.models") for n, _ in _layer_files(layer)]
+    code = ("import importlib, sys\n"
+            f"for n in {names!r}:\n"
+            "    importlib.import_module(n)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[:2] in (['sam_fast', 'train'], ['sam_fast', 'eval'], "
+            "['sam_fast', 'cli'])))\n")
+    r = _run(code)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]", f"a later layer was loaded: {r.stdout}"
+
+
+def test_checkpoint_names_still_importable_from_train():
+    """The checkpoint file format moved to sam_fast.models.checkpoint_files; sam_fast.train.checkpoint
+    (and sam_fast.train) give the same objects under the old names."""
+    import sam_fast.train
+    from sam_fast.models import checkpoint_files as files
+    from sam_fast.train import checkpoint as ckpt
+
+    for name in ("CheckpointError", "LegacyCheckpointError", "TRAINABLE_FILE", "STATE_FILE", "STATE_TENSORS_FILE",
+                 "LEGACY_STATE_FILE", "is_checkpoint_dir", "is_legacy", "step_dirs", "latest_checkpoint",
+                 "load_trainable", "load_trainable_into"):
+        assert getattr(ckpt, name) is getattr(files, name), name
+    assert sam_fast.train.CheckpointError is files.CheckpointError
+    assert sam_fast.train.latest_checkpoint is files.latest_checkpoint
+    assert ckpt.load_latest.__defaults__[0] is ckpt.load_checkpoint  # resume state read by default, as before
 
 
 def test_kernels_mapping_is_documented():

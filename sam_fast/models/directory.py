@@ -6,7 +6,7 @@ a checkpoint directory inside one, a full SAM directory (`save_pretrained`), a t
 directory, or an HF InstructBLIP directory; the tokenizers come from the same place. Only
 safetensors, JSON and tokenizer files are read from a run directory: nothing in it is unpickled.
 The run directory's layout is described in `sam_fast.train.outputs`; its checkpoints are read with
-`sam_fast.train.checkpoint` (the file format only: nothing here imports the trainer).
+`sam_fast.models.checkpoint_files` (the file format): nothing here imports `sam_fast.train`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 
 from sam_fast.config import SAMConfig
 from sam_fast.data import PromptBuilder, load_tokenizers, tiny_tokenizers
+from sam_fast.models import checkpoint_files as ckpt
 from sam_fast.models.sam import SAM
-import sam_fast.train.checkpoint as ckpt
 
 BUILTIN_CONFIGS = ("tiny",)
 

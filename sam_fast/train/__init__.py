@@ -1,7 +1,8 @@
 """Training: the paper's recipe, checkpoints and resume, data parallelism over torchrun.
 
-The names below are imported on first use, so importing a submodule (``sam_fast.train.checkpoint``
-to read checkpoints, ``sam_fast.train.outputs``) does not import the trainer.
+The names below are imported on first use, so importing a submodule (``sam_fast.train.checkpoint``,
+``sam_fast.train.outputs``) does not import the trainer. Loading a model or reading a checkpoint needs
+nothing from here: `sam_fast.models.directory` and `sam_fast.models.checkpoint_files`.
 """
 
 from __future__ import annotations

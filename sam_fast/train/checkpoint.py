@@ -19,6 +19,10 @@ Loading checks every checksum first: a truncated or bit-flipped file raises `Che
 the file, and `load_latest` then falls back to the previous intact checkpoint. Checkpoints of older
 sam_fast versions (a pickled ``trainer_state.pt``) are never unpickled: their trainable tensors still
 load for evaluation, resuming from them is refused.
+
+Reading the files (finding checkpoints, the manifest and its checksums, the trainable tensors) lives in
+`sam_fast.models.checkpoint_files`, so that loading a model from a run directory does not import the
+trainer; its names are importable from here as before. This module adds writing and the resume state.
 """
 
 from __future__ import annotations
@@ -27,35 +31,44 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-TRAINABLE_FILE = "trainable.safetensors"
-STATE_FILE = "trainer_state.json"
-STATE_TENSORS_FILE = "trainer_state.safetensors"
-LEGACY_STATE_FILE = "trainer_state.pt"  # older versions: pickled; never loaded
-STATE_FORMAT = "sam_fast.trainer_state"
-STATE_VERSION = 1
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+from sam_fast.models import checkpoint_files as _files
+from sam_fast.models.checkpoint_files import (  # the file format; these names stay importable from here
+    LEGACY_STATE_FILE,
+    STATE_FILE,
+    STATE_FORMAT,
+    STATE_TENSORS_FILE,
+    STATE_VERSION,
+    TRAINABLE_FILE,
+    CheckpointError,
+    LegacyCheckpointError,
+    is_checkpoint_dir,
+    is_legacy,
+    latest_checkpoint,
+    load_trainable,
+    load_trainable_into,
+    step_dirs,
+)
+from sam_fast.models.checkpoint_files import canonical_json as _canonical
+from sam_fast.models.checkpoint_files import file_sha256 as _sha256
+from sam_fast.models.checkpoint_files import load_tensors as _load_tensors
+from sam_fast.models.checkpoint_files import notice as _notice
+from sam_fast.models.checkpoint_files import read_manifest as _read_manifest
+from sam_fast.models.checkpoint_files import verify_file as _verify
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated, altered or of a refused format; the message names it."""
-
-
-class LegacyCheckpointError(CheckpointError):
-    """A checkpoint whose resume state is pickled (older sam_fast): refused, since unpickling runs code."""
-
-
-def _notice(msg: str) -> None:
-    print(f"sam_fast: {msg}", file=sys.stderr, flush=True)
+__all__ = [
+    "CheckpointError", "LegacyCheckpointError", "LEGACY_STATE_FILE", "STATE_FILE", "STATE_FORMAT",
+    "STATE_TENSORS_FILE", "STATE_VERSION", "TRAINABLE_FILE", "clean_stale", "is_checkpoint_dir", "is_legacy",
+    "latest_checkpoint", "load_checkpoint", "load_latest", "load_trainable", "load_trainable_into",
+    "rng_state", "save_checkpoint", "set_rng_state", "step_dirs",
+]
 
 
 # -- RNG ----------------------------------------------------------------------------------------
@@ -130,18 +143,6 @@ def _decode(obj, tensors: dict[str, torch.Tensor], file: Path):
     return {k: _decode(v, tensors, file) for k, v in obj.items()}
 
 
-def _canonical(body: dict) -> bytes:
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # -- files ----------------------------------------------------------------------------------------
 def _fsync_dir(path: Path) -> None:
     try:
@@ -159,52 +160,6 @@ def _fsync_dir(path: Path) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
-
-
-def is_legacy(path: Path) -> bool:
-    """A checkpoint directory of an older sam_fast (pickled trainer_state.pt, no trainer_state.json)."""
-    return (path / LEGACY_STATE_FILE).is_file() and not (path / STATE_FILE).is_file()
-
-
-def is_checkpoint_dir(path: str | os.PathLike) -> bool:
-    """Whether `path` holds every file of a checkpoint (contents not checked), of this or an older format."""
-    path = Path(path)
-    if not (path / TRAINABLE_FILE).is_file():
-        return False
-    return ((path / STATE_FILE).is_file() and (path / STATE_TENSORS_FILE).is_file()) or is_legacy(path)
-
-
-def step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (all files present; contents not checked), oldest first."""
-    ckpt_root = Path(ckpt_root)
-    if not ckpt_root.is_dir():
-        return []
-    out = []
-    for p in ckpt_root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and is_checkpoint_dir(p):
-            out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
-def latest_checkpoint(ckpt_root: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint (`latest` if it names one, else the highest step)."""
-    cands = _candidates(Path(ckpt_root))
-    return cands[0] if cands else None
-
-
-def _candidates(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints, the one `latest` names first, then newest to oldest."""
-    dirs = [p for _, p in reversed(step_dirs(ckpt_root))]
-    pointer = ckpt_root / "latest"
-    if pointer.is_file():
-        try:
-            name = pointer.read_text().strip()
-        except (OSError, UnicodeDecodeError):
-            name = ""
-        named = [p for p in dirs if p.name == name]
-        dirs = named + [p for p in dirs if p.name != name]
-    return dirs
 
 
 def clean_stale(ckpt_root: Path) -> None:
@@ -268,68 +223,6 @@ def save_checkpoint(ckpt_root: str | os.PathLike, step: int, trainable: dict[str
 
 
 # -- loading --------------------------------------------------------------------------------------
-def _read_manifest(path: Path) -> dict:
-    """trainer_state.json of checkpoint `path`, its own checksum verified."""
-    file = path / STATE_FILE
-    if is_legacy(path):
-        raise LegacyCheckpointError(
-            f"{path / LEGACY_STATE_FILE}: resume state of an older sam_fast version, pickled, and not loaded "
-            "because unpickling a file can run code; its trained weights (trainable.safetensors) still load for "
-            "eval/generate, and `sam-fast train --model RUN_DIR --output NEW_DIR` starts a new run from them")
-    try:
-        data = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: missing") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{file}: unreadable or truncated ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
-        fmt = data.get("format") if isinstance(data, dict) else None
-        raise CheckpointError(f"{file}: not a sam_fast trainer state (format {fmt!r})")
-    if data.get("version") != STATE_VERSION:
-        raise CheckpointError(f"{file}: trainer state version {data.get('version')!r}; this sam_fast reads "
-                              f"{STATE_VERSION}")
-    body = {k: v for k, v in data.items() if k != "sha256"}
-    if hashlib.sha256(_canonical(body)).hexdigest() != data.get("sha256"):
-        raise CheckpointError(f"{file}: checksum mismatch (the file was altered or damaged)")
-    return data
-
-
-def _verify(path: Path, name: str, manifest: dict) -> None:
-    file = path / name
-    want = manifest["files"].get(name)
-    if want is None:
-        raise CheckpointError(f"{path / STATE_FILE}: has no checksum for {name}")
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing")
-    size = file.stat().st_size
-    if size != want["bytes"]:
-        raise CheckpointError(f"{file}: {size} bytes, {want['bytes']} expected (truncated or damaged)")
-    if _sha256(file) != want["sha256"]:
-        raise CheckpointError(f"{file}: sha256 mismatch (the file was altered or damaged)")
-
-
-def _load_tensors(file: Path, device: str) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(file), device=device)
-    except Exception as e:  # safetensors' errors do not name the file
-        raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {e})") from None
-
-
-def load_trainable(path: str | os.PathLike, map_location="cpu") -> tuple[dict[str, torch.Tensor], int]:
-    """(trainable tensors, step) of one checkpoint directory, checksums verified. Reads no resume state,
-    so checkpoints of older versions (pickled trainer_state.pt) load too, without that file."""
-    path = Path(path)
-    m = _STEP_DIR.match(path.name)
-    if is_legacy(path):
-        tensors = _load_tensors(path / TRAINABLE_FILE, str(map_location))
-        if not m:
-            raise CheckpointError(f"{path}: an older-format checkpoint must keep its step-NNNNNNNN directory name")
-        return tensors, int(m.group(1))
-    manifest = _read_manifest(path)
-    _verify(path, TRAINABLE_FILE, manifest)
-    return _load_tensors(path / TRAINABLE_FILE, str(map_location)), int(manifest["step"])
-
-
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[dict[str, torch.Tensor], dict]:
     """(trainable tensors, trainer state) of one checkpoint directory, every checksum verified.
 
@@ -346,37 +239,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[dict[s
 
 def load_latest(ckpt_root: str | os.PathLike, loader: Callable = load_checkpoint,
                 notice: Callable[[str], None] = _notice):
-    """(path, *loader(path)) of the newest intact checkpoint under `ckpt_root`, or None when there is none.
+    """(path, *loader(path)) of the newest intact checkpoint under `ckpt_root`, or None when there is none
+    (`sam_fast.models.checkpoint_files.load_latest`, reading the resume state by default).
 
     A damaged checkpoint is reported in one line (`notice`) and the previous one is tried; an older-format
     one raises `LegacyCheckpointError` (resume state refused) unless `loader` does not read that state."""
-    cands = _candidates(Path(ckpt_root))
-    damaged = []
-    for i, path in enumerate(cands):
-        try:
-            loaded = loader(path)
-        except LegacyCheckpointError:
-            raise
-        except CheckpointError as e:
-            damaged.append(str(e))
-            later = f"falling back to {cands[i + 1].name}" if i + 1 < len(cands) else "no older checkpoint"
-            notice(f"checkpoint {path.name} is damaged: {e}; {later}")
-            continue
-        return (path, *loaded)
-    if damaged:
-        raise CheckpointError(f"{ckpt_root}: no intact checkpoint ({len(damaged)} damaged: {'; '.join(damaged)})")
-    return None
-
-
-def load_trainable_into(model, trainable: dict[str, torch.Tensor]) -> None:
-    """Copy checkpoint tensors into the model; the key sets must match exactly."""
-    own = model.trainable_state_dict()
-    missing, extra = sorted(set(own) - set(trainable)), sorted(set(trainable) - set(own))
-    if missing or extra:
-        raise ValueError(f"checkpoint does not match the model's trainable tensors: missing {missing}, "
-                         f"unexpected {extra}")
-    with torch.no_grad():
-        for k, v in trainable.items():
-            if own[k].shape != v.shape:
-                raise ValueError(f"checkpoint tensor {k} has shape {tuple(v.shape)}, the model {tuple(own[k].shape)}")
-            own[k].copy_(v)
+    return _files.load_latest(ckpt_root, loader, notice)

@@ -31,7 +31,7 @@ class SAMCaptioner:
 
     Args:
         model: the SAM (in eval mode after construction).
-        prompt_builder: its `sam_fast.data.PromptBuilder` (`sam_fast.train.outputs.prompt_builder`).
+        prompt_builder: its `sam_fast.data.PromptBuilder` (`sam_fast.models.directory.prompt_builder`).
         prompt: the instruction; must refer to the image as ``{image#1}``.
         generate_kwargs: passed to `SAM.generate` (default: the model's generation settings, up to 64 new tokens).
         name: the model name recorded in the manifest.
@@ -54,15 +54,15 @@ class SAMCaptioner:
     def from_pretrained(cls, path, device=None, dtype=None, **kwargs) -> SAMCaptioner:
         """Load an HF InstructBLIP directory (through `SAM.from_instructblip`), a SAM directory or a training
         output, with its tokenizers, from local files."""
-        from sam_fast.train import outputs
+        from sam_fast.models import directory
 
         try:
-            model, tokenizers, _ = outputs.load_model_dir(path, **({"dtype": dtype} if dtype is not None else {}))
+            model, tokenizers, _ = directory.load_model_dir(path, **({"dtype": dtype} if dtype is not None else {}))
         except (OSError, ValueError) as e:
             raise SynthesisError(f"--caption-model {path}: {' '.join(str(e).split())[:300]}") from None
         if device is not None:
             model.to(device)
-        return cls(model, outputs.prompt_builder(model, tokenizers), name=str(path), **kwargs)
+        return cls(model, directory.prompt_builder(model, tokenizers), name=str(path), **kwargs)
 
     def caption(self, image: Image.Image) -> str:
         """The model's answer to the caption prompt about `image`."""

@@ -1,0 +1,218 @@
+"""Reading training checkpoints: the file format, so that loading a model from a run directory
+(`sam_fast.models.directory`) needs nothing from the trainer. Writing them, and the trainer's resume
+state, live in `sam_fast.train.checkpoint`, which imports the names below.
+
+Layout under ``OUTPUT/checkpoints``::
+
+    step-00000100/trainable.safetensors      the four trainable modules' tensors (keys as in state_dict())
+    step-00000100/trainer_state.safetensors  the tensors of the resume state (optimiser moments, RNG states)
+    step-00000100/trainer_state.json         the rest of it (step, data position, schedule, scaler, options),
+                                             the sha256 and size of both safetensors files, and a sha256 of
+                                             its own content
+    latest                                   name of the newest complete checkpoint
+
+Only safetensors and JSON are read: nothing is unpickled. Every checksum is checked before a tensor is
+used: a truncated or bit-flipped file raises `CheckpointError` naming the file, and `load_latest` then
+falls back to the previous intact checkpoint. Checkpoints of older sam_fast versions (a pickled
+``trainer_state.pt``) are never unpickled: their trainable tensors still load (`load_trainable`), their
+resume state is refused (`LegacyCheckpointError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+TRAINABLE_FILE = "trainable.safetensors"
+STATE_FILE = "trainer_state.json"
+STATE_TENSORS_FILE = "trainer_state.safetensors"
+LEGACY_STATE_FILE = "trainer_state.pt"  # older versions: pickled; never loaded
+STATE_FORMAT = "sam_fast.trainer_state"
+STATE_VERSION = 1
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, altered or of a refused format; the message names it."""
+
+
+class LegacyCheckpointError(CheckpointError):
+    """A checkpoint whose resume state is pickled (older sam_fast): refused, since unpickling runs code."""
+
+
+def notice(msg: str) -> None:
+    """Print a one-line ``sam_fast: ...`` notice to stderr (a damaged checkpoint that is skipped)."""
+    print(f"sam_fast: {msg}", file=sys.stderr, flush=True)
+
+
+def canonical_json(body: dict) -> bytes:
+    """The bytes trainer_state.json's own sha256 is taken over (sorted keys, no spaces)."""
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's content, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- finding checkpoints ---------------------------------------------------------------------------
+def is_legacy(path: Path) -> bool:
+    """A checkpoint directory of an older sam_fast (pickled trainer_state.pt, no trainer_state.json)."""
+    return (path / LEGACY_STATE_FILE).is_file() and not (path / STATE_FILE).is_file()
+
+
+def is_checkpoint_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` holds every file of a checkpoint (contents not checked), of this or an older format."""
+    path = Path(path)
+    if not (path / TRAINABLE_FILE).is_file():
+        return False
+    return ((path / STATE_FILE).is_file() and (path / STATE_TENSORS_FILE).is_file()) or is_legacy(path)
+
+
+def step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (all files present; contents not checked), oldest first."""
+    ckpt_root = Path(ckpt_root)
+    if not ckpt_root.is_dir():
+        return []
+    out = []
+    for p in ckpt_root.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and p.is_dir() and is_checkpoint_dir(p):
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def candidates(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, the one `latest` names first, then newest to oldest."""
+    dirs = [p for _, p in reversed(step_dirs(ckpt_root))]
+    pointer = ckpt_root / "latest"
+    if pointer.is_file():
+        try:
+            name = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            name = ""
+        named = [p for p in dirs if p.name == name]
+        dirs = named + [p for p in dirs if p.name != name]
+    return dirs
+
+
+def latest_checkpoint(ckpt_root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint (`latest` if it names one, else the highest step)."""
+    cands = candidates(Path(ckpt_root))
+    return cands[0] if cands else None
+
+
+# -- reading one checkpoint ------------------------------------------------------------------------
+def read_manifest(path: Path) -> dict:
+    """trainer_state.json of checkpoint `path`, its own checksum verified; `LegacyCheckpointError` for an
+    older, pickled state (not read)."""
+    file = path / STATE_FILE
+    if is_legacy(path):
+        raise LegacyCheckpointError(
+            f"{path / LEGACY_STATE_FILE}: resume state of an older sam_fast version, pickled, and not loaded "
+            "because unpickling a file can run code; its trained weights (trainable.safetensors) still load for "
+            "eval/generate, and `sam-fast train --model RUN_DIR --output NEW_DIR` starts a new run from them")
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{file}: unreadable or truncated ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+        fmt = data.get("format") if isinstance(data, dict) else None
+        raise CheckpointError(f"{file}: not a sam_fast trainer state (format {fmt!r})")
+    if data.get("version") != STATE_VERSION:
+        raise CheckpointError(f"{file}: trainer state version {data.get('version')!r}; this sam_fast reads "
+                              f"{STATE_VERSION}")
+    body = {k: v for k, v in data.items() if k != "sha256"}
+    if hashlib.sha256(canonical_json(body)).hexdigest() != data.get("sha256"):
+        raise CheckpointError(f"{file}: checksum mismatch (the file was altered or damaged)")
+    return data
+
+
+def verify_file(path: Path, name: str, manifest: dict) -> None:
+    """Check file `name` of checkpoint `path` against the size and sha256 its manifest records."""
+    file = path / name
+    want = manifest["files"].get(name)
+    if want is None:
+        raise CheckpointError(f"{path / STATE_FILE}: has no checksum for {name}")
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    size = file.stat().st_size
+    if size != want["bytes"]:
+        raise CheckpointError(f"{file}: {size} bytes, {want['bytes']} expected (truncated or damaged)")
+    if file_sha256(file) != want["sha256"]:
+        raise CheckpointError(f"{file}: sha256 mismatch (the file was altered or damaged)")
+
+
+def load_tensors(file: Path, device: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors `file`; an unreadable one raises `CheckpointError` naming it."""
+    try:
+        return load_file(str(file), device=device)
+    except Exception as e:  # safetensors' errors do not name the file
+        raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def load_trainable(path: str | os.PathLike, map_location="cpu") -> tuple[dict[str, torch.Tensor], int]:
+    """(trainable tensors, step) of one checkpoint directory, checksums verified. Reads no resume state,
+    so checkpoints of older versions (pickled trainer_state.pt) load too, without that file."""
+    path = Path(path)
+    m = STEP_DIR.match(path.name)
+    if is_legacy(path):
+        tensors = load_tensors(path / TRAINABLE_FILE, str(map_location))
+        if not m:
+            raise CheckpointError(f"{path}: an older-format checkpoint must keep its step-NNNNNNNN directory name")
+        return tensors, int(m.group(1))
+    manifest = read_manifest(path)
+    verify_file(path, TRAINABLE_FILE, manifest)
+    return load_tensors(path / TRAINABLE_FILE, str(map_location)), int(manifest["step"])
+
+
+def load_latest(ckpt_root: str | os.PathLike, loader: Callable, notice: Callable[[str], None] = notice):
+    """(path, *loader(path)) of the newest intact checkpoint under `ckpt_root`, or None when there is none.
+
+    A damaged checkpoint is reported in one line (`notice`) and the previous one is tried; an older-format
+    one raises `LegacyCheckpointError` (resume state refused) unless `loader` does not read that state
+    (`load_trainable` does not)."""
+    cands = candidates(Path(ckpt_root))
+    damaged = []
+    for i, path in enumerate(cands):
+        try:
+            loaded = loader(path)
+        except LegacyCheckpointError:
+            raise
+        except CheckpointError as e:
+            damaged.append(str(e))
+            later = f"falling back to {cands[i + 1].name}" if i + 1 < len(cands) else "no older checkpoint"
+            notice(f"checkpoint {path.name} is damaged: {e}; {later}")
+            continue
+        return (path, *loaded)
+    if damaged:
+        raise CheckpointError(f"{ckpt_root}: no intact checkpoint ({len(damaged)} damaged: {'; '.join(damaged)})")
+    return None
+
+
+def load_trainable_into(model, trainable: dict[str, torch.Tensor]) -> None:
+    """Copy checkpoint tensors into the model; the key sets must match exactly."""
+    own = model.trainable_state_dict()
+    missing, extra = sorted(set(own) - set(trainable)), sorted(set(trainable) - set(own))
+    if missing or extra:
+        raise ValueError(f"checkpoint does not match the model's trainable tensors: missing {missing}, "
+                         f"unexpected {extra}")
+    with torch.no_grad():
+        for k, v in trainable.items():
+            if own[k].shape != v.shape:
+                raise ValueError(f"checkpoint tensor {k} has shape {tuple(v.shape)}, the model {tuple(own[k].shape)}")
+            own[k].copy_(v)
