@@ -354,9 +354,30 @@ def _build_model(
     report.source = report.source or source
     with _parameters_on_meta():
         model = cls(config)
+    where = f" in {source}" if source else ""
+    to_load = _matching_tensors(model, state_dict, dtype, device, copy, report, origin, where)
+    if report.unexpected:
+        _refuse_unexpected(cls, report.unexpected, strict, source, origin, where)
+    _init_missing_new_modules(model, to_load, dtype, device, report)
+    model.load_state_dict(to_load, strict=False, assign=True)
+    _retie(model)
+    report.missing = [k for k, t in model.state_dict().items() if t.is_meta]
+    if report.missing:
+        raise ValueError(f"missing keys{where} (not in the checkpoint): {_format_keys(report.missing)}")
+    if device is not None:
+        model.to(device)  # buffers; parameters are already there
+    if hasattr(model, "freeze_backbone"):
+        model.freeze_backbone()
+    model.eval()
+    return model, report
+
+
+def _matching_tensors(model, state_dict, dtype, device, copy: bool, report: LoadReport, origin, where: str) -> dict:
+    """The tensors of `state_dict` that have a place in `model`, prepared (dtype, device, copy); keys without
+    one go to ``report.ignored`` (non-persistent or HF legacy buffers) or ``report.unexpected``. Raises
+    ValueError listing every shape mismatch."""
     expected = model.state_dict()
     non_persistent = _non_persistent_buffer_names(model)
-
     to_load: dict[str, torch.Tensor] = {}
     mismatched = []
     for k, t in state_dict.items():
@@ -371,51 +392,44 @@ def _build_model(
             mismatched.append(f"{k}{src}: checkpoint {tuple(t.shape)} vs model {tuple(expected[k].shape)}")
             continue
         to_load[k] = _prepare(t, _target_dtype(dtype, k), device, copy)
-    where = f" in {source}" if source else ""
     if mismatched:
         raise ValueError(f"shape mismatch{where}: " + "; ".join(mismatched))
-    if report.unexpected:
-        if origin:
-            by_source: dict[str, list[str]] = {}
-            for k in report.unexpected:
-                by_source.setdefault(origin.get(k, source), []).append(k)
-            listed = "; ".join(f"in {src}: {_format_keys(keys)}" for src, keys in by_source.items())
-            msg = f"unexpected keys (no place in {cls.__name__}): {listed}"
-        else:
-            msg = f"unexpected keys{where} (no place in {cls.__name__}): {_format_keys(report.unexpected)}"
-        if strict:
-            raise ValueError(msg)
-        warnings.warn(msg + " -- ignored because strict=False", stacklevel=3)
+    return to_load
 
-    # The new modules: initialise (guidance zero) where the source lacks them; loaded values (assigned
-    # below) replace the initial ones where it has them.
-    new_keys = [k for k in expected if _is_new_module_key(k)]
-    missing_new = [k for k in new_keys if k not in to_load]
-    if missing_new:
-        ref = to_load.get("language_projection.weight")
-        new_dtype = _target_dtype(dtype, "guidance_in.weight")
-        new_dtype = new_dtype or (ref.dtype if ref is not None else torch.get_default_dtype())
-        new_device = device or (ref.device if ref is not None else "cpu")
-        for name in NEW_MODULES:
-            mod = getattr(model, name, None)
-            if mod is not None:
-                mod.to_empty(device=new_device)
-                mod.to(new_dtype)
-        if hasattr(model, "reset_guidance_parameters"):
-            model.reset_guidance_parameters()
-        report.initialized = sorted(missing_new)
 
-    model.load_state_dict(to_load, strict=False, assign=True)
-    _retie(model)
-    report.missing = [k for k, t in model.state_dict().items() if t.is_meta]
-    if report.missing:
-        raise ValueError(f"missing keys{where} (not in the checkpoint): {_format_keys(report.missing)}")
-    if device is not None:
-        model.to(device)  # buffers; parameters are already there
-    if hasattr(model, "freeze_backbone"):
-        model.freeze_backbone()
-    model.eval()
-    return model, report
+def _refuse_unexpected(cls, unexpected: list[str], strict: bool, source: str, origin, where: str) -> None:
+    """Raise (`strict`) or warn about keys with no place in `cls`, grouped by the file they came from."""
+    if origin:
+        by_source: dict[str, list[str]] = {}
+        for k in unexpected:
+            by_source.setdefault(origin.get(k, source), []).append(k)
+        listed = "; ".join(f"in {src}: {_format_keys(keys)}" for src, keys in by_source.items())
+        msg = f"unexpected keys (no place in {cls.__name__}): {listed}"
+    else:
+        msg = f"unexpected keys{where} (no place in {cls.__name__}): {_format_keys(unexpected)}"
+    if strict:
+        raise ValueError(msg)
+    warnings.warn(msg + " -- ignored because strict=False", stacklevel=4)
+
+
+def _init_missing_new_modules(model, to_load: dict, dtype, device, report: LoadReport) -> None:
+    """Materialise and initialise (guidance zero) the new modules where the source lacks them; loaded
+    values (assigned afterwards) replace the initial ones where it has them."""
+    missing_new = [k for k in model.state_dict() if _is_new_module_key(k) and k not in to_load]
+    if not missing_new:
+        return
+    ref = to_load.get("language_projection.weight")
+    new_dtype = _target_dtype(dtype, "guidance_in.weight")
+    new_dtype = new_dtype or (ref.dtype if ref is not None else torch.get_default_dtype())
+    new_device = device or (ref.device if ref is not None else "cpu")
+    for name in NEW_MODULES:
+        mod = getattr(model, name, None)
+        if mod is not None:
+            mod.to_empty(device=new_device)
+            mod.to(new_dtype)
+    if hasattr(model, "reset_guidance_parameters"):
+        model.reset_guidance_parameters()
+    report.initialized = sorted(missing_new)
 
 
 def _retie(model: nn.Module) -> None:
