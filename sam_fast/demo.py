@@ -41,12 +41,9 @@ def main(steps: int = 400, batch: int = 8, seed: int = 0, workdir: str | None = 
 
 
 def _run(steps: int, batch: int, seed: int, workdir: str | None) -> dict:
-    from sam_fast.data import AnnotationDataset, Collator, EvalTransform
-    from sam_fast.data.feature_cache import CachedFeatureDataset, build_feature_cache
     from sam_fast.data.synthetic import write_group_captions
     from sam_fast.eval import evaluate
-    from sam_fast.models import TRAINABLE_MODULES, directory
-    from sam_fast.train import TrainConfig, Trainer, outputs
+    from sam_fast.models import directory
 
     t0 = time.time()
     root = Path(workdir or tempfile.mkdtemp(prefix="sam_fast_demo_"))
@@ -55,6 +52,32 @@ def _run(steps: int, batch: int, seed: int, workdir: str | None) -> dict:
     model = directory.build_builtin("tiny", seed)
     tokenizers = directory.builtin_tokenizers("tiny")
     pb = directory.prompt_builder(model, tokenizers)
+    _show_model_and_data(model, root, train_dir)
+    tokens = _show_visual_tokens(model, pb, train_dir)
+    _cache_features(model, (train_dir, test_dir))
+    before = evaluate(model, test_dir, pb, root / "eval_before", batch_size=16, features=test_dir / "features",
+                      **GEN)
+    res, t_train = _train(model, tokenizers, pb, train_dir, root, steps, batch, seed)
+    after = evaluate(model, test_dir, pb, root / "eval_after", batch_size=16, features=test_dir / "features", **GEN)
+    _show_generation(root, before, after)
+
+    from sam_fast import env
+
+    print()
+    print(env.report())
+    n = max(1, min(10, steps // 4))
+    first, last = sum(res.losses[:n]) / n, sum(res.losses[-n:]) / n
+    seconds = time.time() - t0
+    print(f"\nloss {first:.3f} -> {last:.3f}; ROUGE_L {before['ROUGE_L']:.1f} -> {after['ROUGE_L']:.1f}; "
+          f"demo took {seconds:.1f} s (outputs in {root})")
+    return {"loss_first": first, "loss_last": last, "metrics_before": before, "metrics_after": after,
+            "seconds": seconds, "train_seconds": t_train, "visual_tokens_shape": tuple(tokens.shape),
+            "workdir": str(root)}
+
+
+def _show_model_and_data(model, root: Path, train_dir: Path) -> None:
+    from sam_fast.models import TRAINABLE_MODULES
+
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     print("== sam_fast demo: tiny SAM (random frozen backbone), CPU ==")
@@ -63,7 +86,11 @@ def _run(steps: int, batch: int, seed: int, workdir: str | None) -> dict:
     print(f"dataset: {root} (train {len(recs)} samples, test 16); e.g. {recs[0]['img_list']} -> "
           f"{recs[0]['instruction']!r} -> {recs[0]['output']!r}")
 
-    # Visual tokens of a ragged batch (1, 2, 3 and 5 images).
+
+def _show_visual_tokens(model, pb, train_dir: Path) -> torch.Tensor:
+    """Visual tokens of a ragged batch (1, 2, 3 and 5 images)."""
+    from sam_fast.data import AnnotationDataset, Collator, EvalTransform
+
     size = model.config.vision_config.image_size
     ds_eval = AnnotationDataset(train_dir, EvalTransform(size))
     items = [ds_eval[i] for i in range(4)]
@@ -76,16 +103,25 @@ def _run(steps: int, batch: int, seed: int, workdir: str | None) -> dict:
                                      qformer_attention_mask=b["qformer_attention_mask"])
     print(f"\nvisual tokens for image counts [1, 2, 3, 5]: {tuple(tokens.shape)} "
           f"(T=11 images x {model.config.num_query_tokens} queries x LLM width {tokens.shape[-1]})")
+    return tokens
+
+
+def _cache_features(model, dirs) -> None:
+    """The vision features of every image of `dirs`, in DIR/features (train/eval then skip the ViT)."""
+    from sam_fast.data.feature_cache import build_feature_cache
 
     t_cache = time.time()
     n_cached = 0
-    for d in (train_dir, test_dir):
+    for d in dirs:
         n_cached += len(build_feature_cache(model, d, d / "features", dtype=torch.float32)["images"])
     print(f"cached the vision features of {n_cached} images in {time.time() - t_cache:.1f} s "
           f"(train/eval then skip the frozen ViT)")
 
-    before = evaluate(model, test_dir, pb, root / "eval_before", batch_size=16, features=test_dir / "features",
-                      **GEN)
+
+def _train(model, tokenizers, pb, train_dir: Path, root: Path, steps: int, batch: int, seed: int):
+    """Train on the cached features into ROOT/run, printing the loss curve; (TrainResult, seconds)."""
+    from sam_fast.data.feature_cache import CachedFeatureDataset
+    from sam_fast.train import TrainConfig, Trainer, outputs
 
     cfg = TrainConfig(output_dir=str(root / "run"), max_steps=steps, batch_size=batch, lr=PEAK_LR,
                       warmup_steps=max(1, steps // 10), save_every=max(1, steps // 2), seed=seed, progress=False)
@@ -105,8 +141,10 @@ def _run(steps: int, batch: int, seed: int, workdir: str | None) -> dict:
         window = res.losses[max(0, s - every + 1) : s + 1]
         print(f"  step {s + 1:4d}  loss {sum(window) / len(window):.3f}")
     print(f"  {steps} steps in {t_train:.1f} s ({steps * batch / t_train:.1f} samples/s); checkpoint {res.checkpoint}")
+    return res, t_train
 
-    after = evaluate(model, test_dir, pb, root / "eval_after", batch_size=16, features=test_dir / "features", **GEN)
+
+def _show_generation(root: Path, before: dict, after: dict) -> None:
     preds = json.loads((root / "eval_after" / "pred.json").read_text())
     print(f"\ngeneration on the 16 held-out samples ({GEN['num_beams']} beams):")
     for p in preds[:4]:
@@ -114,19 +152,6 @@ def _run(steps: int, batch: int, seed: int, workdir: str | None) -> dict:
     print(f"\n{'':14}{'ROUGE_L':>9}{'CIDEr':>9}{'Bleu_4':>9}")
     for name, m in (("before", before), ("after", after)):
         print(f"  {name:12}{m['ROUGE_L']:9.2f}{m['CIDEr']:9.2f}{m['Bleu_4']:9.2f}")
-
-    from sam_fast import env
-
-    print()
-    print(env.report())
-    n = max(1, min(10, steps // 4))
-    first, last = sum(res.losses[:n]) / n, sum(res.losses[-n:]) / n
-    seconds = time.time() - t0
-    print(f"\nloss {first:.3f} -> {last:.3f}; ROUGE_L {before['ROUGE_L']:.1f} -> {after['ROUGE_L']:.1f}; "
-          f"demo took {seconds:.1f} s (outputs in {root})")
-    return {"loss_first": first, "loss_last": last, "metrics_before": before, "metrics_after": after,
-            "seconds": seconds, "train_seconds": t_train, "visual_tokens_shape": tuple(tokens.shape),
-            "workdir": str(root)}
 
 
 if __name__ == "__main__":
