@@ -6,6 +6,7 @@
 
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 namespace sam_fast {
@@ -19,7 +20,8 @@ bool is_supported_float(at::ScalarType t) {
 }  // namespace
 
 void check_context_reweight_inputs(const at::Tensor& features, const at::Tensor& weight,
-                                   const at::Tensor& bias, const at::Tensor& cu_images) {
+                                   const at::Tensor& bias, const at::Tensor& cu_images,
+                                   const std::optional<at::Tensor>& scores) {
   TORCH_CHECK(features.dim() == 3, kOp, "features must be [T, P, D], got shape ",
               features.sizes());
   TORCH_CHECK(is_supported_float(features.scalar_type()), kOp,
@@ -40,6 +42,16 @@ void check_context_reweight_inputs(const at::Tensor& features, const at::Tensor&
               "cu_images must be [B + 1] sample offsets, got shape ", cu_images.sizes());
   TORCH_CHECK(cu_images.scalar_type() == at::kInt || cu_images.scalar_type() == at::kLong, kOp,
               "cu_images dtype must be int32 or int64, got ", cu_images.scalar_type());
+  if (scores.has_value()) {
+    TORCH_CHECK(scores->dim() == 2 && scores->size(0) == features.size(0) &&
+                    scores->size(1) == features.size(1),
+                kOp, "scores must be [T, P] = [", features.size(0), ", ", features.size(1),
+                "] for features of shape ", features.sizes(), ", got shape ", scores->sizes());
+    TORCH_CHECK(at::isFloatingType(scores->scalar_type()), kOp,
+                "scores must be floating point, got ", scores->scalar_type());
+    TORCH_CHECK(scores->device() == features.device(), kOp, "scores is on ", scores->device(),
+                " but features are on ", features.device());
+  }
 }
 
 at::Tensor checked_offsets_cpu(const at::Tensor& cu_images, int64_t num_images) {
@@ -84,30 +96,37 @@ at::Tensor empty_context_reweight_grad_features(const at::Tensor& features, bool
 namespace {
 at::Tensor context_reweight_fwd_meta(const at::Tensor& features, const at::Tensor& weight,
                                      const at::Tensor& bias, const at::Tensor& cu_images,
-                                     bool shared) {
-  check_context_reweight_inputs(features, weight, bias, cu_images);
+                                     bool shared, const std::optional<at::Tensor>& scores) {
+  check_context_reweight_inputs(features, weight, bias, cu_images, scores);
   return empty_context_reweight_output(features, cu_images, shared);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> context_reweight_bwd_meta(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> context_reweight_bwd_meta(
     const at::Tensor& grad_out, const at::Tensor& features, const at::Tensor& weight,
-    const at::Tensor& bias, const at::Tensor& cu_images, bool shared, bool features_grad) {
-  check_context_reweight_inputs(features, weight, bias, cu_images);
+    const at::Tensor& bias, const at::Tensor& cu_images, bool shared, bool features_grad,
+    const std::optional<at::Tensor>& scores) {
+  check_context_reweight_inputs(features, weight, bias, cu_images, scores);
   check_context_reweight_grad(grad_out, features, cu_images, shared);
   const auto f32 = features.options().dtype(at::kFloat);
   return {empty_context_reweight_grad_features(features, features_grad),
-          at::empty({features.size(2)}, f32), at::empty({}, f32)};
+          at::empty({features.size(2)}, f32), at::empty({}, f32),
+          scores.has_value() ? at::empty({features.size(0), features.size(1)}, f32)
+                             : at::empty({0}, f32)};
 }
 }  // namespace
 
 TORCH_LIBRARY(sam_fast, m) {
+  // scores [T, P] (optional): used instead of features . weight + bias (weight and bias are then
+  // zeros), and the backward returns their gradient instead of d(weight), d(bias).
   m.def(
       "context_reweight_fwd(Tensor features, Tensor weight, Tensor bias, Tensor cu_images, "
-      "bool shared) -> Tensor");
-  // (d features or an empty [0] unless features_grad, d weight [D] fp32, d bias [] fp32)
+      "bool shared, Tensor? scores=None) -> Tensor");
+  // (d features or an empty [0] unless features_grad, d weight [D] fp32, d bias [] fp32,
+  //  d scores [T, P] fp32 when scores were given, else an empty [0])
   m.def(
       "context_reweight_bwd(Tensor grad_out, Tensor features, Tensor weight, Tensor bias, "
-      "Tensor cu_images, bool shared, bool features_grad) -> (Tensor, Tensor, Tensor)");
+      "Tensor cu_images, bool shared, bool features_grad, Tensor? scores=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(sam_fast, Meta, m) {

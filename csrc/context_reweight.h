@@ -4,11 +4,15 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 namespace sam_fast {
 
-// Shapes, dtypes and devices of the four tensor arguments (no data access: safe for Meta).
+// Shapes, dtypes and devices of the tensor arguments (no data access: safe for Meta). `scores`
+// (optional) must be [T, P] on the features' device.
 void check_context_reweight_inputs(const at::Tensor& features, const at::Tensor& weight,
-                                   const at::Tensor& bias, const at::Tensor& cu_images);
+                                   const at::Tensor& bias, const at::Tensor& cu_images,
+                                   const std::optional<at::Tensor>& scores);
 
 // cu_images as a contiguous int64 CPU tensor whose values were checked against T (reads data).
 at::Tensor checked_offsets_cpu(const at::Tensor& cu_images, int64_t num_images);

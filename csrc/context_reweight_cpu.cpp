@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -170,8 +171,14 @@ struct ColumnScores {
 
   // Scores of column `col` (sample b, patch j, rows t0 .. t0 + n) into out[0, n); a block never
   // extends to `limit` or past the sample. `x` holds the column's rows (used for non-fp32 input).
-  void get(const scalar_t* F, const float* w, float bias, int64_t P, int64_t D, int64_t col, int64_t b,
-           int64_t j, int64_t t0, int64_t n, int64_t limit, const Rows<scalar_t>& x, float* out) {
+  // `given` [T, P] (or null): the caller's scores, read instead of computed.
+  void get(const scalar_t* F, const float* w, float bias, const float* given, int64_t P, int64_t D,
+           int64_t col, int64_t b, int64_t j, int64_t t0, int64_t n, int64_t limit,
+           const Rows<scalar_t>& x, float* out) {
+    if (given != nullptr) {
+      for (int64_t k = 0; k < n; ++k) out[k] = given[(t0 + k) * P + j];
+      return;
+    }
     if constexpr (kBlock) {
       if (col < begin || col >= end) {
         begin = col;
@@ -189,9 +196,9 @@ struct ColumnScores {
 };
 
 template <typename scalar_t>
-SAM_FAST_CPU_CLONES void fwd_columns(const scalar_t* F, const float* w, float bias, const int64_t* cu,
-                                     int64_t P, int64_t D, bool shared, scalar_t* out, int64_t max_n,
-                                     int64_t begin, int64_t end) {
+SAM_FAST_CPU_CLONES void fwd_columns(const scalar_t* F, const float* w, float bias, const float* given,
+                                     const int64_t* cu, int64_t P, int64_t D, bool shared, scalar_t* out,
+                                     int64_t max_n, int64_t begin, int64_t end) {
   Rows<scalar_t> x(max_n, D);
   std::vector<float> s(max_n), e(max_n), inv_z(max_n), e2(max_n), tmp(max_n);
   std::vector<float> pre(max_n * D), acc(D), acc2(D);
@@ -201,7 +208,7 @@ SAM_FAST_CPU_CLONES void fwd_columns(const scalar_t* F, const float* w, float bi
     const int64_t b = col / P, j = col % P;
     const int64_t t0 = cu[b], n = cu[b + 1] - t0;
     x.load(F + (t0 * P + j) * D, P * D, n, D);
-    scores.get(F, w, bias, P, D, col, b, j, t0, n, end, x, s.data());
+    scores.get(F, w, bias, given, P, D, col, b, j, t0, n, end, x, s.data());
     if (!cr::column_finite(s.data(), n)) {  // NaN / inf in the column: all its outputs are NaN
       const int64_t rows = shared ? 1 : n;
       for (int64_t i = 0; i < rows; ++i) {
@@ -269,12 +276,13 @@ SAM_FAST_CPU_CLONES void fwd_columns(const scalar_t* F, const float* w, float bi
 }
 
 template <typename scalar_t>
-void context_reweight_fwd_kernel(const scalar_t* F, const float* w, float bias, const int64_t* cu,
-                                 int64_t B, int64_t P, int64_t D, bool shared, scalar_t* out) {
+void context_reweight_fwd_kernel(const scalar_t* F, const float* w, float bias, const float* given,
+                                 const int64_t* cu, int64_t B, int64_t P, int64_t D, bool shared,
+                                 scalar_t* out) {
   if (B == 0 || P == 0 || D == 0) return;
   const int64_t max_n = max_images(cu, B);
   at::parallel_for(0, B * P, column_grain(cu, B, D), [&](int64_t begin, int64_t end) {
-    fwd_columns<scalar_t>(F, w, bias, cu, P, D, shared, out, max_n, begin, end);
+    fwd_columns<scalar_t>(F, w, bias, given, cu, P, D, shared, out, max_n, begin, end);
   });
 }
 
@@ -287,9 +295,9 @@ constexpr int64_t kColsPerTask = 8;
 
 template <typename scalar_t>
 SAM_FAST_CPU_CLONES void bwd_tasks(const scalar_t* G, const scalar_t* F, const float* w, float bias,
-                                   const int64_t* cu, int64_t P, int64_t D, bool shared, scalar_t* dF,
-                                   float* partial, int64_t cols, int64_t max_n, int64_t task_begin,
-                                   int64_t task_end) {
+                                   const float* given, const int64_t* cu, int64_t P, int64_t D,
+                                   bool shared, scalar_t* dF, float* partial, float* dS, int64_t cols,
+                                   int64_t max_n, int64_t task_begin, int64_t task_end) {
   Rows<scalar_t> x(max_n, D), g(max_n, D);
   std::vector<float> s(max_n), e(max_n), inv_z(max_n), e2(max_n), tmp(max_n);
   std::vector<float> dp(max_n), xh(max_n), p1(max_n), c(max_n), ch(max_n), ds(max_n);
@@ -305,7 +313,8 @@ SAM_FAST_CPU_CLONES void bwd_tasks(const scalar_t* G, const scalar_t* F, const f
       const int64_t t0 = cu[b], n = cu[b + 1] - t0;
       if (n == 0) continue;
       x.load(F + (t0 * P + j) * D, P * D, n, D);
-      scores.get(F, w, bias, P, D, col, b, j, t0, n, std::min(cols, (task + 1) * kColsPerTask), x, s.data());
+      scores.get(F, w, bias, given, P, D, col, b, j, t0, n, std::min(cols, (task + 1) * kColsPerTask), x,
+                 s.data());
       const cr::Top2 top = cr::top2_of(s.data(), n);
 
       if (!cr::column_finite(s.data(), n)) {  // NaN / inf in the column: NaN gradients
@@ -383,6 +392,10 @@ SAM_FAST_CPU_CLONES void bwd_tasks(const scalar_t* G, const scalar_t* F, const f
           }
         }
       }
+      if (dS != nullptr) {  // given scores: their gradient (w is zeros, no d(weight))
+        for (int64_t k = 0; k < n; ++k) dS[(t0 + k) * P + j] = ds[k];
+        continue;
+      }
       for (int64_t k = 0; k < n; ++k) {
         axpy(dw, ds[k], x[k], D);
         db += ds[k];
@@ -394,8 +407,9 @@ SAM_FAST_CPU_CLONES void bwd_tasks(const scalar_t* G, const scalar_t* F, const f
 
 template <typename scalar_t>
 void context_reweight_bwd_kernel(const scalar_t* G, const scalar_t* F, const float* w, float bias,
-                                 const int64_t* cu, int64_t B, int64_t P, int64_t D, bool shared,
-                                 scalar_t* dF, float* partial /* [tasks, D + 1] */) {
+                                 const float* given, const int64_t* cu, int64_t B, int64_t P,
+                                 int64_t D, bool shared, scalar_t* dF,
+                                 float* partial /* [tasks, D + 1] */, float* dS /* [T, P] or null */) {
   const int64_t cols = B * P;
   const int64_t tasks = (cols + kColsPerTask - 1) / kColsPerTask;
   if (tasks == 0 || D == 0) return;
@@ -403,7 +417,8 @@ void context_reweight_bwd_kernel(const scalar_t* G, const scalar_t* F, const flo
   const int64_t grain = std::max<int64_t>(1, column_grain(cu, B, D) / kColsPerTask);
 
   at::parallel_for(0, tasks, grain, [&](int64_t task_begin, int64_t task_end) {
-    bwd_tasks<scalar_t>(G, F, w, bias, cu, P, D, shared, dF, partial, cols, max_n, task_begin, task_end);
+    bwd_tasks<scalar_t>(G, F, w, bias, given, cu, P, D, shared, dF, partial, dS, cols, max_n, task_begin,
+                        task_end);
   });
 }
 
@@ -411,8 +426,8 @@ void context_reweight_bwd_kernel(const scalar_t* G, const scalar_t* F, const flo
 
 at::Tensor context_reweight_fwd_cpu(const at::Tensor& features, const at::Tensor& weight,
                                     const at::Tensor& bias, const at::Tensor& cu_images,
-                                    bool shared) {
-  check_context_reweight_inputs(features, weight, bias, cu_images);
+                                    bool shared, const std::optional<at::Tensor>& scores) {
+  check_context_reweight_inputs(features, weight, bias, cu_images, scores);
   TORCH_CHECK(features.is_cpu() && weight.is_cpu() && bias.is_cpu() && cu_images.is_cpu(),
               "sam_fast::context_reweight_fwd (CPU): all inputs must be CPU tensors, got features ",
               features.device(), ", weight ", weight.device(), ", bias ", bias.device(),
@@ -420,6 +435,7 @@ at::Tensor context_reweight_fwd_cpu(const at::Tensor& features, const at::Tensor
   const at::Tensor F = features.contiguous();
   const at::Tensor w = weight.to(at::kFloat).contiguous();
   const float b = bias.to(at::kFloat).reshape({}).item<float>();
+  const at::Tensor given = scores.has_value() ? scores->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor cu = checked_offsets_cpu(cu_images, F.size(0));
   const int64_t rows = shared ? cu_images.size(0) - 1 : F.size(0);
   at::Tensor out = empty_huge({rows, F.size(1), F.size(2)}, F.options());
@@ -427,16 +443,18 @@ at::Tensor context_reweight_fwd_cpu(const at::Tensor& features, const at::Tensor
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, F.scalar_type(),
                                   "context_reweight_fwd_cpu", [&] {
     context_reweight_fwd_kernel<scalar_t>(F.data_ptr<scalar_t>(), w.data_ptr<float>(), b,
+                                          given.defined() ? given.data_ptr<float>() : nullptr,
                                           cu.data_ptr<int64_t>(), cu.size(0) - 1, F.size(1),
                                           F.size(2), shared, out.data_ptr<scalar_t>());
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> context_reweight_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> context_reweight_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& features, const at::Tensor& weight,
-    const at::Tensor& bias, const at::Tensor& cu_images, bool shared, bool features_grad) {
-  check_context_reweight_inputs(features, weight, bias, cu_images);
+    const at::Tensor& bias, const at::Tensor& cu_images, bool shared, bool features_grad,
+    const std::optional<at::Tensor>& scores) {
+  check_context_reweight_inputs(features, weight, bias, cu_images, scores);
   check_context_reweight_grad(grad_out, features, cu_images, shared);
   TORCH_CHECK(features.is_cpu() && weight.is_cpu() && bias.is_cpu() && cu_images.is_cpu() &&
                   grad_out.is_cpu(),
@@ -445,20 +463,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> context_reweight_bwd_cpu(
   const at::Tensor G = grad_out.to(F.scalar_type()).contiguous();
   const at::Tensor w = weight.to(at::kFloat).contiguous();
   const float b = bias.to(at::kFloat).reshape({}).item<float>();
+  const at::Tensor given = scores.has_value() ? scores->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor cu = checked_offsets_cpu(cu_images, F.size(0));
   const int64_t B = cu.size(0) - 1, P = F.size(1), D = F.size(2);
   at::Tensor dF = features_grad ? empty_huge(F.sizes(), F.options())
                                : empty_context_reweight_grad_features(F, false);
+  const auto f32 = F.options().dtype(at::kFloat);
+  at::Tensor dS = given.defined() ? at::zeros({F.size(0), P}, f32) : at::empty({0}, f32);
   const int64_t tasks = (B * P + kColsPerTask - 1) / kColsPerTask;
-  at::Tensor partial = at::zeros({tasks, D + 1}, F.options().dtype(at::kFloat));
+  at::Tensor partial = at::zeros({tasks, D + 1}, f32);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, F.scalar_type(),
                                   "context_reweight_bwd_cpu", [&] {
     context_reweight_bwd_kernel<scalar_t>(
         G.data_ptr<scalar_t>(), F.data_ptr<scalar_t>(), w.data_ptr<float>(), b,
-        cu.data_ptr<int64_t>(), B, P, D, shared,
-        features_grad ? dF.data_ptr<scalar_t>() : nullptr, partial.data_ptr<float>());
+        given.defined() ? given.data_ptr<float>() : nullptr, cu.data_ptr<int64_t>(), B, P, D,
+        shared, features_grad ? dF.data_ptr<scalar_t>() : nullptr, partial.data_ptr<float>(),
+        given.defined() ? dS.data_ptr<float>() : nullptr);
   });
+  if (given.defined()) return {dF, at::zeros({D}, f32), at::zeros({}, f32), dS};
   // Second, deterministic pass: partial sums added in task order (fp64), per element of D + 1.
   at::Tensor red = at::empty({D + 1}, partial.options().dtype(at::kDouble));
   {
@@ -473,7 +496,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> context_reweight_bwd_cpu(
     });
   }
   at::Tensor red32 = red.to(at::kFloat);
-  return {dF, red32.narrow(0, 0, D).clone(), red32.select(0, D).clone()};
+  return {dF, red32.narrow(0, 0, D).clone(), red32.select(0, D).clone(), dS};
 }
 
 }  // namespace

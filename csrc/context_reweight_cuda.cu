@@ -27,28 +27,43 @@ __device__ __forceinline__ void store_f(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store_f(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void store_f(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
+// 1. The scores of a column into s[0, n): the caller's `given` [T, P] scores, or one warp per
+//    image row computing F . w + b with fp64 accumulation (as on the CPU: scores of magnitude 1e4
+//    would lose ~1e-3 in fp32), butterfly reduction, rounded to fp32 once. Ends with a barrier
+//    that makes the block's global writes to s visible to all its threads.
+template <typename T>
+__device__ __forceinline__ void column_scores(const T* __restrict__ F, const float* __restrict__ w,
+                                              const float* __restrict__ bias,
+                                              const float* __restrict__ given, int64_t t0, int64_t n,
+                                              int64_t j, int64_t P, int64_t D, float* s) {
+  if (given != nullptr) {
+    for (int64_t k = threadIdx.x; k < n; k += kThreads) s[k] = given[(t0 + k) * P + j];
+  } else {
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+    for (int64_t k = warp; k < n; k += kThreads / kWarp) {
+      const T* row = F + ((t0 + k) * P + j) * D;
+      double acc = 0.0;
+      for (int64_t d = lane; d < D; d += kWarp) acc += static_cast<double>(load_f(row + d)) * w[d];
+      for (int off = kWarp / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+      if (lane == 0) s[k] = static_cast<float>(acc + bias[0]);
+    }
+  }
+  __syncthreads();
+}
+
 template <typename T, typename Index>
 __global__ void __launch_bounds__(kThreads)
     context_reweight_fwd_kernel(const T* __restrict__ F, const float* __restrict__ w,
                                 const float* __restrict__ bias, const Index* __restrict__ cu,
                                 int64_t num_images, int64_t P, int64_t D, bool shared,
-                                float* __restrict__ scores, T* __restrict__ out) {
+                                const float* __restrict__ given, float* __restrict__ scores,
+                                T* __restrict__ out) {
   namespace cr = sam_fast::cr;
   const int64_t b = blockIdx.x / P, j = blockIdx.x % P;
   const int64_t t0 = cu[b], n = static_cast<int64_t>(cu[b + 1]) - t0;
   float* s = scores + j * num_images + t0;  // this column's scores, contiguous over images
 
-  // 1. Scores: one warp per image row, fp64 accumulation (as on the CPU: scores of magnitude 1e4
-  //    would lose ~1e-3 in fp32), butterfly reduction, rounded to fp32 once.
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  for (int64_t k = warp; k < n; k += kThreads / kWarp) {
-    const T* row = F + ((t0 + k) * P + j) * D;
-    double acc = 0.0;
-    for (int64_t d = lane; d < D; d += kWarp) acc += static_cast<double>(load_f(row + d)) * w[d];
-    for (int off = kWarp / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (lane == 0) s[k] = static_cast<float>(acc + bias[0]);
-  }
-  __syncthreads();  // makes the block's global writes to s visible to all its threads
+  column_scores(F, w, bias, given, t0, n, j, P, D, s);
 
   // NaN / inf in the column (context_reweight_common.h): every output of the column is NaN. The
   // same scores in every thread, so the whole block takes this branch or none.
@@ -113,8 +128,9 @@ __global__ void __launch_bounds__(kThreads)
     context_reweight_bwd_kernel(const T* __restrict__ G, const T* __restrict__ F,
                                 const float* __restrict__ w, const float* __restrict__ bias,
                                 const Index* __restrict__ cu, int64_t num_images, int64_t P,
-                                int64_t D, bool shared, float* __restrict__ ws,
-                                T* __restrict__ dF, float* __restrict__ partial) {
+                                int64_t D, bool shared, const float* __restrict__ given,
+                                float* __restrict__ ws, T* __restrict__ dF,
+                                float* __restrict__ partial, float* __restrict__ dS) {
   namespace cr = sam_fast::cr;
   __shared__ float red[kThreads / kWarp];
   __shared__ cr::Top2 top_sh;
@@ -132,21 +148,15 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
 
-  // 1. Scores (as in the forward: fp64 per warp).
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  for (int64_t k = warp; k < n; k += kThreads / kWarp) {
-    const T* r = row(F, k);
-    double acc = 0.0;
-    for (int64_t d = lane; d < D; d += kWarp) acc += static_cast<double>(load_f(r + d)) * w[d];
-    for (int off = kWarp / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (lane == 0) s[k] = static_cast<float>(acc + bias[0]);
-  }
-  __syncthreads();
+  // 1. Scores (as in the forward).
+  column_scores(F, w, bias, given, t0, n, j, P, D, s);
 
   // NaN / inf in the column (context_reweight_common.h): NaN feature gradients and ds, so NaN
   // d(weight), d(bias). Every thread reads the same scores: the block branches as one.
   if (!cr::column_finite(s, n)) {
-    for (int64_t d = threadIdx.x; d <= D; d += kThreads) dw[d] = cr::nan_value();
+    for (int64_t d = threadIdx.x; d <= D; d += kThreads) dw[d] = dS != nullptr ? 0.f : cr::nan_value();
+    if (dS != nullptr)
+      for (int64_t k = threadIdx.x; k < n; k += kThreads) dS[(t0 + k) * P + j] = cr::nan_value();
     if (dF != nullptr)
       for (int64_t k = 0; k < n; ++k)
         for (int64_t d = threadIdx.x; d < D; d += kThreads) store_f(dF + ((t0 + k) * P + j) * D + d, cr::nan_value());
@@ -228,15 +238,19 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t k = 0; k < n; ++k)
         ds[k] = cr::loo_dscore(e[k], plane[kXh][k], plane[kCh][k], e2[k], plane[kP1][k], c1);
     }
+    if (dS != nullptr)  // given scores: their gradient
+      for (int64_t k = 0; k < n; ++k) dS[(t0 + k) * P + j] = ds[k];
   }
   __syncthreads();
   const float* ds = plane[kDs];
 
-  // 5. d features (optional) and this column's d(weight), d(bias) partial sums.
+  // 5. d features (optional) and this column's d(weight), d(bias) partial sums (zeros for
+  //    given scores: w is zeros then, and their gradient went to dS).
+  const bool weight_grad = dS == nullptr;
   for (int64_t d = threadIdx.x; d < D; d += kThreads) {
     float dwd = 0.f;
     for (int64_t k = 0; k < n; ++k) {
-      dwd += ds[k] * load_f(row(F, k) + d);
+      if (weight_grad) dwd += ds[k] * load_f(row(F, k) + d);
       if (dF == nullptr) continue;
       float gk;
       if (shared) {
@@ -253,7 +267,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (threadIdx.x == 0) {
     float db = 0.f;
-    for (int64_t k = 0; k < n; ++k) db += ds[k];
+    for (int64_t k = 0; k < n && weight_grad; ++k) db += ds[k];
     dw[D] = db;
   }
 }
@@ -272,8 +286,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 cudaError_t launch(const void* features, const float* weight, const float* bias,
                    const void* cu_images, bool cu_is_int64, int64_t B, int64_t num_images,
-                   int64_t P, int64_t D, bool shared, float* scores, void* out,
-                   cudaStream_t stream) {
+                   int64_t P, int64_t D, bool shared, const float* given, float* scores,
+                   void* out, cudaStream_t stream) {
   const int64_t blocks = B * P;
   if (blocks == 0 || D == 0) return cudaSuccess;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
@@ -281,12 +295,12 @@ cudaError_t launch(const void* features, const float* weight, const float* bias,
   T* o = static_cast<T*>(out);
   if (cu_is_int64) {
     context_reweight_fwd_kernel<T, int64_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        F, weight, bias, static_cast<const int64_t*>(cu_images), num_images, P, D, shared, scores,
-        o);
+        F, weight, bias, static_cast<const int64_t*>(cu_images), num_images, P, D, shared, given,
+        scores, o);
   } else {
     context_reweight_fwd_kernel<T, int32_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        F, weight, bias, static_cast<const int32_t*>(cu_images), num_images, P, D, shared, scores,
-        o);
+        F, weight, bias, static_cast<const int32_t*>(cu_images), num_images, P, D, shared, given,
+        scores, o);
   }
   return cudaGetLastError();
 }
@@ -295,9 +309,9 @@ cudaError_t launch(const void* features, const float* weight, const float* bias,
 template <typename T>
 cudaError_t launch_bwd(const void* grad_out, const void* features, const float* weight,
                        const float* bias, const void* cu_images, bool cu_is_int64, int64_t B,
-                       int64_t num_images, int64_t P, int64_t D, bool shared, float* workspace,
-                       void* d_features, float* partial, float* d_weight_bias,
-                       cudaStream_t stream) {
+                       int64_t num_images, int64_t P, int64_t D, bool shared,
+                       const float* given, float* workspace, void* d_features, float* partial,
+                       float* d_weight_bias, float* d_scores, cudaStream_t stream) {
   const int64_t blocks = B * P;
   if (blocks == 0 || D == 0) return cudaSuccess;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
@@ -307,11 +321,11 @@ cudaError_t launch_bwd(const void* grad_out, const void* features, const float* 
   if (cu_is_int64) {
     context_reweight_bwd_kernel<T, int64_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
         Gp, F, weight, bias, static_cast<const int64_t*>(cu_images), num_images, P, D, shared,
-        workspace, dF, partial);
+        given, workspace, dF, partial, d_scores);
   } else {
     context_reweight_bwd_kernel<T, int32_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
         Gp, F, weight, bias, static_cast<const int32_t*>(cu_images), num_images, P, D, shared,
-        workspace, dF, partial);
+        given, workspace, dF, partial, d_scores);
   }
   const unsigned reduce_blocks = static_cast<unsigned>((D + 1 + kThreads - 1) / kThreads);
   context_reweight_reduce_kernel<<<reduce_blocks, kThreads, 0, stream>>>(partial, blocks, D + 1,
@@ -328,22 +342,22 @@ extern "C" int64_t sam_fast_context_reweight_bwd_workspace_floats(int64_t num_im
 extern "C" int sam_fast_context_reweight_bwd_cuda(
     const void* grad_out, const void* features, int dtype, const float* weight, const float* bias,
     const void* cu_images, int cu_images_is_int64, int64_t num_samples, int64_t num_images,
-    int64_t P, int64_t D, int shared, float* workspace, void* d_features, float* partial,
-    float* d_weight_bias, cudaStream_t stream) {
+    int64_t P, int64_t D, int shared, const float* scores, float* workspace, void* d_features,
+    float* partial, float* d_weight_bias, float* d_scores, cudaStream_t stream) {
   switch (dtype) {
     case SAM_FAST_F32:
       return launch_bwd<float>(grad_out, features, weight, bias, cu_images, cu_images_is_int64 != 0,
-                               num_samples, num_images, P, D, shared != 0, workspace, d_features,
-                               partial, d_weight_bias, stream);
+                               num_samples, num_images, P, D, shared != 0, scores, workspace, d_features,
+                               partial, d_weight_bias, d_scores, stream);
     case SAM_FAST_F16:
       return launch_bwd<__half>(grad_out, features, weight, bias, cu_images, cu_images_is_int64 != 0,
-                                num_samples, num_images, P, D, shared != 0, workspace, d_features,
-                                partial, d_weight_bias, stream);
+                                num_samples, num_images, P, D, shared != 0, scores, workspace, d_features,
+                                partial, d_weight_bias, d_scores, stream);
     case SAM_FAST_BF16:
       return launch_bwd<__nv_bfloat16>(grad_out, features, weight, bias, cu_images,
                                        cu_images_is_int64 != 0, num_samples, num_images, P, D,
-                                       shared != 0, workspace, d_features, partial,
-                                       d_weight_bias, stream);
+                                       shared != 0, scores, workspace, d_features, partial,
+                                       d_weight_bias, d_scores, stream);
     default:
       return cudaErrorInvalidValue;
   }
@@ -354,21 +368,21 @@ extern "C" int sam_fast_context_reweight_fwd_cuda(const void* features, int dtyp
                                                   const void* cu_images, int cu_images_is_int64,
                                                   int64_t num_samples, int64_t num_images,
                                                   int64_t P, int64_t D, int shared,
-                                                  float* scores_workspace, void* out,
-                                                  cudaStream_t stream) {
+                                                  const float* scores, float* scores_workspace,
+                                                  void* out, cudaStream_t stream) {
   switch (dtype) {
     case SAM_FAST_F32:
       return launch<float>(features, weight, bias, cu_images, cu_images_is_int64 != 0,
-                           num_samples, num_images, P, D, shared != 0, scores_workspace, out,
+                           num_samples, num_images, P, D, shared != 0, scores, scores_workspace, out,
                            stream);
     case SAM_FAST_F16:
       return launch<__half>(features, weight, bias, cu_images, cu_images_is_int64 != 0,
-                            num_samples, num_images, P, D, shared != 0, scores_workspace, out,
+                            num_samples, num_images, P, D, shared != 0, scores, scores_workspace, out,
                             stream);
     case SAM_FAST_BF16:
       return launch<__nv_bfloat16>(features, weight, bias, cu_images, cu_images_is_int64 != 0,
-                                   num_samples, num_images, P, D, shared != 0, scores_workspace,
-                                   out, stream);
+                                   num_samples, num_images, P, D, shared != 0, scores,
+                                   scores_workspace, out, stream);
     default:
       return cudaErrorInvalidValue;
   }

@@ -6,6 +6,7 @@
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 #include "context_reweight.h"
@@ -25,8 +26,8 @@ int dtype_code(at::ScalarType t) {
 
 at::Tensor context_reweight_fwd_cuda(const at::Tensor& features, const at::Tensor& weight,
                                      const at::Tensor& bias, const at::Tensor& cu_images,
-                                     bool shared) {
-  check_context_reweight_inputs(features, weight, bias, cu_images);
+                                     bool shared, const std::optional<at::Tensor>& scores) {
+  check_context_reweight_inputs(features, weight, bias, cu_images, scores);
   TORCH_CHECK(features.is_cuda(), "sam_fast::context_reweight_fwd (CUDA): features must be a "
               "CUDA tensor, got ", features.device());
   const c10::DeviceGuard guard(features.device());
@@ -42,14 +43,16 @@ at::Tensor context_reweight_fwd_cuda(const at::Tensor& features, const at::Tenso
     cu = cu_images.contiguous();
   }
   at::Tensor out = empty_context_reweight_output(F, cu_images, shared);
-  at::Tensor scores = at::empty({F.size(1), F.size(0)}, F.options().dtype(at::kFloat));
+  at::Tensor ws = at::empty({F.size(1), F.size(0)}, F.options().dtype(at::kFloat));
+  const at::Tensor given = scores.has_value() ? scores->to(at::kFloat).contiguous() : at::Tensor();
 
   const c10::Stream stream =
       c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(features.device());
   const int err = sam_fast_context_reweight_fwd_cuda(
       F.data_ptr(), dtype_code(F.scalar_type()), w.data_ptr<float>(), b.data_ptr<float>(),
       cu.data_ptr(), cu.scalar_type() == at::kLong, cu.size(0) - 1, F.size(0), F.size(1),
-      F.size(2), shared, scores.data_ptr<float>(), out.data_ptr(),
+      F.size(2), shared, given.defined() ? given.data_ptr<float>() : nullptr,
+      ws.data_ptr<float>(), out.data_ptr(),
       static_cast<cudaStream_t>(stream.native_handle()));
   TORCH_CHECK(err == 0, "sam_fast::context_reweight_fwd (CUDA): kernel launch failed: ",
               sam_fast_cuda_error_string(err));
@@ -63,10 +66,11 @@ at::Tensor device_offsets(const at::Tensor& cu_images, const at::Tensor& F) {
   return cu_images.contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> context_reweight_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> context_reweight_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& features, const at::Tensor& weight,
-    const at::Tensor& bias, const at::Tensor& cu_images, bool shared, bool features_grad) {
-  check_context_reweight_inputs(features, weight, bias, cu_images);
+    const at::Tensor& bias, const at::Tensor& cu_images, bool shared, bool features_grad,
+    const std::optional<at::Tensor>& scores) {
+  check_context_reweight_inputs(features, weight, bias, cu_images, scores);
   check_context_reweight_grad(grad_out, features, cu_images, shared);
   TORCH_CHECK(features.is_cuda(), "sam_fast::context_reweight_bwd (CUDA): features must be a "
               "CUDA tensor, got ", features.device());
@@ -82,16 +86,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> context_reweight_bwd_cuda(
   at::Tensor ws = at::empty({sam_fast_context_reweight_bwd_workspace_floats(T, P)}, f32);
   at::Tensor partial = at::empty({B * P, D + 1}, f32);
   at::Tensor dwb = at::zeros({D + 1}, f32);
+  const at::Tensor given = scores.has_value() ? scores->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor dS = given.defined() ? at::zeros({T, P}, f32) : at::empty({0}, f32);
   const c10::Stream stream =
       c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(features.device());
   const int err = sam_fast_context_reweight_bwd_cuda(
       G.data_ptr(), F.data_ptr(), dtype_code(F.scalar_type()), w.data_ptr<float>(),
       b.data_ptr<float>(), cu.data_ptr(), cu.scalar_type() == at::kLong, B, T, P, D, shared,
-      ws.data_ptr<float>(), features_grad ? dF.data_ptr() : nullptr, partial.data_ptr<float>(),
-      dwb.data_ptr<float>(), static_cast<cudaStream_t>(stream.native_handle()));
+      given.defined() ? given.data_ptr<float>() : nullptr, ws.data_ptr<float>(),
+      features_grad ? dF.data_ptr() : nullptr, partial.data_ptr<float>(), dwb.data_ptr<float>(),
+      given.defined() ? dS.data_ptr<float>() : nullptr,
+      static_cast<cudaStream_t>(stream.native_handle()));
   TORCH_CHECK(err == 0, "sam_fast::context_reweight_bwd (CUDA): kernel launch failed: ",
               sam_fast_cuda_error_string(err));
-  return {dF, dwb.narrow(0, 0, D).clone(), dwb.select(0, D).clone()};
+  return {dF, dwb.narrow(0, 0, D).clone(), dwb.select(0, D).clone(), dS};
 }
 
 }  // namespace

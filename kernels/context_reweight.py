@@ -20,7 +20,10 @@ gradients and NaN score gradients (hence NaN d(weight), d(bias)), as the other b
 (csrc/context_reweight_common.h). No index is ever taken from a comparison that NaN could leave
 unset: the argmax rows start at 0.
 
-Backward: scores recomputed, then per program the exact (direct) leave-one-out sums, with
+Given scores (GIVEN, SIN [T, P] fp32) replace F . w + b; the backward then writes their gradient
+to DS [T, P] instead of d(weight), d(bias) partial sums (w is zeros, so dF has no ds w term).
+
+Backward: scores recomputed (or read), then per program the exact (direct) leave-one-out sums, with
 features shifted by the argmax row (csrc/context_reweight_common.h) so a saturated softmax gives
 accurate tiny score gradients; per-program d(weight), d(bias) partial sums go to a buffer that a
 second kernel reduces in a fixed order (no atomics: bitwise reproducible).
@@ -38,8 +41,8 @@ FLT_MAX = tl.constexpr(3.4028234663852886e38)  # |s| <= FLT_MAX: finite (false f
 
 @triton.jit
 def context_reweight_fwd_kernel(
-    F, W, BIAS, CU, SCORES, OUT, P, D,
-    SHARED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    F, W, BIAS, SIN, CU, SCORES, OUT, P, D,
+    SHARED: tl.constexpr, GIVEN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0)
     pb = tl.program_id(1)
@@ -63,7 +66,10 @@ def context_reweight_fwd_kernel(
     nonfinite = tl.zeros([BLOCK_P], tl.int32)  # > 0: a score of the row is NaN or inf
     for k in range(0, n):
         x = tl.load(F + (t0 + k) * P * D + offs, mask=mask, other=0.0).to(tl.float32)
-        s = tl.sum(x * w[None, :], axis=1) + bias
+        if GIVEN:
+            s = tl.load(SIN + (t0 + k) * P + rows, mask=rmask, other=0.0)
+        else:
+            s = tl.sum(x * w[None, :], axis=1) + bias
         tl.store(SCORES + (t0 + k) * P + rows, s, mask=rmask)
         nonfinite += tl.where(tl.abs(s) <= FLT_MAX, 0, 1)
         new1 = s > m1
@@ -104,8 +110,9 @@ def context_reweight_fwd_kernel(
 
 @triton.jit
 def context_reweight_bwd_kernel(
-    G, F, W, BIAS, CU, SCORES, CWS, DF, PARTIAL, P, D,
-    SHARED: tl.constexpr, FEATURES_GRAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    G, F, W, BIAS, SIN, CU, SCORES, CWS, DF, PARTIAL, DS, P, D,
+    SHARED: tl.constexpr, FEATURES_GRAD: tl.constexpr, GIVEN: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0)
     pb = tl.program_id(1)
@@ -127,8 +134,11 @@ def context_reweight_bwd_kernel(
     i2 = tl.zeros([BLOCK_P], tl.int32)
     nonfinite = tl.zeros([BLOCK_P], tl.int32)  # > 0: NaN gradients for the row
     for k in range(0, n):
-        x = tl.load(F + (t0 + k) * P * D + offs, mask=mask, other=0.0).to(tl.float32)
-        s = tl.sum(x * w[None, :], axis=1) + bias
+        if GIVEN:
+            s = tl.load(SIN + (t0 + k) * P + rows, mask=rmask, other=0.0)
+        else:
+            x = tl.load(F + (t0 + k) * P * D + offs, mask=mask, other=0.0).to(tl.float32)
+            s = tl.sum(x * w[None, :], axis=1) + bias
         tl.store(SCORES + (t0 + k) * P + rows, s, mask=rmask)
         nonfinite += tl.where(tl.abs(s) <= FLT_MAX, 0, 1)
         new1 = s > m1
@@ -167,8 +177,11 @@ def context_reweight_bwd_kernel(
             if FEATURES_GRAD:
                 dx = tl.where(bad[:, None], float("nan"), a[:, None] * g + ds[:, None] * w[None, :])
                 tl.store(DF + (t0 + k) * P * D + offs, dx.to(DF.dtype.element_ty), mask=mask)
-            dw += tl.sum(ds[:, None] * x, axis=0)
-            db += ds
+            if GIVEN:
+                tl.store(DS + (t0 + k) * P + rows, ds, mask=rmask)
+            else:
+                dw += tl.sum(ds[:, None] * x, axis=0)
+                db += ds
     else:
         # Pass 2: per output i, its normaliser (stored as 1/Z_i in SCORES' twin CWS[., 0]) and
         # c_i = g_i . (y_i - ref_i), ref_i = x_i2 for i = i1 else x_i1.
@@ -209,8 +222,11 @@ def context_reweight_bwd_kernel(
             if FEATURES_GRAD:
                 dx = tl.where(bad[:, None], float("nan"), gk + ds[:, None] * w[None, :])
                 tl.store(DF + (t0 + k) * P * D + offs, dx.to(DF.dtype.element_ty), mask=mask)
-            dw += tl.sum(ds[:, None] * x, axis=0)
-            db += ds
+            if GIVEN:
+                tl.store(DS + (t0 + k) * P + rows, ds, mask=rmask)
+            else:
+                dw += tl.sum(ds[:, None] * x, axis=0)
+                db += ds
 
     pid = b * tl.num_programs(1) + pb
     tl.store(PARTIAL + pid * (D + 1) + cols, dw, mask=cmask)

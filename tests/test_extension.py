@@ -302,10 +302,17 @@ def test_backward_op_meta_shapes_and_checks(shared):
     g = torch.randn(rows, 5, 8)
     bwd = torch.ops.sam_fast.context_reweight_bwd
     for features_grad, dF_shape in ((True, (4, 5, 8)), (False, (0,))):
-        dF, dw, db = bwd(g.to("meta"), F.to("meta"), w.to("meta"), b.to("meta"), cu_of([3, 1]).to("meta"), shared,
-                         features_grad)
+        dF, dw, db, ds = bwd(g.to("meta"), F.to("meta"), w.to("meta"), b.to("meta"), cu_of([3, 1]).to("meta"),
+                             shared, features_grad)
         assert dF.shape == dF_shape and dw.shape == (8,) and db.shape == () and dw.dtype == torch.float32
-        dF, dw, db = bwd(g, F, w, b, cu_of([3, 1]), shared, features_grad)
+        assert ds.shape == (0,)  # no given scores: no score gradient
+        dF, dw, db, ds = bwd(g, F, w, b, cu_of([3, 1]), shared, features_grad)
         assert dF.shape == dF_shape and torch.isfinite(dw).all()
+        s = torch.randn(4, 5)  # given scores: their gradient [T, P], zero weight gradients
+        dF, dw, db, ds = bwd(g.to("meta"), F.to("meta"), w.to("meta"), b.to("meta"), cu_of([3, 1]).to("meta"),
+                             shared, features_grad, s.to("meta"))
+        assert dF.shape == dF_shape and ds.shape == (4, 5) and ds.dtype == torch.float32
+        dF, dw, db, ds = bwd(g, F, w.zero_(), b.zero_(), cu_of([3, 1]), shared, features_grad, s)
+        assert ds.shape == (4, 5) and torch.isfinite(ds).all() and not dw.any() and not db.any()
     with pytest.raises(RuntimeError, match=re.escape("grad_out must be [")):
         bwd(g[:1], F, w, b, cu_of([3, 1]), shared, True)

@@ -53,7 +53,6 @@ from sam_fast.models.generation import (
     prefill_for_beams,
 )
 from sam_fast.modules import (
-    SCRATCH_COLUMNS,
     AdaptiveAdjustment,
     CrossKV,
     GuidanceIn,
@@ -402,7 +401,7 @@ class SAM(InstructBlipPreTrainedModel):
         x = embed(plan.sample_of)  # Q-stream (Part A): one row per image
         bias = attention_bias(mask, x.dtype)  # [B, 1, 1, Q+L]
         lazy = self._mixes_in_kernel(plan, x.dtype, E.device)
-        kv = self.w_former.project_kv(E.to(x.dtype), scratch=plan.guided and not lazy)
+        kv = self.w_former.project_kv(E.to(x.dtype))
         kv, w_stream = self._w_stream(E, kv, plan, embed, bias, lazy)  # W-stream (Part B)
         streams = (x, bias.index_select(0, plan.sample_of), kv, w_stream)
         if self._recompute_streams():
@@ -445,8 +444,7 @@ class SAM(InstructBlipPreTrainedModel):
     def _w_stream(self, E, kv: CrossKV, plan: ImagePlan, embed, bias, lazy: bool):
         """(Q-stream K/V, W-stream or None). The W-stream cross-attends to I-hat's K/V, merged by
         the Adaptive Adjustment from the images' K/V `kv`: a mixing plan over them (``lazy``) or
-        materialised once for all layers (in `kv`'s scratch column: the Q-stream then reads a
-        detached view, so that writing the scores does not drag its K/V into autograd)."""
+        materialised once for all layers."""
         if not plan.guided:
             return kv, None
         aa, guidance = self.adaptive_adjustment, self.config.guidance
@@ -454,11 +452,7 @@ class SAM(InstructBlipPreTrainedModel):
         if lazy:
             mix = aa.leave_one_out_mix(E, plan.counts, guidance)
             return kv, WStream(rows, w_bias, kv, plan.target, mix=mix)
-        buf = kv.buffer
-        if not buf.requires_grad:
-            kv = CrossKV(buf.detach(), kv.heads, kv.hidden)
-        kv_hat = aa.merged_kv(E, buf, plan.cu, plan.context_mode, guidance,
-                              kv_width=buf.shape[-1] - SCRATCH_COLUMNS, offsets=plan.offsets)
+        kv_hat = aa.merged_kv(E, kv.buffer, plan.cu, plan.context_mode, guidance, offsets=plan.offsets)
         if plan.merged_rows is not None:
             kv_hat = kv_hat.index_select(0, plan.merged_rows)
         w_kv = CrossKV(kv_hat, kv.heads, kv.hidden)

@@ -12,7 +12,6 @@ from sam_fast.modules.guidance import (
     merged_context_maps,
 )
 from sam_fast.modules.qformer import (
-    SCRATCH_COLUMNS,
     CrossKV,
     WFormer,
     WStream,
@@ -22,7 +21,6 @@ from sam_fast.modules.qformer import (
 )
 
 __all__ = [
-    "SCRATCH_COLUMNS",
     "AdaptiveAdjustment",
     "CrossKV",
     "GuidanceIn",

@@ -68,16 +68,13 @@ class AdaptiveAdjustment(nn.Linear):
         weight, bias = (self.weight, self.bias) if guidance == "adaptive" else (None, None)
         return context_reweight(features, weight, bias, cu_images, context_mode)
 
-    def merged_kv(self, features: torch.Tensor, kv_scratch: torch.Tensor, cu_images: torch.Tensor,
-                  context_mode: str, guidance: str, kv_width: int | None = None,
-                  offsets: list[int] | None = None) -> torch.Tensor:
-        """The cross-attention K/V of I-hat from the K/V of the images: [T, P, W] (leave_one_out)
-        or [B, P, W] (shared), merged K/V in ``[..., :C]``.
-
-        `kv_scratch` [T, P, W] holds the K/V of the features E [T, P, D] in ``[..., :C]``, C =
-        `kv_width` (default W - 1), and scratch columns after them (``project_cross_kv(...,
-        scratch=True)``); column C is overwritten with the scores ``s = Linear(E)``. `offsets`:
-        host copy of cu_images (see `context_reweight`).
+    def merged_kv(self, features: torch.Tensor, kv: torch.Tensor, cu_images: torch.Tensor,
+                  context_mode: str, guidance: str, offsets: list[int] | None = None) -> torch.Tensor:
+        """The cross-attention K/V of I-hat, [T, P, C] (leave_one_out) or [B, P, C] (shared),
+        from the K/V `kv` [T, P, C] of the images whose features are E [T, P, D]: the images' K/V
+        re-weighted with the softmax of the scores ``s = Linear(E)`` (`context_reweight` with
+        ``scores=``; the gradient reaches s, hence this Linear). `offsets`: host copy of
+        cu_images (see `context_reweight`).
 
         Exact, not an approximation: K/V are affine in E (``K = E W_k^T + b_k``) and the weights
         ``alpha_{m,j}`` of a merged map sum to 1 over m, so ``sum_m alpha_{m,j} K_m[j] =
@@ -86,22 +83,13 @@ class AdaptiveAdjustment(nn.Linear):
         the K/V instead of the features saves projecting every I-hat (one more
         ``[P, D] x [D, n_cross*2*H]`` GEMM per merged map) for a weighted sum over a wider row;
         ``bench_merge_kv_vs_features`` in `bench/models/bench_encode_images.py` measures both.
-
-        `context_reweight` computes its scores from its own input, so the scores ride in the scratch
-        column and a one-hot weight picks them (``s * 1 + 0 * K = s`` exactly); the gradient reaches
-        s, hence this Linear.
         """
-        C = kv_scratch.shape[-1] - 1 if kv_width is None else kv_width
-        if not 0 <= C < kv_scratch.shape[-1]:
-            raise ValueError(f"merged_context_kv: kv_width={C} leaves no scratch column in {tuple(kv_scratch.shape)}")
         _check_guidance("merged_context_kv", guidance)
-        if guidance == "mean":
-            return context_reweight(kv_scratch, None, None, cu_images, context_mode, offsets=offsets)
-        kv_scratch[..., C:C + 1] = self.scores(features).unsqueeze(-1).to(kv_scratch.dtype)
-        # one-hot on column C, built on the device without writing a host scalar into it (that write
-        # synchronised with the GPU, found by CUDA's sync debug mode on an H200)
-        pick = (torch.arange(kv_scratch.shape[-1], device=kv_scratch.device) == C).to(kv_scratch.dtype)
-        return context_reweight(kv_scratch, pick, None, cu_images, context_mode, offsets=offsets)
+        if tuple(kv.shape[:2]) != tuple(features.shape[:2]):
+            raise ValueError(f"merged_context_kv: K/V {tuple(kv.shape)} and features {tuple(features.shape)} "
+                             "differ in images or patches")
+        scores = self.scores(features) if guidance == "adaptive" else None
+        return context_reweight(kv, None, None, cu_images, context_mode, offsets=offsets, scores=scores)
 
     def leave_one_out_mix(self, features: torch.Tensor, counts: list[int],
                           guidance: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,11 +171,11 @@ def merged_context_maps(features, adaptive_adjustment: nn.Linear, cu_images, con
     return AdaptiveAdjustment.of(adaptive_adjustment).merged_maps(features, cu_images, context_mode, guidance)
 
 
-def merged_context_kv(features, kv_scratch, adaptive_adjustment: nn.Linear, cu_images, context_mode: str,
-                      guidance: str, kv_width: int | None = None, offsets: list[int] | None = None) -> torch.Tensor:
+def merged_context_kv(features, kv, adaptive_adjustment: nn.Linear, cu_images, context_mode: str,
+                      guidance: str, offsets: list[int] | None = None) -> torch.Tensor:
     """`AdaptiveAdjustment.merged_kv` for any ``Linear(D, 1)``."""
-    return AdaptiveAdjustment.of(adaptive_adjustment).merged_kv(features, kv_scratch, cu_images, context_mode,
-                                                                guidance, kv_width, offsets)
+    return AdaptiveAdjustment.of(adaptive_adjustment).merged_kv(features, kv, cu_images, context_mode, guidance,
+                                                                offsets)
 
 
 def leave_one_out_mix(features, adaptive_adjustment: nn.Linear, counts: list[int],

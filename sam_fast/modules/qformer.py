@@ -40,17 +40,12 @@ def cross_layers(layers) -> list[nn.Module]:
     return [layer for layer in layers if layer.has_cross_attention]
 
 
-# Scratch columns after the K/V (the Adaptive Adjustment scores ride in the first): 8 keep every
-# row of the buffer 32-byte aligned for vectorised loads on a GPU.
-SCRATCH_COLUMNS = 8
-
-_KV_WEIGHT_CACHE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+_KV_WEIGHT_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
-def cross_kv_weight(layers, scratch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(weight [n_cross*2*H (+8), D], bias [n_cross*2*H (+8)])``: the key and value Linears of
-    every cross-attention layer stacked as ``[k_0; v_0; k_1; v_1; ...]`` (plus `SCRATCH_COLUMNS`
-    zero rows when ``scratch``).
+def cross_kv_weight(layers) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight [n_cross*2*H, D], bias [n_cross*2*H])``: the key and value Linears of every
+    cross-attention layer stacked as ``[k_0; v_0; k_1; v_1; ...]``.
 
     The stack is cached per module list while the (frozen) parameters keep their storage and
     version; when a parameter requires grad it is rebuilt in the graph every call, and so it is
@@ -58,31 +53,27 @@ def cross_kv_weight(layers, scratch: bool = False) -> tuple[torch.Tensor, torch.
     compiled graph the stack is one concatenation of the weights).
     """
     def stack():
-        w, b = torch.cat([m.weight for m in mods]), torch.cat([m.bias for m in mods])
-        if scratch:
-            w, b = F.pad(w, (0, 0, 0, SCRATCH_COLUMNS)), F.pad(b, (0, SCRATCH_COLUMNS))
-        return w, b
+        return torch.cat([m.weight for m in mods]), torch.cat([m.bias for m in mods])
 
     mods = [m for layer in cross_layers(layers) for m in (layer.crossattention.attention.key,
                                                            layer.crossattention.attention.value)]
     params = [p for m in mods for p in (m.weight, m.bias)]
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
         return stack()
-    key = (scratch,) + tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-    cache = _KV_WEIGHT_CACHE.setdefault(layers, {})
-    hit = cache.get(scratch)
+    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+    hit = _KV_WEIGHT_CACHE.get(layers)
     if hit is None or hit[0] != key:
         with torch.no_grad():
             hit = (key, *stack())
-        cache[scratch] = hit
+        _KV_WEIGHT_CACHE[layers] = hit
     return hit[1], hit[2]
 
 
 @dataclass
 class CrossKV:
-    """K/V of every cross-attention layer for a set of rows: ``buffer`` [R, P, >= n_cross*2*H]
-    laid out as ``[k_0 | v_0 | k_1 | v_1 | ... (| scratch)]`` on the last dimension, with H =
-    ``hidden`` (heads x head dim)."""
+    """K/V of every cross-attention layer for a set of rows: ``buffer`` [R, P, n_cross*2*H]
+    laid out as ``[k_0 | v_0 | k_1 | v_1 | ...]`` on the last dimension, with H = ``hidden``
+    (heads x head dim)."""
 
     buffer: torch.Tensor
     heads: int
@@ -99,11 +90,10 @@ class CrossKV:
         return _heads(k, self.heads), _heads(v, self.heads)
 
 
-def project_cross_kv(layers, features: torch.Tensor, scratch: bool = False) -> CrossKV:
+def project_cross_kv(layers, features: torch.Tensor) -> CrossKV:
     """K/V of all cross-attention layers for image features E [T, P, D] in one GEMM
-    ``[T*P, D] x [D, n_cross*2*H]``. ``scratch=True`` appends `SCRATCH_COLUMNS` zero columns (zero
-    weight rows in the same GEMM); `AdaptiveAdjustment.merged_kv` puts the Adaptive Adjustment scores there."""
-    weight, bias = cross_kv_weight(layers, scratch)
+    ``[T*P, D] x [D, n_cross*2*H]``."""
+    weight, bias = cross_kv_weight(layers)
     T, P, D = features.shape
     buf = F.linear(features.reshape(T * P, D), weight, bias).view(T, P, -1)
     first = cross_layers(layers)[0].crossattention.attention
@@ -270,9 +260,9 @@ class WFormer(nn.Module):
         p = att.attention_dropout if training else 0.0
         return mixes_in_kernel(att.num_attention_heads, att.attention_head_size, dtype, device, p)
 
-    def project_kv(self, features: torch.Tensor, scratch: bool = False) -> CrossKV:
+    def project_kv(self, features: torch.Tensor) -> CrossKV:
         """K/V of every cross-attention layer for features E [T, P, D] (`project_cross_kv`)."""
-        return project_cross_kv(self.layers, features, scratch)
+        return project_cross_kv(self.layers, features)
 
     def forward(self, hidden: torch.Tensor, self_bias: torch.Tensor, kv: CrossKV,
                 w_stream: WStream | None = None) -> torch.Tensor:

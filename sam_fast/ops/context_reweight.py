@@ -3,9 +3,13 @@
 Public op::
 
     context_reweight(features [T,P,D], weight [D] | [1,D] | None, bias [] | [1] | None,
-                     cu_images [B+1], mode="leave_one_out" | "shared") -> [T,P,D] | [B,P,D]
+                     cu_images [B+1], mode="leave_one_out" | "shared",
+                     *, scores=None | [T,P]) -> [T,P,D] | [B,P,D]
 
-With scores ``s[t, j] = features[t, j] . weight + bias`` (one per image and patch):
+With scores ``s[t, j] = features[t, j] . weight + bias`` (one per image and patch), or the
+caller's own ``scores`` [T, P] (then weight and bias are None and the gradient goes to the scores;
+the model passes the Adaptive Adjustment scores of the images this way while merging their
+cross-attention K/V, which are not the features the scores are computed from):
 
 - ``leave_one_out`` (paper): ``I-hat_i[j] = sum_{m != i} softmax_{m != i}(s[m, j]) * E_m[j]`` for
   every image i of a sample; a one-image sample has no contextual image and gets zeros.
@@ -24,16 +28,33 @@ feature gradients, and the weight and bias gradients are NaN. A score is non-fin
 feature, the weight or the bias is, or when the dot product overflows (|s| > 3.4e38 in fp32;
 the compiled CPU/CUDA kernels accumulate it in fp64, Triton and the reference in fp32, so they
 can differ only for sums that overflow midway). Other columns are unaffected. Kernels never
-index memory from a comparison with a NaN: NaN in gives NaN out, never a crash.
+index memory from a comparison with a NaN: NaN in gives NaN out, never a crash. With given
+``scores`` the column rule looks at the scores only: a non-finite feature then makes NaN the
+outputs whose softmax support holds it (backends may differ on the others of its column).
 
 `context_reweight_ref` is the plain-PyTorch specification and the fallback; the compiled backends
-(C++ CPU and CUDA kernels in ``sam_fast._C``, Triton kernels in ``sam_fast._kernels``, launched by
-`sam_fast.ops._context_reweight_triton`) register with the dispatcher and must match it. All of
-them compute leave-one-out in O(n D) per patch from the top-2 scores (csrc/context_reweight_common.h
-explains the numerics) and have a fused backward.
+(C++ CPU and CUDA kernels in ``sam_fast._C``, Triton kernels in ``sam_fast._kernels``, launched
+below) register with the dispatcher and must match it (one float64 oracle in the tests). They share
+the softmax over the top-2 scores (the maximum of each support is m1, or m2 for the argmax's own
+leave-one-out output: no overflow, no empty denominator) and differ in how they form the n
+leave-one-out sums of a column, each for a reason of its hardware:
+
+- C++ CPU: prefix plus suffix sums, O(n D) (csrc/context_reweight_common.h, the arithmetic the
+  CUDA kernels include too): a CPU thread owns a whole column and keeps the n prefix rows in cache.
+- Triton: the total minus the image's own term, O(n D), with the argmax's output summed
+  separately: a program holds [BLOCK_P, D] tiles in registers and cannot keep n prefix tiles; for
+  i != argmax the removed weight is <= 1 <= the remaining sum, so no cancellation beyond ~eps
+  |F| (kernels/context_reweight.py). Its backward sums directly, O(n^2 D) arithmetic on the
+  O(n D) tiles a program re-reads from L2.
+- CUDA: direct sums per output, O(n^2 D) arithmetic on O(n D) bytes re-read from L1/L2 (n <= 16
+  images per sample in practice, so the op stays memory-bound); its coefficients and score
+  gradients are the CPU's (common header). It was validated on an H200 as it is; moving it to the
+  CPU's prefix/suffix form waits for a GPU to measure it on.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -51,7 +72,7 @@ from sam_fast.ops.dispatch import dispatcher
 MODES = ("leave_one_out", "shared")
 
 
-def validate_context_reweight(features, weight, bias, cu_images, mode, offsets=None) -> None:
+def validate_context_reweight(features, weight, bias, cu_images, mode, offsets=None, scores=None) -> None:
     """Raise ValueError naming the offending value for any malformed input. `offsets` (a host
     copy of cu_images' values) is checked instead of reading cu_images from its device."""
     if mode not in MODES:
@@ -72,6 +93,7 @@ def validate_context_reweight(features, weight, bias, cu_images, mode, offsets=N
             raise ValueError(f"context_reweight: weight must be [D] or [1, D] with D={D}, got {tuple(weight.shape)}")
         if bias is not None and bias.numel() != 1:
             raise ValueError(f"context_reweight: bias must be [] or [1], got {tuple(bias.shape)}")
+    _check_scores(features, weight, bias, scores)
     if not isinstance(cu_images, torch.Tensor) or cu_images.dim() != 1:
         raise ValueError(f"context_reweight: cu_images must be a 1-D tensor of offsets, got {cu_images!r}")
     if cu_images.dtype not in (torch.int32, torch.int64):
@@ -90,28 +112,35 @@ def validate_context_reweight(features, weight, bias, cu_images, mode, offsets=N
             raise ValueError(f"context_reweight: cu_images decreases at sample {b}: {cu[b]} -> {cu[b + 1]}")
         if cu[b + 1] == cu[b]:
             raise ValueError(f"context_reweight: sample {b} is empty (cu_images[{b}] == cu_images[{b + 1}] == {cu[b]})")
-    for name, t in (("weight", weight), ("bias", bias), ("cu_images", cu_images)):
+    for name, t in (("weight", weight), ("bias", bias), ("scores", scores), ("cu_images", cu_images)):
         if t is not None and t.device != features.device:
             raise ValueError(f"context_reweight: {name} is on {t.device} but features are on {features.device}")
 
 
-def context_reweight_ref(features, weight, bias, cu_images, mode="leave_one_out"):
+def context_reweight_ref(features, weight, bias, cu_images, mode="leave_one_out", scores=None):
     """Plain-PyTorch reference (the specification): loops over samples, masked softmax over
-    an explicit [N, N, P] logit tensor for leave_one_out. Differentiable by autograd.
+    an explicit [N, N, P] logit tensor for leave_one_out. Differentiable by autograd (with
+    respect to the given `scores` [T, P] too).
 
     A column with a non-finite feature or score is NaN, and so are its gradients (module
-    docstring): NaN is added to all its scores, so the softmax and autograd carry it."""
+    docstring): NaN is added to all its scores, so the softmax and autograd carry it. With given
+    scores only the scores decide; a non-finite feature spreads through the sums."""
     T, P, D = features.shape
     acc = torch.promote_types(features.dtype, torch.float32)  # fp32 accumulation (fp64 stays fp64)
     x = features.to(acc)
-    if weight is None:
+    given = scores is not None
+    if given:
+        scores = scores.to(acc)
+    elif weight is None:
         scores = x.new_zeros(T, P)
     else:
         scores = x @ weight.reshape(D).to(acc)
         if bias is not None:
             scores = scores + bias.reshape(()).to(acc)
     with torch.no_grad():
-        bad = ~torch.isfinite(scores) | ~torch.isfinite(x).all(-1)  # [T, P]
+        bad = ~torch.isfinite(scores)  # [T, P]
+        if not given:
+            bad |= ~torch.isfinite(x).all(-1)
     cu = cu_images.tolist()
     outs = []
     for b in range(len(cu) - 1):
@@ -137,9 +166,11 @@ def context_reweight_ref(features, weight, bias, cu_images, mode="leave_one_out"
 # -- compiled backends: torch.library ops with fake (shape) implementations and autograd ------------
 #
 # Each compiled backend is a pair of ops, forward and backward, with the same signature:
-#   fwd(features [T,P,D], weight [D], bias [], cu_images [B+1], shared) -> [T|B, P, D]
-#   bwd(grad_out, features, weight, bias, cu_images, shared, features_grad)
-#       -> (d features [T,P,D] (an empty [0] unless features_grad), d weight [D] fp32, d bias [] fp32)
+#   fwd(features [T,P,D], weight [D], bias [], cu_images [B+1], shared, scores [T,P] | None) -> [T|B, P, D]
+#   bwd(grad_out, features, weight, bias, cu_images, shared, features_grad, scores)
+#       -> (d features [T,P,D] (an empty [0] unless features_grad), d weight [D] fp32, d bias [] fp32,
+#           d scores [T,P] fp32 when scores were given, else an empty [0])
+# Given scores replace features . weight + bias (weight and bias are zeros then).
 # "cpu"/"cuda": sam_fast::context_reweight_fwd/_bwd, defined in C++ (csrc/, Meta kernels there).
 # "triton": sam_fast::context_reweight_triton_fwd/_bwd, custom ops defined below.
 # Autograd is registered here for both, so torch.compile sees one opaque op per direction and
@@ -150,20 +181,22 @@ _TRITON_MAX_D = 8192  # one program holds a [rows, next_pow2(D)] tile
 
 def _register_autograd(fwd_name: str, bwd):
     def setup_context(ctx, inputs, output):
-        features, weight, bias, cu_images, shared = inputs
-        ctx.save_for_backward(features, weight, bias, cu_images)
+        features, weight, bias, cu_images, shared, scores = inputs
+        ctx.save_for_backward(features, weight, bias, cu_images, scores)
         ctx.shared = shared
 
     def backward(ctx, grad):
-        features, weight, bias, cu_images = ctx.saved_tensors
+        features, weight, bias, cu_images, scores = ctx.saved_tensors
         features_grad = ctx.needs_input_grad[0]
-        d_features, d_weight, d_bias = bwd(grad, features, weight, bias, cu_images, ctx.shared, features_grad)
+        d_features, d_weight, d_bias, d_scores = bwd(grad, features, weight, bias, cu_images, ctx.shared,
+                                                     features_grad, scores)
         return (
             d_features if features_grad else None,
             d_weight.to(weight.dtype),
             d_bias.to(bias.dtype).reshape(bias.shape),
             None,
             None,
+            None if scores is None else d_scores.to(scores.dtype),
         )
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
@@ -185,7 +218,7 @@ def _triton_blocks(P, D, tiles, interpret: bool):
     return block_p, block_d, 8 if block_d >= 1024 else 4
 
 
-def _triton_forward(features, weight, bias, cu_images, shared):
+def _triton_forward(features, weight, bias, cu_images, shared, given=None):
     from sam_fast._kernels.context_reweight import context_reweight_fwd_kernel
 
     F = features.contiguous()
@@ -197,22 +230,30 @@ def _triton_forward(features, weight, bias, cu_images, shared):
     scores = F.new_empty(T, P, dtype=torch.float32)
     block_p, block_d, warps = _triton_blocks(P, D, 2 if shared else 3, interpret=interpreting())
     context_reweight_fwd_kernel[(B, cdiv(P, block_p))](
-        F, weight.contiguous(), bias.reshape(1).contiguous(), cu_images.contiguous(), scores, out, P, D,
-        SHARED=shared, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=warps,
+        F, weight.contiguous(), bias.reshape(1).contiguous(), _given(given, scores), cu_images.contiguous(),
+        scores, out, P, D, SHARED=shared, GIVEN=given is not None, BLOCK_P=block_p, BLOCK_D=block_d,
+        num_warps=warps,
     )
     return out
 
 
-def _triton_backward(grad_out, features, weight, bias, cu_images, shared, features_grad):
+def _given(given, like):
+    """The given scores as a contiguous fp32 [T, P] tensor, or `like` (a stand-in pointer the
+    kernel never reads) when there are none."""
+    return like if given is None else given.to(torch.float32).contiguous()
+
+
+def _triton_backward(grad_out, features, weight, bias, cu_images, shared, features_grad, given=None):
     from sam_fast._kernels.context_reweight import context_reweight_bwd_kernel, context_reweight_reduce_kernel
 
     F = features.contiguous()
     T, P, D = F.shape
     B = cu_images.shape[0] - 1
     G = grad_out.to(F.dtype).contiguous()
+    d_scores = F.new_zeros((T, P) if given is not None else (0,), dtype=torch.float32)
     if B == 0 or P == 0 or D == 0:  # no column: zero gradients (and no block sizes for an empty axis)
         return (F.new_zeros(F.shape if features_grad else (0,)), F.new_zeros(D, dtype=torch.float32),
-                F.new_zeros((), dtype=torch.float32))
+                F.new_zeros((), dtype=torch.float32), d_scores)
     d_features = F.new_empty(F.shape if features_grad else (0,))
     block_p, block_d, warps = _triton_blocks(P, D, 6, interpret=interpreting())
     grid = (B, cdiv(P, block_p))
@@ -220,40 +261,44 @@ def _triton_backward(grad_out, features, weight, bias, cu_images, shared, featur
     scores = F.new_empty(T, P, dtype=torch.float32)
     work = F.new_empty(T, P, 2, dtype=torch.float32)
     context_reweight_bwd_kernel[grid](
-        G, F, weight.contiguous(), bias.reshape(1).contiguous(), cu_images.contiguous(), scores, work,
-        d_features, partial, P, D,
-        SHARED=shared, FEATURES_GRAD=features_grad, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=warps,
+        G, F, weight.contiguous(), bias.reshape(1).contiguous(), _given(given, scores), cu_images.contiguous(),
+        scores, work, d_features, partial, d_scores, P, D, SHARED=shared, FEATURES_GRAD=features_grad,
+        GIVEN=given is not None, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=warps,
     )
+    if given is not None:  # their gradient is d_scores; weight and bias were zeros
+        return d_features, F.new_zeros(D, dtype=torch.float32), F.new_zeros((), dtype=torch.float32), d_scores
     reduced = F.new_empty(D + 1, dtype=torch.float32)
     block = min(1024, next_pow2(D + 1))
     context_reweight_reduce_kernel[(cdiv(D + 1, block),)](
         partial, reduced, partial.shape[0], D + 1, BLOCK=block)
-    return d_features, reduced[:D].clone(), reduced[D].clone()
+    return d_features, reduced[:D].clone(), reduced[D].clone(), d_scores
 
 
 @torch.library.custom_op("sam_fast::context_reweight_triton_fwd", mutates_args=())
 def _triton_fwd_op(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   cu_images: torch.Tensor, shared: bool) -> torch.Tensor:
-    return _triton_forward(features, weight, bias, cu_images, shared)
+                   cu_images: torch.Tensor, shared: bool, scores: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _triton_forward(features, weight, bias, cu_images, shared, scores)
 
 
 @_triton_fwd_op.register_fake
-def _(features, weight, bias, cu_images, shared):
+def _(features, weight, bias, cu_images, shared, scores=None):
     return features.new_empty(_out_rows(features, cu_images, shared), features.shape[1], features.shape[2])
 
 
 @torch.library.custom_op("sam_fast::context_reweight_triton_bwd", mutates_args=())
 def _triton_bwd_op(grad_out: torch.Tensor, features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   cu_images: torch.Tensor, shared: bool, features_grad: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _triton_backward(grad_out, features, weight, bias, cu_images, shared, features_grad)
+                   cu_images: torch.Tensor, shared: bool, features_grad: bool,
+                   scores: Optional[torch.Tensor] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _triton_backward(grad_out, features, weight, bias, cu_images, shared, features_grad, scores)
 
 
 @_triton_bwd_op.register_fake
-def _(grad_out, features, weight, bias, cu_images, shared, features_grad):
+def _(grad_out, features, weight, bias, cu_images, shared, features_grad, scores=None):
     d_features = features.new_empty(features.shape if features_grad else (0,))
-    D = features.shape[2]
-    return d_features, features.new_empty(D, dtype=torch.float32), features.new_empty((), dtype=torch.float32)
+    T, P, D = features.shape
+    return (d_features, features.new_empty(D, dtype=torch.float32), features.new_empty((), dtype=torch.float32),
+            features.new_empty((T, P) if scores is not None else (0,), dtype=torch.float32))
 
 
 _register_autograd("sam_fast::context_reweight_triton_fwd", _triton_bwd_op)
@@ -278,7 +323,8 @@ def _cpp_ops():
 
 
 def _op_args(features, weight, bias):
-    """(weight [D], bias []) for the compiled ops; weight=None -> uniform weights (zero scores)."""
+    """(weight [D], bias []) for the compiled ops; weight=None (uniform weights, or given scores)
+    -> zeros."""
     D = features.shape[-1]
     if weight is None:
         return features.new_zeros(D, dtype=torch.float32), features.new_zeros((), dtype=torch.float32)
@@ -287,14 +333,14 @@ def _op_args(features, weight, bias):
     return w, b
 
 
-def _cpp_backend(features, weight, bias, cu_images, mode="leave_one_out"):
+def _cpp_backend(features, weight, bias, cu_images, mode="leave_one_out", scores=None):
     w, b = _op_args(features, weight, bias)
-    return _cpp_ops()(features, w, b, cu_images, mode == "shared")
+    return _cpp_ops()(features, w, b, cu_images, mode == "shared", scores)
 
 
-def _triton_backend(features, weight, bias, cu_images, mode="leave_one_out"):
+def _triton_backend(features, weight, bias, cu_images, mode="leave_one_out", scores=None):
     w, b = _op_args(features, weight, bias)
-    return _triton_fwd_op(features, w, b, cu_images, mode == "shared")
+    return _triton_fwd_op(features, w, b, cu_images, mode == "shared", scores)
 
 
 # -- backend checks: None = can run these inputs, else the reason ----------------------------------
@@ -307,7 +353,7 @@ def _ext_reason():
     return _ext, None
 
 
-def _check_cpu(features, weight, bias, cu_images, mode="leave_one_out"):
+def _check_cpu(features, weight, bias, cu_images, mode="leave_one_out", scores=None):
     _, why = _ext_reason()
     if why:
         return why
@@ -316,7 +362,7 @@ def _check_cpu(features, weight, bias, cu_images, mode="leave_one_out"):
     return dtype_reason(features.dtype)
 
 
-def _check_cuda(features, weight, bias, cu_images, mode="leave_one_out"):
+def _check_cuda(features, weight, bias, cu_images, mode="leave_one_out", scores=None):
     ext, why = _ext_reason()
     if why:
         return why
@@ -327,7 +373,7 @@ def _check_cuda(features, weight, bias, cu_images, mode="leave_one_out"):
     return dtype_reason(features.dtype)
 
 
-def _check_triton(features, weight, bias, cu_images, mode="leave_one_out"):
+def _check_triton(features, weight, bias, cu_images, mode="leave_one_out", scores=None):
     if not HAVE_TRITON:
         return "triton is not installed"
     why = triton_device_reason(features.device) or dtype_reason(features.dtype)
@@ -351,7 +397,7 @@ _dispatch.register("cpu", _cpp_backend, _check_cpu)
 _dispatch.register("reference", context_reweight_ref, always_usable)
 
 
-def _check_traced(features, weight, bias, cu_images, mode) -> None:
+def _check_traced(features, weight, bias, cu_images, mode, scores=None) -> None:
     """The shape-only part of `validate_context_reweight`, safe while torch.compile traces
     (offset values are data: reading them would break the graph)."""
     if mode not in MODES:
@@ -362,9 +408,25 @@ def _check_traced(features, weight, bias, cu_images, mode) -> None:
         raise ValueError(f"context_reweight: weight must be [D] or [1, D] with D={features.shape[-1]}, got {tuple(weight.shape)}")
     if cu_images.dim() != 1 or cu_images.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"context_reweight: cu_images must be 1-D int32/int64, got {tuple(cu_images.shape)} {cu_images.dtype}")
+    _check_scores(features, weight, bias, scores)
 
 
-def context_reweight(features, weight, bias, cu_images, mode="leave_one_out", offsets=None):
+def _check_scores(features, weight, bias, scores) -> None:
+    """Given scores: [T, P] floating point, and then no weight or bias (shapes only)."""
+    if scores is None:
+        return
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"context_reweight: scores must be a tensor or None, got {type(scores).__name__}")
+    if weight is not None or bias is not None:
+        raise ValueError("context_reweight: pass either scores or weight/bias, not both")
+    if tuple(scores.shape) != tuple(features.shape[:2]):
+        raise ValueError(f"context_reweight: scores must be [T, P] = {list(features.shape[:2])}, "
+                         f"got {tuple(scores.shape)}")
+    if not scores.is_floating_point():
+        raise ValueError(f"context_reweight: scores dtype {scores.dtype} is not floating point")
+
+
+def context_reweight(features, weight, bias, cu_images, mode="leave_one_out", offsets=None, *, scores=None):
     """Merged contextual feature maps I-hat (see module docstring).
 
     Args:
@@ -376,8 +438,10 @@ def context_reweight(features, weight, bias, cu_images, mode="leave_one_out", of
         offsets: optional host copy (list of ints) of cu_images' values. Validation then reads it
             instead of cu_images, which on a GPU saves a device-to-host copy (a sync) per call;
             the caller vouches that both hold the same values.
+        scores: optional [T, P] scores used instead of ``features . weight + bias`` (weight and
+            bias must then be None); computed in fp32 whatever their dtype.
 
-    Differentiable with respect to features, weight and bias on every backend. The backend is
+    Differentiable with respect to features, weight and bias (or scores) on every backend. The backend is
     the first of triton (CUDA tensors), cuda, cpu (sam_fast._C), reference that can run the
     inputs; ``SAM_FAST_BACKEND`` forces one (see `sam_fast.ops.dispatch`).
 
@@ -385,7 +449,9 @@ def context_reweight(features, weight, bias, cu_images, mode="leave_one_out", of
         ValueError: naming the offending shape, dtype, offset or device.
     """
     if torch.compiler.is_compiling():
-        _check_traced(features, weight, bias, cu_images, mode)
+        _check_traced(features, weight, bias, cu_images, mode, scores)
     else:
-        validate_context_reweight(features, weight, bias, cu_images, mode, offsets)
-    return _dispatch(features, weight, bias, cu_images, mode)
+        validate_context_reweight(features, weight, bias, cu_images, mode, offsets, scores)
+    if scores is None:  # (backends registered with the five-argument form keep working)
+        return _dispatch(features, weight, bias, cu_images, mode)
+    return _dispatch(features, weight, bias, cu_images, mode, scores=scores)
