@@ -56,12 +56,11 @@ BUDGETS = {"build": 180.0, "tests": 120.0, "model_checks": 60.0, "benchmarks": 1
 
 # pytest selections that execute kernels on the device (collected only in --dry-run)
 CUDA_TESTS = [
-    "tests/ops/test_context_reweight_triton.py",
-    "tests/ops/test_context_reweight_nonfinite.py",
+    "tests/ops/test_context_reweight.py",
     "tests/ops/test_cross_attention.py",
     "tests/ops/test_linear_cross_entropy.py::test_cuda_backends_within_budget",
-    "tests/test_qwformer.py::test_fused_attention_through_the_model_with_gradients",
-    "tests/test_qwformer.py::test_encode_images_has_no_device_sync_on_cuda",
+    "tests/models/test_encode_images.py::test_fused_attention_through_the_model_with_gradients",
+    "tests/models/test_encode_images.py::test_encode_images_has_no_device_sync_on_cuda",
     "tests/ops/test_llama.py",
     "tests/models/test_llama_kernels.py",
 ]

@@ -1,4 +1,13 @@
-"""context_reweight (public op, reference backend) against a float64 oracle written here."""
+"""context_reweight (sam_fast/ops/context_reweight.py) on every backend that runs here (reference,
+C++ CPU, Triton under TRITON_INTERPRET=1; the CUDA kernels share the per-column arithmetic of
+csrc/context_reweight_common.h with the CPU kernel) against one float64 oracle (`oracle`), with one
+error-budget table (`FLOOR`, below): forward and every gradient, the weight form and the given
+scores form, non-finite input, bad input."""
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -6,26 +15,35 @@ import torch
 from sam_fast.ops import context_reweight, context_reweight_ref
 
 
-def oracle(F, w, b, counts, mode):
-    """Direct formula in float64, image by image (no masking tricks)."""
-    F = F.double()
-    s = F @ w.double().reshape(-1) + (b.double().reshape(()) if b is not None else 0.0) if w is not None else F.new_zeros(F.shape[:2])
+def oracle(F, s, counts, mode):
+    """The one float64 oracle of this op (used in the dtype it is given): the formula written
+    directly from the scores s [T, P], sample by sample (masked softmax over the other images)."""
     out, start = [], 0
     for n in counts:
-        idx = list(range(start, start + n))
+        x, sc = F[start : start + n], s[start : start + n]
         if mode == "shared":
-            a = torch.softmax(s[idx], 0)
-            out.append((a[..., None] * F[idx]).sum(0, keepdim=True))
+            out.append(torch.einsum("mp,mpd->pd", torch.softmax(sc, 0), x)[None])
+        elif n == 1:
+            out.append(x * 0)
         else:
-            for i in idx:
-                others = [m for m in idx if m != i]
-                if not others:
-                    out.append(F[i : i + 1] * 0)
-                    continue
-                a = torch.softmax(s[others], 0)
-                out.append((a[..., None] * F[others]).sum(0, keepdim=True))
+            eye = torch.eye(n, dtype=torch.bool)[:, :, None]
+            a = torch.softmax(sc[None].expand(n, n, -1).masked_fill(eye, float("-inf")), 1)
+            out.append(torch.einsum("imp,mpd->ipd", a, x))
         start += n
     return torch.cat(out)
+
+
+def scores_of(F, w, b):
+    """s = F . w + b (zeros for w None: uniform weights)."""
+    if w is None:
+        return F.new_zeros(F.shape[:2])
+    return F @ w.reshape(-1) + (b.reshape(()) if b is not None else 0.0)
+
+
+def oracle_wb(F, w, b, counts, mode):
+    """`oracle` in float64 with the scores of a Linear(D, 1) (weight w, bias b)."""
+    F = F.double()
+    return oracle(F, scores_of(F, None if w is None else w.double(), None if b is None else b.double()), counts, mode)
 
 
 def cu_of(counts, dtype=torch.int32):
@@ -41,7 +59,7 @@ def test_forward_and_grads_match_oracle(mode, counts):
     w = torch.randn(D, dtype=torch.float64, requires_grad=True)
     b = torch.randn((), dtype=torch.float64, requires_grad=True)
     out = context_reweight(F, w, b, cu_of(counts), mode)
-    ref = oracle(F, w, b, counts, mode)
+    ref = oracle_wb(F, w, b, counts, mode)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(ref)
     got = torch.autograd.grad(out, (F, w, b), g, allow_unused=True, materialize_grads=True)
@@ -68,10 +86,10 @@ def test_large_scores_are_stable(dtype):
     w = (torch.randn(D) * 3e3).to(dtype)
     b = torch.zeros((), dtype=dtype)
     for mode in ("leave_one_out", "shared"):
-        ref = oracle(F, w, b, counts, mode)
+        ref = oracle_wb(F, w, b, counts, mode)
         out = context_reweight(F, w, b, cu_of(counts), mode)
         assert out.dtype == dtype and torch.isfinite(out).all()
-        plain = oracle(F.double(), w.double(), b.double(), counts, mode).to(dtype)  # torch rounding of the result
+        plain = oracle_wb(F.double(), w.double(), b.double(), counts, mode).to(dtype)  # torch rounding of the result
         budget = 2 * (plain.double() - ref).abs().max().item() + 1e-2 * (1 if dtype != torch.float32 else 1e-3)
         assert (out.double() - ref).abs().max().item() <= budget
 
@@ -80,7 +98,7 @@ def test_non_contiguous_and_int64_offsets():
     F = torch.randn(8, 6, 5).transpose(1, 2)  # [8, 5, 6] non-contiguous
     w = torch.randn(6)
     out = context_reweight(F, w, torch.zeros(1), cu_of([3, 5], torch.int64), "leave_one_out")
-    torch.testing.assert_close(out.double(), oracle(F, w, torch.zeros(1), [3, 5], "leave_one_out"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), oracle_wb(F, w, torch.zeros(1), [3, 5], "leave_one_out"), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -122,23 +140,6 @@ def test_reference_is_what_dispatch_falls_back_to():
 FLOOR = {torch.float32: 2e-6, torch.float16: 2.0**-9, torch.bfloat16: 2.0**-6}
 
 
-def oracle_from_scores(F, s, counts, mode):
-    """The formula with the scores given (so d/ds of the oracle is available)."""
-    out, start = [], 0
-    for n in counts:
-        x, sc = F[start : start + n], s[start : start + n]
-        if mode == "shared":
-            out.append(torch.einsum("mp,mpd->pd", torch.softmax(sc, 0), x)[None])
-        elif n == 1:
-            out.append(x * 0)
-        else:
-            eye = torch.eye(n, dtype=torch.bool)[:, :, None]
-            a = torch.softmax(sc[None].expand(n, n, -1).masked_fill(eye, float("-inf")), 1)
-            out.append(torch.einsum("imp,mpd->ipd", a, x))
-        start += n
-    return torch.cat(out)
-
-
 def forward_and_grads(F, w, b, counts, mode, g, fn=None):
     """(out, dF, dw, db, ds) of `fn` (default: the formula in F's dtype) for upstream grad g."""
     F = F.detach().requires_grad_()
@@ -147,7 +148,7 @@ def forward_and_grads(F, w, b, counts, mode, g, fn=None):
     if fn is None:
         s = F @ w + b
         s.retain_grad()
-        out = oracle_from_scores(F, s, counts, mode)
+        out = oracle(F, s, counts, mode)
     else:
         s, out = None, fn(F, w, b)
     dF, dw, db = torch.autograd.grad(out, (F, w, b), g.to(out.dtype), retain_graph=s is not None,
@@ -351,3 +352,448 @@ def test_host_offsets_replace_the_device_read(monkeypatch):
         validate_context_reweight(F, w, None, cu, "leave_one_out", offsets=[0, 5])
     with pytest.raises(AssertionError, match="read on the host"):  # without offsets it reads them
         validate_context_reweight(F, w, None, cu, "leave_one_out")
+
+
+# ------------------------------------------------------------------ Triton kernels
+# Without a GPU they run under TRITON_INTERPRET=1 (set by conftest.py) on small shapes with one
+# program per sample (every interpreted program costs milliseconds).
+
+_needs_triton = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="no GPU and TRITON_INTERPRET is not 1",
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _triton(monkeypatch):
+    _force(monkeypatch, "triton", torch.zeros(1, 1, 1, device=DEVICE))
+
+
+@_needs_triton
+@pytest.mark.parametrize("mode", ["leave_one_out", "shared"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_triton_ragged_batch(monkeypatch, dtype, mode):
+    """Samples of 1, 4 and 2 images, P not a multiple of anything, D not a power of two."""
+    _triton(monkeypatch)
+    check_backend("triton", [1, 4, 2], 9, 24, dtype, mode, scale=3.0, bias=0.5, device=DEVICE)
+
+
+@_needs_triton
+@pytest.mark.parametrize("mode", ["leave_one_out", "shared"])
+def test_triton_seventeen_images_and_large_scores(monkeypatch, mode):
+    _triton(monkeypatch)
+    check_backend("triton", [17], 3, 16, torch.float32, mode, scale=1e4, seed=3, device=DEVICE)
+
+
+@_needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_triton_large_scores_half(monkeypatch, dtype):
+    _triton(monkeypatch)
+    for mode in ("leave_one_out", "shared"):
+        check_backend("triton", [3, 2], 5, 16, dtype, mode, scale=1e4, seed=4, device=DEVICE)
+
+
+@_needs_triton
+@pytest.mark.parametrize("mode", ["leave_one_out", "shared"])
+def test_triton_dominating_image_and_non_contiguous(monkeypatch, mode):
+    _triton(monkeypatch)
+    layout = lambda F: F.transpose(0, 1).contiguous().transpose(0, 1)  # noqa: E731
+    fast = check_backend("triton", [4, 1], 5, 16, torch.float32, mode, scale=3.0, dominate=1e3, layout=layout,
+                         device=DEVICE)
+    if mode == "shared":
+        assert fast[2].abs().max() < 1e-6 * fast[1].abs().max()
+
+
+@_needs_triton
+def test_triton_backward_is_bitwise_deterministic_and_mean_guidance(monkeypatch):
+    _triton(monkeypatch)
+    F, w, b = (t.to(DEVICE) for t in make([3, 2], 5, 16, torch.float32, scale=3.0))
+    cu = cu_of([3, 2]).to(DEVICE)
+    g = torch.randn(5, 5, 16).to(DEVICE)
+    fn = lambda F_, w_, b_: context_reweight(F_, w_, b_, cu, "leave_one_out")  # noqa: E731
+    r1, r2 = (forward_and_grads(F, w, b, None, None, g, fn=fn) for _ in range(2))
+    assert r1[0].device == F.device
+    for x, y in zip(r1[:4], r2[:4]):
+        assert torch.equal(x, y)
+    Fg = F.clone().requires_grad_()
+    out = context_reweight(Fg, None, None, cu, "leave_one_out")
+    torch.testing.assert_close(out[0], (F[1] + F[2]) / 2)
+    torch.testing.assert_close(out[3], F[4])
+    (gF,) = torch.autograd.grad(out.sum(), Fg)
+    torch.testing.assert_close(gF, torch.ones_like(F))
+
+
+@_needs_triton
+def test_triton_opcheck():
+    from sam_fast.ops.context_reweight import _triton_fwd_op
+
+    F, w, b = make([2, 1], 3, 16, torch.float32)
+    args = (F.to(DEVICE).requires_grad_(), w.to(DEVICE).requires_grad_(), b.to(DEVICE).requires_grad_(),
+            cu_of([2, 1]).to(DEVICE), False)
+    torch.library.opcheck(_triton_fwd_op, args)
+
+
+# ------------------------------------------------------------------ non-finite input, every backend
+# The rule (module docstring of the op): a column (sample, patch) with a NaN or inf feature or
+# score gives NaN in all its outputs and feature gradients, and NaN weight / bias gradients;
+# every other column is unaffected.
+
+COUNTS = [1, 3, 2]  # rows 0 | 1 2 3 | 4 5
+STARTS = [0, 1, 4]
+NP, ND = 4, 8  # patches, feature width of these cases
+BIG = 3e38  # finite in fp32; a row of it gives a score beyond fp32 range
+
+
+def _base(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    F = torch.randn(sum(COUNTS), NP, ND, generator=g)
+    w = torch.randn(ND, generator=g) * 0.5 + torch.where(torch.arange(ND) % 2 == 0, 0.7, -0.7)  # sum |w| > 2
+    return F, w, torch.tensor(0.25)
+
+
+def _poisoned(kind):
+    """(F, w, b, bad) with bad = the set of (sample, patch) columns the poison reaches."""
+    F, w, b = _base()
+    every = {(s, j) for s in range(len(COUNTS)) for j in range(NP)}
+    if kind == "nan_feature":
+        F[2, 2, 3] = float("nan")
+        return F, w, b, {(1, 2)}
+    if kind == "inf_feature":
+        F[4, 1, 0] = float("inf")
+        return F, w, b, {(2, 1)}
+    if kind == "neg_inf_feature_one_image":  # the one-image sample: NaN in leave-one-out too
+        F[0, 3, 5] = float("-inf")
+        return F, w, b, {(0, 3)}
+    if kind == "pos_inf_score":  # finite features, score overflows to +inf
+        F[3, 0] = BIG * torch.sign(w)
+        return F, w, b, {(1, 0)}
+    if kind == "neg_inf_score":
+        F[5, 3] = -BIG * torch.sign(w)
+        return F, w, b, {(2, 3)}
+    if kind == "two_columns":
+        F[1, 1, 0] = float("nan")
+        F[5, 2, 7] = float("inf")
+        return F, w, b, {(1, 1), (2, 2)}
+    if kind == "nan_bias":
+        return F, w, torch.tensor(float("nan")), every
+    if kind == "inf_weight":
+        w = w.clone()
+        w[0] = float("inf")
+        return F, w, b, every
+    if kind == "huge_weight":  # adaptive weights of 1e38: every score overflows
+        return F.abs() + 1, torch.full((ND,), 1e38), b, every
+    raise AssertionError(kind)
+
+
+KINDS = ["nan_feature", "inf_feature", "neg_inf_feature_one_image", "pos_inf_score", "neg_inf_score",
+         "two_columns", "nan_bias", "inf_weight", "huge_weight"]
+
+
+def _column_mask(bad, mode):
+    """[rows, NP] bool: the outputs of the bad columns (rows: samples or images)."""
+    rows = len(COUNTS) if mode == "shared" else sum(COUNTS)
+    m = torch.zeros(rows, NP, dtype=torch.bool)
+    for s, j in bad:
+        if mode == "shared":
+            m[s, j] = True
+        else:
+            m[STARTS[s] : STARTS[s] + COUNTS[s], j] = True
+    return m
+
+
+def _image_mask(bad):
+    m = torch.zeros(sum(COUNTS), NP, dtype=torch.bool)
+    for s, j in bad:
+        m[STARTS[s] : STARTS[s] + COUNTS[s], j] = True
+    return m
+
+
+def _run(F, w, b, mode, g, dtype=torch.float32):
+    Fg = F.to(dtype).requires_grad_()
+    wg = w.to(dtype).requires_grad_()
+    bg = b.to(dtype).requires_grad_()
+    out = context_reweight(Fg, wg, bg, cu_of(COUNTS), mode)
+    dF, dw, db = torch.autograd.grad(out, (Fg, wg, bg), g.to(out.dtype))
+    return out.detach().float(), dF.float(), dw.float(), db.float()
+
+
+def _check(backend, monkeypatch, kind, mode, dtype=torch.float32):
+    _force(monkeypatch, backend, torch.zeros(1, 1, 1))
+    F, w, b, bad = _poisoned(kind)
+    rows = len(COUNTS) if mode == "shared" else sum(COUNTS)
+    g = torch.randn(rows, NP, ND, generator=torch.Generator().manual_seed(7))
+    out, dF, dw, db = _run(F, w, b, mode, g, dtype)
+
+    bad_out = _column_mask(bad, mode)[..., None].expand(-1, -1, ND)
+    assert torch.isnan(out[bad_out]).all(), f"{backend} {kind}: a non-finite column is not all NaN"
+    assert torch.isfinite(out[~bad_out]).all(), f"{backend} {kind}: NaN leaked into finite columns"
+    bad_in = _image_mask(bad)[..., None].expand(-1, -1, ND)
+    assert torch.isnan(dF[bad_in]).all(), f"{backend} {kind}: feature grads of a non-finite column not NaN"
+    assert torch.isfinite(dF[~bad_in]).all(), f"{backend} {kind}: NaN leaked into other feature grads"
+    assert torch.isnan(dw).all() and torch.isnan(db), f"{backend} {kind}: weight/bias grads not NaN"
+
+    # The finite columns are the op's usual result (float64 oracle written in the tests).
+    if (~bad_out).any():
+        Fd = F.to(dtype).double().detach().requires_grad_()
+        want = oracle_wb(Fd, w.to(dtype).double(), b.to(dtype).double(), COUNTS, mode)
+        (want_dF,) = torch.autograd.grad(want, Fd, g.double())
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(out[~bad_out].double(), want.detach()[~bad_out], rtol=tol, atol=tol)
+        torch.testing.assert_close(dF[~bad_in].double(), want_dF[~bad_in], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("mode", ["leave_one_out", "shared"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_non_finite_columns_are_nan_and_others_exact(monkeypatch, backend, kind, mode):
+    _check(backend, monkeypatch, kind, mode)
+
+
+@pytest.mark.parametrize("mode", ["leave_one_out", "shared"])
+@pytest.mark.parametrize("kind", ["nan_feature", "inf_feature", "neg_inf_feature_one_image", "two_columns"])
+def test_non_finite_half_precision_cpu(monkeypatch, kind, mode):
+    _check("cpu", monkeypatch, kind, mode, dtype=torch.bfloat16)
+
+
+_TRITON_OK = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(not _TRITON_OK, reason="no GPU and TRITON_INTERPRET is not 1")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN / inf
+@pytest.mark.parametrize("mode", ["leave_one_out", "shared"])
+@pytest.mark.parametrize("kind", ["nan_feature", "neg_inf_feature_one_image", "pos_inf_score", "neg_inf_score",
+                                  "two_columns", "huge_weight"])
+def test_non_finite_triton(monkeypatch, kind, mode):
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter run covers the kernel's logic; GPU runs use the same code")
+    _check("triton", monkeypatch, kind, mode)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_all_scores_below_minus_1e38_still_form_a_softmax(monkeypatch):
+    """Finite scores of about -2e38 (not -inf): a proper softmax, not zeros (the Triton kernel's
+    running maximum started at -1e38)."""
+    F, w, b = _base()
+    w = torch.full((ND,), 1.0)
+    F = F.abs() * 1e37 / ND * -4 - 1e38 / ND  # every score in (-2.2e38, -1e38)
+    backends = ["reference", "cpu"] + (["triton"] if _TRITON_OK and not torch.cuda.is_available() else [])
+    want = oracle_wb(F.double(), w.double(), b.double(), COUNTS, "shared")
+    for backend in backends:
+        with monkeypatch.context() as m:
+            _force(m, backend, torch.zeros(1, 1, 1))
+            out = context_reweight(F, w, b, cu_of(COUNTS), "shared")
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_nan_upstream_gradient_stays_in_its_column(monkeypatch, backend):
+    _force(monkeypatch, backend, torch.zeros(1, 1, 1))
+    F, w, b = _base()
+    g = torch.randn(sum(COUNTS), NP, ND)
+    g[2, 1, 4] = float("nan")
+    _, dF, dw, db = _run(F, w, b, "leave_one_out", g)
+    other = torch.ones(sum(COUNTS), NP, dtype=torch.bool)
+    other[1:4, 1] = False
+    assert torch.isfinite(dF[other]).all() and torch.isnan(dF[~other]).any()
+    assert torch.isnan(dw).all() and torch.isnan(db)
+
+
+def test_non_finite_input_does_not_crash_the_process():
+    """The C++ backward used to index row -1 (an argmax that no NaN comparison ever set) and die
+    with SIGSEGV, taking pytest with it: run it in a child process and require a clean exit."""
+    from sam_fast import _ext
+
+    if _ext.load() is None:
+        pytest.skip(f"extension not available: {_ext.info()['error']}")
+    code = textwrap.dedent(
+        """
+        import torch
+        from sam_fast.ops import context_reweight
+        torch.manual_seed(0)
+        cu = torch.tensor([0, 2, 5, 6])
+        for mode in ("leave_one_out", "shared"):
+            for value in (float("nan"), float("inf"), float("-inf")):
+                for where in ("feature", "weight", "bias"):
+                    F = torch.randn(6, 3, 8)
+                    w = torch.randn(8)
+                    b = torch.zeros(())
+                    if where == "feature":
+                        F[1, 2, 3] = value
+                    elif where == "weight":
+                        w[5] = value
+                    else:
+                        b = torch.tensor(value)
+                    F.requires_grad_(); w.requires_grad_(); b.requires_grad_()
+                    out = context_reweight(F, w, b, cu, mode)
+                    out.sum().backward()
+                    assert torch.isnan(out).any() and torch.isnan(w.grad).all(), (mode, value, where)
+        w = torch.full((8,), 1e38, requires_grad=True)  # adaptive weights of 1e38
+        F = torch.ones(6, 3, 8, requires_grad=True)
+        context_reweight(F, w, torch.zeros(()), cu, "leave_one_out").sum().backward()
+        print("ok")
+        """
+    )
+    env = dict(os.environ, SAM_FAST_BACKEND="cpu")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, f"rc={r.returncode}\n{r.stderr[-2000:]}"
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    (dict(weight=[1.0] * ND), TypeError, "weight must be a tensor"),
+    (dict(bias=0.5), TypeError, "bias must be a tensor"),
+    (dict(weight=torch.ones(ND, dtype=torch.int64)), ValueError, "weight dtype torch.int64"),
+])
+def test_weight_and_bias_of_the_wrong_type_are_refused_by_name(kwargs, error, match):
+    args = dict(features=torch.randn(3, NP, ND), weight=torch.ones(ND), bias=torch.zeros(()),
+                cu_images=cu_of([3]), mode="shared")
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        context_reweight(**args)
+
+
+@pytest.mark.skipif(not _TRITON_OK, reason="no GPU and TRITON_INTERPRET is not 1")
+@pytest.mark.parametrize("shape", [(3, 0, 8), (3, 4, 0)])
+def test_triton_empty_patch_or_feature_axis(monkeypatch, shape):
+    """No patches or no features: empty outputs and zero gradients (the launcher divided by a
+    zero block size)."""
+    if torch.cuda.is_available():
+        pytest.skip("interpreter run")
+    _force(monkeypatch, "triton", torch.zeros(1, 1, 1))
+    F = torch.randn(shape, requires_grad=True)
+    w = torch.randn(shape[2], requires_grad=True)
+    out = context_reweight(F, w, torch.zeros(()), cu_of([1, 2]), "leave_one_out")
+    assert out.shape == shape
+    out.sum().backward()
+    assert F.grad.shape == shape and not w.grad.abs().sum()
+
+
+# ------------------------------------------------------------------ given scores (scores=[T, P])
+# The model's call: the cross-attention K/V of the images [T, P, C] re-weighted with Adaptive
+# Adjustment scores computed from other tensors (the features); the gradient reaches the values
+# and the scores. Same oracle, same budget table.
+
+BACKENDS = ["reference", "cpu", "triton"]
+
+
+def _force_any(monkeypatch, backend):
+    device = DEVICE if backend == "triton" else "cpu"
+    if backend == "triton" and not _TRITON_OK:
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1")
+    _force(monkeypatch, backend, torch.zeros(1, 1, 1, device=device))
+    return device
+
+
+def _scores_case(counts, P, D, dtype, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    V = torch.randn(sum(counts), P, D, generator=g).to(dtype)
+    s = torch.randn(sum(counts), P, generator=g) * scale  # fp32, as the model passes them
+    return V, s
+
+
+def _grads(fn, V, s, G):
+    V = V.detach().requires_grad_()
+    s = s.detach().requires_grad_()
+    out = fn(V, s)
+    dV, ds = torch.autograd.grad(out, (V, s), G.to(out.dtype))
+    return out.detach(), dV, ds
+
+
+@pytest.mark.parametrize("mode", ["leave_one_out", "shared"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_given_scores_forward_and_grads_within_budget(monkeypatch, backend, dtype, mode):
+    device = _force_any(monkeypatch, backend)
+    counts, P, D = [1, 4, 2], 5, 24
+    V, s = _scores_case(counts, P, D, dtype)
+    rows = len(counts) if mode == "shared" else sum(counts)
+    G = torch.randn(rows, P, D, generator=torch.Generator().manual_seed(1))
+    ref = _grads(lambda V_, s_: oracle(V_, s_, counts, mode), V.double(), s.double(), G.double())
+    plain = _grads(lambda V_, s_: oracle(V_, s_, counts, mode), V, s.to(dtype), G.to(dtype))
+    cu = cu_of(counts).to(device)
+    fast = _grads(lambda V_, s_: context_reweight(V_, None, None, cu, mode, scores=s_), V.to(device), s.to(device),
+                  G.to(device))
+    assert fast[0].dtype == dtype and fast[1].dtype == dtype and fast[2].dtype == torch.float32
+    for name, f, p, r in zip(("out", "dV", "ds"), fast, plain, ref):
+        f = f.cpu().double()
+        assert torch.isfinite(f).all(), name
+        err = (f - r).abs().max().item()
+        budget = 2 * (p.double() - r).abs().max().item() + FLOOR[dtype] * r.abs().max().item() + 1e-30
+        assert err <= budget, f"{backend} {dtype} {mode} {name}: error {err:.3g} > budget {budget:.3g}"
+
+
+@pytest.mark.parametrize("mode", ["leave_one_out", "shared"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_given_scores_equal_the_weight_form(monkeypatch, backend, mode):
+    """scores = F . w + b given from outside gives what the op computes from w and b itself."""
+    device = _force_any(monkeypatch, backend)
+    F, w, b = (t.to(device) for t in make([3, 1, 2], 5, 16, torch.float32, scale=3.0, bias=0.5))
+    cu = cu_of([3, 1, 2]).to(device)
+    want = context_reweight(F, w, b, cu, mode)
+    got = context_reweight(F, None, None, cu, mode, scores=F @ w + b)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_given_scores_non_finite(monkeypatch, backend):
+    """A non-finite score poisons its column (every output NaN, its score gradients NaN); a NaN
+    value with finite scores makes NaN the outputs whose support holds it; other columns exact."""
+    device = _force_any(monkeypatch, backend)
+    counts, P, D = [3, 2], 4, 8
+    V, s = _scores_case(counts, P, D, torch.float32, seed=5)
+    cu = cu_of(counts).to(device)
+    s_bad = s.clone()
+    s_bad[1, 2] = float("nan")
+    Vg, sg = V.to(device).requires_grad_(), s_bad.to(device).requires_grad_()
+    out = context_reweight(Vg, None, None, cu, "leave_one_out", scores=sg)
+    (ds,) = torch.autograd.grad(out.sum(), sg)
+    out, ds = out.detach().cpu(), ds.cpu()
+    assert torch.isnan(out[0:3, 2]).all() and torch.isnan(ds[0:3, 2]).all()
+    keep = torch.ones(5, P, dtype=torch.bool)
+    keep[0:3, 2] = False
+    want = oracle(V.double(), s_bad.double(), counts, "leave_one_out")
+    assert torch.isfinite(out[keep]).all() and torch.isfinite(ds[keep]).all()
+    torch.testing.assert_close(out[keep].double(), want[keep], rtol=1e-5, atol=1e-5)
+
+    V_bad = V.clone()
+    V_bad[3, 1, 5] = float("nan")  # sample 1 (images 3, 4), patch 1
+    out = context_reweight(V_bad.to(device), None, None, cu, "leave_one_out", scores=s.to(device)).cpu()
+    assert torch.isnan(out[4, 1, 5])  # image 4's support is {3}
+    shared = context_reweight(V_bad.to(device), None, None, cu, "shared", scores=s.to(device)).cpu()
+    assert torch.isnan(shared[1, 1, 5])
+    keep = torch.ones(5, P, dtype=torch.bool)
+    keep[3:5, 1] = False
+    torch.testing.assert_close(out[keep].double(), oracle(V.double(), s.double(), counts, "leave_one_out")[keep],
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    (dict(weight=torch.ones(8)), ValueError, "either scores or weight/bias"),
+    (dict(bias=torch.zeros(())), ValueError, "either scores or weight/bias"),
+    (dict(scores=torch.zeros(4, 2)), ValueError, r"scores must be \[T, P\] = \[4, 3\], got \(4, 2\)"),
+    (dict(scores=torch.zeros(4, 3, dtype=torch.int64)), ValueError, "scores dtype torch.int64"),
+    (dict(scores=torch.zeros(4, 3, device="meta")), ValueError, "scores is on meta"),
+    (dict(scores=[[0.0] * 3] * 4), TypeError, "scores must be a tensor"),
+])
+def test_given_scores_bad_input_is_refused_by_name(kwargs, error, match):
+    args = dict(features=torch.randn(4, 3, 8), weight=None, bias=None, cu_images=cu_of([2, 2]),
+                mode="leave_one_out", scores=torch.zeros(4, 3))
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        context_reweight(**args)
+
+
+def test_given_scores_opcheck_compiled_ops():
+    """Schema, fake tensors and autograd of the compiled ops with the optional scores input."""
+    from sam_fast import _ext
+    from sam_fast.ops.context_reweight import _triton_fwd_op
+
+    V, s = _scores_case([3, 1], 5, 8, torch.float32)
+    zw, zb = torch.zeros(8), torch.zeros(())
+    for shared in (False, True):
+        if _ext.load() is not None:
+            args = (V.clone().requires_grad_(), zw, zb, cu_of([3, 1]), shared, s.clone().requires_grad_())
+            torch.library.opcheck(torch.ops.sam_fast.context_reweight_fwd.default, args)
+        if _TRITON_OK:
+            args = (V.to(DEVICE).requires_grad_(), zw.to(DEVICE), zb.to(DEVICE), cu_of([3, 1]).to(DEVICE), shared,
+                    s.to(DEVICE).requires_grad_())
+            torch.library.opcheck(_triton_fwd_op, args)

@@ -1,4 +1,4 @@
-"""The batched Q/W-former of `SAM.encode_images` (issue 4) against the per-image reference model:
+"""The batched Q/W-former of `SAM.encode_images` against the per-image reference model:
 a 12-layer tiny Q-former with the interaction layers of the paper's Fig. 5 grid, mixed image
 counts 1..6, both context modes, every guidance mode, gradients of the trainable modules; the
 W-stream dedup of shared mode; the released code's schedule; the fused Triton attention through
