@@ -31,7 +31,7 @@ def main(steps: int = 400, batch: int = 8, seed: int = 0, workdir: str | None = 
     """Run the demo; returns its figures (losses, metrics before/after, seconds).
 
     Runs with one intra-op thread: the tiny model's ops are far too small to gain from more, and
-    on a busy 2-core machine a second spinning thread made a training step 4x slower (measured)."""
+    on a busy machine spinning threads make a training step several times slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -44,3 +44,18 @@ def assert_within_budget(fast, plain, exact, names, budget: Budget) -> None:
         scale = r.abs().max().item() if r.numel() else 0.0
         allowed = budget.allowed(max_error(p, r), scale)
         assert err <= allowed, f"{name}: error {err:.3g} > budget {allowed:.3g} (scale {scale:.3g})"
+
+
+def spy_calls(monkeypatch, module, names: dict[str, str]) -> dict[str, int]:
+    """Count the calls of `module`'s functions: ``names`` maps a key to a function name; returns
+    ``{key: count}``, updated as the (monkeypatched) functions are called."""
+    calls = dict.fromkeys(names, 0)
+    for key, name in names.items():
+        orig = getattr(module, name)
+
+        def spy(*a, _orig=orig, _key=key, **k):
+            calls[_key] += 1
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(module, name, spy)
+    return calls

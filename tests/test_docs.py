@@ -44,11 +44,7 @@ TIMING = re.compile(
 )
 
 # relative path -> why its docstrings still quote timings (shrink me)
-TIMING_ALLOWED: dict[str, str] = {
-    "sam_fast/train/trainer.py": "module docstring: '116 s with the default threads, 3.9 s with one' "
-                                 "(cpu_threads); the figure belongs in the README's Status",
-    "sam_fast/demo.py": "_limit_threads docstring: 'a training step 4x slower (measured)'",
-}
+TIMING_ALLOWED: dict[str, str] = {}
 
 # docs/model.md#anchor, or docs/model.md followed by a quoted section name: docs/model.md, "Context modes"
 ANCHOR_CITE = re.compile(r"docs/model\.md#([A-Za-z0-9_-]+)")

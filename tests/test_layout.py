@@ -88,12 +88,8 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def test_models_package_has_no_import_circle():
-    """No import cycle among sam_fast/models/*.py, counting imports inside functions (the old
-    loading.py <-> sam.py circle was hidden behind function-level imports)."""
-    mods = {_module_name(p): p for p in (PKG / "models").glob("*.py") if p.name != "__init__.py"}
-    graph = {m: {i for i in _imports(p) if i in mods and i != m} for m, p in mods.items()}
-
+def _on_circles(graph: dict[str, set[str]]) -> list[str]:
+    """The nodes of `graph` (node -> the nodes it imports) that can reach themselves."""
     def reach(start, seen):
         for nxt in graph[start]:
             if nxt not in seen:
@@ -101,7 +97,15 @@ def test_models_package_has_no_import_circle():
                 reach(nxt, seen)
         return seen
 
-    circles = sorted(m for m in graph if m in reach(m, set()))
+    return sorted(n for n in graph if n in reach(n, set()))
+
+
+def test_models_package_has_no_import_circle():
+    """No import cycle among sam_fast/models/*.py, counting imports inside functions (the old
+    loading.py <-> sam.py circle was hidden behind function-level imports)."""
+    mods = {_module_name(p): p for p in (PKG / "models").glob("*.py") if p.name != "__init__.py"}
+    graph = {m: {i for i in _imports(p) if i in mods and i != m} for m, p in mods.items()}
+    circles = _on_circles(graph)
     assert not circles, f"import circle through {circles}: {graph}"
 
 
@@ -199,15 +203,7 @@ def test_layer_graph_has_no_circle():
     """The layers' import graph (an edge when any module of one imports a module of another) is acyclic."""
     graph = {layer: {_layer(i) for _, p in _layer_files(layer) for i in _imports(p)} - {None, layer}
              for layer in LAYERS}
-
-    def reach(start, seen):
-        for nxt in graph[start]:
-            if nxt not in seen:
-                seen.add(nxt)
-                reach(nxt, seen)
-        return seen
-
-    circles = sorted(layer for layer in graph if layer in reach(layer, set()))
+    circles = _on_circles(graph)
     assert not circles, f"import circle through {circles}: {graph}"
 
 

@@ -12,8 +12,10 @@ For every image i of a sample with images {I_m}:
 - The Q-stream input to layer k gets ``x <- x + c_i``; the 32 query rows of the Q-stream output,
   through ``language_projection``, are image i's visual tokens.
 
-A one-image sample has no contextual image: c_i = 0 and its tokens equal InstructBLIP's. The
-guidance Linears start at zero, so an untrained SAM is InstructBLIP exactly.
+In leave_one_out mode (the paper's) a one-image sample has no contextual image: c_i = 0 and its
+tokens equal InstructBLIP's; in shared mode (the released code's) its own image is its context.
+The guidance Linears start at zero, so an untrained SAM is InstructBLIP exactly
+(docs/model.md#context-modes).
 """
 
 from __future__ import annotations

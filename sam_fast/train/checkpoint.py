@@ -1,14 +1,6 @@
 """Training checkpoints: SAM's trainable tensors + the state needed to resume, in formats that cannot
-carry code (safetensors and JSON; nothing is unpickled).
-
-Layout under ``OUTPUT/checkpoints``::
-
-    step-00000100/trainable.safetensors      the four trainable modules' tensors (keys as in state_dict())
-    step-00000100/trainer_state.safetensors  the tensors of the resume state (optimiser moments, RNG states)
-    step-00000100/trainer_state.json         the rest of it (step, data position, schedule, scaler, options),
-                                             the sha256 and size of both safetensors files, and a sha256 of
-                                             its own content
-    latest                                   name of the newest complete checkpoint
+carry code (safetensors and JSON; nothing is unpickled). The layout under ``OUTPUT/checkpoints`` is
+described in `sam_fast.models.checkpoint_files`.
 
 A checkpoint is written into a hidden temporary directory (files fsynced), then renamed into place;
 `latest` is replaced atomically after that. An interrupted write therefore leaves at most a stale

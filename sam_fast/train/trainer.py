@@ -20,8 +20,7 @@ are reported back and counted once, as in the training process.
 
 On a CPU the loop runs with ``cpu_threads`` intra-op threads (default 1, restored afterwards): the
 small matrix products of a step gain nothing from more, and on a busy machine spinning threads
-made steps many times slower (20 tiny steps: 116 s with the default threads, 3.9 s with one, on a
-loaded 2-core machine). ``report_to`` adds TensorBoard (``OUTPUT/tensorboard``) and/or Weights &
+make steps many times slower. ``report_to`` adds TensorBoard (``OUTPUT/tensorboard``) and/or Weights &
 Biases logging to ``log.jsonl``.
 
 Loss: the LLM's token-mean cross-entropy over answer tokens, taken over the *global* batch (each

@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from _budget import Budget, assert_within_budget
+from _budget import Budget, assert_within_budget, spy_calls
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sam_fast.ops.llama as llama_ops
@@ -43,17 +43,8 @@ def triton_forced(monkeypatch):
     why = dispatcher("rms_norm").reasons(sample, torch.ones(8, device=DEVICE), 1e-6)["triton"]
     if why is not None:
         pytest.skip(f"triton backend cannot run here: {why}")
-    calls = {"rms_fwd": 0, "rms_bwd": 0, "swiglu_fwd": 0, "swiglu_bwd": 0}
-    for key, name in (("rms_fwd", "_rms_norm_forward"), ("rms_bwd", "_rms_norm_backward"),
-                      ("swiglu_fwd", "_swiglu_forward"), ("swiglu_bwd", "_swiglu_backward")):
-        orig = getattr(llama_ops, name)
-
-        def spy(*a, _orig=orig, _key=key, **k):
-            calls[_key] += 1
-            return _orig(*a, **k)
-
-        monkeypatch.setattr(llama_ops, name, spy)
-    return calls
+    return spy_calls(monkeypatch, llama_ops, {"rms_fwd": "_rms_norm_forward", "rms_bwd": "_rms_norm_backward",
+                                              "swiglu_fwd": "_swiglu_forward", "swiglu_bwd": "_swiglu_backward"})
 
 
 def tiny_llama(seed=0, **overrides):

@@ -14,7 +14,7 @@ import os
 
 import pytest
 import torch
-from _budget import Budget, assert_within_budget, max_error
+from _budget import Budget, assert_within_budget, max_error, spy_calls
 
 import sam_fast.ops.llama as llama_ops
 from sam_fast.ops import rms_norm, rms_norm_ref, swiglu, swiglu_ref
@@ -80,16 +80,7 @@ def _force(monkeypatch, backend, dtype, op, *sample):
     why = dispatcher(op).reasons(*sample)[backend]
     if why is not None:
         pytest.skip(f"{backend} backend cannot run here: {why}")
-    calls = dict.fromkeys(LAUNCHERS, 0)
-    for key, name in LAUNCHERS.items():
-        orig = getattr(llama_ops, name)
-
-        def spy(*a, _orig=orig, _key=key, **k):
-            calls[_key] += 1
-            return _orig(*a, **k)
-
-        monkeypatch.setattr(llama_ops, name, spy)
-    return calls
+    return spy_calls(monkeypatch, llama_ops, LAUNCHERS)
 
 
 # -- RMSNorm -------------------------------------------------------------------------------------
