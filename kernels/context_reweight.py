@@ -40,21 +40,30 @@ FLT_MAX = tl.constexpr(3.4028234663852886e38)  # |s| <= FLT_MAX: finite (false f
 
 
 @triton.jit
+def _column_block(b, CU, W, BIAS, P, D, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Sample b's images and this program's block of patch rows (axis 1 of the grid): (first image
+    t0, image count n, rows, cols, row mask, column mask, 2-D mask, int64 offsets of a [P, D] image,
+    weight w [BLOCK_D] and bias in fp32)."""
+    t0 = tl.load(CU + b).to(tl.int64)
+    n = (tl.load(CU + b + 1).to(tl.int64) - t0).to(tl.int32)
+    rows = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cols = tl.arange(0, BLOCK_D)
+    rmask = rows < P
+    cmask = cols < D
+    mask = rmask[:, None] & cmask[None, :]
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    bias = tl.load(BIAS).to(tl.float32)
+    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    return t0, n, rows, cols, rmask, cmask, mask, offs, w, bias
+
+
+@triton.jit
 def context_reweight_fwd_kernel(
     F, W, BIAS, SIN, CU, SCORES, OUT, P, D,
     SHARED: tl.constexpr, GIVEN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0)
-    pb = tl.program_id(1)
-    t0 = tl.load(CU + b).to(tl.int64)
-    n = (tl.load(CU + b + 1).to(tl.int64) - t0).to(tl.int32)
-    rows = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    cols = tl.arange(0, BLOCK_D)
-    rmask = rows < P
-    mask = rmask[:, None] & (cols < D)[None, :]
-    w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
-    bias = tl.load(BIAS).to(tl.float32)
-    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    t0, n, rows, cols, rmask, cmask, mask, offs, w, bias = _column_block(b, CU, W, BIAS, P, D, BLOCK_P, BLOCK_D)
 
     m1 = tl.full([BLOCK_P], NEG_BIG, tl.float32)
     m2 = tl.full([BLOCK_P], NEG_BIG, tl.float32)
@@ -116,16 +125,7 @@ def context_reweight_bwd_kernel(
 ):
     b = tl.program_id(0)
     pb = tl.program_id(1)
-    t0 = tl.load(CU + b).to(tl.int64)
-    n = (tl.load(CU + b + 1).to(tl.int64) - t0).to(tl.int32)
-    rows = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    cols = tl.arange(0, BLOCK_D)
-    rmask = rows < P
-    cmask = cols < D
-    mask = rmask[:, None] & cmask[None, :]
-    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    bias = tl.load(BIAS).to(tl.float32)
-    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    t0, n, rows, cols, rmask, cmask, mask, offs, w, bias = _column_block(b, CU, W, BIAS, P, D, BLOCK_P, BLOCK_D)
 
     # Pass 1: scores and the top two (m1 at i1, m2 at i2) per patch row.
     m1 = tl.full([BLOCK_P], NEG_BIG, tl.float32)

@@ -26,14 +26,22 @@ import triton.language as tl
 
 
 @triton.jit
-def rms_norm_fwd_kernel(X, W, Y, RSTD, M, D, eps, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
+def _row_block(pid, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program `pid`'s BLOCK_M rows of an [M, D] row-major tensor: (rows, cols, row mask, column
+    mask, 2-D mask, int64 element offsets)."""
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     rmask = rows < M
     cmask = cols < D
     mask = rmask[:, None] & cmask[None, :]
     offs = rows[:, None] * D + cols[None, :]
+    return rows, cols, rmask, cmask, mask, offs
+
+
+@triton.jit
+def rms_norm_fwd_kernel(X, W, Y, RSTD, M, D, eps, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    rows, cols, rmask, cmask, mask, offs = _row_block(pid, M, D, BLOCK_M, BLOCK_D)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     var = tl.sum(x * x, axis=1) / D
     rstd = 1.0 / tl.sqrt(var + eps)
@@ -50,12 +58,7 @@ def rms_norm_bwd_kernel(
     WEIGHT_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    rmask = rows < M
-    cmask = cols < D
-    mask = rmask[:, None] & cmask[None, :]
-    offs = rows[:, None] * D + cols[None, :]
+    rows, cols, rmask, cmask, mask, offs = _row_block(pid, M, D, BLOCK_M, BLOCK_D)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
