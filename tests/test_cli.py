@@ -210,7 +210,7 @@ def test_torchrun_two_processes_equal_one(dirs, tmp_path):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
 
 
-# -- issue 11: bad sizes, paths out of the dataset, file names from ids, cache replacement --------------------
+# -- bad sizes, paths out of the dataset, file names from ids, cache replacement --------------------
 @pytest.mark.parametrize("argv, flag, value", [
     (["eval", "--limit", "-1"], "--limit", "-1"), (["eval", "--batch-size", "0"], "--batch-size", "0"),
     (["eval", "--num-beams", "0"], "--num-beams", "0"), (["eval", "--num-beams", "-3"], "--num-beams", "-3"),
@@ -338,7 +338,7 @@ def test_train_no_packing_gives_the_same_losses(tmp_path):
     assert json.loads((tmp_path / "padded" / "run.json").read_text())["model"]["packed_loss"] is False
 
 
-# -- issue 15: data loading options, a required --model, one-line errors, help texts, metrics.json metadata --------
+# -- data loading options, a required --model, one-line errors, help texts, metrics.json metadata --------
 def test_train_refuses_a_missing_model(dirs, tmp_path):
     with pytest.raises(SystemExit, match=r"^sam-fast train: --model is required .*--model tiny") as exc:
         main(["train", "--data", str(dirs["train"]), "--output", str(tmp_path / "o"), "--no-progress"])

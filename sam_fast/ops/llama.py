@@ -100,13 +100,11 @@ class _SwiGLUFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # The ops autograd of the reference runs (mul's backward, then silu's fused backward), with
+        # silu(gate) recomputed instead of kept: the same values as HF's gradients, bit for bit.
         gate, up = ctx.saved_tensors
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        d_up = grad * silu if ctx.needs_input_grad[1] else None
-        d_gate = None
-        if ctx.needs_input_grad[0]:  # silu'(g) = sig * (1 + g * (1 - sig)) = sig + silu - silu * sig
-            d_gate = (grad * up).mul_(silu.sub_(silu * sig).add_(sig))
+        d_up = grad * torch.nn.functional.silu(gate) if ctx.needs_input_grad[1] else None
+        d_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
         return d_gate, d_up
 
 
