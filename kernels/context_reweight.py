@@ -118,6 +118,23 @@ def context_reweight_fwd_kernel(
 
 
 @triton.jit
+def _image_grads(DF, DS, t, P, D, rows, rmask, offs, mask, gk, ds, x, w, bad, dw, db,
+                 FEATURES_GRAD: tl.constexpr, GIVEN: tl.constexpr):
+    """The gradients of image row t (this program's patch rows): dF = G_k + ds w (NaN in non-finite
+    rows) when FEATURES_GRAD; ds to DS for given scores, else its d(weight), d(bias) terms added to
+    the running (dw, db), which are returned."""
+    if FEATURES_GRAD:
+        dx = tl.where(bad[:, None], float("nan"), gk + ds[:, None] * w[None, :])
+        tl.store(DF + t * P * D + offs, dx.to(DF.dtype.element_ty), mask=mask)
+    if GIVEN:
+        tl.store(DS + t * P + rows, ds, mask=rmask)
+    else:
+        dw += tl.sum(ds[:, None] * x, axis=0)
+        db += ds
+    return dw, db
+
+
+@triton.jit
 def context_reweight_bwd_kernel(
     G, F, W, BIAS, SIN, CU, SCORES, CWS, DF, PARTIAL, DS, P, D,
     SHARED: tl.constexpr, FEATURES_GRAD: tl.constexpr, GIVEN: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -174,14 +191,8 @@ def context_reweight_bwd_kernel(
             p = tl.load(CWS + (t0 + k) * P + rows, mask=rmask, other=0.0)
             a = tl.exp(s - m1) * invz
             ds = tl.where(rmask, tl.where(bad, float("nan"), a * (p - c)), 0.0)
-            if FEATURES_GRAD:
-                dx = tl.where(bad[:, None], float("nan"), a[:, None] * g + ds[:, None] * w[None, :])
-                tl.store(DF + (t0 + k) * P * D + offs, dx.to(DF.dtype.element_ty), mask=mask)
-            if GIVEN:
-                tl.store(DS + (t0 + k) * P + rows, ds, mask=rmask)
-            else:
-                dw += tl.sum(ds[:, None] * x, axis=0)
-                db += ds
+            dw, db = _image_grads(DF, DS, t0 + k, P, D, rows, rmask, offs, mask, a[:, None] * g, ds, x, w, bad,
+                                  dw, db, FEATURES_GRAD, GIVEN)
     else:
         # Pass 2: per output i, its normaliser (stored as 1/Z_i in SCORES' twin CWS[., 0]) and
         # c_i = g_i . (y_i - ref_i), ref_i = x_i2 for i = i1 else x_i1.
@@ -219,14 +230,8 @@ def context_reweight_bwd_kernel(
                     ds += a * (tl.sum(g * (x - ref), axis=1) - c)
                     gk += a[:, None] * g
             ds = tl.where(rmask, tl.where(bad, float("nan"), ds), 0.0)
-            if FEATURES_GRAD:
-                dx = tl.where(bad[:, None], float("nan"), gk + ds[:, None] * w[None, :])
-                tl.store(DF + (t0 + k) * P * D + offs, dx.to(DF.dtype.element_ty), mask=mask)
-            if GIVEN:
-                tl.store(DS + (t0 + k) * P + rows, ds, mask=rmask)
-            else:
-                dw += tl.sum(ds[:, None] * x, axis=0)
-                db += ds
+            dw, db = _image_grads(DF, DS, t0 + k, P, D, rows, rmask, offs, mask, gk, ds, x, w, bad, dw, db,
+                                  FEATURES_GRAD, GIVEN)
 
     pid = b * tl.num_programs(1) + pb
     tl.store(PARTIAL + pid * (D + 1) + cols, dw, mask=cmask)
