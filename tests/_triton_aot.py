@@ -313,24 +313,27 @@ def _scenarios(full: bool):
     def backward(out):
         out.backward(torch.ones_like(out))
 
-    # context_reweight(features [T,P,D], weight, bias, cu_images, mode)
+    # context_reweight(features [T,P,D], weight, bias, cu_images, mode) or (..., scores=[T, P])
     def reweight(dtype, mode, P, D, weight="same", features_grad=True, cu_dtype=torch.int32, counts=(1, 3, 2)):
         def run():
             T = sum(counts)
             F = g(T, P, D, dtype=dtype, grad=features_grad)
-            w = b = None
-            if weight is not None:
+            w = b = scores = None
+            if weight == "scores":  # the model's K/V merge: Adaptive Adjustment scores given (fp32)
+                scores = g(T, P)
+            elif weight is not None:
                 wd = dtype if weight == "same" else weight
                 w, b = g(D, dtype=wd), g((), dtype=wd)
             cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=cu_dtype)
-            out = context_reweight(F, w, b, cu, mode)
+            out = context_reweight(F, w, b, cu, mode, scores=scores)
             if out.requires_grad:
                 backward(out)
         return run
 
-    # attention: the model's K/V are strided views of one GEMM output [R, Lk, 2*H*d + scratch]
-    def kv_views(R, H, Lk, d, dtype, scratch=1):
-        buf = g(R, Lk, 2 * H * d + scratch, dtype=dtype)
+    # attention: the model's K/V are strided views of one GEMM output [R, Lk, n_cross*2*H*d]; one
+    # extra column here also gives a row stride that is not a multiple of 16 bytes
+    def kv_views(R, H, Lk, d, dtype, extra=1):
+        buf = g(R, Lk, 2 * H * d + extra, dtype=dtype)
         k = buf[..., : H * d].unflatten(-1, (H, d)).transpose(1, 2)
         v = buf[..., H * d: 2 * H * d].unflatten(-1, (H, d)).transpose(1, 2)
         return k, v
@@ -394,13 +397,17 @@ def _scenarios(full: bool):
     for dt in dtypes:
         for mode in modes:
             s.append((f"context_reweight {dt} {mode} P=5 D=24", reweight(dt, mode, 5, 24)))
-    # model width (BLOCK_D 2048, 8 warps), K/V width + scratch column, the D limit; uniform weights
+    # model width (BLOCK_D 2048, 8 warps), an odd width, given scores, the D limit; uniform weights
     # (fp32 weight for half features), only the weight's gradient, int64 offsets, a fp32 weight
     # with bf16 features (autocast), one image
     for dt in (dtypes if full else (f32, bf16)):
         for mode in modes:
             s.append((f"context_reweight {dt} {mode} P=257 D=1408", reweight(dt, mode, 257, 1408)))
-    s.append(("context_reweight fp32 K/V width D=1537", reweight(f32, "leave_one_out", 257, 1537)))
+    s.append(("context_reweight fp32 odd width D=1537", reweight(f32, "leave_one_out", 257, 1537)))
+    for dt in (f32, bf16):  # given scores (the model's merge of the images' K/V), both modes
+        for mode in modes:
+            s.append((f"context_reweight {dt} {mode} given scores P=257 D=1536",
+                      reweight(dt, mode, 257, 1536, weight="scores")))
     s.append(("context_reweight fp16 uniform weights (fp32 zeros), int64 offsets",
               reweight(f16, "leave_one_out", 7, 40, weight=None, features_grad=True, cu_dtype=torch.int64)))
     s.append(("context_reweight bf16 features fp32 weight, no features grad",
@@ -454,7 +461,7 @@ def _scenarios(full: bool):
         for dt in dtypes:
             s.append((f"rms_norm {dt} D=16384 (the limit)", norm(dt, 16384)))
             s.append((f"rms_norm {dt} D=40 weight grad", norm(dt, 40, weight_grad=True)))
-    # -- the tiny model end to end (its own layouts: strided K/V, scratch columns, head dim 8)
+    # -- the tiny model end to end (its own layouts: strided K/V, head dim 8)
     for mode in modes:
         s.append((f"model encode_images {mode}", model(mode)))
     if full:
