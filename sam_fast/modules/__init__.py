@@ -13,6 +13,7 @@ from sam_fast.modules.guidance import (
 )
 from sam_fast.modules.qformer import (
     CrossKV,
+    LayerKV,
     WFormer,
     WStream,
     attention_bias,
@@ -26,6 +27,7 @@ __all__ = [
     "GuidanceIn",
     "GuidanceOut",
     "ImagePlan",
+    "LayerKV",
     "WFormer",
     "WStream",
     "attention_bias",

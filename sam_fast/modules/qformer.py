@@ -121,34 +121,48 @@ def self_attention_block(attn: nn.Module, hidden: torch.Tensor, bias, out_rows: 
     return attn.output(ctx.transpose(1, 2).flatten(2), hq)
 
 
-def cross_attention_block(attn: nn.Module, qrows: torch.Tensor, kv_streams) -> torch.Tensor:
-    """HF cross-attention of the query rows `qrows` [N, Q, H] to precomputed K/V.
+@dataclass
+class LayerKV:
+    """What the query rows of one cross-attention layer attend to (`cross_attention_streams`).
 
-    `kv_streams` is ``[(k, v)]`` or ``[(k, v), (k2, v2, rows2[, mix])]``: the first ``k.shape[0]``
-    rows of `qrows` (the Q-stream; may be none) attend to (k, v) row by row, the others (the
-    W-stream) to (k2, v2) rows ``rows2`` (None: row by row) or to the K/V mixed from them by
-    ``mix`` (`cross_attention_streams`). One query projection, one attention call (one kernel
-    launch where the op fuses the streams) and one output projection serve both streams."""
+    k, v: [T, heads, P, d] the Q-stream's K/V, one row per image, read row by row by the first T
+        query rows (T may be 0).
+    k2, v2: [R2, heads, P, d] or None: the W-stream's K/V, read by the remaining query rows:
+        rows ``rows2`` [Tw] (None: row by row), or, with ``mix`` ``(index [Tw, M], weight
+        [Tw, M, P])``, the K/V mixed from them inside the attention kernel.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k2: torch.Tensor | None = None
+    v2: torch.Tensor | None = None
+    rows2: torch.Tensor | None = None
+    mix: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def cross_attention_block(attn: nn.Module, qrows: torch.Tensor, kv: LayerKV) -> torch.Tensor:
+    """HF cross-attention of the query rows `qrows` [N, Q, H] to the precomputed K/V `kv` (both
+    streams: see `LayerKV`). One query projection, one attention call (one kernel launch where the
+    op fuses the streams) and one output projection serve both streams."""
     mha = attn.attention
     q = _heads(mha.query(qrows), mha.num_attention_heads)
     p = mha.attention_dropout if mha.training else 0.0
-    (k, v), *rest = kv_streams
-    k2, v2, rows2, mix = (tuple(rest[0]) + (None,))[:4] if rest else (None, None, None, None)
-    ctx = cross_attention_streams(q, k, v, k2, v2, rows2, dropout_p=p, scale=mha.scaling, mix=mix)
+    ctx = cross_attention_streams(q, kv.k, kv.v, kv.k2, kv.v2, kv.rows2, dropout_p=p, scale=mha.scaling, mix=kv.mix)
     return attn.output(ctx.transpose(1, 2).flatten(2), qrows)
 
 
-def qformer_layer(layer: nn.Module, hidden, self_bias, kv_groups, query_length: int, queries_only: bool = False):
+def qformer_layer(layer: nn.Module, hidden, self_bias, kv: LayerKV | None, query_length: int,
+                  queries_only: bool = False):
     """One `InstructBlipQFormerLayer` on [N, Q + L_text, H] rows: self-attention over all rows,
-    cross-attention of the Q query rows to precomputed K/V (layers that have it; `kv_groups` as
-    `cross_attention_block`'s `kv_streams`), then the query FFN on query rows and the text FFN on text rows.
-    ``queries_only`` returns only the Q query rows (the text rows of the last layer are unused)."""
+    cross-attention of the Q query rows to precomputed K/V `kv` (layers that have it), then the
+    query FFN on query rows and the text FFN on text rows. ``queries_only`` returns only the Q
+    query rows (the text rows of the last layer are unused)."""
     att = self_attention_block(layer.attention, hidden, self_bias, query_length if queries_only else None)
     # Row slices are made contiguous: a Linear on a strided 3-D input falls back to bmm against an
     # expanded weight (measured 4x slower on CPU).
     qrows = att[:, :query_length].contiguous() if att.shape[1] > query_length else att
     if layer.has_cross_attention:
-        qrows = cross_attention_block(layer.crossattention, qrows, kv_groups)
+        qrows = cross_attention_block(layer.crossattention, qrows, kv)
     out = layer.output_query(layer.intermediate_query(qrows), qrows)
     if att.shape[1] > query_length:
         text = att[:, query_length:].contiguous()
@@ -156,15 +170,15 @@ def qformer_layer(layer: nn.Module, hidden, self_bias, kv_groups, query_length: 
     return out
 
 
-def _w_alone(w_kv):
-    """The K/V streams of the W-stream rows alone (layer k): gathered rows, row by row, or the
-    mixing plan with an empty first stream."""
-    k, v, rows, mix = w_kv
-    if mix is not None:
-        return [(k[:0], v[:0]), w_kv]
+def _w_alone(w_kv: LayerKV) -> LayerKV:
+    """The K/V of the W-stream rows alone (layer k; `w_kv` holds them as its second stream):
+    gathered rows, row by row, or the mixing plan after an empty first stream."""
+    k, v, rows = w_kv.k2, w_kv.v2, w_kv.rows2
+    if w_kv.mix is not None:
+        return LayerKV(k[:0], v[:0], k, v, rows, w_kv.mix)
     if rows is not None:
-        return [(k.index_select(0, rows), v.index_select(0, rows))]
-    return [(k, v)]
+        return LayerKV(k.index_select(0, rows), v.index_select(0, rows))
+    return LayerKV(k, v)
 
 
 # -- both streams -----------------------------------------------------------------------------
@@ -212,9 +226,9 @@ class _WRows:
             self.both_bias = torch.cat([self.q_bias, self.bias])
         self.kv_rows = self.ws.kv_rows
 
-    def kv(self, c: int):
-        """(k2, v2, rows2, mix) of cross layer c, the second entry of `cross_attention_block`'s streams."""
-        return (*self.ws.kv.layer(c), self.kv_rows, self.ws.mix)
+    def kv(self, q_kv: tuple[torch.Tensor, torch.Tensor], c: int) -> LayerKV:
+        """Cross layer c's K/V: the Q-stream's `q_kv` then this W-stream's."""
+        return LayerKV(*q_kv, *self.ws.kv.layer(c), self.kv_rows, self.ws.mix)
 
 
 class WFormer(nn.Module):
@@ -277,16 +291,17 @@ class WFormer(nn.Module):
             if w is not None and n == l:
                 w.fan_out()
                 w.hidden = guidance_in.inject(w.hidden, x.index_select(0, w.ws.target))  # h_i
-            q_kv = w_kv = None
+            q_kv = both = None
             if layer.has_cross_attention:
-                q_kv, w_kv = kv.layer(c), (w.kv(c) if w is not None else None)
+                q_kv = LayerKV(*kv.layer(c))
+                both = w.kv((q_kv.k, q_kv.v), c) if w is not None else None
                 c += 1
             if w is not None and n < k:  # both streams in one batch
-                out = qformer_layer(layer, torch.cat([x, w.hidden]), w.both_bias, [q_kv, w_kv] if q_kv else [], Q)
+                out = qformer_layer(layer, torch.cat([x, w.hidden]), w.both_bias, both, Q)
                 x, w.hidden = out[:T], out[T:]
                 continue
             if w is not None:  # n == k: the W-stream alone, then the Q-stream with c_i
-                w_out = qformer_layer(layer, w.hidden, w.bias, _w_alone(w_kv) if w_kv else [], Q)
+                w_out = qformer_layer(layer, w.hidden, w.bias, _w_alone(both) if both else None, Q)
                 x, w = guidance_out.inject(x, w.ws.target, w_out), None
-            x = qformer_layer(layer, x, self_bias, [q_kv] if q_kv else [], Q, queries_only=n == last)
+            x = qformer_layer(layer, x, self_bias, q_kv, Q, queries_only=n == last)
         return x[:, :Q]
