@@ -177,87 +177,108 @@ def lavis_generate(
     """
     if num_beams < 1 or max_length < 2:
         raise ValueError(f"lavis_generate: num_beams={num_beams} must be >= 1 and max_length={max_length} >= 2")
-    B = inputs_embeds.shape[0]
-    K = num_beams
     dec = _Decoder(language_model, inputs_embeds, attention_mask)  # the prompt runs once per sample
-    dev = inputs_embeds.device
-    seq = torch.full((B * K, 1), bos_token_id, dtype=torch.long, device=dev)
+    seq = torch.full((inputs_embeds.shape[0] * num_beams, 1), bos_token_id, dtype=torch.long,
+                     device=inputs_embeds.device)
 
-    def processed(scores: torch.Tensor) -> torch.Tensor:
+    def processed(scores: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
         scores = _penalise(scores, seq, repetition_penalty)
         if seq.shape[1] < min_length:
             scores[:, eos_token_id] = float("-inf")
         return scores
 
-    if K == 1:  # greedy: the penalty acts on the logits
-        running = torch.ones(B, dtype=torch.bool, device=dev)
-        tokens = None
-        while True:
-            tokens = processed(dec.logits(tokens)).argmax(-1)
-            tokens = torch.where(running, tokens, torch.full_like(tokens, pad_token_id))
-            seq = torch.cat([seq, tokens[:, None]], 1)
-            running &= tokens != eos_token_id
-            if not bool(running.any()) or seq.shape[1] >= max_length:
-                break
-        out = seq[:, 1:]
+    if num_beams == 1:
+        out = _greedy(dec, seq, processed, max_length, eos_token_id, pad_token_id)
     else:
-        hyps = [_Hypotheses(K, length_penalty) for _ in range(B)]
-        done = [False] * B
-        beam_scores = torch.zeros(B, K, device=dev)
-        beam_scores[:, 1:] = -1e9
-        beam_scores = beam_scores.view(-1)
-        tokens = None
-        while True:
-            logits = dec.logits(tokens)
-            if tokens is None:  # after the prefill: every beam starts from its sample's cache
-                logits = logits.repeat_interleave(K, 0)
-                dec.expand(K)
-            logprobs = torch.log_softmax(logits, dim=-1)
-            scores = processed(logprobs) + beam_scores[:, None]
-            V = scores.shape[-1]
-            top, flat = scores.view(B, K * V).topk(2 * K, dim=1, largest=True, sorted=True)
-            cand = zip(top.tolist(), (flat // V).tolist(), (flat % V).tolist())
-            cur_len = seq.shape[1] + 1
-            new_scores, new_tokens, new_rows = [], [], []
-            for b, (sc, src, tok) in enumerate(cand):
-                if done[b]:
-                    new_scores += [0.0] * K
-                    new_tokens += [pad_token_id] * K
-                    new_rows += [b * K] * K
-                    continue
-                kept = 0
-                for rank, (s, i, t) in enumerate(zip(sc, src, tok)):
-                    row = b * K + i
-                    if t == eos_token_id:
-                        if rank < K:  # only an </s> among the top num_beams candidates finishes a beam
-                            hyps[b].add(seq[row].tolist(), s)  # read only when a beam finishes
-                    else:
-                        new_scores.append(s)
-                        new_tokens.append(t)
-                        new_rows.append(row)
-                        kept += 1
-                    if kept == K:
-                        break
-                done[b] = hyps[b].done(max(sc), cur_len)
-            beam_scores = torch.tensor(new_scores, dtype=beam_scores.dtype, device=dev)
-            tokens = torch.tensor(new_tokens, dtype=torch.long, device=dev)
-            order = torch.tensor(new_rows, dtype=torch.long, device=dev)
-            seq = torch.cat([seq.index_select(0, order), tokens[:, None]], 1)
-            if all(done) or seq.shape[1] >= max_length:
-                break
-            dec.reorder(order)
-        rows, finals = seq.tolist(), beam_scores.tolist()
-        best = []
-        for b in range(B):
-            if not done[b]:
-                for i in range(K):
-                    hyps[b].add(rows[b * K + i], finals[b * K + i])
-            best.append(hyps[b].best())
-        width = min(max(len(h) for h in best) + 1, max_length)
-        out = torch.full((B, width), pad_token_id, dtype=torch.long)
-        for b, h in enumerate(best):
-            out[b, : len(h)] = torch.tensor(h)
-            if len(h) < width:
-                out[b, len(h)] = eos_token_id
-        out = out[:, 1:].to(dev)
+        out = _beam_search(dec, seq, processed, num_beams, max_length, length_penalty, eos_token_id, pad_token_id)
     return out.masked_fill(out == 0, 2)
+
+
+def _greedy(dec: "_Decoder", seq, processed, max_length: int, eos: int, pad: int) -> torch.LongTensor:
+    """Greedy search (the penalty acts on the logits): [B, S_new] new tokens, `pad` after ``</s>``."""
+    running = torch.ones(seq.shape[0], dtype=torch.bool, device=seq.device)
+    tokens = None
+    while True:
+        tokens = processed(dec.logits(tokens), seq).argmax(-1)
+        tokens = torch.where(running, tokens, torch.full_like(tokens, pad))
+        seq = torch.cat([seq, tokens[:, None]], 1)
+        running &= tokens != eos
+        if not bool(running.any()) or seq.shape[1] >= max_length:
+            return seq[:, 1:]
+
+
+def _beam_search(dec: "_Decoder", seq, processed, K: int, max_length: int, length_penalty: float, eos: int,
+                 pad: int) -> torch.LongTensor:
+    """Beam search with `K` beams as transformers 4.33 ran it for LAVIS: [B, S_new] new tokens of
+    each sample's best hypothesis, ``</s>`` then `pad` after it."""
+    B, dev = seq.shape[0] // K, seq.device
+    hyps = [_Hypotheses(K, length_penalty) for _ in range(B)]
+    done = [False] * B
+    beam_scores = torch.zeros(B, K, device=dev)
+    beam_scores[:, 1:] = -1e9
+    beam_scores = beam_scores.view(-1)
+    tokens = None
+    while True:
+        logits = dec.logits(tokens)
+        if tokens is None:  # after the prefill: every beam starts from its sample's cache
+            logits = logits.repeat_interleave(K, 0)
+            dec.expand(K)
+        scores = processed(torch.log_softmax(logits, dim=-1), seq) + beam_scores[:, None]
+        V = scores.shape[-1]
+        top, flat = scores.view(B, K * V).topk(2 * K, dim=1, largest=True, sorted=True)
+        new_scores, new_tokens, new_rows = [], [], []
+        for b, cand in enumerate(zip(top.tolist(), (flat // V).tolist(), (flat % V).tolist())):
+            if done[b]:
+                new_scores += [0.0] * K
+                new_tokens += [pad] * K
+                new_rows += [b * K] * K
+                continue
+            _next_beams(b, K, cand, seq, hyps[b], eos, new_scores, new_tokens, new_rows)
+            done[b] = hyps[b].done(max(cand[0]), seq.shape[1] + 1)
+        beam_scores = torch.tensor(new_scores, dtype=beam_scores.dtype, device=dev)
+        tokens = torch.tensor(new_tokens, dtype=torch.long, device=dev)
+        order = torch.tensor(new_rows, dtype=torch.long, device=dev)
+        seq = torch.cat([seq.index_select(0, order), tokens[:, None]], 1)
+        if all(done) or seq.shape[1] >= max_length:
+            break
+        dec.reorder(order)
+    return _best_sequences(hyps, done, seq, beam_scores, K, max_length, eos, pad)
+
+
+def _next_beams(b: int, K: int, cand, seq, hyps: "_Hypotheses", eos: int, scores: list, tokens: list,
+                rows: list) -> None:
+    """Sample b's next K beams from its 2K best candidates ``cand`` = (scores, source beams,
+    tokens), appended to `scores`, `tokens`, `rows`; an ``</s>`` among the top K finishes its beam
+    into `hyps` instead."""
+    kept = 0
+    for rank, (s, i, t) in enumerate(zip(*cand)):
+        row = b * K + i
+        if t == eos:
+            if rank < K:  # only an </s> among the top num_beams candidates finishes a beam
+                hyps.add(seq[row].tolist(), s)  # read only when a beam finishes
+        else:
+            scores.append(s)
+            tokens.append(t)
+            rows.append(row)
+            kept += 1
+        if kept == K:
+            return
+
+
+def _best_sequences(hyps, done, seq, beam_scores, K: int, max_length: int, eos: int, pad: int) -> torch.LongTensor:
+    """[B, S_new] each sample's best hypothesis (the running beams of unfinished samples added
+    first), BOS dropped, ``</s>`` after it when it fits, `pad` beyond."""
+    rows, finals = seq.tolist(), beam_scores.tolist()
+    best = []
+    for b, h in enumerate(hyps):
+        if not done[b]:
+            for i in range(K):
+                h.add(rows[b * K + i], finals[b * K + i])
+        best.append(h.best())
+    width = min(max(len(h) for h in best) + 1, max_length)
+    out = torch.full((len(best), width), pad, dtype=torch.long)
+    for b, h in enumerate(best):
+        out[b, : len(h)] = torch.tensor(h)
+        if len(h) < width:
+            out[b, len(h)] = eos
+    return out[:, 1:].to(seq.device)

@@ -852,6 +852,60 @@ def _as_source_list(base) -> list:
     return [base]
 
 
+def _released_mode(path, main, config, context_mode: str | None) -> str | None:
+    """The context mode to build with: ``"shared"`` for the authors' SAM checkpoint (trained so;
+    another requested mode is warned about and replaced), else the requested one."""
+    if not (main.kind == "lavis" and any(_SAM_LAVIS_RE.fullmatch(k) for k in main.tensors)):
+        return context_mode
+    asked = context_mode if context_mode is not None else getattr(config, "context_mode", None)
+    if asked is not None and asked != "shared":
+        warnings.warn(
+            f"{path} is the authors' SAM checkpoint, trained with context_mode='shared'; "
+            f"using 'shared' instead of the requested {asked!r}",
+            stacklevel=3,  # the caller of from_lavis_checkpoint, as before the split
+        )
+    return "shared"
+
+
+def _lavis_config(cls, path, config, sources, context_mode: str | None):
+    """The SAMConfig of a LAVIS build: `config`, else the first source's; LAVIS' ln_vision eps
+    unless the config sets one, and `context_mode` when given."""
+    overrides: dict[str, Any] = {} if context_mode is None else {"context_mode": context_mode}
+    if getattr(config, "post_layernorm_eps", None) is None:
+        overrides["post_layernorm_eps"] = LAVIS_LN_VISION_EPS  # LAVIS' ln_vision
+    if config is None:
+        config = next((s.config for s in sources if s.config is not None), None)
+    if config is None:
+        raise ValueError(
+            f"from_lavis_checkpoint({path}): pass config= (e.g. SAMConfig.instructblip_vicuna7b() for LAVIS' "
+            f"InstructBLIP-Vicuna-7B files), or a base= holding one (an HF InstructBLIP or SAM directory); "
+            f"LAVIS checkpoints carry no configuration"
+        )
+    return _to_sam_config(cls, config, overrides)
+
+
+def _merged_state(sources, config, report: "LoadReport", strict: bool) -> tuple[dict, dict]:
+    """(state_dict, origin): every source's tensors mapped to SAM keys, later sources winning (the
+    checkpoint itself last), and the source each key came from. Unknown keys raise (`strict`) or
+    are warned about; an LLM directory's config is checked and its vocabulary grown to SAM's."""
+    state_dict: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for src in sources:
+        mapped, unknown = _map_source(src, config, report)
+        if unknown:
+            msg = f"unknown keys in {src.desc} (no mapping to SAM): {_format_keys(unknown)}"
+            if strict:
+                raise ValueError(msg)
+            warnings.warn(msg + " -- ignored because strict=False", stacklevel=3)  # from_lavis_checkpoint's caller
+            report.unexpected.extend(unknown)
+        if src.kind == "llm":
+            _check_llm_config(src, config)
+            _grow_vocabulary(mapped, src, config, report)
+        state_dict.update(mapped)
+        origin.update(dict.fromkeys(mapped, src.desc))
+    return state_dict, origin
+
+
 def from_lavis_checkpoint(
     cls,
     path,
@@ -889,53 +943,14 @@ def from_lavis_checkpoint(
         )
     bases = [_read_source(cls, b, dtype=dtype, device=device) for b in _as_source_list(base)]
     sources = [*bases, main]
-    is_sam_ckpt = main.kind == "lavis" and any(_SAM_LAVIS_RE.fullmatch(k) for k in main.tensors)
-
-    if is_sam_ckpt:
-        asked = context_mode if context_mode is not None else getattr(config, "context_mode", None)
-        if asked is not None and asked != "shared":
-            warnings.warn(
-                f"{path} is the authors' SAM checkpoint, trained with context_mode='shared'; "
-                f"using 'shared' instead of the requested {asked!r}",
-                stacklevel=2,
-            )
-        context_mode = "shared"
-
-    overrides: dict[str, Any] = {} if context_mode is None else {"context_mode": context_mode}
-    if getattr(config, "post_layernorm_eps", None) is None:
-        overrides["post_layernorm_eps"] = LAVIS_LN_VISION_EPS  # LAVIS' ln_vision
-    if config is None:
-        config = next((s.config for s in sources if s.config is not None), None)
-    if config is None:
-        raise ValueError(
-            f"from_lavis_checkpoint({path}): pass config= (e.g. SAMConfig.instructblip_vicuna7b() for LAVIS' "
-            f"InstructBLIP-Vicuna-7B files), or a base= holding one (an HF InstructBLIP or SAM directory); "
-            f"LAVIS checkpoints carry no configuration"
-        )
-    config = _to_sam_config(cls, config, overrides)
-
-    state_dict: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}
-    for src in sources:  # later sources win; the checkpoint itself last
-        mapped, unknown = _map_source(src, config, report)
-        if unknown:
-            msg = f"unknown keys in {src.desc} (no mapping to SAM): {_format_keys(unknown)}"
-            if strict:
-                raise ValueError(msg)
-            warnings.warn(msg + " -- ignored because strict=False", stacklevel=2)
-            report.unexpected.extend(unknown)
-        if src.kind == "llm":
-            _check_llm_config(src, config)
-            _grow_vocabulary(mapped, src, config, report)
-        state_dict.update(mapped)
-        origin.update(dict.fromkeys(mapped, src.desc))
-
+    context_mode = _released_mode(path, main, config, context_mode)
+    config = _lavis_config(cls, path, config, sources, context_mode)
+    state_dict, origin = _merged_state(sources, config, report, strict)
     descs = [s.desc for s in sources]
     report.source = f"{path} over base {' + '.join(descs[:-1])}" if bases else str(path)
     absent = [what for prefix, what in _COMPONENTS if not any(k.startswith(prefix) for k in state_dict)]
     if absent:
         raise ValueError(f"no source supplies {'; '.join(absent)} (read: {', '.join(descs)}); add it to base=")
-
     if dtype is None:  # one dtype for the model: mixed files (fp16 EVA, fp32 Q-former) go to float32
         keep = _dtype_plan(cls, torch.float16)
         kinds = {

@@ -668,28 +668,43 @@ class SAM(InstructBlipPreTrainedModel):
         if user_config is not None:  # as HF: what the user's config sets wins, the rest is the model's
             config.update(**user_config.to_diff_dict())
         if generation_mode == "lavis":
-            extra = sorted(set(generate_kwargs) - set(LAVIS_KWARGS))
-            if extra:
-                raise ValueError(f"generation_mode='lavis' takes only {sorted(LAVIS_KWARGS)}; got {extra}")
-            if "max_length" in generate_kwargs and "max_new_tokens" in generate_kwargs:
-                raise ValueError("give max_length or max_new_tokens, not both")
-            new_tokens = generate_kwargs.get("max_new_tokens")
-            if new_tokens is None and "max_length" not in generate_kwargs and user_config is not None:
-                new_tokens = user_config.max_new_tokens
-            # the seeded BOS counts in max_length: LAVIS' max_length=256 is 255 new tokens
-            max_length = generate_kwargs.get("max_length", 256 if new_tokens is None else int(new_tokens) + 1)
-            gen = self.language_model.generation_config  # LLaMA's: bos 1, eos 2, pad 0
-            return lavis_generate(
-                self.language_model, embeds, attention_mask, max_length=max_length,
-                num_beams=generate_kwargs.get("num_beams", config.num_beams or 1),
-                min_length=generate_kwargs.get("min_length", 1),
-                repetition_penalty=generate_kwargs.get("repetition_penalty", config.repetition_penalty or 1.0),
-                length_penalty=generate_kwargs.get("length_penalty",
-                                                   1.0 if config.length_penalty is None else config.length_penalty),
-                bos_token_id=_token_id(config.bos_token_id if config.bos_token_id is not None else gen.bos_token_id, 1),
-                eos_token_id=_token_id(config.eos_token_id if config.eos_token_id is not None else gen.eos_token_id, 2),
-                pad_token_id=_token_id(config.pad_token_id if config.pad_token_id is not None else gen.pad_token_id, 0),
-            )
+            return self._generate_lavis(embeds, attention_mask, config, user_config, generate_kwargs)
+        return self._generate_hf(embeds, attention_mask, config, generate_kwargs)
+
+    def _generate_lavis(self, embeds, attention_mask, config, user_config, generate_kwargs) -> torch.LongTensor:
+        """The released code's decoder (`lavis_generate`) with the settings of `config` under the
+        keyword arguments (only `LAVIS_KWARGS`)."""
+        extra = sorted(set(generate_kwargs) - set(LAVIS_KWARGS))
+        if extra:
+            raise ValueError(f"generation_mode='lavis' takes only {sorted(LAVIS_KWARGS)}; got {extra}")
+        if "max_length" in generate_kwargs and "max_new_tokens" in generate_kwargs:
+            raise ValueError("give max_length or max_new_tokens, not both")
+        new_tokens = generate_kwargs.get("max_new_tokens")
+        if new_tokens is None and "max_length" not in generate_kwargs and user_config is not None:
+            new_tokens = user_config.max_new_tokens
+        # the seeded BOS counts in max_length: LAVIS' max_length=256 is 255 new tokens
+        max_length = generate_kwargs.get("max_length", 256 if new_tokens is None else int(new_tokens) + 1)
+        gen = self.language_model.generation_config  # LLaMA's: bos 1, eos 2, pad 0
+
+        def token(name: str, default: int) -> int:
+            own = getattr(config, name)
+            return _token_id(own if own is not None else getattr(gen, name), default)
+
+        return lavis_generate(
+            self.language_model, embeds, attention_mask, max_length=max_length,
+            num_beams=generate_kwargs.get("num_beams", config.num_beams or 1),
+            min_length=generate_kwargs.get("min_length", 1),
+            repetition_penalty=generate_kwargs.get("repetition_penalty", config.repetition_penalty or 1.0),
+            length_penalty=generate_kwargs.get("length_penalty",
+                                               1.0 if config.length_penalty is None else config.length_penalty),
+            bos_token_id=token("bos_token_id", 1), eos_token_id=token("eos_token_id", 2),
+            pad_token_id=token("pad_token_id", 0),
+        )
+
+    def _generate_hf(self, embeds, attention_mask, config, generate_kwargs) -> torch.LongTensor:
+        """transformers' `generate` on the prompt embeddings with `config` updated by the keyword
+        arguments: the repetition penalty on generated tokens only, and with beams the prompt run
+        once per sample (`prefill_for_beams`)."""
         if "max_length" in generate_kwargs and "max_new_tokens" not in generate_kwargs:
             config.max_new_tokens = None  # the user's max_length is not overridden by the default
         kwargs = config.update(**generate_kwargs)  # what is not a generation setting goes to the LLM
