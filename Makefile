@@ -50,7 +50,8 @@ bench: $(STAMP)
 
 # Fails when a tracked speedup_* ratio of NEW dropped by more than 10% against BASELINE.
 BASELINE ?= bench/baseline.json
-NEW      ?= $(lastword $(sort $(wildcard bench/results/*.json)))
+# NEW: the newest `make bench` result (by time; gpu_check-*.json are another kind of file)
+NEW      ?= $(firstword $(shell ls -t bench/results/*.json 2>/dev/null | grep -v '/gpu_check-'))
 bench-compare:
 	$(PY) bench/compare.py $(NEW) $(BASELINE)
 
