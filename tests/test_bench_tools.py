@@ -196,3 +196,25 @@ def test_sam_fast_bench_leaves_readme_alone_unless_asked(monkeypatch, tmp_path, 
     calls.clear()
     assert cli.main(["bench", "--json", str(out), "--update-readme"]) == 0
     assert calls[1][calls[1].index("--readme") + 1] == str(readme)
+
+
+def test_make_bench_compare_takes_the_newest_bench_run(tmp_path):
+    """`make bench-compare` compares the newest `make bench` result, never a gpu_check JSON (it
+    took the alphabetically last file, which was the H200 gpu_check run)."""
+    import os
+    import shutil
+    import subprocess
+    import time
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+    results = tmp_path / "bench" / "results"
+    results.mkdir(parents=True)
+    for i, name in enumerate(["cpu-a-2026-11-22.json", "cpu-a-2026-11-30.json", "gpu_check-H200-2026-12-01.json"]):
+        (results / name).write_text("{}")
+        t = time.time() - 100 + 10 * i
+        os.utime(results / name, (t, t))
+    out = subprocess.run(["make", "-n", "bench-compare"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "bench/results/cpu-a-2026-11-30.json bench/baseline.json" in out.stdout, out.stdout
