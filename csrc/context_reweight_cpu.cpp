@@ -305,9 +305,9 @@ SAM_FAST_CPU_CLONES void bwd_tasks(const scalar_t* G, const scalar_t* F, const f
   ColumnScores<scalar_t> scores(max_n, D);
 
   for (int64_t task = task_begin; task < task_end; ++task) {
-    float* dw = partial + task * (D + 1);
+    float* dw = partial != nullptr ? partial + task * (D + 1) : nullptr;  // null: given scores
     float db = 0.f;
-    zero(dw, D);
+    if (dw != nullptr) zero(dw, D);
     for (int64_t col = task * kColsPerTask; col < std::min(cols, (task + 1) * kColsPerTask); ++col) {
       const int64_t b = col / P, j = col % P;
       const int64_t t0 = cu[b], n = cu[b + 1] - t0;
@@ -401,7 +401,7 @@ SAM_FAST_CPU_CLONES void bwd_tasks(const scalar_t* G, const scalar_t* F, const f
         db += ds[k];
       }
     }
-    dw[D] = db;
+    if (dw != nullptr) dw[D] = db;
   }
 }
 
@@ -409,7 +409,8 @@ template <typename scalar_t>
 void context_reweight_bwd_kernel(const scalar_t* G, const scalar_t* F, const float* w, float bias,
                                  const float* given, const int64_t* cu, int64_t B, int64_t P,
                                  int64_t D, bool shared, scalar_t* dF,
-                                 float* partial /* [tasks, D + 1] */, float* dS /* [T, P] or null */) {
+                                 float* partial /* [tasks, D + 1], or null with dS */,
+                                 float* dS /* [T, P] or null */) {
   const int64_t cols = B * P;
   const int64_t tasks = (cols + kColsPerTask - 1) / kColsPerTask;
   if (tasks == 0 || D == 0) return;
@@ -471,14 +472,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> context_reweight_bwd_
   const auto f32 = F.options().dtype(at::kFloat);
   at::Tensor dS = given.defined() ? at::zeros({F.size(0), P}, f32) : at::empty({0}, f32);
   const int64_t tasks = (B * P + kColsPerTask - 1) / kColsPerTask;
-  at::Tensor partial = at::zeros({tasks, D + 1}, f32);
+  // d(weight), d(bias) partial sums: none for given scores (their gradient is dS)
+  at::Tensor partial = given.defined() ? at::Tensor() : at::zeros({tasks, D + 1}, f32);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, F.scalar_type(),
                                   "context_reweight_bwd_cpu", [&] {
     context_reweight_bwd_kernel<scalar_t>(
         G.data_ptr<scalar_t>(), F.data_ptr<scalar_t>(), w.data_ptr<float>(), b,
         given.defined() ? given.data_ptr<float>() : nullptr, cu.data_ptr<int64_t>(), B, P, D,
-        shared, features_grad ? dF.data_ptr<scalar_t>() : nullptr, partial.data_ptr<float>(),
+        shared, features_grad ? dF.data_ptr<scalar_t>() : nullptr,
+        partial.defined() ? partial.data_ptr<float>() : nullptr,
         given.defined() ? dS.data_ptr<float>() : nullptr);
   });
   if (given.defined()) return {dF, at::zeros({D}, f32), at::zeros({}, f32), dS};

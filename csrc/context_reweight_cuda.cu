@@ -142,9 +142,9 @@ __global__ void __launch_bounds__(kThreads)
   float* s = plane[kS];
   auto row = [&](const T* base, int64_t k) { return base + ((t0 + k) * P + j) * D; };
 
-  float* dw = partial + col * (D + 1);
+  float* dw = partial != nullptr ? partial + col * (D + 1) : nullptr;  // null: given scores
   if (n == 0) {  // (shared mode, an empty sample): no support, zero gradients
-    for (int64_t d = threadIdx.x; d <= D; d += kThreads) dw[d] = 0.f;
+    for (int64_t d = threadIdx.x; d <= D && dw != nullptr; d += kThreads) dw[d] = 0.f;
     return;
   }
 
@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(kThreads)
   // NaN / inf in the column (context_reweight_common.h): NaN feature gradients and ds, so NaN
   // d(weight), d(bias). Every thread reads the same scores: the block branches as one.
   if (!cr::column_finite(s, n)) {
-    for (int64_t d = threadIdx.x; d <= D; d += kThreads) dw[d] = dS != nullptr ? 0.f : cr::nan_value();
+    for (int64_t d = threadIdx.x; d <= D && dw != nullptr; d += kThreads) dw[d] = cr::nan_value();
     if (dS != nullptr)
       for (int64_t k = threadIdx.x; k < n; k += kThreads) dS[(t0 + k) * P + j] = cr::nan_value();
     if (dF != nullptr)
@@ -163,7 +163,7 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   if (!shared && n == 1) {  // leave-one-out without a contextual image: zero gradients
-    for (int64_t d = threadIdx.x; d <= D; d += kThreads) dw[d] = 0.f;
+    for (int64_t d = threadIdx.x; d <= D && dw != nullptr; d += kThreads) dw[d] = 0.f;
     if (dF != nullptr)
       for (int64_t d = threadIdx.x; d < D; d += kThreads) store_f(dF + (t0 * P + j) * D + d, 0.f);
     return;
@@ -246,7 +246,7 @@ __global__ void __launch_bounds__(kThreads)
 
   // 5. d features (optional) and this column's d(weight), d(bias) partial sums (zeros for
   //    given scores: w is zeros then, and their gradient went to dS).
-  const bool weight_grad = dS == nullptr;
+  const bool weight_grad = dw != nullptr;
   for (int64_t d = threadIdx.x; d < D; d += kThreads) {
     float dwd = 0.f;
     for (int64_t k = 0; k < n; ++k) {
@@ -263,11 +263,11 @@ __global__ void __launch_bounds__(kThreads)
       }
       store_f(dF + ((t0 + k) * P + j) * D + d, gk + ds[k] * w[d]);
     }
-    dw[d] = dwd;
+    if (weight_grad) dw[d] = dwd;
   }
-  if (threadIdx.x == 0) {
+  if (threadIdx.x == 0 && weight_grad) {
     float db = 0.f;
-    for (int64_t k = 0; k < n && weight_grad; ++k) db += ds[k];
+    for (int64_t k = 0; k < n; ++k) db += ds[k];
     dw[D] = db;
   }
 }
@@ -327,6 +327,7 @@ cudaError_t launch_bwd(const void* grad_out, const void* features, const float* 
         Gp, F, weight, bias, static_cast<const int32_t*>(cu_images), num_images, P, D, shared,
         given, workspace, dF, partial, d_scores);
   }
+  if (partial == nullptr) return cudaGetLastError();  // given scores: d_weight_bias stays zero
   const unsigned reduce_blocks = static_cast<unsigned>((D + 1 + kThreads - 1) / kThreads);
   context_reweight_reduce_kernel<<<reduce_blocks, kThreads, 0, stream>>>(partial, blocks, D + 1,
                                                                         d_weight_bias);

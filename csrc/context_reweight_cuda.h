@@ -27,7 +27,7 @@ int sam_fast_context_reweight_fwd_cuda(const void* features, int dtype, const fl
 
 // Backward. grad_out shaped like the forward output, of `dtype`; workspace of
 // sam_fast_context_reweight_bwd_workspace_floats(T, P) fp32; d_features [T, P, D] of `dtype`, or
-// NULL when not wanted; partial [B * P, D + 1] fp32; d_weight_bias [D + 1] fp32 receives
+// NULL when not wanted; partial [B * P, D + 1] fp32 (NULL with `scores`); d_weight_bias [D + 1] fp32 receives
 // (d weight, d bias), reduced over columns in a fixed order (zeros when `scores` are given);
 // d_scores [T, P] fp32 (zero-filled by the caller) receives the gradient of given `scores`, or
 // NULL without them.

@@ -84,17 +84,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> context_reweight_bwd_
   at::Tensor dF = empty_context_reweight_grad_features(F, features_grad);
   const auto f32 = F.options().dtype(at::kFloat);
   at::Tensor ws = at::empty({sam_fast_context_reweight_bwd_workspace_floats(T, P)}, f32);
-  at::Tensor partial = at::empty({B * P, D + 1}, f32);
+  at::Tensor partial;  // d(weight), d(bias) partial sums, placed below (none for given scores)
   at::Tensor dwb = at::zeros({D + 1}, f32);
   const at::Tensor given = scores.has_value() ? scores->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor dS = given.defined() ? at::zeros({T, P}, f32) : at::empty({0}, f32);
+  if (!given.defined()) partial = at::empty({B * P, D + 1}, f32);
   const c10::Stream stream =
       c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(features.device());
   const int err = sam_fast_context_reweight_bwd_cuda(
       G.data_ptr(), F.data_ptr(), dtype_code(F.scalar_type()), w.data_ptr<float>(),
       b.data_ptr<float>(), cu.data_ptr(), cu.scalar_type() == at::kLong, B, T, P, D, shared,
       given.defined() ? given.data_ptr<float>() : nullptr, ws.data_ptr<float>(),
-      features_grad ? dF.data_ptr() : nullptr, partial.data_ptr<float>(), dwb.data_ptr<float>(),
+      features_grad ? dF.data_ptr() : nullptr, partial.defined() ? partial.data_ptr<float>() : nullptr,
+      dwb.data_ptr<float>(),
       given.defined() ? dS.data_ptr<float>() : nullptr,
       static_cast<cudaStream_t>(stream.native_handle()));
   TORCH_CHECK(err == 0, "sam_fast::context_reweight_bwd (CUDA): kernel launch failed: ",

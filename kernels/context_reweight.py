@@ -234,8 +234,9 @@ def context_reweight_bwd_kernel(
                                   FEATURES_GRAD, GIVEN)
 
     pid = b * tl.num_programs(1) + pb
-    tl.store(PARTIAL + pid * (D + 1) + cols, dw, mask=cmask)
-    tl.store(PARTIAL + pid * (D + 1) + D, tl.sum(db, axis=0))
+    if not GIVEN:  # (given scores: no d(weight), d(bias); PARTIAL is a stand-in)
+        tl.store(PARTIAL + pid * (D + 1) + cols, dw, mask=cmask)
+        tl.store(PARTIAL + pid * (D + 1) + D, tl.sum(db, axis=0))
 
 
 @triton.jit

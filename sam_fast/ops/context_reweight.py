@@ -257,7 +257,8 @@ def _triton_backward(grad_out, features, weight, bias, cu_images, shared, featur
     d_features = F.new_empty(F.shape if features_grad else (0,))
     block_p, block_d, warps = _triton_blocks(P, D, 6, interpret=interpreting())
     grid = (B, cdiv(P, block_p))
-    partial = F.new_zeros(grid[0] * grid[1], D + 1, dtype=torch.float32)
+    # d(weight), d(bias) partial sums per program (a never-written stand-in for given scores)
+    partial = F.new_zeros(1 if given is not None else grid[0] * grid[1], D + 1, dtype=torch.float32)
     scores = F.new_empty(T, P, dtype=torch.float32)
     work = F.new_empty(T, P, 2, dtype=torch.float32)
     context_reweight_bwd_kernel[grid](
