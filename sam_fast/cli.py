@@ -944,8 +944,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``sam-fast`` command in this process and return its exit code (usage errors and
+    refusals raise SystemExit). Under torchrun the ranks leave the process group together at the
+    end; `run` (the installed command) then ends the process."""
     args = build_parser().parse_args(argv)
     import torch.distributed as torch_dist
+
+    from sam_fast import distributed
 
     was_initialized = torch_dist.is_available() and torch_dist.is_initialized()
     ok = False
@@ -954,13 +959,31 @@ def main(argv: list[str] | None = None) -> int:
         ok = True
         return rc
     finally:
-        # Under torchrun: leave the process group together and tear it down before the interpreter
-        # exits (a gloo group destroyed at exit while a peer still talks to it aborts the process).
-        if not was_initialized and torch_dist.is_available() and torch_dist.is_initialized():
-            if ok:
-                torch_dist.barrier()
-            torch_dist.destroy_process_group()
+        if not was_initialized:  # a group this command joined (torchrun): leave it before exiting
+            distributed.leave_process_group(together=ok)
+
+
+def run() -> None:
+    """The ``sam-fast`` command and ``python -m sam_fast.cli`` (what torchrun starts): `main`, then
+    exit. A process that was in a torchrun group ends through `sam_fast.distributed.exit_process`
+    (FSDP's gloo threads outlive the group and can abort a normal interpreter exit)."""
+    import traceback
+
+    from sam_fast import distributed
+
+    try:
+        code = main()
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:
+        if not distributed.left_process_group():
+            raise
+        traceback.print_exc()
+        code = 1
+    if distributed.left_process_group():
+        distributed.exit_process(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

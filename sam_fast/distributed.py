@@ -50,8 +50,12 @@ number of times and deadlock.
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -113,6 +117,56 @@ def all_reduce_grads(params: list[torch.nn.Parameter], info: DistInfo) -> None:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+# -- leaving a torchrun run -------------------------------------------------------------------
+_left_group = False
+
+
+def leave_process_group(together: bool = True) -> None:
+    """Tear down the default process group: a barrier first when `together` (every rank finished
+    its collectives, so no peer is still talking to this one), then ``destroy_process_group``.
+    After this, end the process with `exit_process` (see there why)."""
+    global _left_group
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if together:
+        dist.barrier()
+    dist.destroy_process_group()
+    _left_group = True
+
+
+def left_process_group() -> bool:
+    """Whether `leave_process_group` tore a group down in this process (then use `exit_process`)."""
+    return _left_group
+
+
+def exit_process(code: int | str | None = 0) -> NoReturn:
+    """End this process now with `code` (as ``sys.exit`` reads it), without the interpreter's
+    finalization; atexit handlers run and stdout, stderr and logging are flushed first.
+
+    Why not a normal exit: FSDP2 (``fully_shard``) keeps references to the gloo process group, whose
+    threads (``gloo_tcp_loop``, ``pt_gloo_runloop``) then outlive ``destroy_process_group()``. A runloop
+    thread that drops the last reference to a Python-owned tensor while the interpreter finalizes
+    must take the GIL; CPython ends such a thread with ``pthread_exit``, the forced unwind meets a
+    ``noexcept`` frame and ``std::terminate`` aborts the process ("terminate called without an active
+    exception", SIGABRT) after all its work is done, so torchrun reports a failed run. ``os._exit``
+    ends every thread at once, unwinding none."""
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    try:
+        atexit._run_exitfuncs()  # what a normal exit runs before finalizing
+        logging.shutdown()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing left to save
+                pass
+        os._exit(code)
 
 
 # -- FSDP for the frozen LLM ------------------------------------------------------------------

@@ -81,7 +81,6 @@ def _worker(data_dir: str, out: str) -> None:
     rec = {"rank": dist.rank, "shards": shards, "report": second.fsdp, "losses": res.losses,
            "trainable_dtensor": any(isinstance(p, DTensor) for p in second.params)}
     Path(out, f"rank{dist.rank}.json").write_text(json.dumps(rec))
-    torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -171,4 +170,8 @@ def test_fsdp_refused_without_torchrun(data_dir, tmp_path, monkeypatch):
 
 
 if __name__ == "__main__":
+    from sam_fast.distributed import exit_process, leave_process_group
+
     _worker(sys.argv[1], sys.argv[2])
+    leave_process_group()
+    exit_process(0)  # not a normal exit: FSDP's gloo threads outlive the group (tests/test_distributed.py)
