@@ -40,6 +40,7 @@ from transformers.image_processing_base import ImageProcessingMixin
 from transformers.processing_utils import ProcessorMixin
 
 from sam_fast.data.dataset import Collator, DataError, model_inputs, text_problem
+from sam_fast.data.paths import refuse_code_in
 from sam_fast.data.tokenization import PromptBuilder, load_tokenizers
 from sam_fast.data.transforms import EvalTransform
 
@@ -205,6 +206,7 @@ class SAMProcessor(ProcessorMixin):
         path = os.fspath(pretrained_model_name_or_path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: not a folder (SAMProcessor.from_pretrained reads local folders only)")
+        refuse_code_in(path)
         settings = [p for p in inspect.signature(cls.__init__).parameters if p not in (
             "self", "image_processor", "tokenizer", "qformer_tokenizer", "kwargs")]
         overrides = {k: kwargs.pop(k) for k in settings if k in kwargs}
@@ -214,6 +216,9 @@ class SAMProcessor(ProcessorMixin):
                 saved = json.load(f)
         if saved.get("processor_class") == cls.__name__:
             kwargs.setdefault("local_files_only", True)
+            if kwargs.setdefault("trust_remote_code", False):
+                raise ValueError("SAMProcessor.from_pretrained: trust_remote_code=True is refused (sam_fast never "
+                                 "loads code from a folder)")
             image_processor = SAMImageProcessor(**saved.get("image_processor", {}))
             llm_tok = AutoTokenizer.from_pretrained(path, **kwargs)
             q_tok = AutoTokenizer.from_pretrained(os.path.join(path, QFORMER_SUBFOLDER), **kwargs)

@@ -6,6 +6,10 @@ target is outside) before the file is opened or even tested for existence, so th
 nothing about files outside the folder. ``allow_outside=True`` (``--allow-outside-paths``) turns the
 check off for datasets that deliberately point elsewhere.
 
+`refuse_code_in` refuses a model folder whose files would make transformers or diffusers import
+Python code from it (an ``auto_map`` entry in a config, a diffusers component from a local module):
+sam_fast loads weights, JSON and tokenizer files from a folder, never code.
+
 `safe_filename` turns a sample id (any text) into one path component that cannot climb out of the
 output directory, and `UniqueNames` keeps two ids that clean to the same name (``a/b`` and ``a_b``,
 ``A`` and ``a`` on a case-insensitive file system, ``1`` and ``"1"``) from overwriting each other.
@@ -14,6 +18,7 @@ output directory, and `UniqueNames` keeps two ids that clean to the same name (`
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -40,6 +45,68 @@ def contained_path(root: str | os.PathLike, rel: str, allow_outside: bool = Fals
     if target != base and base not in target.parents:
         raise OutsidePathError(f"image path {rel!r} leaves the dataset folder {root} (it resolves outside it)")
     return path
+
+
+class RemoteCodeError(ValueError):
+    """A model folder asks to run Python code from its own files."""
+
+
+# the configs through which transformers / diffusers would import a module from the folder
+_CODE_CONFIGS = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json",
+                 "image_processor_config.json", "video_preprocessor_config.json", "feature_extractor_config.json",
+                 "model_index.json")
+_LIBRARIES = {"diffusers", "transformers"}  # diffusers components from these are library classes
+_MAX_CONFIG_BYTES = 16 << 20
+
+
+def refuse_code_in(folder: str | os.PathLike, depth: int = 2) -> None:
+    """Raise `RemoteCodeError`, naming the file, when a config in `folder` or its subfolders (down to
+    `depth` levels: a SAM folder's ``tokenizer/llm``) would make a loader import code from the folder:
+    an ``auto_map`` (transformers' custom classes, loaded with ``trust_remote_code``), a
+    ``custom_pipeline``, or a diffusers ``model_index.json`` component whose library is not diffusers
+    or transformers (a ``.py`` module beside it). Unreadable configs are left to the loaders, which
+    name them."""
+    root = Path(folder)
+    if not root.is_dir():
+        return
+    todo = [(root, 0)]
+    while todo:
+        here, level = todo.pop()
+        try:
+            entries = sorted(os.scandir(here), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                if level < depth:
+                    todo.append((Path(entry.path), level + 1))
+            elif entry.name in _CODE_CONFIGS and entry.is_file():
+                _refuse_code_config(Path(entry.path))
+
+
+def _refuse_code_config(path: Path) -> None:
+    try:
+        if path.stat().st_size > _MAX_CONFIG_BYTES:
+            return
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(config, dict):
+        return
+    why = None
+    if "auto_map" in config:
+        why = "an auto_map (custom classes)"
+    elif "custom_pipeline" in config:
+        why = "a custom_pipeline"
+    elif path.name == "model_index.json":
+        local = sorted(k for k, v in config.items() if isinstance(v, list) and len(v) == 2
+                       and isinstance(v[0], str) and v[0] not in _LIBRARIES)
+        if local:
+            why = f"components from local modules ({', '.join(local[:3])})"
+    if why:
+        raise RemoteCodeError(f"{path}: asks to run Python code from the model folder ({why}); sam_fast never "
+                              "loads code from a folder: remove the entry, or use a folder with the library's "
+                              "own classes")
 
 
 def safe_filename(text: str, max_chars: int = MAX_NAME_CHARS) -> str:

@@ -78,19 +78,23 @@ def tiny_tokenizers(qformer_vocab_size: int = 120, llm_vocab_size: int = 128):
 
 def load_tokenizers(directory: str | os.PathLike):
     """(Q-former, LLM) tokenizers from local files: ``DIR/qformer_tokenizer`` (or ``DIR/tokenizer/qformer``)
-    and ``DIR`` (or ``DIR/tokenizer/llm``). Never downloads."""
+    and ``DIR`` (or ``DIR/tokenizer/llm``). Never downloads, never runs code from the folder
+    (`sam_fast.data.paths.refuse_code_in`)."""
     from transformers import AutoTokenizer
 
+    from sam_fast.data.paths import refuse_code_in
+
     directory = os.fspath(directory)
+    refuse_code_in(directory)
     candidates = [
         (os.path.join(directory, "tokenizer", "qformer"), os.path.join(directory, "tokenizer", "llm")),
         (os.path.join(directory, "qformer_tokenizer"), directory),
     ]
     for qdir, ldir in candidates:
         if os.path.isdir(qdir) and os.path.isfile(os.path.join(ldir, "tokenizer_config.json")):
-            q = AutoTokenizer.from_pretrained(qdir, local_files_only=True)
+            q = AutoTokenizer.from_pretrained(qdir, local_files_only=True, trust_remote_code=False)
             q.truncation_side = "left"
-            return q, AutoTokenizer.from_pretrained(ldir, local_files_only=True)
+            return q, AutoTokenizer.from_pretrained(ldir, local_files_only=True, trust_remote_code=False)
     raise FileNotFoundError(
         f"no tokenizers under {directory}: expected {candidates[0][0]} + {candidates[0][1]} (saved by sam-fast train) "
         f"or {candidates[1][0]} + tokenizer files in {directory} (an HF InstructBLIP directory)"

@@ -210,3 +210,81 @@ def test_unusual_paths_give_a_data_error(ds_dir, rel):
     with pytest.raises(DataError, match=r"sample id 1: image (file|path)"):
         AnnotationDataset(ds_dir, EvalTransform(28))
     assert len(AnnotationDataset(ds_dir, EvalTransform(28), skip_bad=True)) == 3
+
+
+# -- model folders never run their own code ----------------------------------------------------------
+_EVIL = ("import pathlib, os\npathlib.Path(os.environ['SAM_FAST_TEST_MARKER']).write_text('ran')\n"
+         "from transformers import PreTrainedTokenizerFast\nclass EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+
+
+def _sam_folder(root):
+    """A tiny saved SAM folder with its tokenizers (tokenizer/qformer, tokenizer/llm) and one image."""
+    from sam_fast import SAM, SAMConfig
+    from sam_fast.data import save_tokenizers
+
+    torch.manual_seed(0)
+    SAM(SAMConfig.tiny()).save_pretrained(root / "model")
+    save_tokenizers(*tiny_tokenizers(), root / "model")
+    Image.new("RGB", (32, 32), (120, 30, 200)).save(root / "a.png")
+    return root / "model"
+
+
+def _ask_for_code(config_path, key="AutoTokenizer"):
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = {key: ["evil.EvilTokenizer", None]}
+    config["tokenizer_class"] = "EvilTokenizer"  # no library class of that name: transformers asks, or runs it
+    config_path.write_text(json.dumps(config))
+    (config_path.parent / "evil.py").write_text(_EVIL)
+
+
+def test_a_model_folder_whose_tokenizer_asks_to_run_code_is_refused(tmp_path):
+    """sam-fast generate on a folder whose tokenizer_config.json has an auto_map (and the module beside
+    it): transformers would ask "run the custom code? [y/N]" and, answered y, import it. Refused in
+    one line naming the file; nothing of the folder's code runs, whatever the terminal answers."""
+    import subprocess
+    import sys
+
+    model = _sam_folder(tmp_path)
+    config = model / "tokenizer" / "llm" / "tokenizer_config.json"
+    _ask_for_code(config)
+    marker = tmp_path / "marker"
+    env = {**os.environ, "SAM_FAST_TEST_MARKER": str(marker), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "sam_fast.cli", "generate", "--model", str(model), "--images",
+                           str(tmp_path / "a.png"), "--prompt", "what is it?", "--max-new-tokens", "2"],
+                          input="y\ny\n", env=env, capture_output=True, text=True, timeout=120)
+    assert not marker.exists()
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert str(config) in last and "never loads code" in last and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("where", ["tokenizer/qformer/tokenizer_config.json", "config.json"])
+def test_refuse_code_in_names_the_config_asking_for_code(tmp_path, where):
+    from sam_fast.data.paths import RemoteCodeError, refuse_code_in
+    from sam_fast.processing import SAMProcessor
+
+    model = _sam_folder(tmp_path)
+    refuse_code_in(model)  # a folder of library classes passes
+    _ask_for_code(model / where, "AutoConfig")
+    with pytest.raises(RemoteCodeError, match=f"{model / where}: asks to run Python code"):
+        refuse_code_in(model)
+    with pytest.raises(RemoteCodeError, match="asks to run Python code"):
+        SAMProcessor.from_pretrained(model)
+
+
+def test_a_diffusers_folder_with_local_components_is_refused(tmp_path):
+    from sam_fast.data.synthesis import SynthesisError
+    from sam_fast.data.synthesis.errors import load_local
+
+    (tmp_path / "sd").mkdir()
+    index = {"_class_name": "StableDiffusionInpaintPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+             "safety_checker": [None, None], "scheduler": ["my_scheduler", "Sched"]}
+    (tmp_path / "sd" / "model_index.json").write_text(json.dumps(index))
+    loaded = []
+    with pytest.raises(SynthesisError, match=r"--inpaint-model .*model_index.json: .*local modules \(scheduler\)"):
+        load_local("--inpaint-model", tmp_path / "sd", "a pipeline", lambda: loaded.append(1))
+    assert not loaded
+    index["scheduler"] = ["diffusers", "PNDMScheduler"]
+    (tmp_path / "sd" / "model_index.json").write_text(json.dumps(index))
+    load_local("--inpaint-model", tmp_path / "sd", "a pipeline", lambda: loaded.append(1))
+    assert loaded == [1]

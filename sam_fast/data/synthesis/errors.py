@@ -14,7 +14,14 @@ class SynthesisError(ValueError):
 def load_local(option: str, path, what: str, load: Callable[[], T]) -> T:
     """`load()` (a model loader reading `path` with ``local_files_only=True``), with a failure
     turned into one `SynthesisError` line naming the command-line `option`, the path and `what`
-    could not be loaded."""
+    could not be loaded. A folder that asks to run its own Python code is refused first
+    (`sam_fast.data.paths.refuse_code_in`)."""
+    from sam_fast.data.paths import RemoteCodeError, refuse_code_in
+
+    try:
+        refuse_code_in(path)
+    except RemoteCodeError as e:
+        raise SynthesisError(f"{option} {e}") from None
     try:
         return load()
     except (OSError, ValueError) as e:

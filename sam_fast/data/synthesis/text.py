@@ -113,8 +113,8 @@ class TransformersTextWriter:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok, model = load_local("--text-model", path, "a causal LM", lambda: (
-            AutoTokenizer.from_pretrained(path, local_files_only=True),
-            AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)))
+            AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False),
+            AutoModelForCausalLM.from_pretrained(path, local_files_only=True, trust_remote_code=False, dtype=dtype)))
         if device is not None:
             model.to(device)
         return cls(model, tok, name=str(path), **kwargs)
