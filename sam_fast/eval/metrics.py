@@ -3,8 +3,9 @@
 For each sample, prediction and reference are normalised (`normalize_text`: newlines/tabs to
 spaces, the VQA-style punctuation stripping, quotes stripped, lower-cased), then:
 
-- ROUGE_L: the F score of ``rouge-l`` from the `rouge` package, per sample, averaged over samples
-  (an empty prediction scores 0);
+- ROUGE_L: the F score of ``rouge-l`` of the `rouge` package (summary level), per sample, averaged
+  over samples (an empty prediction scores 0). `rouge_l` computes it as that package does, to the
+  last bit, without its recursive LCS walk (a RecursionError for texts of a few thousand words);
 - CIDEr: CIDEr-D from pycocoevalcap over the corpus, one reference per sample;
 - Bleu_4: corpus BLEU-4 from pycocoevalcap;
 
@@ -39,6 +40,47 @@ def normalize_text(text: str) -> str:
     return text.strip("'").strip('"').strip().lower()
 
 
+def _lcs_words(x: list[str], y: list[str]) -> set[str]:
+    """The words of the `rouge` package's longest common subsequence of x and y (a set, as it keeps
+    them), with its tie-break (up in x only when strictly longer), walked without recursion."""
+    table = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]
+    for i in range(1, len(x) + 1):
+        row, prev, word = table[i], table[i - 1], x[i - 1]
+        for j in range(1, len(y) + 1):
+            row[j] = prev[j - 1] + 1 if word == y[j - 1] else max(prev[j], row[j - 1])
+    out, i, j = set(), len(x), len(y)
+    while i and j:
+        if x[i - 1] == y[j - 1]:
+            out.add(x[i - 1])
+            i, j = i - 1, j - 1
+        elif table[i - 1][j] > table[i][j - 1]:
+            i -= 1
+        else:
+            j -= 1
+    return out
+
+
+def rouge_l(pred: str, ref: str) -> float:
+    """ROUGE-L F (summary level) of one prediction against one reference, equal to
+    ``rouge.Rouge().get_scores(pred, ref)[0]["rouge-l"]["f"]``; 0.0 where that package refuses the
+    pair (a text with no sentence left after splitting on periods)."""
+    hyp = [" ".join(t.split()) for t in pred.split(".") if len(t) > 0]
+    refs = [" ".join(t.split()) for t in ref.split(".") if len(t) > 0]
+    if not hyp or not refs:
+        return 0.0
+    m = len({w for t in refs for w in t.split(" ")})
+    n = len({w for t in hyp for w in t.split(" ")})
+    union: set[str] = set()
+    llcs = 0
+    for r in refs:
+        before = len(union)
+        for h in hyp:
+            union |= _lcs_words(r.split(" "), h.split(" "))
+        llcs += len(union) - before
+    r_lcs, p_lcs = llcs / m, llcs / n
+    return 2.0 * ((p_lcs * r_lcs) / (p_lcs + r_lcs + 1e-8))
+
+
 def caption_metrics(preds, refs, per_sample: bool = False) -> dict:
     """ROUGE_L, CIDEr, Bleu_4 (x100) of predictions against one reference each.
 
@@ -52,27 +94,18 @@ def caption_metrics(preds, refs, per_sample: bool = False) -> dict:
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from rouge import Rouge
 
     preds, refs = list(preds), list(refs)
     if len(preds) != len(refs):
         raise ValueError(f"{len(preds)} predictions but {len(refs)} references")
     if not preds:
         raise ValueError("no samples to score")
-    rouge = Rouge()
     rouge_f, res, gts = [], {}, {}
     for i, (p, r) in enumerate(zip(preds, refs, strict=True)):
         gt, pred = normalize_text(r), normalize_text(p)
         if gt == "":
             raise ValueError(f"sample {i}: the reference {r!r} is empty after normalisation")
-        if pred == "":
-            s = 0.0
-        else:
-            try:
-                s = rouge.get_scores(pred, gt)[0]["rouge-l"]["f"]
-            except ValueError:  # `rouge` refuses hypotheses it cleans to nothing (the scorer would crash)
-                s = 0.0
-        rouge_f.append(s)
+        rouge_f.append(rouge_l(pred, gt) if pred else 0.0)
         res[i], gts[i] = [pred], [gt]
     cider, cider_each = Cider().compute_score(gts, res)
     bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)

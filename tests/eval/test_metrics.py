@@ -60,3 +60,56 @@ def test_perfect_and_refusals():
         caption_metrics(["a", "b"], ["a"])
     with pytest.raises(ValueError, match="empty after normalisation"):
         caption_metrics(["a"], ["?!"])
+
+
+def _rouge_package(pred, ref, recursion=None):
+    """The `rouge` package's ROUGE-L F, as the scorer calls it; with `recursion`, in a thread with a
+    stack and recursion limit deep enough for its recursive LCS walk (the oracle for long texts)."""
+    import sys
+    import threading
+
+    from rouge import Rouge
+
+    def score():
+        try:
+            return Rouge().get_scores(pred, ref)[0]["rouge-l"]["f"]
+        except ValueError:  # no sentence left: the package refuses, caption_metrics scores 0
+            return 0.0
+
+    if recursion is None:
+        return score()
+    out, limit, size = [], sys.getrecursionlimit(), threading.stack_size()
+    sys.setrecursionlimit(recursion)
+    threading.stack_size(512 << 20)
+    try:
+        t = threading.Thread(target=lambda: out.append(score()))
+        t.start()
+        t.join()
+    finally:
+        threading.stack_size(size)
+        sys.setrecursionlimit(limit)
+    return out[0]
+
+
+def test_rouge_l_equals_the_rouge_package_bit_for_bit():
+    from sam_fast.eval.metrics import rouge_l
+
+    rng = np.random.default_rng(0)
+    vocab = ["a", "dog", "red", "cat", "the", "1.5", "runs", ".", "..", "  ", "x"]
+    for _ in range(400):
+        pred = " ".join(rng.choice(vocab, rng.integers(1, 25)))
+        ref = " ".join(rng.choice(vocab, rng.integers(1, 25)))
+        assert rouge_l(pred, ref) == _rouge_package(pred, ref), (pred, ref)
+
+
+def test_long_overlapping_texts_are_scored_not_a_recursion_error():
+    """255 predicted words against a 5000-word reference that holds them near its start: the `rouge`
+    package's recursive LCS walk goes ~5000 calls deep (RecursionError at Python's default limit),
+    which ended an eval after all generation was done."""
+    rng = np.random.default_rng(1)
+    words = [f"w{i}" for i in range(60)]
+    pred = " ".join(rng.choice(words, 255))
+    ref = pred + " " + " ".join(rng.choice(words + [f"v{i}" for i in range(500)], 4745))
+    got = caption_metrics([pred], [ref], per_sample=True)
+    expected = _rouge_package(normalize_text(pred), normalize_text(ref), recursion=20_000)
+    assert got["per_sample"][0]["rouge"] == expected and 0 < expected < 1
