@@ -20,8 +20,10 @@ shard the frozen LLM over the processes); data parallel evaluation: ``torchrun .
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -943,6 +945,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like SIGINT's KeyboardInterrupt so that the same cleanup runs."""
+
+
+@contextlib.contextmanager
+def _terminate_like_interrupt():
+    """While a command runs, SIGTERM (a scheduler's stop, ``kill``) raises `_Terminated` as SIGINT
+    raises KeyboardInterrupt, so that every command's cleanup runs: build folders removed, locks
+    released, finished work written. Left alone where SIGTERM already has a handler (and in threads);
+    the trainer installs its own (it finishes and checkpoints the step)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise _Terminated
+
+    old = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+_FULL = {28: "no space left on the device", 122: "the disk quota is exceeded"}  # ENOSPC, EDQUOT
+
+
+def _disk_full(exc: BaseException) -> str | None:
+    """One line for an error that is a full disk or quota (an OSError, or a library's error around
+    one: safetensors, torch.save), naming the file when known; None for any other error."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            return _FULL[exc.errno] + (f" writing {exc.filename}" if exc.filename else "")
+        text = str(exc)
+        for code, what in _FULL.items():
+            if os.strerror(code) in text or f"code: {code}," in text:
+                return what
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one ``sam-fast`` command in this process and return its exit code (usage errors and
     refusals raise SystemExit). Under torchrun the ranks leave the process group together at the
@@ -955,9 +1004,20 @@ def main(argv: list[str] | None = None) -> int:
     was_initialized = torch_dist.is_available() and torch_dist.is_initialized()
     ok = False
     try:
-        rc = args.func(args)
+        with _terminate_like_interrupt():
+            rc = args.func(args)
         ok = True
         return rc
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM: each command's cleanup has run on the way here
+        name = "SIGTERM" if isinstance(e, _Terminated) else "SIGINT"
+        print(f"sam-fast {args.command}: stopped by {name} before it finished", file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
+    except Exception as e:
+        full = _disk_full(e)
+        if full is None:
+            raise
+        raise SystemExit(f"sam-fast {args.command}: {full}; free space (or choose another output) and run the "
+                         "command again") from None
     finally:
         if not was_initialized:  # a group this command joined (torchrun): leave it before exiting
             distributed.leave_process_group(together=ok)

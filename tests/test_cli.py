@@ -486,3 +486,118 @@ def test_parsers_unchanged(cmd):
         parser = next(a for a in parser._actions if a.dest == "command").choices[cmd]
     text = _describe(parser)
     assert _sha256(text) == PARSER_SHA256[cmd], f"the parser of `sam-fast {cmd}` changed:\n{text}"
+
+
+# -- signals, full disks ---------------------------------------------------------------------------
+def _cache_cmd(dirs, out):
+    return ["cache-features", "--model", "tiny", "--data", str(dirs["test"]), "--output", str(out), "--no-progress"]
+
+
+def _hidden(parent, name):
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}.tmp-"))
+
+
+def test_cache_features_stopped_by_sigterm_leaves_no_build_folder(dirs, tmp_path, monkeypatch, capsys):
+    import signal
+
+    from sam_fast.data import feature_cache
+
+    def terminated(*args, **kwargs):  # SIGTERM arrives while the features are being written
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the build")
+
+    monkeypatch.setattr(feature_cache, "_write_cache", terminated)
+    assert main(_cache_cmd(dirs, tmp_path / "cache")) == 143
+    assert capsys.readouterr().err.strip() == "sam-fast cache-features: stopped by SIGTERM before it finished"
+    assert _hidden(tmp_path, "cache") == [] and not (tmp_path / "cache").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command's handler is gone again
+
+
+def test_cache_features_removes_the_build_folders_of_killed_builds(dirs, tmp_path):
+    """SIGKILL (or a lost node) leaves a build folder no handler could remove: the next build beside
+    it removes those whose process has exited on this host, and keeps a live one's."""
+    from sam_fast.data.feature_cache import _host_tag
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for pid in (dead.pid, os.getpid()):
+        folder = tmp_path / f".cache.tmp-{pid}@{_host_tag()}-abc123"
+        folder.mkdir()
+        (folder / "shard-00000.safetensors").write_bytes(b"x" * 1000)
+    other_host = tmp_path / f".cache.tmp-{dead.pid}@00000000-abc123"
+    other_host.mkdir()
+    assert main(_cache_cmd(dirs, tmp_path / "cache")) == 0
+    assert _hidden(tmp_path, "cache") == sorted([f".cache.tmp-{os.getpid()}@{_host_tag()}-abc123", other_host.name])
+
+
+def test_cache_features_refuses_a_cache_larger_than_the_free_space(dirs, tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    from sam_fast.data import feature_cache
+
+    usage = shutil_module.disk_usage(tmp_path)
+    monkeypatch.setattr(feature_cache.shutil, "disk_usage", lambda p: usage._replace(free=10_000))
+    with pytest.raises(SystemExit, match=r"^sam-fast cache-features: .*cache: the cache needs about [\d.]+ [kM]B "
+                                         r"\(\d+ images x 1 view\(s\) x \[\d+, \d+\] float16\) but its file system has "
+                                         r"10 kB free; free space"):
+        main(_cache_cmd(dirs, tmp_path / "cache"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_partial_folder(dirs, tmp_path, monkeypatch):
+    import errno
+
+    from sam_fast.train import checkpoint
+
+    real = checkpoint.save_file
+    calls = []
+
+    def filling(tensors, path, **kw):  # the disk fills up while the second checkpoint is written
+        calls.append(path)
+        if len(calls) == 3:
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return real(tensors, path, **kw)
+
+    monkeypatch.setattr(checkpoint, "save_file", filling)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--config", "tiny", "--data", str(dirs["train"]), "--output", str(out), *TRAIN])
+    msg = str(exc.value.code)
+    assert msg.startswith("sam-fast train: no space left on the device writing ") and "\n" not in msg, msg
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step-00000002"]  # no .tmp-* left
+    from sam_fast.train import load_checkpoint
+
+    assert load_checkpoint(ckpts / "step-00000002")[1]["step"] == 2  # the last good one is intact
+
+
+def test_disk_full_errors_wrapped_by_libraries_are_recognised():
+    import errno
+
+    from sam_fast.cli import _disk_full
+
+    assert _disk_full(OSError(errno.ENOSPC, "No space left on device", "/x/y")) == \
+        "no space left on the device writing /x/y"
+    wrapped = RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space" })')
+    assert _disk_full(wrapped) == "no space left on the device"
+    try:
+        try:
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        except OSError as inner:
+            raise RuntimeError("file write failed") from inner
+    except RuntimeError as outer:
+        assert _disk_full(outer) == "the disk quota is exceeded"
+    assert _disk_full(ValueError("something else")) is None and _disk_full(OSError(errno.EACCES, "denied")) is None
+
+
+def test_sigint_while_a_command_starts_is_one_line(dirs, tmp_path, monkeypatch, capsys):
+    from sam_fast.models import directory
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(directory, "build_builtin", interrupted)  # Ctrl-C while the model is being built
+    assert main(_cache_cmd(dirs, tmp_path / "cache")) == 130
+    assert capsys.readouterr().err.strip() == "sam-fast cache-features: stopped by SIGINT before it finished"

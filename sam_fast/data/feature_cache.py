@@ -36,7 +36,11 @@ Building writes the new cache into a fresh hidden directory beside the target an
 place. An existing target is replaced only when it is a sam_fast cache (its manifest.json has this
 format and it holds nothing but the manifest and shards) or an empty directory; anything else (a
 dataset folder, a file, a symlink, a folder with other files) is refused with `CacheOutputError`
-and left untouched.
+and left untouched. The hidden directory's name carries the building process (pid and a hash of the
+host): a build killed where it could not clean up (SIGKILL, a lost node) leaves it behind, and the
+next build beside it removes it once that process is gone from this host. Before writing, the
+build estimates the cache's size (images x views x P x D x the dtype's bytes) and refuses, naming
+both figures, when the file system has less room (`CacheSpaceError`).
 """
 
 from __future__ import annotations
@@ -147,6 +151,69 @@ def check_replaceable(cache_dir) -> None:
                                f"it: {hint}")
 
 
+class CacheSpaceError(CacheOutputError):
+    """The file system holding the cache has less free space than the cache will take."""
+
+
+_TMP_NAME = re.compile(r"\.(?P<cache>.+)\.tmp-(?P<pid>\d+)@(?P<host>[0-9a-f]{8})-[^/]*")
+
+
+def _host_tag() -> str:
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _build_dir(cache_dir: Path) -> Path:
+    """A fresh hidden directory beside `cache_dir` named after this process (`remove_dead_builds`)."""
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=f".{cache_dir.name}.tmp-{os.getpid()}@{_host_tag()}-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the cache gets a normal directory's mode
+    return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_dead_builds(cache_dir) -> list[Path]:
+    """Remove the hidden build directories of `cache_dir` left by killed builds on this host (their
+    process has exited); returns what was removed. Builds of live processes or other hosts stay."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.parent.is_dir():
+        return []
+    removed = []
+    for entry in sorted(cache_dir.parent.iterdir()):
+        m = _TMP_NAME.fullmatch(entry.name)
+        if m and m["cache"] == cache_dir.name and m["host"] == _host_tag() and not _alive(int(m["pid"])) \
+                and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def check_space(cache_dir, images: int, views: int, P: int, D: int, dtype) -> int:
+    """The estimated bytes of a cache of `images` x `views` features [P, D] in `dtype` (plus its
+    manifest); raise `CacheSpaceError` when the file system of `cache_dir` has less free space."""
+    cache_dir = Path(cache_dir)
+    need = images * views * P * D * _dtype(dtype).itemsize + 512 * images + (1 << 20)
+    where = cache_dir.parent if cache_dir.parent.exists() else Path(os.path.abspath(cache_dir)).anchor
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise CacheSpaceError(f"{cache_dir}: the cache needs about {_bytes(need)} ({images} images x {views} view(s) "
+                              f"x [{P}, {D}] {str(_dtype(dtype)).replace('torch.', '')}) but its file system has "
+                              f"{_bytes(free)} free; free space, use fewer --views or --dtype bfloat16/float16, or "
+                              "choose another --output")
+    return need
+
+
 def _replace_dir(new: Path, target: Path) -> None:
     """Move the finished directory `new` to `target`, replacing a (checked) cache there."""
     check_replaceable(target)  # again: it may have changed while the features were computed
@@ -208,6 +275,7 @@ def build_feature_cache(model, data_dir, cache_dir, batch_size: int = 16, dtype=
 
     Raises:
         CacheOutputError: `cache_dir` exists and is not a sam_fast feature cache.
+        CacheSpaceError: the cache would not fit in the free space of its file system.
         CacheDtypeError: a feature does not fit `dtype` (use float32 or bfloat16) or is not finite.
         DataError: bad data (unless `skip_bad`).
     """
@@ -223,10 +291,11 @@ def build_feature_cache(model, data_dir, cache_dir, batch_size: int = 16, dtype=
     records, skipped = load_records(data_dir, skip_bad=skip_bad, require_output=False,
                                     allow_outside_paths=allow_outside_paths)
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=f".{cache_dir.name}.tmp-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the cache gets a normal directory's mode
+    remove_dead_builds(cache_dir)
+    vc = model.config.vision_config
+    n_images = len({cache_key(data_dir, p) for r in records for p in r.images})
+    check_space(cache_dir, n_images, views, (vc.image_size // vc.patch_size) ** 2 + 1, vc.hidden_size, dtype)
+    tmp = _build_dir(cache_dir)
     try:
         manifest = _write_cache(model, data_dir, records, tmp, batch_size, dtype, shard_images, progress, views,
                                 seed)

@@ -168,6 +168,19 @@ def _check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
             raise ValueError(f"refusing to write a checkpoint: {what} tensor {k} holds NaN/inf values")
 
 
+def _write_files(tmp: Path, step: int, tensors: dict, state_tensors: dict, encoded) -> None:
+    """The three files of checkpoint `step` in `tmp`, each synced to disk."""
+    save_file(tensors, str(tmp / TRAINABLE_FILE), metadata={"step": str(step), "format": "sam_fast.trainable"})
+    save_file(state_tensors, str(tmp / STATE_TENSORS_FILE), metadata={"step": str(step), "format": STATE_FORMAT})
+    files = {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size}
+             for f in (TRAINABLE_FILE, STATE_TENSORS_FILE)}
+    body = {"format": STATE_FORMAT, "version": STATE_VERSION, "step": step, "files": files, "state": encoded}
+    (tmp / STATE_FILE).write_text(json.dumps({**body, "sha256": hashlib.sha256(_canonical(body)).hexdigest()}))
+    for f in (TRAINABLE_FILE, STATE_TENSORS_FILE, STATE_FILE):
+        _fsync_file(tmp / f)
+    _fsync_dir(tmp)
+
+
 def save_checkpoint(ckpt_root: str | os.PathLike, step: int, trainable: dict[str, torch.Tensor], state: dict,
                     keep_last: int | None = None) -> Path:
     """Write checkpoint `step` atomically; returns its directory.
@@ -187,15 +200,11 @@ def save_checkpoint(ckpt_root: str | os.PathLike, step: int, trainable: dict[str
     tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(tensors, str(tmp / TRAINABLE_FILE), metadata={"step": str(step), "format": "sam_fast.trainable"})
-    save_file(state_tensors, str(tmp / STATE_TENSORS_FILE), metadata={"step": str(step), "format": STATE_FORMAT})
-    files = {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size}
-             for f in (TRAINABLE_FILE, STATE_TENSORS_FILE)}
-    body = {"format": STATE_FORMAT, "version": STATE_VERSION, "step": step, "files": files, "state": encoded}
-    (tmp / STATE_FILE).write_text(json.dumps({**body, "sha256": hashlib.sha256(_canonical(body)).hexdigest()}))
-    for f in (TRAINABLE_FILE, STATE_TENSORS_FILE, STATE_FILE):
-        _fsync_file(tmp / f)
-    _fsync_dir(tmp)
+    try:  # a full disk (or a signal) mid-write leaves no half-written folder behind
+        _write_files(tmp, step, tensors, state_tensors, encoded)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = None
     if final.exists():  # re-saving a step (e.g. the last good step after a non-finite loss)
         old = ckpt_root / f".old-{name}-{os.getpid()}"
