@@ -7,9 +7,9 @@ Bad data stops with a `DataError` naming the sample id and the file: a missing o
 an image path that leaves the dataset folder, a malformed record, an empty ``img_list``, an
 instruction holding the image placeholder text ``<image>`` or referring to an image the sample
 lacks (``{image#3}`` with two images), an instruction or output longer than `MAX_TEXT_CHARS`
-characters or holding a lone surrogate (not Unicode text). With ``skip_bad=True`` such samples are skipped instead and counted
-once each (`AnnotationDataset.skipped`, reported by the trainer and the evaluation runner): nothing is
-dropped silently. Records are checked, and every image file decoded once (cheaply, see
+characters or holding a lone surrogate (not Unicode text). With ``skip_bad=True`` such samples are
+skipped instead and counted once each (`AnnotationDataset.skipped`, reported by the trainer and the
+evaluation runner): nothing is dropped silently. Records are checked, and every image file decoded once (cheaply, see
 `sam_fast.data.images.check_image`), when the dataset is opened, so a bad file stops a run before
 its first step; an image that only fails later (changed on disk) raises then (or, with
 ``skip_bad``, its sample becomes ``None``, which `Collator` drops).
