@@ -580,8 +580,9 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
               f"annotations.json): rerun the same command to continue", file=sys.stderr)
         return 130
     why = ", ".join(f"{k} {v}" for k, v in sorted(res.drop_reasons.items()))
-    print(f"synthesized {res.kept + res.dropped} sample(s) ({res.resumed} done before): kept {res.kept}, dropped "
-          f"{res.dropped}{f' ({why})' if why else ''}; {res.kept_total} of {res.planned} in {res.annotations}")
+    redone = f", {res.redone} made again: a source image changed" if res.redone else ""
+    print(f"synthesized {res.kept + res.dropped} sample(s) ({res.resumed} done before{redone}): kept {res.kept}, "
+          f"dropped {res.dropped}{f' ({why})' if why else ''}; {res.kept_total} of {res.planned} in {res.annotations}")
     return 0
 
 

@@ -41,7 +41,7 @@ from transformers.processing_utils import ProcessorMixin
 
 from sam_fast.data.dataset import Collator, DataError, model_inputs, text_problem
 from sam_fast.data.paths import refuse_code_in
-from sam_fast.data.tokenization import PromptBuilder, load_tokenizers
+from sam_fast.data.tokenization import PromptBuilder, image_reference_problem, load_tokenizers
 from sam_fast.data.transforms import EvalTransform
 
 PROCESSOR_FILE = "processor_config.json"
@@ -55,9 +55,14 @@ def as_pil_image(image) -> Image.Image:
     alpha); dtype uint8 (0..255) or floating point with values in [0, 1].
 
     Raises:
-        ValueError: any other type, shape, dtype or value range (the message says which).
+        ValueError: any other type, shape, dtype or value range, or a PIL image that cannot be
+            loaded (closed, truncated); the message says which.
     """
     if isinstance(image, Image.Image):
+        try:  # a closed (or truncated) image fails here, where the caller names it, not in a batch transform
+            image.load()
+        except (ValueError, OSError) as e:
+            raise ValueError(f"cannot be read ({type(e).__name__}: {e})") from e
         return image
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
@@ -255,7 +260,9 @@ class SAMProcessor(ProcessorMixin):
         Raises:
             ValueError: one line naming the sample index (or image index) of bad input: counts of
                 image lists, texts and answers that differ, a sample without images, a non-string
-                text, an unreadable image, an instruction holding ``<image>`` text, an over-long text.
+                text, an unreadable (or closed) image, an instruction holding ``<image>`` text or
+                referring to an image its sample lacks (``{image#2}`` with one image), an over-long
+                text, a text holding a lone surrogate.
             TypeError: an unknown keyword argument.
         """
         if kwargs:
@@ -294,6 +301,10 @@ class SAMProcessor(ProcessorMixin):
                     flat.append(as_pil_image(image))
                 except ValueError as e:
                     raise ValueError(f"images[{i}][{j}] (sample {i}, image {j}) {e}") from e
+        for i, (imgs, instruction) in enumerate(zip(per_sample, texts, strict=True)):
+            problem = image_reference_problem(instruction, len(imgs), f"sample {i}")
+            if problem:
+                raise ValueError(f"text[{i}]: {problem}")
         pixels = self.image_processor(flat)["pixel_values"]
         items, start = [], 0
         for i, (imgs, instruction, answer) in enumerate(zip(per_sample, texts, outs, strict=True)):

@@ -156,7 +156,8 @@ def test_from_a_model_folder_without_a_processor(model, processor, tmp_path):
     save_tokenizers(*tiny_tokenizers(), tmp_path)  # the layout `sam-fast train` writes
     loaded = SAMProcessor.from_pretrained(tmp_path)
     imgs = _images(2)
-    _assert_same(loaded(images=imgs, text=TEXTS), processor(images=imgs, text=TEXTS), KEYS)
+    per_sample = [imgs, imgs[:1]]  # TEXTS[0] refers to two images
+    _assert_same(loaded(images=per_sample, text=TEXTS), processor(images=per_sample, text=TEXTS), KEYS)
     with pytest.raises(FileNotFoundError, match="no processor_config.json"):
         SAMProcessor.from_pretrained(tmp_path / "tokenizer")
     with pytest.raises(FileNotFoundError, match="not a folder"):
@@ -200,6 +201,44 @@ def test_tokenizer_larger_than_the_model_vocabulary_is_refused(model):
 def test_bad_input_fails_in_one_line_naming_the_sample(processor, call, message):
     with pytest.raises(ValueError, match=message) as err:
         call(processor, _images(3))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("text, ref, has", [
+    (["{image#5} what is it?", "red"], "{image#5}", "sample 0 has 1 image"),
+    (["red", "{image#1} and {image#0}"], "{image#0}", "sample 1 has 1 image"),
+    (["{image#1} {image#2} {image#3}", "red"], "{image#3}", "sample 0 has 2 images"),
+])
+def test_a_reference_to_an_image_the_sample_lacks_is_refused(processor, text, ref, has):
+    """``{image#N}`` is text the LLM reads: {image#5} for a one-image sample was accepted and
+    pointed the model at an image that is not there."""
+    imgs = _images(3)
+    per_sample = [imgs[:2], imgs[2:]] if "2 images" in has else [imgs[:1], imgs[1:2]]
+    with pytest.raises(ValueError) as err:
+        processor(images=per_sample, text=text)
+    msg = str(err.value)
+    assert "\n" not in msg and ref in msg and has in msg, msg
+    assert processor(images=[imgs[:2], imgs[2:]], text=TEXTS)["image_counts"].tolist() == [2, 1]
+
+
+@pytest.mark.parametrize("field", ["text", "answers"])
+def test_a_lone_surrogate_is_refused_naming_the_sample_and_field(processor, field):
+    """A lone surrogate is not Unicode text: the tokenizer died on it with a TypeError naming no
+    sample."""
+    texts, answers = ["red", "blue"], ["a", "b"]
+    (texts if field == "text" else answers)[1] = "a dog \ud800 here"
+    with pytest.raises(ValueError, match=rf"^{field}\[1\]: '(instruction|output)' holds a lone surrogate "
+                                         rf"'\\ud800' at character 6") as err:
+        processor(images=_images(2), text=texts, answers=answers)
+    assert "\n" not in str(err.value)
+
+
+def test_a_closed_image_is_named_by_sample_and_position(processor):
+    """A closed PIL image failed in the image processor, named by its index in the flat list."""
+    imgs = _images(3)
+    imgs[2].close()
+    with pytest.raises(ValueError, match=r"^images\[1\]\[0\] \(sample 1, image 0\) .*closed image") as err:
+        processor(images=[imgs[:2], imgs[2:]], text=TEXTS)
     assert "\n" not in str(err.value)
 
 

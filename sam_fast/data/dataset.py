@@ -5,10 +5,11 @@ A dataset is a folder with ``annotations.json``: a list of
 
 Bad data stops with a `DataError` naming the sample id and the file: a missing or undecodable image,
 an image path that leaves the dataset folder, a malformed record, an empty ``img_list``, an
-instruction holding the image placeholder text ``<image>``, an instruction or output longer than
-`MAX_TEXT_CHARS` characters. With ``skip_bad=True`` such samples are skipped instead and counted
-once each (`AnnotationDataset.skipped`, reported by the trainer and the evaluation runner): nothing is
-dropped silently. Records are checked, and every image file decoded once (cheaply, see
+instruction holding the image placeholder text ``<image>`` or referring to an image the sample
+lacks (``{image#3}`` with two images), an instruction or output longer than `MAX_TEXT_CHARS`
+characters or holding a lone surrogate (not Unicode text). With ``skip_bad=True`` such samples are
+skipped instead and counted once each (`AnnotationDataset.skipped`, reported by the trainer and the
+evaluation runner): nothing is dropped silently. Records are checked, and every image file decoded once (cheaply, see
 `sam_fast.data.images.check_image`), when the dataset is opened, so a bad file stops a run before
 its first step; an image that only fails later (changed on disk) raises then (or, with
 ``skip_bad``, its sample becomes ``None``, which `Collator` drops).
@@ -31,7 +32,7 @@ from PIL import Image
 
 from sam_fast.data.images import check_image, open_image
 from sam_fast.data.paths import OutsidePathError, contained_path
-from sam_fast.data.tokenization import PromptBuilder
+from sam_fast.data.tokenization import PromptBuilder, image_reference_problem, surrogate_problem
 
 MAX_TEXT_CHARS = 65536
 """Longest instruction / output accepted, in characters. The LLM reads at most 128 instruction tokens
@@ -46,10 +47,14 @@ class DataError(ValueError):
 
 def text_problem(name: str, text: str, max_chars: int = MAX_TEXT_CHARS) -> str | None:
     """Why an instruction (``name="instruction"``) or output cannot be used, or None: longer than
-    `max_chars` characters, or (instructions) holding the image placeholder text ``<image>``."""
+    `max_chars` characters, holding a lone surrogate (the tokenizer would fail on it in the first
+    batch, naming no sample), or (instructions) holding the image placeholder text ``<image>``."""
     if len(text) > max_chars:
         return (f"'{name}' is {len(text)} characters long, over the limit of {max_chars} (the model reads at most "
                 f"a few hundred tokens of it)")
+    problem = surrogate_problem(name, text)
+    if problem:
+        return problem
     m = _PLACEHOLDER.search(text) if name == "instruction" else None
     if m:
         return (f"'{name}' contains the image placeholder text {m.group(0)!r} at character {m.start()}; refer to "
@@ -113,7 +118,7 @@ def _check_record(rec, index: int, ann_path: Path, require_output: bool,
         problem = None if text is None else text_problem(name, text, max_text_chars)
         if problem:
             return sid, problem
-    return sid, None
+    return sid, image_reference_problem(instruction, len(imgs))
 
 
 def load_records(root: str | os.PathLike, skip_bad: bool = False, require_output: bool = True,

@@ -23,6 +23,7 @@ lower-case ASCII text tokenises (character by character where no word fits).
 from __future__ import annotations
 
 import os
+import re
 import string
 from dataclasses import dataclass
 
@@ -107,6 +108,34 @@ def save_tokenizers(qformer_tokenizer, llm_tokenizer, directory: str | os.PathLi
     llm_tokenizer.save_pretrained(os.path.join(directory, "tokenizer", "llm"))
 
 
+# how instructions refer to their images; the references stay text that the LLM reads
+_IMAGE_REFERENCE = re.compile(r"\{\s*image\s*#\s*([+-]?\d+)\s*\}", re.IGNORECASE)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def image_reference_problem(instruction: str, n_images: int, who: str = "the sample") -> str | None:
+    """Why `instruction` cannot go with `n_images` images, or None: it refers to an image the
+    sample lacks (``{image#N}`` with N < 1 or N > n_images), which would point the model at an
+    image that is not there. `who` names the sample in the message."""
+    for m in _IMAGE_REFERENCE.finditer(instruction):
+        digits = m.group(1).lstrip("+-")
+        n = int(m.group(1)) if len(digits) <= 9 else None  # a 5000-digit number is out of range too
+        if n is None or not 1 <= n <= n_images:
+            ref = m.group(0) if len(m.group(0)) <= 40 else m.group(0)[:37] + "..."
+            return (f"'instruction' refers to {ref} but {who} has {n_images} image{'' if n_images == 1 else 's'} "
+                    f"({{image#1}} to {{image#{n_images}}})")
+    return None
+
+
+def surrogate_problem(name: str, text: str) -> str | None:
+    """Why `text` (field `name`) is not Unicode text, or None: a lone surrogate (JSON's ``"\\ud800"``
+    escape reads as one), which the tokenizers refuse with an error that names no sample."""
+    m = _SURROGATE.search(text)
+    if m is None:
+        return None
+    return f"'{name}' holds a lone surrogate {m.group(0)!r} at character {m.start()} (not valid Unicode text)"
+
+
 @dataclass
 class EncodedSample:
     """Token ids of one sample: `prompt` (placeholders, </s>, instruction), `answer` (answer + </s>,
@@ -162,6 +191,11 @@ class PromptBuilder:
         `generate` (only the Q-former text is cut, to `max_txt_len` on the left)."""
         if n_images < 1:
             raise ValueError(f"a sample needs at least one image, got {n_images}")
+        problem = (surrogate_problem("instruction", instruction)
+                   or (None if answer is None else surrogate_problem("output", answer))
+                   or image_reference_problem(instruction, n_images))
+        if problem:
+            raise ValueError(problem)
         text = self.ltok(instruction, add_special_tokens=False)["input_ids"]
         if answer is not None if truncate is None else truncate:
             text = text[len(text) - min(len(text), self.max_txt_len - 1) :]  # </s> + text <= max_txt_len

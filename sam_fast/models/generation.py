@@ -29,10 +29,67 @@ The returned ids are the new tokens only (without the BOS), ``[B, S_new]``, padd
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 GENERATION_MODES = ("hf", "lavis")
+
+
+def _integer(low: int):
+    """A rule: an integer (numpy's too, never a bool: True would run one beam) of at least `low`;
+    2.5 beams or 2.7 new tokens were truncated or failed deep in the decoder."""
+    return (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low,
+            f"an integer >= {low}")
+
+
+def _number(test, rule: str):
+    """A rule: a finite real number (not a bool) for which `test` holds; a NaN or negative penalty
+    gave empty or garbage answers without an error."""
+    return (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and test(v),
+            rule)
+
+
+# what each decoding setting must be; None (unset) is always allowed. Both modes check every
+# setting they read, from keyword arguments and generation configs alike, before any work
+SETTING_RULES = {
+    "num_beams": _integer(1),
+    "max_new_tokens": _integer(1),
+    "max_length": _integer(1),
+    "min_length": _integer(0),
+    "min_new_tokens": _integer(0),
+    "num_return_sequences": _integer(1),
+    "num_beam_groups": _integer(1),
+    "top_k": _integer(0),  # 0: no top-k filtering
+    "no_repeat_ngram_size": _integer(0),
+    "repetition_penalty": _number(lambda v: v > 0, "a finite number > 0"),
+    "length_penalty": _number(lambda v: True, "a finite number"),
+    "temperature": _number(lambda v: v > 0, "a finite number > 0"),
+    "top_p": _number(lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "typical_p": _number(lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "min_p": _number(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "epsilon_cutoff": _number(lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "eta_cutoff": _number(lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "diversity_penalty": _number(lambda v: v >= 0, "a finite number >= 0"),
+}
+
+
+def shown(value, limit: int = 80) -> str:
+    """repr of a user's value cut to `limit` characters, for one-line errors."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_setting(name: str, value, source: str = "") -> None:
+    """Raise one ValueError naming the setting (as ``source + name``: "generation_config." when it
+    came from a config) and its value unless it is unset or follows `SETTING_RULES`."""
+    if value is None or name not in SETTING_RULES:
+        return
+    ok, rule = SETTING_RULES[name]
+    if not ok(value):
+        raise ValueError(f"generate: {source}{name}={shown(value)} must be {rule}")
 
 
 def generated_tokens_penalty(penalty: float) -> LogitsProcessorList:
@@ -175,8 +232,11 @@ def lavis_generate(
     Returns:
         [B, S_new] new token ids, ``</s>``-padded, with 0 replaced by 2 as LAVIS does.
     """
-    if num_beams < 1 or max_length < 2:
-        raise ValueError(f"lavis_generate: num_beams={num_beams} must be >= 1 and max_length={max_length} >= 2")
+    for name, value in (("num_beams", num_beams), ("max_length", max_length), ("min_length", min_length),
+                        ("repetition_penalty", repetition_penalty), ("length_penalty", length_penalty)):
+        check_setting(name, value)
+    if max_length < 2:
+        raise ValueError(f"lavis_generate: max_length={max_length} must be >= 2 (it counts the seeded BOS)")
     dec = _Decoder(language_model, inputs_embeds, attention_mask)  # the prompt runs once per sample
     seq = torch.full((inputs_embeds.shape[0] * num_beams, 1), bos_token_id, dtype=torch.long,
                      device=inputs_embeds.device)

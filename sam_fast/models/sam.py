@@ -50,6 +50,8 @@ from sam_fast.ops.linear_cross_entropy import linear_cross_entropy
 from sam_fast.distributed import is_sharded
 from sam_fast.models.generation import (
     GENERATION_MODES,
+    SETTING_RULES,
+    check_setting,
     generated_tokens_penalty,
     lavis_generate,
     prefill_for_beams,
@@ -103,6 +105,11 @@ def _llm_keywords(language_model) -> frozenset[str]:
                 pass
         _LLM_KEYWORDS[cls] = frozenset(names - _OWN_LLM_INPUTS)
     return _LLM_KEYWORDS[cls]
+
+
+def _prompt_length(input_ids) -> int | None:
+    """Positions of the left-padded prompts (placeholders become visual tokens one for one)."""
+    return input_ids.shape[1] if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 else None
 
 
 def _token_id(value, default: int) -> int:
@@ -650,6 +657,10 @@ class SAM(InstructBlipPreTrainedModel):
         and loaded with the model as ``generation_config.json``), then keyword arguments over it, as
         in HF models. ``"lavis"`` reads the beams and penalties from it and its length from
         ``max_length`` / ``max_new_tokens`` (default max_length 256, min_length 1).
+        Every setting either mode reads, from the keyword arguments or a config, is checked
+        before the images are encoded (`sam_fast.models.generation.SETTING_RULES`: integer counts
+        >= 1, finite penalties, repetition_penalty > 0, ...; in ``"hf"`` mode a max_length that
+        exceeds the prompt's length): a bad one is one ValueError naming it and its value.
 
         Speed ("hf" mode): with beams each prompt is run once and its KV cache copied to the beams
         (HF would run it once per beam); ``cache_implementation="static"`` gives a fixed-shape KV
@@ -660,54 +671,88 @@ class SAM(InstructBlipPreTrainedModel):
         """
         if generation_mode not in GENERATION_MODES:
             raise ValueError(f"generation_mode={generation_mode!r} is not one of {GENERATION_MODES}")
-        _, embeds, attention_mask = self._llm_inputs(
-            pixel_values, image_features, image_counts, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask
-        )
         user_config = generate_kwargs.pop("generation_config", None)
         config = copy.deepcopy(self.generation_config)
         if user_config is not None:  # as HF: what the user's config sets wins, the rest is the model's
             config.update(**user_config.to_diff_dict())
+        # every setting is checked before the images are encoded: a bad one fails in one line
         if generation_mode == "lavis":
-            return self._generate_lavis(embeds, attention_mask, config, user_config, generate_kwargs)
-        return self._generate_hf(embeds, attention_mask, config, generate_kwargs)
+            settings = self._lavis_settings(config, user_config, generate_kwargs)
+        else:
+            llm_kwargs = self._hf_settings(config, generate_kwargs, _prompt_length(input_ids))
+        _, embeds, attention_mask = self._llm_inputs(
+            pixel_values, image_features, image_counts, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask
+        )
+        if generation_mode == "lavis":
+            return lavis_generate(self.language_model, embeds, attention_mask, **settings)
+        return self._generate_hf(embeds, attention_mask, config, llm_kwargs)
 
-    def _generate_lavis(self, embeds, attention_mask, config, user_config, generate_kwargs) -> torch.LongTensor:
-        """The released code's decoder (`lavis_generate`) with the settings of `config` under the
-        keyword arguments (only `LAVIS_KWARGS`)."""
+    def _lavis_settings(self, config, user_config, generate_kwargs) -> dict:
+        """`lavis_generate`'s keyword arguments: the settings of `config` under the keyword
+        arguments (only `LAVIS_KWARGS`), each checked (`check_setting`)."""
         extra = sorted(set(generate_kwargs) - set(LAVIS_KWARGS))
         if extra:
             raise ValueError(f"generation_mode='lavis' takes only {sorted(LAVIS_KWARGS)}; got {extra}")
         if "max_length" in generate_kwargs and "max_new_tokens" in generate_kwargs:
             raise ValueError("give max_length or max_new_tokens, not both")
+
+        def setting(name: str, default, config_value=None):
+            if name in generate_kwargs:
+                check_setting(name, generate_kwargs[name])
+                return generate_kwargs[name]
+            check_setting(name, config_value, "generation_config.")
+            return default if config_value is None else config_value
+
         new_tokens = generate_kwargs.get("max_new_tokens")
+        check_setting("max_new_tokens", new_tokens)
         if new_tokens is None and "max_length" not in generate_kwargs and user_config is not None:
             new_tokens = user_config.max_new_tokens
+            check_setting("max_new_tokens", new_tokens, "generation_config.")
         # the seeded BOS counts in max_length: LAVIS' max_length=256 is 255 new tokens
-        max_length = generate_kwargs.get("max_length", 256 if new_tokens is None else int(new_tokens) + 1)
+        max_length = setting("max_length", 256 if new_tokens is None else new_tokens + 1)
+        if max_length < 2:
+            raise ValueError(f"generate: max_length={max_length} must be >= 2 in generation_mode='lavis' "
+                             f"(it counts the seeded BOS: max_length - 1 new tokens)")
         gen = self.language_model.generation_config  # LLaMA's: bos 1, eos 2, pad 0
 
         def token(name: str, default: int) -> int:
             own = getattr(config, name)
             return _token_id(own if own is not None else getattr(gen, name), default)
 
-        return lavis_generate(
-            self.language_model, embeds, attention_mask, max_length=max_length,
-            num_beams=generate_kwargs.get("num_beams", config.num_beams or 1),
-            min_length=generate_kwargs.get("min_length", 1),
-            repetition_penalty=generate_kwargs.get("repetition_penalty", config.repetition_penalty or 1.0),
-            length_penalty=generate_kwargs.get("length_penalty",
-                                               1.0 if config.length_penalty is None else config.length_penalty),
+        return dict(
+            max_length=max_length,
+            num_beams=setting("num_beams", 1, config.num_beams),
+            min_length=setting("min_length", 1),
+            repetition_penalty=setting("repetition_penalty", 1.0, config.repetition_penalty),
+            length_penalty=setting("length_penalty", 1.0, config.length_penalty),
             bos_token_id=token("bos_token_id", 1), eos_token_id=token("eos_token_id", 2),
             pad_token_id=token("pad_token_id", 0),
         )
 
-    def _generate_hf(self, embeds, attention_mask, config, generate_kwargs) -> torch.LongTensor:
-        """transformers' `generate` on the prompt embeddings with `config` updated by the keyword
-        arguments: the repetition penalty on generated tokens only, and with beams the prompt run
-        once per sample (`prefill_for_beams`)."""
+    def _hf_settings(self, config, generate_kwargs, prompt_length: int | None) -> dict:
+        """Update `config` with the keyword arguments and check every decoding setting it then
+        holds (`check_setting`, and a max_length that leaves room after the prompt, which HF
+        counts in it); returns the keyword arguments that are not generation settings (for the
+        LLM)."""
         if "max_length" in generate_kwargs and "max_new_tokens" not in generate_kwargs:
             config.max_new_tokens = None  # the user's max_length is not overridden by the default
-        kwargs = config.update(**generate_kwargs)  # what is not a generation setting goes to the LLM
+        kwargs = config.update(**generate_kwargs)
+        for name in SETTING_RULES:
+            check_setting(name, getattr(config, name, None), "" if name in generate_kwargs else "generation_config.")
+        if config.max_new_tokens is None and config.max_length is not None and prompt_length is not None:
+            if config.max_length <= prompt_length:
+                where = "" if "max_length" in generate_kwargs else "generation_config."
+                raise ValueError(
+                    f"generate: {where}max_length={config.max_length} must exceed the prompt's length "
+                    f"({prompt_length}): in generation_mode='hf' it counts the prompt; max_new_tokens counts "
+                    f"only the answer"
+                )
+        return kwargs
+
+    def _generate_hf(self, embeds, attention_mask, config, kwargs) -> torch.LongTensor:
+        """transformers' `generate` on the prompt embeddings with the checked `config` and the
+        LLM's keyword arguments: the repetition penalty on generated tokens only, and with beams
+        the prompt run once per sample (`prefill_for_beams`)."""
         penalty = config.repetition_penalty
         if penalty is not None and penalty != 1.0:
             # HF's own processor would exempt the first k generated tokens of a row left-padded by k

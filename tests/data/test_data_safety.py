@@ -120,6 +120,30 @@ def test_placeholder_text_in_an_instruction_is_refused_with_the_id(ds_dir, text)
     assert [r.id for r in ds.records] == [0, 1, 3] and len(ds.skipped) == 1
 
 
+def test_a_reference_to_an_image_the_sample_lacks_is_refused_at_load(ds_dir):
+    _set(ds_dir, 1, instruction="{image#1} and {image#2}: what is common?")  # sample 1 has one image
+    with pytest.raises(DataError, match=r"sample id 1: 'instruction' refers to \{image#2\} but the sample has "
+                                         r"1 image"):
+        AnnotationDataset(ds_dir, EvalTransform(28))
+    ds = AnnotationDataset(ds_dir, EvalTransform(28), skip_bad=True)
+    assert [r.id for r in ds.records] == [0, 2, 3] and len(ds.skipped) == 1
+
+
+@pytest.mark.parametrize("field", ["instruction", "output"])
+def test_a_lone_surrogate_is_refused_at_load_not_in_the_first_batch(ds_dir, field):
+    """JSON's "\\ud800" escape reads as a lone surrogate, which the tokenizer refused with a
+    TypeError naming no sample in the first training batch; it is refused (or skipped) at load."""
+    path = ds_dir / "annotations.json"
+    recs = json.loads(path.read_text())
+    recs[3][field] = "a dog \ud800"
+    path.write_text(json.dumps(recs))  # ensure_ascii: written as the escape
+    assert "\\ud800" in path.read_text()
+    with pytest.raises(DataError, match=rf"sample id 3: '{field}' holds a lone surrogate '\\ud800' at character 6"):
+        AnnotationDataset(ds_dir, EvalTransform(28))
+    ds = AnnotationDataset(ds_dir, EvalTransform(28), skip_bad=True)
+    assert [r.id for r in ds.records] == [0, 1, 2] and ds.skipped.items[0][0] == 3
+
+
 def test_collator_names_the_sample_when_encoding_fails(ds_dir):
     pb = PromptBuilder(*tiny_tokenizers(), num_query_tokens=2, image_token_index=3)
     item = {"id": "s-7", "pixel_values": torch.zeros(1, 3, 28, 28), "instruction": "<image>", "output": "x"}

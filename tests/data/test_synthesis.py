@@ -289,6 +289,17 @@ def test_filter_functions_exact():
         FilterConfig(min_mask_area=0.6, max_mask_area=0.5).validate()
 
 
+def test_instruction_referring_to_a_third_image_is_dropped():
+    """A synthesized sample has two images: an instruction (from the refine reply) naming {image#3}
+    would be refused by the dataset reader, so the text filter drops it, saying why."""
+    cfg = FilterConfig()
+    d = F.text_quality("instruction", "{image#1} {image#3} what do these share?", cfg)
+    assert not d.passed and d.name == "text"
+    assert d.reason == ("instruction: 'instruction' refers to {image#3} but the sample has 2 images "
+                        "({image#1} to {image#2})")
+    assert F.text_quality("instruction", "{image#1} {image#2} what do these share?", cfg).passed
+
+
 def test_pipeline_drops_exactly_the_bad_samples_and_says_why(tmp_path):
     """apple: view 1 is a 2x2 object (mask_area); boat: inpainting wipes it (object_changed); chair: the
     refined answer is empty (text); drum: repetitive answer (text)."""
@@ -348,6 +359,66 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
     # a run with nothing left to do changes nothing
     res = stub_synth(samples_per_group=2).run(src, out, progress=False)
     assert (res.resumed, res.kept, res.dropped) == (8, 0, 0) and len(read_manifest(out)) == 8
+
+
+class CountingSegmenter(ThresholdSegmenter):
+    """The threshold segmenter, counting its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def segment(self, image):
+        self.calls += 1
+        return super().segment(image)
+
+
+def test_a_source_changed_under_the_same_name_is_recomputed_on_resume(tmp_path):
+    """Masks were cached by the source's path and finished samples kept: after apple/view0.png got new
+    pixels a resumed run reused its old mask and old samples, mixing old and new results. Now the mask
+    cache is keyed by the file's sha256 and a sample records its sources' sha256: the changed source is
+    segmented again and the samples made from it are redone (said in the manifest); the others, and a
+    source rewritten with the same bytes, are reused."""
+    src = write_sources(tmp_path / "src")
+    out = tmp_path / "out"
+    first = CountingSegmenter()
+    stub_synth(segmenter=first).run(src, out, progress=False)
+    assert first.calls == 8  # every source once
+    before = read_manifest(out)
+    changed = "apple/view0.png"
+    users = {s.id for s in plan_samples(discover_sources(src), 1, 0)
+             if changed in (*s.a_images, *(img for _, img in s.partners))}
+    assert 0 < len(users) < 4
+
+    rect_image(COLOURS["apple"], (20, 4, 44, 20)).save(src / changed)  # same name, the object moved
+    same = (src / "boat" / "view1.png").read_bytes()
+    (src / "boat" / "view1.png").write_bytes(same)  # rewritten with the same bytes: still reusable
+    fresh = tmp_path / "fresh"
+    stub_synth().run(src, fresh, progress=False)
+
+    again, inpainter = CountingSegmenter(), KeepInpainter()
+    res = stub_synth(segmenter=again, inpainter=inpainter).run(src, out, progress=False)
+    assert again.calls == 1  # only the changed source
+    assert (res.resumed, res.redone, res.kept_total) == (4 - len(users), len(users), 4)
+    assert len(inpainter.calls) == 2 * len(users)  # two canvases per redone sample, none for the others
+    after = read_manifest(out)
+    assert after[:4] == before  # appended, never rewritten
+    assert {e["id"] for e in after[4:]} == users
+    for e in after[4:]:
+        assert e["replaces"].startswith(f"source {changed} changed since the sample was made (sha256 ")
+    # no mix of old and new: the dataset is the one a fresh run on the changed sources makes
+    want = json.loads((fresh / "annotations.json").read_text())
+    assert json.loads((out / "annotations.json").read_text()) == want
+    for r in want:
+        for rel in r["img_list"]:
+            assert np.array_equal(np.asarray(Image.open(out / rel)), np.asarray(Image.open(fresh / rel))), rel
+    # and a further resume finds nothing to redo
+    res = stub_synth(segmenter=(last := CountingSegmenter())).run(src, out, progress=False)
+    assert (res.resumed, res.redone, last.calls) == (4, 0, 0) and len(read_manifest(out)) == 4 + len(users)
+    with pytest.raises(SynthesisError, match="line 5: sample id .* recorded twice"):  # a copy is not a redo
+        lines = (out / "manifest.jsonl").read_text().splitlines()
+        (out / "manifest.jsonl").write_text("\n".join(lines[:4] + [json.dumps(before[0])]) + "\n")
+        Manifest(out)
 
 
 def test_limit_then_continue_with_a_bar_per_stage(tmp_path, capsys):

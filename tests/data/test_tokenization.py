@@ -80,6 +80,21 @@ def test_refusals(pb):
         PromptBuilder.for_model(SAMConfig.tiny(), q, llm)
 
 
+def test_references_to_missing_images_and_lone_surrogates_are_refused(pb):
+    """Every path that builds prompts (training and evaluation batches, the processor, generate)
+    goes through `encode`: {image#3} for two images, {image#0} and a lone surrogate are refused
+    there, not passed to the LLM or to the tokenizer (which died with a TypeError)."""
+    assert len(pb.encode("{image#1} and {image#2} in common?", 2).prompt) > 0
+    with pytest.raises(ValueError, match=r"refers to \{image#3\} but the sample has 2 images"):
+        pb.encode("{image#1} {image#3} in common?", 2)
+    with pytest.raises(ValueError, match=r"refers to \{image#0\} but the sample has 1 image"):
+        pb.encode("{image#0} what?", 1)
+    with pytest.raises(ValueError, match=r"'instruction' holds a lone surrogate '\\udc80' at character 3"):
+        pb.encode("red\udc80", 1)
+    with pytest.raises(ValueError, match=r"'output' holds a lone surrogate '\\ud800' at character 0"):
+        pb.encode("red", 1, "\ud800")
+
+
 def test_save_and_load_offline(pb, tmp_path):
     save_tokenizers(pb.qtok, pb.ltok, tmp_path)
     q, llm = load_tokenizers(tmp_path)

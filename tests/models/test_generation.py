@@ -245,3 +245,78 @@ def test_static_cache_gives_the_same_ids(beams):
     if beams > 1:
         assert isinstance(caches[0], StaticCache)
         assert caches[0].get_max_length() == ids.shape[1] + 12
+
+
+def _generate_inputs(model):
+    feats, qids, qmask = ragged_batch(model, [1])
+    ids, mask = _prompts(model, [1], [4])
+    return dict(image_features=feats, image_counts=[1], qformer_input_ids=qids, qformer_attention_mask=qmask,
+                input_ids=ids, attention_mask=mask)
+
+
+BAD_SETTINGS = [
+    ("lavis", "repetition_penalty", -1.0), ("lavis", "repetition_penalty", float("nan")),
+    ("lavis", "repetition_penalty", 0), ("lavis", "length_penalty", float("inf")),
+    ("lavis", "num_beams", 2.5), ("lavis", "num_beams", 0), ("lavis", "num_beams", True),
+    ("lavis", "max_new_tokens", 2.7), ("lavis", "max_new_tokens", 0), ("lavis", "max_length", 1),
+    ("lavis", "min_length", -1),
+    ("hf", "num_beams", 0), ("hf", "num_beams", 2.5), ("hf", "num_beams", True), ("hf", "max_new_tokens", 2.7),
+    ("hf", "repetition_penalty", -1.0), ("hf", "repetition_penalty", float("nan")), ("hf", "temperature", 0.0),
+    ("hf", "top_p", 1.5), ("hf", "top_k", -3), ("hf", "length_penalty", float("nan")),
+]
+
+
+@pytest.mark.parametrize("mode,name,value", BAD_SETTINGS, ids=[f"{m}-{n}={v}" for m, n, v in BAD_SETTINGS])
+def test_bad_generation_settings_are_refused_before_any_work(mode, name, value):
+    """A setting out of range gave empty or garbage answers (lavis: penalty <= 0 or NaN), was
+    truncated (2.7 new tokens -> 2) or failed deep (num_beams=0: ZeroDivisionError): it is refused
+    in one line naming the setting and the value, before the images are encoded."""
+    model = tiny_sam()
+    model.encode_images = None  # any work before the check would fail on this, not on the check
+    with pytest.raises(ValueError) as err:
+        model.generate(**_generate_inputs(model), generation_mode=mode, **{name: value})
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert f"{name}={value!r}" in msg, msg
+
+
+@pytest.mark.parametrize("mode", ["hf", "lavis"])
+def test_bad_settings_of_the_generation_config_are_refused(mode):
+    """The model's generation_config (and one passed to generate) is checked as the keyword
+    arguments are: lavis mode read repetition_penalty=0 and num_beams=0 from it as 1."""
+    from transformers import GenerationConfig
+
+    model = tiny_sam()
+    inputs = _generate_inputs(model)
+    model.generation_config.repetition_penalty = 0.0
+    with pytest.raises(ValueError, match=r"generation_config\.repetition_penalty=0\.0 must be"):
+        model.generate(**inputs, generation_mode=mode)
+    model.generation_config.repetition_penalty = 1.5
+    with pytest.raises(ValueError, match=r"generation_config\.num_beams=0 must be an integer >= 1"):
+        model.generate(**inputs, generation_mode=mode, generation_config=GenerationConfig(num_beams=0))
+
+
+def test_hf_max_length_must_exceed_the_prompt():
+    """HF counts the prompt in max_length; one below the prompt's length said '-26' deep in HF."""
+    model = tiny_sam()
+    inputs = _generate_inputs(model)
+    S = inputs["input_ids"].shape[1]
+    for value in (S - 3, S):
+        with pytest.raises(ValueError, match=rf"max_length={value} must exceed the prompt's length \({S}\)"):
+            model.generate(**inputs, max_length=value, num_beams=1)
+    with torch.no_grad():
+        assert model.generate(**inputs, max_length=S + 2, num_beams=1).shape[1] <= 2
+
+
+def test_good_settings_still_run_in_both_modes():
+    """Integers given as numpy integers, penalties as ints: accepted (only bools, fractions,
+    non-finite and out-of-range values are refused)."""
+    import numpy as np
+
+    model = tiny_sam()
+    inputs = _generate_inputs(model)
+    with torch.no_grad():
+        for mode in ("hf", "lavis"):
+            out = model.generate(**inputs, generation_mode=mode, num_beams=np.int64(2), max_new_tokens=3,
+                                 repetition_penalty=2, length_penalty=-0.5)
+            assert out.shape[0] == 1 and 1 <= out.shape[1] <= 3

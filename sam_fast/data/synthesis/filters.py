@@ -107,9 +107,11 @@ def repetition(text: str) -> float:
     return 0.0 if not items else 1.0 - len(set(items)) / len(items)
 
 
-def text_quality(name: str, text: str, cfg: FilterConfig) -> Decision:
-    """`name` ("instruction" or "answer") must be non-empty, accepted by the dataset reader and not repetitive."""
+def text_quality(name: str, text: str, cfg: FilterConfig, images: int = 2) -> Decision:
+    """`name` ("instruction" or "answer") must be non-empty, accepted by the dataset reader (an instruction
+    refers only to the sample's `images` images: a synthesized sample has two) and not repetitive."""
     from sam_fast.data.dataset import text_problem
+    from sam_fast.data.tokenization import image_reference_problem
 
     words = text.split()
     if name == "answer" and len(words) < cfg.min_answer_words:
@@ -119,6 +121,8 @@ def text_quality(name: str, text: str, cfg: FilterConfig) -> Decision:
     if not words:
         return Decision("text", name, False, 0.0, "non-empty", f"{name} is empty")
     problem = text_problem("instruction" if name == "instruction" else "output", text)
+    if problem is None and name == "instruction":
+        problem = image_reference_problem(text, images)
     if problem:
         return Decision("text", name, False, None, "readable by the dataset", f"{name}: {problem}")
     rep = repetition(text.replace("{image#", " {image#"))

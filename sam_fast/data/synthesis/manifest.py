@@ -4,6 +4,8 @@ atomic file writes.
 A sample is done when its manifest line is written (after its images): a run killed before that redoes the
 sample (deterministically, overwriting its half-written files); a run killed while writing the line leaves a
 line without its newline, which `Manifest` cuts off when the run resumes. Nothing else rewrites the manifest.
+A sample made again (a source changed) gets a new line with ``replaces`` (why); the earlier line stays and
+the later one wins.
 """
 
 from __future__ import annotations
@@ -102,9 +104,9 @@ class Manifest:
                 sid = entry["id"]
             except (ValueError, KeyError, TypeError):
                 raise SynthesisError(f"{self.path}: line {n} is not a manifest record; not resuming") from None
-            if sid in self.entries:
+            if sid in self.entries and not entry.get("replaces"):
                 raise SynthesisError(f"{self.path}: line {n}: sample id {sid!r} recorded twice; not resuming")
-            self.entries[sid] = entry
+            self.entries[sid] = entry  # a line that replaces an earlier one wins (a redone sample)
 
     def __contains__(self, sample_id: str) -> bool:
         return sample_id in self.entries
@@ -112,10 +114,13 @@ class Manifest:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def append(self, entry: dict) -> None:
-        """Record one finished sample; durable when this returns."""
+    def append(self, entry: dict, replace: bool = False) -> None:
+        """Record one finished sample; durable when this returns. `replace`: the sample was made again
+        (its entry must say why in ``replaces``); the earlier line stays, the new one wins."""
         sid = entry["id"]
-        if sid in self.entries:
+        if replace and not entry.get("replaces"):
+            raise SynthesisError(f"{self.path}: sample id {sid!r} replaces its earlier entry without saying why")
+        if sid in self.entries and not replace:
             raise SynthesisError(f"{self.path}: sample id {sid!r} is already recorded")
         line = json.dumps(entry, ensure_ascii=False, sort_keys=True) + "\n"
         with open(self.path, "ab") as f:

@@ -6,7 +6,8 @@ seeded draw picks two images of A and two other objects B and C (one image each)
 canvas 1 with B, its second on canvas 2 with C. Per sample, in order (a failed filter stops the sample
 there, so no GPU time is spent on it after):
 
-1. segmentation of the four source images (cached under ``OUT/.synthesis/masks``), ``mask_area`` filter;
+1. segmentation of the four source images (cached under ``OUT/.synthesis/masks`` by the sha256 of the
+   file's bytes), ``mask_area`` filter;
 2. compositing of the two canvases, ``placement`` (could not place) and ``object_cut`` filters;
 3. a caption of A's first image;
 4. one background description per canvas from the text writer (``background`` prompt), ``text`` filter;
@@ -18,12 +19,15 @@ per kept sample: the format `sam-fast train` reads), ``images/NNNNNN_{1,2}.png``
 (white = the inpainted background), ``manifest.jsonl`` (every sample, kept or dropped: sources, seeds,
 models, placements, texts, every filter decision) and ``synthesis.json`` (the run's settings).
 A rerun with the same settings continues where a killed run stopped; other settings are refused, as is a
-non-empty folder that is not a synthesis run.
+non-empty folder that is not a synthesis run. Every sample records the sha256 of its source files: a source
+whose bytes changed under the same name is segmented again and the finished samples made from it are redone
+(their new manifest lines say so in ``replaces``), so the dataset never mixes old and new sources.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import random
 import re
 from dataclasses import dataclass, field
@@ -58,6 +62,11 @@ from sam_fast.data.synthesis.text import Prompts, TextWriter, load_prompts
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 STAGES = ("compose", "caption", "background", "inpaint", "refine", "write")
+
+
+def _sources_of(s: "PlannedSample") -> tuple[str, ...]:
+    """The four source images a planned sample reads."""
+    return (*s.a_images, *(img for _, img in s.partners))
 
 
 def derive_seed(*parts) -> int:
@@ -157,6 +166,7 @@ class SynthesisResult:
     dropped_total: int
     annotations: Path
     drop_reasons: dict[str, int] = field(default_factory=dict)
+    redone: int = 0  # finished samples made again because a source file's bytes changed
 
 
 class _Dropped(Exception):
@@ -244,10 +254,13 @@ class Synthesizer:
                 raise SynthesisError(f"limit {limit} must be >= 1")
             plan = plan[:limit]
         manifest = Manifest(out)
-        pending = [s for s in plan if s.id not in manifest]
+        digests: dict[str, str] = {}  # this run's sha256 of each source file read
+        stale = {s.id: why for s in plan if s.id in manifest
+                 for why in [self._changed_source(sources, manifest.entries[s.id], digests)] if why}
+        pending = [s for s in plan if s.id not in manifest or s.id in stale]
         resumed = len(plan) - len(pending)
-        needed = sorted({p for s in pending for p in (*s.a_images, *(img for _, img in s.partners))})
-        self._segment_all(sources, out, needed, progress)
+        needed = sorted({p for s in pending for p in _sources_of(s)})
+        self._segment_all(sources, out, needed, digests, progress)
         bars = {name: tqdm(total=len(pending), desc=f"{name:<10}", position=i, leave=True, disable=not progress,
                            dynamic_ncols=True) for i, name in enumerate(STAGES)}
         kept = dropped = since_flush = 0
@@ -255,7 +268,9 @@ class Synthesizer:
         try:
             for sample in pending:
                 entry = self._sample(sources, out, sample, bars)
-                manifest.append(entry)
+                if sample.id in stale:
+                    entry["replaces"] = stale[sample.id]
+                manifest.append(entry, replace=sample.id in stale)
                 if entry["status"] == "kept":
                     kept += 1
                 else:
@@ -273,7 +288,7 @@ class Synthesizer:
             self._write_annotations(out, plan, manifest)
         kept_total = sum(1 for s in plan if manifest.entries[s.id]["status"] == "kept")
         return SynthesisResult(len(plan), resumed, kept, dropped, kept_total, len(plan) - kept_total,
-                               out / "annotations.json", reasons)
+                               out / "annotations.json", reasons, len(stale))
 
     def _write_annotations(self, out: Path, plan: list[PlannedSample], manifest: Manifest) -> None:
         records = [manifest.entries[s.id]["record"] for s in plan
@@ -285,33 +300,72 @@ class Synthesizer:
 
     # -- stages -------------------------------------------------------------------------------
     @staticmethod
-    def _mask_path(out: Path, rel: str) -> Path:
-        return out / ".synthesis" / "masks" / (hashlib.sha256(rel.encode()).hexdigest()[:24] + ".png")
+    def _mask_path(out: Path, digest: str) -> Path:
+        # by content, not by name: a source replaced under the same name gets its own mask
+        return out / ".synthesis" / "masks" / (digest[:32] + ".png")
 
     @staticmethod
-    def _open(sources: Path, rel: str) -> Image.Image:
+    def _read(sources: Path, rel: str) -> bytes:
+        try:
+            return (sources / rel).read_bytes()
+        except OSError as e:
+            raise SynthesisError(f"source image {sources / rel} cannot be read ({type(e).__name__}: {e})") from None
+
+    @staticmethod
+    def _decode(sources: Path, rel: str, data: bytes) -> Image.Image:
         from sam_fast.data.images import open_image
 
         try:
-            return open_image(sources / rel)
+            return open_image(io.BytesIO(data))
         except Exception as e:  # PIL raises many types for unreadable files
             raise SynthesisError(f"source image {sources / rel} cannot be read ({type(e).__name__}: {e})") from None
 
-    def _segment_all(self, sources: Path, out: Path, rels: list[str], progress: bool) -> None:
+    def _digest(self, sources: Path, rel: str, digests: dict[str, str]) -> str:
+        """sha256 of the source file's bytes, read once per run."""
+        if rel not in digests:
+            digests[rel] = hashlib.sha256(self._read(sources, rel)).hexdigest()
+        return digests[rel]
+
+    def _changed_source(self, sources: Path, entry: dict, digests: dict[str, str]) -> str | None:
+        """Why a finished sample must be made again (a source's bytes differ from those it was made
+        from), or None. Samples of runs that recorded no digests are kept: nothing to compare."""
+        for rel, old in sorted((entry.get("source_sha256") or {}).items()):
+            new = self._digest(sources, rel, digests) if (sources / rel).is_file() else None
+            if new != old:
+                now = new[:12] if new else "missing"
+                return f"source {rel} changed since the sample was made (sha256 {old[:12]} -> {now})"
+        return None
+
+    def _segment_all(self, sources: Path, out: Path, rels: list[str], digests: dict[str, str],
+                     progress: bool) -> None:
         from tqdm.auto import tqdm
 
-        todo = [r for r in rels if not self._mask_path(out, r).is_file()]
+        todo = [r for r in rels if not self._mask_path(out, self._digest(sources, r, digests)).is_file()]
         for rel in tqdm(todo, desc="segment   ", disable=not progress, dynamic_ncols=True):
-            img = self._open(sources, rel)
-            mask = np.asarray(self.segmenter.segment(img), dtype=bool)
-            if mask.shape != (img.height, img.width):
-                raise SynthesisError(f"segmenter returned a {mask.shape} mask for {sources / rel} "
-                                     f"({img.height}x{img.width})")
-            atomic_save_image(Image.fromarray(mask.astype(np.uint8) * 255, mode="L"), self._mask_path(out, rel))
+            data = self._read(sources, rel)
+            self._segment(sources, out, rel, data, self._decode(sources, rel, data))
 
-    def _mask(self, out: Path, rel: str) -> np.ndarray:
-        with Image.open(self._mask_path(out, rel)) as m:
-            return np.asarray(m.convert("L")) > 127
+    def _segment(self, sources: Path, out: Path, rel: str, data: bytes, img: Image.Image) -> np.ndarray:
+        """The mask of source `rel` whose bytes are `data`, computed and cached under their sha256."""
+        mask = np.asarray(self.segmenter.segment(img), dtype=bool)
+        if mask.shape != (img.height, img.width):
+            raise SynthesisError(f"segmenter returned a {mask.shape} mask for {sources / rel} "
+                                 f"({img.height}x{img.width})")
+        path = self._mask_path(out, hashlib.sha256(data).hexdigest())
+        atomic_save_image(Image.fromarray(mask.astype(np.uint8) * 255, mode="L"), path)
+        return mask
+
+    def _source(self, sources: Path, out: Path, rel: str) -> tuple[Image.Image, np.ndarray, str]:
+        """(image, mask, sha256) of one source from one read of its bytes, so that the image, its mask
+        and the digest recorded always agree (a file replaced during the run is segmented here)."""
+        data = self._read(sources, rel)
+        digest = hashlib.sha256(data).hexdigest()
+        img = self._decode(sources, rel, data)
+        path = self._mask_path(out, digest)
+        if not path.is_file():
+            return img, self._segment(sources, out, rel, data, img), digest
+        with Image.open(path) as m:
+            return img, np.asarray(m.convert("L")) > 127, digest
 
     def _sample(self, sources: Path, out: Path, s: PlannedSample, bars) -> dict:
         seeds = {"sample": s.seed, "compose": [derive_seed(s.seed, "compose", j) for j in (1, 2)],
@@ -331,14 +385,14 @@ class Synthesizer:
         try:
             rels = [s.a_images[0], s.partners[0][1], s.a_images[1], s.partners[1][1]]
             names = ["A1", "B", "A2", "C"]
-            masks = {}
+            loaded = {}
             for rel, name in zip(rels, names, strict=True):
-                masks[rel] = self._mask(out, rel)
-                check(mask_area(masks[rel], f"source {name} ({rel})", self.filters))
+                loaded[rel] = self._source(sources, out, rel)
+                entry.setdefault("source_sha256", {})[rel] = loaded[rel][2]
+                check(mask_area(loaded[rel][1], f"source {name} ({rel})", self.filters))
             composites = []
             for j in range(2):
-                objs = [(self._open(sources, rels[2 * j]), masks[rels[2 * j]]),
-                        (self._open(sources, rels[2 * j + 1]), masks[rels[2 * j + 1]])]
+                objs = [loaded[rels[2 * j]][:2], loaded[rels[2 * j + 1]][:2]]
                 try:
                     comp = self.compositor.compose(objs, seeds["compose"][j])
                 except SynthesisError as e:
@@ -350,7 +404,7 @@ class Synthesizer:
                     check(object_cut(p.area, p.visible, f"canvas {j + 1} object {p.index}", self.filters))
             bars["compose"].update(1)
 
-            caption = self.captioner.caption(self._open(sources, s.a_images[0]))
+            caption = self.captioner.caption(loaded[s.a_images[0]][0])
             entry["caption"] = caption
             bars["caption"].update(1)
 
