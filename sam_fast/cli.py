@@ -575,10 +575,10 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
         res = synth.run(args.sources, args.output, limit=args.limit, progress=not args.no_progress)
     except SynthesisError as e:
         raise SystemExit(f"sam-fast synthesize: {e}") from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(f"sam-fast synthesize: interrupted; the finished samples are in {args.output} (manifest.jsonl, "
               f"annotations.json): rerun the same command to continue", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, _Terminated) else 130
     why = ", ".join(f"{k} {v}" for k, v in sorted(res.drop_reasons.items()))
     redone = f", {res.redone} made again: a source image changed" if res.redone else ""
     print(f"synthesized {res.kept + res.dropped} sample(s) ({res.resumed} done before{redone}): kept {res.kept}, "

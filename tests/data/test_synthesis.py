@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import sys
 import urllib.error
@@ -666,3 +667,65 @@ def test_synthesize_command_wiring_and_interrupt(tmp_path, monkeypatch, capsys):
     assert got["text"][:2] == ("http://h:1/v1", "m")
     writer.fail_after = None
     assert main(args) == 0 and "synthesized 3 sample(s) (1 done before): kept 3" in capsys.readouterr().out
+
+
+def _stub_command(tmp_path, monkeypatch, writer):
+    """`sam-fast synthesize` arguments over stub models (inpainting, captioning, text by `writer`)."""
+    import sam_fast.data.synthesis as S
+
+    def fake(stub):
+        return classmethod(lambda cls, path, **kw: stub)
+
+    monkeypatch.setattr(S.DiffusersInpainter, "from_pretrained", fake(KeepInpainter()))
+    monkeypatch.setattr(S.SAMCaptioner, "from_pretrained", fake(FixedCaptioner()))
+    monkeypatch.setattr(S, "OpenAITextWriter", lambda url, model, **kw: writer)
+    src = write_sources(tmp_path / "src")
+    return ["synthesize", "--sources", str(src), "--output", str(tmp_path / "out"), "--segmenter", "threshold",
+            "--inpaint-model", "SD", "--caption-model", "BLIP", "--text-url", "http://h:1/v1", "--text-api-model",
+            "m", "--canvas-size", "64", "--scale-range", "0.3", "0.4", "--device", "cpu", "--no-progress"]
+
+
+def test_synthesize_stopped_by_sigterm_writes_its_dataset_and_releases_the_lock(tmp_path, monkeypatch, capsys):
+    """A scheduler's SIGTERM (a job preempted and requeued, maybe on another node): the finished
+    samples are in annotations.json, the lock is gone, and the rerun continues."""
+    import signal
+
+    from sam_fast.cli import main
+
+    class Terminating(EchoWriter):
+        def complete(self, prompt, seed):
+            if self.fail_after is not None and self.calls >= self.fail_after:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().complete(prompt, seed)
+
+    writer = Terminating(fail_after=4)
+    args = _stub_command(tmp_path, monkeypatch, writer)
+    assert main(args) == 143
+    assert capsys.readouterr().err.strip().endswith("rerun the same command to continue")
+    out = tmp_path / "out"
+    done = [e["record"]["id"] for e in read_manifest(out) if e["status"] == "kept"]
+    assert len(done) == 1 and [r["id"] for r in json.loads((out / "annotations.json").read_text())] == done
+    assert not (out / ".lock").exists()
+    writer.fail_after = None
+    assert main(args) == 0 and "synthesized 3 sample(s) (1 done before): kept 3" in capsys.readouterr().out
+
+
+def test_a_full_disk_while_synthesizing_leaves_no_partial_file(tmp_path, monkeypatch):
+    import errno
+
+    from sam_fast.cli import main
+    from sam_fast.data.synthesis import manifest
+
+    real, calls = manifest.os.fsync, []
+
+    def filling(fd):
+        calls.append(fd)
+        if len(calls) == 6:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(manifest.os, "fsync", filling)
+    with pytest.raises(SystemExit, match=r"^sam-fast synthesize: no space left on the device; free space"):
+        main(_stub_command(tmp_path, monkeypatch, EchoWriter()))
+    left = [p.relative_to(tmp_path) for p in (tmp_path / "out").rglob(".*.tmp-*")]
+    assert left == [] and len(calls) >= 6
