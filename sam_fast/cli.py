@@ -399,13 +399,20 @@ def _unknown_model_overrides(overrides: dict) -> list[str]:
 
 def _load_model(cmd: str, model_dir):
     """`load_model_dir(model_dir)`, with a damaged checkpoint (`CheckpointError`), a missing or
-    unrecognised directory, or another loading ValueError/OSError turned into one line ``sam-fast CMD: ...``."""
+    unrecognised directory, a damaged weight or JSON file, or another loading error turned into one
+    line ``sam-fast CMD: ...``."""
     from sam_fast.models.directory import load_model_dir
 
     try:
         return load_model_dir(model_dir)
-    except (ValueError, OSError) as e:  # CheckpointError is a ValueError; FileNotFoundError an OSError
-        msg = " ".join(str(e).split()) or type(e).__name__
+    except RecursionError:
+        raise SystemExit(f"sam-fast {cmd}: --model {model_dir}: a JSON file in it is nested too deeply to be a "
+                         "config (damaged?)") from None
+    except Exception as e:  # CheckpointError is a ValueError; FileNotFoundError an OSError; safetensors' and
+        # transformers' errors for damaged weight files (SafetensorError, RuntimeError) name no folder
+        msg = " ".join(str(e).split())[:400] or type(e).__name__
+        if not isinstance(e, (ValueError, OSError)):
+            msg = f"cannot load it ({type(e).__name__}: {msg})"
         if str(model_dir) not in msg:
             msg = f"--model {model_dir}: {msg}"
         raise SystemExit(f"sam-fast {cmd}: {msg}") from None

@@ -601,3 +601,22 @@ def test_sigint_while_a_command_starts_is_one_line(dirs, tmp_path, monkeypatch, 
     monkeypatch.setattr(directory, "build_builtin", interrupted)  # Ctrl-C while the model is being built
     assert main(_cache_cmd(dirs, tmp_path / "cache")) == 130
     assert capsys.readouterr().err.strip() == "sam-fast cache-features: stopped by SIGINT before it finished"
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("base/model.safetensors", r"cannot load it \(SafetensorError: "),
+    ("base/config.json", "nested too deeply"),
+    ("tokenizer/llm/tokenizer_config.json", "nested too deeply"),
+])
+def test_a_damaged_model_folder_is_one_line_naming_it(dirs, trained, tmp_path, damage, says):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    target = run / damage
+    if damage.endswith(".safetensors"):
+        target.write_bytes(target.read_bytes()[:1000])  # truncated
+    else:
+        target.write_text("[" * 100_000 + "]" * 100_000)  # nested past the JSON parser's recursion limit
+    image = sorted((dirs["test"] / "images").iterdir())[0]
+    with pytest.raises(SystemExit, match=f"^sam-fast generate: --model {run}: .*{says}") as exc:
+        main(["generate", "--model", str(run), "--images", str(image), "--prompt", "what?", "--max-new-tokens", "2"])
+    assert "\n" not in str(exc.value.code)
