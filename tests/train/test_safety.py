@@ -157,6 +157,53 @@ def test_altered_trainer_state_json_is_refused(run, tmp_path):
         load_checkpoint(f.parent)
 
 
+
+def _prune_after_listing(monkeypatch, prune):
+    """Run `prune(listed)` once, right after a reader lists the checkpoints: a training process pruning
+    (--keep-last) between a reader's listing and its reading."""
+    from sam_fast.models import checkpoint_files
+
+    real, calls = checkpoint_files.candidates, []
+
+    def candidates(root):
+        listed = real(root)
+        if not calls:
+            calls.append(listed)
+            prune(listed)
+        return listed
+
+    monkeypatch.setattr(checkpoint_files, "candidates", candidates)
+    return calls
+
+
+def test_a_checkpoint_pruned_while_a_reader_lists_them_is_not_damage(run, tmp_path, capsys, monkeypatch):
+    from sam_fast.train.outputs import load_model_dir
+
+    out = _copy(run, tmp_path)
+    calls = _prune_after_listing(monkeypatch, lambda listed: shutil.rmtree(listed[0]))  # the newest, step 4
+    capsys.readouterr()
+    _, _, what = load_model_dir(out)
+    assert calls[0][0].name == "step-00000004" and "step 2" in what
+    assert "damaged" not in capsys.readouterr().err
+
+
+def test_a_reader_finds_the_checkpoint_that_replaced_the_pruned_ones(run, tmp_path, capsys, monkeypatch):
+    from sam_fast.train.outputs import load_model_dir
+
+    out = _copy(run, tmp_path)
+    root = out / "checkpoints"
+    trainable, state = load_checkpoint(root / "step-00000004")
+
+    def save_and_prune(listed):  # a trainer with --keep-last 1 writes step 6, removing steps 2 and 4
+        ckpt.save_checkpoint(root, 6, trainable, {**state, "step": 6}, keep_last=1)
+
+    calls = _prune_after_listing(monkeypatch, save_and_prune)
+    capsys.readouterr()
+    _, _, what = load_model_dir(out)
+    assert [p.name for p in calls[0]] == ["step-00000004", "step-00000002"] and "step 6" in what
+    assert "damaged" not in capsys.readouterr().err
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000006"]
+
 # -- 5. non-finite gradients ------------------------------------------------------------------------
 def _trainer(data, out, **kw):
     from sam_fast import SAM, SAMConfig
