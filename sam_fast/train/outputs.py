@@ -192,15 +192,20 @@ def resume_differences(output: str | os.PathLike, base: dict, data: dict, model:
     run_file = Path(output) / "run.json"
     if not run_file.is_file():
         return []
-    run = json.loads(run_file.read_text())
+    return run_differences(json.loads(run_file.read_text()), base, data, model, seed)
+
+
+def run_differences(run: dict, base: dict, data: dict, model: dict, seed: int) -> list[str]:
+    """Settings of this invocation that differ from those `run` records (run.json's, or a checkpoint's
+    ``{"base", "data", "model", "train"}``), as ``"name: old -> new"``; what `run` lacks is not compared."""
     diffs = []
-    old_base, new_base = run.get("base", {}), base
-    for k in ("kind", "name", "path"):
+    old_base, new_base = run.get("base") or {}, base
+    for k in ("kind", "name", "path") if old_base else ():
         if old_base.get(k) != new_base.get(k):
             diffs.append(f"model: {old_base.get('name') or old_base.get('path')} -> "
                          f"{new_base.get('name') or new_base.get('path')}")
             break
-    if "seed" in run.get("train", {}) and run["train"]["seed"] != seed:
+    if "seed" in (run.get("train") or {}) and run["train"]["seed"] != seed:
         diffs.append(f"seed: {run['train']['seed']} -> {seed}")
     for k, v in (run.get("data") or {}).items():
         if data.get(k) != v:

@@ -4,6 +4,7 @@ and protected, SIGINT/SIGTERM save a checkpoint, nonsense numeric options are re
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -311,6 +312,91 @@ def test_resume_records_changed_options_in_run_json(data, run, tmp_path):
     rj = json.loads((out / "run.json").read_text())
     assert rj["train"]["max_steps"] == 6 and rj["history"] == [{"resumed_at_step": 4, "train": {"max_steps": 4}}]
 
+
+
+def _snapshot(out):
+    """Every file under `out` with its bytes: what a refused command must leave as it was."""
+    return {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()}
+
+
+def test_resume_with_another_batch_size_is_refused_before_anything_is_written(data, run, tmp_path):
+    out = _copy(run, tmp_path)
+    before = _snapshot(out)
+    with pytest.raises(SystemExit) as e:
+        _train(data, out, "--resume", "--max-steps", "6", "--batch-size", "4")
+    msg = str(e.value)
+    assert msg.startswith("sam-fast train:") and "\n" not in msg
+    assert "global batch of 2 samples; this run has 4" in msg and "step-00000004" in msg
+    assert _snapshot(out) == before  # run.json byte for byte: no new settings, no history entry
+    tr = _trainer(data, out, max_steps=6, batch_size=4)  # the API: a ValueError, nothing restored
+    w = {k: v.clone() for k, v in tr.model.trainable_state_dict().items()}
+    with pytest.raises(ValueError, match="global batch of 2 samples; this run has 4"):
+        tr.train(resume=True)
+    assert all(torch.equal(v, tr.model.trainable_state_dict()[k]) for k, v in w.items())
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("flag,value,name", [("--seed", "1", "seed"), ("--context-mode", "shared", "context_mode"),
+                                             ("--data", None, "data")])
+def test_resume_of_checkpoints_without_run_json_checks_their_own_record(data, run, tmp_path, flag, value, name):
+    out = tmp_path / "copied"
+    shutil.copytree(run / "checkpoints", out / "checkpoints")  # checkpoints copied to a new folder
+    before = _snapshot(out)
+    if flag == "--data":
+        value = str(_copy(data, tmp_path, "other_data"))
+    with pytest.raises(SystemExit) as e:
+        _train(data, out, "--resume", "--max-steps", "6", flag, value)
+    msg = str(e.value)
+    assert re.search(rf"--resume with settings that differ from .*step-00000004 \({name}: .* -> .*"
+                     rf"{re.escape(os.path.basename(value))}", msg) and "\n" not in msg
+    assert _snapshot(out) == before
+
+
+def test_resume_of_checkpoints_without_run_json_continues_with_the_same_settings(data, run, tmp_path):
+    out = tmp_path / "copied"
+    shutil.copytree(run / "checkpoints", out / "checkpoints")
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    assert _train(data, out, "--resume") == 0  # steps 3 and 4 again, from step 2
+    assert [r["step"] for r in _log(out)] == [3, 4] and [r["loss"] for r in _log(out)] == [
+        r["loss"] for r in _log(run)][2:]
+
+
+def test_resume_with_nothing_to_resume_is_refused(data, tmp_path, capsys):
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        if out.name == "empty":
+            out.mkdir()
+        with pytest.raises(SystemExit) as e:
+            _train(data, out, "--resume")
+        msg = str(e.value)
+        assert "holds no checkpoint" in msg and "drop --resume" in msg and str(out) in msg and "\n" not in msg
+        assert (not out.exists()) if out.name == "new" else not any(out.iterdir())
+    from sam_fast.train import RunDirectoryError
+
+    with pytest.raises(RunDirectoryError, match="holds no checkpoint to resume from"):  # the API too
+        _trainer(data, tmp_path / "empty").train(resume=True)
+    tr = _trainer(data, tmp_path / "early", max_steps=2, save_every=100)  # stopped before its first checkpoint
+    train_killed_at(tr, 1, KeyboardInterrupt)
+    capsys.readouterr()
+    _trainer(data, tmp_path / "early", max_steps=2, save_every=100).train(resume=True)
+    err = [x for x in capsys.readouterr().err.splitlines() if "early" in x]
+    assert len(err) == 1 and "no checkpoint yet" in err[0] and "starting from step 0" in err[0]
+
+
+def test_resume_past_max_steps_is_refused_and_at_max_steps_is_said(data, run, tmp_path, capsys):
+    out = _copy(run, tmp_path)  # at step 4
+    before = _snapshot(out)
+    with pytest.raises(SystemExit) as e:
+        _train(data, out, "--resume", "--max-steps", "2")
+    msg = str(e.value)
+    assert "already at step 4, past max_steps 2" in msg and "--max-steps" in msg and "\n" not in msg
+    assert _snapshot(out) == before
+    with pytest.raises(ValueError, match="already at step 4, past max_steps 2"):
+        _trainer(data, out, max_steps=2, save_every=2, keep_last=3).train(resume=True)
+    capsys.readouterr()
+    assert _train(data, out, "--resume", "--lr", "1e-3") == 0  # at --max-steps 4 already: nothing to do
+    got = capsys.readouterr()
+    assert "nan" not in got.out + got.err and "already at step 4 = --max-steps 4" in got.err
+    assert "nothing to train" in got.err and _snapshot(out) == before  # no history entry for a no-op
 
 def test_a_live_lock_refuses_a_second_writer(data, run, tmp_path):
     from sam_fast.train.outputs import RunLock, RunLockedError
