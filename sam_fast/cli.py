@@ -261,21 +261,38 @@ def _check_fsdp(plan: _TrainPlan, dist) -> None:
 
 
 def _claim_run_dir(args: argparse.Namespace, plan: _TrainPlan, dist, locks: list) -> None:
-    """Lock OUTPUT (main process) and refuse a run already there unless --resume or --overwrite."""
+    """Lock OUTPUT (main process); refuse a folder that is not empty and holds no sam_fast run, a run already
+    there unless --resume or --overwrite, and --resume with no run to resume."""
     from sam_fast.train import outputs
 
-    if args.resume and not outputs.existing_run(plan.output):  # before the lock creates OUTPUT
-        raise SystemExit(f"sam-fast train: --resume: {plan.output} holds no checkpoint (no training run to resume): "
-                         "drop --resume to start a new run")
+    _check_run_dir(args, plan)  # before the lock creates OUTPUT
     if dist.is_main:  # one process at a time per run directory
         try:
             locks.append(outputs.RunLock(plan.output).acquire())
         except outputs.RunLockedError as e:
             raise SystemExit(f"sam-fast train: {e}") from None
+        _check_run_dir(args, plan)  # again, now that no other process can change it
+
+
+def _check_run_dir(args: argparse.Namespace, plan: _TrainPlan) -> None:
+    from sam_fast.train import outputs
+
+    if Path(plan.output).exists() and not Path(plan.output).is_dir():
+        raise SystemExit(f"sam-fast train: --output {plan.output} is a file, not a folder: choose an empty or new folder")
     existing = outputs.existing_run(plan.output)
-    if existing and not args.resume and not args.overwrite:
-        raise SystemExit(f"sam-fast train: {plan.output} already holds a training run ({', '.join(existing)}): pass "
-                         "--resume to continue it or --overwrite to replace it, or choose another --output")
+    if existing:
+        if not args.resume and not args.overwrite:
+            raise SystemExit(f"sam-fast train: {plan.output} already holds a training run ({', '.join(existing)}): "
+                             "pass --resume to continue it or --overwrite to replace it, or choose another --output")
+        return
+    if args.resume:
+        raise SystemExit(f"sam-fast train: --resume: {plan.output} holds no checkpoint (no training run to resume): "
+                         "drop --resume to start a new run")
+    other = outputs.foreign_entries(plan.output)
+    if other:
+        raise SystemExit(f"sam-fast train: --output {plan.output} is not empty and holds no sam_fast training run "
+                         f"({outputs.describe(other)}); the run would write run.json, base/, tokenizer/, log.jsonl "
+                         "and checkpoints/ there: choose an empty or new folder")
 
 
 def _train_model(plan: _TrainPlan, dist):
@@ -365,14 +382,21 @@ def _check_resume(plan: _TrainPlan, dist, run_info: dict) -> bool:
 
 
 def _prepare_run(args: argparse.Namespace, plan: _TrainPlan, dist, model, tokenizers, run_info: dict) -> None:
-    """(main process) write run.json, base/, tokenizer/ (after `_check_before_writing`)."""
+    """(main process) write run.json, base/, tokenizer/ (after `_check_before_writing`); under --overwrite
+    first remove the previous run's own files, naming those kept."""
     from sam_fast.train import outputs
 
-    if dist.is_main:
-        if args.overwrite:
-            outputs.clear_run(plan.output)
-        outputs.prepare_run_dir(plan.output, model, tokenizers, run_info["base"], plan.tcfg.to_dict(),
-                                data=run_info["data"], model_config=run_info["model"])
+    if not dist.is_main:
+        return
+    try:
+        kept = outputs.prepare_run_dir(plan.output, model, tokenizers, run_info["base"], plan.tcfg.to_dict(),
+                                       data=run_info["data"], model_config=run_info["model"],
+                                       overwrite=args.overwrite)
+    except outputs.RunDirectoryError as e:
+        raise SystemExit(f"sam-fast train: {'--overwrite: ' if args.overwrite else ''}{e}") from None
+    if kept:
+        print(f"sam-fast train: --overwrite kept {len(kept)} file(s) in {plan.output} that the run did not write: "
+              f"{outputs.describe(kept)}", file=sys.stderr)
 
 
 def _make_trainer(plan: _TrainPlan, dist, model, tokenizers, ds, run_info: dict):
@@ -725,12 +749,14 @@ def _add_train_command(sub) -> None:
 def _add_run_dir_flags(p: argparse.ArgumentParser) -> None:
     """train's --resume / --overwrite: what happens to a run already in OUTPUT."""
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT "
-                   "(the losses then equal those of an uninterrupted run); refused when --data, --seed, "
-                   "--model, --context-mode or --guidance differ from the run's run.json")
-    p.add_argument("--overwrite", action="store_true", help="replace the training run already in OUTPUT (its "
-                   "run.json, base/, tokenizer/, log.jsonl, checkpoints/; other files are kept); without "
-                   "--resume or --overwrite an existing run is refused. One process at a time trains into "
-                   "OUTPUT (OUTPUT/.lock; a lock whose process is gone is taken over)")
+                   "(the losses then equal those of an uninterrupted run); refused, before anything is written, "
+                   "when --data, --seed, --model, --context-mode, --guidance or the global batch differ from the "
+                   "run's run.json or checkpoint, when the checkpoint is past --max-steps, or when OUTPUT holds no run")
+    p.add_argument("--overwrite", action="store_true", help="replace the training run already in OUTPUT, removing "
+                   "only the files it wrote (run.json, log.jsonl, checkpoints, the base/ and tokenizer/ files "
+                   "run.json lists); other files are kept and named. Without --resume or --overwrite an existing "
+                   "run is refused, and a non-empty OUTPUT that holds no run always is. One process at a time "
+                   "trains into OUTPUT (OUTPUT/.lock; a lock whose process is gone is taken over)")
 
 
 def _add_train_step_flags(p: argparse.ArgumentParser) -> None:

@@ -69,6 +69,7 @@ from sam_fast.distributed import (
     is_sharded,
     shard_language_model,
 )
+from sam_fast.train.outputs import RunDirectoryError, run_differences
 from sam_fast.train.schedule import build_optimizer, build_scheduler, lr_factor
 
 
@@ -85,10 +86,6 @@ class TrainingInterrupted(RuntimeError):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint} "
                          "(continue with --resume)")
-
-
-class RunDirectoryError(ValueError):
-    """The output directory already holds a run that this call would overwrite."""
 
 
 def _notice(msg: str) -> None:
@@ -412,8 +409,6 @@ def check_resumable(path: Path, state: dict, config: TrainConfig, world_size: in
     itself records, so that checkpoints copied without run.json are checked too: the global batch and the
     seed (the data position would mean other samples), the base, data and model settings when both sides
     record them (`ResumeSettingsError`), and the step (past max_steps the schedule has ended)."""
-    from sam_fast.train.outputs import run_differences
-
     saved = state.get("config") or {}
     old_batch = state.get("world_size", 1) * saved.get("batch_size", 0) * saved.get("grad_accum", 1)
     new_batch = world_size * config.batch_size * config.grad_accum

@@ -292,6 +292,95 @@ def test_training_into_an_existing_run_needs_resume_or_overwrite(data, run, tmp_
         _train(data, out, "--overwrite", "--resume")
 
 
+
+def _user_folder(root):
+    """A folder of the user's own that happens to hold base/ and tokenizer/ folders."""
+    for rel, text in {"base/config.json": "{\"mine\": 1}", "base/mine.bin": "weights of mine",
+                      "tokenizer/llm/tokenizer.json": "{}", "notes.txt": "my notes"}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+@pytest.mark.parametrize("flags", [(), ("--overwrite",)])
+def test_a_folder_that_is_not_a_run_is_refused(data, tmp_path, flags):
+    out = _user_folder(tmp_path / "mine")
+    before = _snapshot(out)
+    with pytest.raises(SystemExit) as e:
+        _train(data, out, *flags)
+    msg = str(e.value)
+    assert msg.startswith(f"sam-fast train: --output {out} is not empty and holds no sam_fast training run "
+                          "(base/, notes.txt, tokenizer/)") and "choose an empty or new folder" in msg
+    assert "\n" not in msg and _snapshot(out) == before and sorted(p.name for p in out.iterdir()) == [
+        "base", "notes.txt", "tokenizer"]  # not even a lock left behind
+
+
+def test_a_users_log_or_many_files_do_not_make_a_run(data, tmp_path):
+    out = tmp_path / "logs"
+    out.mkdir()
+    for i in range(9):
+        (out / f"f{i}.txt").write_text("x")
+    (out / "log.jsonl").write_text('{"step": 1}\n')  # someone else's log
+    with pytest.raises(SystemExit, match=r"holds no sam_fast training run \(f0\.txt, f1\.txt, f2\.txt, f3\.txt and "
+                       r"6 more\)"):
+        _train(data, out, "--overwrite")
+    assert (out / "log.jsonl").read_text() == '{"step": 1}\n' and len(list(out.iterdir())) == 10
+
+
+
+def test_an_output_that_is_a_file_is_refused(data, tmp_path):
+    out = tmp_path / "a_file"
+    out.write_text("mine")
+    with pytest.raises(SystemExit, match=rf"--output {re.escape(str(out))} is a file, not a folder"):
+        _train(data, out)
+    assert out.read_text() == "mine"
+
+def test_overwrite_removes_only_the_files_the_run_wrote(data, run, tmp_path, capsys):
+    out = _copy(run, tmp_path)
+    recorded = json.loads((out / "run.json").read_text())["files"]
+    assert "base/model.safetensors" in recorded and "tokenizer/llm/tokenizer_config.json" in recorded
+    mine = {"notes.txt": "mine", "base/mine.bin": "mine too", "tokenizer/llm/extra.txt": "x",
+            "checkpoints/README": "my notes on the checkpoints", "own/deep/file.txt": "y"}
+    for rel, text in mine.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+    capsys.readouterr()
+    assert _train(data, out, "--overwrite", "--max-steps", "2", "--seed", "1") == 0
+    assert all((out / rel).read_text() == text for rel, text in mine.items())
+    kept = [x for x in capsys.readouterr().err.splitlines() if "kept" in x]
+    assert len(kept) == 1 and "--overwrite kept 5 file(s)" in kept[0] and "base/mine.bin" in kept[0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["README", "latest", "step-00000002"]
+    assert [r["step"] for r in _log(out)] == [1, 2]
+    assert json.loads((out / "run.json").read_text())["files"].keys() == recorded.keys()
+
+
+def _legacy_run_json(out):
+    run = json.loads((out / "run.json").read_text())
+    run.pop("files", None), run.pop("format", None)  # as an older sam_fast wrote it
+    (out / "run.json").write_text(json.dumps(run))
+
+
+@pytest.mark.parametrize("case", ["changed", "in_a_checkpoint", "older_run_json"])
+def test_overwrite_refuses_before_removing_anything_when_a_file_is_in_the_way(data, run, tmp_path, case):
+    out = _copy(run, tmp_path)
+    if case == "changed":  # a file the run wrote, since replaced by the user's own
+        (out / "tokenizer" / "llm" / "tokenizer_config.json").write_text("{}")
+        named = "tokenizer/llm/tokenizer_config.json"
+    elif case == "in_a_checkpoint":  # the run replaces and prunes checkpoint folders whole
+        (out / "checkpoints" / "step-00000002" / "mine.bin").write_text("mine")
+        named = "checkpoints/step-00000002/mine.bin"
+    else:  # base/ and tokenizer/ recorded nowhere: they cannot be told from the user's
+        _legacy_run_json(out)
+        named = "base/config.json"
+    before = _snapshot(out)
+    with pytest.raises(SystemExit) as e:
+        _train(data, out, "--overwrite")
+    msg = str(e.value)
+    assert msg.startswith(f"sam-fast train: --overwrite: {out} holds file(s) where the new run writes that are not "
+                          "the run's own (") and named in msg and "nothing was removed" in msg and "\n" not in msg
+    assert ("older sam_fast" in msg) == (case == "older_run_json")
+    assert _snapshot(out) == before
+
 @pytest.mark.parametrize("flag,value,name", [("--seed", "1", "seed"), ("--context-mode", "shared", "context_mode"),
                                              ("--guidance", "mean", "guidance"), ("--data", None, "data")])
 def test_resume_with_other_settings_is_refused(data, run, tmp_path, flag, value, name):
