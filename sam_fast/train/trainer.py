@@ -760,8 +760,8 @@ class Trainer:
     def train(self, resume: bool = False) -> TrainResult:
         """Train to ``max_steps`` (from the newest intact checkpoint when `resume`).
 
-        Without `resume` the output directory must not hold checkpoints or log records of a run
-        (`RunDirectoryError`). SIGINT/SIGTERM finish the current step, checkpoint it and raise
+        Without `resume` the output directory must not hold checkpoints or log records of a run, with
+        `resume` it must hold one (`RunDirectoryError`). SIGINT/SIGTERM finish the current step, checkpoint it and raise
         `TrainingInterrupted`; NaN/inf in the loss, a gradient or the updated state raise
         `NonFiniteLossError` without applying or checkpointing them."""
         self._open_run_dir(resume)
@@ -785,7 +785,11 @@ class Trainer:
 
     def _open_run_dir(self, resume: bool) -> None:
         """Refuse a run already in OUTPUT unless resuming; create OUTPUT, drop interrupted writes,
-        restore the newest checkpoint (`resume`) and put the model in training mode."""
+        restore the newest checkpoint (`resume`) and put the model in training mode. Resuming a directory
+        that holds no run at all is refused: it would silently start a new one."""
+        if resume and not any((self.out / n).exists() for n in ("run.json", "log.jsonl", "checkpoints")):
+            raise RunDirectoryError(f"{self.out} holds no checkpoint to resume from (no training run there): "
+                                    "train without resume (drop --resume) to start a new run")
         if not resume and self.dist.is_main:
             log = self.out / "log.jsonl"
             if ckpt.step_dirs(self.ckpt_root) or (log.is_file() and log.stat().st_size > 0):
@@ -795,20 +799,10 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_stale(self.ckpt_root)
         barrier(self.dist)
-        if resume and not self.resume():
-            self._restart_without_checkpoint()
-        self._set_train_mode()
-
-    def _restart_without_checkpoint(self) -> None:
-        """`train(resume=True)` where OUTPUT has no checkpoint: a run stopped before its first checkpoint
-        starts again from step 0, said in one line (the records of its first steps go); a directory holding
-        no run at all is refused, since resuming it would silently start a new run."""
-        if not any((self.out / n).exists() for n in ("run.json", "log.jsonl", "checkpoints")):
-            raise RunDirectoryError(f"{self.out} holds no checkpoint to resume from (no training run there): "
-                                    "train without resume (drop --resume) to start a new run")
-        if self.dist.is_main:
+        if resume and not self.resume() and self.dist.is_main:  # a run stopped before its first checkpoint
             _notice(f"{self.out}: no checkpoint yet (the run stopped before its first one): starting from step 0")
-            self._truncate_log(0)
+            self._truncate_log(0)  # the records of the interrupted first steps go
+        self._set_train_mode()
 
     def _open_step_log(self, stack: contextlib.ExitStack) -> _StepLog:
         """log.jsonl (appended), the progress bar and the reporters of the main process; closed by `stack`."""

@@ -461,8 +461,10 @@ def test_resume_with_nothing_to_resume_is_refused(data, tmp_path, capsys):
         assert (not out.exists()) if out.name == "new" else not any(out.iterdir())
     from sam_fast.train import RunDirectoryError
 
-    with pytest.raises(RunDirectoryError, match="holds no checkpoint to resume from"):  # the API too
-        _trainer(data, tmp_path / "empty").train(resume=True)
+    for out in (tmp_path / "empty", tmp_path / "api_new"):  # the API too
+        with pytest.raises(RunDirectoryError, match="holds no checkpoint to resume from"):
+            _trainer(data, out).train(resume=True)
+    assert not (tmp_path / "api_new").exists()
     tr = _trainer(data, tmp_path / "early", max_steps=2, save_every=100)  # stopped before its first checkpoint
     train_killed_at(tr, 1, KeyboardInterrupt)
     capsys.readouterr()
