@@ -186,8 +186,11 @@ def _cmd_train_locked(args: argparse.Namespace, locks: list) -> int:
     ds = _train_dataset(args, plan, model)
     data_info = {"path": str(Path(plan.data_dir).resolve()),
                  "features": str(Path(plan.features).resolve()) if plan.features else None}
-    _prepare_run(args, plan, dist, model, tokenizers, base, data_info)
-    trainer = _make_trainer(plan, dist, model, tokenizers, ds)
+    run_info = {"base": base, "data": data_info, "model": _model_info(plan, model)}
+    if _check_before_writing(args, plan, dist, run_info, len(ds)):
+        return 0  # resumed at max_steps: nothing to train, nothing written
+    _prepare_run(args, plan, dist, model, tokenizers, run_info)
+    trainer = _make_trainer(plan, dist, model, tokenizers, ds, run_info)
     return _run_trainer(args, plan, dist, trainer, ds)
 
 
@@ -260,18 +263,38 @@ def _check_fsdp(plan: _TrainPlan, dist) -> None:
 
 
 def _claim_run_dir(args: argparse.Namespace, plan: _TrainPlan, dist, locks: list) -> None:
-    """Lock OUTPUT (main process) and refuse a run already there unless --resume or --overwrite."""
+    """Lock OUTPUT (main process); refuse a folder that is not empty and holds no sam_fast run, a run already
+    there unless --resume or --overwrite, and --resume with no run to resume."""
     from sam_fast.train import outputs
 
+    _check_run_dir(args, plan)  # before the lock creates OUTPUT
     if dist.is_main:  # one process at a time per run directory
         try:
             locks.append(outputs.RunLock(plan.output).acquire())
         except outputs.RunLockedError as e:
             raise SystemExit(f"sam-fast train: {e}") from None
+        _check_run_dir(args, plan)  # again, now that no other process can change it
+
+
+def _check_run_dir(args: argparse.Namespace, plan: _TrainPlan) -> None:
+    from sam_fast.train import outputs
+
+    if Path(plan.output).exists() and not Path(plan.output).is_dir():
+        raise SystemExit(f"sam-fast train: --output {plan.output} is a file, not a folder: choose an empty or new folder")
     existing = outputs.existing_run(plan.output)
-    if existing and not args.resume and not args.overwrite:
-        raise SystemExit(f"sam-fast train: {plan.output} already holds a training run ({', '.join(existing)}): pass "
-                         "--resume to continue it or --overwrite to replace it, or choose another --output")
+    if existing:
+        if not args.resume and not args.overwrite:
+            raise SystemExit(f"sam-fast train: {plan.output} already holds a training run ({', '.join(existing)}): "
+                             "pass --resume to continue it or --overwrite to replace it, or choose another --output")
+        return
+    if args.resume:
+        raise SystemExit(f"sam-fast train: --resume: {plan.output} holds no checkpoint (no training run to resume): "
+                         "drop --resume to start a new run")
+    other = outputs.foreign_entries(plan.output)
+    if other:
+        raise SystemExit(f"sam-fast train: --output {plan.output} is not empty and holds no sam_fast training run "
+                         f"({outputs.describe(other)}); the run would write run.json, base/, tokenizer/, log.jsonl "
+                         "and checkpoints/ there: choose an empty or new folder")
 
 
 def _train_model(plan: _TrainPlan, dist):
@@ -310,32 +333,80 @@ def _train_dataset(args: argparse.Namespace, plan: _TrainPlan, model):
         raise SystemExit(f"sam-fast train: {e}") from None
 
 
-def _prepare_run(args: argparse.Namespace, plan: _TrainPlan, dist, model, tokenizers, base: dict,
-                 data_info: dict) -> None:
-    """Refuse --resume with other settings than the run's; (main process) write run.json, base/, tokenizer/."""
+def _model_info(plan: _TrainPlan, model) -> dict:
+    """The model settings the run is tied to (run.json's "model")."""
     from sam_fast.train import outputs
 
-    model_info = outputs.model_settings(model, plan.overrides)
-    if args.resume:
-        diffs = outputs.resume_differences(plan.output, base, data_info, model_info, plan.tcfg.seed)
-        if diffs:
-            raise SystemExit(f"sam-fast train: --resume with settings that differ from "
-                             f"{Path(plan.output) / 'run.json'} ({'; '.join(diffs)}): resume with the run's settings, "
-                             f"start a new run from its weights (--model {plan.output} --output NEW_DIR), or "
-                             f"replace it (--overwrite)")
+    return outputs.model_settings(model, plan.overrides)
+
+
+def _check_before_writing(args: argparse.Namespace, plan: _TrainPlan, dist, run_info: dict, n_samples: int) -> bool:
+    """Everything that would stop the run, checked before OUTPUT is written to (a refusal leaves it as it
+    was): the global batch against the data, and under --resume `_check_resume`. True when there is
+    nothing to train."""
+    from sam_fast.train import trainer
+
+    try:
+        trainer.check_batch_fits(plan.tcfg, dist.world_size, n_samples)
+    except ValueError as e:
+        raise SystemExit(f"sam-fast train: {e}") from None
+    return bool(args.resume) and _check_resume(plan, dist, run_info)
+
+
+def _check_resume(plan: _TrainPlan, dist, run_info: dict) -> bool:
+    """Refuse --resume with other settings than run.json's or the checkpoint's own record (which also
+    holds when run.json is missing), another global batch, or a checkpoint past --max-steps. True, said
+    in one line, when the run already is at --max-steps."""
+    from sam_fast.train import outputs, trainer
+
+    has_run_json = (Path(plan.output) / "run.json").is_file()
+    hint = (f"resume with the run's settings, start a new run from its weights (--model {plan.output} --output "
+            "NEW_DIR), or replace it (--overwrite)" if has_run_json
+            else "resume with the run's settings, or start a new run in another --output")
+    diffs = outputs.resume_differences(plan.output, run_info["base"], run_info["data"], run_info["model"],
+                                       plan.tcfg.seed)
+    if diffs:
+        raise SystemExit(f"sam-fast train: --resume with settings that differ from "
+                         f"{Path(plan.output) / 'run.json'} ({'; '.join(diffs)}): {hint}")
+    try:
+        point = trainer.resume_point(plan.tcfg, dist.world_size, run_info)
+    except trainer.ResumeSettingsError as e:
+        raise SystemExit(f"sam-fast train: --resume with settings that differ from {e.path} ({'; '.join(e.diffs)}): "
+                         f"{hint}") from None
+    except ValueError as e:  # CheckpointError included
+        raise SystemExit(f"sam-fast train: --resume: {e}") from None
+    if point is None or point[1] < plan.tcfg.max_steps:
+        return False
     if dist.is_main:
-        if args.overwrite:
-            outputs.clear_run(plan.output)
-        outputs.prepare_run_dir(plan.output, model, tokenizers, base, plan.tcfg.to_dict(), data=data_info,
-                                model_config=model_info)
+        print(f"sam-fast train: {plan.output} is already at step {point[1]} = --max-steps {plan.tcfg.max_steps} "
+              f"({point[0].name}): nothing to train; raise --max-steps to continue it", file=sys.stderr)
+    return True
 
 
-def _make_trainer(plan: _TrainPlan, dist, model, tokenizers, ds):
+def _prepare_run(args: argparse.Namespace, plan: _TrainPlan, dist, model, tokenizers, run_info: dict) -> None:
+    """(main process) write run.json, base/, tokenizer/ (after `_check_before_writing`); under --overwrite
+    first remove the previous run's own files, naming those kept."""
+    from sam_fast.train import outputs
+
+    if not dist.is_main:
+        return
+    try:
+        kept = outputs.prepare_run_dir(plan.output, model, tokenizers, run_info["base"], plan.tcfg.to_dict(),
+                                       data=run_info["data"], model_config=run_info["model"],
+                                       overwrite=args.overwrite)
+    except outputs.RunDirectoryError as e:
+        raise SystemExit(f"sam-fast train: {'--overwrite: ' if args.overwrite else ''}{e}") from None
+    if kept:
+        print(f"sam-fast train: --overwrite kept {len(kept)} file(s) in {plan.output} that the run did not write: "
+              f"{outputs.describe(kept)}", file=sys.stderr)
+
+
+def _make_trainer(plan: _TrainPlan, dist, model, tokenizers, ds, run_info: dict):
     """The `Trainer`; under --fsdp the main process prints how the LLM was sharded."""
     from sam_fast.train import Trainer, outputs
 
     try:
-        trainer = Trainer(model, ds, outputs.prompt_builder(model, tokenizers), plan.tcfg, dist)
+        trainer = Trainer(model, ds, outputs.prompt_builder(model, tokenizers), plan.tcfg, dist, run_info=run_info)
     except ValueError as e:
         raise SystemExit(f"sam-fast train: {e}") from None
     if trainer.fsdp is not None:
@@ -688,12 +759,14 @@ def _add_train_command(sub) -> None:
 def _add_run_dir_flags(p: argparse.ArgumentParser) -> None:
     """train's --resume / --overwrite: what happens to a run already in OUTPUT."""
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT "
-                   "(the losses then equal those of an uninterrupted run); refused when --data, --seed, "
-                   "--model, --context-mode or --guidance differ from the run's run.json")
-    p.add_argument("--overwrite", action="store_true", help="replace the training run already in OUTPUT (its "
-                   "run.json, base/, tokenizer/, log.jsonl, checkpoints/; other files are kept); without "
-                   "--resume or --overwrite an existing run is refused. One process at a time trains into "
-                   "OUTPUT (OUTPUT/.lock; a lock whose process is gone is taken over)")
+                   "(the losses then equal those of an uninterrupted run); refused, before anything is written, "
+                   "when --data, --seed, --model, --context-mode, --guidance or the global batch differ from the "
+                   "run's run.json or checkpoint, when the checkpoint is past --max-steps, or when OUTPUT holds no run")
+    p.add_argument("--overwrite", action="store_true", help="replace the training run already in OUTPUT, removing "
+                   "only the files it wrote (run.json, log.jsonl, checkpoints, the base/ and tokenizer/ files "
+                   "run.json lists); other files are kept and named. Without --resume or --overwrite an existing "
+                   "run is refused, and a non-empty OUTPUT that holds no run always is. One process at a time "
+                   "trains into OUTPUT (OUTPUT/.lock; a lock whose process is gone is taken over)")
 
 
 def _add_train_step_flags(p: argparse.ArgumentParser) -> None:

@@ -416,7 +416,7 @@ def test_metrics_json_records_model_generation_version_and_commit(dirs, trained,
 HELP_COMMANDS = ["", "train", "generate", "eval", "cache-features", "explain", "bench", "env", "demo", "synthesize"]
 HELP_SHA256_PY311 = {
     '': 'e0b5b1ae8e26990936e615704fe5b132209775ff044da95bb9f20d2de1220f41',
-    'train': '0cb0e471ef2dbc62cee437cdb4ad2a606e0be781bcfe648831f267303d9a78a2',
+    'train': '925c64d312791683c3547d169669f2f4da176446544335f11c39e287954808bb',
     'generate': '183a338dba2d82fb8e5e70098ac369d18b1ecb9f951f3cd5240d86ba72ad66c0',
     'eval': '769c35ba25ce8836888d8996842046b4d0f851162f694a79d213f334d6b07809',
     'cache-features': 'a0221b2743f713884ae8b7c605d564e805cbd425957d77f823fe1ba2b9a33b17',
@@ -429,7 +429,7 @@ HELP_SHA256_PY311 = {
 # the same parsers described field by field (independent of argparse's layout, so checked on every Python)
 PARSER_SHA256 = {
     '': '5bbbe93f8bb59ab2a6e61a80da6a384f304130cec993fed637915a4414a23e22',
-    'train': '21134b67941517e897b940f0f81aba3ef9c7fe66dd0f03f7065f7a01cec1bfa9',
+    'train': 'e91ba88685d8a9b84528e8f8a7798047bb5051b4022a1b739dfb9ac5ef409439',
     'generate': 'a250bc7dcbdcf45577bbbf9bf2720c73c3c17ee41c6249584ecd5794eb62243f',
     'eval': 'f2563938322d901b0550098d81fc01b3579933f5247f48ed3d2ecffd3f1b850d',
     'cache-features': '701418903df36dd9ef17b0dc094285bf1073a52d8f687fc7d82eebd6638f22a5',

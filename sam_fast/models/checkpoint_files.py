@@ -38,6 +38,7 @@ LEGACY_STATE_FILE = "trainer_state.pt"  # older versions: pickled; never loaded
 STATE_FORMAT = "sam_fast.trainer_state"
 STATE_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d+)$")
+RELISTS = 5  # listings of a run's checkpoints tried while a training process keeps replacing them
 
 
 class CheckpointError(ValueError):
@@ -180,28 +181,67 @@ def load_trainable(path: str | os.PathLike, map_location="cpu") -> tuple[dict[st
     return load_tensors(path / TRAINABLE_FILE, str(map_location)), int(manifest["step"])
 
 
+def _identity(path: Path):
+    """(device, inode) of a checkpoint directory, None once it is gone: a trainer that prunes or re-saves a
+    checkpoint while it is read removes or replaces the directory, which a damaged file does not."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _vanished(path: Path, before) -> bool:
+    """Whether checkpoint `path` was removed or replaced since `before` (`_identity`) rather than damaged."""
+    return before is None or _identity(path) != before or not is_checkpoint_dir(path)
+
+
 def load_latest(ckpt_root: str | os.PathLike, loader: Callable, notice: Callable[[str], None] = notice):
     """(path, *loader(path)) of the newest intact checkpoint under `ckpt_root`, or None when there is none.
 
     A damaged checkpoint is reported in one line (`notice`) and the previous one is tried; an older-format
     one raises `LegacyCheckpointError` (resume state refused) unless `loader` does not read that state
-    (`load_trainable` does not)."""
-    cands = candidates(Path(ckpt_root))
-    damaged = []
+    (`load_trainable` does not). A checkpoint that disappears or is replaced while it is read (a training
+    process pruning down to --keep-last, or re-saving a step) is not damage: the directory is listed again."""
+    ckpt_root = Path(ckpt_root)
+    damaged: dict[Path, str] = {}
+    for _ in range(RELISTS):
+        found, vanished = _load_first_intact([p for p in candidates(ckpt_root) if p not in damaged], loader,
+                                             notice, damaged)
+        if found is not None:
+            return found
+        if not vanished:
+            break
+    else:
+        raise CheckpointError(f"{ckpt_root}: checkpoints kept disappearing while being read ({RELISTS} times; a "
+                              "training process is replacing them): try again")
+    if damaged:
+        raise CheckpointError(f"{ckpt_root}: no intact checkpoint ({len(damaged)} damaged: "
+                              f"{'; '.join(damaged.values())})")
+    return None
+
+
+def _load_first_intact(cands: list[Path], loader: Callable, notice: Callable[[str], None], damaged: dict):
+    """((path, *loader(path)) of the first of `cands` that loads, or None; whether one vanished while it was
+    read, which stops the search: the caller lists the directory again). Damaged ones are reported and
+    added to `damaged`."""
     for i, path in enumerate(cands):
+        before = _identity(path)
         try:
             loaded = loader(path)
         except LegacyCheckpointError:
             raise
-        except CheckpointError as e:
-            damaged.append(str(e))
+        except (CheckpointError, OSError) as e:
+            if _vanished(path, before):
+                return None, True
+            if not isinstance(e, CheckpointError):
+                raise
+            damaged[path] = str(e)
             later = f"falling back to {cands[i + 1].name}" if i + 1 < len(cands) else "no older checkpoint"
             notice(f"checkpoint {path.name} is damaged: {e}; {later}")
             continue
-        return (path, *loaded)
-    if damaged:
-        raise CheckpointError(f"{ckpt_root}: no intact checkpoint ({len(damaged)} damaged: {'; '.join(damaged)})")
-    return None
+        return (path, *loaded), False
+    return None, False
 
 
 def load_trainable_into(model, trainable: dict[str, torch.Tensor]) -> None:

@@ -69,6 +69,7 @@ from sam_fast.distributed import (
     is_sharded,
     shard_language_model,
 )
+from sam_fast.train.outputs import RunDirectoryError, run_differences
 from sam_fast.train.schedule import build_optimizer, build_scheduler, lr_factor
 
 
@@ -85,10 +86,6 @@ class TrainingInterrupted(RuntimeError):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint} "
                          "(continue with --resume)")
-
-
-class RunDirectoryError(ValueError):
-    """The output directory already holds a run that this call would overwrite."""
 
 
 def _notice(msg: str) -> None:
@@ -387,6 +384,73 @@ class _StepLog:
             self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", sps=f"{rec['samples_per_s']:.1f}")
 
 
+def check_batch_fits(config: TrainConfig, world_size: int, n_samples: int) -> None:
+    """ValueError when one step's global batch needs more samples than the dataset holds."""
+    global_batch = config.batch_size * config.grad_accum * world_size
+    if global_batch > n_samples:
+        raise ValueError(f"the global batch ({global_batch} samples) is larger than the dataset "
+                         f"({n_samples} samples)")
+
+
+class ResumeSettingsError(ValueError):
+    """A checkpoint records other settings (seed, base, data, model) than the run that would resume it;
+    ``path`` is the checkpoint, ``diffs`` the ``"name: old -> new"`` differences."""
+
+    def __init__(self, path: Path, diffs: list[str]):
+        self.path, self.diffs = path, diffs
+        super().__init__(f"{path} was written with other settings ({'; '.join(diffs)}): resume with the run's "
+                         "settings, or start a new run from its weights")
+
+
+def check_resumable(path: Path, state: dict, config: TrainConfig, world_size: int,
+                    run_info: dict | None = None) -> None:
+    """Raise ValueError (one line) when the run saved in checkpoint `path` (resume state `state`) cannot be
+    continued with `config` on `world_size` processes from `run_info`. Checked from what the checkpoint
+    itself records, so that checkpoints copied without run.json are checked too: the global batch and the
+    seed (the data position would mean other samples), the base, data and model settings when both sides
+    record them (`ResumeSettingsError`), and the step (past max_steps the schedule has ended)."""
+    saved = state.get("config") or {}
+    old_batch = state.get("world_size", 1) * saved.get("batch_size", 0) * saved.get("grad_accum", 1)
+    new_batch = world_size * config.batch_size * config.grad_accum
+    if old_batch != new_batch:
+        raise ValueError(f"{path} was written with a global batch of {old_batch} samples; this run has {new_batch}: "
+                         "the data position would not match (resume with the run's batch size, gradient "
+                         "accumulation and number of processes)")
+    recorded = {**((state.get("run") or {}) if run_info is not None else {}), "train": saved}
+    diffs = run_differences(recorded, *((run_info or {}).get(k) or {} for k in ("base", "data", "model")),
+                            config.seed)
+    if diffs:
+        raise ResumeSettingsError(path, diffs)
+    step = int(state.get("step", 0))
+    if step > config.max_steps:
+        raise ValueError(f"{path}: the run is already at step {step}, past max_steps {config.max_steps}: raise "
+                         f"max_steps (--max-steps) above {step} to train further")
+
+
+def _resume_record(path: Path) -> tuple[dict]:
+    """A checkpoint's resume state as far as `check_resumable` reads it (JSON fields), every checksum checked
+    as `ckpt.load_checkpoint` does, without loading a tensor."""
+    manifest = ckpt._read_manifest(path)
+    for name in (ckpt.TRAINABLE_FILE, ckpt.STATE_TENSORS_FILE):
+        ckpt._verify(path, name, manifest)
+    state = manifest.get("state")
+    state = state if isinstance(state, dict) else {}
+    return ({k: state[k] for k in ("step", "world_size", "config", "run") if k in state},)
+
+
+def resume_point(config: TrainConfig, world_size: int = 1, run_info: dict | None = None,
+                 notice=lambda msg: None) -> tuple[Path, int] | None:
+    """(checkpoint, step) that `Trainer.train(resume=True)` with these settings continues from, or None when
+    ``config.output_dir`` has no checkpoint. Raises ValueError (`check_resumable`) or `ckpt.CheckpointError`
+    as that call would, but reads no tensor and changes nothing: callers check before they write."""
+    found = ckpt.load_latest(Path(config.output_dir) / "checkpoints", loader=_resume_record, notice=notice)
+    if found is None:
+        return None
+    path, state = found
+    check_resumable(path, state, config, world_size, run_info)
+    return path, int(state.get("step", 0))
+
+
 class Trainer:
     """Trains SAM's trainable modules on an `AnnotationDataset` (or any dataset of the same items).
 
@@ -397,11 +461,15 @@ class Trainer:
         prompt_builder: `sam_fast.data.PromptBuilder` for the model.
         config: `TrainConfig`.
         dist: `DistInfo` (default: one process on the model's device).
+        run_info: what the run trains from (``{"base", "data", "model"}`` as in run.json), stored in each
+            checkpoint so that a resume can be checked against it even without run.json (optional).
     """
 
-    def __init__(self, model, dataset, prompt_builder, config: TrainConfig, dist: DistInfo | None = None):
+    def __init__(self, model, dataset, prompt_builder, config: TrainConfig, dist: DistInfo | None = None,
+                 run_info: dict | None = None):
         config.validate()
         self.model, self.dataset, self.config = model, dataset, config
+        self.run_info = run_info
         self.dist = dist or DistInfo(device=next(model.parameters()).device)
         self.device = self.dist.device
         self.fsdp: dict | None = None  # what this rank holds of the LLM, when sharded
@@ -418,9 +486,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self.global_batch = config.batch_size * config.grad_accum * self.dist.world_size
-        if self.global_batch > len(dataset):
-            raise ValueError(f"the global batch ({self.global_batch} samples) is larger than the dataset "
-                             f"({len(dataset)} samples)")
+        check_batch_fits(config, self.dist.world_size, len(dataset))
         self.step = 0
         self.data = DataPosition()
         self._perm_cache: tuple[int, list[int]] | None = None  # (epoch, its permutation)
@@ -511,6 +577,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "world_size": self.dist.world_size,
             "skipped": self.skipped_count(),
+            **({"run": self.run_info} if self.run_info is not None else {}),
         }
 
     def save(self, data: DataPosition | None = None, rng: dict | None = None) -> Path | None:
@@ -526,7 +593,8 @@ class Trainer:
         """Restore the newest intact checkpoint under OUTPUT (or `path`); False when there is none.
 
         A damaged checkpoint (checksum, size) is reported in one line and the previous one is used;
-        `ckpt.CheckpointError` names the file when none is intact or `path` is damaged."""
+        `ckpt.CheckpointError` names the file when none is intact or `path` is damaged. A checkpoint this
+        run cannot continue (`check_resumable`) raises ValueError before anything is restored."""
         if path is not None:
             path = Path(path)
             trainable, state = ckpt.load_checkpoint(path)
@@ -535,10 +603,7 @@ class Trainer:
             if found is None:
                 return False
             path, trainable, state = found
-        if state["world_size"] * state["config"]["batch_size"] * state["config"]["grad_accum"] != self.global_batch:
-            raise ValueError(f"{path} was written with a global batch of "
-                             f"{state['world_size'] * state['config']['batch_size'] * state['config']['grad_accum']} "
-                             f"samples; this run has {self.global_batch}: the data position would not match")
+        check_resumable(path, state, self.config, self.dist.world_size, self.run_info)
         ckpt.load_trainable_into(self.model, trainable)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -695,8 +760,8 @@ class Trainer:
     def train(self, resume: bool = False) -> TrainResult:
         """Train to ``max_steps`` (from the newest intact checkpoint when `resume`).
 
-        Without `resume` the output directory must not hold checkpoints or log records of a run
-        (`RunDirectoryError`). SIGINT/SIGTERM finish the current step, checkpoint it and raise
+        Without `resume` the output directory must not hold checkpoints or log records of a run, with
+        `resume` it must hold one (`RunDirectoryError`). SIGINT/SIGTERM finish the current step, checkpoint it and raise
         `TrainingInterrupted`; NaN/inf in the loss, a gradient or the updated state raise
         `NonFiniteLossError` without applying or checkpointing them."""
         self._open_run_dir(resume)
@@ -720,7 +785,11 @@ class Trainer:
 
     def _open_run_dir(self, resume: bool) -> None:
         """Refuse a run already in OUTPUT unless resuming; create OUTPUT, drop interrupted writes,
-        restore the newest checkpoint (`resume`) and put the model in training mode."""
+        restore the newest checkpoint (`resume`) and put the model in training mode. Resuming a directory
+        that holds no run at all is refused: it would silently start a new one."""
+        if resume and not any((self.out / n).exists() for n in ("run.json", "log.jsonl", "checkpoints")):
+            raise RunDirectoryError(f"{self.out} holds no checkpoint to resume from (no training run there): "
+                                    "train without resume (drop --resume) to start a new run")
         if not resume and self.dist.is_main:
             log = self.out / "log.jsonl"
             if ckpt.step_dirs(self.ckpt_root) or (log.is_file() and log.stat().st_size > 0):
@@ -730,8 +799,9 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_stale(self.ckpt_root)
         barrier(self.dist)
-        if resume and not self.resume() and self.dist.is_main:
-            self._truncate_log(0)  # no checkpoint yet: the records of the interrupted first steps go
+        if resume and not self.resume() and self.dist.is_main:  # a run stopped before its first checkpoint
+            _notice(f"{self.out}: no checkpoint yet (the run stopped before its first one): starting from step 0")
+            self._truncate_log(0)  # the records of the interrupted first steps go
         self._set_train_mode()
 
     def _open_step_log(self, stack: contextlib.ExitStack) -> _StepLog:

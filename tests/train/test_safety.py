@@ -4,6 +4,7 @@ and protected, SIGINT/SIGTERM save a checkpoint, nonsense numeric options are re
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -157,6 +158,53 @@ def test_altered_trainer_state_json_is_refused(run, tmp_path):
         load_checkpoint(f.parent)
 
 
+
+def _prune_after_listing(monkeypatch, prune):
+    """Run `prune(listed)` once, right after a reader lists the checkpoints: a training process pruning
+    (--keep-last) between a reader's listing and its reading."""
+    from sam_fast.models import checkpoint_files
+
+    real, calls = checkpoint_files.candidates, []
+
+    def candidates(root):
+        listed = real(root)
+        if not calls:
+            calls.append(listed)
+            prune(listed)
+        return listed
+
+    monkeypatch.setattr(checkpoint_files, "candidates", candidates)
+    return calls
+
+
+def test_a_checkpoint_pruned_while_a_reader_lists_them_is_not_damage(run, tmp_path, capsys, monkeypatch):
+    from sam_fast.train.outputs import load_model_dir
+
+    out = _copy(run, tmp_path)
+    calls = _prune_after_listing(monkeypatch, lambda listed: shutil.rmtree(listed[0]))  # the newest, step 4
+    capsys.readouterr()
+    _, _, what = load_model_dir(out)
+    assert calls[0][0].name == "step-00000004" and "step 2" in what
+    assert "damaged" not in capsys.readouterr().err
+
+
+def test_a_reader_finds_the_checkpoint_that_replaced_the_pruned_ones(run, tmp_path, capsys, monkeypatch):
+    from sam_fast.train.outputs import load_model_dir
+
+    out = _copy(run, tmp_path)
+    root = out / "checkpoints"
+    trainable, state = load_checkpoint(root / "step-00000004")
+
+    def save_and_prune(listed):  # a trainer with --keep-last 1 writes step 6, removing steps 2 and 4
+        ckpt.save_checkpoint(root, 6, trainable, {**state, "step": 6}, keep_last=1)
+
+    calls = _prune_after_listing(monkeypatch, save_and_prune)
+    capsys.readouterr()
+    _, _, what = load_model_dir(out)
+    assert [p.name for p in calls[0]] == ["step-00000004", "step-00000002"] and "step 6" in what
+    assert "damaged" not in capsys.readouterr().err
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000006"]
+
 # -- 5. non-finite gradients ------------------------------------------------------------------------
 def _trainer(data, out, **kw):
     from sam_fast import SAM, SAMConfig
@@ -244,6 +292,95 @@ def test_training_into_an_existing_run_needs_resume_or_overwrite(data, run, tmp_
         _train(data, out, "--overwrite", "--resume")
 
 
+
+def _user_folder(root):
+    """A folder of the user's own that happens to hold base/ and tokenizer/ folders."""
+    for rel, text in {"base/config.json": "{\"mine\": 1}", "base/mine.bin": "weights of mine",
+                      "tokenizer/llm/tokenizer.json": "{}", "notes.txt": "my notes"}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+@pytest.mark.parametrize("flags", [(), ("--overwrite",)])
+def test_a_folder_that_is_not_a_run_is_refused(data, tmp_path, flags):
+    out = _user_folder(tmp_path / "mine")
+    before = _snapshot(out)
+    with pytest.raises(SystemExit) as e:
+        _train(data, out, *flags)
+    msg = str(e.value)
+    assert msg.startswith(f"sam-fast train: --output {out} is not empty and holds no sam_fast training run "
+                          "(base/, notes.txt, tokenizer/)") and "choose an empty or new folder" in msg
+    assert "\n" not in msg and _snapshot(out) == before and sorted(p.name for p in out.iterdir()) == [
+        "base", "notes.txt", "tokenizer"]  # not even a lock left behind
+
+
+def test_a_users_log_or_many_files_do_not_make_a_run(data, tmp_path):
+    out = tmp_path / "logs"
+    out.mkdir()
+    for i in range(9):
+        (out / f"f{i}.txt").write_text("x")
+    (out / "log.jsonl").write_text('{"step": 1}\n')  # someone else's log
+    with pytest.raises(SystemExit, match=r"holds no sam_fast training run \(f0\.txt, f1\.txt, f2\.txt, f3\.txt and "
+                       r"6 more\)"):
+        _train(data, out, "--overwrite")
+    assert (out / "log.jsonl").read_text() == '{"step": 1}\n' and len(list(out.iterdir())) == 10
+
+
+
+def test_an_output_that_is_a_file_is_refused(data, tmp_path):
+    out = tmp_path / "a_file"
+    out.write_text("mine")
+    with pytest.raises(SystemExit, match=rf"--output {re.escape(str(out))} is a file, not a folder"):
+        _train(data, out)
+    assert out.read_text() == "mine"
+
+def test_overwrite_removes_only_the_files_the_run_wrote(data, run, tmp_path, capsys):
+    out = _copy(run, tmp_path)
+    recorded = json.loads((out / "run.json").read_text())["files"]
+    assert "base/model.safetensors" in recorded and "tokenizer/llm/tokenizer_config.json" in recorded
+    mine = {"notes.txt": "mine", "base/mine.bin": "mine too", "tokenizer/llm/extra.txt": "x",
+            "checkpoints/README": "my notes on the checkpoints", "own/deep/file.txt": "y"}
+    for rel, text in mine.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+    capsys.readouterr()
+    assert _train(data, out, "--overwrite", "--max-steps", "2", "--seed", "1") == 0
+    assert all((out / rel).read_text() == text for rel, text in mine.items())
+    kept = [x for x in capsys.readouterr().err.splitlines() if "kept" in x]
+    assert len(kept) == 1 and "--overwrite kept 5 file(s)" in kept[0] and "base/mine.bin" in kept[0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["README", "latest", "step-00000002"]
+    assert [r["step"] for r in _log(out)] == [1, 2]
+    assert json.loads((out / "run.json").read_text())["files"].keys() == recorded.keys()
+
+
+def _legacy_run_json(out):
+    run = json.loads((out / "run.json").read_text())
+    run.pop("files", None), run.pop("format", None)  # as an older sam_fast wrote it
+    (out / "run.json").write_text(json.dumps(run))
+
+
+@pytest.mark.parametrize("case", ["changed", "in_a_checkpoint", "older_run_json"])
+def test_overwrite_refuses_before_removing_anything_when_a_file_is_in_the_way(data, run, tmp_path, case):
+    out = _copy(run, tmp_path)
+    if case == "changed":  # a file the run wrote, since replaced by the user's own
+        (out / "tokenizer" / "llm" / "tokenizer_config.json").write_text("{}")
+        named = "tokenizer/llm/tokenizer_config.json"
+    elif case == "in_a_checkpoint":  # the run replaces and prunes checkpoint folders whole
+        (out / "checkpoints" / "step-00000002" / "mine.bin").write_text("mine")
+        named = "checkpoints/step-00000002/mine.bin"
+    else:  # base/ and tokenizer/ recorded nowhere: they cannot be told from the user's
+        _legacy_run_json(out)
+        named = "base/config.json"
+    before = _snapshot(out)
+    with pytest.raises(SystemExit) as e:
+        _train(data, out, "--overwrite")
+    msg = str(e.value)
+    assert msg.startswith(f"sam-fast train: --overwrite: {out} holds file(s) where the new run writes that are not "
+                          "the run's own (") and named in msg and "nothing was removed" in msg and "\n" not in msg
+    assert ("older sam_fast" in msg) == (case == "older_run_json")
+    assert _snapshot(out) == before
+
 @pytest.mark.parametrize("flag,value,name", [("--seed", "1", "seed"), ("--context-mode", "shared", "context_mode"),
                                              ("--guidance", "mean", "guidance"), ("--data", None, "data")])
 def test_resume_with_other_settings_is_refused(data, run, tmp_path, flag, value, name):
@@ -264,6 +401,93 @@ def test_resume_records_changed_options_in_run_json(data, run, tmp_path):
     rj = json.loads((out / "run.json").read_text())
     assert rj["train"]["max_steps"] == 6 and rj["history"] == [{"resumed_at_step": 4, "train": {"max_steps": 4}}]
 
+
+
+def _snapshot(out):
+    """Every file under `out` with its bytes: what a refused command must leave as it was."""
+    return {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()}
+
+
+def test_resume_with_another_batch_size_is_refused_before_anything_is_written(data, run, tmp_path):
+    out = _copy(run, tmp_path)
+    before = _snapshot(out)
+    with pytest.raises(SystemExit) as e:
+        _train(data, out, "--resume", "--max-steps", "6", "--batch-size", "4")
+    msg = str(e.value)
+    assert msg.startswith("sam-fast train:") and "\n" not in msg
+    assert "global batch of 2 samples; this run has 4" in msg and "step-00000004" in msg
+    assert _snapshot(out) == before  # run.json byte for byte: no new settings, no history entry
+    tr = _trainer(data, out, max_steps=6, batch_size=4)  # the API: a ValueError, nothing restored
+    w = {k: v.clone() for k, v in tr.model.trainable_state_dict().items()}
+    with pytest.raises(ValueError, match="global batch of 2 samples; this run has 4"):
+        tr.train(resume=True)
+    assert all(torch.equal(v, tr.model.trainable_state_dict()[k]) for k, v in w.items())
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("flag,value,name", [("--seed", "1", "seed"), ("--context-mode", "shared", "context_mode"),
+                                             ("--data", None, "data")])
+def test_resume_of_checkpoints_without_run_json_checks_their_own_record(data, run, tmp_path, flag, value, name):
+    out = tmp_path / "copied"
+    shutil.copytree(run / "checkpoints", out / "checkpoints")  # checkpoints copied to a new folder
+    before = _snapshot(out)
+    if flag == "--data":
+        value = str(_copy(data, tmp_path, "other_data"))
+    with pytest.raises(SystemExit) as e:
+        _train(data, out, "--resume", "--max-steps", "6", flag, value)
+    msg = str(e.value)
+    assert re.search(rf"--resume with settings that differ from .*step-00000004 \({name}: .* -> .*"
+                     rf"{re.escape(os.path.basename(value))}", msg) and "\n" not in msg
+    assert _snapshot(out) == before
+
+
+def test_resume_of_checkpoints_without_run_json_continues_with_the_same_settings(data, run, tmp_path):
+    out = tmp_path / "copied"
+    shutil.copytree(run / "checkpoints", out / "checkpoints")
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    assert _train(data, out, "--resume") == 0  # steps 3 and 4 again, from step 2
+    assert [r["step"] for r in _log(out)] == [3, 4] and [r["loss"] for r in _log(out)] == [
+        r["loss"] for r in _log(run)][2:]
+
+
+def test_resume_with_nothing_to_resume_is_refused(data, tmp_path, capsys):
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        if out.name == "empty":
+            out.mkdir()
+        with pytest.raises(SystemExit) as e:
+            _train(data, out, "--resume")
+        msg = str(e.value)
+        assert "holds no checkpoint" in msg and "drop --resume" in msg and str(out) in msg and "\n" not in msg
+        assert (not out.exists()) if out.name == "new" else not any(out.iterdir())
+    from sam_fast.train import RunDirectoryError
+
+    for out in (tmp_path / "empty", tmp_path / "api_new"):  # the API too
+        with pytest.raises(RunDirectoryError, match="holds no checkpoint to resume from"):
+            _trainer(data, out).train(resume=True)
+    assert not (tmp_path / "api_new").exists()
+    tr = _trainer(data, tmp_path / "early", max_steps=2, save_every=100)  # stopped before its first checkpoint
+    train_killed_at(tr, 1, KeyboardInterrupt)
+    capsys.readouterr()
+    _trainer(data, tmp_path / "early", max_steps=2, save_every=100).train(resume=True)
+    err = [x for x in capsys.readouterr().err.splitlines() if "early" in x]
+    assert len(err) == 1 and "no checkpoint yet" in err[0] and "starting from step 0" in err[0]
+
+
+def test_resume_past_max_steps_is_refused_and_at_max_steps_is_said(data, run, tmp_path, capsys):
+    out = _copy(run, tmp_path)  # at step 4
+    before = _snapshot(out)
+    with pytest.raises(SystemExit) as e:
+        _train(data, out, "--resume", "--max-steps", "2")
+    msg = str(e.value)
+    assert "already at step 4, past max_steps 2" in msg and "--max-steps" in msg and "\n" not in msg
+    assert _snapshot(out) == before
+    with pytest.raises(ValueError, match="already at step 4, past max_steps 2"):
+        _trainer(data, out, max_steps=2, save_every=2, keep_last=3).train(resume=True)
+    capsys.readouterr()
+    assert _train(data, out, "--resume", "--lr", "1e-3") == 0  # at --max-steps 4 already: nothing to do
+    got = capsys.readouterr()
+    assert "nan" not in got.out + got.err and "already at step 4 = --max-steps 4" in got.err
+    assert "nothing to train" in got.err and _snapshot(out) == before  # no history entry for a no-op
 
 def test_a_live_lock_refuses_a_second_writer(data, run, tmp_path):
     from sam_fast.train.outputs import RunLock, RunLockedError
