@@ -130,7 +130,9 @@ def read_manifest(path: Path) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"{file}: missing") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{file}: unreadable or truncated ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{file}: unreadable or truncated ({type(e).__name__}: {str(e)[:200]})") from None
+    except RecursionError:
+        raise CheckpointError(f"{file}: nested too deeply to be a trainer state (damaged)") from None
     if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
         fmt = data.get("format") if isinstance(data, dict) else None
         raise CheckpointError(f"{file}: not a sam_fast trainer state (format {fmt!r})")
@@ -140,7 +142,34 @@ def read_manifest(path: Path) -> dict:
     body = {k: v for k, v in data.items() if k != "sha256"}
     if hashlib.sha256(canonical_json(body)).hexdigest() != data.get("sha256"):
         raise CheckpointError(f"{file}: checksum mismatch (the file was altered or damaged)")
+    _check_manifest(path, data)
     return data
+
+
+MAX_STEP = 10**12  # far beyond any real run; a larger step is a damaged or forged state
+
+
+def _check_manifest(path: Path, data: dict) -> None:
+    """The fields of trainer_state.json that readers index, with their types and ranges; the step must
+    be the one the directory is named after."""
+    file = path / STATE_FILE
+    step = data.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+        raise CheckpointError(f"{file}: step {str(step)[:40]!r} is not an integer in [0, {MAX_STEP}]")
+    m = STEP_DIR.match(path.name)
+    if m and int(m.group(1)) != step:
+        raise CheckpointError(f"{file}: records step {step} but the directory is {path.name}")
+    files = data.get("files")
+    if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("bytes"), int)
+            for v in files.values()):
+        raise CheckpointError(f"{file}: 'files' is not a table of sha256 and sizes")
+    state = data.get("state")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: 'state' is not a mapping")
+    if "step" in state and state["step"] != step:  # the resume state's own copy (plain JSON)
+        raise CheckpointError(f"{file}: the resume state's step {str(state['step'])[:40]!r} differs from the "
+                              f"checkpoint's step {step}")
 
 
 def verify_file(path: Path, name: str, manifest: dict) -> None:
@@ -244,15 +273,37 @@ def _load_first_intact(cands: list[Path], loader: Callable, notice: Callable[[st
     return None, False
 
 
-def load_trainable_into(model, trainable: dict[str, torch.Tensor]) -> None:
-    """Copy checkpoint tensors into the model; the key sets must match exactly."""
+def check_trainable(model, trainable: dict[str, torch.Tensor], where: str | os.PathLike = "checkpoint") -> None:
+    """Raise `CheckpointError` naming `where` (the file) unless `trainable` holds exactly the model's
+    trainable tensors: the same keys and shapes, floating point (cast to the model's dtype on load)."""
     own = model.trainable_state_dict()
     missing, extra = sorted(set(own) - set(trainable)), sorted(set(trainable) - set(own))
     if missing or extra:
-        raise ValueError(f"checkpoint does not match the model's trainable tensors: missing {missing}, "
-                         f"unexpected {extra}")
+        raise CheckpointError(f"{where}: does not match the model's trainable tensors: missing {missing[:5]}, "
+                              f"unexpected {[k[:80] for k in extra[:5]]}{' ...' if len(extra) > 5 else ''}")
+    for k, v in trainable.items():
+        if own[k].shape != v.shape:
+            raise CheckpointError(f"{where}: tensor {k} has shape {tuple(v.shape)}, the model {tuple(own[k].shape)}")
+        if not v.is_floating_point():
+            raise CheckpointError(f"{where}: tensor {k} is {str(v.dtype).replace('torch.', '')}, not floating point")
+
+
+def load_trainable_into(model, trainable: dict[str, torch.Tensor], where: str | os.PathLike = "checkpoint") -> None:
+    """Copy checkpoint tensors into the model (`check_trainable` first: nothing is copied from a
+    checkpoint that does not match)."""
+    check_trainable(model, trainable, where)
+    own = model.trainable_state_dict()
     with torch.no_grad():
         for k, v in trainable.items():
-            if own[k].shape != v.shape:
-                raise ValueError(f"checkpoint tensor {k} has shape {tuple(v.shape)}, the model {tuple(own[k].shape)}")
             own[k].copy_(v)
+
+
+def trainable_loader(model, map_location="cpu") -> Callable:
+    """A `load_latest` loader of (trainable tensors, step) that also checks them against `model`, so a
+    checkpoint that does not fit it counts as damaged and the previous one is tried."""
+    def load(path: Path):
+        tensors, step = load_trainable(path, map_location)
+        check_trainable(model, tensors, Path(path) / TRAINABLE_FILE)
+        return tensors, step
+
+    return load

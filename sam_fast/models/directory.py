@@ -66,9 +66,9 @@ def load_model_dir(path: str | os.PathLike, checkpoint: str | os.PathLike | None
         what = f"{path} (base only: no checkpoint yet)"
         if checkpoint is not None:  # exactly this one: a damaged file raises CheckpointError naming it
             ck = Path(checkpoint)
-            trainable, step = ckpt.load_trainable(ck)
-        else:  # the newest intact one (a damaged one is reported and skipped)
-            found = ckpt.load_latest(path / "checkpoints", loader=ckpt.load_trainable)
+            trainable, step = ckpt.trainable_loader(model)(ck)
+        else:  # the newest intact one that fits the model (a damaged one is reported and skipped)
+            found = ckpt.load_latest(path / "checkpoints", loader=ckpt.trainable_loader(model))
             ck, trainable, step = found if found is not None else (None, None, None)
         if ck is not None:
             ckpt.load_trainable_into(model, trainable)

@@ -41,6 +41,7 @@ from sam_fast.models.checkpoint_files import (  # the file format; these names s
     TRAINABLE_FILE,
     CheckpointError,
     LegacyCheckpointError,
+    check_trainable,
     is_checkpoint_dir,
     is_legacy,
     latest_checkpoint,
@@ -57,7 +58,8 @@ from sam_fast.models.checkpoint_files import verify_file as _verify
 
 __all__ = [
     "CheckpointError", "LegacyCheckpointError", "LEGACY_STATE_FILE", "STATE_FILE", "STATE_FORMAT",
-    "STATE_TENSORS_FILE", "STATE_VERSION", "TRAINABLE_FILE", "clean_stale", "is_checkpoint_dir", "is_legacy",
+    "STATE_TENSORS_FILE", "STATE_VERSION", "TRAINABLE_FILE", "check_resume_state", "check_trainable", "clean_stale", "is_checkpoint_dir",
+    "is_legacy",
     "latest_checkpoint", "load_checkpoint", "load_latest", "load_trainable", "load_trainable_into",
     "rng_state", "save_checkpoint", "set_rng_state", "step_dirs",
 ]
@@ -236,6 +238,37 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[dict[s
     trainable = _load_tensors(path / TRAINABLE_FILE, str(map_location))
     state_tensors = _load_tensors(path / STATE_TENSORS_FILE, str(map_location))
     return trainable, _decode(manifest["state"], state_tensors, path / STATE_FILE)
+
+
+def _count(value, least: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and least <= value <= _files.MAX_STEP
+
+
+def check_resume_state(state, file: Path) -> None:
+    """`CheckpointError` naming `file` unless the trainer's resume state has the
+    fields a resume reads, of their types and in range (the checksums only show that the files are the
+    ones that were written, not that sam_fast wrote them)."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{file}: {what} (damaged or not written by sam_fast)")
+
+    if not isinstance(state, dict):
+        raise bad("the resume state is not a mapping")
+    if not _count(state.get("step"), 0):  # equal to the checkpoint's step: read_manifest checks that
+        raise bad(f"step {str(state.get('step'))[:40]!r} is not an integer in [0, {_files.MAX_STEP}]")
+    if not _count(state.get("world_size", 1), 1):
+        raise bad(f"world_size {str(state.get('world_size'))[:40]!r} is not an integer >= 1")
+    config, data = state.get("config"), state.get("data")
+    if not isinstance(config, dict) or not all(_count(config.get(k, 1), 1) for k in ("batch_size", "grad_accum")):
+        raise bad("config has no batch_size / grad_accum integers >= 1")
+    if not isinstance(data, dict) or set(data) != {"epoch", "pos"} or not all(_count(v, 0) for v in data.values()):
+        raise bad(f"data position {str(data)[:60]} is not {{'epoch': int >= 0, 'pos': int >= 0}}")
+    optimizer = state.get("optimizer")
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("param_groups"), list) \
+            or not isinstance(optimizer.get("state"), dict):
+        raise bad("the optimiser state has no param_groups / state")
+    for key in ("scheduler", "scaler", "rng"):
+        if not isinstance(state.get(key), dict):
+            raise bad(f"{key} state is not a mapping")
 
 
 def load_latest(ckpt_root: str | os.PathLike, loader: Callable = load_checkpoint,

@@ -597,14 +597,15 @@ class Trainer:
         run cannot continue (`check_resumable`) raises ValueError before anything is restored."""
         if path is not None:
             path = Path(path)
-            trainable, state = ckpt.load_checkpoint(path)
+            trainable, state = self._load_fitting(path)
         else:
-            found = ckpt.load_latest(self.ckpt_root, notice=_notice if self.dist.is_main else lambda m: None)
+            found = ckpt.load_latest(self.ckpt_root, loader=self._load_fitting,
+                                     notice=_notice if self.dist.is_main else lambda m: None)
             if found is None:
                 return False
             path, trainable, state = found
         check_resumable(path, state, self.config, self.dist.world_size, self.run_info)
-        ckpt.load_trainable_into(self.model, trainable)
+        ckpt.load_trainable_into(self.model, trainable, path / ckpt.TRAINABLE_FILE)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._sync_lr_to_schedule(int(state["step"]), state["config"])
@@ -615,6 +616,19 @@ class Trainer:
         if self.dist.is_main:
             self._truncate_log(self.step)
         return True
+
+    def _load_fitting(self, path: Path) -> tuple[dict, dict]:
+        """`ckpt.load_checkpoint(path)`, with trainable tensors and optimiser groups that fit this model
+        (else `ckpt.CheckpointError` naming the file: `load_latest` then tries the previous one), so
+        that nothing is restored from a checkpoint that cannot be restored whole."""
+        trainable, state = ckpt.load_checkpoint(path)
+        ckpt.check_resume_state(state, path / ckpt.STATE_FILE)
+        ckpt.check_trainable(self.model, trainable, path / ckpt.TRAINABLE_FILE)
+        groups = [len(g.get("params", ())) if isinstance(g, dict) else -1 for g in state["optimizer"]["param_groups"]]
+        if groups != [len(g["params"]) for g in self.optimizer.param_groups]:
+            raise ckpt.CheckpointError(f"{path / ckpt.STATE_FILE}: optimiser parameter groups {groups[:8]} do not "
+                                       f"fit this model's {[len(g['params']) for g in self.optimizer.param_groups]}")
+        return trainable, state
 
     def _sync_lr_to_schedule(self, step: int, saved: dict) -> None:
         """The learning rate of the next step from *this* run's schedule. The optimiser state holds

@@ -2,6 +2,7 @@
 training before they are applied, a partial log line does not block resume, run directories are locked
 and protected, SIGINT/SIGTERM save a checkpoint, nonsense numeric options are refused."""
 
+import hashlib
 import json
 import os
 import re
@@ -600,3 +601,83 @@ def test_trainer_refuses_to_restart_over_a_run_and_resume_without_checkpoint_res
         _trainer(data, tmp_path / "r", max_steps=2, save_every=100).train()
     _trainer(data, tmp_path / "r", max_steps=2, save_every=100).train(resume=True)
     assert [r["step"] for r in _log(tmp_path / "r")] == [1, 2]  # not 1, 1, 2
+
+
+# -- damaged contents behind valid checksums: named, and the previous checkpoint is used ----------------
+def _resign(ck):
+    """Recompute trainer_state.json's checksums after its files were changed: what someone who
+    edits a checkpoint on purpose (or a buggy tool) produces; the checksums then say nothing."""
+    manifest = json.loads((ck / "trainer_state.json").read_text())
+    body = {k: v for k, v in manifest.items() if k != "sha256"}
+    for name in body["files"]:
+        body["files"][name] = {"sha256": ckpt._sha256(ck / name), "bytes": (ck / name).stat().st_size}
+    (ck / "trainer_state.json").write_text(json.dumps({**body, "sha256": hashlib.sha256(
+        ckpt._canonical(body)).hexdigest()}))
+
+
+def _edit_trainable(ck, edit):
+    from safetensors.torch import load_file, save_file
+
+    tensors = edit(load_file(str(ck / "trainable.safetensors")))
+    save_file(tensors, str(ck / "trainable.safetensors"), metadata={"step": "4", "format": "sam_fast.trainable"})
+    _resign(ck)
+
+
+def _edit_state(ck, edit):
+    manifest = json.loads((ck / "trainer_state.json").read_text())
+    edit(manifest["state"])
+    (ck / "trainer_state.json").write_text(json.dumps(manifest))
+    _resign(ck)
+
+
+def _first_key(t):
+    return sorted(t)[0]
+
+
+DAMAGE = {
+    "nested_json": lambda ck: (ck / "trainer_state.json").write_text("[" * 100_000 + "]" * 100_000),
+    "extra_key": lambda ck: _edit_trainable(ck, lambda t: {**t, "evil.weight": torch.zeros(3)}),
+    "missing_key": lambda ck: _edit_trainable(ck, lambda t: {k: v for k, v in t.items() if k != _first_key(t)}),
+    "other_shape": lambda ck: _edit_trainable(ck, lambda t: {k: torch.zeros(7, 7) if k == _first_key(t) else v
+                                                               for k, v in t.items()}),
+    "integer_dtype": lambda ck: _edit_trainable(ck, lambda t: {k: v.to(torch.int32) if k == _first_key(t) else v
+                                                                 for k, v in t.items()}),
+    "step_out_of_range": lambda ck: _edit_state(ck, lambda s: s.__setitem__("step", -5)),
+    "step_huge": lambda ck: _edit_state(ck, lambda s: s.__setitem__("step", 10**30)),
+    "data_position": lambda ck: _edit_state(ck, lambda s: s.__setitem__("data", {"epoch": "x", "pos": -1})),
+    "world_size": lambda ck: _edit_state(ck, lambda s: s.__setitem__("world_size", 0)),
+}
+RESUME_STATE_ONLY = {"data_position", "world_size"}
+SAYS = {"nested_json": "trainer_state.json: nested too deeply", "extra_key": "unexpected ['evil.weight']",
+        "missing_key": "missing [", "other_shape": "has shape (7, 7)", "integer_dtype": "is int32, not floating",
+        "step_out_of_range": "differs from the checkpoint's step 4",
+        "step_huge": "differs from the checkpoint's step 4", "data_position": "data position",
+        "world_size": "world_size '0'"}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_contents_are_named_and_the_previous_checkpoint_is_used(data, run, tmp_path, capsys, damage):
+    from sam_fast.models.directory import load_model_dir
+
+    out = _copy(run, tmp_path)
+    DAMAGE[damage](out / "checkpoints" / "step-00000004")
+    _, _, what = load_model_dir(out)  # eval / generate: the previous intact checkpoint, the damage named
+    err = capsys.readouterr().err
+    if damage in RESUME_STATE_ONLY:  # eval reads only the (intact) trainable tensors of step 4
+        assert what.endswith("at step 4 (step-00000004)") and "damaged" not in err
+        load_checkpoint(out / "checkpoints" / "step-00000004")  # and its checksums are fine ...
+    else:
+        assert what.endswith("at step 2 (step-00000002)")
+        assert "checkpoint step-00000004 is damaged: " in err and SAYS[damage] in err and "falling back" in err
+    cfg = TrainConfig(output_dir=str(out), max_steps=4, batch_size=2, lr=3e-3, warmup_steps=1, save_every=2,
+                      progress=False)
+    torch.manual_seed(0)
+    from sam_fast.models.directory import build_builtin, builtin_tokenizers
+    from sam_fast.data import AnnotationDataset, PromptBuilder, TrainTransform
+
+    model = build_builtin("tiny")
+    trainer = Trainer(model, AnnotationDataset(data, TrainTransform(model.config.vision_config.image_size)),
+                      PromptBuilder.for_model(model.config, *builtin_tokenizers("tiny")), cfg)
+    assert trainer.resume() and trainer.step == 2  # ... but a resume restores nothing from it
+    err = capsys.readouterr().err
+    assert "checkpoint step-00000004 is damaged: " in err and SAYS[damage] in err
