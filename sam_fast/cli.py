@@ -363,8 +363,11 @@ def _check_resume(plan: _TrainPlan, dist, run_info: dict) -> bool:
     hint = (f"resume with the run's settings, start a new run from its weights (--model {plan.output} --output "
             "NEW_DIR), or replace it (--overwrite)" if has_run_json
             else "resume with the run's settings, or start a new run in another --output")
-    diffs = outputs.resume_differences(plan.output, run_info["base"], run_info["data"], run_info["model"],
-                                       plan.tcfg.seed)
+    try:
+        diffs = outputs.resume_differences(plan.output, run_info["base"], run_info["data"], run_info["model"],
+                                           plan.tcfg.seed)
+    except outputs.RunDirectoryError as e:
+        raise SystemExit(f"sam-fast train: --resume: {e}") from None
     if diffs:
         raise SystemExit(f"sam-fast train: --resume with settings that differ from "
                          f"{Path(plan.output) / 'run.json'} ({'; '.join(diffs)}): {hint}")

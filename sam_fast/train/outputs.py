@@ -104,7 +104,7 @@ class RunLock:
         try:
             info = json.loads(self.path.read_text())
             return info if isinstance(info, dict) else None
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
 
     def acquire(self) -> RunLock:
@@ -173,7 +173,7 @@ def run_record(output: str | os.PathLike) -> dict | None:
     else None (missing, unreadable, or someone else's file of that name)."""
     try:
         run = json.loads((Path(output) / "run.json").read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested past the parser
         return None
     if not isinstance(run, dict):
         return None
@@ -294,7 +294,12 @@ def resume_differences(output: str | os.PathLike, base: dict, data: dict, model:
     run_file = Path(output) / "run.json"
     if not run_file.is_file():
         return []
-    return run_differences(json.loads(run_file.read_text()), base, data, model, seed)
+    run = run_record(output)
+    if run is None:
+        raise RunDirectoryError(f"{run_file}: damaged or not written by sam_fast (unreadable, truncated or nested "
+                                "past the JSON parser): move it aside, and --resume checks the checkpoints' own "
+                                "record instead")
+    return run_differences(run, base, data, model, seed)
 
 
 def run_differences(run: dict, base: dict, data: dict, model: dict, seed: int) -> list[str]:

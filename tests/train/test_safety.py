@@ -681,3 +681,13 @@ def test_damaged_contents_are_named_and_the_previous_checkpoint_is_used(data, ru
     assert trainer.resume() and trainer.step == 2  # ... but a resume restores nothing from it
     err = capsys.readouterr().err
     assert "checkpoint step-00000004 is damaged: " in err and SAYS[damage] in err
+
+
+@pytest.mark.parametrize("content", ["[" * 100_000 + "]" * 100_000, '{"base": {"kind": "builtin"', "[1, 2]"])
+def test_a_damaged_run_json_is_one_line_and_left_as_it_is(data, run, tmp_path, content):
+    out = _copy(run, tmp_path)
+    (out / "run.json").write_text(content)
+    with pytest.raises(SystemExit, match=r"^sam-fast train: --resume: .*run\.json: damaged or not written by "
+                                         r"sam_fast .*move it aside") as exc:
+        _train(data, out, "--resume", "--max-steps", "6")
+    assert "\n" not in str(exc.value.code) and (out / "run.json").read_text() == content
