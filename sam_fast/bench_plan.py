@@ -8,6 +8,13 @@ step, and a seeded realistic batch.
 - `step_flops` / `flop_shares` / `plan_table`: the FLOPs of one training step, split into the
   frozen ViT forward, the Q/W-former (forward and backward), the frozen LLM forward and its
   backward (``sam-fast bench --plan`` prints the table for both configs).
+- `model_flops` / `hardware_flops`: two ways to count a step. Model FLOPs are what the model
+  itself needs, whoever runs it: real tokens only, the LM head at the supervised rows only, the
+  Q/W-former as sam_fast schedules it, no recomputation; MFU divides these by the time. Hardware FLOPs
+  are what one implementation computes: the released code pads the LLM batch, runs the LM head at
+  every position and the Q/W-former 2N times per sample; sam_fast packs the real tokens, runs the
+  LM head at the supervised rows and (``recompute_qformer``) the two streams twice. An MFU from
+  hardware FLOPs would credit the work an implementation wastes.
 - `realistic_shapes` / `realistic_batch`: B = 8 samples with 2-5 images, instructions of 20-128
   LLM tokens and answers of 8-200 tokens (short captions and long stories), as tensors in the
   layout `SAM.forward` takes (right-padded).
@@ -288,17 +295,24 @@ def qwformer_flops(config: SAMConfig, shapes: Sequence[SampleShape], schedule: s
     return {"forward": float(fwd), "backward": float(bwd)}
 
 
+LM_HEAD_ROWS = ("all", "supervised")
+
+
 def llm_flops(config: SAMConfig, shapes: Sequence[SampleShape], padded: bool = True, *,
-              attention_core: bool = True) -> dict:
+              attention_core: bool = True, lm_head: str = "all") -> dict:
     """Forward and backward FLOPs of the frozen LLM: ``{"forward": ..., "backward": ...}``.
 
     ``padded=True``: every sample right-padded to the batch's longest (B x S positions, S x S
     attention per row, as a dense padded step computes them); False: each sample on its own
-    length. Logits over the whole vocabulary at every position (lm_head), as HF computes them.
-    Backward: input gradients only (the LLM is frozen): 1x the Linears' forward, 2x the attention
-    core; the gradient reaches the visual tokens at the start of the sequence, so every layer
-    and position takes part. ``attention_core=False`` leaves out the attention products.
+    length. ``lm_head="all"``: logits over the whole vocabulary at every position, as HF computes
+    them; ``"supervised"``: only at the rows that predict an answer token (``answer`` per sample), as
+    sam_fast's fused loss does. Backward: input gradients only (the LLM is frozen): 1x the Linears'
+    forward, 2x the attention core; the gradient reaches the visual tokens at the start of the
+    sequence, so every layer and position takes part. ``attention_core=False`` leaves out the
+    attention products.
     """
+    if lm_head not in LM_HEAD_ROWS:
+        raise ValueError(f"lm_head={lm_head!r} is not one of {LM_HEAD_ROWS}")
     tc = config.text_config
     Q = config.num_query_tokens
     H, F, V, n = tc.hidden_size, tc.intermediate_size, tc.vocab_size, tc.num_hidden_layers
@@ -308,25 +322,59 @@ def llm_flops(config: SAMConfig, shapes: Sequence[SampleShape], padded: bool = T
     lengths = [sh.llm_tokens(Q) for sh in shapes]
     if padded:
         lengths = [max(lengths)] * len(lengths)
-    per_token = n * 2 * (2 * H * heads * head_dim + 2 * H * kv_heads * head_dim + 3 * H * F) + 2 * H * V
-    linear = sum(lengths) * per_token
+    per_token = n * 2 * (2 * H * heads * head_dim + 2 * H * kv_heads * head_dim + 3 * H * F)
+    head_rows = sum(lengths) if lm_head == "all" else sum(sh.answer for sh in shapes)
+    linear = sum(lengths) * per_token + head_rows * 2 * H * V
     core = n * sum(4 * s * s * heads * head_dim for s in lengths) * attention_core
     return {"forward": float(linear + core), "backward": float(linear + 2 * core)}
 
 
 def step_flops(config: SAMConfig, shapes: Sequence[SampleShape], schedule: str = "sam_fast",
-               padded: bool = True) -> dict:
+               padded: bool = True, *, lm_head: str = "all", recompute: bool | None = None) -> dict:
     """FLOPs of one training step from pixels, by part: ``vit`` (frozen forward), ``qwformer``
-    (forward + backward, see `qwformer_flops`), ``llm_forward``, ``llm_backward``, and ``total``."""
+    (forward + backward, see `qwformer_flops`), ``llm_forward``, ``llm_backward``, and ``total``.
+    `lm_head` as in `llm_flops`; `recompute` overrides ``config.recompute_qformer`` (None: the
+    config's)."""
     shapes = list(shapes)
     if not shapes:
         raise ValueError("step_flops: no samples")
+    if recompute is not None:
+        config = _with(config, recompute_qformer=bool(recompute))
     qw = qwformer_flops(config, shapes, schedule)
-    llm = llm_flops(config, shapes, padded)
+    llm = llm_flops(config, shapes, padded, lm_head=lm_head)
     out = {"vit": vit_flops(config, sum(sh.images for sh in shapes)), "qwformer": qw["forward"] + qw["backward"],
            "llm_forward": llm["forward"], "llm_backward": llm["backward"]}
     out["total"] = sum(out[p] for p in PARTS)
     return out
+
+
+def _with(config: SAMConfig, **fields) -> SAMConfig:
+    """A copy of `config` with `fields` set (the caller's config is left as it is)."""
+    import copy
+
+    out = copy.copy(config)
+    for k, v in fields.items():
+        setattr(out, k, v)
+    return out
+
+
+def model_flops(config: SAMConfig, shapes: Sequence[SampleShape]) -> dict:
+    """The FLOPs the model needs for one training step, whatever runs it (the numerator of MFU),
+    as `step_flops` parts: the real tokens only (no padding), the LM head at the supervised rows,
+    the Q/W-former as sam_fast schedules it (shared K/V projections), nothing recomputed."""
+    return step_flops(config, shapes, "sam_fast", padded=False, lm_head="supervised", recompute=False)
+
+
+def hardware_flops(config: SAMConfig, shapes: Sequence[SampleShape], schedule: str = "sam_fast") -> dict:
+    """The FLOPs one implementation computes for the step, as `step_flops` parts: ``"released"``:
+    the padded LLM batch with logits at every position and 2N Q/W-former passes per sample;
+    ``"sam_fast"``: as `config` sets it up (packed real tokens and the LM head at the supervised rows
+    with ``packed_loss``, else padded with all logits; the streams recomputed with
+    ``recompute_qformer``)."""
+    if schedule == "released":
+        return step_flops(config, shapes, "released", padded=True, lm_head="all", recompute=False)
+    packed = bool(getattr(config, "packed_loss", True))
+    return step_flops(config, shapes, "sam_fast", padded=not packed, lm_head="supervised" if packed else "all")
 
 
 def flop_shares(config: SAMConfig, shapes: Sequence[SampleShape], schedule: str = "sam_fast",
@@ -350,10 +398,14 @@ def plan_table(shapes: Sequence[SampleShape] | None = None) -> str:
         "FLOPs: 2 per multiply-add; frozen backbone: backward = input gradients only (LLM backward ~1x "
         "its forward, attention core 2x)",
     ]
-    for schedule in SCHEDULES:
-        flops = {name: step_flops(cfg, shapes, schedule) for name, cfg in configs.items()}
+    lines.append("model FLOPs (MFU's numerator): real tokens, LM head at the supervised rows, no recomputation; "
+                 "hardware FLOPs: what each schedule computes")
+    tables = [("model FLOPs", {name: model_flops(cfg, shapes) for name, cfg in configs.items()})]
+    tables += [(f"hardware FLOPs, {schedule}", {name: hardware_flops(cfg, shapes, schedule)
+                                                for name, cfg in configs.items()}) for schedule in SCHEDULES]
+    for title, flops in tables:
         lines.append("")
-        lines.append(f"schedule: {schedule}")
+        lines.append(title)
         head = f"{'part':<14}" + "".join(f"{name + ' GFLOP':>22}{'share':>8}" for name in configs)
         lines.append(head)
         for part in (*PARTS, "total"):

@@ -181,4 +181,49 @@ def test_cli_bench_plan_prints_both_configs(capsys):
     assert "vicuna-7b" in out and "scaled" in out
     for part in (*PARTS, "total"):
         assert part in out
-    assert "schedule: released" in out and "schedule: sam_fast" in out
+    assert "hardware FLOPs, released" in out and "hardware FLOPs, sam_fast" in out
+
+
+def test_lm_head_at_supervised_rows_counts_one_head_per_answer_token():
+    cfg = SAMConfig.tiny()
+    tc = cfg.text_config
+    shapes = [SampleShape(images=2, instruction=5, answer=3), SampleShape(images=1, instruction=2, answer=4)]
+    head = 2 * tc.hidden_size * tc.vocab_size  # one row's logits
+    full = llm_flops(cfg, shapes, padded=False)
+    sup = llm_flops(cfg, shapes, padded=False, lm_head="supervised")
+    positions = (8 * 2 + 5 + 3) + (8 + 2 + 4)
+    assert full["forward"] - sup["forward"] == head * (positions - 7)
+    assert full["backward"] - sup["backward"] == head * (positions - 7)  # the head's input gradient
+    with pytest.raises(ValueError, match="lm_head='rows'"):
+        llm_flops(cfg, shapes, lm_head="rows")
+
+
+def test_model_flops_of_the_7b_realistic_step_are_the_hand_count():
+    """Vicuna-7B, the seed-0 realistic batch (30 images, 2599 LLM tokens, 1023 supervised): ViT forward
+    15.6 TFLOP, Q/W-former forward + backward 3.6, LLM forward 34.4 (real tokens, LM head at the
+    supervised rows), its input-gradient backward 34.9: 88.4 TFLOP. The hardware counts differ from
+    it as each implementation does (padding and all logits; sam_fast's recomputation)."""
+    from sam_fast.bench_plan import hardware_flops, model_flops, step_flops
+
+    cfg, shapes = SAMConfig.instructblip_vicuna7b(), realistic_shapes(0)
+    assert sum(s.answer for s in shapes) == 1023 and sum(s.llm_tokens(32) for s in shapes) == 2599
+    m = model_flops(cfg, shapes)
+    for part, want in (("vit", 15.6e12), ("qwformer", 3.6e12), ("llm_forward", 34.4e12), ("llm_backward", 34.9e12)):
+        assert abs(m[part] / want - 1) < 0.03, (part, m[part])
+    assert abs(m["total"] / 88.4e12 - 1) < 0.03
+    released = hardware_flops(cfg, shapes, "released")
+    assert released == step_flops(cfg, shapes, "released")  # padded, all logits: what the plan used to print
+    fast = hardware_flops(cfg, shapes, "sam_fast")
+    assert cfg.recompute_qformer and fast["qwformer"] > m["qwformer"]  # the streams run twice
+    assert fast["llm_forward"] == m["llm_forward"] and released["llm_forward"] > 1.3 * m["llm_forward"]
+    no_recompute = SAMConfig.instructblip_vicuna7b(recompute_qformer=False)
+    assert hardware_flops(no_recompute, shapes, "sam_fast") == m
+    assert cfg.recompute_qformer  # the caller's config is not changed by the count
+
+
+def test_cli_bench_plan_prints_model_and_hardware_flops(capsys):
+    assert main(["bench", "--plan"]) == 0
+    out = capsys.readouterr().out
+    for title in ("model FLOPs", "hardware FLOPs, sam_fast", "hardware FLOPs, released"):
+        assert f"\n{title}\n" in out
+    assert "88,449.4" in out  # the 7B model FLOPs total, in GFLOP
