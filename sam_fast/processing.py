@@ -254,8 +254,11 @@ class SAMProcessor(ProcessorMixin):
             ``pixel_values`` [T, 3, size, size] float32 (sample-major), ``image_counts`` [B] long,
             ``qformer_input_ids`` / ``qformer_attention_mask`` [B, L] long, ``input_ids`` /
             ``attention_mask`` [B, S] long (``num_query_tokens`` x image count placeholders first), and
-            with answers ``labels`` [B, S] long (-100 except the answer and its ``</s>``). Pass it as
-            ``model(**batch)`` / ``model.generate(**batch)``; ``batch.to(device)`` moves it.
+            with answers ``labels`` [B, S] long (-100 except the answer and its ``</s>``) and
+            ``pack_plan`` (the `sam_fast.data.PackPlan` of the packed training step: the forward then
+            reads nothing back from the device). Pass it as ``model(**batch)`` /
+            ``model.generate(**batch)``; ``batch.to(device)`` moves its tensors (the forward moves
+            the plan's to the batch's device).
 
         Raises:
             ValueError: one line naming the sample index (or image index) of bad input: counts of
@@ -364,9 +367,9 @@ class SAMProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        """The keys a call returns (``labels`` only with answers)."""
+        """The keys a call returns (``labels`` and ``pack_plan`` only with answers)."""
         return ["pixel_values", "image_counts", "qformer_input_ids", "qformer_attention_mask", "input_ids",
-                "attention_mask", "labels"]
+                "attention_mask", "labels", "pack_plan"]
 
 
 def _as_list(value, name: str) -> list:

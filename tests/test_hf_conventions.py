@@ -268,3 +268,33 @@ def test_sam_trainer_needs_a_base_directory(tmp_path):
     model = tiny_sam()
     with pytest.raises(ValueError, match="base_reference"):
         SAMTrainer(model=model, args=_args(tmp_path / "run"), train_dataset=_Samples(model), data_collator=_collate)
+
+
+def test_sam_trainer_takes_the_collator_batches_with_their_pack_plan(tmp_path):
+    """HF Trainer moves the Collator's batches with their `PackPlan` (rebuilt as a mapping by
+    ``_prepare_inputs``); its loss step reads nothing back from the device and equals the model's
+    own; a training step runs end to end through the DataLoader."""
+    pytest.importorskip("accelerate")
+    from _host_reads import HostReads
+
+    from sam_fast.data import Collator, PackPlan, PromptBuilder, model_inputs, tiny_tokenizers
+    from sam_fast.train.hf import SAMTrainer
+
+    model = randomize_guidance(tiny_sam())
+    vc = model.config.vision_config
+    P, g = (vc.image_size // vc.patch_size) ** 2 + 1, torch.Generator().manual_seed(0)
+    data = [{"id": i, "image_features": torch.randn(1 + i % 3, P, vc.hidden_size, generator=g),
+             "instruction": "what is in {image#1}?" + " and more" * i, "output": "a thing" * (i + 1)} for i in range(4)]
+    collator = Collator(PromptBuilder.for_model(model.config, *tiny_tokenizers()))
+    trainer = SAMTrainer(model=model, args=_args(tmp_path / "run", max_steps=1, save_strategy="no"), train_dataset=data,
+                         data_collator=collator, base_reference=str(tmp_path))
+    batch = collator(data)
+    inputs = trainer._prepare_inputs(batch)
+    assert isinstance(inputs["pack_plan"], PackPlan)
+    with HostReads() as reads:
+        loss = trainer.compute_loss(model, inputs)
+    assert reads.total == 0, reads.report()
+    assert torch.equal(loss, model(**model_inputs(batch)).loss)
+    before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    trainer.train()
+    assert any(not torch.equal(v, before[k]) for k, v in model.trainable_state_dict().items())

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from _host_reads import assert_same_plan
 from _sam_helpers import tiny_sam
 from PIL import Image
 
@@ -48,7 +49,10 @@ def _hand_batch(model, per_sample, texts, answers=None):
 def _assert_same(batch, expected, keys):
     assert set(batch.keys()) == set(keys)
     for k in keys:
-        assert torch.equal(batch[k], expected[k]), k
+        if k == "pack_plan":
+            assert_same_plan(batch[k], expected[k])
+        else:
+            assert torch.equal(batch[k], expected[k]), k
 
 
 @pytest.mark.parametrize("with_answers", [False, True])
@@ -57,7 +61,7 @@ def test_equals_the_collator_path(model, processor, with_answers):
     per_sample = [imgs[:2], imgs[2:]]
     answers = ANSWERS if with_answers else None
     batch = processor(images=per_sample, text=TEXTS, answers=answers)
-    keys = KEYS + (("labels",) if with_answers else ())
+    keys = KEYS + (("labels", "pack_plan") if with_answers else ())
     _assert_same(batch, _hand_batch(model, per_sample, TEXTS, answers), keys)
     # and what that path means, spelled out from the tokenizers
     _, ltok = tiny_tokenizers()

@@ -10,6 +10,7 @@ from sam_fast.data.dataset import (
     model_inputs,
     sample_generator,
 )
+from sam_fast.data.pack_plan import PackPlan, PackPlanError
 from sam_fast.data.tokenization import (
     PromptBuilder,
     load_tokenizers,
@@ -20,6 +21,6 @@ from sam_fast.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform, TrainTr
 
 __all__ = [
     "AnnotationDataset", "Collator", "DataError", "Record", "SkipReport", "load_records", "model_inputs",
-    "sample_generator", "PromptBuilder", "load_tokenizers", "save_tokenizers", "tiny_tokenizers",
+    "sample_generator", "PackPlan", "PackPlanError", "PromptBuilder", "load_tokenizers", "save_tokenizers", "tiny_tokenizers",
     "CLIP_MEAN", "CLIP_STD", "EvalTransform", "TrainTransform", "build_transform",
 ]

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from sam_fast.data.images import check_image, open_image
+from sam_fast.data.pack_plan import PackPlan, PackPlanError
 from sam_fast.data.paths import OutsidePathError, contained_path
 from sam_fast.data.tokenization import PromptBuilder, image_reference_problem, surrogate_problem
 
@@ -275,7 +276,9 @@ class Collator:
 
     Returns ``pixel_values [T,3,S,S]`` (or ``image_features [T,P,D]`` when items carry features),
     ``image_counts`` LongTensor [B], the padded Q-former and LLM ids/masks (`PromptBuilder.batch_text`),
-    ``labels`` when ``train``, plus ``ids`` and ``outputs`` (lists, for evaluation). `None` items
+    ``labels`` and ``pack_plan`` (the `PackPlan` of the packed training step, built from the token
+    lists so that the step reads nothing back from the device) when ``train``, plus ``ids`` and
+    ``outputs`` (lists, for evaluation). `None` items
     (undecodable under ``skip_bad``) are dropped and counted in ``dropped``, once per draw (a sample drawn in
     every epoch counts every time; the distinct samples are in the dataset's ``skipped``).
     """
@@ -298,17 +301,32 @@ class Collator:
                 raise DataError(f"sample id {it['id']!r}: {e}") from e
         batch = {key: torch.cat([it[key] for it in good]), "image_counts": torch.tensor(counts, dtype=torch.long)}
         batch.update(self.pb.batch_text(encoded, self.train))
+        if self.train:
+            batch["pack_plan"] = self._pack_plan(encoded, counts, batch["input_ids"].shape[1], good)
         batch["ids"] = [it["id"] for it in good]
         batch["outputs"] = [it["output"] for it in good]
         return batch
 
+    def _pack_plan(self, encoded, counts: list[int], width: int, good: list) -> PackPlan:
+        """The batch's pack plan from the token lists it was padded from (right-padded rows: prompt
+        + answer from column 0, labels on the answer only)."""
+        rows = [(0, e.prompt + e.answer, [-100] * len(e.prompt) + e.answer) for e in encoded]
+        try:
+            return PackPlan.build(rows, width, counts, self.pb.image_token_index, self.pb.num_query_tokens)
+        except PackPlanError as e:
+            if e.row is None:
+                raise DataError(f"batch of sample ids {[it['id'] for it in good][:8]}: {e}") from e
+            raise DataError(f"sample id {good[e.row]['id']!r}: {e}") from e
+
 
 MODEL_INPUTS = ("pixel_values", "image_features", "image_counts", "qformer_input_ids", "qformer_attention_mask",
-                "input_ids", "attention_mask", "labels")
+                "input_ids", "attention_mask", "labels", "pack_plan")
+TRAINING_ONLY = ("labels", "pack_plan")
 
 
 def model_inputs(batch: dict, device=None, generation: bool = False, non_blocking: bool = False) -> dict:
-    """The tensors of a collated batch that `SAM.forward` / `SAM.generate` take, moved to `device`
-    (`non_blocking`: copy asynchronously, for a batch in pinned memory)."""
-    keys = [k for k in MODEL_INPUTS if k in batch and not (generation and k == "labels")]
+    """The inputs of a collated batch that `SAM.forward` / `SAM.generate` take (not ``labels`` and
+    ``pack_plan`` for generation), moved to `device` (`non_blocking`: copy asynchronously, for a
+    batch in pinned memory; the pack plan's tensors move the same way)."""
+    keys = [k for k in MODEL_INPUTS if k in batch and not (generation and k in TRAINING_ONLY)]
     return {k: batch[k].to(device, non_blocking=non_blocking) if device is not None else batch[k] for k in keys}

@@ -15,6 +15,8 @@ pays for, forward and backward. This module removes it:
   which one runs and why.
 * `use_attention` switches the LLM to that attention for one call and restores it afterwards, so
   generation and the padded path are untouched.
+* `planned_lm_loss` takes embeddings already packed by a pack plan (`sam_fast.data.PackPlan`,
+  built by the collator on the host): the packed step then reads nothing back from the device.
 * `packed_hidden_states` runs the LLaMA body (no ``lm_head``) on a packed batch, with its RMSNorm
   and SwiGLU on the fused ops for the call (`sam_fast.models.llama_kernels.fused_llama_kernels`:
   Triton on CUDA, a lean autograd backend that saves less elsewhere), and
@@ -283,24 +285,20 @@ def varlen_attention_forward(
     return _sdpa_segments(query, key, value, seqlens, scaling, dropout), None
 
 
-def _no_mask(*args, **kwargs):
-    """Mask function for the varlen attention: the boundaries travel as cu_seqlens, never as a mask."""
-    return None
-
-
 _REGISTERED = False
 
 
 def register_attention() -> str:
-    """Register the varlen attention (and its no-op mask builder) with transformers; idempotent.
-    Returns its name."""
+    """Register the varlen attention with transformers; idempotent. Returns its name.
+
+    No mask function is registered for it: transformers then builds no mask for that attention
+    (the boundaries travel as cu_seqlens), and skips its detection of packed rows from the
+    position ids, which reads the device on every call."""
     global _REGISTERED
     if not _REGISTERED:
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
 
         AttentionInterface.register(ATTENTION_NAME, varlen_attention_forward)
-        AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
         _REGISTERED = True
     return ATTENTION_NAME
 
@@ -395,11 +393,7 @@ def packed_lm_loss(
     if labels is None:
         raise ValueError("packed_lm_loss needs labels [B, S] (-100 = ignored)")
     packed = pack(inputs_embeds, attention_mask, labels)
-    head = language_model.get_output_embeddings()
-    if head is None or getattr(head, "weight", None) is None:
-        raise ValueError(f"{type(language_model).__name__} has no output embedding (lm_head) for the loss")
-    if getattr(head, "bias", None) is not None:
-        raise ValueError("packed_lm_loss: an lm_head with a bias is not supported (LLaMA's has none)")
+    head = _lm_head(language_model)
     targets = packed.shift_labels[0]
     sel = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     count = int(sel.numel())
@@ -407,4 +401,51 @@ def packed_lm_loss(
         raise ValueError("labels have no supervised next-token position (all -100 after each sample's first token)")
     hidden = packed_hidden_states(language_model, packed)[0]
     total = (loss_fn or plain_loss_fn)(hidden.index_select(0, sel), head.weight, targets.index_select(0, sel))
+    return total / (count if num_items_in_batch is None else num_items_in_batch)
+
+
+def _lm_head(language_model: torch.nn.Module) -> torch.nn.Module:
+    head = language_model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise ValueError(f"{type(language_model).__name__} has no output embedding (lm_head) for the loss")
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("packed_lm_loss: an lm_head with a bias is not supported (LLaMA's has none)")
+    return head
+
+
+def planned(inputs_embeds: torch.Tensor, plan) -> Packed:
+    """The `Packed` batch of embeddings ``[N, H]`` already in the packed order of `plan` (a
+    `sam_fast.data.PackPlan`): every boundary and position comes from the plan, nothing is read
+    from the device."""
+    if inputs_embeds.dim() != 2 or inputs_embeds.shape[0] != plan.num_tokens:
+        raise ValueError(f"packed embeddings must be [N={plan.num_tokens}, H] (the plan's tokens), "
+                         f"got {tuple(inputs_embeds.shape)}")
+    return Packed(
+        inputs_embeds=inputs_embeds.unsqueeze(0),
+        position_ids=plan.position_ids.unsqueeze(0),
+        cu_seqlens=plan.cu_seqlens,
+        max_seqlen=plan.max_seqlen,
+        seqlens=tuple(plan.seqlens),
+        indices=plan.index,
+        batch_shape=tuple(plan.batch_shape),
+    )
+
+
+def planned_lm_loss(
+    language_model: torch.nn.Module,
+    inputs_embeds: torch.Tensor,
+    plan,
+    loss_fn: LossFn | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`packed_lm_loss` of embeddings ``[N, H]`` already packed by `plan` (a
+    `sam_fast.data.PackPlan`): the supervised rows and their shifted targets come from the plan,
+    so the step reads nothing back from the device. `loss_fn` must accept targets that are all
+    supervised (no -100)."""
+    head = _lm_head(language_model)
+    count = int(plan.targets.shape[0])
+    if count == 0:
+        raise ValueError("labels have no supervised next-token position (all -100 after each sample's first token)")
+    hidden = packed_hidden_states(language_model, planned(inputs_embeds, plan))[0]
+    total = (loss_fn or plain_loss_fn)(hidden.index_select(0, plan.target_rows), head.weight, plan.targets)
     return total / (count if num_items_in_batch is None else num_items_in_batch)

@@ -27,7 +27,7 @@ import numbers
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -43,9 +43,10 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.instructblip.modeling_instructblip import InstructBlipPreTrainedModel
 
 from sam_fast.config import SAMConfig
+from sam_fast.data.pack_plan import PackPlan
 from sam_fast.models import loading
 from sam_fast.models.loading import TRAINABLE_MODULES
-from sam_fast.models.packing import packed_lm_loss
+from sam_fast.models.packing import planned_lm_loss
 from sam_fast.ops.linear_cross_entropy import linear_cross_entropy
 from sam_fast.distributed import is_sharded
 from sam_fast.models.generation import (
@@ -172,8 +173,23 @@ def _instruction_mask(ids, mask, B: int) -> torch.Tensor:
 
 
 def _summed_fused_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of the supervised rows, logits never materialised whole."""
-    return linear_cross_entropy(hidden, weight, targets, reduction="sum")
+    """Summed cross-entropy of the supervised rows (a pack plan's: every target a checked class
+    id, so nothing is read back), logits never materialised whole."""
+    return linear_cross_entropy(hidden, weight, targets, reduction="sum", checked_targets=True)
+
+
+_NO_TARGET = ("labels has no predicted position (all -100 after the first): the loss would be 0/0 = NaN; give each "
+              "batch at least one answer token")
+
+
+def _as_plan(pack_plan) -> PackPlan:
+    """`pack_plan` as a `PackPlan` (a batch mover may have rebuilt it as a plain dict)."""
+    if isinstance(pack_plan, PackPlan):
+        return pack_plan
+    if not isinstance(pack_plan, Mapping):
+        raise ValueError(f"pack_plan must be the PackPlan of the batch (sam_fast.data.Collator / SAMProcessor), "
+                         f"got {type(pack_plan).__name__}")
+    return PackPlan(pack_plan)
 
 
 def _in_graph_with_weight_zero(tokens: torch.Tensor, modules) -> torch.Tensor:
@@ -477,15 +493,16 @@ class SAM(InstructBlipPreTrainedModel):
                         for p in m.parameters()))
 
     # -- LLM ---------------------------------------------------------------------------------
-    def _placeholders(self, input_ids, counts: list[int]) -> torch.Tensor:
-        """[B, S] bool mask of the image placeholders, checked against the image counts."""
+    def _placeholders(self, input_ids, counts: list[int], on_device: bool = False) -> torch.Tensor:
+        """[B, S] bool mask of the image placeholders, checked against the image counts (on the
+        device, without a host read, when `on_device` or compiling)."""
         if input_ids is None or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, S], got {None if input_ids is None else tuple(input_ids.shape)}")
         if input_ids.shape[0] != len(counts):
             raise ValueError(f"input_ids has {input_ids.shape[0]} rows but image_counts has {len(counts)} samples")
         Q = self.config.num_query_tokens
         placeholder = input_ids == self.config.image_token_index
-        if torch.compiler.is_compiling():  # no host read in a compiled graph: checked on the device
+        if on_device or torch.compiler.is_compiling():  # no host read: checked on the device
             want_t = torch.tensor([n * Q for n in counts], device=input_ids.device)
             torch._assert_async((placeholder.sum(1) == want_t).all(),
                                 f"image placeholders (token {self.config.image_token_index}) per sample must be "
@@ -501,17 +518,21 @@ class SAM(InstructBlipPreTrainedModel):
             )
         return placeholder
 
-    def _llm_inputs(self, pixel_values, image_features, image_counts, qformer_input_ids, qformer_attention_mask,
-                    input_ids, attention_mask):
-        """(visual tokens [T,Q,H], LLM input embeddings with the placeholders filled, attention mask)."""
-        counts = _counts_list(image_counts)
-        placeholder = self._placeholders(input_ids, counts)  # checked before the expensive encoding
+    def _check_positions(self, input_ids) -> None:
         limit = self.config.text_config.max_position_embeddings
         if limit is not None and input_ids.shape[1] > limit:
             raise ValueError(
                 f"input_ids has {input_ids.shape[1]} positions but the LLM takes at most "
                 f"max_position_embeddings={limit}: shorten the prompts (or the answers)"
             )
+
+    def _llm_inputs(self, pixel_values, image_features, image_counts, qformer_input_ids, qformer_attention_mask,
+                    input_ids, attention_mask, plan: PackPlan | None = None):
+        """(visual tokens [T,Q,H], LLM input embeddings with the placeholders filled, attention mask).
+        With a pack `plan` the image counts are its host copy (nothing read back)."""
+        counts = _counts_list(image_counts if plan is None else list(plan.image_counts))
+        placeholder = self._placeholders(input_ids, counts, on_device=plan is not None)  # before the encoding
+        self._check_positions(input_ids)
         visual = self.encode_images(pixel_values, image_features, counts, qformer_input_ids, qformer_attention_mask)
         # Placement is by the placeholder mask, never by looking the id up: `image_token_index`
         # may lie outside the vocabulary (the full-size config puts it there so that it can never
@@ -535,6 +556,7 @@ class SAM(InstructBlipPreTrainedModel):
         labels: torch.Tensor | None = None,
         packing: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        pack_plan: PackPlan | Mapping | None = None,
         **kwargs,
     ) -> SAMOutput:
         """Visual tokens into the LLM prompt, then the LLM (with loss when `labels` are given).
@@ -544,7 +566,7 @@ class SAM(InstructBlipPreTrainedModel):
                 images, then sample 1's, ...); H = W = ``config.vision_config.image_size``. Or
             image_features: [T, P, D] cached vision-model outputs instead (the ViT is skipped).
             image_counts: [B] images per sample (list of ints or 1-D LongTensor), each >= 1,
-                summing to T. Required.
+                summing to T. Required (with a `pack_plan` the plan's host copy is used).
             qformer_input_ids: [B, L] Q-former (BERT) ids of each sample's instruction, shared by
                 its images.
             qformer_attention_mask: [B, L] 0/1 (default all ones).
@@ -558,6 +580,13 @@ class SAM(InstructBlipPreTrainedModel):
                 ``config.packed_loss``, True; see below).
             num_items_in_batch: divisor of the summed loss instead of this batch's supervised
                 token count (HF `Trainer` passes the count over all accumulated micro-batches).
+            pack_plan: the batch's `sam_fast.data.PackPlan` (``batch["pack_plan"]`` of
+                `sam_fast.data.Collator` and `SAMProcessor` with answers): where every token goes
+                in the packed step, built on the host, so that the step reads nothing back from
+                the device. Without it the packed step builds it from the tensors (a host read of
+                ids, mask and labels).
+                It must describe this batch: its shapes are checked on the host, its contents on
+                the device (without a sync).
             **kwargs: keyword arguments of the LLM's forward (``output_hidden_states``,
                 ``use_cache``, ...); they imply the padded call. Any other name (a misspelt
                 ``lables=``) raises ValueError naming it.
@@ -578,34 +607,123 @@ class SAM(InstructBlipPreTrainedModel):
         if kwargs:
             self._check_llm_kwargs(kwargs)
         compiling = torch.compiler.is_compiling()
-        if labels is not None and input_ids is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
-            if compiling:  # no host read in a compiled graph: checked on the device
-                torch._assert_async((labels[:, 1:] != -100).any(),
-                                    "labels has no predicted position (all -100 after the first)")
-            elif not bool((labels[:, 1:] != -100).any()):
-                raise ValueError("labels has no predicted position (all -100 after the first): the loss would be "
-                                 "0/0 = NaN; give each batch at least one answer token")
-        visual, embeds, attention_mask = self._llm_inputs(
-            pixel_values, image_features, image_counts, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask
-        )
+        if labels is not None and input_ids is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
+        plan = None if pack_plan is None else self._checked_plan(pack_plan, input_ids, image_counts)
         if packing is None:
             packing = getattr(self.config, "packed_loss", True)
-        if compiling:  # packing reads the sequence lengths on the host: the padded call compiles whole
+        if compiling:  # the packed step's shapes are data (sample lengths): the padded call compiles whole
             packing = False
-        checkpointing = self._llm_checkpointing()
-        if checkpointing:  # the packed step's attention cannot be recomputed in the backward pass
+        if self._llm_checkpointing():  # the packed step's attention cannot be recomputed in the backward pass
             packing = False
             kwargs.setdefault("use_cache", False)
         if labels is not None and packing and not kwargs and not is_sharded(self.language_model):
-            loss = packed_lm_loss(self.language_model, embeds, attention_mask, labels, loss_fn=_summed_fused_loss,
-                                  num_items_in_batch=num_items_in_batch)
-            return SAMOutput(loss=loss, visual_tokens=visual)
+            return self._packed_forward(pixel_values, image_features, image_counts, qformer_input_ids,
+                                        qformer_attention_mask, input_ids, attention_mask, labels, plan,
+                                        num_items_in_batch)
+        if labels is not None and input_ids is not None:
+            self._check_labelled(labels, plan, compiling)
+            if plan is not None:
+                self._assert_plan_matches(plan, input_ids, attention_mask, labels)
+        visual, embeds, attention_mask = self._llm_inputs(
+            pixel_values, image_features, image_counts, qformer_input_ids, qformer_attention_mask, input_ids,
+            attention_mask, plan
+        )
         if labels is not None and num_items_in_batch is not None:
             kwargs["num_items_in_batch"] = num_items_in_batch
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
         return SAMOutput(loss=out.loss, logits=out.logits, visual_tokens=visual, language_model_outputs=out)
+
+    @staticmethod
+    def _check_labelled(labels, plan: PackPlan | None, compiling: bool) -> None:
+        """Refuse labels with no predicted position (the loss would be 0/0); with a plan from its
+        shapes, compiled on the device, otherwise with one host read."""
+        if plan is not None:
+            if plan.targets.shape[0] == 0:
+                raise ValueError(_NO_TARGET)
+        elif compiling:  # no host read in a compiled graph: checked on the device
+            torch._assert_async((labels[:, 1:] != -100).any(),
+                                "labels has no predicted position (all -100 after the first)")
+        elif not bool((labels[:, 1:] != -100).any()):
+            raise ValueError(_NO_TARGET)
+
+    # -- the packed step ----------------------------------------------------------------------
+    def _packed_forward(self, pixel_values, image_features, image_counts, qformer_input_ids, qformer_attention_mask,
+                        input_ids, attention_mask, labels, plan: PackPlan | None, num_items_in_batch) -> SAMOutput:
+        """The training step on the batch's real tokens (see `forward`). With a pack `plan` nothing
+        is read back from the device; without one it is built from the tensors first (their host
+        read), with the checks of the padded path and of `sam_fast.models.packing.pack`."""
+        if input_ids is None or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, S], got {None if input_ids is None else tuple(input_ids.shape)}")
+        if plan is None:
+            plan = self._plan_from_tensors(input_ids, attention_mask, labels, image_counts)
+        else:
+            self._assert_plan_matches(plan, input_ids, attention_mask, labels)
+        self._check_positions(input_ids)
+        if plan.targets.shape[0] == 0:
+            raise ValueError(_NO_TARGET)
+        visual = self.encode_images(pixel_values, image_features, list(plan.image_counts), qformer_input_ids,
+                                    qformer_attention_mask)
+        embeds = self._packed_embeddings(input_ids, plan, visual)
+        loss = planned_lm_loss(self.language_model, embeds, plan, loss_fn=_summed_fused_loss,
+                               num_items_in_batch=num_items_in_batch)
+        return SAMOutput(loss=loss, visual_tokens=visual)
+
+    def _plan_from_tensors(self, input_ids, attention_mask, labels, image_counts) -> PackPlan:
+        """The pack plan of a batch that came without one: its tensors read to the host once."""
+        counts = _counts_list(image_counts)
+        if input_ids.shape[0] != len(counts):
+            raise ValueError(f"input_ids has {input_ids.shape[0]} rows but image_counts has {len(counts)} samples")
+        plan = PackPlan.from_tensors(input_ids, attention_mask, labels, counts, self.config.image_token_index,
+                                     self.config.num_query_tokens, self.get_input_embeddings().num_embeddings)
+        return plan.to(input_ids.device)
+
+    def _checked_plan(self, pack_plan, input_ids, image_counts) -> PackPlan:
+        """`pack_plan` on the batch's device, its host fields checked against the batch's shapes and
+        `image_counts` (a list compared, a tensor's length only: its values stay on the device)."""
+        plan = _as_plan(pack_plan)
+        if input_ids is None or input_ids.dim() != 2 or tuple(plan.batch_shape) != tuple(input_ids.shape):
+            got = None if input_ids is None else tuple(input_ids.shape)
+            raise ValueError(f"pack_plan was built for a batch of shape {tuple(plan.batch_shape)} but input_ids is "
+                             f"{got}: build the plan from this batch (or leave it out)")
+        if isinstance(image_counts, torch.Tensor):
+            if tuple(image_counts.shape) != (len(plan.image_counts),):
+                raise ValueError(f"image_counts has shape {tuple(image_counts.shape)} but pack_plan has "
+                                 f"{len(plan.image_counts)} samples")
+        elif image_counts is not None and _counts_list(image_counts) != list(plan.image_counts):
+            raise ValueError(f"image_counts {_counts_list(image_counts)} differ from pack_plan's "
+                             f"{list(plan.image_counts)}")
+        return plan.to(input_ids.device, non_blocking=True)  # a no-op where the batch mover has moved it
+
+    def _assert_plan_matches(self, plan: PackPlan, input_ids, attention_mask, labels) -> None:
+        """Check on the device, without a host read, that `plan` describes this batch: its tokens
+        are exactly the valid ones, its image rows exactly the placeholders, its targets the
+        labels after its target rows and no label is elsewhere. A mismatch is a RuntimeError on
+        the CPU, a device-side assert on a GPU."""
+        flat_ids, ph = input_ids.reshape(-1), self.config.image_token_index
+        ok = (flat_ids.index_select(0, plan.index.index_select(0, plan.image_rows)) == ph).all()
+        ok = ok & ((input_ids == ph).sum() == plan.image_rows.shape[0])
+        if attention_mask is not None:
+            mask = attention_mask.reshape(-1)
+            ok = ok & (mask.index_select(0, plan.index) == 1).all() & ((mask != 0).sum() == plan.num_tokens)
+        elif plan.num_tokens != input_ids.numel():
+            raise ValueError(f"pack_plan has {plan.num_tokens} tokens but the batch has no attention_mask "
+                             f"(all {input_ids.numel()} valid)")
+        flat_labels = labels.reshape(-1)
+        next_tokens = plan.index.index_select(0, plan.target_rows + 1)
+        ok = ok & (flat_labels.index_select(0, next_tokens) == plan.targets).all()
+        ok = ok & ((flat_labels != -100).sum() == plan.num_labels)
+        torch._assert_async(ok, "pack_plan does not describe this batch (its tokens, image placeholders or labels "
+                                "differ): build it from this batch or leave it out")
+
+    def _packed_embeddings(self, input_ids, plan: PackPlan, visual) -> torch.Tensor:
+        """LLM input embeddings [N, H] of the batch's valid tokens in packed order, the visual
+        tokens at the plan's image rows (the padded batch's embeddings are never built)."""
+        ids = input_ids.reshape(-1).index_select(0, plan.index)
+        # the placeholder id may lie outside the vocabulary: its rows are looked up as id 0, then replaced
+        embeds = self.get_input_embeddings()(ids.index_fill(0, plan.image_rows, 0))
+        tokens = visual.to(embeds.dtype).reshape(-1, embeds.shape[-1])
+        return embeds.index_copy(0, plan.image_rows, tokens)
 
     def _check_llm_kwargs(self, kwargs: dict) -> None:
         """Refuse keyword arguments that neither `forward` nor the LLM's forward takes."""
@@ -671,6 +789,7 @@ class SAM(InstructBlipPreTrainedModel):
         """
         if generation_mode not in GENERATION_MODES:
             raise ValueError(f"generation_mode={generation_mode!r} is not one of {GENERATION_MODES}")
+        generate_kwargs.pop("pack_plan", None)  # a training batch's plan of its packed step: nothing to generate from
         user_config = generate_kwargs.pop("generation_config", None)
         config = copy.deepcopy(self.generation_config)
         if user_config is not None:  # as HF: what the user's config sets wins, the rest is the model's

@@ -12,7 +12,8 @@ fp32 for the loss), without ever holding the ``[M, V]`` logits:
 - Rows whose target is ``ignore_index`` contribute nothing, so they are dropped *before* the
   matmul (no logits are computed for visual or instruction positions handed in with target -100);
   their hidden-state gradient is zero. Finding (and checking) them reads the targets' counts
-  and positions on the host (a device sync).
+  and positions on the host (a device sync), unless the caller has kept only supervised rows
+  (``checked_targets=True``: their range is then asserted on the device).
 - The remaining rows are processed ``chunk_size`` at a time: the chunk's logits (model dtype),
   their log-softmax in fp32 (one fused pass), the loss ``-logp[target]``, and in the same pass
   the gradient w.r.t. the chunk's logits, ``softmax - onehot`` (the exp of the log-softmax, in
@@ -118,6 +119,18 @@ def _check_targets(targets, vocab: int, ignore_index: int) -> int:
 def _validate(hidden, weight, targets, bias, reduction, chunk_size, ignore_index) -> int:
     _validate_shapes(hidden, weight, targets, bias, reduction, chunk_size, ignore_index)
     return _check_targets(targets, weight.shape[0], ignore_index)
+
+
+def _assert_class_ids(targets, vocab: int) -> int:
+    """Number of targets when the caller has selected the supervised ones (``checked_targets``):
+    their range is asserted on the device (no host read; a CUDA device-side assert, a
+    RuntimeError on the CPU); none at all is refused from the shape."""
+    if targets.numel() == 0:
+        raise ValueError("linear_cross_entropy: no target to supervise (checked_targets=True with 0 targets)")
+    torch._assert_async(((targets >= 0) & (targets < vocab)).all(),
+                        f"linear_cross_entropy: a target is outside [0, {vocab}) (checked_targets=True "
+                        f"promises class ids only)")
+    return int(targets.shape[0])
 
 
 # -- the specification --------------------------------------------------------------------------
@@ -317,7 +330,8 @@ def linear_cross_entropy_backend(device="cpu", dtype=torch.float32) -> tuple[str
     return _dispatch.choose(*args).name, usable_table(_dispatch.reasons(*args))
 
 
-def linear_cross_entropy(hidden, weight, targets, bias=None, reduction="mean", chunk_size=None, ignore_index=-100):
+def linear_cross_entropy(hidden, weight, targets, bias=None, reduction="mean", chunk_size=None, ignore_index=-100,
+                         *, checked_targets: bool = False):
     """Cross-entropy of ``F.linear(hidden, weight, bias)`` against `targets` without the full logits
     (module docstring).
 
@@ -331,6 +345,9 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, reduction="mean", c
         chunk_size: rows of logits per chunk for the chunked backend (default: a 64 MiB fp32
             chunk, `default_chunk_size`).
         ignore_index: target value that marks an unsupervised row (-100, as F.cross_entropy).
+        checked_targets: the caller has kept only supervised rows (every target a class id, none
+            ignore_index; e.g. a pack plan's targets): the host read that counts and checks the
+            targets is skipped and their range is asserted on the device instead.
 
     Returns:
         The scalar loss in fp32 (float64 for float64 inputs), differentiable w.r.t. hidden,
@@ -340,14 +357,20 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, reduction="mean", c
         ValueError: naming the bad shape, dtype, device or target value, and when every target is
             ignore_index (nothing to supervise).
     """
-    return _linear_cross_entropy_eager(hidden, weight, targets, bias, reduction, chunk_size, ignore_index)
+    return _linear_cross_entropy_eager(hidden, weight, targets, bias, reduction, chunk_size, ignore_index,
+                                       checked_targets)
 
 
 @torch.compiler.disable
-def _linear_cross_entropy_eager(hidden, weight, targets, bias, reduction, chunk_size, ignore_index):
+def _linear_cross_entropy_eager(hidden, weight, targets, bias, reduction, chunk_size, ignore_index,
+                                checked_targets=False):
     # Opaque to torch.compile: the number of supervised rows is data (it sets every shape inside),
     # so tracing it would graph-break at each host read and recompile for each new count; the
     # work is a few large matmuls that gain nothing from compilation.
-    n_valid = _validate(hidden, weight, targets, bias, reduction, chunk_size, ignore_index)
+    if checked_targets:
+        _validate_shapes(hidden, weight, targets, bias, reduction, chunk_size, ignore_index)
+        n_valid = _assert_class_ids(targets, weight.shape[0])
+    else:
+        n_valid = _validate(hidden, weight, targets, bias, reduction, chunk_size, ignore_index)
     backend = _dispatch.choose(hidden, weight, targets, bias, reduction, chunk_size, ignore_index)
     return backend.impl(hidden, weight, targets, bias, reduction, chunk_size, ignore_index, n_valid=n_valid)

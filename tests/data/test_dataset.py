@@ -102,3 +102,45 @@ def test_collator_mixed_counts_feeds_sam(ds_dir):
     assert "labels" not in gen and gen["attention_mask"][:, -1].all()  # left padded
     new = model.generate(**model_inputs(gen), num_beams=1, max_new_tokens=3)
     assert new.shape[0] == len(items)
+
+
+def test_training_batches_carry_their_pack_plan(ds_dir):
+    """A training batch holds the `PackPlan` of its packed step (its lengths, placeholders and
+    targets spelled out from the token lists); a generation batch none."""
+    from sam_fast.data import PackPlan
+
+    cfg = SAMConfig.tiny()
+    pb = PromptBuilder.for_model(cfg, *tiny_tokenizers())
+    ds = AnnotationDataset(ds_dir, EvalTransform(cfg.vision_config.image_size))
+    items = [ds[i] for i in range(3)]
+    batch = Collator(pb, train=True)(items)
+    plan = batch["pack_plan"]
+    assert isinstance(plan, PackPlan)
+    mask, labels, Q = batch["attention_mask"], batch["labels"], cfg.num_query_tokens
+    lengths = mask.sum(1).tolist()
+    assert plan.seqlens == tuple(lengths) and plan.batch_shape == tuple(mask.shape)
+    assert plan.image_counts == tuple(batch["image_counts"].tolist())
+    assert plan.image_rows.numel() == Q * sum(plan.image_counts)
+    supervised = [(b, s) for b in range(len(items)) for s in range(1, lengths[b]) if labels[b, s] != -100]
+    starts = [sum(lengths[:b]) for b in range(len(items))]
+    assert plan.target_rows.tolist() == [starts[b] + s - 1 for b, s in supervised]
+    assert plan.targets.tolist() == [int(labels[b, s]) for b, s in supervised]
+    assert "pack_plan" not in Collator(pb, train=False)(items)
+
+
+def test_a_bad_label_is_refused_by_the_collator_naming_the_sample(ds_dir, monkeypatch):
+    cfg = SAMConfig.tiny()
+    pb = PromptBuilder.for_model(cfg, *tiny_tokenizers())
+    ds = AnnotationDataset(ds_dir, EvalTransform(cfg.vision_config.image_size))
+    items = [ds[i] for i in range(2)]
+    encode = pb.encode
+
+    def bad_answer(instruction, n, answer=None, **kw):  # an answer id no tokenizer gives: -7
+        e = encode(instruction, n, answer, **kw)
+        if answer == items[1]["output"]:
+            e.answer[0] = -7
+        return e
+
+    monkeypatch.setattr(pb, "encode", bad_answer)
+    with pytest.raises(DataError, match=rf"sample id {items[1]['id']!r}: labels row 1 holds -7"):
+        Collator(pb, train=True)(items)

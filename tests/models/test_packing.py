@@ -397,3 +397,269 @@ def test_split_attention_gradient_has_no_whole_row_fills(monkeypatch):
     packed_lm_loss(model, embeds.clone().requires_grad_(True), mask, labels)
     assert len(seen) == 4 * model.config.num_hidden_layers
     assert all(names == {"SplitWithSizesBackward0"} for names in seen), seen
+
+
+
+# -- the pack plan: the packed training step without host reads ----------------------------------
+
+def test_host_read_counter_sees_every_kind():
+    """`HostReads` counts each kind of read once (so the zero counts below can fail) and plain
+    device work not at all."""
+    from _host_reads import HostReads
+
+    t = torch.arange(6.0)
+    cases = {
+        "item": lambda: t.sum().item(), "tolist": lambda: t.tolist(), "__bool__": lambda: bool(t.sum()),
+        "__int__": lambda: int(t[1]), "__float__": lambda: float(t[1]), "__index__": lambda: [0, 1, 2][t.long()[1]],
+        "nonzero": lambda: torch.nonzero(t), "masked_select": lambda: t.masked_select(t > 2),
+        "unique": lambda: torch.unique(t), "cpu": lambda: t.cpu(), "__getitem__": lambda: t[t > 2],
+    }
+    for name, read in cases.items():
+        with HostReads() as reads:
+            read()
+        assert dict(reads.counts) == {name: 1}, (name, dict(reads.counts))
+    with HostReads() as reads:
+        (t * 2).cumsum(0).index_select(0, torch.tensor([1, 3])).index_fill(0, torch.tensor([0]), 0)
+    assert reads.total == 0, reads.report()
+
+
+TEXTS = ["describe {image#1}", "compare {image#1}, {image#2} and {image#3} in detail, one by one",
+         "what differs?", "which of the four shows a dog, and why do you think so", "a"]
+ANSWERS = ["a red circle on a blue background", "no", "the left one is bigger than the right one", "the third",
+           "ok fine"]
+COUNTS = [1, 3, 2, 4, 1]
+
+
+def _training_batch(model, counts=COUNTS, picks=None, seed=0):
+    """A ragged training batch (1 to 4 images, instructions and answers of many lengths) as the
+    data pipeline builds it: `SAMProcessor` with answers (EvalTransform, PromptBuilder, Collator);
+    sample i has ``counts[i]`` images and the text and answer ``picks[i]`` (default i)."""
+    import numpy as np
+    from PIL import Image
+
+    from sam_fast import SAMProcessor
+    from sam_fast.data import tiny_tokenizers
+
+    rng = np.random.default_rng(seed)
+    images = [[Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)) for _ in range(n)] for n in counts]
+    processor = SAMProcessor.for_model(model, *tiny_tokenizers())
+    picks = range(len(counts)) if picks is None else picks
+    return dict(processor(images=images, text=[TEXTS[i] for i in picks], answers=[ANSWERS[i] for i in picks]))
+
+
+def _trainable_sam(**overrides):
+    from _sam_helpers import randomize_guidance, tiny_sam
+
+    return randomize_guidance(tiny_sam(**overrides)).train()
+
+
+def _with_features(model, batch):
+    with torch.no_grad():
+        feats = model.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
+    return {**batch, "image_features": feats}
+
+
+@pytest.fixture(scope="module")
+def sam_step():
+    """(trainable tiny SAM with random guidance, its training batch, cached features included)."""
+    model = _trainable_sam()
+    return model, _with_features(model, _training_batch(model))
+
+
+def _inputs(batch, images="features", plan=True):
+    drop = {"features": "pixel_values", "pixels": "image_features"}[images]
+    return {k: v for k, v in batch.items() if k != drop and (plan or k != "pack_plan")}
+
+
+def _step(model, inputs):
+    """(loss, {name: gradient} of the trainable tensors) of one forward + backward."""
+    model.zero_grad(set_to_none=True)
+    loss = model(**inputs).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def _assert_bitwise(a, b):
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    assert torch.equal(loss_a, loss_b), (loss_a, loss_b)
+    assert sorted(grads_a) == sorted(grads_b)
+    for name in grads_a:
+        assert torch.equal(grads_a[name], grads_b[name]), name
+
+
+@pytest.mark.parametrize("images", ["features", "pixels"])
+def test_planned_training_step_reads_nothing_from_the_host(sam_step, images):
+    """The batch's pack plan (built by the collator) leaves the packed step (forward + backward,
+    the ViT included from pixels) without a single host read; a batch without it costs two (the
+    image counts, and one copy of ids, mask and labels from which the plan is then built)."""
+    from _host_reads import HostReads
+
+    model, batch = sam_step
+    with HostReads() as reads:
+        model(**_inputs(batch, images)).loss.backward()
+    assert reads.total == 0, reads.report()
+    with HostReads() as reads:
+        model(**_inputs(batch, images, plan=False)).loss.backward()
+    assert dict(reads.counts) == {"tolist": 2}, reads.report()
+    model.zero_grad(set_to_none=True)
+
+
+def _left_padded(model, batch):
+    """The batch with every LLM row moved to the right end (left padding), and its plan built for
+    that layout from host lists (as a collator would)."""
+    from sam_fast.data import PackPlan
+
+    out, S, rows = dict(batch), batch["input_ids"].shape[1], []
+    for key, pad in (("input_ids", 0), ("attention_mask", 0), ("labels", -100)):
+        out[key] = torch.full_like(batch[key], pad)
+    for b, n in enumerate(batch["attention_mask"].sum(1).tolist()):
+        for key in ("input_ids", "attention_mask", "labels"):
+            out[key][b, S - n:] = batch[key][b, :n]
+        rows.append((S - n, batch["input_ids"][b, :n].tolist(), batch["labels"][b, :n].tolist()))
+    out["pack_plan"] = PackPlan.build(rows, S, batch["pack_plan"].image_counts, model.config.image_token_index,
+                                      model.config.num_query_tokens)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["leave_one_out", "shared"])
+@pytest.mark.parametrize("counts, picks", [(COUNTS, None), ([1, 1, 1], [0, 2, 4])])
+def test_plan_or_none_right_or_left_padding_same_step_bit_for_bit(mode, counts, picks):
+    """Loss and every trainable gradient are the same bits with the collator's plan, without a plan
+    (built from the tensors), and for the same samples left-padded (with or without their plan):
+    the packed step sees the same tokens in the same order."""
+    model = _trainable_sam(context_mode=mode)
+    batch = _with_features(model, _training_batch(model, counts, picks))
+    assert batch["attention_mask"][:, 0].all() and not batch["attention_mask"].all()  # right-padded, ragged
+    ref = _step(model, _inputs(batch))
+    assert ref[1]["guidance_in.weight"].abs().max() > 0 or counts == [1, 1, 1]
+    _assert_bitwise(_step(model, _inputs(batch, plan=False)), ref)
+    left = _left_padded(model, batch)
+    _assert_bitwise(_step(model, _inputs(left)), ref)
+    _assert_bitwise(_step(model, _inputs(left, plan=False)), ref)
+
+
+def test_planned_step_equals_the_padded_llm_call(sam_step):
+    """The planned packed step against the padded HF call (``packing=False``, which takes the
+    plan's image counts): same loss and gradients (fp32, rel 1e-5)."""
+    model, batch = sam_step
+    loss, grads = _step(model, _inputs(batch))
+    ref_loss, ref_grads = _step(model, {**_inputs(batch), "packing": False})
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    for name, ref in ref_grads.items():
+        if name == "adaptive_adjustment.bias":  # exactly 0 (the softmax ignores it): both are rounding noise
+            assert grads[name].abs().max() < 1e-6 and ref.abs().max() < 1e-6
+            continue
+        assert ref.abs().max() > 1e-4, name
+        assert (grads[name] - ref).norm() <= 1e-5 * ref.norm(), name
+
+
+def test_collator_plan_is_the_plan_of_its_tensors(sam_step):
+    """The plan the collator builds from its token lists equals the one built from the padded
+    tensors it returns."""
+    from _host_reads import assert_same_plan
+
+    from sam_fast.data import PackPlan
+
+    model, batch = sam_step
+    built = PackPlan.from_tensors(batch["input_ids"], batch["attention_mask"], batch["labels"], COUNTS,
+                                  model.config.image_token_index, model.config.num_query_tokens)
+    assert_same_plan(batch["pack_plan"], built)
+
+
+def test_plan_layout_spelled_out():
+    """Two samples in rows 5 wide (placeholder 9, Q = 2, one image each): sample 0 from column 0,
+    sample 1 from column 1 (left-padded); a sample's first label is nobody's target."""
+    from sam_fast.data import PackPlan
+
+    plan = PackPlan.build([(0, [9, 9, 1, 4, 5], [-100, -100, -100, 4, 5]), (1, [9, 9, 7], [-100, -100, 7]),
+                           (2, [9, 9, 8], [3, -100, -100])], 5, [1, 1, 1], 9, 2)
+    assert plan.index.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 12, 13, 14]
+    assert plan.position_ids.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2]
+    assert plan.cu_seqlens.tolist() == [0, 5, 8, 11] and plan.cu_seqlens.dtype == torch.int32
+    assert plan.image_rows.tolist() == [0, 1, 5, 6, 8, 9]
+    assert plan.target_rows.tolist() == [2, 3, 6] and plan.targets.tolist() == [4, 5, 7]
+    assert plan.seqlens == (5, 3, 3) and plan.max_seqlen == 5 and plan.num_tokens == 11
+    assert plan.num_labels == 4 and plan.batch_shape == (3, 5) and plan.image_counts == (1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "mask_row, labels_row, match",
+    [
+        ([1, 0, 1, 1], [-100, -100, 4, 5], "attention_mask row 1 has a gap"),
+        ([1, 1, 1, 0], [-100, 4, 5, 6], "labels row 1 has a label other than -100 at a padded position"),
+        ([1, 2, 1, 0], [-100, 4, 5, -100], "attention_mask row 1 holds values other than 0 and 1"),
+        ([1.0, 0.5, 1.0, 0.0], [-100, 4, 5, -100], "attention_mask row 1 holds values other than 0 and 1"),
+        ([1, 1, 1, 0], [-100, -7, 5, -100], r"labels row 1 holds -7 at position 1"),
+        ([1, 1, 1, 0], [-100, 50, 5, -100], r"labels row 1 holds 50 at position 1: .* \(\[0, 50\)\)"),
+    ],
+)
+def test_plan_from_bad_tensors_names_the_row(mask_row, labels_row, match):
+    from sam_fast.data import PackPlan, PackPlanError
+
+    mask = torch.tensor([[1, 1, 1, 1], mask_row])
+    labels = torch.tensor([[-100, 1, 2, 3], labels_row])
+    ids = torch.tensor([[9, 1, 2, 3], [9, 4, 5, 6]])
+    with pytest.raises(PackPlanError, match=match) as err:
+        PackPlan.from_tensors(ids, mask, labels, [1, 1], 9, 1, vocab_size=50)
+    assert err.value.row == 1 and "\n" not in str(err.value)
+
+
+def test_placeholder_mismatch_without_a_plan_names_the_sample(sam_step):
+    model, batch = sam_step
+    inputs = _inputs(batch, plan=False)
+    inputs["image_counts"] = torch.tensor([1, 3, 3, 3, 1])
+    with pytest.raises(ValueError, match=r"\(sample, found, expected\): \[\(2, 16, 24\), \(3, 32, 24\)\]"):
+        model(**inputs)
+
+
+def test_a_plan_for_another_batch_is_refused(sam_step):
+    """A plan must describe its batch: another shape is refused on the host, other tokens,
+    placeholders or labels by the device-side check (a RuntimeError on the CPU)."""
+    model, batch = sam_step
+    other = _training_batch(model, COUNTS[:3])
+    with pytest.raises(ValueError, match=r"pack_plan was built for a batch of shape \(3, \d+\)"):
+        model(**{**_inputs(batch), "pack_plan": other["pack_plan"]})
+    with pytest.raises(ValueError, match=r"image_counts \[1, 3, 2, 4, 2\] differ from pack_plan's"):
+        model(**{**_inputs(batch), "image_counts": [1, 3, 2, 4, 2]})
+    labels = batch["labels"].clone()
+    labels[0, 10] = 5  # a prompt token now supervised
+    ids = batch["input_ids"].clone()
+    ids[1, [0, 30]] = ids[1, [30, 0]]  # a placeholder moved into the text
+    mask = batch["attention_mask"].clone()
+    mask[4, 60] = 1  # a pad token now attended
+    for change in ({"labels": labels}, {"input_ids": ids}, {"attention_mask": mask}):
+        with pytest.raises(RuntimeError, match="pack_plan does not describe this batch"):
+            model(**{**_inputs(batch), **change})
+
+
+def test_plan_travels_with_the_batch(sam_step):
+    """The plan survives every batch mover: `model_inputs` (moved like the tensors, non_blocking),
+    pickling (DataLoader workers), a rebuild of mappings as HF Trainer / accelerate do, and a plain
+    dict; generation inputs leave it out, and `generate` ignores it."""
+    import pickle
+
+    from _host_reads import assert_same_plan
+
+    from sam_fast.data import PackPlan, model_inputs
+
+    model, batch = sam_step
+    plan = batch["pack_plan"]
+    moved = model_inputs(batch, "cpu", non_blocking=True)["pack_plan"]
+    assert isinstance(moved, PackPlan)
+    assert_same_plan(moved, plan)
+    assert_same_plan(pickle.loads(pickle.dumps(plan)), plan)
+    assert_same_plan(type(plan)({k: v for k, v in plan.items()}), plan)
+    ref = _step(model, _inputs(batch))
+    _assert_bitwise(_step(model, {**_inputs(batch), "pack_plan": dict(plan)}), ref)
+    gen = model_inputs(batch, generation=True)
+    assert "pack_plan" not in gen and "labels" not in gen
+    model.eval()
+    try:
+        prompt = {k: batch[k] for k in ("image_features", "image_counts", "qformer_input_ids", "qformer_attention_mask",
+                                        "input_ids", "attention_mask")}
+        want = model.generate(**prompt, max_new_tokens=2, num_beams=1)
+        assert torch.equal(model.generate(**prompt, pack_plan=plan, max_new_tokens=2, num_beams=1), want)
+    finally:
+        model.train()

@@ -169,6 +169,27 @@ def test_bad_input_raises_naming_the_value(mutate, match):
         linear_cross_entropy(h, w, t)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_checked_targets_read_nothing_back(backend, reduction):
+    """``checked_targets=True`` (the caller kept only supervised rows, as a pack plan does): the
+    same loss and gradients, bit for bit, without the host read that counts and checks the
+    targets; a target out of range is still refused (on the device), none at all from the shape."""
+    from _host_reads import HostReads
+
+    h, w, t, _ = make(23, 8, 37, torch.float32, ignore_frac=0.0)
+    want = loss_and_grads(linear_cross_entropy, h, w, t, None, reduction, "hw", chunk_size=5)
+    with HostReads() as reads:
+        got = loss_and_grads(linear_cross_entropy, h, w, t, None, reduction, "hw", chunk_size=5,
+                             checked_targets=True)
+    assert reads.total == 0, reads.report()
+    for a, b in zip(got, want):
+        assert (a is None and b is None) or torch.equal(a, b)
+    with pytest.raises(RuntimeError, match=r"a target is outside \[0, 37\)"):
+        linear_cross_entropy(h, w, torch.cat([t[:-1], t.new_tensor([37])]), checked_targets=True)
+    with pytest.raises(ValueError, match="no target to supervise"):
+        linear_cross_entropy(h[:0], w, t[:0], checked_targets=True)
+
+
 def test_bad_options_raise():
     h, w, t, _ = make(5, 8, 11, torch.float32)
     with pytest.raises(ValueError, match="reduction='none'"):
