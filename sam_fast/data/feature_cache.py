@@ -264,7 +264,8 @@ def _shard_header(cache_dir: Path, sid: int) -> tuple[Path, dict, int]:
 
 
 def _check_tensor(where: str, key: str, info, dtype: torch.dtype, shape: list[int], data_bytes: int) -> None:
-    """`BrokenCacheError` unless header entry `info` of tensor `key` is `dtype` of `shape`, all of its bytes in the file."""
+    """`BrokenCacheError` unless header entry `info` of tensor `key` is `dtype` of `shape`, with all of its bytes
+    in the file."""
     if not isinstance(info, dict):
         raise BrokenCacheError(f"{where}: no tensor {bounded_repr(key)} in the shard, which the manifest lists; "
                                f"{_REBUILD}")

@@ -175,7 +175,8 @@ def test_a_fifo_shard_or_manifest_is_refused_without_blocking(setup):
     with _fifo_released_after(shard, 20) as clock:
         msg = _refused(data, cache, model, r"shard-00001\.safetensors is a FIFO, not a regular file")
         assert clock() < 20
-    assert msg == f"{cache}: shard-00001.safetensors is a FIFO, not a regular file; rebuild it with sam-fast cache-features"
+    assert msg == (f"{cache}: shard-00001.safetensors is a FIFO, not a regular file; rebuild it with "
+                   f"sam-fast cache-features")
     (cache / "manifest.json").unlink()
     os.mkfifo(cache / "manifest.json")
     with _fifo_released_after(cache / "manifest.json", 20) as clock:
@@ -264,7 +265,8 @@ def _edit_manifest(cache, edit):
      r"manifest\.json: images\['images/0000_0\.png'\] = \[0, '0'\], expected an object"),
     (lambda m: {**m, "images": {**m["images"], "images/0000_0.png": {**m["images"]["images/0000_0.png"], "key": 0}}},
      r"manifest\.json: images\['images/0000_0\.png'\]\.key = 0, expected a string"),
-    (lambda m: {**m, "vision_fingerprint": {"x": "y" * 10**6}}, r"vision_fingerprint = \{'x': 'y[y.]{0,70}\.\.\., expected a string"),  # 80 chars
+    (lambda m: {**m, "vision_fingerprint": {"x": "y" * 10**6}},  # a megabyte of it: 80 characters printed
+     r"vision_fingerprint = \{'x': 'y[y.]{0,70}\.\.\., expected a string"),
 ])
 def test_a_manifest_of_the_wrong_structure_is_refused(setup, edit, pattern):
     model, data, cache = setup
