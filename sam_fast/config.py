@@ -15,9 +15,21 @@ converts by adding three fields:
 
 What the modes and layers mean: docs/model.md#context-modes, docs/model.md#guidance-modes and
 docs/model.md#w-former-and-the-interaction-layers.
+
+Sizes and types are checked before anything is built (`check_config_dict`, `ConfigError`): a
+``config.json`` with a million layers, a hidden size of 1e9, zero heads or ``torch_dtype: "float7"``
+is one line naming the file, the dotted key and the value, not minutes of building layers or a
+traceback from torch. The bounds are far beyond any released model.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import stat
+from functools import lru_cache
 
 from transformers import (
     InstructBlipConfig,
@@ -26,8 +38,178 @@ from transformers import (
     LlamaConfig,
 )
 
+from sam_fast._text import bounded_repr
+
 CONTEXT_MODES = ("leave_one_out", "shared")
 GUIDANCE_MODES = ("adaptive", "mean", "none")
+
+MAX_WIDTH = 65536  # hidden sizes (ViT-g: 1408, Vicuna-13B: 5120, the largest open LLMs: 16384)
+MAX_LAYERS = 1024  # layers of one stack (Vicuna-7B: 32, ViT-g: 39)
+MAX_VOCAB = 10_000_000  # vocabulary sizes and token ids (LLaMA: 32000)
+MAX_IMAGE_SIZE = 4096  # the vision tower's input size in pixels (InstructBLIP: 224)
+MAX_QUERY_TOKENS = 1024  # visual tokens per image (InstructBLIP: 32)
+MAX_POSITIONS = 1 << 24  # LLM positions (rotary: no table is built); the Q-former's table is capped at 65536
+
+# (low, high) of each integer field, per sub-config ("" is the top level). A field absent from a file
+# takes the class default; a present one must be an integer in range (null only where _NULLABLE says).
+_BOUNDS = {
+    "": {"num_query_tokens": (1, MAX_QUERY_TOKENS), "image_token_index": (0, MAX_VOCAB)},
+    "vision_config": {"hidden_size": (1, MAX_WIDTH), "intermediate_size": (1, 4 * MAX_WIDTH),
+                      "num_hidden_layers": (1, MAX_LAYERS), "num_attention_heads": (1, MAX_WIDTH),
+                      "image_size": (1, MAX_IMAGE_SIZE), "patch_size": (1, MAX_IMAGE_SIZE)},
+    "qformer_config": {"vocab_size": (1, MAX_VOCAB), "hidden_size": (1, MAX_WIDTH),
+                       "intermediate_size": (1, 4 * MAX_WIDTH), "num_hidden_layers": (1, MAX_LAYERS),
+                       "num_attention_heads": (1, MAX_WIDTH), "cross_attention_frequency": (1, MAX_LAYERS),
+                       "encoder_hidden_size": (1, MAX_WIDTH), "max_position_embeddings": (1, 65536)},
+    "text_config": {"vocab_size": (1, MAX_VOCAB), "hidden_size": (1, MAX_WIDTH),
+                    "intermediate_size": (1, 4 * MAX_WIDTH), "num_hidden_layers": (1, MAX_LAYERS),
+                    "num_attention_heads": (1, MAX_WIDTH), "num_key_value_heads": (1, MAX_WIDTH),
+                    "head_dim": (1, MAX_WIDTH), "max_position_embeddings": (1, MAX_POSITIONS)},
+}
+_NULLABLE = {"image_token_index", "num_key_value_heads", "head_dim"}  # None: derived by the config class
+_EPS = {"vision_config": "layer_norm_eps", "qformer_config": "layer_norm_eps", "text_config": "rms_norm_eps"}
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64", "half", "float", "double")
+
+
+class ConfigError(ValueError):
+    """A model or processor configuration value of the wrong type, or beyond what any real model has."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@lru_cache(maxsize=None)
+def _defaults(config_cls) -> dict:
+    """The class defaults of a (dataclass) transformers config: what a field absent from a file becomes."""
+    if not dataclasses.is_dataclass(config_cls):
+        return {}
+    return {f.name: f.default for f in dataclasses.fields(config_cls) if f.default is not dataclasses.MISSING}
+
+
+def _section_class(section: str, sub: dict):
+    """The transformers config class a sub-config dict is built with (InstructBlipConfig's choices)."""
+    if section == "":
+        return InstructBlipConfig
+    if section == "vision_config":
+        return InstructBlipVisionConfig
+    if section == "qformer_config":
+        return InstructBlipQFormerConfig
+    from transformers import CONFIG_MAPPING
+
+    return CONFIG_MAPPING[sub.get("model_type", "opt")]  # InstructBlipConfig's default text model
+
+
+def _known_dtype(v) -> bool:
+    import torch
+
+    return v is None or (isinstance(v, torch.dtype) and v.is_floating_point) or (
+        isinstance(v, str) and v in _FLOAT_DTYPES)
+
+
+def _check_dtype(sub: dict, prefix: str, where: str) -> None:
+    """transformers turns a dtype name into ``getattr(torch, name)``: "float7" would be an AttributeError."""
+    for key in ("torch_dtype", "dtype"):
+        v = sub.get(key)
+        # transformers also writes a per-sub-config mapping of names
+        ok = all(_known_dtype(x) for x in v.values()) if isinstance(v, dict) else _known_dtype(v)
+        if not ok:
+            raise ConfigError(f"{where}: {prefix}{key} = {bounded_repr(v)}: expected null or one of {_FLOAT_DTYPES}")
+
+
+def _check_section(sub, section: str, where: str, prefix: str | None = None) -> dict:
+    """The effective integer fields of one sub-config (file value, else class default), checked against
+    `_BOUNDS`; `ConfigError` naming ``prefix + key`` otherwise."""
+    prefix = f"{section}." if prefix is None else prefix
+    if hasattr(sub, "to_dict"):
+        sub = sub.to_dict()
+    if not isinstance(sub, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.')} = {bounded_repr(sub)}: expected an object")
+    _check_dtype(sub, prefix, where)
+    if section == "text_config" and "model_type" in sub:
+        from transformers import CONFIG_MAPPING
+
+        if not isinstance(sub["model_type"], str) or sub["model_type"] not in CONFIG_MAPPING:
+            raise ConfigError(f"{where}: {prefix}model_type = {bounded_repr(sub['model_type'])}: not a model type "
+                              f"transformers knows (SAM's LLM is 'llama')")
+    defaults = _defaults(_section_class(section, sub))
+    values = {}
+    for key, (low, high) in _BOUNDS[section].items():
+        v = sub[key] if key in sub else defaults.get(key)
+        if v is None and (key not in sub or key in _NULLABLE):
+            continue
+        if not _is_int(v) or not low <= v <= high:
+            raise ConfigError(f"{where}: {prefix}{key} = {bounded_repr(v)}: expected an integer in [{low}, {high}]")
+        values[key] = v
+    eps = _EPS.get(section)
+    if eps in sub:
+        v = sub[eps]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < 1 and math.isfinite(v)):
+            raise ConfigError(f"{where}: {prefix}{eps} = {bounded_repr(v)}: expected a number between 0 and 1")
+    return values
+
+
+def _divides(where: str, what: str, small: str, big: str, values: dict, prefix: str) -> None:
+    if small in values and big in values and values[big] % values[small]:
+        raise ConfigError(f"{where}: {prefix}{small} = {values[small]} does not divide {prefix}{big} = "
+                          f"{values[big]} ({what})")
+
+
+def check_text_config(sub, where: str, prefix: str = "text_config.") -> dict:
+    """Check an LLM config (``text_config``, or an LLM folder's config.json with ``prefix=""``); the
+    effective sizes. `ConfigError` naming `where` and the key otherwise."""
+    v = _check_section(sub, "text_config", where, prefix)
+    if v.get("head_dim") is None:
+        _divides(where, "the attention heads split the hidden size", "num_attention_heads", "hidden_size", v, prefix)
+    _divides(where, "the key/value heads are shared by groups of heads", "num_key_value_heads", "num_attention_heads",
+             v, prefix)
+    return v
+
+
+def check_config_dict(raw, where: str) -> dict:
+    """Raise `ConfigError` (one line: `where`, the dotted key, the value in at most ~80 characters) unless the
+    InstructBLIP / SAM config `raw` (a config.json's object, or `SAMConfig`'s keyword arguments) has sizes and
+    types a model can be built from: integers within the generous bounds of `_BOUNDS`, heads dividing hidden
+    sizes, the image size a multiple of the patch size, a known dtype. Checked before anything is built.
+    Returns the effective integer fields per sub-config (``""``: the top level), class defaults filled in."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: holds a JSON {type(raw).__name__}, not an object")
+    sections = {"": _check_section(raw, "", where, prefix="")}
+    for section in ("vision_config", "qformer_config"):
+        sub = raw.get(section)
+        sections[section] = _check_section({} if sub is None else sub, section, where)
+    text = raw.get("text_config")
+    sections["text_config"] = check_text_config({} if text is None else text, where)
+    for section in ("vision_config", "qformer_config"):
+        _divides(where, "the attention heads split the hidden size", "num_attention_heads", "hidden_size",
+                 sections[section], f"{section}.")
+    _divides(where, "the image is cut into whole patches", "patch_size", "image_size", sections["vision_config"],
+             "vision_config.")
+    return sections
+
+
+def read_config_file(path) -> dict:
+    """The JSON object in the config file `path`, read only when it is a regular file (a FIFO would block);
+    `ConfigError` naming the file for a cut, non-JSON, too deeply nested or non-object file."""
+    path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"{path}: not a regular file")
+        with open(path, "rb") as f:
+            data = f.read()
+        value = json.loads(data)
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except ValueError as e:  # JSONDecodeError (a cut file), ConfigError passes through below
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{path}: not valid JSON ({' '.join(str(e).split())[:120]})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 class SAMConfig(InstructBlipConfig):
@@ -63,6 +245,7 @@ class SAMConfig(InstructBlipConfig):
         self, context_mode="leave_one_out", guidance="adaptive", interaction_layers=None, post_layernorm_eps=None,
         packed_loss=True, recompute_qformer=True, **kwargs,
     ):
+        check_config_dict(kwargs, type(self).__name__)  # before InstructBlipConfig builds anything from them
         self.packed_loss = bool(packed_loss)
         self.recompute_qformer = bool(recompute_qformer)
         if post_layernorm_eps is not None and not float(post_layernorm_eps) > 0:
@@ -116,6 +299,15 @@ class SAMConfig(InstructBlipConfig):
             )
 
     # -- constructors -----------------------------------------------------------------------
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """transformers' reading of config.json, after checking a local one with `check_config_dict`, so that
+        `from_pretrained` (of the config, of `SAM`, of a trainable delta) names the file in its one-line error."""
+        path = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "", "config.json")
+        if os.path.isdir(os.fspath(pretrained_model_name_or_path)) and os.path.lexists(path):
+            check_config_dict(read_config_file(path), path)
+        return super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+
     @classmethod
     def from_instructblip_config(cls, config: InstructBlipConfig, **overrides) -> "SAMConfig":
         """Convert an `InstructBlipConfig` (object or dict) into a SAMConfig; `overrides` win."""

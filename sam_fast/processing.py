@@ -27,7 +27,6 @@ tokenizers). Nothing is downloaded.
 from __future__ import annotations
 
 import inspect
-import json
 import numbers
 import os
 
@@ -39,6 +38,15 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.processing_utils import ProcessorMixin
 
+from sam_fast._text import bounded_repr
+from sam_fast.config import (
+    MAX_IMAGE_SIZE,
+    MAX_QUERY_TOKENS,
+    MAX_VOCAB,
+    ConfigError,
+    check_config_dict,
+    read_config_file,
+)
 from sam_fast.data.dataset import Collator, DataError, model_inputs, text_problem
 from sam_fast.data.paths import refuse_code_in
 from sam_fast.data.tokenization import PromptBuilder, image_reference_problem, load_tokenizers
@@ -46,6 +54,26 @@ from sam_fast.data.transforms import EvalTransform
 
 PROCESSOR_FILE = "processor_config.json"
 QFORMER_SUBFOLDER = "qformer_tokenizer"
+
+MAX_TEXT_TOKENS = 1 << 20  # max_txt_len / max_output_txt_len (released: 128 / 256)
+# (low, high, null allowed) of the processor's settings: a saved file is checked before anything is built
+_SETTINGS = {"num_query_tokens": (1, MAX_QUERY_TOKENS, False), "image_token_index": (0, MAX_VOCAB, False),
+             "max_txt_len": (1, MAX_TEXT_TOKENS, False), "max_output_txt_len": (1, MAX_TEXT_TOKENS, False),
+             "llm_vocab_size": (1, MAX_VOCAB, True), "qformer_vocab_size": (1, MAX_VOCAB, True)}
+
+
+def _check_int(where: str, key: str, value, low: int, high: int, nullable: bool = False) -> None:
+    """`ConfigError` naming `where`, `key` and (a bounded repr of) `value` unless it is an integer in [low, high]."""
+    if value is None and nullable:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+        raise ConfigError(f"{where}: {key} = {bounded_repr(value)}: expected an integer in [{low}, {high}]")
+
+
+def _check_settings(settings: dict, where: str) -> None:
+    for key, (low, high, nullable) in _SETTINGS.items():
+        if key in settings:
+            _check_int(where, key, settings[key], low, high, nullable)
 
 
 def as_pil_image(image) -> Image.Image:
@@ -100,8 +128,7 @@ class SAMImageProcessor(ImageProcessingMixin):
     def __init__(self, size: int = 224, **kwargs):
         kwargs.pop("image_processor_type", None)
         super().__init__(**kwargs)
-        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
-            raise ValueError(f"size must be a positive integer (pixels), got {size!r}")
+        _check_int(type(self).__name__, "size", size, 1, MAX_IMAGE_SIZE)  # pixels: 100000 would need 120 GB
         self.size = int(size)
 
     def __call__(self, images, **kwargs) -> BatchFeature:
@@ -166,6 +193,9 @@ class SAMProcessor(ProcessorMixin):
     def __init__(self, image_processor, tokenizer, qformer_tokenizer, num_query_tokens: int = 32,
                  image_token_index: int = 32001, max_txt_len: int = 128, max_output_txt_len: int = 256,
                  llm_vocab_size: int | None = None, qformer_vocab_size: int | None = None, **kwargs):
+        _check_settings(dict(num_query_tokens=num_query_tokens, image_token_index=image_token_index,
+                             max_txt_len=max_txt_len, max_output_txt_len=max_output_txt_len,
+                             llm_vocab_size=llm_vocab_size, qformer_vocab_size=qformer_vocab_size), type(self).__name__)
         qformer_tokenizer.truncation_side = "left"
         self.num_query_tokens, self.image_token_index = int(num_query_tokens), int(image_token_index)
         self.max_txt_len, self.max_output_txt_len = int(max_txt_len), int(max_output_txt_len)
@@ -215,19 +245,25 @@ class SAMProcessor(ProcessorMixin):
         settings = [p for p in inspect.signature(cls.__init__).parameters if p not in (
             "self", "image_processor", "tokenizer", "qformer_tokenizer", "kwargs")]
         overrides = {k: kwargs.pop(k) for k in settings if k in kwargs}
-        saved = {}
-        if os.path.isfile(os.path.join(path, PROCESSOR_FILE)):
-            with open(os.path.join(path, PROCESSOR_FILE), encoding="utf-8") as f:
-                saved = json.load(f)
+        saved, file = {}, os.path.join(path, PROCESSOR_FILE)
+        if os.path.lexists(file):
+            saved = read_config_file(file)  # a JSON object from a regular file, or a one-line ConfigError
         if saved.get("processor_class") == cls.__name__:
             kwargs.setdefault("local_files_only", True)
             if kwargs.setdefault("trust_remote_code", False):
                 raise ValueError("SAMProcessor.from_pretrained: trust_remote_code=True is refused (sam_fast never "
                                  "loads code from a folder)")
-            image_processor = SAMImageProcessor(**saved.get("image_processor", {}))
+            image_settings = saved.get("image_processor", {})
+            if not isinstance(image_settings, dict):
+                raise ConfigError(f"{file}: image_processor = {bounded_repr(image_settings)}: expected an object")
+            init = {k: saved[k] for k in settings if k in saved}
+            _check_settings(init, file)  # before a tokenizer loads or a batch is sized from them
+            if "size" in image_settings:
+                _check_int(file, "image_processor.size", image_settings["size"], 1, MAX_IMAGE_SIZE)
+            _check_against_model(path, file, {**init, **overrides}, image_settings.get("size"))
+            image_processor = SAMImageProcessor(**image_settings)
             llm_tok = AutoTokenizer.from_pretrained(path, **kwargs)
             q_tok = AutoTokenizer.from_pretrained(os.path.join(path, QFORMER_SUBFOLDER), **kwargs)
-            init = {k: saved[k] for k in settings if k in saved}
             return cls(image_processor, llm_tok, q_tok, **{**init, **overrides})
         return cls.for_model(_config_of_folder(path), *load_tokenizers(path), **overrides)
 
@@ -380,6 +416,32 @@ def _as_list(value, name: str) -> list:
     return list(value)
 
 
+def _model_config_file(path: str) -> tuple[str, dict] | None:
+    """(file, checked effective sizes) of a SAM or HF InstructBLIP config.json in folder `path`; None when the
+    folder has none (a processor saved on its own, or next to something else)."""
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        return None
+    raw = read_config_file(cfg_file)
+    if raw.get("model_type") not in ("sam_fast", "instructblip") and "vision_config" not in raw:
+        return None
+    return cfg_file, check_config_dict(raw, cfg_file)
+
+
+def _check_against_model(path: str, file: str, settings: dict, size) -> None:
+    """`ConfigError` when the saved processor's query tokens or image size differ from the model's config.json
+    beside it: its batches would hold another number of placeholders per image (or other pixels) than the model
+    fills, found only after building them (1e8 query tokens: a batch of gigabytes)."""
+    found = _model_config_file(path)
+    if found is None:
+        return
+    cfg_file, model = found
+    for key, ours, theirs in (("num_query_tokens", settings.get("num_query_tokens"), model[""]["num_query_tokens"]),
+                              ("image_processor.size", size, model["vision_config"].get("image_size"))):
+        if ours is not None and theirs is not None and ours != theirs:
+            raise ConfigError(f"{file}: {key} = {bounded_repr(ours)} differs from the model's {theirs} ({cfg_file})")
+
+
 def _config_of_folder(path: str):
     """The SAMConfig of a SAM or HF InstructBLIP folder (its config.json)."""
     from transformers import InstructBlipConfig
@@ -390,8 +452,9 @@ def _config_of_folder(path: str):
     if not os.path.isfile(cfg_file):
         raise FileNotFoundError(f"{path}: no {PROCESSOR_FILE} of a SAMProcessor and no config.json (a SAM or HF "
                                 f"InstructBLIP folder) to build one from")
-    with open(cfg_file, encoding="utf-8") as f:
-        model_type = json.load(f).get("model_type")
+    raw = read_config_file(cfg_file)
+    check_config_dict(raw, cfg_file)  # before InstructBlipConfig builds anything from it
+    model_type = raw.get("model_type")
     if model_type == SAMConfig.model_type:
         return SAMConfig.from_pretrained(path)
     return SAMConfig.from_instructblip_config(InstructBlipConfig.from_pretrained(path))

@@ -1,9 +1,12 @@
 """SAMProcessor: the batch it builds is the one the data pipeline builds, the model takes it as is,
-it round-trips through a folder (next to the model), and bad input fails in one line naming the sample."""
+it round-trips through a folder (next to the model), and bad input fails in one line naming the sample; saved
+settings beyond any real model's, or differing from the model's config.json beside them, fail in one line naming
+the file and the key."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -268,3 +271,70 @@ def test_from_an_instructblip_folder(tmp_path):
     assert batch["input_ids"][0, :8].tolist() == [119] * 8
     out = SAM.from_instructblip(tmp_path).generate(**batch, max_new_tokens=2, num_beams=1)
     assert out.shape[0] == 1
+
+
+# -- processor_config.json / config.json: sizes checked before a tokenizer loads or a batch is sized ------------------
+
+def _saved(model, processor, d, edit=None):
+    """`processor` saved next to `model` in `d`, processor_config.json changed by `edit(dict)`."""
+    model.save_pretrained(d)
+    processor.save_pretrained(d)
+    if edit is not None:
+        raw = json.loads((d / "processor_config.json").read_text())
+        edit(raw)
+        (d / "processor_config.json").write_text(json.dumps(raw))
+    return d / "processor_config.json"
+
+
+def _refused(call, file, pattern):
+    from sam_fast.config import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        call()
+    msg = str(exc.value)
+    assert msg.startswith(f"{file}: ") and "\n" not in msg and len(msg) < 300, msg
+    assert re.search(pattern, msg), msg
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda p: p["image_processor"].update(size=100_000),  # a [T, 3, 1e5, 1e5] batch: 120 GB per image
+     r"image_processor\.size = 100000: expected an integer in \[1, 4096\]"),
+    (lambda p: p.update(num_query_tokens=1e8), r"num_query_tokens = 100000000\.0: expected an integer in \[1, 1024\]"),
+    (lambda p: p.update(num_query_tokens=16), r"num_query_tokens = 16 differs from the model's 8 \(\S+config\.json\)"),
+    (lambda p: p["image_processor"].update(size=56), r"image_processor\.size = 56 differs from the model's 28"),
+    (lambda p: p.update(max_txt_len=-1), r"max_txt_len = -1: expected an integer in \[1, "),
+    (lambda p: p.update(image_token_index="x" * 10**7), r"image_token_index = 'x{30,}\.\.\.x{30,}': expected an integer"),
+    (lambda p: p.update(image_processor="size=28"), r"image_processor = 'size=28': expected an object"),
+])
+def test_saved_processor_settings_are_checked(model, processor, tmp_path, edit, pattern):
+    file = _saved(model, processor, tmp_path, edit)
+    _refused(lambda: SAMProcessor.from_pretrained(tmp_path), file, pattern)
+
+
+@pytest.mark.parametrize("text, pattern", [
+    ('{"processor_class": "SAMProcessor", "num_query_tokens"', r"not valid JSON \("),
+    ('["SAMProcessor"]', r"holds a JSON list, not an object"),
+])
+def test_cut_or_nested_processor_config_is_refused(model, processor, tmp_path, text, pattern):
+    file = _saved(model, processor, tmp_path)
+    file.write_text(text)
+    _refused(lambda: SAMProcessor.from_pretrained(tmp_path), file, pattern)
+
+
+def test_processor_from_a_bad_model_config_is_refused(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    save_tokenizers(*tiny_tokenizers(), tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["qformer_config"]["num_attention_heads"] = 0  # torch: ZeroDivisionError
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    _refused(lambda: SAMProcessor.from_pretrained(tmp_path), tmp_path / "config.json",
+             r"qformer_config\.num_attention_heads = 0: expected an integer in \[1, ")
+
+
+def test_processor_sizes_are_bounded_in_code_too(model):
+    from sam_fast.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^SAMImageProcessor: size = 100000: expected an integer in \[1, 4096\]$"):
+        SAMImageProcessor(size=100_000)
+    with pytest.raises(ConfigError, match=r"^SAMProcessor: num_query_tokens = 100000000: expected an integer in \[1, "):
+        SAMProcessor(SAMImageProcessor(size=28), *reversed(tiny_tokenizers()), num_query_tokens=10**8)

@@ -32,6 +32,12 @@ A cache is refused (`StaleCacheError`, naming what differs) when the vision mode
 (config, weights and the final LayerNorm's eps), the transform, or an image file (size or mtime) does not match, or an image is
 missing from it.
 
+The cache's own files are not trusted either (`BrokenCacheError`, a `StaleCacheError`, one line naming the cache
+folder, the file and the key): only regular files inside the cache folder are opened (a FIFO, a device, a folder or a
+link leading outside is refused before it is read, so it cannot block a run), the manifest must be a JSON object of
+the expected structure, and every shard's safetensors header (read without loading a tensor) must hold each key the
+manifest lists for it with the manifest's dtype and shape (``[P, D]`` or ``[V, P, D]``) and all its bytes.
+
 Building writes the new cache into a fresh hidden directory beside the target and renames it into
 place. An existing target is replaced only when it is a sam_fast cache (its manifest.json has this
 format and it holds nothing but the manifest and shards) or an empty directory; anything else (a
@@ -50,11 +56,14 @@ import json
 import os
 import re
 import shutil
+import stat
+import struct
 import tempfile
 from pathlib import Path
 
 import torch
 
+from sam_fast._text import bounded_repr
 from sam_fast.data.dataset import AnnotationDataset, DataError, load_records
 from sam_fast.data.images import open_image
 from sam_fast.data.transforms import EvalTransform, TrainTransform
@@ -76,6 +85,11 @@ class CacheOutputError(RuntimeError):
 
 class CacheDtypeError(ValueError):
     """A feature does not fit the cache's dtype (e.g. beyond float16's range) or is not finite."""
+
+
+class BrokenCacheError(StaleCacheError):
+    """A file of the cache is not what the manifest says (damaged, replaced, or not a regular file in the folder).
+    A `StaleCacheError`, so whoever handles a stale cache handles a broken one: the remedy is the same rebuild."""
 
 
 def _stable_int(*parts) -> int:
@@ -122,6 +136,161 @@ def _dtype(dtype) -> torch.dtype:
 
 
 _CACHE_ENTRY = re.compile(r"shard-\d{5}\.safetensors|manifest\.json")
+_REBUILD = "rebuild it with sam-fast cache-features"
+
+
+def _shard_name(sid: int) -> str:
+    return f"shard-{sid:05d}.safetensors"
+
+
+def _file_kind(mode: int) -> str:
+    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "of an unknown kind"
+
+
+def _cache_file(cache_dir: Path, name: str) -> Path:
+    """The real path of file `name` of the cache, when it is a regular file inside the cache folder (after
+    following links); `BrokenCacheError` otherwise. Only stat is called: a FIFO is refused without being opened,
+    which would block until someone writes to it."""
+    if Path(name).name != name or name in (".", ".."):
+        raise BrokenCacheError(f"{cache_dir}: {bounded_repr(name)} is not a file name inside the cache folder; "
+                               f"{_REBUILD}")
+    folder = os.path.realpath(cache_dir)
+    real = os.path.realpath(cache_dir / name)
+    if os.path.commonpath([folder, real]) != folder:  # a resolved path: at most PATH_MAX, printed whole
+        raise BrokenCacheError(f"{cache_dir}: {name} leads to {real}, outside the cache folder; {_REBUILD}")
+    try:
+        mode = os.stat(real).st_mode
+    except OSError as e:
+        raise BrokenCacheError(f"{cache_dir}: {name} cannot be read ({e.strerror}); {_REBUILD}") from None
+    if not stat.S_ISREG(mode):
+        raise BrokenCacheError(f"{cache_dir}: {name} is {_file_kind(mode)}, not a regular file; {_REBUILD}")
+    return Path(real)
+
+
+def _read_bytes(path: Path, offset: int = 0, size: int = -1) -> bytes:
+    """`size` bytes (-1: all) from `offset` of the regular file `path`. Opened non-blocking and checked again
+    after opening, so a file swapped for a FIFO since `_cache_file` is refused rather than waited on."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise BrokenCacheError(f"{path.parent}: {path.name} cannot be read ({e.strerror}); {_REBUILD}") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise BrokenCacheError(f"{path.parent}: {path.name} is {_file_kind(mode)}, not a regular file; "
+                                   f"{_REBUILD}")
+        f.seek(offset)
+        return f.read(size)
+
+
+def _json_object(data: bytes, where: str):
+    """The JSON object (dict) in `data`; `BrokenCacheError` naming `where` for anything else."""
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise BrokenCacheError(f"{where}: nested too deeply to be a feature-cache file; {_REBUILD}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: a cut or overwritten file
+        raise BrokenCacheError(f"{where}: not valid JSON ({' '.join(str(e).split())[:120]}); {_REBUILD}") from None
+    if not isinstance(value, dict):
+        raise BrokenCacheError(f"{where}: holds a JSON {type(value).__name__}, not an object; {_REBUILD}")
+    return value
+
+
+def read_manifest(cache_dir) -> dict:
+    """The manifest of the cache in `cache_dir`, read only when it is a regular file in the folder and holds a JSON
+    object; `BrokenCacheError` otherwise. Its fields are not checked here (`FeatureCache` does)."""
+    cache_dir = Path(cache_dir)
+    path = _cache_file(cache_dir, "manifest.json")
+    return _json_object(_read_bytes(path), f"{cache_dir}: manifest.json")
+
+
+def _is_int(v, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _check_manifest(m: dict, where: str) -> None:
+    """`BrokenCacheError` naming the first field of manifest `m` whose type or range is not what `FeatureCache`
+    reads: reading it would otherwise fail with a traceback, or index a file by a value from the manifest."""
+    def bad(key: str, value, want: str):
+        return BrokenCacheError(f"{where}: {key} = {bounded_repr(value)}, expected {want}; {_REBUILD}")
+
+    for key in ("vision_fingerprint", "transform", "dtype"):
+        if not isinstance(m.get(key), str):
+            raise bad(key, m.get(key), "a string")
+    if m["dtype"] not in DTYPES:
+        raise bad("dtype", m["dtype"], f"one of {sorted(DTYPES)}")
+    if "transform_params" in m and not isinstance(m["transform_params"], dict):
+        raise bad("transform_params", m["transform_params"], "an object")
+    if not _is_int(m.get("views", 1), 1):
+        raise bad("views", m.get("views"), "an integer >= 1")
+    if m.get("seed") is not None and not _is_int(m["seed"], -(2**63)):
+        raise bad("seed", m["seed"], "an integer or null")
+    images = m.get("images")
+    if not isinstance(images, dict):
+        raise bad("images", images, "an object of image path -> entry")
+    for key in ("P", "D"):
+        if not (_is_int(m.get(key), 1) or (m.get(key) is None and not images)):
+            raise bad(key, m.get(key), "an integer >= 1")
+    for rel, entry in images.items():
+        name = f"images[{bounded_repr(rel)}]"
+        if not isinstance(entry, dict):
+            raise bad(name, entry, "an object with shard, key, size and mtime_ns")
+        for field, ok, want in (("shard", _is_int, "a shard number >= 0"), ("key", lambda v: isinstance(v, str),
+                                "a string"), ("size", _is_int, "an integer >= 0"),
+                                ("mtime_ns", lambda v: _is_int(v, -(2**63)), "an integer")):
+            if not ok(entry.get(field)):
+                raise bad(f"{name}.{field}", entry.get(field), want)
+
+
+# safetensors' dtype names of the dtypes a cache may hold
+_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+
+
+def _shard_header(cache_dir: Path, sid: int) -> tuple[Path, dict, int]:
+    """(real path, tensor entries of the safetensors header, bytes of tensor data in the file) of shard `sid`,
+    read without loading a tensor (the format: an 8-byte little-endian header length, a JSON header, the data)."""
+    name = _shard_name(sid)
+    path = _cache_file(cache_dir, name)
+    where = f"{cache_dir}: {name}"
+    size = path.stat().st_size
+    head = _read_bytes(path, 0, 8)
+    n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+    if n is None or n > size - 8:
+        raise BrokenCacheError(f"{where}: truncated ({size} bytes, less than its safetensors header"
+                               f"{'' if n is None else f' of {n} bytes'}); {_REBUILD}")
+    header = _json_object(_read_bytes(path, 8, n), f"{where} (safetensors header)")
+    header.pop("__metadata__", None)
+    return path, header, size - 8 - n
+
+
+def _check_tensor(where: str, key: str, info, dtype: torch.dtype, shape: list[int], data_bytes: int) -> None:
+    """`BrokenCacheError` unless header entry `info` of tensor `key` is `dtype` of `shape`, with all of its bytes
+    in the file."""
+    if not isinstance(info, dict):
+        raise BrokenCacheError(f"{where}: no tensor {bounded_repr(key)} in the shard, which the manifest lists; "
+                               f"{_REBUILD}")
+    want = _SAFETENSORS_DTYPES[dtype]
+    if info.get("dtype") != want:
+        raise BrokenCacheError(f"{where}: tensor {bounded_repr(key)} is {bounded_repr(info.get('dtype'))}, the "
+                               f"manifest says {str(dtype).removeprefix('torch.')} ({want}); {_REBUILD}")
+    if info.get("shape") != shape:
+        raise BrokenCacheError(f"{where}: tensor {bounded_repr(key)} has shape {bounded_repr(info.get('shape'))}, "
+                               f"the manifest says {shape}; {_REBUILD}")
+    offsets = info.get("data_offsets")
+    nbytes = dtype.itemsize
+    for d in shape:
+        nbytes *= d
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+            and offsets[1] - offsets[0] == nbytes):
+        raise BrokenCacheError(f"{where}: tensor {bounded_repr(key)} has data_offsets {bounded_repr(offsets)}, "
+                               f"not {nbytes} bytes; {_REBUILD}")
+    if offsets[1] > data_bytes:
+        raise BrokenCacheError(f"{where}: truncated: tensor {bounded_repr(key)} ends at byte {offsets[1]} of the "
+                               f"data, the file holds {data_bytes}; {_REBUILD}")
 
 
 def check_replaceable(cache_dir) -> None:
@@ -137,9 +306,9 @@ def check_replaceable(cache_dir) -> None:
     entries = sorted(p.name for p in cache_dir.iterdir())
     if not entries:
         return
-    try:
-        fmt = json.loads((cache_dir / "manifest.json").read_text()).get("format")
-    except (OSError, ValueError, AttributeError):
+    try:  # a FIFO, a link out of the folder or a damaged manifest: not (provably) a cache, so not replaced
+        fmt = read_manifest(cache_dir).get("format")
+    except (OSError, StaleCacheError):
         fmt = None
     if fmt != FORMAT:
         raise CacheOutputError(f"{cache_dir} exists and is not a sam_fast feature cache (no manifest.json of format "
@@ -312,7 +481,7 @@ def cache_size(cache_dir) -> dict:
     ``bytes_per_view`` (P x D x the dtype's bytes), ``bytes_per_image`` (views x that), ``feature_bytes``
     (images x that), ``shard_bytes`` (the shard files) and ``total_bytes`` (every file of the cache)."""
     cache_dir = Path(cache_dir)
-    m = json.loads((cache_dir / "manifest.json").read_text())
+    m = read_manifest(cache_dir)
     views = int(m.get("views", 1))
     per_view = int(m["P"] or 0) * int(m["D"] or 0) * _dtype(m["dtype"]).itemsize
     files = [p for p in cache_dir.iterdir() if p.is_file()]
@@ -413,13 +582,34 @@ class FeatureCache:
     def __init__(self, cache_dir):
         self.dir = Path(cache_dir)
         mf = self.dir / "manifest.json"
-        if not mf.is_file():
+        if not os.path.lexists(mf):
             raise StaleCacheError(f"{self.dir}: no manifest.json (not a feature cache; build one with "
                                   f"`sam-fast cache-features`)")
-        self.manifest = json.loads(mf.read_text())
+        self.manifest = read_manifest(self.dir)
         if self.manifest.get("format") != FORMAT:
-            raise StaleCacheError(f"{mf}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+            raise StaleCacheError(f"{mf}: format {bounded_repr(self.manifest.get('format'))}, expected {FORMAT!r}")
+        _check_manifest(self.manifest, f"{self.dir}: manifest.json")
+        self._paths = self._check_shards()
         self._shards = {}
+
+    def _check_shards(self) -> dict[int, Path]:
+        """The real path of every shard the manifest names, after checking each one's header against the manifest
+        (`BrokenCacheError` naming the shard, the key and what differs): a damaged or replaced shard is refused when
+        the cache opens, not at some step of a run, and never read as features of another dtype or shape."""
+        m = self.manifest
+        dtype = DTYPES[m["dtype"]]
+        shape = [m["P"], m["D"]] if self.views == 1 else [self.views, m["P"], m["D"]]
+        by_shard: dict[int, list[tuple[str, str]]] = {}
+        for rel, entry in m["images"].items():
+            by_shard.setdefault(entry["shard"], []).append((rel, entry["key"]))
+        paths = {}
+        for sid, entries in sorted(by_shard.items()):
+            path, header, data_bytes = _shard_header(self.dir, sid)
+            for rel, key in entries:
+                where = f"{self.dir}: {_shard_name(sid)} (image {bounded_repr(rel)})"
+                _check_tensor(where, key, header.get(key), dtype, shape, data_bytes)
+            paths[sid] = path
+        return paths
 
     @property
     def views(self) -> int:
@@ -463,7 +653,7 @@ class FeatureCache:
         entry = self.manifest["images"][rel]
         sid = entry["shard"]
         if sid not in self._shards:
-            self._shards[sid] = safe_open(str(self.dir / f"shard-{sid:05d}.safetensors"), framework="pt")
+            self._shards[sid] = safe_open(str(self._paths[sid]), framework="pt")
         if self.views == 1 or view is None:
             return self._shards[sid].get_tensor(entry["key"])
         if not 0 <= view < self.views:

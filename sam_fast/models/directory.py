@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from sam_fast.config import SAMConfig
+from sam_fast.config import SAMConfig, read_config_file
 from sam_fast.data import PromptBuilder, load_tokenizers, tiny_tokenizers
 from sam_fast.models import checkpoint_files as ckpt
 from sam_fast.models.sam import SAM
@@ -49,7 +49,7 @@ def _from_base(run_dir: Path, base: dict, **load_kwargs) -> SAM:
         return SAM.from_pretrained(run_dir / "base", **load_kwargs)
     path = base["path"]
     overrides = base.get("overrides", {})
-    if Path(path, "config.json").is_file() and json.loads(Path(path, "config.json").read_text()).get(
+    if Path(path, "config.json").is_file() and read_config_file(Path(path, "config.json")).get(
             "model_type") == "sam_fast":
         return SAM.from_pretrained(path, **load_kwargs)
     return SAM.from_instructblip(path, **overrides, **load_kwargs)
@@ -75,7 +75,7 @@ def load_model_dir(path: str | os.PathLike, checkpoint: str | os.PathLike | None
             what = f"{path} at step {step} ({ck.name})"
         return model.eval(), load_tokenizers(path), what
     if (path / "config.json").is_file() or (path / "sam_delta.json").is_file():
-        cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        cfg = read_config_file(path / "config.json") if (path / "config.json").is_file() else {}
         if cfg.get("model_type") in (None, "sam_fast") or (path / "sam_delta.json").is_file():
             model = SAM.from_pretrained(path, **load_kwargs)
         else:

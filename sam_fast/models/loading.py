@@ -111,6 +111,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sam_fast.config import check_config_dict, check_text_config, read_config_file
+
 __all__ = [
     "NEW_MODULES",
     "TRAINABLE_MODULES",
@@ -280,11 +282,11 @@ def _index_files(index_path: Path) -> list[Path]:
 
 
 def _read_config_json(directory) -> dict:
+    """The JSON object of a directory's config.json (`ConfigError` naming the file when it is not one)."""
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} not found (not an HF model directory)")
-    with open(path) as fh:
-        return json.load(fh)
+    return read_config_file(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,6 +466,7 @@ def _to_sam_config(cls, config, overrides: Mapping[str, Any]):
 def _load_config_from_dir(cls, directory):
     """The config of a directory: HF InstructBLIP (model_type instructblip) or SAM."""
     raw = _read_config_json(directory)
+    check_config_dict(raw, str(Path(directory) / "config.json"))  # before a config (or a model) is built from it
     config_cls = _config_class(cls)
     if raw.get("model_type") == getattr(config_cls, "model_type", None):
         return config_cls.from_pretrained(str(directory))
@@ -776,9 +779,9 @@ def _read_source(cls, source, *, dtype=None, device=None) -> _Source:
     if isinstance(source, (str, os.PathLike)) and not Path(source).exists():
         raise FileNotFoundError(f"{str(source)!r} does not exist (expected a .pth file or a model directory)")
     if isinstance(source, (str, os.PathLike)) and not is_trainable_delta_dir(source) and _is_llm_dir(Path(source)):
-        return _Source(
-            str(source), "llm", read_state_dict(source, dtype=dtype, device=device), llm_config=_read_config_json(source)
-        )
+        llm_config = _read_config_json(source)
+        check_text_config(llm_config, str(Path(source) / "config.json"), prefix="")
+        return _Source(str(source), "llm", read_state_dict(source, dtype=dtype, device=device), llm_config=llm_config)
     config, sd, desc = _source_config_and_state_dict(cls, source, dtype=dtype, device=device)
     return _Source(desc, "model", dict(sd), config=config)
 

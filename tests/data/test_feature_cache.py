@@ -1,14 +1,22 @@
 """Feature cache: features equal the vision model's; stale caches (model, image, missing) are refused;
-training from the cache runs."""
+damaged or replaced cache files (FIFOs, links out of the folder, truncated or other shards, cut or malformed
+manifests) are refused in one line when the cache opens; training from the cache runs."""
 
+import contextlib
+import json
 import os
+import re
+import stat
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from sam_fast import SAM, SAMConfig
 from sam_fast.data import AnnotationDataset, Collator, EvalTransform, PromptBuilder, model_inputs, tiny_tokenizers
-from sam_fast.data.feature_cache import CachedFeatureDataset, StaleCacheError, build_feature_cache
+from sam_fast.data.feature_cache import BrokenCacheError, CachedFeatureDataset, StaleCacheError, build_feature_cache
 from sam_fast.data.synthetic import write_group_captions
 
 
@@ -123,3 +131,164 @@ def test_cache_is_refused_for_another_post_layernorm_eps(setup):
     CachedFeatureDataset(data, cache, lavis)
     with pytest.raises(StaleCacheError, match="another vision model"):
         CachedFeatureDataset(data, cache, model)
+
+
+# -- damaged or replaced cache files: refused when the cache opens, in one line naming the folder and the file ----
+
+@contextlib.contextmanager
+def _fifo_released_after(fifo, seconds: float):
+    """Yields a clock (seconds since entering). A child process opens `fifo` for writing after `seconds` (and again
+    every half second): a reader blocked opening it is released, so code that blocks on the FIFO fails the test
+    instead of hanging it. A process, not a thread: safetensors blocks in open() holding the GIL."""
+    code = (f"import os, time\ntime.sleep({seconds})\nfor _ in range(600):\n"
+            f"    try:\n        os.close(os.open({str(fifo)!r}, os.O_WRONLY | os.O_NONBLOCK))\n"
+            f"    except OSError:\n        pass\n    time.sleep(0.5)\n")
+    child = subprocess.Popen([sys.executable, "-c", code])
+    start = time.monotonic()
+    try:
+        yield lambda: time.monotonic() - start
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _open_and_read(data, cache, model):
+    ds = CachedFeatureDataset(data, cache, model)
+    return [ds[i] for i in range(len(ds))]
+
+
+def _refused(data, cache, model, pattern):
+    """Opening the cache raises BrokenCacheError, one line starting with the cache folder and matching `pattern`."""
+    with pytest.raises(BrokenCacheError) as exc:
+        _open_and_read(data, cache, model)
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.startswith(f"{cache}: ") and len(msg) < 400, msg
+    assert re.search(pattern, msg), msg
+    return msg
+
+
+def test_a_fifo_shard_or_manifest_is_refused_without_blocking(setup):
+    model, data, cache = setup
+    shard = cache / "shard-00001.safetensors"
+    shard.unlink()
+    os.mkfifo(shard)
+    with _fifo_released_after(shard, 20) as clock:
+        msg = _refused(data, cache, model, r"shard-00001\.safetensors is a FIFO, not a regular file")
+        assert clock() < 20
+    assert msg == (f"{cache}: shard-00001.safetensors is a FIFO, not a regular file; rebuild it with "
+                   f"sam-fast cache-features")
+    (cache / "manifest.json").unlink()
+    os.mkfifo(cache / "manifest.json")
+    with _fifo_released_after(cache / "manifest.json", 20) as clock:
+        _refused(data, cache, model, r"^\S+: manifest\.json is a FIFO, not a regular file")
+        assert clock() < 20
+
+
+def test_cache_features_refuses_an_output_whose_manifest_is_a_fifo(setup, tmp_path):
+    from sam_fast.data.feature_cache import CacheOutputError
+
+    model, data, _ = setup
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "manifest.json")
+    with _fifo_released_after(out / "manifest.json", 20) as clock:
+        with pytest.raises(CacheOutputError, match="out exists and is not a sam_fast feature cache"):
+            build_feature_cache(model, data, out)
+        assert clock() < 20
+    assert stat.S_ISFIFO(os.lstat(out / "manifest.json").st_mode)  # left as it was
+
+
+def _rewrite_shard(cache, sid, change):
+    """Shard `sid` rewritten with `change(tensors)` (a dict key -> tensor), the manifest untouched."""
+    from safetensors.torch import load_file, save_file
+
+    path = cache / f"shard-{sid:05d}.safetensors"
+    tensors = load_file(str(path))
+    save_file(change(tensors), str(path))
+
+
+def test_a_truncated_shard_is_refused(setup):
+    model, data, cache = setup
+    shard = cache / "shard-00000.safetensors"
+    full = shard.read_bytes()
+    shard.write_bytes(full[:-100])  # the header intact, the last tensor cut
+    _refused(data, cache, model, r"^\S+: shard-00000\.safetensors \(image 'images/0001_2\.png'\): truncated: tensor "
+                                 r"'3' ends at byte \d+ of the data, the file holds \d+")
+    shard.write_bytes(full[:5])  # not even the header's length
+    _refused(data, cache, model, r"shard-00000\.safetensors: truncated \(5 bytes")
+
+
+def test_a_shard_of_another_dtype_is_refused(setup):
+    model, data, cache = setup
+    _rewrite_shard(cache, 0, lambda t: {k: v.half() for k, v in t.items()})
+    _refused(data, cache, model, r"shard-00000\.safetensors \(image 'images/0000_0\.png'\): tensor '0' is 'F16', the "
+                                 r"manifest says float32 \(F32\)")
+
+
+def test_a_shard_of_another_shape_is_refused(setup):
+    model, data, cache = setup
+    _rewrite_shard(cache, 1, lambda t: {k: v[:-1] if k == "5" else v for k, v in t.items()})
+    P, D = (28 // 14) ** 2 + 1, 48  # the tiny ViT's output
+    _refused(data, cache, model, rf"shard-00001\.safetensors \(image 'images/0002_0\.png'\): tensor '5' has shape "
+                                 rf"\[{P - 1}, {D}\], the manifest says \[{P}, {D}\]")
+
+
+def test_a_shard_missing_a_key_is_refused(setup):
+    model, data, cache = setup
+    _rewrite_shard(cache, 0, lambda t: {k: v for k, v in t.items() if k != "2"})
+    _refused(data, cache, model, r"shard-00000\.safetensors \(image 'images/0001_1\.png'\): no tensor '2' in the "
+                                 r"shard, which the manifest lists")
+
+
+def test_a_cut_manifest_is_refused(setup):
+    model, data, cache = setup
+    text = (cache / "manifest.json").read_text()
+    (cache / "manifest.json").write_text(text[: len(text) // 2])
+    _refused(data, cache, model, r"^\S+: manifest\.json: not valid JSON \(")
+
+
+def _edit_manifest(cache, edit):
+    m = json.loads((cache / "manifest.json").read_text())
+    m = edit(m)
+    (cache / "manifest.json").write_text(m if isinstance(m, str) else json.dumps(m))
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda m: [m], r"manifest\.json: holds a JSON list, not an object"),
+    (lambda m: "[" * 100_000 + "]" * 100_000, r"manifest\.json: nested too deeply"),
+    (lambda m: {**m, "images": list(m["images"])}, r"manifest\.json: images = \['images/0000_0\.png', .*expected an "
+                                                   r"object"),
+    (lambda m: {**m, "P": "5"}, r"manifest\.json: P = '5', expected an integer >= 1"),
+    (lambda m: {**m, "views": 1e9}, r"manifest\.json: views = 1000000000\.0, expected an integer >= 1"),
+    (lambda m: {**m, "dtype": "float7"}, r"manifest\.json: dtype = 'float7', expected one of \["),
+    (lambda m: {**m, "images": {**m["images"], "images/0000_0.png": [0, "0"]}},
+     r"manifest\.json: images\['images/0000_0\.png'\] = \[0, '0'\], expected an object"),
+    (lambda m: {**m, "images": {**m["images"], "images/0000_0.png": {**m["images"]["images/0000_0.png"], "key": 0}}},
+     r"manifest\.json: images\['images/0000_0\.png'\]\.key = 0, expected a string"),
+    (lambda m: {**m, "vision_fingerprint": {"x": "y" * 10**6}},  # a megabyte of it: 80 characters printed
+     r"vision_fingerprint = \{'x': 'y[y.]{0,70}\.\.\., expected a string"),
+])
+def test_a_manifest_of_the_wrong_structure_is_refused(setup, edit, pattern):
+    model, data, cache = setup
+    _edit_manifest(cache, edit)
+    _refused(data, cache, model, pattern)
+
+
+def test_manifest_paths_leading_outside_the_cache_are_refused(setup, tmp_path):
+    model, data, cache = setup
+    first = {"images/0000_0.png"}
+    _edit_manifest(cache, lambda m: {**m, "images": {k: {**v, "shard": "../../outside"} if k in first else v
+                                                     for k, v in m["images"].items()}})
+    _refused(data, cache, model, r"manifest\.json: images\['images/0000_0\.png'\]\.shard = '\.\./\.\./outside', "
+                                 r"expected a shard number >= 0")
+    _edit_manifest(cache, lambda m: {**m, "images": {k: {**v, "shard": 0} if k in first else v
+                                                     for k, v in m["images"].items()}})
+    _open_and_read(data, cache, model)  # restored: it opens
+    outside = tmp_path / "elsewhere.safetensors"  # an intact shard, but outside the folder: not read
+    (cache / "shard-00000.safetensors").rename(outside)
+    (cache / "shard-00000.safetensors").symlink_to(outside)
+    _refused(data, cache, model, rf"shard-00000\.safetensors leads to {re.escape(str(outside))}, outside the cache "
+                                 rf"folder")
+    (cache / "shard-00000.safetensors").unlink()
+    (cache / "shard-00000.safetensors").symlink_to(cache / "shard-00001.safetensors")  # inside: read, then checked
+    _refused(data, cache, model, r"shard-00000\.safetensors \(image '[^']+'\): no tensor '\d'")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import warnings
 
 import pytest
@@ -421,3 +423,104 @@ def test_read_state_dict_sharded_matches(hf, tmp_path):
     assert_same_state(sd, hf.state_dict())
     half = read_state_dict(tmp_path, dtype=torch.float16)
     assert all(v.dtype == torch.float16 for v in half.values() if v.is_floating_point())
+
+
+# ------------------------------------------------------------------------------------------------
+# config.json: sizes and types checked before anything is built, in one line naming file, key, value
+# ------------------------------------------------------------------------------------------------
+def _edit_config(d, keys, value):
+    """Set the (dotted) `keys` of d/config.json to `value`."""
+    raw = json.loads((d / "config.json").read_text())
+    *parents, last = keys.split(".")
+    node = raw
+    for k in parents:
+        node = node[k]
+    node[last] = value
+    (d / "config.json").write_text(json.dumps(raw))
+
+
+def _refused_config(call, file, pattern):
+    from sam_fast.config import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        call()
+    msg = str(exc.value)
+    assert msg.startswith(f"{file}: ") and "\n" not in msg and len(msg) < 300, msg
+    assert re.search(pattern, msg), msg
+
+
+BAD_CONFIGS = [
+    ("vision_config.num_hidden_layers", 1_000_000,
+     r"vision_config\.num_hidden_layers = 1000000: expected an integer in \[1, 1024\]"),
+    ("text_config.hidden_size", 10**9, r"text_config\.hidden_size = 1000000000: expected an integer in \[1, 65536\]"),
+    ("qformer_config.intermediate_size", -64, r"qformer_config\.intermediate_size = -64: expected an integer in \[1, "),
+    ("text_config.num_attention_heads", 0, r"text_config\.num_attention_heads = 0: expected an integer in \[1, "),
+    ("vision_config.num_attention_heads", 5,
+     r"vision_config\.num_attention_heads = 5 does not divide vision_config\.hidden_size = 48"),
+    ("text_config.num_key_value_heads", 3, r"text_config\.num_key_value_heads = 3 does not divide "
+                                           r"text_config\.num_attention_heads = 4"),
+    ("torch_dtype", "float7", r"torch_dtype = 'float7': expected null or one of \('float16'"),
+    ("text_config.dtype", "float7", r"text_config\.dtype = 'float7': expected null"),
+    ("num_query_tokens", 1e8, r"num_query_tokens = 100000000\.0: expected an integer in \[1, 1024\]"),
+    ("num_query_tokens", 2048, r"num_query_tokens = 2048: expected an integer in \[1, 1024\]"),
+    ("vision_config", 5, r"vision_config = 5: expected an object"),
+    ("vision_config.image_size", 30, r"vision_config\.patch_size = 14 does not divide vision_config\.image_size = 30"),
+    ("vision_config.image_size", 8190, r"vision_config\.image_size = 8190: expected an integer in \[1, 4096\]"),
+    ("text_config.vocab_size", 10**8, r"text_config\.vocab_size = 100000000: expected an integer in \[1, 10000000\]"),
+    ("qformer_config.max_position_embeddings", "512", r"qformer_config\.max_position_embeddings = '512': expected"),
+    ("text_config.rms_norm_eps", -1e-6, r"text_config\.rms_norm_eps = -1e-06: expected a number between 0 and 1"),
+    ("text_config.model_type", "x" * 10**7, r"text_config\.model_type = 'x{30,}\.\.\.x{30,}': not a model type"),
+]
+
+
+@pytest.mark.parametrize("keys, value, pattern", BAD_CONFIGS, ids=[f"{k}={str(v)[:12]}" for k, v, _ in BAD_CONFIGS])
+def test_config_json_out_of_bounds_is_refused_before_building(tmp_path, keys, value, pattern):
+    SAMConfig.tiny().save_pretrained(tmp_path)
+    SAMConfig.from_pretrained(tmp_path)  # as saved: fine
+    _edit_config(tmp_path, keys, value)
+    _refused_config(lambda: SAMConfig.from_pretrained(tmp_path), tmp_path / "config.json", pattern)
+
+
+def test_bad_config_json_is_refused_on_every_loading_path(hf_dir, tmp_path):
+    """A SAM folder (`SAM.from_pretrained`, `load_model_dir` as the CLI loads it), an HF InstructBLIP folder
+    (`from_instructblip`), a trainable delta and an HF LLM folder: the file's error, not torch's."""
+    from safetensors.torch import save_file
+
+    from sam_fast.models.directory import load_model_dir
+
+    model = SAM(SAMConfig.tiny())
+    sam_dir = tmp_path / "sam"
+    model.save_pretrained(str(sam_dir))
+    _edit_config(sam_dir, "vision_config.hidden_size", -48)
+    pattern = r"vision_config\.hidden_size = -48: expected an integer"
+    _refused_config(lambda: SAM.from_pretrained(sam_dir), sam_dir / "config.json", pattern)
+    _refused_config(lambda: load_model_dir(sam_dir), sam_dir / "config.json", pattern)
+
+    ib = tmp_path / "instructblip"
+    shutil.copytree(hf_dir, ib)
+    _edit_config(ib, "text_config.num_attention_heads", 0)  # torch: ZeroDivisionError
+    _refused_config(lambda: SAM.from_instructblip(ib), ib / "config.json", r"text_config\.num_attention_heads = 0")
+    _refused_config(lambda: load_model_dir(ib), ib / "config.json", r"text_config\.num_attention_heads = 0")
+
+    save_trainable_delta(SAM(SAMConfig.tiny()), tmp_path / "delta", str(hf_dir))
+    _edit_config(tmp_path / "delta", "torch_dtype", "float7")  # torch: AttributeError
+    _refused_config(lambda: load_trainable_delta(SAM, tmp_path / "delta"), tmp_path / "delta" / "config.json",
+                    r": torch_dtype = 'float7': expected null")
+
+    llm = tmp_path / "vicuna"  # an HF LLM folder: its config.json is the text config itself
+    llm.mkdir()
+    (llm / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 10**6,
+                                                 "num_attention_heads": 4}))
+    save_file({"model.norm.weight": torch.ones(64)}, str(llm / "model.safetensors"))
+    _refused_config(lambda: from_lavis_checkpoint(SAM, llm, SAMConfig.tiny()), llm / "config.json",
+                    r": num_hidden_layers = 1000000: expected an integer in \[1, 1024\]")
+
+
+@pytest.mark.parametrize("text, pattern", [
+    ('{"model_type": "sam_fast", "vision_config": {"hidden_size": 4', r"not valid JSON \("),
+    ("[1, 2]", r"holds a JSON list, not an object"),
+    ("[" * 100_000 + "]" * 100_000, r"nested too deeply"),
+])
+def test_cut_or_nested_config_json_is_refused(tmp_path, text, pattern):
+    (tmp_path / "config.json").write_text(text)
+    _refused_config(lambda: SAMConfig.from_pretrained(tmp_path), tmp_path / "config.json", pattern)
