@@ -34,6 +34,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from sam_fast._text import bounded_repr
+
 IGNORE_INDEX = -100
 
 TENSOR_FIELDS = ("index", "position_ids", "cu_seqlens", "image_rows", "target_rows", "targets")
@@ -49,11 +51,6 @@ class PackPlanError(ValueError):
         self.row = row
 
 
-def _short(value, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 class PackPlan(Mapping):
     """The pack plan of one batch (module docstring): ``PackPlan({field: value, ...})`` with
     exactly the `FIELDS`; fields read as attributes (``plan.index``). Read-only: `to` and
@@ -65,11 +62,11 @@ class PackPlan(Mapping):
         missing = [k for k in FIELDS if k not in fields]
         extra = sorted(str(k) for k in fields if k not in FIELDS)
         if missing or extra:
-            raise ValueError(f"pack_plan: missing field(s) {missing}, unknown field(s) {_short(extra)}; "
+            raise ValueError(f"pack_plan: missing field(s) {missing}, unknown field(s) {bounded_repr(extra)}; "
                              f"a plan has exactly {list(FIELDS)}")
         for k in TENSOR_FIELDS:
             if not isinstance(fields[k], torch.Tensor) or fields[k].dim() != 1:
-                raise ValueError(f"pack_plan[{k!r}] must be a 1-D tensor, got {_short(fields[k])}")
+                raise ValueError(f"pack_plan[{k!r}] must be a 1-D tensor, got {bounded_repr(fields[k])}")
         self._fields = {k: fields[k] for k in FIELDS}
 
     # -- mapping -----------------------------------------------------------------------------
@@ -146,7 +143,7 @@ class PackPlan(Mapping):
         if bad:
             raise PackPlanError(
                 f"image placeholders (token {image_token_index}) per sample must be {num_query_tokens} x its "
-                f"image count; (sample, found, expected): {_short(bad, 160)}", bad[0][0])
+                f"image count; (sample, found, expected): {bounded_repr(bad, 160)}", bad[0][0])
         return acc.plan(counts)
 
     @classmethod
@@ -213,7 +210,7 @@ class _Accumulator:
                 continue
             if lab < 0 or (self.vocab is not None and lab >= self.vocab):
                 bound = f"[0, {self.vocab})" if self.vocab is not None else "non-negative"
-                raise PackPlanError(f"labels row {b} holds {_short(lab)} at position {start + i}: a label is -100 "
+                raise PackPlanError(f"labels row {b} holds {bounded_repr(lab)} at position {start + i}: a label is -100 "
                                     f"or a token id ({bound})", b)
             self.num_labels += 1
             if i:  # a sample's first label is predicted by nothing of the sample

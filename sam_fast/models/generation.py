@@ -35,6 +35,8 @@ import numbers
 import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
+from sam_fast._text import bounded_repr
+
 GENERATION_MODES = ("hf", "lavis")
 
 
@@ -76,12 +78,6 @@ SETTING_RULES = {
 }
 
 
-def shown(value, limit: int = 80) -> str:
-    """repr of a user's value cut to `limit` characters, for one-line errors."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def check_setting(name: str, value, source: str = "") -> None:
     """Raise one ValueError naming the setting (as ``source + name``: "generation_config." when it
     came from a config) and its value unless it is unset or follows `SETTING_RULES`."""
@@ -89,7 +85,7 @@ def check_setting(name: str, value, source: str = "") -> None:
         return
     ok, rule = SETTING_RULES[name]
     if not ok(value):
-        raise ValueError(f"generate: {source}{name}={shown(value)} must be {rule}")
+        raise ValueError(f"generate: {source}{name}={bounded_repr(value)} must be {rule}")
 
 
 def generated_tokens_penalty(penalty: float) -> LogitsProcessorList:
