@@ -20,20 +20,20 @@ whatever happens, that folder holds a report of what ran.
 
 Items, most valuable first (per-item timeout in seconds; ``--timeouts ID=S`` overrides):
 
-1. ``build.pip`` (300): ``pip install --no-build-isolation --no-deps --no-index -e .`` against the
+1. ``build.pip`` (180): ``pip install --no-build-isolation --no-deps --no-index -e .`` against the
    machine's own torch, CUDA extension included (MAX_JOBS = all cores, TORCH_CUDA_ARCH_LIST = this
-   GPU's arch unless set); ``build.ext_info`` (120): ``sam_fast._ext.info()`` in a fresh interpreter.
+   GPU's arch unless set); ``build.ext_info`` (90): ``sam_fast._ext.info()`` in a fresh interpreter.
    ``--dry-run`` / ``--no-build`` skip the compile.
-2. ``bench.train_step`` (180): the Vicuna-7B config, random bf16 weights, the realistic B = 8
+2. ``bench.train_step`` (150): the Vicuna-7B config, random bf16 weights, the realistic B = 8
    batch: one training step from pixels, from cached ViT features and with the released schedule
    (ms, tokens/s, peak memory, model FLOP rate and MFU against the GPU's dense bf16 peak;
-   ``SAM_FAST_PEAK_TFLOPS`` overrides the peak). ``bench.generate`` (240): 5-beam generation of
+   ``SAM_FAST_PEAK_TFLOPS`` overrides the peak). ``bench.generate`` (180): 5-beam generation of
    32 tokens, ``hf``, ``lavis`` and ``hf`` with the static cache (compiled by HF; its ids must
    equal the dynamic cache's).
-3. ``bench.reweight`` / ``bench.streams`` / ``bench.encode``: re-weighting bandwidth against a
+3. ``bench.reweight`` / ``bench.streams`` / ``bench.encode`` (60, 60, 90): re-weighting bandwidth against a
    device copy, cross-attention streams against SDPA, ``encode_images`` against the released
    schedule (N = 2, 4, 8, both modes, bf16); CUDA events, warm-ups, few rounds.
-4. ``check.*``: the re-weighting op on every device backend against a float64 oracle (fwd + bwd), a
+4. ``check.*`` (60 each, ``check.compile`` 120): the re-weighting op on every device backend against a float64 oracle (fwd + bwd), a
    tiny SAM's ``encode_images`` against `sam_fast.reference.reference_encode_images` in both
    context modes (fp32, bf16, fp16), the packed training step against ``packing=False``,
    ``torch.compile(encode_images)`` (GPU only). Error-budget rule: the error against a float64
@@ -44,7 +44,8 @@ Items, most valuable first (per-item timeout in seconds; ``--timeouts ID=S`` ove
    goes to ``...-pytest.log``; ``--dry-run`` only collects the ids.
 
 An item that cannot finish before the deadline (its estimate exceeds the time left) is skipped,
-saying so. Stdout holds one line per item. Exit status: 0 all ran ok (or were skipped), 1 an item
+saying so. ``--sections`` / ``--items 'bench.*,check.encode.*'`` select items (the rest is reported
+as not selected). Stdout holds one line per item. Exit status: 0 all ran ok (or were skipped), 1 an item
 failed or timed out, 2 usage error or no CUDA device, 3 ``--deadline`` reached, 128 + N on signal N
 (SIGTERM, SIGINT: the report is written first).
 """
@@ -118,6 +119,12 @@ class _Timeout(Exception):
         self.result, self.cut_by = result, cut_by
 
 
+def _say(text: str, file=None) -> None:
+    """Print and flush; a closed stdout (``| head``) must not stop the run or its report."""
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=file or sys.stdout, flush=True)
+
+
 def _one_line(text, limit: int = 300) -> str:
     """A message fit for one report field and one stdout line."""
     text = " ".join(str(text).split())
@@ -147,22 +154,23 @@ def plan(dry: bool, no_build: bool = False) -> list[Item]:
     label = "tiny-config" if dry else "vicuna-7b"
     dtypes = ("float32", "bfloat16", "float16")
     items = [
-        Item("build.pip", "pip install -e .", "build", _item_pip, 300, 30,
+        # timeouts: a few times what an H200 took, so a hang costs little of the deadline
+        Item("build.pip", "pip install -e .", "build", _item_pip, 180, 30,
              skip="dry run: the installed build is used" if dry else "--no-build" if no_build else None),
-        Item("build.ext_info", "sam_fast._ext.info()", "build", _item_ext_info, 120, 5,
+        Item("build.ext_info", "sam_fast._ext.info()", "build", _item_ext_info, 90, 2,
              brief=("ext.built", "ext.torch_matches", "ext.with_cuda")),
         Item("bench.train_step", f"{label} train step (pixels, cached, released)", "benchmarks",
-             _item_train_step, 180, 30, worker="7b",
+             _item_train_step, 150, 30, worker="7b",
              brief=("sam_fast.step_ms", "sam_fast.mfu", "cached.step_ms", "cached.mfu", "released.step_ms",
                     "speedup_vs_released")),
         Item("bench.generate", f"{label} 5-beam generation (hf, lavis, hf_static)", "benchmarks", _item_generate,
-             240, 20, worker="7b", brief=("generate_hf.tokens_per_s", "generate_lavis.tokens_per_s",
+             180, 20, worker="7b", brief=("generate_hf.tokens_per_s", "generate_lavis.tokens_per_s",
                                           "generate_hf_static.tokens_per_s", "generate_hf_static.same_ids_as_hf")),
         Item("bench.reweight", "context_reweight GB/s vs device copy", "benchmarks", _bench_reweight, 60, 3,
              worker="ops", brief=("float32.gbps", "bfloat16.gbps", "bfloat16.time_vs_copy")),
         Item("bench.streams", "cross_attention_streams vs SDPA", "benchmarks", _bench_streams, 60, 5, worker="ops",
              brief=("bfloat16.speedup_vs_sdpa", "bfloat16.mix_speedup")),
-        Item("bench.encode", "encode_images vs released schedule (bf16, B=2)", "benchmarks", _bench_encode, 120, 15,
+        Item("bench.encode", "encode_images vs released schedule (bf16, B=2)", "benchmarks", _bench_encode, 90, 15,
              worker="ops", brief=("leave_one_out_N8.speedup_vs_released", "shared_N8.speedup_vs_released")),
     ]
     for backend in ("cpu",) if dry else ("triton", "cuda"):
@@ -176,7 +184,7 @@ def plan(dry: bool, no_build: bool = False) -> list[Item]:
                    _check_packed, 60, 3, worker="ops", params=dict(mode=mode), brief=("loss.err", "grads.err"))
               for mode in ("leave_one_out", "shared")]
     items += [
-        Item("check.compile", "torch.compile(encode_images) smoke", "model_checks", _check_compile, 180, 20,
+        Item("check.compile", "torch.compile(encode_images) smoke", "model_checks", _check_compile, 120, 20,
              worker="compile", skip="dry run / no CUDA: torch.compile is exercised on the GPU only" if dry else None),
         Item("tests.pytest", "pytest (collect only)" if dry else "pytest (CUDA tests)", "tests", _item_pytest, 240, 15,
              brief=("summary", "collected")),
@@ -226,8 +234,31 @@ def _hang(where: str) -> None:
 
 
 # ----------------------------------------------------------------------------- environment
-def _env_info(dry: bool) -> dict:
-    """Versions without importing torch in a dry run (the workers do); device name on a GPU."""
+_PROBE = ("import json, torch; ok = torch.cuda.is_available(); "
+          "d = dict(available=ok, torch=torch.__version__, torch_cuda=torch.version.cuda); "
+          "ok and d.update(name=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability())); "
+          "print('CUDA_PROBE ' + json.dumps(d))")
+PROBE_TIMEOUT = 90.0
+
+
+def _cuda_probe() -> dict:
+    """The device as a fresh interpreter sees it, under a timeout: this process never initialises
+    CUDA (a driver that hangs there would leave no report; a context here would hold GPU memory
+    the 7B items need). ``{"available": bool, ...}``, with ``error`` when the probe itself failed."""
+    try:
+        p = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, capture_output=True, text=True,
+                           timeout=PROBE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return {"available": False, "error": f"initialising CUDA ran past {PROBE_TIMEOUT:g} s"}
+    found = [ln[len("CUDA_PROBE "):] for ln in p.stdout.splitlines() if ln.startswith("CUDA_PROBE ")]
+    if not found:
+        last = ((p.stderr or p.stdout).strip().splitlines() or [""])[-1]
+        return {"available": False, "error": _one_line(f"the probe exited {p.returncode}: {last}")}
+    return json.loads(found[-1])
+
+
+def _env_info(probe: dict | None) -> dict:
+    """Versions without importing torch here (the workers do); the device from `_cuda_probe`."""
     from importlib import metadata
 
     def version(dist):
@@ -250,11 +281,9 @@ def _env_info(dry: bool) -> dict:
             "transformers": version("transformers"), "commit": commit, "dirty": dirty,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cpu_count": os.cpu_count()}
-    if not dry:
-        import torch
-
-        info.update(device=torch.cuda.get_device_name(), device_type="cuda", torch=torch.__version__,
-                    torch_cuda=torch.version.cuda)
+    if probe is not None:
+        info.update(device=probe.get("name") or "no-cuda-device", device_type="cuda", torch_cuda=probe.get("torch_cuda"),
+                    capability=probe.get("capability"), **({"torch": probe["torch"]} if "torch" in probe else {}))
     return info
 
 
@@ -285,7 +314,7 @@ class Run:
         self.lock = threading.RLock()
         self.finished = False
         self.child: subprocess.Popen | None = None
-        self.status, self.exit_code = "running", None
+        self.status, self.exit_code, self.error = "running", None, None
         self.current: str | None = None  # the in-process item running
         self.tmp = Path(tempfile.mkdtemp(prefix="gpu_check-"))
         self.logs = {k: f"{stem}-{k}.log" for k in ("build", "workers", "pytest")}  # beside the report
@@ -324,7 +353,7 @@ class Run:
         elapsed = time.monotonic() - T0
         secs = f"{e['seconds']:.1f} s" if "seconds" in e else ""
         text = e.get("error") or e.get("reason") or _brief(e.get("result"), self.by_id[e["id"]].brief)
-        print(f"[{elapsed:4.0f} s] {e['status']:<7} {e['id']:<34} {secs:>8}  {_one_line(text, 150)}", flush=True)
+        _say(f"[{elapsed:4.0f} s] {e['status']:<7} {e['id']:<34} {secs:>8}  {_one_line(text, 150)}")
 
     # -- the report
     def report(self) -> dict:
@@ -336,7 +365,7 @@ class Run:
             sections[s] = ("failed" if states & {"failed", "timeout"} else "running" if states & {"running", "pending"}
                            else "skipped" if states <= {"skipped"} else "ok")
         return {"status": self.status, "passed": None if self.status == "running" else self.status == "passed",
-                "exit_code": self.exit_code, "dry_run": self.dry, "inject_failure": self.inject_failure,
+                "exit_code": self.exit_code, "error": self.error, "dry_run": self.dry, "inject_failure": self.inject_failure,
                 "deadline_s": self.deadline, "seconds": round(time.monotonic() - T0, 1), "env": self.env,
                 "logs": sorted(Path(p).name for p in self.logs.values() if Path(p).exists()), "failures": bad,
                 "sections": sections, "items": entries}
@@ -412,8 +441,7 @@ class Run:
             self.status, self.exit_code = ("deadline" if cut_by == "deadline" else "interrupted"), code
             self.write()
             self.finished = True
-            print(f"gpu_check: stopped ({cut_by}) after {now - T0:.0f} s, exit {code}; report {self.stem}.json",
-                  flush=True)
+            _say(f"gpu_check: stopped ({cut_by}) after {now - T0:.0f} s, exit {code}; report {self.stem}.json")
             shutil.rmtree(self.tmp, ignore_errors=True)
         os._exit(code)
 
@@ -459,7 +487,7 @@ def _markdown(report: dict) -> str:
              f"- torch {env['torch']} (CUDA {env['torch_cuda']}), triton {env['triton']}, "
              f"transformers {env['transformers']}, Python {env['python']}",
              f"- result: **{verdict}** after {report['seconds']:.0f} s (deadline {report['deadline_s']:.0f} s, "
-             f"exit {report['exit_code']})", "",
+             f"exit {report['exit_code']})", *([f"- error: {report['error']}"] if report.get("error") else []), "",
              "| section | item | status | seconds | details |", "|---|---|---|---|---|"]
     for e in report["items"]:
         details = e.get("error") or e.get("reason") or json.dumps(e.get("result", {}), default=str)
@@ -677,11 +705,9 @@ def _release_memory() -> None:
 
 # ----------------------------------------------------------------------------- 1. build (in process)
 def _item_pip(run: Run, item: Item) -> dict:
-    import torch
-
     env = dict(os.environ, MAX_JOBS=str(os.cpu_count() or 4), SAM_FAST_BUILD_EXT="1")
-    if torch.cuda.is_available() and not env.get("TORCH_CUDA_ARCH_LIST"):
-        major, minor = torch.cuda.get_device_capability()
+    if run.env.get("capability") and not env.get("TORCH_CUDA_ARCH_LIST"):
+        major, minor = run.env["capability"]
         env["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"  # this GPU only: half the nvcc work
     cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-build-isolation",
            "--no-deps", "--no-index", "-e", str(ROOT)]
@@ -1357,22 +1383,19 @@ def main(argv=None) -> int:
         faults = injections(os.environ)
     except ValueError as e:
         ap.error(str(e))
-    if not dry:
-        import torch
-
-        if not torch.cuda.is_available():
-            print("gpu_check: no CUDA device; run with --dry-run for the CPU mode", file=sys.stderr)
-            return EXIT_USAGE
-    env = _env_info(dry)
+    probe = None if dry else _cuda_probe()
+    env = _env_info(probe)
     folder = out_dir(args.out, os.environ)
     folder.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", env["device"]) + ("-dry" if dry else "")
     stem = _free_stem(folder, f"gpu_check-{slug}-{env['date'][:10]}")
     run = Run(items, env=env, dry=dry, faults=faults, inject_failure=inject_failure(args.inject_failure, os.environ),
               deadline=args.deadline, stem=stem, timeouts=timeouts)
-    print(f"gpu_check: {env['device']} | torch {env['torch']} | triton {env['triton']} | "
-          f"transformers {env['transformers']} | commit {env['commit']} | {'dry run' if dry else 'GPU run'} | "
-          f"deadline {args.deadline:.0f} s | report {stem}.json", flush=True)
+    if probe is not None and not probe["available"]:
+        return _no_device(run, probe.get("error") or "torch sees no CUDA device")
+    _say(f"gpu_check: {env['device']} | torch {env['torch']} | triton {env['triton']} | "
+         f"transformers {env['transformers']} | commit {env['commit']} | {'dry run' if dry else 'GPU run'} | "
+         f"deadline {args.deadline:.0f} s | report {stem}.json")
     selected = _selected(items, wanted, patterns)
     for it in items:  # what will not run is known now; the not selected are counted, not listed
         if selected[it.id]:
@@ -1382,8 +1405,20 @@ def main(argv=None) -> int:
     run.write()
     unselected = sum(1 for why in selected.values() if why)
     if unselected:
-        print(f"gpu_check: {unselected} of {len(items)} items not selected (--sections/--items)", flush=True)
+        _say(f"gpu_check: {unselected} of {len(items)} items not selected (--sections/--items)")
     return _run_all(run, items)
+
+
+def _no_device(run: Run, why: str) -> int:
+    """Nothing can run: say so in the report too (on a lent machine it is all that comes back)."""
+    for e in run.entries.values():
+        e.update(status="skipped", reason=f"no usable CUDA device: {why}")
+    run.status, run.exit_code, run.error = "failed", EXIT_USAGE, f"no usable CUDA device: {why}"
+    run.write()
+    shutil.rmtree(run.tmp, ignore_errors=True)
+    _say(f"gpu_check: no usable CUDA device ({why}); run with --dry-run for the CPU mode; report {run.stem}.json",
+         file=sys.stderr)
+    return EXIT_USAGE
 
 
 def _run_all(run: Run, items: list[Item]) -> int:
@@ -1420,8 +1455,8 @@ def _run_all(run: Run, items: list[Item]) -> int:
         run.write()
         run.finished = True
     shutil.rmtree(run.tmp, ignore_errors=True)
-    print(f"gpu_check: {'PASS' if not bad else 'FAIL'} in {time.monotonic() - T0:.0f} s "
-          f"({len(bad)} failed or timed out); report {run.stem}.json and .md", flush=True)
+    _say(f"gpu_check: {'PASS' if not bad else 'FAIL'} in {time.monotonic() - T0:.0f} s "
+         f"({len(bad)} failed or timed out); report {run.stem}.json and .md")
     return run.exit_code
 
 

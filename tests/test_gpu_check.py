@@ -275,6 +275,18 @@ def test_sigterm_writes_the_report_and_stops_the_child(tmp_path):
     assert _gone(pid), f"pytest {pid} outlived the run"
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_without_a_cuda_device_the_report_says_so(tmp_path):
+    p = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "no usable CUDA device" in p.stderr and "--dry-run" in p.stderr, p.stderr[-1000:]
+    path, report = _report(tmp_path)
+    assert report["exit_code"] == 2 and report["passed"] is False
+    assert report["error"] == "no usable CUDA device: torch sees no CUDA device"
+    assert {e["status"] for e in report["items"]} == {"skipped"}
+    assert "no usable CUDA device" in path.with_suffix(".md").read_text()
+
+
 def test_output_folder_precedence(gpu_check, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     assert gpu_check.out_dir("cli", {"SAM_FAST_GPU_CHECK_OUT": a, "OUT": b}) == Path("cli")
