@@ -4,10 +4,11 @@
 # make bench  same install, then the pytest-benchmark suite (bench/results/<device>-<date>.json;
 #             UPDATE_README=1 also rewrites README.md's Speed table)
 # make clean  remove build outputs and the install stamp (keeps .venv)
-# make gpu-check  on a CUDA machine without network: build against its own torch, CUDA tests,
-#             model checks, GPU benchmarks (bench/gpu_check.py; report in $SAM_FAST_GPU_CHECK_OUT,
-#             default bench/results/). Uses $(PYTHON) as is (no venv, no installs); its --dry-run
-#             CPU mode runs inside `make test` (tests/test_gpu_check.py).
+# make gpu-check  on a CUDA machine without network: build against its own torch, GPU benchmarks,
+#             model checks, CUDA tests, under a deadline (bench/gpu_check.py; report rewritten after
+#             each item in $SAM_FAST_GPU_CHECK_OUT, else $OUT, else bench/results/). Uses $(PYTHON)
+#             as is (no venv, no installs); its --dry-run CPU mode runs inside `make test`
+#             (tests/test_gpu_check.py). On a lent machine: timeout -k 10 540 make gpu-check
 #
 # TORCH_SPEC is passed to pip as is. The default is the CPU build found on the dev/CI machines;
 # for a CUDA torch, e.g.:

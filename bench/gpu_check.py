@@ -1,35 +1,53 @@
 """One prepared, offline check of everything in sam_fast that needs a GPU (``make gpu-check``).
 
-    python bench/gpu_check.py                # on a CUDA machine: build, tests, model checks, benchmarks
-    python bench/gpu_check.py --dry-run      # on a CPU: the same sections at toy sizes (part of the tests)
+    python bench/gpu_check.py                # on a CUDA machine: build, benchmarks, model checks, tests
+    python bench/gpu_check.py --dry-run      # on a CPU: the same items at toy sizes (part of the tests)
 
-Sections, each with its own time budget (seconds; 8 minutes in all on an H100-class GPU):
+It is made for a borrowed machine that is taken back after a few minutes and returns one folder:
+whatever happens, that folder holds a report of what ran.
 
-1. ``build`` (180): ``pip install --no-build-isolation --no-deps --no-index -e .`` against the
-   machine's own torch, the CUDA extension included (MAX_JOBS = all cores, TORCH_CUDA_ARCH_LIST =
-   this GPU's arch unless set), then prints ``sam_fast._ext.info()``. ``--dry-run`` / ``--no-build``
-   skip the compile and only print the info.
-2. ``tests`` (120): pytest on the tests that run on CUDA (re-weighting Triton fwd + bwd, the fused
-   cross-attention streams with the in-kernel leave_one_out mix, the fused loss, the fused LLaMA
-   kernels, encode_images through the Triton kernels, no device sync), TRITON_INTERPRET unset.
-   ``--dry-run`` only collects them (the node ids exist).
-3. ``model_checks`` (60): the re-weighting op on every device backend (triton, cuda) against a
-   float64 oracle, fwd + bwd; a tiny SAM's ``encode_images`` against
-   `sam_fast.reference.reference_encode_images` in both context modes, fp32, bf16 and fp16; the
-   packed training step against ``packing=False`` (loss and trainable gradients); ``torch.compile``
-   over ``encode_images`` (GPU only). The error-budget rule throughout: the error against a float64
+- The report (``gpu_check-<device>-<date>.json`` and ``.md``, plus the build, worker and pytest
+  logs) is rewritten atomically after every item, in ``--out``, else ``$SAM_FAST_GPU_CHECK_OUT``,
+  else ``$OUT`` (the device machine's return folder), else ``bench/results/``. Each item records
+  its status (pending, running, ok, failed, timeout, skipped), seconds, and its result or a
+  one-line error; a killed run leaves the items it finished, the one running marked ``running``.
+- ``--deadline`` (seconds from start, default 420): a watchdog thread then kills what runs, marks
+  that item ``timeout`` (``cut_by: deadline``), the rest ``skipped``, writes the report and exits 3.
+- Items that can hang or compile for long run in worker processes (``--worker``, a new session
+  each) under a per-item timeout: a hung item's worker is killed with its process group, the item
+  is marked ``timeout`` and a fresh worker runs the items after it; a worker that dies (a
+  segfault) or raises costs only its item. Workers die with the main process.
+
+Items, most valuable first (per-item timeout in seconds; ``--timeouts ID=S`` overrides):
+
+1. ``build.pip`` (180): ``pip install --no-build-isolation --no-deps --no-index -e .`` against the
+   machine's own torch, CUDA extension included (MAX_JOBS = all cores, TORCH_CUDA_ARCH_LIST = this
+   GPU's arch unless set); ``build.ext_info`` (90): ``sam_fast._ext.info()`` in a fresh interpreter.
+   ``--dry-run`` / ``--no-build`` skip the compile.
+2. ``bench.train_step`` (150): the Vicuna-7B config, random bf16 weights, the realistic B = 8
+   batch: one training step from pixels, from cached ViT features and with the released schedule
+   (ms, tokens/s, peak memory, model FLOP rate and MFU against the GPU's dense bf16 peak;
+   ``SAM_FAST_PEAK_TFLOPS`` overrides the peak). ``bench.generate`` (180): 5-beam generation of
+   32 tokens, ``hf``, ``lavis`` and ``hf`` with the static cache (compiled by HF; its ids must
+   equal the dynamic cache's).
+3. ``bench.reweight`` / ``bench.streams`` / ``bench.encode`` (60, 60, 90): re-weighting bandwidth against a
+   device copy, cross-attention streams against SDPA, ``encode_images`` against the released
+   schedule (N = 2, 4, 8, both modes, bf16); CUDA events, warm-ups, few rounds.
+4. ``check.*`` (60 each, ``check.compile`` 120): the re-weighting op on every device backend against a float64 oracle (fwd + bwd), a
+   tiny SAM's ``encode_images`` against `sam_fast.reference.reference_encode_images` in both
+   context modes (fp32, bf16, fp16), the packed training step against ``packing=False``,
+   ``torch.compile(encode_images)`` (GPU only). Error-budget rule: the error against a float64
    oracle is at most twice the plain PyTorch computation's error in the same dtype, plus a floor.
-4. ``benchmarks`` (120): CUDA events, warm-ups, few rounds: re-weighting GB/s against a device
-   copy; cross-attention streams against SDPA; ``encode_images`` against the released schedule
-   (N = 2, 4, 8, both modes, bf16); the Vicuna-7B config with random bf16 weights and the realistic
-   B = 8 batch: one training step against the released schedule (ratio, tokens/s, peak memory) and
-   5-beam generation tokens/s (32 new tokens, ``hf`` and ``lavis``), skipped when free memory or
-   the remaining budget is short.
+5. ``tests.pytest`` (240, and at most until 10 s before the deadline): the CUDA test ids,
+   compiled kernels (TRITON_INTERPRET unset), each test under pytest-timeout's ``--timeout`` when
+   that plugin is installed. A run cut by its timeout is a failure (``timeout``). The full log
+   goes to ``...-pytest.log``; ``--dry-run`` only collects the ids.
 
-An item that would overrun its section's budget is skipped, with the reason in the report.
-Results: ``gpu_check-<device>-<date>.json`` and ``.md`` in ``$SAM_FAST_GPU_CHECK_OUT`` (default
-``bench/results/``; ``--out`` overrides), with device, versions, commit and date. Exit status 1
-when a correctness check failed (or an item raised), 0 otherwise.
+An item that cannot finish before the deadline (its estimate exceeds the time left) is skipped,
+saying so. ``--sections`` / ``--items 'bench.*,check.encode.*'`` select items (the rest is reported
+as not selected). Stdout holds one line per item. Exit status: 0 all ran ok (or were skipped), 1 an item
+failed or timed out, 2 usage error or no CUDA device, 3 ``--deadline`` reached, 128 + N on signal N
+(SIGTERM, SIGINT: the report is written first).
 """
 
 from __future__ import annotations
@@ -37,22 +55,38 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import fnmatch
 import gc
 import json
 import os
 import platform
 import re
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+T0 = time.monotonic()  # the deadline counts from here: imports and start-up included
 ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = Path(__file__).resolve()
 OUT_ENV = "SAM_FAST_GPU_CHECK_OUT"
-INJECT_ENV = "SAM_FAST_GPU_CHECK_INJECT_FAILURE"
-BUDGETS = {"build": 180.0, "tests": 120.0, "model_checks": 60.0, "benchmarks": 120.0}
+RETURN_ENV = "OUT"  # the folder a borrowed device machine sends back
+INJECT_FAILURE_ENV = "SAM_FAST_GPU_CHECK_INJECT_FAILURE"
+INJECT_ENV = "SAM_FAST_GPU_CHECK_INJECT"  # test-only: hang:ID / crash:ID, comma-separated
+PEAK_ENV = "SAM_FAST_PEAK_TFLOPS"
+SECTIONS = ("build", "benchmarks", "model_checks", "tests")
+DEFAULT_DEADLINE = 420.0
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DEADLINE = 0, 1, 2, 3
+PYTEST_PER_TEST_TIMEOUT = 90  # pytest-timeout's --timeout: one hung test fails alone
+PYTEST_DEADLINE_MARGIN = 10.0  # pytest stops this long before the deadline, so its counts are kept
 
 # pytest selections that execute kernels on the device (collected only in --dry-run)
 CUDA_TESTS = [
@@ -67,89 +101,169 @@ CUDA_TESTS = [
 
 FLOOR = {"float32": 2e-6, "float16": 2.0**-9, "bfloat16": 2.0**-6}  # relative to max|oracle|
 
-
-def _prompts(model, batch: dict) -> dict:
-    """Generation inputs from a training batch already on the device (as bench/e2e's
-    realistic_prompts, which builds them on the CPU): each row's prompt (placeholders and
-    instruction, up to its first label) left-padded, the images' cached ViT features."""
-    import torch
-
-    ids, labels = batch["input_ids"], batch["labels"]
-    starts = (labels != -100).int().argmax(1).tolist()
-    width = max(starts)
-    pad = model.config.text_config.pad_token_id or 0
-    out = torch.full((len(starts), width), pad, dtype=ids.dtype, device=ids.device)
-    mask = torch.zeros_like(out)
-    for b, n in enumerate(starts):
-        out[b, width - n:] = ids[b, :n]
-        mask[b, width - n:] = 1
-    with torch.no_grad():
-        feats = model.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
-    return dict(image_features=feats, image_counts=batch["image_counts"], qformer_input_ids=batch["qformer_input_ids"],
-                qformer_attention_mask=batch["qformer_attention_mask"], input_ids=out, attention_mask=mask)
-
-
-# ----------------------------------------------------------------------------- report plumbing
-class Section:
-    """Items of one section under a wall-clock budget; an item whose estimate exceeds what is
-    left is skipped, an exception is recorded as an error."""
-
-    def __init__(self, name: str, budget: float):
-        self.name, self.budget, self.t0 = name, budget, time.monotonic()
-        self.items: list[dict] = []
-
-    def remaining(self) -> float:
-        return self.budget - (time.monotonic() - self.t0)
-
-    def add(self, name: str, status: str, **info) -> dict:
-        item = {"name": name, "status": status, **info}
-        self.items.append(item)
-        extra = {k: v for k, v in info.items() if k not in ("traceback",)}
-        print(f"  [{self.name}] {name}: {status} {json.dumps(extra, default=str)}", flush=True)
-        return item
-
-    def skip(self, name: str, why: str) -> dict:
-        return self.add(name, "skipped", reason=why)
-
-    def run(self, name: str, fn, estimate: float = 0.0, correctness: bool = True):
-        """Run fn() -> dict (may hold "ok": bool for a check); skip if `estimate` s would overrun."""
-        left = self.remaining()
-        if estimate > left:
-            return self.skip(name, f"needs ~{estimate:.0f} s, {max(left, 0):.0f} s left of the {self.name} budget")
-        t0 = time.monotonic()
-        try:
-            info = fn() or {}
-        except _Skip as s:
-            return self.skip(name, str(s))
-        except Exception as e:  # recorded, never fatal for the rest of the run
-            return self.add(name, "error", seconds=round(time.monotonic() - t0, 2), correctness=correctness,
-                            error=f"{type(e).__name__}: {e}"[:500], traceback=traceback.format_exc()[-3000:])
-        ok = info.pop("ok", True)
-        return self.add(name, "ok" if ok else "failed", seconds=round(time.monotonic() - t0, 2),
-                        correctness=correctness, **info)
-
-    def summary(self) -> dict:
-        states = {i["status"] for i in self.items}
-        if states & {"failed", "error"}:
-            status = "failed"
-        elif not self.items or states == {"skipped"}:
-            status = "skipped"
-        else:
-            status = "ok"
-        return {"status": status, "budget_s": self.budget, "seconds": round(time.monotonic() - self.t0, 2),
-                "items": self.items}
+# dense bf16 tensor-core peak (TFLOP/s) by device-name fragment, first match wins
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+                    ("H800", 989.0), ("A100", 312.0))
 
 
 class _Skip(Exception):
     """Raised inside an item to skip it with a reason."""
 
 
-def _env_info(device) -> dict:
-    import torch
+class _Timeout(Exception):
+    """Raised by an in-process item whose subprocess ran past its timeout (a failure), with what
+    it measured before the cut."""
 
-    def version(mod):
+    def __init__(self, message: str, result: dict, cut_by: str = "item timeout"):
+        super().__init__(message)
+        self.result, self.cut_by = result, cut_by
+
+
+def _say(text: str, file=None) -> None:
+    """Print and flush; a closed stdout (``| head``) must not stop the run or its report."""
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=file or sys.stdout, flush=True)
+
+
+def _one_line(text, limit: int = 300) -> str:
+    """A message fit for one report field and one stdout line."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ----------------------------------------------------------------------------- items
+@dataclass
+class Item:
+    """One unit of the check. `worker`: the worker group it runs in (None: in this process, for
+    items that only wait on a subprocess); `skip`: a reason known before it starts."""
+
+    id: str
+    name: str
+    section: str
+    fn: Callable
+    timeout: float
+    estimate: float = 0.0
+    worker: str | None = None
+    params: dict = field(default_factory=dict)
+    skip: str | None = None
+    brief: tuple = ()  # dotted result keys for the stdout line (default: the scalar ones)
+
+
+def plan(dry: bool, no_build: bool = False) -> list[Item]:
+    """Every item, in the order they run: most valuable first."""
+    label = "tiny-config" if dry else "vicuna-7b"
+    dtypes = ("float32", "bfloat16", "float16")
+    items = [
+        # timeouts: a few times what an H200 took, so a hang costs little of the deadline
+        Item("build.pip", "pip install -e .", "build", _item_pip, 180, 30,
+             skip="dry run: the installed build is used" if dry else "--no-build" if no_build else None),
+        Item("build.ext_info", "sam_fast._ext.info()", "build", _item_ext_info, 90, 2,
+             brief=("ext.built", "ext.torch_matches", "ext.with_cuda")),
+        Item("bench.train_step", f"{label} train step (pixels, cached, released)", "benchmarks",
+             _item_train_step, 150, 30, worker="7b",
+             brief=("sam_fast.step_ms", "sam_fast.mfu", "cached.step_ms", "cached.mfu", "released.step_ms",
+                    "speedup_vs_released")),
+        Item("bench.generate", f"{label} 5-beam generation (hf, lavis, hf_static)", "benchmarks", _item_generate,
+             180, 20, worker="7b", brief=("generate_hf.tokens_per_s", "generate_lavis.tokens_per_s",
+                                          "generate_hf_static.tokens_per_s", "generate_hf_static.same_ids_as_hf")),
+        Item("bench.reweight", "context_reweight GB/s vs device copy", "benchmarks", _bench_reweight, 60, 3,
+             worker="ops", brief=("float32.gbps", "bfloat16.gbps", "bfloat16.time_vs_copy")),
+        Item("bench.streams", "cross_attention_streams vs SDPA", "benchmarks", _bench_streams, 60, 5, worker="ops",
+             brief=("bfloat16.speedup_vs_sdpa", "bfloat16.mix_speedup")),
+        Item("bench.encode", "encode_images vs released schedule (bf16, B=2)", "benchmarks", _bench_encode, 90, 15,
+             worker="ops", brief=("leave_one_out_N8.speedup_vs_released", "shared_N8.speedup_vs_released")),
+    ]
+    for backend in ("cpu",) if dry else ("triton", "cuda"):
+        items += [Item(f"check.reweight.{backend}.{dt}", f"context_reweight {backend} {dt} fwd+bwd", "model_checks",
+                       _check_reweight, 60, 1, worker="ops", params=dict(backend=backend, dtype=dt),
+                       brief=("out.err", "dF.err", "dw.err")) for dt in dtypes]
+    for mode in ("leave_one_out", "shared"):
+        items += [Item(f"check.encode.{mode}.{dt}", f"encode_images {mode} {dt} vs reference", "model_checks",
+                       _check_encode, 60, 2, worker="ops", params=dict(mode=mode, dtype=dt)) for dt in dtypes]
+    items += [Item(f"check.packed.{mode}", f"packed training step vs packing=False ({mode})", "model_checks",
+                   _check_packed, 60, 3, worker="ops", params=dict(mode=mode), brief=("loss.err", "grads.err"))
+              for mode in ("leave_one_out", "shared")]
+    items += [
+        Item("check.compile", "torch.compile(encode_images) smoke", "model_checks", _check_compile, 120, 20,
+             worker="compile", skip="dry run / no CUDA: torch.compile is exercised on the GPU only" if dry else None),
+        Item("tests.pytest", "pytest (collect only)" if dry else "pytest (CUDA tests)", "tests", _item_pytest, 240, 15,
+             brief=("summary", "collected")),
+    ]
+    return items
+
+
+# ----------------------------------------------------------------------------- where the report goes
+def out_dir(cli_out: str | None, environ) -> Path:
+    """--out, else $SAM_FAST_GPU_CHECK_OUT, else $OUT (the folder a device machine returns), else
+    bench/results."""
+    for value in (cli_out, environ.get(OUT_ENV), environ.get(RETURN_ENV)):
+        if value:
+            return Path(value)
+    return ROOT / "bench" / "results"
+
+
+def _free_stem(folder: Path, base: str) -> Path:
+    """`folder/base`, or `base-2`, `-3`, ... when a report of that name exists: an earlier run's
+    report is never overwritten."""
+    stem, n = folder / base, 1
+    while any(Path(f"{stem}{suffix}").exists() for suffix in (".json", ".md")):
+        n += 1
+        stem = folder / f"{base}-{n}"
+    return stem
+
+
+def injections(environ) -> dict[str, str]:
+    """Test-only faults from $SAM_FAST_GPU_CHECK_INJECT (``hang:ID,crash:ID``): item id -> kind."""
+    out = {}
+    for part in filter(None, (p.strip() for p in environ.get(INJECT_ENV, "").split(","))):
+        kind, _, item = part.partition(":")
+        if kind not in ("hang", "crash") or not item:
+            raise ValueError(f"{INJECT_ENV}: {part[:80]!r} is not hang:ITEM or crash:ITEM")
+        out[item] = kind
+    return out
+
+
+def inject_failure(flag: bool, environ) -> bool:
+    return flag or environ.get(INJECT_FAILURE_ENV, "") not in ("", "0")
+
+
+def _hang(where: str) -> None:
+    print(f"gpu_check: injected hang in {where}", file=sys.stderr, flush=True)
+    while True:
+        time.sleep(3600)
+
+
+# ----------------------------------------------------------------------------- environment
+_PROBE = ("import json, torch; ok = torch.cuda.is_available(); "
+          "d = dict(available=ok, torch=torch.__version__, torch_cuda=torch.version.cuda); "
+          "ok and d.update(name=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability())); "
+          "print('CUDA_PROBE ' + json.dumps(d))")
+PROBE_TIMEOUT = 90.0
+
+
+def _cuda_probe() -> dict:
+    """The device as a fresh interpreter sees it, under a timeout: this process never initialises
+    CUDA (a driver that hangs there would leave no report; a context here would hold GPU memory
+    the 7B items need). ``{"available": bool, ...}``, with ``error`` when the probe itself failed."""
+    try:
+        p = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, capture_output=True, text=True,
+                           timeout=PROBE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return {"available": False, "error": f"initialising CUDA ran past {PROBE_TIMEOUT:g} s"}
+    found = [ln[len("CUDA_PROBE "):] for ln in p.stdout.splitlines() if ln.startswith("CUDA_PROBE ")]
+    if not found:
+        last = ((p.stderr or p.stdout).strip().splitlines() or [""])[-1]
+        return {"available": False, "error": _one_line(f"the probe exited {p.returncode}: {last}")}
+    return json.loads(found[-1])
+
+
+def _env_info(probe: dict | None) -> dict:
+    """Versions without importing torch here (the workers do); the device from `_cuda_probe`."""
+    from importlib import metadata
+
+    def version(dist):
         try:
-            return __import__(mod).__version__
+            return metadata.version(dist)
         except Exception as e:  # not installed
             return f"unavailable ({type(e).__name__})"
 
@@ -162,116 +276,534 @@ def _env_info(device) -> dict:
         commit, dirty = None, None
     # a copy of the tree (no .git, or a synthetic one): the caller may say which commit it is
     commit = os.environ.get("SAM_FAST_GIT_COMMIT") or commit
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu-{platform.machine()}"
-    return {"device": name, "device_type": device.type, "python": platform.python_version(),
-            "torch": torch.__version__, "torch_cuda": torch.version.cuda, "triton": version("triton"),
+    info = {"device": f"cpu-{platform.machine()}", "device_type": "cpu", "python": platform.python_version(),
+            "torch": version("torch"), "torch_cuda": None, "triton": version("triton"),
             "transformers": version("transformers"), "commit": commit, "dirty": dirty,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cpu_count": os.cpu_count()}
+    if probe is not None:
+        info.update(device=probe.get("name") or "no-cuda-device", device_type="cuda", torch_cuda=probe.get("torch_cuda"),
+                    capability=probe.get("capability"), **({"torch": probe["torch"]} if "torch" in probe else {}))
+    return info
 
 
-# ----------------------------------------------------------------------------- 1. build
-def section_build(sec: Section, dry: bool, no_build: bool) -> None:
-    import torch
+def peak_tflops(device_name: str, environ=os.environ) -> tuple[float | None, str]:
+    """(dense bf16 peak TFLOP/s, where it came from): $SAM_FAST_PEAK_TFLOPS, else the table."""
+    if environ.get(PEAK_ENV):
+        return float(environ[PEAK_ENV]), PEAK_ENV
+    for fragment, peak in PEAK_BF16_TFLOPS:
+        if fragment in device_name:
+            return peak, f"dense bf16 peak of {fragment}"
+    return None, f"unknown for {device_name!r}: set {PEAK_ENV}"
 
-    if dry or no_build:
-        sec.skip("pip install -e .", "dry run: the installed build is used" if dry else "--no-build")
-    else:
-        def build():
-            env = dict(os.environ, MAX_JOBS=str(os.cpu_count() or 4), SAM_FAST_BUILD_EXT="1")
-            if torch.cuda.is_available() and not env.get("TORCH_CUDA_ARCH_LIST"):
-                major, minor = torch.cuda.get_device_capability()
-                env["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"  # this GPU only: half the nvcc work
-            cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-build-isolation",
-                   "--no-deps", "--no-index", "-e", str(ROOT)]
-            timeout = max(sec.remaining() - 15, 10)
+
+# ----------------------------------------------------------------------------- the run (main process)
+class Run:
+    """The report and what is in flight. The main thread runs the items; the watchdog thread and
+    the signal handlers end the run through `end`, under the same lock, exactly once."""
+
+    def __init__(self, items, *, env, dry, faults, inject_failure, deadline, stem, timeouts):
+        self.items = items
+        self.by_id = {it.id: it for it in items}
+        self.timeouts = timeouts
+        self.entries = {it.id: {"id": it.id, "name": it.name, "section": it.section, "status": "pending",
+                                "timeout_s": self.timeouts[it.id]} for it in items}
+        self.env, self.dry, self.deadline, self.stem = env, dry, deadline, stem
+        self.faults, self.inject_failure = faults, inject_failure
+        self.deadline_at = T0 + deadline
+        self.lock = threading.RLock()
+        self.finished = False
+        self.child: subprocess.Popen | None = None
+        self.status, self.exit_code, self.error = "running", None, None
+        self.current: str | None = None  # the in-process item running
+        self.tmp = Path(tempfile.mkdtemp(prefix="gpu_check-"))
+        self.logs = {k: f"{stem}-{k}.log" for k in ("build", "workers", "pytest")}  # beside the report
+
+    # -- time
+    def left(self) -> float:
+        return self.deadline_at - time.monotonic()
+
+    def timeout_of(self, item_id: str) -> float:
+        return self.timeouts[item_id]
+
+    # -- entries
+    def start(self, item_id: str, **extra) -> None:
+        with self.lock:
+            e = self.entries[item_id]
+            e.update(status="running", started_s=round(time.monotonic() - T0, 1), **extra)
+            self.write()
+
+    def progress(self, item_id: str, result: dict) -> None:
+        with self.lock:
+            self.entries[item_id]["result"] = result
+            self.write()
+
+    def finish(self, item_id: str, status: str, seconds: float | None = None, **fields) -> None:
+        with self.lock:
+            if self.finished:
+                return
+            e = self.entries[item_id]
+            e.pop("pid", None)
+            e.update(status=status, **({"seconds": round(seconds, 2)} if seconds is not None else {}),
+                     **{k: v for k, v in fields.items() if v is not None})
+            self.write()
+            self._print(e)
+
+    def _print(self, e: dict) -> None:
+        elapsed = time.monotonic() - T0
+        secs = f"{e['seconds']:.1f} s" if "seconds" in e else ""
+        text = e.get("error") or e.get("reason") or _brief(e.get("result"), self.by_id[e["id"]].brief)
+        _say(f"[{elapsed:4.0f} s] {e['status']:<7} {e['id']:<34} {secs:>8}  {_one_line(text, 150)}")
+
+    # -- the report
+    def report(self) -> dict:
+        entries = [self.entries[it.id] for it in self.items]
+        bad = [f"{e['id']} ({e['status']})" for e in entries if e["status"] in ("failed", "timeout")]
+        sections = {}
+        for s in SECTIONS:
+            states = {e["status"] for e in entries if e["section"] == s}
+            sections[s] = ("failed" if states & {"failed", "timeout"} else "running" if states & {"running", "pending"}
+                           else "skipped" if states <= {"skipped"} else "ok")
+        return {"status": self.status, "passed": None if self.status == "running" else self.status == "passed",
+                "exit_code": self.exit_code, "error": self.error, "dry_run": self.dry, "inject_failure": self.inject_failure,
+                "deadline_s": self.deadline, "seconds": round(time.monotonic() - T0, 1), "env": self.env,
+                "logs": sorted(Path(p).name for p in self.logs.values() if Path(p).exists()), "failures": bad,
+                "sections": sections, "items": entries}
+
+    def write(self) -> None:
+        """JSON and markdown, each through a temporary file and os.replace: a reader (or a kill)
+        never sees half a report."""
+        with self.lock:
+            rep = self.report()
+            for suffix, text in ((".json", json.dumps(rep, indent=1, default=str) + "\n"), (".md", _markdown(rep))):
+                path = Path(f"{self.stem}{suffix}")
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+                tmp.write_text(text)
+                os.replace(tmp, path)
+
+    # -- subprocesses
+    def spawn(self, cmd, log_path, env=None, worker=False) -> subprocess.Popen:
+        """A child in its own session (killable with its descendants) that dies with this process
+        (workers see to it themselves, other commands start through ``--exec-child``), output to
+        `log_path`, unbuffered: a child killed at its timeout leaves all it printed."""
+        env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+        if not worker:
+            cmd = [sys.executable, str(SCRIPT), "--exec-child", str(os.getpid()), "--", *cmd]
+        with self.lock:
+            if self.finished:
+                raise SystemExit(self.exit_code)
+            with open(log_path, "ab") as log:
+                p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+            self.child = p
+            if self.current is not None:  # which process to look for while it runs
+                self.entries[self.current]["pid"] = p.pid
+                self.write()
+            return p
+
+    def reap(self, p: subprocess.Popen) -> None:
+        """Kill `p`'s process group (what it started included) and wait for it."""
+        _kill_group(p)
+        with self.lock:
+            if self.child is p:
+                self.child = None
+
+    def run_cmd(self, cmd, log_path, timeout: float, env=None) -> tuple[int | None, bool]:
+        """(exit status or None, timed out) of `cmd` under `timeout` seconds."""
+        p = self.spawn(cmd, log_path, env)
+        try:
+            return p.wait(timeout=max(timeout, 0.1)), False
+        except subprocess.TimeoutExpired:
+            return None, True
+        finally:
+            self.reap(p)
+
+    # -- the end
+    def end(self, cut_by: str, code: int) -> None:
+        """Stop now (deadline or signal): kill what runs, mark the running item timeout and the
+        rest skipped, write the report, exit `code`. Runs once; later calls return."""
+        with self.lock:
+            if self.finished:
+                return
+            if self.child is not None:
+                _kill_group(self.child)
+            now = time.monotonic()
+            for e in self.entries.values():
+                if e["status"] == "running":
+                    took = now - T0 - e.get("started_s", 0)
+                    e.pop("pid", None)
+                    e.update(status="timeout", cut_by=cut_by, seconds=round(took, 2),
+                             error=f"timeout ({cut_by}): cut after {took:.0f} s in this item, "
+                                   f"{now - T0:.0f} s into the run (--deadline {self.deadline:.0f})")
+                    self._print(e)
+                elif e["status"] == "pending":
+                    e.update(status="skipped", reason=f"not reached: {cut_by}")
+            self.status, self.exit_code = ("deadline" if cut_by == "deadline" else "interrupted"), code
+            self.write()
+            self.finished = True
+            _say(f"gpu_check: stopped ({cut_by}) after {now - T0:.0f} s, exit {code}; report {self.stem}.json")
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        os._exit(code)
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(p.pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        p.wait(timeout=10)
+
+
+def _watchdog(run: Run) -> None:
+    """Ends the run at the deadline whatever the main thread is doing (waiting on a child, or
+    stuck in an item of its own)."""
+    while run.left() > 0:
+        time.sleep(min(max(run.left(), 0.01), 0.5))
+    run.end("deadline", EXIT_DEADLINE)
+
+
+def _brief(result, keys=()) -> str:
+    """`k=v` for the chosen (else every scalar) dotted keys of a result."""
+    if not isinstance(result, dict):
+        return "" if result is None else str(result)
+    flat = {}
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif isinstance(v, (int, float, str, bool)) or v is None:
+                flat[f"{prefix}{k}"] = v
+    walk(result)
+    chosen = [k for k in keys if k in flat] or [k for k in flat if "." not in k]
+    return " ".join(f"{k}={flat[k]}" for k in chosen)
+
+
+def _markdown(report: dict) -> str:
+    env = report["env"]
+    verdict = {"running": "RUNNING (or killed)", "passed": "PASS", "failed": "FAIL",
+               "deadline": "FAIL (deadline)", "interrupted": "FAIL (interrupted)"}[report["status"]]
+    lines = [f"# sam_fast GPU check ({'dry run, ' if report['dry_run'] else ''}{env['device']})", "",
+             f"- date: {env['date']}, commit: {env['commit']}{' (dirty)' if env['dirty'] else ''}",
+             f"- torch {env['torch']} (CUDA {env['torch_cuda']}), triton {env['triton']}, "
+             f"transformers {env['transformers']}, Python {env['python']}",
+             f"- result: **{verdict}** after {report['seconds']:.0f} s (deadline {report['deadline_s']:.0f} s, "
+             f"exit {report['exit_code']})", *([f"- error: {report['error']}"] if report.get("error") else []), "",
+             "| section | item | status | seconds | details |", "|---|---|---|---|---|"]
+    for e in report["items"]:
+        details = e.get("error") or e.get("reason") or json.dumps(e.get("result", {}), default=str)
+        text = str(details).replace("|", "\\|").replace("\n", " ")
+        secs = f"{e['seconds']:.1f}" if "seconds" in e else ""
+        lines.append(f"| {e['section']} | {e['name']} | {e['status']} | {secs} | `{text[:600]}` |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- running the items
+def _run_inline(run: Run, item: Item) -> None:
+    run.start(item.id)
+    run.current = item.id
+    try:
+        _run_inline_item(run, item)
+    finally:
+        run.current = None
+
+
+def _run_inline_item(run: Run, item: Item) -> None:
+    t0 = time.monotonic()
+    try:
+        if run.faults.get(item.id) == "hang" and item.id != "tests.pytest":  # pytest hangs inside pytest
+            _hang(item.id)
+        result = item.fn(run, item) or {}
+    except _Skip as s:
+        return run.finish(item.id, "skipped", time.monotonic() - t0, reason=str(s))
+    except _Timeout as t:
+        run.finish(item.id, "timeout", time.monotonic() - t0, result=t.result, error=str(t), cut_by=t.cut_by)
+        if t.cut_by == "deadline":
+            run.end("deadline", EXIT_DEADLINE)
+        return
+    except Exception as e:  # recorded, never fatal for the rest of the run
+        return run.finish(item.id, "failed", time.monotonic() - t0, error=_one_line(f"{type(e).__name__}: {e}"))
+    ok = result.pop("ok", True)
+    error = None if ok else result.pop("error", None) or _check_error(result)
+    run.finish(item.id, "ok" if ok else "failed", time.monotonic() - t0, result=result, error=error)
+
+
+def _run_workers(run: Run, ids: list[str]) -> None:
+    """Run `ids` in worker processes, one after another in one worker while it lives; an item past
+    its timeout (or whose worker dies) is recorded and a fresh worker takes the rest."""
+    pending = list(ids)
+    n = 0
+    while pending:
+        n += 1
+        events = run.tmp / f"{pending[0]}-{n}.jsonl"
+        events.touch()
+        spec = run.tmp / f"{pending[0]}-{n}.json"
+        spec.write_text(json.dumps({"items": pending, "events": str(events), "dry": run.dry,
+                                    "inject_failure": run.inject_failure, "parent": os.getpid(),
+                                    "deadline_at": run.deadline_at, "device": run.env["device"],
+                                    "timeouts": {i: run.timeout_of(i) for i in pending}}))
+        cmd = [sys.executable, str(SCRIPT), "--worker", str(spec)]
+        p = run.spawn(cmd, run.logs["workers"], worker=True)
+        with open(run.logs["workers"], "a") as log:
+            log.write(f"\n===== worker pid {p.pid} for {', '.join(pending)}\n")
+        run.start(pending[0], pid=p.pid)
+        head_since, started, state = time.monotonic(), set(), {"offset": 0, "buf": ""}
+        all_done = False
+        try:
+            while pending:
+                rc = p.poll()  # before reading: all it wrote before exiting is then read below
+                for ev in _read_events(events, state):
+                    item_id = ev["id"]
+                    if ev["event"] == "start":
+                        head_since = time.monotonic()
+                        started.add(item_id)
+                        run.start(item_id, pid=p.pid)
+                    elif ev["event"] == "progress":
+                        run.progress(item_id, ev["result"])
+                    elif ev["event"] == "done":
+                        run.finish(item_id, ev["status"], ev["seconds"],
+                                   **{k: ev.get(k) for k in ("result", "error", "reason")})
+                        pending.remove(item_id)
+                        head_since = time.monotonic()
+                if not pending:
+                    all_done = True
+                    break
+                if rc is not None:
+                    if started and pending[0] not in started:
+                        break  # it stopped after an item raised, on purpose: a fresh one goes on
+                    how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
+                    run.finish(pending[0], "failed", time.monotonic() - head_since,
+                               error=f"its worker process died ({how}); see {Path(run.logs['workers']).name}")
+                    pending.pop(0)
+                    break
+                took = time.monotonic() - head_since
+                if took > run.timeout_of(pending[0]):
+                    run.finish(pending[0], "timeout", took, cut_by="item timeout",
+                               error=f"timeout (item timeout): ran past {run.timeout_of(pending[0]):g} s; "
+                                     f"its worker was killed, a fresh one runs the next items")
+                    pending.pop(0)
+                    break
+                time.sleep(0.05)
+        finally:
+            if all_done and p.poll() is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=30)  # its clean-up after the last item
+            run.reap(p)
+
+
+def _read_events(path: Path, state: dict) -> list[dict]:
+    """The complete JSON lines a worker appended since the last call."""
+    with open(path, "rb") as f:
+        f.seek(state["offset"])
+        chunk = f.read()
+    state["offset"] += len(chunk)
+    *lines, state["buf"] = (state["buf"] + chunk.decode("utf-8", "replace")).split("\n")
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _check_error(result: dict) -> str:
+    """The one-line error of a check whose result holds ``ok: False`` parts."""
+    parts = [f"{k}: err {v.get('err')} > budget {v.get('budget')}" for k, v in result.items()
+             if isinstance(v, dict) and v.get("ok") is False]
+    if "err" in result and "budget" in result:
+        parts.append(f"err {result['err']} > budget {result['budget']}")
+    return "outside the error budget: " + ("; ".join(parts) or _one_line(json.dumps(result, default=str), 200))
+
+
+# ----------------------------------------------------------------------------- worker processes
+class WorkerCtx:
+    """What a worker item sees: device, dry, inject (failure), `left()` seconds and `progress()`."""
+
+    def __init__(self, spec: dict, emit):
+        self.dry, self.inject = spec["dry"], spec["inject_failure"]
+        self.deadline_at, self.timeouts, self.device_name = spec["deadline_at"], spec["timeouts"], spec["device"]
+        self.emit = emit
+        self._device = None
+        self.item, self.item_t0 = None, time.monotonic()
+
+    @property
+    def device(self):
+        if self._device is None:
+            import torch
+
+            if self.dry:
+                torch.set_num_threads(min(torch.get_num_threads(), 2))
+            self._device = torch.device("cpu" if self.dry else "cuda")
+        return self._device
+
+    def left(self) -> float:
+        """Seconds before this item's timeout or the deadline, whichever comes first."""
+        now = time.monotonic()
+        return min(self.timeouts[self.item] - (now - self.item_t0), self.deadline_at - now)
+
+    def progress(self, result: dict) -> None:
+        """Send what is measured so far: kept in the report if the item is cut later."""
+        self.emit({"event": "progress", "id": self.item, "result": result})
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this worker when the main process dies, whatever it is doing."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the call above
+        os._exit(EXIT_FAILED)
+
+
+def worker_main(spec_path: str) -> int:
+    """Run the spec's items in order, reporting start / progress / done as JSON lines; exit after
+    an item raised (a CUDA error may have broken the context: the next items get a fresh process)."""
+    import faulthandler
+
+    faulthandler.enable()  # a segfault prints the Python stack into the worker log
+    spec = json.loads(Path(spec_path).read_text())
+    _die_with_parent(spec["parent"])
+    by_id = {it.id: it for it in plan(spec["dry"])}
+    inject = injections(os.environ)
+    with open(spec["events"], "a") as events:
+        def emit(ev):
+            events.write(json.dumps(ev, default=str) + "\n")
+            events.flush()
+
+        ctx = WorkerCtx(spec, emit)
+        for item_id in spec["items"]:
+            item = by_id[item_id]
+            ctx.item, ctx.item_t0 = item_id, time.monotonic()
+            emit({"event": "start", "id": item_id, "pid": os.getpid()})
+            done = {"event": "done", "id": item_id}
             try:
-                p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-            except subprocess.TimeoutExpired:
-                return {"ok": False, "reason": f"build ran past {timeout:.0f} s"}
-            tail = (p.stdout + p.stderr)[-1500:]
-            print(tail if p.returncode else "\n".join(
-                line for line in (p.stdout + p.stderr).splitlines() if line.startswith("sam_fast:")), flush=True)
-            return {"ok": p.returncode == 0, "rc": p.returncode, "arch_list": env.get("TORCH_CUDA_ARCH_LIST"),
-                    "max_jobs": env["MAX_JOBS"], **({"log_tail": tail} if p.returncode else {})}
-
-        sec.run("pip install -e .", build, estimate=30)
-        _activate_editable_install()
-
-    def info():
-        # a fresh interpreter: this one may hold an older sam_fast._C
-        code = ("import json; from sam_fast import _ext; _ext.load(); i = _ext.info(); "
-                "print(json.dumps({k: v for k, v in i.items() if k != 'module'}, default=str))")
-        p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        if p.returncode:
-            return {"ok": False, "error": p.stderr[-800:]}
-        i = json.loads(p.stdout.strip().splitlines()[-1])
-        print(f"sam_fast._ext.info(): {i}", flush=True)
-        ok = bool(i.get("built")) and bool(i.get("torch_matches")) and not i.get("error")
-        if torch.cuda.is_available() and not dry:
-            ok = ok and bool(i.get("with_cuda"))  # the CUDA kernels must be in the build on a GPU machine
-        return {"ok": ok, "ext": i}
-
-    sec.run("sam_fast._ext.info()", info)
+                if inject.get(item_id) == "hang":
+                    _hang(item_id)
+                if inject.get(item_id) == "crash":
+                    os.kill(os.getpid(), signal.SIGSEGV)
+                left = ctx.deadline_at - time.monotonic()
+                if item.estimate > left:
+                    raise _Skip(f"needs ~{item.estimate:.0f} s, {max(left, 0):.0f} s left before the deadline")
+                result = item.fn(ctx, **item.params) or {}
+            except _Skip as s:
+                emit(dict(done, status="skipped", reason=str(s), seconds=time.monotonic() - ctx.item_t0))
+                continue
+            except Exception as e:
+                traceback.print_exc()
+                emit(dict(done, status="failed", error=_one_line(f"{type(e).__name__}: {e}"),
+                          seconds=time.monotonic() - ctx.item_t0))
+                return EXIT_FAILED
+            finally:
+                _release_memory()
+            ok = result.pop("ok", True)
+            emit(dict(done, status="ok" if ok else "failed", result=result, seconds=time.monotonic() - ctx.item_t0,
+                      error=None if ok else _check_error(result)))
+    return EXIT_OK
 
 
-def _activate_editable_install() -> None:
-    """Make an editable install done by this very process importable in it: run the site
-    directories' .pth files again (they install the finder that maps kernels/ to
-    sam_fast._kernels); a process only reads them at start-up."""
-    import importlib
-    import site
-    import sysconfig
-
-    for key in ("purelib", "platlib"):
-        path = sysconfig.get_paths().get(key)
-        if path and os.path.isdir(path):
-            site.addsitedir(path)
-    importlib.invalidate_caches()
+def _release_memory() -> None:
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
-# ----------------------------------------------------------------------------- 2. tests
-def section_tests(sec: Section, dry: bool, log_path: Path | None = None) -> None:
+# ----------------------------------------------------------------------------- 1. build (in process)
+def _item_pip(run: Run, item: Item) -> dict:
+    env = dict(os.environ, MAX_JOBS=str(os.cpu_count() or 4), SAM_FAST_BUILD_EXT="1")
+    if run.env.get("capability") and not env.get("TORCH_CUDA_ARCH_LIST"):
+        major, minor = run.env["capability"]
+        env["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"  # this GPU only: half the nvcc work
+    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-build-isolation",
+           "--no-deps", "--no-index", "-e", str(ROOT)]
+    log = run.logs["build"]
+    timeout = run.timeout_of(item.id)
+    rc, timed_out = run.run_cmd(cmd, log, timeout, env)
+    text = Path(log).read_text(errors="replace")
+    res = {"rc": rc, "arch_list": env.get("TORCH_CUDA_ARCH_LIST"), "max_jobs": env["MAX_JOBS"], "log": Path(log).name,
+           "build_lines": [ln for ln in text.splitlines() if ln.startswith("sam_fast:")][-10:]}
+    if timed_out:
+        raise _Timeout(f"timeout (item timeout): the build ran past {timeout:g} s; log {Path(log).name}", res)
+    last = [ln for ln in text.splitlines() if ln.strip()][-1:] or [""]
+    return {"ok": rc == 0, **res, **({"error": _one_line(f"pip exited {rc}: {last[0]}")} if rc else {})}
+
+
+def _item_ext_info(run: Run, item: Item) -> dict:
+    # a fresh interpreter: the build may have replaced sam_fast._C
+    code = ("import json; from sam_fast import _ext; _ext.load(); i = _ext.info(); "
+            "print('EXT_INFO ' + json.dumps({k: v for k, v in i.items() if k != 'module'}, default=str))")
+    log = run.tmp / "ext_info.log"
+    timeout = run.timeout_of(item.id)
+    rc, timed_out = run.run_cmd([sys.executable, "-c", code], log, timeout)
+    text = log.read_text(errors="replace")
+    if timed_out:
+        raise _Timeout(f"timeout (item timeout): importing sam_fast ran past {timeout:g} s",
+                       {"output_tail": text[-500:]})
+    found = [ln[len("EXT_INFO "):] for ln in text.splitlines() if ln.startswith("EXT_INFO ")]
+    if rc or not found:
+        last = (text.strip().splitlines() or [""])[-1]
+        return {"ok": False, "error": _one_line(f"exit status {rc}: {last}"),
+                "output_tail": text[-800:]}
+    i = json.loads(found[-1])
+    ok = bool(i.get("built")) and bool(i.get("torch_matches")) and not i.get("error")
+    if not run.dry:
+        ok = ok and bool(i.get("with_cuda"))  # the CUDA kernels must be in the build on a GPU machine
+    return {"ok": ok, "ext": i, **({} if ok else {"error": _one_line(f"extension not usable: {i}")})}
+
+
+# ----------------------------------------------------------------------------- 5. tests (in process)
+_HANG_PLUGIN = "def pytest_sessionstart(session):\n    import time\n    while True:\n        time.sleep(3600)\n"
+
+
+def _item_pytest(run: Run, item: Item) -> dict:
+    import importlib.util
+
     selected = [t for t in CUDA_TESTS if (ROOT / t.split("::")[0]).exists()]
     missing = sorted(set(CUDA_TESTS) - set(selected))
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "addopts=", "--benchmark-disable"]
-    cmd += ["--collect-only", "-q"] if dry else ["-v", "-rfE", "--tb=short"]
+    cmd += ["--collect-only", "-q"] if run.dry else ["-v", "-rfE", "--tb=short"]
+    per_test = not run.dry and importlib.util.find_spec("pytest_timeout") is not None
+    if per_test:
+        cmd += [f"--timeout={PYTEST_PER_TEST_TIMEOUT}"]
+    if run.faults.get(item.id) == "hang":  # test-only: pytest itself hangs, as a hung CUDA test would
+        (run.tmp / "_gpu_check_hang.py").write_text(_HANG_PLUGIN)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(run.tmp), env.get("PYTHONPATH")]))
+        cmd += ["-p", "_gpu_check_hang"]
+    log = run.logs["pytest"]
+    left = run.left() - PYTEST_DEADLINE_MARGIN
+    if left < item.estimate:
+        raise _Skip(f"{max(run.left(), 0):.0f} s left before the deadline, pytest needs ~{item.estimate:.0f} "
+                    f"plus {PYTEST_DEADLINE_MARGIN:.0f}")
+    timeout = min(run.timeout_of(item.id), left)
+    cut_by = "deadline" if timeout < run.timeout_of(item.id) else "item timeout"
+    t0 = time.monotonic()
+    rc, timed_out = run.run_cmd(cmd + selected, log, timeout, env)
+    out = Path(log).read_text(errors="replace")
+    info = {"log": Path(log).name, "selection": selected, "missing_files": missing, "rc": rc,
+            "per_test_timeout_s": PYTEST_PER_TEST_TIMEOUT if per_test else None,
+            "wall_s": round(time.monotonic() - t0, 1)}
+    summary = [ln.strip("= ") for ln in out.splitlines() if re.search(r"\bin \d+(\.\d+)?s\b", ln)]
+    info["summary"] = summary[-1] if summary else None
+    if run.dry:
+        ids = [line for line in out.splitlines() if "::" in line]
+        info.update(collected=len(ids))
+    else:
+        info["counts"] = {k: len(re.findall(rf" {k}\b", out)) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+        info["failed"] = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, flags=re.M)[:50]
+    if timed_out:
+        counts = info.get("counts") or {"collected": info.get("collected")}
+        last = [ln.split()[0] for ln in out.splitlines() if "::" in ln and ln.strip()][-1:]
+        info["last_test_seen"] = last[0] if last else None
+        raise _Timeout(f"timeout ({cut_by}): pytest ran past {timeout:g} s and was killed; before the cut: {counts}; "
+                       f"last test seen: {info['last_test_seen']} (log {Path(log).name})", info, cut_by)
+    if run.dry:
+        info["ok"] = rc == 0 and info["collected"] > 0
+    else:
+        info["ok"] = rc == 0
+    if not info["ok"]:
+        info["error"] = _one_line(f"pytest exit {rc}: {info['summary'] or 'no summary line'}; "
+                                  f"failed: {' '.join(info.get('failed', [])[:5])}")
+    return info
 
-    def run():
-        timeout = max(sec.remaining() - 5, 5)
-        t0 = time.monotonic()
-        try:
-            p = subprocess.run(cmd + selected, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-            out, rc, timed_out = p.stdout + p.stderr, p.returncode, False
-        except subprocess.TimeoutExpired as e:
-            out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-            rc, timed_out = None, True
-        if log_path is not None:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            log_path.write_text(out)
-        info = {"log": str(log_path) if log_path else None, "selection": selected, "missing_files": missing, "rc": rc, "wall_s": round(time.monotonic() - t0, 1)}
-        if dry:
-            ids = [line for line in out.splitlines() if "::" in line]
-            info.update(collected=len(ids), ok=rc == 0 and len(ids) > 0)
-            if rc:
-                info["output_tail"] = out[-1500:]
-            return info
-        counts = {k: len(re.findall(rf" {k}\b", out)) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
-        failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, flags=re.M)
-        info.update(counts=counts, failed=failed[:50], output_tail=out[-3000:] if (rc or timed_out) else "")
-        if timed_out:
-            info["reason"] = f"pytest ran past {timeout:.0f} s: the tests after the last reported one did not run"
-        # rc 1: failures; 2-5: interrupted, usage error, nothing collected. A timeout alone is the
-        # budget's doing, not the code's: the tests that ran are judged, the rest reported as not run.
-        info["ok"] = not failed and not counts["FAILED"] and not counts["ERROR"] and rc in (0, None)
-        return info
 
-    sec.run("pytest (collect only)" if dry else "pytest (CUDA tests)", run, estimate=10)
-
-
-# ----------------------------------------------------------------------------- 3. model checks
+# ----------------------------------------------------------------------------- 4. model checks (workers)
 def _err(a, b) -> float:
     return (a.detach().double().cpu() - b.detach().double().cpu()).abs().max().item()
 
@@ -355,129 +887,124 @@ def _ragged(model, counts, seed=0, text_len=7):
     return feats, ids, mask
 
 
-def section_model_checks(sec: Section, device, dry: bool, inject: bool) -> None:
-    import copy
+COUNTS = [2, 3, 1]  # images per sample in the model checks
 
+
+def _check_reweight(ctx: WorkerCtx, backend: str, dtype: str) -> dict:
+    """The re-weighting op on one device backend, forward + backward, against float64."""
     import torch
 
     from sam_fast.ops import context_reweight
     from sam_fast.ops.dispatch import dispatcher
+
+    device, dt = ctx.device, getattr(torch, dtype)
+    g = torch.Generator().manual_seed(1)
+    T, P, D = sum(COUNTS), 37, 64
+    F64 = torch.randn(T, P, D, generator=g, dtype=torch.float64)
+    w64 = torch.randn(D, generator=g, dtype=torch.float64) * 3 / D**0.5
+    b64 = torch.tensor(0.5, dtype=torch.float64)
+    cu = torch.tensor([0, 2, 5, 6], dtype=torch.int32)
+    up = torch.randn(T, P, D, generator=g, dtype=torch.float64)
+    why = dict(dispatcher("context_reweight").reasons(F64.to(device, dt), w64.to(device, dt),
+                                                    b64.to(device, dt), cu.to(device), "leave_one_out"))
+    if why.get(backend) is not None:
+        raise _Skip(f"backend {backend} cannot run here: {why[backend]}")
+
+    def fwd_bwd(F, w, b, name):
+        F, w, b = (t.detach().requires_grad_() for t in (F, w, b))
+        with _backend(name):
+            out = context_reweight(F, w, b, cu.to(F.device), "leave_one_out")
+        grads = torch.autograd.grad(out, (F, w), up.to(out.device, out.dtype))
+        return [out.detach(), *grads]
+
+    oracle = fwd_bwd(F64, w64, b64, "reference")
+    args = [t.to(device, dt) for t in (F64, w64, b64)]
+    plain = fwd_bwd(*args, "reference")
+    fast = fwd_bwd(*args, backend)
+    if ctx.inject:
+        fast[0] = fast[0] + 1.0
+    res = {n: within_budget(f, p, o, dtype) for n, f, p, o in zip(("out", "dF", "dw"), fast, plain, oracle)}
+    return {"ok": all(r["ok"] for r in res.values()), **res}
+
+
+def _check_encode(ctx: WorkerCtx, mode: str, dtype: str) -> dict:
+    """encode_images against the one-image-at-a-time reference."""
+    import copy
+
+    import torch
+
     from sam_fast.reference import reference_encode_images
 
-    dtypes = [torch.float32, torch.bfloat16, torch.float16]
-    counts = [2, 3, 1]
-
-    # the re-weighting op on each device backend, forward + backward
-    def reweight(backend, dtype):
-        def run():
-            g = torch.Generator().manual_seed(1)
-            T, P, D = sum(counts), 37, 64
-            F64 = torch.randn(T, P, D, generator=g, dtype=torch.float64)
-            w64 = torch.randn(D, generator=g, dtype=torch.float64) * 3 / D**0.5
-            b64 = torch.tensor(0.5, dtype=torch.float64)
-            cu = torch.tensor([0, 2, 5, 6], dtype=torch.int32)
-            up = torch.randn(T, P, D, generator=g, dtype=torch.float64)
-            why = dict(dispatcher("context_reweight").reasons(F64.to(device, dtype), w64.to(device, dtype),
-                                                            b64.to(device, dtype), cu.to(device), "leave_one_out"))
-            if why.get(backend) is not None:
-                raise _Skip(f"backend {backend} cannot run here: {why[backend]}")
-
-            def fwd_bwd(F, w, b, name):
-                F, w, b = (t.detach().requires_grad_() for t in (F, w, b))
-                with _backend(name):
-                    out = context_reweight(F, w, b, cu.to(F.device), "leave_one_out")
-                grads = torch.autograd.grad(out, (F, w), up.to(out.device, out.dtype))
-                return [out.detach(), *grads]
-
-            oracle = fwd_bwd(F64, w64, b64, "reference")
-            args = [t.to(device, dtype) for t in (F64, w64, b64)]
-            plain = fwd_bwd(*args, "reference")
-            fast = fwd_bwd(*args, backend)
-            if inject:
-                fast[0] = fast[0] + 1.0
-            res = {n: within_budget(f, p, o, _dtype_name(dtype)) for n, f, p, o in zip(("out", "dF", "dw"), fast, plain, oracle)}
-            return {"ok": all(r["ok"] for r in res.values()), **res}
-        return run
-
-    backends = ["triton", "cuda"] if device.type == "cuda" else ["cpu"]
-    for backend in backends:
-        for dtype in dtypes:
-            sec.run(f"context_reweight {backend} {_dtype_name(dtype)} fwd+bwd", reweight(backend, dtype), estimate=1)
-
-    # encode_images against the one-image-at-a-time reference, both modes
-    def encode(mode, dtype):
-        def run():
-            model = _tiny_model(mode, interaction_layers=(1, 4))
-            feats, ids, mask = _ragged(model, counts)
-            with torch.no_grad():
-                om = copy.deepcopy(model).double()
-                om.adaptive_adjustment.float()  # the reference merges in fp32
-                oracle = reference_encode_images(om, feats.double(), counts, ids, mask)
-                m = _lowp(model, device, dtype)
-                f, i, k = feats.to(device, dtype), ids.to(device), mask.to(device)
-                fast = m.encode_images(image_features=f, image_counts=counts, qformer_input_ids=i,
-                                       qformer_attention_mask=k)
-                plain = reference_encode_images(m, f, counts, i, k)
-            if inject:
-                fast = fast + 1.0
-            return within_budget(fast, plain, oracle, _dtype_name(dtype))
-        return run
-
-    for mode in ("leave_one_out", "shared"):
-        for dtype in dtypes:
-            sec.run(f"encode_images {mode} {_dtype_name(dtype)} vs reference", encode(mode, dtype), estimate=2)
-
-    # packed training step (default) against the padded HF call: loss and trainable gradients
-    def packed_step(mode):
-        def run():
-            from sam_fast.bench_plan import realistic_batch
-
-            model = _tiny_model(mode)
-            model.train()
-            for mod in model.modules():  # deterministic: dropout off, training code paths on
-                if isinstance(mod, torch.nn.Dropout):
-                    mod.p = 0.0
-            batch = realistic_batch(model.config, _shapes(model.config, 3), seed=0)
-
-            def loss_and_grads(m, dev, dtype, packing):
-                m = m.to(dev, dtype)
-                b = {k: (v.to(dev, dtype) if torch.is_floating_point(v) else v.to(dev)) if torch.is_tensor(v) else v
-                     for k, v in batch.items()}
-                params = [p for p in m.parameters() if p.requires_grad]
-                loss = m(**b, packing=packing).loss
-                grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
-                return [loss.detach().reshape(1), torch.cat([g.reshape(-1) for g in grads])]
-
-            oracle = loss_and_grads(copy.deepcopy(model), "cpu", torch.float64, False)
-            plain = loss_and_grads(copy.deepcopy(model), device, torch.float32, False)
-            fast = loss_and_grads(model, device, torch.float32, None)
-            if inject:
-                fast[0] = fast[0] + 1.0
-            res = {n: within_budget(f, p, o, "float32") for n, f, p, o in zip(("loss", "grads"), fast, plain, oracle)}
-            return {"ok": all(r["ok"] for r in res.values()), "loss": float(fast[0]), **res}
-        return run
-
-    for mode in ("leave_one_out", "shared"):
-        sec.run(f"packed training step vs packing=False ({mode})", packed_step(mode), estimate=3)
-
-    def compiled():
-        if dry or device.type != "cuda":
-            raise _Skip("dry run / no CUDA: torch.compile is exercised on the GPU only")
-        torch._dynamo.reset()
-        model = _tiny_model("leave_one_out", interaction_layers=(1, 4)).to(device)
-        feats, ids, mask = (t.to(device) for t in _ragged(model, counts))
-        fn = torch.compile(model.encode_images)
-        with torch.no_grad():
-            eager = model.encode_images(image_features=feats, image_counts=counts, qformer_input_ids=ids,
-                                        qformer_attention_mask=mask)
-            out = fn(image_features=feats, image_counts=counts, qformer_input_ids=ids, qformer_attention_mask=mask)
-        err = _err(out, eager)
-        return {"ok": err <= 1e-4 * max(eager.abs().max().item(), 1.0), "max_abs_diff_vs_eager": f"{err:.3g}"}
-
-    sec.run("torch.compile(encode_images) smoke", compiled, estimate=20)
+    device, dt = ctx.device, getattr(torch, dtype)
+    model = _tiny_model(mode, interaction_layers=(1, 4))
+    feats, ids, mask = _ragged(model, COUNTS)
+    with torch.no_grad():
+        om = copy.deepcopy(model).double()
+        om.adaptive_adjustment.float()  # the reference merges in fp32
+        oracle = reference_encode_images(om, feats.double(), COUNTS, ids, mask)
+        m = _lowp(model, device, dt)
+        f, i, k = feats.to(device, dt), ids.to(device), mask.to(device)
+        fast = m.encode_images(image_features=f, image_counts=COUNTS, qformer_input_ids=i, qformer_attention_mask=k)
+        plain = reference_encode_images(m, f, COUNTS, i, k)
+    if ctx.inject:
+        fast = fast + 1.0
+    return within_budget(fast, plain, oracle, dtype)
 
 
-# ----------------------------------------------------------------------------- 4. benchmarks
+def _check_packed(ctx: WorkerCtx, mode: str) -> dict:
+    """The packed training step (default) against the padded HF call: loss and trainable gradients."""
+    import copy
+
+    import torch
+
+    from sam_fast.bench_plan import realistic_batch
+
+    device = ctx.device
+    model = _tiny_model(mode)
+    model.train()
+    for mod in model.modules():  # deterministic: dropout off, training code paths on
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    batch = realistic_batch(model.config, _shapes(model.config, 3), seed=0)
+
+    def loss_and_grads(m, dev, dtype, packing):
+        m = m.to(dev, dtype)
+        b = {k: (v.to(dev, dtype) if torch.is_floating_point(v) else v.to(dev)) if torch.is_tensor(v) else v
+             for k, v in batch.items()}
+        params = [p for p in m.parameters() if p.requires_grad]
+        loss = m(**b, packing=packing).loss
+        grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+        return [loss.detach().reshape(1), torch.cat([g.reshape(-1) for g in grads])]
+
+    oracle = loss_and_grads(copy.deepcopy(model), "cpu", torch.float64, False)
+    plain = loss_and_grads(copy.deepcopy(model), device, torch.float32, False)
+    fast = loss_and_grads(model, device, torch.float32, None)
+    if ctx.inject:
+        fast[0] = fast[0] + 1.0
+    res = {n: within_budget(f, p, o, "float32") for n, f, p, o in zip(("loss", "grads"), fast, plain, oracle)}
+    return {"ok": all(r["ok"] for r in res.values()), "loss": float(fast[0]), **res}
+
+
+def _check_compile(ctx: WorkerCtx) -> dict:
+    """torch.compile over encode_images matches eager (GPU only)."""
+    import torch
+
+    device = ctx.device
+    if device.type != "cuda":
+        raise _Skip("no CUDA: torch.compile is exercised on the GPU only")
+    torch._dynamo.reset()
+    model = _tiny_model("leave_one_out", interaction_layers=(1, 4)).to(device)
+    feats, ids, mask = (t.to(device) for t in _ragged(model, COUNTS))
+    fn = torch.compile(model.encode_images)
+    with torch.no_grad():
+        eager = model.encode_images(image_features=feats, image_counts=COUNTS, qformer_input_ids=ids,
+                                    qformer_attention_mask=mask)
+        out = fn(image_features=feats, image_counts=COUNTS, qformer_input_ids=ids, qformer_attention_mask=mask)
+    err = _err(out, eager)
+    return {"ok": err <= 1e-4 * max(eager.abs().max().item(), 1.0), "max_abs_diff_vs_eager": f"{err:.3g}"}
+
+
+# ----------------------------------------------------------------------------- 2-3. benchmarks (workers)
 class Timer:
     """Median milliseconds of fn() after warm-ups: CUDA events on a GPU, perf_counter on a CPU."""
 
@@ -514,91 +1041,94 @@ def _free_bytes(device) -> int | None:
     return free
 
 
-def section_benchmarks(sec: Section, device, dry: bool) -> None:
+def _rounds(ctx: WorkerCtx) -> tuple[int, int]:
+    return (1, 1) if ctx.dry else (3, 10)
+
+
+def _bench_reweight(ctx: WorkerCtx) -> dict:
     import torch
 
-    from sam_fast.ops import context_reweight, cross_attention_streams, cross_attention_streams_ref, mix_kv
+    from sam_fast.ops import context_reweight
 
-    timer = Timer(device)
-    warm, rounds = (1, 1) if dry else (3, 10)
+    device, timer, (warm, rounds) = ctx.device, Timer(ctx.device), _rounds(ctx)
+    B, N, P, D = (2, 3, 5, 16) if ctx.dry else (4, 8, 257, 1408)
+    res = {"shape": [B, N, P, D]}
+    for dtype in (torch.float32, torch.bfloat16):
+        F = torch.randn(B * N, P, D, device=device, dtype=dtype)
+        w = (torch.randn(D, device=device) / D**0.5).to(dtype)
+        b = torch.zeros((), device=device, dtype=dtype)
+        cu = torch.arange(0, B * N + 1, N, dtype=torch.int32, device=device)
+        offs = cu.tolist()
+        dst = torch.empty_like(F)
+        nbytes = 2 * F.numel() * F.element_size()
+        with torch.no_grad():
+            t = timer(lambda: context_reweight(F, w, b, cu, "leave_one_out", offsets=offs), warm, rounds)
+            tc = timer(lambda: dst.copy_(F), warm, rounds)
+        res[_dtype_name(dtype)] = {"ms": round(t, 4), "gbps": round(nbytes / t / 1e6, 1),
+                                   "copy_gbps": round(nbytes / tc / 1e6, 1), "time_vs_copy": round(t / tc, 2)}
+    return res
+
+
+def _bench_streams(ctx: WorkerCtx) -> dict:
+    import torch
+
+    from sam_fast.ops import cross_attention_streams, cross_attention_streams_ref, mix_kv
+
+    device, timer, (warm, rounds) = ctx.device, Timer(ctx.device), _rounds(ctx)
     bf16 = torch.bfloat16
+    T, Q, H, d, P, N = (4, 8, 2, 16, 5, 2) if ctx.dry else (8, 32, 12, 64, 257, 4)
+    res = {"shape": {"images": T, "Q": Q, "H": H, "d": d, "P": P}}
+    for dtype in (bf16,) if ctx.dry else (bf16, torch.float32):
+        q = torch.randn(2 * T, H, Q, d, device=device, dtype=dtype)
+        buf = torch.randn(T, P, 2 * H * d, device=device, dtype=dtype)
+        k = buf[..., : H * d].unflatten(-1, (H, d)).transpose(1, 2)
+        v = buf[..., H * d:].unflatten(-1, (H, d)).transpose(1, 2)
+        k2, v2 = k.contiguous(), v.contiguous()
+        index = torch.tensor([[m for m in range(b * N, (b + 1) * N) if m != i] for b in range(T // N)
+                              for i in range(b * N, (b + 1) * N)], device=device)
+        wts = torch.softmax(torch.randn(T, N - 1, P, device=device), 1)
+        with torch.no_grad():
+            tf = timer(lambda: cross_attention_streams(q, k, v, k2, v2), warm, rounds)
+            ts = timer(lambda: cross_attention_streams_ref(q, k, v, k2, v2), warm, rounds)
+            tm = timer(lambda: cross_attention_streams(q, k, v, k, v, mix=(index, wts)), warm, rounds)
+            tms = timer(lambda: cross_attention_streams_ref(q, k, v, *mix_kv(k, v, (index, wts))), warm, rounds)
+        res[_dtype_name(dtype)] = {"streams_ms": round(tf, 4), "sdpa_ms": round(ts, 4),
+                                   "speedup_vs_sdpa": round(ts / tf, 2), "mix_ms": round(tm, 4),
+                                   "mix_kv_sdpa_ms": round(tms, 4), "mix_speedup": round(tms / tm, 2)}
+    return res
 
-    def reweight():
-        B, N, P, D = (2, 3, 5, 16) if dry else (4, 8, 257, 1408)
-        res = {"shape": [B, N, P, D]}
-        for dtype in (torch.float32, bf16):
-            F = torch.randn(B * N, P, D, device=device, dtype=dtype)
-            w = (torch.randn(D, device=device) / D**0.5).to(dtype)
-            b = torch.zeros((), device=device, dtype=dtype)
-            cu = torch.arange(0, B * N + 1, N, dtype=torch.int32, device=device)
-            offs = cu.tolist()
-            dst = torch.empty_like(F)
-            nbytes = 2 * F.numel() * F.element_size()
+
+def _bench_encode(ctx: WorkerCtx) -> dict:
+    import torch
+
+    from sam_fast.reference import released_schedule_encode_images
+
+    device, timer, (warm, rounds) = ctx.device, Timer(ctx.device), _rounds(ctx)
+    bf16 = torch.bfloat16
+    res = {}
+    for mode in ("leave_one_out", "shared"):
+        model = _lowp(_tiny_model(mode), device, bf16) if ctx.dry else _encode_model(mode, device, bf16)
+        vc = model.config.vision_config
+        P = (vc.image_size // vc.patch_size) ** 2 + 1
+        for n in (2, 4, 8):
+            if ctx.left() < (1 if ctx.dry else 8):
+                res[f"{mode}_N{n}"] = f"skipped: {max(ctx.left(), 0):.0f} s left of the item's time"
+                continue
+            counts = [n, n]
+            feats = torch.randn(sum(counts), P, vc.hidden_size, device=device, dtype=bf16)
+            ids = torch.randint(5, model.config.qformer_config.vocab_size, (2, 32), device=device)
+            mask = torch.ones_like(ids)
             with torch.no_grad():
-                t = timer(lambda: context_reweight(F, w, b, cu, "leave_one_out", offsets=offs), warm, rounds)
-                tc = timer(lambda: dst.copy_(F), warm, rounds)
-            name = _dtype_name(dtype)
-            res[name] = {"ms": round(t, 4), "gbps": round(nbytes / t / 1e6, 1), "copy_gbps": round(nbytes / tc / 1e6, 1),
-                         "time_vs_copy": round(t / tc, 2)}
-        return res
-
-    def streams():
-        T, Q, H, d, P, N = (4, 8, 2, 16, 5, 2) if dry else (8, 32, 12, 64, 257, 4)
-        res = {"shape": {"images": T, "Q": Q, "H": H, "d": d, "P": P}}
-        for dtype in (bf16,) if dry else (bf16, torch.float32):
-            q = torch.randn(2 * T, H, Q, d, device=device, dtype=dtype)
-            buf = torch.randn(T, P, 2 * H * d, device=device, dtype=dtype)
-            k = buf[..., : H * d].unflatten(-1, (H, d)).transpose(1, 2)
-            v = buf[..., H * d:].unflatten(-1, (H, d)).transpose(1, 2)
-            k2, v2 = k.contiguous(), v.contiguous()
-            index = torch.tensor([[m for m in range(b * N, (b + 1) * N) if m != i] for b in range(T // N)
-                                  for i in range(b * N, (b + 1) * N)], device=device)
-            wts = torch.softmax(torch.randn(T, N - 1, P, device=device), 1)
-            with torch.no_grad():
-                tf = timer(lambda: cross_attention_streams(q, k, v, k2, v2), warm, rounds)
-                ts = timer(lambda: cross_attention_streams_ref(q, k, v, k2, v2), warm, rounds)
-                tm = timer(lambda: cross_attention_streams(q, k, v, k, v, mix=(index, wts)), warm, rounds)
-                tms = timer(lambda: cross_attention_streams_ref(q, k, v, *mix_kv(k, v, (index, wts))), warm, rounds)
-            res[_dtype_name(dtype)] = {"streams_ms": round(tf, 4), "sdpa_ms": round(ts, 4),
-                                       "speedup_vs_sdpa": round(ts / tf, 2), "mix_ms": round(tm, 4),
-                                       "mix_kv_sdpa_ms": round(tms, 4), "mix_speedup": round(tms / tm, 2)}
-        return res
-
-    def encode():
-        from sam_fast.reference import released_schedule_encode_images
-
-        res = {}
-        for mode in ("leave_one_out", "shared"):
-            if dry:
-                model = _lowp(_tiny_model(mode), device, bf16)
-            else:
-                model = _encode_model(mode, device, bf16)
-            vc = model.config.vision_config
-            P = (vc.image_size // vc.patch_size) ** 2 + 1
-            for n in (2, 4, 8):
-                if sec.remaining() < (1 if dry else 8):
-                    res[f"{mode}_N{n}"] = "skipped: budget"
-                    continue
-                counts = [n, n]
-                feats = torch.randn(sum(counts), P, vc.hidden_size, device=device, dtype=bf16)
-                ids = torch.randint(5, model.config.qformer_config.vocab_size, (2, 32), device=device)
-                mask = torch.ones_like(ids)
-                with torch.no_grad():
-                    tf = timer(lambda: model.encode_images(image_features=feats, image_counts=counts,
-                                                           qformer_input_ids=ids, qformer_attention_mask=mask),
-                               warm, min(rounds, 5))
-                    tr = timer(lambda: released_schedule_encode_images(model, feats, counts, ids, mask),
-                               warm, min(rounds, 5))
-                res[f"{mode}_N{n}"] = {"sam_fast_ms": round(tf, 3), "released_ms": round(tr, 3),
-                                       "speedup_vs_released": round(tr / tf, 2)}
-            del model
-        return res
-
-    sec.run("context_reweight GB/s vs device copy", reweight, estimate=3, correctness=False)
-    sec.run("cross_attention_streams vs SDPA", streams, estimate=5, correctness=False)
-    sec.run("encode_images vs released schedule (bf16, B=2)", encode, estimate=15, correctness=False)
-    sec.run("vicuna-7b train step + 5-beam generation" if not dry else "tiny-config train step + generation",
-            lambda: _bench_7b(sec, device, dry, timer), estimate=5 if dry else 60, correctness=False)
+                tf = timer(lambda: model.encode_images(image_features=feats, image_counts=counts,
+                                                       qformer_input_ids=ids, qformer_attention_mask=mask),
+                           warm, min(rounds, 5))
+                tr = timer(lambda: released_schedule_encode_images(model, feats, counts, ids, mask),
+                           warm, min(rounds, 5))
+            res[f"{mode}_N{n}"] = {"sam_fast_ms": round(tf, 3), "released_ms": round(tr, 3),
+                                   "speedup_vs_released": round(tr / tf, 2)}
+            ctx.progress(res)
+        del model
+    return res
 
 
 def _encode_model(mode, device, dtype):
@@ -625,29 +1155,21 @@ def _encode_model(mode, device, dtype):
     return m
 
 
-def _bench_7b(sec: Section, device, dry: bool, timer: Timer) -> dict:
-    """One training step sam_fast vs the released schedule and 5-beam generation, B=8 realistic."""
+def _model_7b(ctx: WorkerCtx, need_gib: int):
+    """The Vicuna-7B config (tiny in a dry run) with random bf16 weights on the device, and the
+    realistic B = 8 batch: (model, batch, shapes, result so far)."""
     import torch
-
-    sys.path.insert(0, str(ROOT / "bench" / "e2e"))
-    import _setup  # bench/e2e/_setup.py: step functions, realistic prompts
 
     from sam_fast import SAM, SAMConfig
     from sam_fast.bench_plan import realistic_batch
 
-    dtype = torch.bfloat16
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the earlier sections' cached blocks count as used in mem_get_info
-    if dry:
+    device, dtype = ctx.device, torch.bfloat16
+    if ctx.dry:
         cfg = SAMConfig.tiny()
     else:
-        need = 60 * 2**30  # weights ~15 GB, the step's activations and the released side's on top
         free = _free_bytes(device)
-        if free is not None and free < need:
-            raise _Skip(f"{free / 2**30:.0f} GiB free on the device, the 7B section needs ~{need / 2**30:.0f}")
-        if sec.remaining() < 60:
-            raise _Skip(f"{sec.remaining():.0f} s left of the benchmarks budget, the 7B section needs ~60")
+        if free is not None and free < need_gib * 2**30:
+            raise _Skip(f"{free / 2**30:.0f} GiB free on the device, this item needs ~{need_gib}")
         cfg = SAMConfig.instructblip_vicuna7b()
     old_dtype = torch.get_default_dtype()
     t0 = time.monotonic()
@@ -662,46 +1184,110 @@ def _bench_7b(sec: Section, device, dry: bool, timer: Timer) -> dict:
     with torch.no_grad():
         for m in (model.adaptive_adjustment, model.guidance_in, model.guidance_out):
             m.weight.normal_(0, 0.02)
-    model.train()
-    res = {"config": "tiny" if dry else "instructblip_vicuna7b", "init_s": round(time.monotonic() - t0, 1)}
+    res = {"config": "tiny" if ctx.dry else "instructblip_vicuna7b", "init_s": round(time.monotonic() - t0, 1)}
     shapes = _shapes(model.config, 8)
     batch = realistic_batch(model.config, shapes, seed=0)
     batch = {k: (v.to(device, dtype) if torch.is_floating_point(v) else v.to(device)) if torch.is_tensor(v) else v
              for k, v in batch.items()}
-    tokens = int(batch["attention_mask"].sum())
+    res.update(batch_size=len(shapes), llm_tokens=int(batch["attention_mask"].sum()),
+               images=sum(batch["image_counts"]))
+    return model, batch, shapes, res
+
+
+def useful_flops(config, shapes) -> dict:
+    """Model FLOPs of one training step (the work the step has to do, whichever schedule does it):
+    sam_fast's packed schedule without the Q/W-former recompute; "pixels" from images, "cached"
+    from cached ViT features (no ViT forward)."""
+    import copy
+
+    from sam_fast.bench_plan import step_flops
+
+    cfg = copy.deepcopy(config)
+    cfg.recompute_qformer = False  # recomputed work is not useful work
+    f = step_flops(cfg, shapes, "sam_fast", padded=False)
+    return {"pixels": f["total"], "cached": f["total"] - f["vit"]}
+
+
+def _item_train_step(ctx: WorkerCtx) -> dict:
+    """One training step from pixels, from cached features and with the released schedule: time,
+    tokens/s, peak memory, model FLOP rate and MFU."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench" / "e2e"))
+    import _setup  # bench/e2e/_setup.py: step functions
+
+    device, timer = ctx.device, Timer(ctx.device)
+    model, batch, shapes, res = _model_7b(ctx, 60)
+    model.train()
+    tokens = res["llm_tokens"]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    res.update(batch_size=len(shapes), llm_tokens=tokens, images=sum(batch["image_counts"]))
+    flops = useful_flops(model.config, shapes)
+    peak, peak_source = peak_tflops(ctx.device_name)
+    res.update(model_tflop={k: float(f"{v / 1e12:.4g}") for k, v in flops.items()}, peak_tflops=peak,
+               peak_source=peak_source)
     cuda = device.type == "cuda"
-    cached = _setup.features(model, batch["pixel_values"])  # sam_fast from cached ViT features
-    steps = (("sam_fast", _setup.step_sam_fast), ("cached", lambda m, o, b: _setup.step_cached(m, o, b, cached)),
-             ("released", _setup.step_released))
-    for name, step in steps:
-        if not dry and sec.remaining() < 20:
-            res[name] = "skipped: budget"
+    cached = _setup.features(model, batch["pixel_values"])
+    steps = (("sam_fast", _setup.step_sam_fast, "pixels"),
+             ("cached", lambda m, o, b: _setup.step_cached(m, o, b, cached), "cached"),
+             ("released", _setup.step_released, "pixels"))
+    for name, step, work in steps:
+        if not ctx.dry and ctx.left() < 20:
+            res[name] = f"skipped: {max(ctx.left(), 0):.0f} s left of the item's time"
             continue
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        ms = timer(lambda: step(model, opt, batch), warmup=1, rounds=1 if dry else 3)
-        res[name] = {"step_ms": round(ms, 1), "tokens_per_s": round(tokens / ms * 1e3, 1)}
+        ms = timer(lambda: step(model, opt, batch), warmup=1, rounds=1 if ctx.dry else 3)
+        rate = flops[work] / (ms / 1e3) / 1e12
+        res[name] = {"step_ms": round(ms, 1), "tokens_per_s": round(tokens / ms * 1e3, 1),
+                     "tflops_per_s": float(f"{rate:.4g}"), "mfu": float(f"{rate / peak:.4g}") if peak else None}
         if cuda:
             res[name]["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        ctx.progress(res)
     if isinstance(res.get("sam_fast"), dict) and isinstance(res.get("released"), dict):
         res["speedup_vs_released"] = round(res["released"]["step_ms"] / res["sam_fast"]["step_ms"], 2)
     if isinstance(res.get("cached"), dict) and isinstance(res.get("released"), dict):
         res["cached_speedup_vs_released"] = round(res["released"]["step_ms"] / res["cached"]["step_ms"], 2)
-    del cached
-    opt.zero_grad(set_to_none=True)
-    del opt
+    return res
+
+
+def _prompts(model, batch: dict) -> dict:
+    """Generation inputs from a training batch already on the device (as bench/e2e's
+    realistic_prompts, which builds them on the CPU): each row's prompt (placeholders and
+    instruction, up to its first label) left-padded, the images' cached ViT features."""
+    import torch
+
+    ids, labels = batch["input_ids"], batch["labels"]
+    starts = (labels != -100).int().argmax(1).tolist()
+    width = max(starts)
+    pad = model.config.text_config.pad_token_id or 0
+    out = torch.full((len(starts), width), pad, dtype=ids.dtype, device=ids.device)
+    mask = torch.zeros_like(out)
+    for b, n in enumerate(starts):
+        out[b, width - n:] = ids[b, :n]
+        mask[b, width - n:] = 1
+    with torch.no_grad():
+        feats = model.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
+    return dict(image_features=feats, image_counts=batch["image_counts"], qformer_input_ids=batch["qformer_input_ids"],
+                qformer_attention_mask=batch["qformer_attention_mask"], input_ids=out, attention_mask=mask)
+
+
+def _item_generate(ctx: WorkerCtx) -> dict:
+    """5-beam generation tokens/s, ``hf``, ``lavis`` and ``hf`` with HF's static cache."""
+    import torch
+
+    timer = Timer(ctx.device)
+    model, batch, shapes, res = _model_7b(ctx, 30)
     model.eval()
     prompts = _prompts(model, batch)
-    new = 4 if dry else 32
+    del batch
+    new = 4 if ctx.dry else 32
     # hf_static: HF's fixed-shape KV cache, whose decoding step HF's generate compiles on a GPU
     # (the warm-up call pays the compilation); its ids must equal the dynamic cache's
     hf_ids = None
     for mode, need in (("hf", 15), ("lavis", 15), ("hf_static", 90)):
-        if not dry and sec.remaining() < need:
-            res[f"generate_{mode}"] = "skipped: budget"
+        if not ctx.dry and ctx.left() < need:
+            res[f"generate_{mode}"] = f"skipped: {max(ctx.left(), 0):.0f} s left of the item's time, needs ~{need}"
             continue
         kw = dict(num_beams=5, max_new_tokens=new, generation_mode=mode.split("_")[0])
         if mode.startswith("hf"):
@@ -711,102 +1297,167 @@ def _bench_7b(sec: Section, device, dry: bool, timer: Timer) -> dict:
         if mode == "hf_static":
             kw["cache_implementation"] = "static"
         out = []
-        ms = timer(lambda: out.append(model.generate(**prompts, **kw)), warmup=1, rounds=1 if dry else 2)
+        ms = timer(lambda: out.append(model.generate(**prompts, **kw)), warmup=1, rounds=1 if ctx.dry else 2)
         made = int(out[-1].shape[0] * out[-1].shape[1])
         res[f"generate_{mode}"] = {"ms": round(ms, 1), "new_tokens": made, "tokens_per_s": round(made / ms * 1e3, 1)}
         if mode == "hf":
             hf_ids = out[-1]
         elif mode == "hf_static" and hf_ids is not None:
             res[f"generate_{mode}"]["same_ids_as_hf"] = bool(torch.equal(out[-1], hf_ids))
-    del model, prompts, batch
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
+        ctx.progress(res)
     return res
 
 
-# ----------------------------------------------------------------------------- report
-def _markdown(report: dict) -> str:
-    env = report["env"]
-    lines = [f"# sam_fast GPU check ({'dry run, ' if report['dry_run'] else ''}{env['device']})", "",
-             f"- date: {env['date']}, commit: {env['commit']}{' (dirty)' if env['dirty'] else ''}",
-             f"- torch {env['torch']} (CUDA {env['torch_cuda']}), triton {env['triton']}, "
-             f"transformers {env['transformers']}, Python {env['python']}",
-             f"- result: **{'PASS' if report['passed'] else 'FAIL'}** in {report['seconds']:.0f} s", "",
-             "| section | status | seconds / budget |", "|---|---|---|"]
-    for name, s in report["sections"].items():
-        lines.append(f"| {name} | {s['status']} | {s['seconds']:.0f} / {s['budget_s']:.0f} |")
-    for name, s in report["sections"].items():
-        lines += ["", f"## {name}", "", "| item | status | details |", "|---|---|---|"]
-        for it in s["items"]:
-            details = {k: v for k, v in it.items() if k not in ("name", "status", "traceback", "output_tail",
-                                                              "log_tail", "correctness", "selection")}
-            text = json.dumps(details, default=str).replace("|", "\\|")
-            lines.append(f"| {it['name']} | {it['status']} | `{text[:600]}` |")
-    return "\n".join(lines) + "\n"
+# ----------------------------------------------------------------------------- main
+def _parse_timeouts(text: str, ids: list[str]) -> dict[str, float]:
+    """--timeouts 'PATTERN=S,...' -> {item id: seconds}; a pattern must match an item."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        pattern, _, value = part.partition("=")
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if not seconds > 0:
+            raise ValueError(f"--timeouts {part[:80]!r}: expected ITEM=SECONDS with SECONDS > 0")
+        hits = fnmatch.filter(ids, pattern)
+        if not hits:
+            raise ValueError(f"--timeouts {part[:80]!r}: no item matches {pattern[:80]!r}")
+        out.update(dict.fromkeys(hits, seconds))
+    return out
+
+
+def _selected(items: list[Item], sections: list[str], patterns: list[str]) -> dict[str, str | None]:
+    """item id -> why it is not selected (None: selected)."""
+    out = {}
+    for it in items:
+        if it.section not in sections:
+            out[it.id] = "not selected (--sections)"
+        elif patterns and not any(fnmatch.fnmatchcase(it.id, p) for p in patterns):
+            out[it.id] = "not selected (--items)"
+        else:
+            out[it.id] = None
+    return out
 
 
 def main(argv=None) -> int:
-    """Run the sections, write the JSON and markdown report, return the exit status."""
+    """Run the items under the deadline, rewriting the report after each; return the exit status."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, no build, pytest collects only")
     ap.add_argument("--no-build", action="store_true", help="skip the pip build (use what is installed)")
-    ap.add_argument("--out", default=None, help=f"report folder (default ${OUT_ENV} or bench/results)")
+    ap.add_argument("--out", default=None,
+                    help=f"report folder (default ${OUT_ENV}, else ${RETURN_ENV}, else bench/results)")
+    ap.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE,
+                    help="seconds from start after which the report is written and the run exits 3 "
+                         "(default %(default)s)")
     ap.add_argument("--inject-failure", action="store_true",
-                    help=f"perturb the fast results of the correctness checks (tests the exit status; also {INJECT_ENV}=1)")
-    ap.add_argument("--sections", default=",".join(BUDGETS), help="comma-separated subset of " + ",".join(BUDGETS))
+                    help="perturb the fast results of the correctness checks (tests the exit status; "
+                         f"also {INJECT_FAILURE_ENV}=1)")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
+    ap.add_argument("--items", default="", help="comma-separated item ids or patterns (e.g. 'bench.*,check.encode.*')")
+    ap.add_argument("--timeouts", default="", help="per-item timeouts, e.g. 'tests.pytest=120,bench.*=60'")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--exec-child"]:  # --exec-child PARENT_PID -- CMD...: CMD, killed when PARENT dies
+        _die_with_parent(int(argv[1]))
+        os.execv(argv[3], argv[3:])
     args = ap.parse_args(argv)
-    out_dir = Path(args.out or os.environ.get(OUT_ENV) or ROOT / "bench" / "results")
-    inject = args.inject_failure or os.environ.get(INJECT_ENV, "") not in ("", "0")
+    if args.worker:
+        return worker_main(args.worker)
+
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = sorted(set(wanted) - set(BUDGETS))
+    unknown = sorted(set(wanted) - set(SECTIONS))
     if unknown:
-        ap.error(f"unknown section(s) {unknown}; choose from {list(BUDGETS)}")
-
-    t_start = time.monotonic()
-    import torch
-
+        ap.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    if not args.deadline > 0:
+        ap.error(f"--deadline must be > 0 seconds, got {args.deadline}")
     dry = args.dry_run
-    if not dry and not torch.cuda.is_available():
-        print("gpu_check: no CUDA device; run with --dry-run for the CPU mode", file=sys.stderr)
-        return 2
-    device = torch.device("cpu" if dry else "cuda")
-    if dry:
-        torch.set_num_threads(min(torch.get_num_threads(), 2))
-    env = _env_info(device)
-    print(f"gpu_check: {env['device']} | torch {env['torch']} | triton {env['triton']} | "
-          f"transformers {env['transformers']} | commit {env['commit']} | {'dry run' if dry else 'GPU run'}", flush=True)
-
+    items = plan(dry, args.no_build)
+    ids = [it.id for it in items]
+    patterns = [p.strip() for p in args.items.split(",") if p.strip()]
+    for p in patterns:
+        if not fnmatch.filter(ids, p):
+            ap.error(f"--items: {p[:80]!r} matches no item; items: {', '.join(ids)}")
+    try:
+        timeouts = {it.id: it.timeout for it in items} | _parse_timeouts(args.timeouts, ids)
+        faults = injections(os.environ)
+    except ValueError as e:
+        ap.error(str(e))
+    probe = None if dry else _cuda_probe()
+    env = _env_info(probe)
+    folder = out_dir(args.out, os.environ)
+    folder.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", env["device"]) + ("-dry" if dry else "")
-    stem = out_dir / f"gpu_check-{slug}-{env['date'][:10]}"
-    sections = {}
-    for name in BUDGETS:
-        sec = Section(name, BUDGETS[name])
-        print(f"== {name} (budget {sec.budget:.0f} s)", flush=True)
-        if name not in wanted:
-            sec.skip(name, "not selected (--sections)")
-        elif name == "build":
-            section_build(sec, dry, args.no_build)
-        elif name == "tests":
-            section_tests(sec, dry, Path(f"{stem}-pytest.log"))
-        elif name == "model_checks":
-            section_model_checks(sec, device, dry, inject)
-        else:
-            section_benchmarks(sec, device, dry)
-        sections[name] = sec.summary()
+    stem = _free_stem(folder, f"gpu_check-{slug}-{env['date'][:10]}")
+    run = Run(items, env=env, dry=dry, faults=faults, inject_failure=inject_failure(args.inject_failure, os.environ),
+              deadline=args.deadline, stem=stem, timeouts=timeouts)
+    if probe is not None and not probe["available"]:
+        return _no_device(run, probe.get("error") or "torch sees no CUDA device")
+    _say(f"gpu_check: {env['device']} | torch {env['torch']} | triton {env['triton']} | "
+         f"transformers {env['transformers']} | commit {env['commit']} | {'dry run' if dry else 'GPU run'} | "
+         f"deadline {args.deadline:.0f} s | report {stem}.json")
+    selected = _selected(items, wanted, patterns)
+    for it in items:  # what will not run is known now; the not selected are counted, not listed
+        if selected[it.id]:
+            run.entries[it.id].update(status="skipped", reason=selected[it.id])
+        elif it.skip:
+            run.finish(it.id, "skipped", reason=it.skip)
+    run.write()
+    unselected = sum(1 for why in selected.values() if why)
+    if unselected:
+        _say(f"gpu_check: {unselected} of {len(items)} items not selected (--sections/--items)")
+    return _run_all(run, items)
 
-    bad = [f"{n}: {i['name']} ({i['status']})" for n, s in sections.items() for i in s["items"]
-           if i["status"] in ("failed", "error") and (i.get("correctness", True) or i["status"] == "error")]
-    report = {"dry_run": dry, "inject_failure": inject, "env": env, "sections": sections, "passed": not bad,
-              "failures": bad, "seconds": round(time.monotonic() - t_start, 1)}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    Path(f"{stem}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    Path(f"{stem}.md").write_text(_markdown(report))
-    print(f"gpu_check: {'PASS' if not bad else 'FAIL'} in {report['seconds']:.0f} s; "
-          f"report {stem}.json and .md", flush=True)
-    for b in bad:
-        print(f"  failed: {b}", flush=True)
-    return 1 if bad else 0
+
+def _no_device(run: Run, why: str) -> int:
+    """Nothing can run: say so in the report too (on a lent machine it is all that comes back)."""
+    for e in run.entries.values():
+        e.update(status="skipped", reason=f"no usable CUDA device: {why}")
+    run.status, run.exit_code, run.error = "failed", EXIT_USAGE, f"no usable CUDA device: {why}"
+    run.write()
+    shutil.rmtree(run.tmp, ignore_errors=True)
+    _say(f"gpu_check: no usable CUDA device ({why}); run with --dry-run for the CPU mode; report {run.stem}.json",
+         file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _run_all(run: Run, items: list[Item]) -> int:
+    import faulthandler
+
+    threading.Thread(target=_watchdog, args=(run,), daemon=True, name="gpu_check-deadline").start()
+    # the last resort if the watchdog cannot run (a C call holding the GIL): stacks, then exit
+    faulthandler.dump_traceback_later(max(run.left(), 0) + 20, exit=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: run.end(signal.Signals(signum).name, 128 + signum))
+    todo = [it for it in items if run.entries[it.id]["status"] == "pending"]
+    i = 0
+    while i < len(todo):
+        it = todo[i]
+        if it.worker is None:
+            if it.estimate > run.left():
+                run.finish(it.id, "skipped", reason=f"needs ~{it.estimate:.0f} s, {max(run.left(), 0):.0f} s left "
+                                                    f"before the deadline")
+            else:
+                _run_inline(run, it)
+            i += 1
+            continue
+        group = [it.id]  # consecutive items of one worker group share a process
+        while i + len(group) < len(todo) and todo[i + len(group)].worker == it.worker:
+            group.append(todo[i + len(group)].id)
+        _run_workers(run, group)
+        i += len(group)
+    faulthandler.cancel_dump_traceback_later()
+    with run.lock:
+        if run.finished:
+            return run.exit_code
+        bad = [e for e in run.entries.values() if e["status"] in ("failed", "timeout")]
+        run.status, run.exit_code = ("failed", EXIT_FAILED) if bad else ("passed", EXIT_OK)
+        run.write()
+        run.finished = True
+    shutil.rmtree(run.tmp, ignore_errors=True)
+    _say(f"gpu_check: {'PASS' if not bad else 'FAIL'} in {time.monotonic() - T0:.0f} s "
+         f"({len(bad)} failed or timed out); report {run.stem}.json and .md")
+    return run.exit_code
 
 
 if __name__ == "__main__":

@@ -1,84 +1,310 @@
-"""bench/gpu_check.py in its CPU mode (--dry-run): every section runs at toy sizes, the report is
-written, and a failing correctness check turns into a non-zero exit status."""
+"""bench/gpu_check.py in its CPU mode (--dry-run): every item runs at toy sizes, the report is
+rewritten after each item, a failing check, a hung or crashed item, a hung pytest and the global
+deadline each end up named in the report with a non-zero exit status, and nothing is left running."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_check.py"
-SECTIONS = ("build", "tests", "model_checks", "benchmarks")
+SECTIONS = ("build", "benchmarks", "model_checks", "tests")
+FINISHED = ("ok", "failed", "timeout", "skipped")
+# the order by value: build, the 7B step, generation, op benchmarks, model checks, pytest
+ORDER = ["build.pip", "build.ext_info", "bench.train_step", "bench.generate", "bench.reweight", "bench.streams",
+         "bench.encode", "check.reweight.cpu.float32", "check.reweight.cpu.bfloat16", "check.reweight.cpu.float16",
+         "check.encode.leave_one_out.float32", "check.encode.leave_one_out.bfloat16",
+         "check.encode.leave_one_out.float16", "check.encode.shared.float32", "check.encode.shared.bfloat16",
+         "check.encode.shared.float16", "check.packed.leave_one_out", "check.packed.shared", "check.compile",
+         "tests.pytest"]
 
 
-def _run(tmp_path, *extra, sections=None):
-    env = dict(os.environ)
-    env.pop("SAM_FAST_GPU_CHECK_INJECT_FAILURE", None)
-    cmd = [sys.executable, str(SCRIPT), "--dry-run", "--out", str(tmp_path), *extra]
-    if sections:
-        cmd += ["--sections", sections]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    reports = sorted(tmp_path.glob("gpu_check-*.json"))
-    assert len(reports) == 1, p.stdout[-2000:] + p.stderr[-2000:]
-    return p, json.loads(reports[0].read_text()), reports[0]
+@pytest.fixture(scope="module")
+def gpu_check():
+    """The script as a module (it imports only the standard library at the top)."""
+    spec = importlib.util.spec_from_file_location("_gpu_check_under_test", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(spec.name, None)
 
 
-def test_dry_run_runs_every_section_and_writes_the_report(tmp_path):
-    p, report, path = _run(tmp_path)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
-    assert set(report["sections"]) == set(SECTIONS)
-    for name, sec in report["sections"].items():
-        assert sec["status"] in ("ok", "skipped"), (name, sec)
-        assert sec["items"], name
-    assert report["passed"] is True and report["failures"] == []
-    env = report["env"]
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in (
+        "SAM_FAST_GPU_CHECK_INJECT_FAILURE", "SAM_FAST_GPU_CHECK_INJECT", "SAM_FAST_GPU_CHECK_OUT", "OUT",
+        "SAM_FAST_PEAK_TFLOPS")}
+    env.update(extra)
+    return env
+
+
+def _cmd(*extra) -> list[str]:
+    return [sys.executable, str(SCRIPT), "--dry-run", *extra]
+
+
+def _run(*extra, env=None, timeout=300):
+    return subprocess.run(_cmd(*extra), cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _report(folder: Path) -> tuple[Path, dict]:
+    reports = sorted(folder.glob("gpu_check-*.json"))
+    assert len(reports) == 1, sorted(p.name for p in folder.iterdir()) if folder.exists() else f"no {folder}"
+    return reports[0], json.loads(reports[0].read_text())
+
+
+def _items(report: dict) -> dict:
+    return {e["id"]: e for e in report["items"]}
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped by init counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def _wait_for(path_glob, folder: Path, pred, timeout=120.0) -> dict:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        for p in folder.glob(path_glob):
+            report = json.loads(p.read_text())
+            if pred(_items(report)):
+                return report
+        time.sleep(0.05)
+    raise AssertionError(f"the report never reached the awaited state in {timeout} s")
+
+
+def test_dry_run_runs_every_item_in_order_and_rewrites_the_report_after_each(tmp_path):
+    p = subprocess.Popen(_cmd("--out", str(tmp_path)), cwd=ROOT, env=_env(SAM_FAST_PEAK_TFLOPS="0.5"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    snapshots = []
+    while p.poll() is None:  # every read is a whole report (atomic replace), never half of one
+        for path in tmp_path.glob("gpu_check-*.json"):
+            snap = json.loads(path.read_text())
+            if not snapshots or snap != snapshots[-1]:
+                snapshots.append(snap)
+        time.sleep(0.05)
+    out, err = p.communicate()
+    assert p.returncode == 0, out[-3000:] + err[-2000:]
+    path, report = _report(tmp_path)
+    assert [e["id"] for e in report["items"]] == ORDER
+    # written while running: items finished one by one, a finished one never changes again
+    running = [s for s in snapshots if s["status"] == "running"]
+    assert len(running) >= 10 and any(e["status"] == "running" for s in running for e in s["items"])
+    done_counts = [sum(e["status"] in FINISHED for e in s["items"]) for s in snapshots]
+    assert done_counts == sorted(done_counts) and len(set(done_counts)) >= 10
+    final = _items(report)
+    for snap in snapshots:
+        for e in snap["items"]:
+            if e["status"] in FINISHED:
+                assert final[e["id"]]["status"] == e["status"], (e["id"], e["status"])
+    started = [final[i]["started_s"] for i in ORDER if "started_s" in final[i]]
+    assert started == sorted(started) and len(started) == len(ORDER) - 2  # build.pip, check.compile: skipped
+
+    assert report["status"] == "passed" and report["passed"] is True and report["exit_code"] == 0
+    assert report["failures"] == [] and set(report["sections"]) == set(SECTIONS)
     for key in ("device", "torch", "triton", "transformers", "commit", "date"):
-        assert env.get(key), key
-    items = {i["name"]: i for s in report["sections"].values() for i in s["items"]}
-    # the CUDA tests are only collected, and the selection exists
-    collect = items["pytest (collect only)"]
-    assert collect["status"] == "ok" and collect["collected"] > 10 and collect["rc"] == 0
-    # the model checks ran (not skipped) in both context modes; compile is GPU-only
+        assert report["env"].get(key), key
+    for e in report["items"]:
+        assert e["status"] in ("ok", "skipped"), e
+        assert "seconds" in e or e["status"] == "skipped"
+    collect = final["tests.pytest"]["result"]
+    assert final["tests.pytest"]["status"] == "ok" and collect["collected"] > 10 and collect["rc"] == 0
+    assert (tmp_path / collect["log"]).name in report["logs"] and (tmp_path / Path(collect["log"]).name).exists()
     for mode in ("leave_one_out", "shared"):
         for dt in ("float32", "bfloat16", "float16"):
-            assert items[f"encode_images {mode} {dt} vs reference"]["status"] == "ok"
-        assert items[f"packed training step vs packing=False ({mode})"]["status"] == "ok"
-    assert items["torch.compile(encode_images) smoke"]["status"] == "skipped"
-    step = items["tiny-config train step + generation"]
-    assert step["status"] == "ok" and step["speedup_vs_released"] > 0
-    assert step["generate_hf"]["new_tokens"] > 0 and step["generate_lavis"]["new_tokens"] > 0
-    assert step["cached_speedup_vs_released"] > 0
-    assert step["generate_hf_static"]["same_ids_as_hf"] is True
-    md = path.with_name(path.name[: -len(".json")] + ".md")
-    text = md.read_text()
-    assert "PASS" in text and all(f"## {s}" in text for s in SECTIONS)
+            assert final[f"check.encode.{mode}.{dt}"]["status"] == "ok"
+        assert final[f"check.packed.{mode}"]["status"] == "ok"
+    assert final["check.compile"]["status"] == "skipped"
+    step = final["bench.train_step"]["result"]
+    assert step["speedup_vs_released"] > 0 and step["cached_speedup_vs_released"] > 0
+    assert step["peak_tflops"] == 0.5 and step["model_tflop"]["pixels"] > step["model_tflop"]["cached"] > 0
+    for name, work in (("sam_fast", "pixels"), ("cached", "cached"), ("released", "pixels")):
+        rate = step["model_tflop"][work] / (step[name]["step_ms"] / 1e3)
+        assert step[name]["tflops_per_s"] == pytest.approx(rate, rel=3e-3)
+        assert step[name]["mfu"] == pytest.approx(step[name]["tflops_per_s"] / 0.5, rel=3e-3)
+    gen = final["bench.generate"]["result"]
+    assert gen["generate_hf"]["new_tokens"] > 0 and gen["generate_lavis"]["new_tokens"] > 0
+    assert gen["generate_hf_static"]["same_ids_as_hf"] is True
+    text = path.with_suffix(".md").read_text()
+    assert "PASS" in text and all(e["name"] in text for e in report["items"])
+    # stdout: one line per item and the verdict, a few KB
+    lines = out.splitlines()
+    assert len(out) < 6000 and sum(line.startswith("[") for line in lines) == len(ORDER)
+    assert "PASS" in lines[-1]
 
 
-@pytest.mark.parametrize("how", ["flag", "env"])
-def test_a_failed_correctness_check_fails_the_run(tmp_path, how, monkeypatch):
-    if how == "flag":
-        p, report, _ = _run(tmp_path, "--inject-failure", sections="model_checks")
-    else:
-        monkeypatch.setenv("SAM_FAST_GPU_CHECK_INJECT_FAILURE", "1")
-        env = dict(os.environ)
-        p = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(tmp_path),
-                            "--sections", "model_checks"], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=600)
-        report = json.loads(next(tmp_path.glob("gpu_check-*.json")).read_text())
-    assert p.returncode == 1, p.stdout[-2000:]
-    assert report["passed"] is False and report["sections"]["model_checks"]["status"] == "failed"
-    assert any("encode_images" in f for f in report["failures"])
+def test_a_failed_correctness_check_fails_the_run(tmp_path):
+    p = _run("--out", str(tmp_path), "--inject-failure", "--sections", "model_checks",
+             "--items", "check.reweight.cpu.float32,check.encode.shared.float32")
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    _, report = _report(tmp_path)
+    items = _items(report)
+    assert report["status"] == "failed" and report["passed"] is False
+    assert report["sections"]["model_checks"] == "failed"
+    assert report["failures"] == ["check.reweight.cpu.float32 (failed)", "check.encode.shared.float32 (failed)"]
+    assert "outside the error budget: err " in items["check.encode.shared.float32"]["error"]
+    assert "outside the error budget: out: err " in items["check.reweight.cpu.float32"]["error"]
     assert "FAIL" in p.stdout
-    # the sections not selected are reported as skipped, not silently absent
-    assert report["sections"]["benchmarks"]["status"] == "skipped"
+    # what was not selected is reported as skipped, not silently absent
+    assert report["sections"]["benchmarks"] == "skipped"
+    assert items["bench.train_step"]["reason"] == "not selected (--sections)"
 
 
-def test_unknown_section_is_refused_by_name(tmp_path):
-    p = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(tmp_path), "--sections", "bogus"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert p.returncode == 2 and "bogus" in p.stderr
+def test_inject_failure_is_also_read_from_the_environment(gpu_check):
+    assert gpu_check.inject_failure(False, {"SAM_FAST_GPU_CHECK_INJECT_FAILURE": "1"}) is True
+    assert gpu_check.inject_failure(False, {"SAM_FAST_GPU_CHECK_INJECT_FAILURE": "0"}) is False
+    assert gpu_check.inject_failure(True, {}) is True
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--sections", "bogus"], "bogus"),
+    (["--items", "bench.nothing*"], "bench.nothing*"),
+    (["--timeouts", "bench.encode=soon"], "bench.encode=soon"),
+    (["--timeouts", "bench.nope=5"], "bench.nope"),
+    (["--deadline", "0"], "--deadline"),
+])
+def test_bad_options_are_refused_by_name(tmp_path, args, named):
+    p = _run("--out", str(tmp_path), *args, timeout=60)
+    assert p.returncode == 2 and named in p.stderr, p.stderr[-1000:]
+    assert not list(tmp_path.glob("gpu_check-*"))
+
+
+def test_a_hung_item_is_cut_by_its_timeout_and_a_crash_costs_only_its_item(tmp_path):
+    """hang in one worker item, a segfault in the next: each is recorded, a fresh worker runs the
+    item after them; the report goes to $SAM_FAST_GPU_CHECK_OUT, not $OUT."""
+    primary, other = tmp_path / "primary", tmp_path / "other"
+    env = _env(SAM_FAST_GPU_CHECK_INJECT="hang:bench.reweight,crash:bench.streams",
+               SAM_FAST_GPU_CHECK_OUT=str(primary), OUT=str(other))
+    t0 = time.monotonic()
+    p = _run("--items", "bench.reweight,bench.streams,bench.encode", "--timeouts", "bench.reweight=1.5", env=env)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    assert time.monotonic() - t0 < 60
+    assert not other.exists()
+    _, report = _report(primary)
+    items = _items(report)
+    hung = items["bench.reweight"]
+    assert hung["status"] == "timeout" and hung["cut_by"] == "item timeout" and 1.5 <= hung["seconds"] < 15
+    assert hung["error"].startswith("timeout (item timeout): ran past 1.5 s")
+    assert items["bench.streams"]["status"] == "failed" and "SIGSEGV" in items["bench.streams"]["error"]
+    assert items["bench.encode"]["status"] == "ok" and items["bench.encode"]["result"]["leave_one_out_N2"]
+    assert report["status"] == "failed" and report["failures"] == ["bench.reweight (timeout)", "bench.streams (failed)"]
+    assert "bench.reweight" in p.stdout and "timeout" in p.stdout
+
+
+@pytest.mark.parametrize("item, deadline", [("build.ext_info", 6.5), ("bench.reweight", 3.0)])
+def test_the_deadline_ends_the_run_naming_the_running_item(tmp_path, item, deadline):
+    """A hang in the main process (build.ext_info) or in a worker (bench.reweight): at --deadline
+    the report names it, the rest is skipped, exit 3; the report goes to $OUT."""
+    env = _env(SAM_FAST_GPU_CHECK_INJECT=f"hang:{item}", OUT=str(tmp_path))
+    t0 = time.monotonic()
+    p = _run("--items", f"{item},tests.pytest", "--deadline", str(deadline), env=env, timeout=120)
+    took = time.monotonic() - t0
+    assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-2000:]
+    assert deadline <= took < deadline + 8
+    _, report = _report(tmp_path)
+    e = _items(report)[item]
+    assert e["status"] == "timeout" and e["cut_by"] == "deadline" and e["error"].startswith("timeout (deadline)")
+    assert _items(report)["tests.pytest"] == {**_items(report)["tests.pytest"], "status": "skipped",
+                                              "reason": "not reached: deadline"}
+    assert report["status"] == "deadline" and report["exit_code"] == 3 and report["passed"] is False
+    assert f"timeout {item}" in " ".join(p.stdout.split())
+
+
+def test_a_pytest_run_cut_by_its_timeout_is_a_failure(tmp_path):
+    env = _env(SAM_FAST_GPU_CHECK_INJECT="hang:tests.pytest")
+    p = _run("--out", str(tmp_path), "--items", "tests.pytest", "--timeouts", "tests.pytest=3", env=env, timeout=120)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    _, report = _report(tmp_path)
+    e = _items(report)["tests.pytest"]
+    assert e["status"] == "timeout" and e["cut_by"] == "item timeout"
+    assert "pytest ran past 3 s and was killed" in e["error"]
+    assert report["status"] == "failed" and report["failures"] == ["tests.pytest (timeout)"]
+    assert (tmp_path / Path(e["result"]["log"]).name).exists()
+    assert [line for line in p.stdout.splitlines() if "tests.pytest" in line] and len(p.stdout) < 2000
+
+
+def test_a_killed_run_leaves_the_report_of_what_finished_and_no_worker(tmp_path):
+    """SIGKILL (what `timeout -s KILL` sends) after the first item: the report holds that item's
+    result and names the running one; the worker dies with the main process."""
+    p = subprocess.Popen(_cmd("--out", str(tmp_path), "--items", "bench.reweight,bench.streams"), cwd=ROOT,
+                         env=_env(SAM_FAST_GPU_CHECK_INJECT="hang:bench.streams"), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        report = _wait_for("gpu_check-*.json", tmp_path,
+                           lambda it: it["bench.reweight"]["status"] == "ok" and "pid" in it["bench.streams"])
+    finally:
+        p.kill()
+        p.wait()
+    pid = _items(report)["bench.streams"]["pid"]
+    _, report = _report(tmp_path)
+    items = _items(report)
+    assert items["bench.reweight"]["result"]["float32"]["ms"] > 0
+    assert items["bench.streams"]["status"] == "running" and report["status"] == "running"
+    t0 = time.monotonic()
+    while not _gone(pid) and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    assert _gone(pid), f"worker {pid} outlived the main process"
+
+
+def test_sigterm_writes_the_report_and_stops_the_child(tmp_path):
+    p = subprocess.Popen(_cmd("--out", str(tmp_path), "--items", "tests.pytest"), cwd=ROOT,
+                         env=_env(SAM_FAST_GPU_CHECK_INJECT="hang:tests.pytest"), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    report = _wait_for("gpu_check-*.json", tmp_path, lambda it: "pid" in it["tests.pytest"], timeout=60)
+    pid = _items(report)["tests.pytest"]["pid"]
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=30)
+    assert p.returncode == 128 + signal.SIGTERM, out[-2000:]
+    _, report = _report(tmp_path)
+    e = _items(report)["tests.pytest"]
+    assert report["status"] == "interrupted" and e["status"] == "timeout" and e["cut_by"] == "SIGTERM"
+    assert "pid" not in e and next(tmp_path.glob("*-pytest.log")).exists()
+    assert _gone(pid), f"pytest {pid} outlived the run"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_without_a_cuda_device_the_report_says_so(tmp_path):
+    p = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "no usable CUDA device" in p.stderr and "--dry-run" in p.stderr, p.stderr[-1000:]
+    path, report = _report(tmp_path)
+    assert report["exit_code"] == 2 and report["passed"] is False
+    assert report["error"] == "no usable CUDA device: torch sees no CUDA device"
+    assert {e["status"] for e in report["items"]} == {"skipped"}
+    assert "no usable CUDA device" in path.with_suffix(".md").read_text()
+
+
+def test_output_folder_precedence(gpu_check, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert gpu_check.out_dir("cli", {"SAM_FAST_GPU_CHECK_OUT": a, "OUT": b}) == Path("cli")
+    assert gpu_check.out_dir(None, {"SAM_FAST_GPU_CHECK_OUT": a, "OUT": b}) == Path(a)
+    assert gpu_check.out_dir(None, {"OUT": b}) == Path(b)
+    assert gpu_check.out_dir(None, {"OUT": ""}) == ROOT / "bench" / "results"
+    assert gpu_check.out_dir(None, {}) == ROOT / "bench" / "results"
+
+
+def test_an_earlier_report_is_never_overwritten(gpu_check, tmp_path):
+    (tmp_path / "gpu_check-X-2026-01-01.json").write_text("{}")
+    assert gpu_check._free_stem(tmp_path, "gpu_check-X-2026-01-01") == tmp_path / "gpu_check-X-2026-01-01-2"
+    assert gpu_check._free_stem(tmp_path, "gpu_check-Y-2026-01-01") == tmp_path / "gpu_check-Y-2026-01-01"
+
+
+def test_peak_flops_by_device_name(gpu_check):
+    assert gpu_check.peak_tflops("NVIDIA H100 80GB HBM3", {})[0] == 989.0
+    assert gpu_check.peak_tflops("NVIDIA H100 PCIe", {})[0] == 756.0
+    assert gpu_check.peak_tflops("NVIDIA H200", {})[0] == 989.0
+    assert gpu_check.peak_tflops("NVIDIA H200", {"SAM_FAST_PEAK_TFLOPS": "900"}) == (900.0, "SAM_FAST_PEAK_TFLOPS")
+    assert gpu_check.peak_tflops("cpu-x86_64", {})[0] is None
