@@ -1195,16 +1195,12 @@ def _model_7b(ctx: WorkerCtx, need_gib: int):
 
 
 def useful_flops(config, shapes) -> dict:
-    """Model FLOPs of one training step (the work the step has to do, whichever schedule does it):
-    sam_fast's packed schedule without the Q/W-former recompute; "pixels" from images, "cached"
-    from cached ViT features (no ViT forward)."""
-    import copy
+    """Model FLOPs of one training step (`sam_fast.bench_plan.model_flops`: the work the step has to
+    do, whichever schedule does it: real tokens, LM head at the supervised rows, nothing recomputed);
+    "pixels" from images, "cached" from cached ViT features (no ViT forward)."""
+    from sam_fast.bench_plan import model_flops
 
-    from sam_fast.bench_plan import step_flops
-
-    cfg = copy.deepcopy(config)
-    cfg.recompute_qformer = False  # recomputed work is not useful work
-    f = step_flops(cfg, shapes, "sam_fast", padded=False)
+    f = model_flops(config, shapes)
     return {"pixels": f["total"], "cached": f["total"] - f["vit"]}
 
 
