@@ -43,3 +43,31 @@ def train_step(fn, m, kw):
     loss.backward()
     return loss.detach(), grads(m)
 
+
+
+MIX_TEXTS = ["describe {image#1}", "compare the images in detail, one by one", "what differs?",
+             "which of them shows a dog, and why do you think so", "a", "count the objects in every image please"]
+MIX_ANSWERS = ["a red circle on a blue background", "no", "the left one is bigger than the right one", "the third",
+               "ok fine", "there are three cats and one dog sitting next to a very small red car"]
+
+
+def realistic_batches(m, n: int, seed: int = 0, batch_size: int = 3, pack_buckets=(256, 128)):
+    """`n` training batches of the realistic mix built by the `Collator` (so they carry a pack plan,
+    bucketed by `pack_buckets`): `batch_size` samples of 1-5 images (cached features), instructions
+    and answers of different lengths."""
+    from sam_fast.data import Collator, PromptBuilder, tiny_tokenizers
+
+    cfg, g = m.config.vision_config, torch.Generator().manual_seed(seed)
+    P = (cfg.image_size // cfg.patch_size) ** 2 + 1
+    collate = Collator(PromptBuilder.for_model(m.config, *tiny_tokenizers()), pack_buckets=pack_buckets)
+    out = []
+    for i in range(n):
+        items = []
+        for j in range(batch_size):
+            k, t, a = (int(torch.randint(hi, (1,), generator=g)) for hi in (5, len(MIX_TEXTS), len(MIX_ANSWERS)))
+            feats = torch.randn(k + 1, P, cfg.hidden_size, generator=g)
+            items.append({"id": f"{i}-{j}", "image_features": feats, "instruction": MIX_TEXTS[t],
+                          "output": MIX_ANSWERS[a]})
+        batch = collate(items)
+        out.append({k: v for k, v in batch.items() if k not in ("ids", "outputs")})
+    return out

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch._dynamo as dynamo
 
-from _compile_helpers import train_step, training_inputs
+from _compile_helpers import realistic_batches, train_step, training_inputs
 from _sam_helpers import randomize_guidance, tiny_sam
 
 ca = importlib.import_module("sam_fast.ops.cross_attention")  # the module (sam_fast.ops.cross_attention is the op)
@@ -97,6 +97,66 @@ def test_triton_probe_runs_once(monkeypatch):
     assert len(calls) == 1
 
 
+def _relative_close(got, want, rel):
+    assert (got - want).norm() <= rel * want.norm(), ((got - want).norm(), want.norm())
+
+
+def _nonzero(grads):
+    """The gradients that are not 0 up to rounding (adaptive_adjustment.bias never is: the softmax
+    over images ignores it; its weight neither where no sample has two contextual images), the
+    language projection's among them."""
+    names = [n for n, g in grads.items() if g.abs().max() > 1e-6]
+    assert "language_projection.weight" in names and "guidance_out.weight" in names, names
+    return names
+
+
+def test_compiled_packed_step_realistic_mix(model):
+    """`compile_packed_step` over 20 collated batches of the realistic mix (1-5 images per sample,
+    plans bucketed to (256, 128)): one fullgraph capture per bucket, at most 4 in all, no graph
+    break, and every step's loss and trainable gradients those of the eager packed step (rel 1e-5)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    batches = realistic_batches(model, 20)
+    shapes = {(b["pack_plan"].packed_length, b["pack_plan"].targets.shape[0]) for b in batches}
+    assert len({b["input_ids"].shape[1] for b in batches}) > 10 and 1 < len(shapes) <= 4  # ragged, few buckets
+    dynamo.reset()
+    counters.clear()
+    cnt = CompileCounterWithBackend("aot_eager")
+    model.train()
+    try:
+        want = [train_step(model, model, batch) for batch in batches]
+        model.compile_packed_step(backend=cnt)
+        for batch, (want_loss, want_grads) in zip(batches, want):
+            got_loss, got_grads = train_step(model, model, batch)
+            _relative_close(got_loss, want_loss, 1e-5)
+            for name in _nonzero(want_grads):
+                _relative_close(got_grads[name], want_grads[name], 1e-5)
+    finally:
+        model.compile_packed_step(enable=False)
+        model.eval()
+    assert cnt.frame_count == len(shapes), (cnt.frame_count, shapes)  # one per bucket
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    dynamo.reset()
+
+
+def test_compiled_packed_step_equals_padded_path(model):
+    """The compiled packed step (bucketed plan) against the padded LLM call: same loss and
+    gradients (fp32, rel 1e-5)."""
+    batch = realistic_batches(model, 1, seed=3)[0]
+    model.train()
+    try:
+        want_loss, want_grads = train_step(model, model, {**batch, "packing": False})
+        model.compile_packed_step(backend="aot_eager")
+        got_loss, got_grads = train_step(model, model, batch)
+    finally:
+        model.compile_packed_step(enable=False)
+        model.eval()
+    _relative_close(got_loss, want_loss, 1e-5)
+    for name in _nonzero(want_grads):
+        _relative_close(got_grads[name], want_grads[name], 1e-5)
+
+
 @pytest.mark.slow
 def test_encode_images_inductor(model, triton_state):
     enc, _ = training_inputs(model)
@@ -126,7 +186,7 @@ import sys
 sys.modules["triton"] = None  # before torch: as if the package were not installed
 sys.path.insert(0, sys.argv[1])
 import torch
-from _compile_helpers import train_step, training_inputs
+from _compile_helpers import realistic_batches, train_step, training_inputs
 from _sam_helpers import randomize_guidance, tiny_sam
 import sam_fast.ops.cross_attention  # noqa: F401
 ca = sys.modules["sam_fast.ops.cross_attention"]

@@ -281,10 +281,16 @@ class Collator:
     ``outputs`` (lists, for evaluation). `None` items
     (undecodable under ``skip_bad``) are dropped and counted in ``dropped``, once per draw (a sample drawn in
     every epoch counts every time; the distinct samples are in the dataset's ``skipped``).
+    ``pack_buckets=(tokens, targets)`` buckets the plans (`PackPlan.bucketed`): the packed row and its
+    targets padded to multiples of those, so that a compiled step sees few shapes.
     """
 
-    def __init__(self, prompt_builder: PromptBuilder, train: bool = True):
+    def __init__(self, prompt_builder: PromptBuilder, train: bool = True,
+                 pack_buckets: tuple[int, int] | None = None):
         self.pb, self.train, self.dropped = prompt_builder, train, 0
+        self.pack_buckets = None if pack_buckets is None else tuple(int(n) for n in pack_buckets)
+        if self.pack_buckets is not None and (len(self.pack_buckets) != 2 or min(self.pack_buckets) < 1):
+            raise ValueError(f"pack_buckets must be (tokens, targets), both >= 1; got {pack_buckets!r}")
 
     def __call__(self, items: list) -> dict | None:
         good = [it for it in items if it is not None]
@@ -312,7 +318,8 @@ class Collator:
         + answer from column 0, labels on the answer only)."""
         rows = [(0, e.prompt + e.answer, [-100] * len(e.prompt) + e.answer) for e in encoded]
         try:
-            return PackPlan.build(rows, width, counts, self.pb.image_token_index, self.pb.num_query_tokens)
+            plan = PackPlan.build(rows, width, counts, self.pb.image_token_index, self.pb.num_query_tokens)
+            return plan if self.pack_buckets is None else plan.bucketed(*self.pack_buckets)
         except PackPlanError as e:
             if e.row is None:
                 raise DataError(f"batch of sample ids {[it['id'] for it in good][:8]}: {e}") from e

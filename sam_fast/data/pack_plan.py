@@ -22,6 +22,14 @@ of index tensors, which move to the device with the batch, and host values:
 - ``targets`` [M] long: those next tokens' labels (the shifted targets).
 - ``seqlens`` (host) the B sample lengths; ``image_counts`` (host) images per sample;
   ``num_labels`` (host) labels other than -100 in the batch; ``batch_shape`` (host) ``(B, S)``.
+- ``filler_tokens``, ``filler_targets`` (host, 0 unless bucketed): see below.
+
+Bucketing (`PackPlan.bucketed`, the collator's ``pack_buckets``): a compiled step (torch.compile)
+is specialised to its tensor shapes, and N and M change with every batch. A bucketed plan rounds
+them up: a filler segment of ``filler_tokens`` tokens closes the packed row (its own entry in
+``cu_seqlens`` and ``seqlens``, so it attends only to itself; its tokens are embedded as id 0 and
+predict nothing), and ``filler_targets`` rows of ``targets`` hold -100 (no loss) at filler rows. The
+loss and the gradients are those of the plain plan; the shapes take one value per bucket.
 
 `PackPlan.build` makes one from host lists (the collator's path), `PackPlan.from_tensors` from
 padded tensors (hand-built batches: it reads them to the host once and applies the same checks).
@@ -39,8 +47,9 @@ from sam_fast._text import bounded_repr
 IGNORE_INDEX = -100
 
 TENSOR_FIELDS = ("index", "position_ids", "cu_seqlens", "image_rows", "target_rows", "targets")
-HOST_FIELDS = ("seqlens", "image_counts", "num_labels", "batch_shape")
+HOST_FIELDS = ("seqlens", "image_counts", "num_labels", "batch_shape", "filler_tokens", "filler_targets")
 FIELDS = TENSOR_FIELDS + HOST_FIELDS
+OPTIONAL = {"filler_tokens": 0, "filler_targets": 0}  # a plan built without buckets may leave them out
 
 
 class PackPlanError(ValueError):
@@ -59,6 +68,7 @@ class PackPlan(Mapping):
     def __init__(self, fields: Mapping):
         if not isinstance(fields, Mapping):
             raise TypeError(f"PackPlan takes a mapping of its fields {FIELDS}, got {type(fields).__name__}")
+        fields = {**OPTIONAL, **fields}
         missing = [k for k in FIELDS if k not in fields]
         extra = sorted(str(k) for k in fields if k not in FIELDS)
         if missing or extra:
@@ -90,18 +100,61 @@ class PackPlan(Mapping):
 
     def __repr__(self) -> str:
         B, S = self.batch_shape
+        filler = f", filler={self.filler_tokens}/{self.filler_targets}" if self.bucketed_plan else ""
         return (f"PackPlan(B={B}, S={S}, tokens={self.num_tokens}, images={sum(self.image_counts)}, "
-                f"targets={self.targets.numel()}, device={self.index.device})")
+                f"targets={self.num_targets}{filler}, device={self.index.device})")
 
     # -- derived -----------------------------------------------------------------------------
     @property
     def num_tokens(self) -> int:
-        """N, the valid tokens of the batch (its packed length)."""
+        """N, the valid tokens of the batch (the packed row without its filler)."""
+        return int(self.index.shape[0]) - self.filler_tokens
+
+    @property
+    def packed_length(self) -> int:
+        """Length of the packed row, filler included (N rounded up to its bucket when bucketed)."""
         return int(self.index.shape[0])
+
+    @property
+    def num_targets(self) -> int:
+        """M, the supervised rows (the targets without the filler's -100)."""
+        return int(self.targets.shape[0]) - self.filler_targets
+
+    @property
+    def bucketed_plan(self) -> bool:
+        return bool(self.filler_tokens)
 
     @property
     def max_seqlen(self) -> int:
         return max(self.seqlens) if self.seqlens else 0
+
+    # -- bucketing ---------------------------------------------------------------------------
+    def bucketed(self, tokens: int = 256, targets: int = 128) -> PackPlan:
+        """This plan with its packed row padded to the next multiple of `tokens` by a filler
+        segment (at least one token, so that ``cu_seqlens`` always has B + 2 entries) and its
+        targets to a multiple of `targets` by -100 at filler rows (module docstring). A bucketed
+        plan is returned as it is."""
+        if self.bucketed_plan:
+            return self
+        if int(tokens) < 1 or int(targets) < 1:
+            raise ValueError(f"pack plan buckets must be >= 1, got tokens={tokens!r} targets={targets!r}")
+        n, m = self.num_tokens, self.num_targets
+        fill = _round_up(n + 1, int(tokens)) - n
+        fill_t = _round_up(max(m, 1), int(targets)) - m
+        dev = self.index.device
+
+        def extend(t: torch.Tensor, values) -> torch.Tensor:
+            return torch.cat([t, torch.as_tensor(values, dtype=t.dtype).to(dev)])
+
+        return PackPlan({
+            **self._fields,
+            "index": extend(self.index, [0] * fill),  # position 0: the filler's ids are replaced by 0 anyway
+            "position_ids": extend(self.position_ids, list(range(fill))),
+            "cu_seqlens": extend(self.cu_seqlens, [n + fill]),
+            "target_rows": extend(self.target_rows, [n] * fill_t),  # the filler's first row, never supervised
+            "targets": extend(self.targets, [IGNORE_INDEX] * fill_t),
+            "seqlens": tuple(self.seqlens) + (fill,), "filler_tokens": fill, "filler_targets": fill_t,
+        })
 
     # -- moving ------------------------------------------------------------------------------
     def _map(self, fn) -> PackPlan:
@@ -182,6 +235,10 @@ def _valid_row(b: int, ids: list[int], mask: list[int], labels: list[int]) -> tu
     if any(lab != IGNORE_INDEX and not m for lab, m in zip(labels, mask)):
         raise PackPlanError(f"labels row {b} has a label other than -100 at a padded position (attention_mask 0)", b)
     return start, ids[start:stop], labels[start:stop]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 class _Accumulator:

@@ -235,6 +235,20 @@ def _sdpa_segments(query, key, value, seqlens, scaling, dropout):
     return out.transpose(1, 2)
 
 
+def _sdpa_segment_mask(query, key, value, segments, scaling, dropout):
+    """Causal attention within segments by one masked SDPA call: q/k/v ``[1, heads, N, d]``,
+    `segments` [N] the segment of every token -> ``[1, N, heads, d]``. The mask [N, N] is built
+    on the device from the segment ids, so nothing depends on the lengths on the host: the shapes
+    are N's alone (what a compiled step needs; the per-sample calls of `_sdpa_segments` are one
+    graph per list of lengths). Every token sees itself, so no row is empty."""
+    n = query.shape[2]
+    causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+    mask = (segments[:, None] == segments[None, :]) & causal
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2)
+
+
 def varlen_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -251,6 +265,9 @@ def varlen_attention_forward(
     (``cu_seq_lens_q``, ``max_length_q`` and the host-side ``sam_fast_seqlens``; see
     `Packed.attention_kwargs`). Returns ``([1, N, heads, d], None)``.
     """
+    segments = kwargs.get("sam_fast_segment_ids")
+    if segments is not None and attention_mask is None:
+        return _sdpa_segment_mask(query, key, value, segments, scaling, dropout), None
     seqlens = kwargs.get("sam_fast_seqlens")
     cu = kwargs.get("cu_seq_lens_q")
     if seqlens is None or cu is None:
@@ -417,8 +434,8 @@ def planned(inputs_embeds: torch.Tensor, plan) -> Packed:
     """The `Packed` batch of embeddings ``[N, H]`` already in the packed order of `plan` (a
     `sam_fast.data.PackPlan`): every boundary and position comes from the plan, nothing is read
     from the device."""
-    if inputs_embeds.dim() != 2 or inputs_embeds.shape[0] != plan.num_tokens:
-        raise ValueError(f"packed embeddings must be [N={plan.num_tokens}, H] (the plan's tokens), "
+    if inputs_embeds.dim() != 2 or inputs_embeds.shape[0] != plan.packed_length:
+        raise ValueError(f"packed embeddings must be [N={plan.packed_length}, H] (the plan's tokens), "
                          f"got {tuple(inputs_embeds.shape)}")
     return Packed(
         inputs_embeds=inputs_embeds.unsqueeze(0),
@@ -443,9 +460,51 @@ def planned_lm_loss(
     so the step reads nothing back from the device. `loss_fn` must accept targets that are all
     supervised (no -100)."""
     head = _lm_head(language_model)
-    count = int(plan.targets.shape[0])
+    count = plan.num_targets
     if count == 0:
         raise ValueError("labels have no supervised next-token position (all -100 after each sample's first token)")
     hidden = packed_hidden_states(language_model, planned(inputs_embeds, plan))[0]
-    total = (loss_fn or plain_loss_fn)(hidden.index_select(0, plan.target_rows), head.weight, plan.targets)
+    rows, targets = plan.target_rows[:count], plan.targets[:count]  # a bucketed plan's filler targets are -100
+    total = (loss_fn or plain_loss_fn)(hidden.index_select(0, rows), head.weight, targets)
     return total / (count if num_items_in_batch is None else num_items_in_batch)
+
+
+def segment_ids(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """[length] long: the segment (sample) of every packed token, from the boundaries `cu_seqlens`
+    [B + 1] on the device (no host read)."""
+    positions = torch.arange(length, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:].long(), positions, right=True)
+
+
+def static_planned_loss_sum(language_model: torch.nn.Module, inputs_embeds: torch.Tensor,
+                            position_ids: torch.Tensor, cu_seqlens: torch.Tensor, target_rows: torch.Tensor,
+                            targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of a planned packed row, as a function of tensors only:
+    what ``torch.compile(..., fullgraph=True)`` captures (`compiled_planned_loss`). Its shapes are
+    the plan's (``[N]`` tokens, ``[M]`` targets), its attention a segment mask built on the device
+    (`_sdpa_segment_mask`), its loss the plain one with ``ignore_index`` (so a bucketed plan's -100
+    filler targets add nothing) and the LLM's own modules (the compiler fuses them). Call it
+    inside ``use_attention(language_model)``."""
+    body = _decoder(language_model)
+    out = body(inputs_embeds=inputs_embeds.unsqueeze(0), position_ids=position_ids.unsqueeze(0), attention_mask=None,
+               use_cache=False, sam_fast_segment_ids=segment_ids(cu_seqlens, inputs_embeds.shape[0]))
+    hidden = out.last_hidden_state[0].index_select(0, target_rows)
+    logits = F.linear(hidden, _lm_head(language_model).weight).float()
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def compiled_planned_loss(step: Callable, language_model: torch.nn.Module, inputs_embeds: torch.Tensor, plan,
+                          num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+    """`planned_lm_loss` through `step`, a compiled `static_planned_loss_sum`: the mean over the
+    plan's real targets (the divisor is applied outside the graph, so its value is no guard)."""
+    if plan.num_targets == 0:
+        raise ValueError("labels have no supervised next-token position (all -100 after each sample's first token)")
+    if inputs_embeds.dim() != 2 or inputs_embeds.shape[0] != plan.packed_length:
+        raise ValueError(f"packed embeddings must be [N={plan.packed_length}, H] (the plan's tokens), "
+                         f"got {tuple(inputs_embeds.shape)}")
+    if getattr(_decoder(language_model), "gradient_checkpointing", False) and language_model.training:
+        raise ValueError("compiled packed step: gradient checkpointing of the LLM is on; disable it")
+    with use_attention(language_model, ATTENTION_NAME):
+        total = step(language_model, inputs_embeds, plan.position_ids, plan.cu_seqlens, plan.target_rows,
+                     plan.targets)
+    return total / (plan.num_targets if num_items_in_batch is None else num_items_in_batch)

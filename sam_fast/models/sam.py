@@ -46,7 +46,7 @@ from sam_fast.config import SAMConfig
 from sam_fast.data.pack_plan import PackPlan
 from sam_fast.models import loading
 from sam_fast.models.loading import TRAINABLE_MODULES
-from sam_fast.models.packing import planned_lm_loss
+from sam_fast.models.packing import compiled_planned_loss, planned_lm_loss, static_planned_loss_sum
 from sam_fast.ops.linear_cross_entropy import linear_cross_entropy
 from sam_fast.distributed import is_sharded
 from sam_fast.models.generation import (
@@ -639,7 +639,7 @@ class SAM(InstructBlipPreTrainedModel):
         """Refuse labels with no predicted position (the loss would be 0/0); with a plan from its
         shapes, compiled on the device, otherwise with one host read."""
         if plan is not None:
-            if plan.targets.shape[0] == 0:
+            if plan.num_targets == 0:
                 raise ValueError(_NO_TARGET)
         elif compiling:  # no host read in a compiled graph: checked on the device
             torch._assert_async((labels[:, 1:] != -100).any(),
@@ -660,14 +660,35 @@ class SAM(InstructBlipPreTrainedModel):
         else:
             self._assert_plan_matches(plan, input_ids, attention_mask, labels)
         self._check_positions(input_ids)
-        if plan.targets.shape[0] == 0:
+        if plan.num_targets == 0:
             raise ValueError(_NO_TARGET)
         visual = self.encode_images(pixel_values, image_features, list(plan.image_counts), qformer_input_ids,
                                     qformer_attention_mask)
         embeds = self._packed_embeddings(input_ids, plan, visual)
-        loss = planned_lm_loss(self.language_model, embeds, plan, loss_fn=_summed_fused_loss,
-                               num_items_in_batch=num_items_in_batch)
+        step = self.__dict__.get("_compiled_packed_step")
+        if step is not None:
+            loss = compiled_planned_loss(step, self.language_model, embeds, plan, num_items_in_batch)
+        else:
+            loss = planned_lm_loss(self.language_model, embeds, plan, loss_fn=_summed_fused_loss,
+                                   num_items_in_batch=num_items_in_batch)
         return SAMOutput(loss=loss, visual_tokens=visual)
+
+    def compile_packed_step(self, enable: bool = True, **compile_kwargs) -> "SAM":
+        """Run the LLM part of the packed training step (body, loss; forward and backward) as one
+        graph of ``torch.compile(fullgraph=True, dynamic=False, **compile_kwargs)``
+        (`sam_fast.models.packing.static_planned_loss_sum`); `enable=False` goes back to eager.
+
+        The graph is specialised to the packed row's length and target count, so give it
+        bucketed plans (``Collator(..., pack_buckets=(256, 128))``, `PackPlan.bucketed`): one
+        compilation per bucket. The images are encoded and placed eagerly before it (the
+        Q/W-former's shapes follow each batch's image counts); without a plan the step still
+        builds one (its host read). Same loss and gradients as the eager packed step."""
+        if not enable:
+            self.__dict__.pop("_compiled_packed_step", None)
+            return self
+        kwargs = {"fullgraph": True, "dynamic": False, **compile_kwargs}
+        self.__dict__["_compiled_packed_step"] = torch.compile(static_planned_loss_sum, **kwargs)
+        return self
 
     def _plan_from_tensors(self, input_ids, attention_mask, labels, image_counts) -> PackPlan:
         """The pack plan of a batch that came without one: its tensors read to the host once."""
@@ -701,17 +722,19 @@ class SAM(InstructBlipPreTrainedModel):
         labels after its target rows and no label is elsewhere. A mismatch is a RuntimeError on
         the CPU, a device-side assert on a GPU."""
         flat_ids, ph = input_ids.reshape(-1), self.config.image_token_index
-        ok = (flat_ids.index_select(0, plan.index.index_select(0, plan.image_rows)) == ph).all()
+        index = plan.index[:plan.num_tokens]  # not the filler of a bucketed plan
+        target_rows, targets = plan.target_rows[:plan.num_targets], plan.targets[:plan.num_targets]
+        ok = (flat_ids.index_select(0, index.index_select(0, plan.image_rows)) == ph).all()
         ok = ok & ((input_ids == ph).sum() == plan.image_rows.shape[0])
         if attention_mask is not None:
             mask = attention_mask.reshape(-1)
-            ok = ok & (mask.index_select(0, plan.index) == 1).all() & ((mask != 0).sum() == plan.num_tokens)
+            ok = ok & (mask.index_select(0, index) == 1).all() & ((mask != 0).sum() == plan.num_tokens)
         elif plan.num_tokens != input_ids.numel():
             raise ValueError(f"pack_plan has {plan.num_tokens} tokens but the batch has no attention_mask "
                              f"(all {input_ids.numel()} valid)")
         flat_labels = labels.reshape(-1)
-        next_tokens = plan.index.index_select(0, plan.target_rows + 1)
-        ok = ok & (flat_labels.index_select(0, next_tokens) == plan.targets).all()
+        next_tokens = index.index_select(0, target_rows + 1)
+        ok = ok & (flat_labels.index_select(0, next_tokens) == targets).all()
         ok = ok & ((flat_labels != -100).sum() == plan.num_labels)
         torch._assert_async(ok, "pack_plan does not describe this batch (its tokens, image placeholders or labels "
                                 "differ): build it from this batch or leave it out")
@@ -720,6 +743,8 @@ class SAM(InstructBlipPreTrainedModel):
         """LLM input embeddings [N, H] of the batch's valid tokens in packed order, the visual
         tokens at the plan's image rows (the padded batch's embeddings are never built)."""
         ids = input_ids.reshape(-1).index_select(0, plan.index)
+        if plan.filler_tokens:  # a bucketed plan's filler is embedded as id 0 (its index is a placeholder)
+            ids = torch.cat([ids[:plan.num_tokens], ids.new_zeros(plan.filler_tokens)])
         # the placeholder id may lie outside the vocabulary: its rows are looked up as id 0, then replaced
         embeds = self.get_input_embeddings()(ids.index_fill(0, plan.image_rows, 0))
         tokens = visual.to(embeds.dtype).reshape(-1, embeds.shape[-1])

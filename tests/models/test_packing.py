@@ -663,3 +663,56 @@ def test_plan_travels_with_the_batch(sam_step):
         assert torch.equal(model.generate(**prompt, pack_plan=plan, max_new_tokens=2, num_beams=1), want)
     finally:
         model.train()
+
+
+def test_bucketed_plan_layout_spelled_out():
+    """Bucketed to multiples of 8 tokens and 4 targets: 8 tokens already fill a bucket, yet a
+    filler segment is added (so cu_seqlens always has B + 2 entries): 8 more tokens (their own
+    cu_seqlens entry, positions from 0), and one -100 target at the filler's first row."""
+    from sam_fast.data import PackPlan
+
+    plan = PackPlan.build([(0, [9, 9, 1, 4, 5], [-100, -100, -100, 4, 5]), (1, [9, 9, 7], [-100, -100, 7])],
+                          5, [1, 1], 9, 2)
+    b = plan.bucketed(tokens=8, targets=4)
+    assert b.index.tolist() == [0, 1, 2, 3, 4, 6, 7, 8] + [0] * 8
+    assert b.position_ids.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7]
+    assert b.cu_seqlens.tolist() == [0, 5, 8, 16] and b.cu_seqlens.dtype == torch.int32
+    assert b.seqlens == (5, 3, 8) and b.filler_tokens == 8 and b.filler_targets == 1
+    assert b.target_rows.tolist() == [2, 3, 6, 8] and b.targets.tolist() == [4, 5, 7, -100]
+    assert b.num_tokens == 8 and b.packed_length == 16 and b.num_targets == 3
+    assert b.image_rows.tolist() == [0, 1, 5, 6] and b.num_labels == 3 and b.batch_shape == (2, 5)
+    assert b.bucketed(tokens=64) is b and plan.filler_tokens == 0 and plan.packed_length == 8
+    with pytest.raises(ValueError, match="buckets must be >= 1"):
+        plan.bucketed(tokens=0)
+
+
+def test_bucketed_plan_same_step_and_no_host_read(sam_step):
+    """The filler changes nothing: a bucketed plan's eager step has the loss and gradients of the
+    plain plan's (rel 1e-6) and still reads nothing back from the host."""
+    from _host_reads import HostReads
+
+    model, batch = sam_step
+    ref = _step(model, _inputs(batch))
+    bucketed = {**_inputs(batch), "pack_plan": batch["pack_plan"].bucketed(tokens=64, targets=16)}
+    assert bucketed["pack_plan"].filler_tokens > 0 and bucketed["pack_plan"].filler_targets > 0
+    loss, grads = _step(model, bucketed)
+    torch.testing.assert_close(loss, ref[0], rtol=1e-6, atol=0)
+    for name, g in ref[1].items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-6, atol=1e-7, msg=name)
+    with HostReads() as reads:
+        model(**bucketed).loss.backward()
+    assert reads.total == 0, reads.report()
+    model.zero_grad(set_to_none=True)
+
+
+def test_segment_mask_attention_equals_per_sample_attention():
+    """The static-shape attention (one SDPA call, segment mask built on the device) gives the
+    per-sample calls' output."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 9, 8, generator=g) for _ in range(3))
+    cu = torch.tensor([0, 2, 6, 9], dtype=torch.int32)
+    seg = packing.segment_ids(cu, 9)
+    assert seg.tolist() == [0, 0, 1, 1, 1, 1, 2, 2, 2]
+    got = packing._sdpa_segment_mask(q, k, v, seg, None, 0.0)
+    want = packing._sdpa_segments(q, k, v, (2, 4, 3), None, 0.0)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
