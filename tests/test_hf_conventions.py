@@ -270,6 +270,107 @@ def test_sam_trainer_needs_a_base_directory(tmp_path):
         SAMTrainer(model=model, args=_args(tmp_path / "run"), train_dataset=_Samples(model), data_collator=_collate)
 
 
+def test_sam_trainer_checkpoint_loads_from_another_directory(tmp_path, monkeypatch):
+    """A model loaded by a relative path: its checkpoint records the base as an absolute path, so it
+    loads from another working directory and after being copied elsewhere."""
+    pytest.importorskip("accelerate")
+    import shutil
+
+    from sam_fast.train.hf import SAMTrainer
+
+    randomize_guidance(tiny_sam(), seed=1).save_pretrained(tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    model = SAM.from_pretrained("base")
+    trainer = SAMTrainer(model=model, args=_args("run"), train_dataset=_Samples(model), data_collator=_collate)
+    trainer.train()
+    trained = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    info = json.loads((tmp_path / "run" / "checkpoint-2" / "sam_delta.json").read_text())
+    assert info["base"] == str(tmp_path.resolve() / "base")
+
+    (tmp_path / "elsewhere").mkdir()
+    copied = shutil.copytree(tmp_path / "run" / "checkpoint-2", tmp_path / "elsewhere" / "kept")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for where in (copied, tmp_path / "run" / "checkpoint-2"):
+        got = SAM.from_pretrained(where).trainable_state_dict()
+        assert sorted(got) == sorted(trained)
+        for k, v in trained.items():
+            torch.testing.assert_close(got[k], v, msg=k)
+
+
+def test_sam_trainer_refuses_a_base_reference_that_is_no_directory(tmp_path):
+    pytest.importorskip("accelerate")
+    from sam_fast.train.hf import SAMTrainer
+
+    model = tiny_sam()
+    with pytest.raises(ValueError, match=r"base_reference '.*nowhere' is not a directory"):
+        SAMTrainer(model=model, args=_args(tmp_path / "run"), train_dataset=_Samples(model), data_collator=_collate,
+                   base_reference=tmp_path / "nowhere")
+
+
+class _LoraLinear(torch.nn.Module):
+    """The structure PEFT's LoRA injects in place of an nn.Linear (peft.tuners.lora.layer.Linear: the
+    original layer as ``base_layer``, per-adapter ``lora_A`` / ``lora_B``), for when peft is not installed."""
+
+    def __init__(self, base_layer, r=2):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(base_layer.in_features, r, bias=False)})
+        self.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(r, base_layer.out_features, bias=False)})
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x))
+
+
+_LoraLinear.__module__ = "peft.tuners.lora.layer"
+_LoraLinear.__name__ = _LoraLinear.__qualname__ = "Linear"
+
+
+def _lora_tiny(tmp_path):
+    """A tiny SAM saved to tmp_path/base and reloaded, with LoRA on the first LLM layer's q_proj
+    (through peft when it is installed, else the same structure by hand)."""
+    tiny_sam().save_pretrained(tmp_path / "base")
+    model = SAM.from_pretrained(tmp_path / "base")
+    try:
+        import peft
+    except ImportError:
+        attn = model.language_model.model.layers[0].self_attn
+        attn.q_proj = _LoraLinear(attn.q_proj)
+        return model
+    return peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+
+
+def test_sam_trainer_refuses_peft_adapters_it_would_not_save(tmp_path):
+    """SAMTrainer's checkpoints hold SAM's trainable modules only: LoRA adapters would be lost, and
+    their renamed layers would not load back, so a PEFT model is refused naming what to do."""
+    pytest.importorskip("accelerate")
+    from sam_fast.train.hf import SAMTrainer
+
+    model = _lora_tiny(tmp_path)
+    with pytest.raises(ValueError, match=r"PEFT modules \(Linear at .*q_proj.*transformers\.Trainer.*merge_and_unload"):
+        SAMTrainer(model=model, args=_args(tmp_path / "run"), train_dataset=_Samples(model), data_collator=_collate)
+
+
+def test_sam_trainer_refuses_parameters_training_outside_its_checkpoints(tmp_path):
+    """A parameter unfrozen outside SAM's trainable modules would be missing from every checkpoint:
+    refused when the trainer is built, and at save time when it is unfrozen later."""
+    pytest.importorskip("accelerate")
+    from sam_fast.train.hf import SAMTrainer
+
+    randomize_guidance(tiny_sam(), seed=1).save_pretrained(tmp_path / "base")
+    model = SAM.from_pretrained(tmp_path / "base")
+    head = model.language_model.lm_head.weight
+    head.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"1 parameter\(s\) require grad .*lm_head\.weight.*freeze_backbone"):
+        SAMTrainer(model=model, args=_args(tmp_path / "run"), train_dataset=_Samples(model), data_collator=_collate)
+    head.requires_grad_(False)
+    trainer = SAMTrainer(model=model, args=_args(tmp_path / "run"), train_dataset=_Samples(model),
+                         data_collator=_collate)
+    head.requires_grad_(True)
+    with pytest.raises(ValueError, match="lm_head"):
+        trainer.save_model(str(tmp_path / "saved"))
+    assert not (tmp_path / "saved" / "sam_delta.safetensors").exists()
+
+
 def test_sam_trainer_takes_the_collator_batches_with_their_pack_plan(tmp_path):
     """HF Trainer moves the Collator's batches with their `PackPlan` (rebuilt as a mapping by
     ``_prepare_inputs``); its loss step reads nothing back from the device and equals the model's

@@ -25,11 +25,13 @@ does.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
+from sam_fast._text import bounded_repr
 from sam_fast.models.loading import DELTA_WEIGHTS_NAME, is_trainable_delta_dir
 
 __all__ = ["SAMTrainer", "BOOKKEEPING_KEYS", "load_trainable_tensors"]
@@ -44,6 +46,30 @@ def _unwrap(model):
     return getattr(model, "_orig_mod", model)  # torch.compile
 
 
+def _refuse_peft(model) -> None:
+    """PEFT (LoRA) adapters live outside SAM's trainable modules, so a trainable-only checkpoint would
+    silently drop them (and their renamed layers would not load back): refuse such a model."""
+    for name, module in model.named_modules():
+        if type(module).__module__.split(".", 1)[0] == "peft":
+            raise ValueError(
+                f"SAMTrainer: the model holds PEFT modules ({type(module).__name__} at {bounded_repr(name or '<root>')}); "
+                "its checkpoints keep only SAM's trainable modules and would lose the adapters: train a PEFT model "
+                "with transformers.Trainer (which saves the adapters), or merge them first (merge_and_unload())"
+            )
+
+
+def _refuse_untracked_trainable(model) -> None:
+    """A parameter that trains but is not in the trainable delta would be lost at every save."""
+    kept = set(model.trainable_state_dict())
+    lost = [n for n, p in model.named_parameters() if p.requires_grad and n not in kept]
+    if lost:
+        raise ValueError(
+            f"SAMTrainer: {len(lost)} parameter(s) require grad outside SAM's trainable modules "
+            f"({bounded_repr(lost[:3])}{' ...' if len(lost) > 3 else ''}) and would be missing from its checkpoints: "
+            "call model.freeze_backbone(), or train with transformers.Trainer"
+        )
+
+
 class SAMTrainer(Trainer):
     """`transformers.Trainer` for `sam_fast.SAM` that saves trainable-only checkpoints.
 
@@ -51,16 +77,20 @@ class SAMTrainer(Trainer):
         *args, **kwargs: as `Trainer` (``model`` must be a `SAM`).
         base_reference: the directory the frozen weights are read back from when a saved
             checkpoint is loaded (an HF InstructBLIP, SAM or delta directory), recorded in each
-            checkpoint's ``sam_delta.json``. Default: the directory the model was loaded from
-            (``model.name_or_path``).
+            checkpoint's ``sam_delta.json`` as an absolute path (so a checkpoint loads from any
+            working directory, and after being copied elsewhere). Default: the directory the model
+            was loaded from (``model.name_or_path``).
 
     Raises:
-        ValueError: the model is not a SAM, no base directory is known, or the Trainer shards
-            the model (FSDP / DeepSpeed: a trainable-only save is not supported there).
+        ValueError: the model is not a SAM, holds PEFT (LoRA) modules or parameters that train
+            outside SAM's trainable modules (a trainable-only checkpoint would lose them), no base
+            directory is known, or the Trainer shards the model (FSDP / DeepSpeed: a
+            trainable-only save is not supported there).
     """
 
     def __init__(self, *args, base_reference: str | os.PathLike | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        _refuse_peft(self.model)  # first: a PeftModel forwards SAM's methods, so the checks below pass it
         model = _unwrap(self.model)
         if not hasattr(model, "save_trainable_delta") or not hasattr(model, "trainable_state_dict"):
             raise ValueError(f"SAMTrainer: model must be a sam_fast.SAM, got {type(model).__name__}")
@@ -75,7 +105,12 @@ class SAMTrainer(Trainer):
                     f"back from); the model was not loaded from a directory (name_or_path={name!r})"
                 )
             base_reference = name
-        self.base_reference = os.fspath(base_reference)
+        if not os.path.isdir(base_reference):
+            raise ValueError(f"SAMTrainer: base_reference {bounded_repr(os.fspath(base_reference))} is not a directory "
+                             "(the checkpoints' frozen weights are read back from it)")
+        # absolute: a checkpoint must load from any working directory and after being copied elsewhere
+        self.base_reference = str(Path(base_reference).resolve())
+        _refuse_untracked_trainable(model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """`Trainer.compute_loss` without the Collator's bookkeeping keys (`BOOKKEEPING_KEYS`)."""
@@ -91,6 +126,7 @@ class SAMTrainer(Trainer):
         if state_dict is not None:
             raise ValueError("SAMTrainer: a gathered state_dict was passed to _save (sharded training); "
                              "trainable-only checkpoints need an unsharded model")
+        _refuse_untracked_trainable(_unwrap(self.model))  # unfrozen after __init__: refuse, do not drop it
         os.makedirs(output_dir, exist_ok=True)
         _unwrap(self.model).save_trainable_delta(output_dir, self.base_reference)
         if self.processing_class is not None:
