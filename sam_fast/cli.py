@@ -10,6 +10,7 @@
     sam-fast synthesize --sources DIR --output DIR --inpaint-model SD --caption-model M (--text-model LM | --text-url URL)
                                                                                   MmLINK-style training data
     sam-fast env                                                                  versions, devices, extension, op backends
+    sam-fast export   RUN OUT                                                     a run as a standalone SAM folder
 
 Options come from built-in defaults, then a config file (`--config FILE`, JSON or YAML), then the
 command line: the command line wins. `--config tiny` selects the built-in tiny configuration.
@@ -24,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -717,6 +719,52 @@ def _text_writer(args: argparse.Namespace, device: str, dtype):
 
 
 # -- parser -----------------------------------------------------------------------------------
+def _cmd_export(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise SystemExit(f"sam-fast export: {out} exists and is not an empty folder; export writes only into a new "
+                         "or empty one")
+    model, tokenizers, what = _load_model("export", args.run)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".tmp-export-{os.getpid()}-{out.name}"
+    try:
+        _write_standalone(model, tokenizers, staging)
+        if out.is_dir():
+            out.rmdir()  # still empty (checked above); refused, and nothing moved, if something came in since
+        staging.rename(out)
+    except OSError as e:
+        raise SystemExit(f"sam-fast export: cannot write {out}: {e.strerror or e}") from None
+    finally:
+        if staging.exists():  # written aside so that OUT is either complete or untouched
+            shutil.rmtree(staging, ignore_errors=True)
+    print(f"exported {what} to {out}: SAM.from_pretrained, SAMProcessor.from_pretrained and "
+          f"`sam-fast generate --model {out}` read it")
+    return 0
+
+
+def _write_standalone(model, tokenizers, directory: Path) -> None:
+    """The model (all its weights, config, generation config) and its processor (both tokenizers) in one folder."""
+    from sam_fast.processing import SAMProcessor
+
+    model.save_pretrained(directory)
+    SAMProcessor.for_model(model, *tokenizers).save_pretrained(directory)
+
+
+def _add_export_command(sub) -> None:
+    """`sam-fast export`: its arguments and help."""
+    p = sub.add_parser(
+        "export",
+        help="write a training output as a standalone SAM folder",
+        description="Load RUN as --model does (a training output at its newest intact checkpoint, one of its "
+        "checkpoints, a SAM or HF InstructBLIP directory) and write OUT: all weights (model.save_pretrained) and "
+        "the processor with both tokenizers, which SAM.from_pretrained, SAMProcessor.from_pretrained and "
+        "`sam-fast generate --model OUT` read without the run. OUT must be new or empty.",
+    )
+    p.add_argument("run", metavar="RUN", help=MODEL_HELP)
+    p.add_argument("output", metavar="OUT", help="the folder to write (new or empty)")
+    p.set_defaults(func=_cmd_export)
+
+
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (defaults: the paper's: 5 beams, 255 new tokens, repetition penalty 1.5)")
     g.add_argument("--generation-mode", choices=("lavis", "hf"), default="lavis",
@@ -1026,6 +1074,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_env_command(sub)
     _add_demo_command(sub)
     _add_synthesize_command(sub)
+    _add_export_command(sub)
     return parser
 
 

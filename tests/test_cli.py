@@ -413,9 +413,10 @@ def test_metrics_json_records_model_generation_version_and_commit(dirs, trained,
 
 # `sam-fast [CMD] --help` as it read before build_parser was split into one function per command
 # (sha256 of the text printed at COLUMNS=100); a change of any option, help text or choice changes these.
-HELP_COMMANDS = ["", "train", "generate", "eval", "cache-features", "explain", "bench", "env", "demo", "synthesize"]
+HELP_COMMANDS = ["", "train", "generate", "eval", "cache-features", "explain", "bench", "env", "demo", "synthesize",
+                 "export"]
 HELP_SHA256_PY311 = {
-    '': 'e0b5b1ae8e26990936e615704fe5b132209775ff044da95bb9f20d2de1220f41',
+    '': '83ca686dce13e13497b539edea797d0c55ca8f88ba41f78fd2815a4714c2c073',
     'train': '925c64d312791683c3547d169669f2f4da176446544335f11c39e287954808bb',
     'generate': '183a338dba2d82fb8e5e70098ac369d18b1ecb9f951f3cd5240d86ba72ad66c0',
     'eval': '769c35ba25ce8836888d8996842046b4d0f851162f694a79d213f334d6b07809',
@@ -425,10 +426,11 @@ HELP_SHA256_PY311 = {
     'env': '14748aebe2253064d4c9e24ec9ebd93f77f598fa083f65ede303e06c5dc26b91',
     'demo': '9e38c10259c3eb190f83f380a98aee43d9a69e1990560b582c20c7784c0a4652',
     'synthesize': '29291c5bd89644383816dc4b3e40087f782a9180e4b8761a6889105f789da61c',
+    'export': '3159f824063fd6f8f7cc8b3c7b14a06a9ba27b3cc041f524209edfcd5204d87b',
 }
 # the same parsers described field by field (independent of argparse's layout, so checked on every Python)
 PARSER_SHA256 = {
-    '': '5bbbe93f8bb59ab2a6e61a80da6a384f304130cec993fed637915a4414a23e22',
+    '': 'acc2d4865127efdaf5f4f2d25f834296d26c3eab249821ee5cc6ee272406dd23',
     'train': 'e91ba88685d8a9b84528e8f8a7798047bb5051b4022a1b739dfb9ac5ef409439',
     'generate': 'a250bc7dcbdcf45577bbbf9bf2720c73c3c17ee41c6249584ecd5794eb62243f',
     'eval': 'f2563938322d901b0550098d81fc01b3579933f5247f48ed3d2ecffd3f1b850d',
@@ -438,6 +440,7 @@ PARSER_SHA256 = {
     'env': '26feee10ff785e16cccf29f8888774b2e6619a18d1c18cf5af4c7eb29a13f319',
     'demo': 'f70bbb269b0cd5bb31ab1445298cacafa3789ef340283c6e3cfb50778dde0302',
     'synthesize': '255fd65c6be74430b337422d78c851e6073908df394eee0748094bba55f4e91d',
+    'export': '8ff4b7523ba53bc90eb97cab5f11178b231c7fb073c8da4d027ea3768123fee8',
 }
 
 
@@ -620,3 +623,50 @@ def test_a_damaged_model_folder_is_one_line_naming_it(dirs, trained, tmp_path, d
     with pytest.raises(SystemExit, match=f"^sam-fast generate: (--model )?{run}.*: .*{says}") as exc:
         main(["generate", "--model", str(run), "--images", str(image), "--prompt", "what?", "--max-new-tokens", "2"])
     assert "\n" not in str(exc.value.code)
+
+
+def test_export_writes_a_standalone_sam_folder(dirs, trained, tmp_path, capsys):
+    """`sam-fast export RUN OUT`: OUT alone (the run removed) gives the run's model, processor and
+    generate output; the message names the step and checkpoint exported."""
+    import torch
+
+    from sam_fast import SAM
+    from sam_fast.models.directory import load_model_dir
+    from sam_fast.processing import SAMProcessor
+
+    run = shutil.copytree(trained, tmp_path / "run")
+    imgs = sorted(str(p) for p in (dirs["test"] / "images").iterdir())[:2]
+    ask = ["--images", *imgs, "--prompt", "{image#1} {image#2} what is common?", "--num-beams", "1",
+           "--max-new-tokens", "4"]
+    assert main(["generate", "--model", str(run), *ask]) == 0
+    from_run = capsys.readouterr().out
+    ran, _, _ = load_model_dir(run)
+    out = tmp_path / "exported"
+    assert main(["export", str(run), str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "at step 4 (step-00000004)" in said and str(out) in said
+    shutil.rmtree(run)
+
+    assert main(["generate", "--model", str(out), *ask]) == 0
+    assert capsys.readouterr().out == from_run
+    got = SAM.from_pretrained(out).state_dict()
+    assert sorted(got) == sorted(ran.state_dict())
+    for k, v in ran.state_dict().items():
+        assert torch.equal(got[k], v), k
+    processor = SAMProcessor.from_pretrained(out)
+    assert processor.num_query_tokens == ran.config.num_query_tokens
+    assert processor.image_token_index == ran.config.image_token_index
+
+
+def test_export_refuses_a_non_empty_output(trained, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match=r"^sam-fast export: .*taken exists and is not an empty folder") as exc:
+        main(["export", str(trained), str(out)])
+    assert "\n" not in str(exc.value)
+    assert sorted(os.listdir(out)) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-export")]
+    (out / "notes.txt").unlink()  # an empty folder is fine
+    assert main(["export", str(trained), str(out)]) == 0
+    assert (out / "config.json").is_file() and (out / "processor_config.json").is_file()

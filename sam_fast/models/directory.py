@@ -5,13 +5,13 @@ built-in configurations.
 a checkpoint directory inside one, a full SAM directory (`save_pretrained`), a trainable-delta
 directory, or an HF InstructBLIP directory; the tokenizers come from the same place. Only
 safetensors, JSON and tokenizer files are read from a run directory: nothing in it is unpickled.
-The run directory's layout is described in `sam_fast.train.outputs`; its checkpoints are read with
+The run directory's layout is described in `sam_fast.train.outputs`; it is opened by
+`sam_fast.models.run_dir` (shared with `SAM.from_pretrained`), its checkpoints read with
 `sam_fast.models.checkpoint_files` (the file format): nothing here imports `sam_fast.train`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import torch
 
 from sam_fast.config import SAMConfig, read_config_file
 from sam_fast.data import PromptBuilder, load_tokenizers, tiny_tokenizers
-from sam_fast.models import checkpoint_files as ckpt
+from sam_fast.models.run_dir import load_run, run_location
 from sam_fast.models.sam import SAM
 
 BUILTIN_CONFIGS = ("tiny",)
@@ -44,36 +44,14 @@ def builtin_tokenizers(name: str):
     return tiny_tokenizers()
 
 
-def _from_base(run_dir: Path, base: dict, **load_kwargs) -> SAM:
-    if base["kind"] == "builtin":
-        return SAM.from_pretrained(run_dir / "base", **load_kwargs)
-    path = base["path"]
-    overrides = base.get("overrides", {})
-    if Path(path, "config.json").is_file() and read_config_file(Path(path, "config.json")).get(
-            "model_type") == "sam_fast":
-        return SAM.from_pretrained(path, **load_kwargs)
-    return SAM.from_instructblip(path, **overrides, **load_kwargs)
-
-
 def load_model_dir(path: str | os.PathLike, checkpoint: str | os.PathLike | None = None, **load_kwargs):
     """(model, (qformer_tokenizer, llm_tokenizer), description) from any directory `--model` accepts."""
     path = Path(path)
-    if ckpt.is_checkpoint_dir(path):
-        checkpoint, path = path, path.parent.parent  # a checkpoint inside a run directory
-    if (path / "run.json").is_file():
-        run = json.loads((path / "run.json").read_text())
-        model = _from_base(path, run["base"], **load_kwargs)
-        what = f"{path} (base only: no checkpoint yet)"
-        if checkpoint is not None:  # exactly this one: a damaged file raises CheckpointError naming it
-            ck = Path(checkpoint)
-            trainable, step = ckpt.trainable_loader(model)(ck)
-        else:  # the newest intact one that fits the model (a damaged one is reported and skipped)
-            found = ckpt.load_latest(path / "checkpoints", loader=ckpt.trainable_loader(model))
-            ck, trainable, step = found if found is not None else (None, None, None)
-        if ck is not None:
-            ckpt.load_trainable_into(model, trainable)
-            what = f"{path} at step {step} ({ck.name})"
-        return model.eval(), load_tokenizers(path), what
+    found = run_location(path)
+    if found is not None:
+        run, named = found
+        model, what = load_run(SAM, run, checkpoint if checkpoint is not None else named, **load_kwargs)
+        return model, load_tokenizers(run), what
     if (path / "config.json").is_file() or (path / "sam_delta.json").is_file():
         cfg = read_config_file(path / "config.json") if (path / "config.json").is_file() else {}
         if cfg.get("model_type") in (None, "sam_fast") or (path / "sam_delta.json").is_file():

@@ -44,7 +44,7 @@ from transformers.models.instructblip.modeling_instructblip import InstructBlipP
 
 from sam_fast.config import SAMConfig
 from sam_fast.data.pack_plan import PackPlan
-from sam_fast.models import loading
+from sam_fast.models import loading, run_dir
 from sam_fast.models.loading import TRAINABLE_MODULES
 from sam_fast.models.packing import compiled_planned_loss, planned_lm_loss, static_planned_loss_sum
 from sam_fast.ops.linear_cross_entropy import linear_cross_entropy
@@ -961,13 +961,22 @@ class SAM(InstructBlipPreTrainedModel):
         """HF `from_pretrained` for full SAM directories; a trainable-delta directory (from
         `save_trainable_delta` or `sam_fast.train.hf.SAMTrainer`) is detected and loaded over its
         base (``base=`` overrides the recorded one; the directory's own config.json is used, so a
-        ``config`` passed by `AutoModel.from_pretrained` is not needed there)."""
-        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and loading.is_trainable_delta_dir(
-            pretrained_model_name_or_path
-        ):
+        ``config`` passed by `AutoModel.from_pretrained` is not needed there). A `sam-fast train`
+        output directory (``run.json``), or a checkpoint inside it, loads its base with the newest
+        intact checkpoint (or that checkpoint), as ``sam-fast generate --model RUN`` does."""
+        local = isinstance(pretrained_model_name_or_path, (str, os.PathLike))
+        if local and loading.is_trainable_delta_dir(pretrained_model_name_or_path):
             for key in _HUB_KWARGS:  # what AutoModel.from_pretrained adds; a delta directory is local
                 kwargs.pop(key, None)
             return loading.load_trainable_delta(cls, pretrained_model_name_or_path, *args, **kwargs)
+        found = run_dir.run_location(pretrained_model_name_or_path) if local else None
+        if found is not None:
+            if args:
+                raise TypeError(f"{cls.__name__}.from_pretrained: a training output takes no positional model "
+                                f"arguments (got {len(args)})")
+            for key in _HUB_KWARGS:  # a run directory is local and has its own configs
+                kwargs.pop(key, None)
+            return run_dir.load_run(cls, *found, **kwargs)[0]
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model.freeze_backbone()
         if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and os.path.isfile(

@@ -524,3 +524,52 @@ def test_bad_config_json_is_refused_on_every_loading_path(hf_dir, tmp_path):
 def test_cut_or_nested_config_json_is_refused(tmp_path, text, pattern):
     (tmp_path / "config.json").write_text(text)
     _refused_config(lambda: SAMConfig.from_pretrained(tmp_path), tmp_path / "config.json", pattern)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A `sam-fast train --config tiny` output with checkpoints at steps 1 and 2."""
+    from sam_fast.cli import main
+    from sam_fast.data.synthetic import write_group_captions
+
+    root = tmp_path_factory.mktemp("run")
+    data = write_group_captions(root / "data", n_samples=4, size=40, seed=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", "--config", "tiny", "--data", str(data), "--output", str(root / "run"), "--batch-size",
+                     "2", "--max-steps", "2", "--save-every", "1", "--lr", "3e-2", "--warmup-steps", "1",
+                     "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return root / "run"
+
+
+def test_from_pretrained_opens_a_training_output(tiny_run):
+    """`SAM.from_pretrained(RUN)` is the run's base with its newest checkpoint, the model
+    `load_model_dir(RUN)` gives; a checkpoint directory inside the run gives that checkpoint."""
+    from safetensors.torch import load_file
+
+    from sam_fast.models.directory import load_model_dir
+
+    expected, _, what = load_model_dir(tiny_run)
+    assert what.endswith("at step 2 (step-00000002)")
+    newest = load_file(tiny_run / "checkpoints" / "step-00000002" / "trainable.safetensors")
+    first = load_file(tiny_run / "checkpoints" / "step-00000001" / "trainable.safetensors")
+    assert any(not torch.equal(newest[k], first[k]) for k in newest)
+    for got in (SAM.from_pretrained(tiny_run), SAM.from_pretrained(str(tiny_run))):
+        assert isinstance(got, SAM) and not got.training
+        assert sorted(got.state_dict()) == sorted(expected.state_dict())
+        assert_same_state(got.state_dict(), expected.state_dict())
+        for k, v in got.trainable_state_dict().items():
+            assert torch.equal(v, newest[k]), k
+    at_first = SAM.from_pretrained(tiny_run / "checkpoints" / "step-00000001").trainable_state_dict()
+    assert sorted(at_first) == sorted(first)
+    for k, v in at_first.items():
+        assert torch.equal(v, first[k]), k
+
+
+def test_a_checkpoint_outside_its_run_is_one_line(tiny_run, tmp_path):
+    alone = shutil.copytree(tiny_run / "checkpoints" / "step-00000002", tmp_path / "alone" / "step-00000002")
+    with pytest.raises(FileNotFoundError, match=r"step-00000002: no run\.json in .*base model is unknown"):
+        SAM.from_pretrained(alone)
