@@ -11,6 +11,7 @@
                                                                                   MmLINK-style training data
     sam-fast env                                                                  versions, devices, extension, op backends
     sam-fast export   RUN OUT                                                     a run as a standalone SAM folder
+    sam-fast init     tiny OUT [--seed S]                                         a tiny random SAM folder (model + processor)
 
 Options come from built-in defaults, then a config file (`--config FILE`, JSON or YAML), then the
 command line: the command line wins. `--config tiny` selects the built-in tiny configuration.
@@ -149,6 +150,39 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     kwargs = {k: getattr(args, k) for k in ("steps", "batch", "seed") if getattr(args, k) is not None}
     demo.main(**kwargs)
+    return 0
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    """Write a built-in model with random weights, its tokenizers and its processor into one folder:
+    what `SAM.from_pretrained`, `SAMProcessor.from_pretrained`, the Auto classes and ``--model`` read,
+    so that the examples run without the 7B weights. Written beside OUT and renamed into place, so
+    OUT is never left half written; a non-empty OUT is refused, nothing in it is touched."""
+    import shutil
+    import tempfile
+
+    from sam_fast import SAMProcessor
+    from sam_fast.models.directory import build_builtin, builtin_tokenizers
+
+    out = Path(args.output)
+    if out.exists() and not (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
+        what = "a folder that is not empty" if out.is_dir() else "not a folder"
+        raise SystemExit(f"sam-fast init: {out} is {what}; choose a new or empty folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model = build_builtin(args.config, seed=args.seed)
+        model.save_pretrained(tmp)
+        # the processor writes the LLM tokenizer at the top and the Q-former's in qformer_tokenizer/
+        SAMProcessor.for_model(model, *builtin_tokenizers(args.config)).save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()  # empty (checked above); fails, keeping what appeared there since, if not
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"{args.config} SAM ({sum(p.numel() for p in model.parameters()):,} parameters, random weights), its "
+          f"tokenizers and processor -> {out}")
     return 0
 
 
@@ -498,6 +532,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from sam_fast.data import DataError
     from sam_fast.eval import answer
     from sam_fast.models.directory import prompt_builder
+    from sam_fast.models.generation import GenerationSettingError
 
     model, tokenizers, _ = _load_model("generate", args.model)
     if args.device:
@@ -507,8 +542,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             raise SystemExit(f"sam-fast generate: image {p} does not exist")
     try:
         text = answer(model, prompt_builder(model, tokenizers), args.images, args.prompt, **_gen_kwargs(args))
-    except DataError as e:  # an unreadable image, or a prompt holding <image>
-        raise SystemExit(f"sam-fast generate: {e}") from None
+    except (DataError, GenerationSettingError) as e:  # an unreadable image, a prompt holding <image>, a setting
+        # refused (the model folder's generation_config.json max_length shorter than the prompt in "hf" mode)
+        raise SystemExit(f"sam-fast generate: {str(e).removeprefix('generate: ')}") from None
     print(text)
     return 0
 
@@ -521,6 +557,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from sam_fast.distributed import DistInfo, init_from_env
     from sam_fast.eval import evaluate
     from sam_fast.models.directory import prompt_builder
+    from sam_fast.models.generation import GenerationSettingError
 
     dist = None
     if args.device or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one share of the samples per rank
@@ -533,7 +570,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                      batch_size=args.batch_size, skip_bad=args.skip_bad, progress=not args.no_progress,
                      limit=args.limit, features=args.features, dist=dist,
                      allow_outside_paths=args.allow_outside_paths, model_name=str(args.model), **_gen_kwargs(args))
-    except (DataError, StaleCacheError) as e:
+    except (DataError, StaleCacheError, GenerationSettingError) as e:
         raise SystemExit(f"sam-fast eval: {e}") from None
     if not (dist or DistInfo()).is_main:
         return 0
@@ -971,6 +1008,24 @@ def _add_demo_command(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def _add_init_command(sub) -> None:
+    """`sam-fast init`: its options and help."""
+    from sam_fast.models.directory import BUILTIN_CONFIGS
+
+    p = sub.add_parser(
+        "init",
+        help="write a tiny random SAM folder (model, tokenizers, processor) to try the examples without weights",
+        description="Write a built-in configuration with random weights into OUTPUT: config.json, the weights, "
+        "generation_config.json, the LLM tokenizer, qformer_tokenizer/ and processor_config.json. "
+        "SAM.from_pretrained, SAMProcessor.from_pretrained, AutoModel/AutoProcessor and --model read it. "
+        "OUTPUT must be new or empty.",
+    )
+    p.add_argument("config", choices=BUILTIN_CONFIGS, help="built-in configuration")
+    p.add_argument("output", help="folder to write (new or empty)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.set_defaults(func=_cmd_init)
+
+
 def _add_synthesize_command(sub) -> None:
     """`sam-fast synthesize`: its options and help."""
     p = sub.add_parser(
@@ -1075,6 +1130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_command(sub)
     _add_synthesize_command(sub)
     _add_export_command(sub)
+    _add_init_command(sub)
     return parser
 
 

@@ -282,8 +282,10 @@ class SAMProcessor(ProcessorMixin):
                 (right-padded, with ``labels``); without them it is a generation batch (prompts
                 left-padded).
             image_counts: optional images per sample when `images` is a flat list (default: one
-                per sample).
+                per sample; with `text` a single string, all of them belong to that one sample).
             return_tensors: ``"pt"`` (or None): torch tensors.
+            padding: True or ``"longest"`` only (what HF pipelines pass): batches are always padded
+                to their longest sample.
 
         Returns:
             BatchFeature with (B samples, T = sum of image counts, S / L token widths)
@@ -304,15 +306,20 @@ class SAMProcessor(ProcessorMixin):
                 text, a text holding a lone surrogate.
             TypeError: an unknown keyword argument.
         """
+        if kwargs.get("padding", True) in (True, "longest"):  # what HF pipelines pass: batches are always padded
+            kwargs.pop("padding", None)
         if kwargs:
             raise TypeError(f"SAMProcessor got unexpected keyword argument(s) {sorted(kwargs)}; it takes images, "
-                            f"text, answers, image_counts and return_tensors")
+                            f"text, answers, image_counts, return_tensors and padding=True")
         _check_return_tensors(return_tensors)
         if images is None or text is None:
             raise ValueError("SAMProcessor needs both images and text (one instruction per sample)")
         texts = _as_list(text, "text")
         if not texts:
             raise ValueError("text is empty: a batch needs at least one sample")
+        if isinstance(text, str) and image_counts is None and isinstance(images, (list, tuple)) and images \
+                and all(_is_image(x) for x in images):
+            images = [images]  # one instruction: a flat list holds its images (as HF multi-image processors read it)
         per_sample = self._split_images(images, image_counts)
         if len(per_sample) != len(texts):
             first = min(len(per_sample), len(texts))
@@ -390,16 +397,19 @@ class SAMProcessor(ProcessorMixin):
         return out
 
     # -- decoding ----------------------------------------------------------------------------
-    def decode(self, ids) -> str:
-        """Generated ids [S] of one sample -> its answer (up to the first ``</s>``, specials dropped)."""
-        return self._prompt_builder().decode(ids.tolist() if isinstance(ids, torch.Tensor) else ids)
+    def decode(self, ids, **kwargs) -> str:
+        """Generated ids [S] of one sample -> its answer (up to the first ``</s>``, specials dropped).
 
-    def batch_decode(self, sequences) -> list[str]:
-        """`SAM.generate`'s output [B, S_new] -> B answers (see `decode`)."""
+        Keyword arguments are the LLM tokenizer's (``skip_special_tokens``, default True here;
+        ``clean_up_tokenization_spaces``, ...), so code written for HF processors runs unchanged."""
+        return self._prompt_builder().decode(ids.tolist() if isinstance(ids, torch.Tensor) else ids, **kwargs)
+
+    def batch_decode(self, sequences, **kwargs) -> list[str]:
+        """`SAM.generate`'s output [B, S_new] -> B answers (see `decode`, which gets `kwargs`)."""
         if isinstance(sequences, torch.Tensor):
             sequences = sequences.tolist()
         pb = self._prompt_builder()
-        return [pb.decode(ids) for ids in sequences]
+        return [pb.decode(ids, **kwargs) for ids in sequences]
 
     @property
     def model_input_names(self) -> list[str]:
@@ -458,3 +468,17 @@ def _config_of_folder(path: str):
     if model_type == SAMConfig.model_type:
         return SAMConfig.from_pretrained(path)
     return SAMConfig.from_instructblip_config(InstructBlipConfig.from_pretrained(path))
+
+
+def _register_auto_processor() -> None:
+    """`AutoProcessor.from_pretrained` of a SAM folder (``model_type: sam_fast``) gives a `SAMProcessor`
+    rather than the bare LLM tokenizer it would find there: pipelines and HF examples build their
+    inputs through it."""
+    from transformers import AutoProcessor
+
+    from sam_fast.config import SAMConfig
+
+    AutoProcessor.register(SAMConfig, SAMProcessor, exist_ok=True)
+
+
+_register_auto_processor()

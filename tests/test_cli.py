@@ -411,12 +411,75 @@ def test_metrics_json_records_model_generation_version_and_commit(dirs, trained,
     assert capsys.readouterr().out.endswith("\n")
 
 
+def test_init_writes_a_folder_every_loader_reads(dirs, tmp_path, capsys):
+    from transformers import AutoModel, AutoProcessor
+
+    from sam_fast import SAM, SAMProcessor
+
+    out = tmp_path / "sam"
+    assert main(["init", "tiny", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    assert {"config.json", "model.safetensors", "generation_config.json", "processor_config.json", "tokenizer.json",
+            "qformer_tokenizer"} <= {p.name for p in out.iterdir()}
+    assert not [p for p in tmp_path.iterdir() if p.name != "sam"]  # no build folder left beside it
+    model, proc = SAM.from_pretrained(out), SAMProcessor.from_pretrained(out)
+    assert type(AutoModel.from_pretrained(out)) is SAM and type(AutoProcessor.from_pretrained(out)) is SAMProcessor
+    assert proc.num_query_tokens == model.config.num_query_tokens == 8
+    img = str(next((dirs["test"] / "images").iterdir()))
+    assert main(["generate", "--model", str(out), "--images", img, "--prompt", "{image#1} what?", "--num-beams", "1",
+                 "--max-new-tokens", "2"]) == 0
+
+
+@pytest.mark.parametrize("existing", ["file", "folder"])
+def test_init_refuses_a_non_empty_output_and_touches_nothing(tmp_path, existing):
+    out = tmp_path / "sam"
+    if existing == "file":
+        out.write_text("mine")
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exc:
+        main(["init", "tiny", str(out)])
+    msg = str(exc.value.code)
+    assert "\n" not in msg and str(out) in msg and ("not empty" in msg or "not a folder" in msg)
+    assert (out.read_text() if existing == "file" else (out / "notes.txt").read_text()) == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["sam"]
+
+
+def test_init_into_an_empty_folder(tmp_path):
+    out = tmp_path / "sam"
+    out.mkdir()
+    assert main(["init", "tiny", str(out), "--seed", "1"]) == 0
+    assert (out / "config.json").is_file()
+
+
+@pytest.mark.parametrize("cmd", ["generate", "eval"])
+def test_hf_max_length_shorter_than_the_prompt_is_one_line(dirs, tmp_path, cmd):
+    # a model folder whose generation_config.json bounds max_length (counting the prompt in "hf" mode)
+    out = tmp_path / "sam"
+    assert main(["init", "tiny", str(out)]) == 0
+    gen = json.loads((out / "generation_config.json").read_text())
+    gen.pop("max_new_tokens", None)
+    (out / "generation_config.json").write_text(json.dumps({**gen, "max_length": 3}))
+    img = str(next((dirs["test"] / "images").iterdir()))
+    argv = (["generate", "--model", str(out), "--images", img, "--prompt", "{image#1} what is in this picture?"]
+            if cmd == "generate" else
+            ["eval", "--model", str(out), "--data", str(dirs["test"]), "--output", str(tmp_path / "ev"),
+             "--no-progress"])
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--generation-mode", "hf", "--num-beams", "1"])
+    msg = str(exc.value.code)
+    assert msg.startswith(f"sam-fast {cmd}: ") and "\n" not in msg
+    assert "generation_config.max_length=3 must exceed the prompt's length" in msg
+    assert not (tmp_path / "ev").exists()
+
+
 # `sam-fast [CMD] --help` as it read before build_parser was split into one function per command
 # (sha256 of the text printed at COLUMNS=100); a change of any option, help text or choice changes these.
 HELP_COMMANDS = ["", "train", "generate", "eval", "cache-features", "explain", "bench", "env", "demo", "synthesize",
-                 "export"]
+                 "export", "init"]
 HELP_SHA256_PY311 = {
-    '': '83ca686dce13e13497b539edea797d0c55ca8f88ba41f78fd2815a4714c2c073',
+    '': 'dfc271836d8967faf41ac83599f1e6d682cda98e5215306d8a7a043b2bd1b164',
     'train': '925c64d312791683c3547d169669f2f4da176446544335f11c39e287954808bb',
     'generate': '183a338dba2d82fb8e5e70098ac369d18b1ecb9f951f3cd5240d86ba72ad66c0',
     'eval': '769c35ba25ce8836888d8996842046b4d0f851162f694a79d213f334d6b07809',
@@ -427,10 +490,11 @@ HELP_SHA256_PY311 = {
     'demo': '9e38c10259c3eb190f83f380a98aee43d9a69e1990560b582c20c7784c0a4652',
     'synthesize': '29291c5bd89644383816dc4b3e40087f782a9180e4b8761a6889105f789da61c',
     'export': '3159f824063fd6f8f7cc8b3c7b14a06a9ba27b3cc041f524209edfcd5204d87b',
+    'init': '5a19e6d7d629da6ae868c5c4fe51928199b52a0466c80d0438758941dfe7b655',
 }
 # the same parsers described field by field (independent of argparse's layout, so checked on every Python)
 PARSER_SHA256 = {
-    '': 'acc2d4865127efdaf5f4f2d25f834296d26c3eab249821ee5cc6ee272406dd23',
+    '': '4c3d8fa6fbcaa2449ad8b3e9655ee69404dbddeb84795cffa0bbe50daad06d47',
     'train': 'e91ba88685d8a9b84528e8f8a7798047bb5051b4022a1b739dfb9ac5ef409439',
     'generate': 'a250bc7dcbdcf45577bbbf9bf2720c73c3c17ee41c6249584ecd5794eb62243f',
     'eval': 'f2563938322d901b0550098d81fc01b3579933f5247f48ed3d2ecffd3f1b850d',
@@ -441,6 +505,7 @@ PARSER_SHA256 = {
     'demo': 'f70bbb269b0cd5bb31ab1445298cacafa3789ef340283c6e3cfb50778dde0302',
     'synthesize': '255fd65c6be74430b337422d78c851e6073908df394eee0748094bba55f4e91d',
     'export': '8ff4b7523ba53bc90eb97cab5f11178b231c7fb073c8da4d027ea3768123fee8',
+    'init': 'aec1a79627da2cf970218d41391a588d1f72bf5e61e4950827dc99f50548f8a7',
 }
 
 

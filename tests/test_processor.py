@@ -136,6 +136,55 @@ def test_batch_decode_stops_at_end_of_sequence(processor):
     assert processor.decode(seqs[0]) == "red dog"
 
 
+def test_decode_takes_the_tokenizer_keywords(processor):
+    # HF code (pipelines, examples) calls batch_decode(ids, skip_special_tokens=True, ...)
+    _, ltok = tiny_tokenizers()
+    ids = ltok("red dog", add_special_tokens=False)["input_ids"]
+    seqs = torch.tensor([[ltok.bos_token_id, *ids, ltok.eos_token_id]])
+    assert processor.batch_decode(seqs, skip_special_tokens=True, clean_up_tokenization_spaces=False) == ["red dog"]
+    assert processor.decode(seqs[0], skip_special_tokens=True) == "red dog"
+    assert processor.batch_decode(seqs, skip_special_tokens=False) == ["<s> red dog"]
+    with pytest.raises(TypeError):
+        processor.decode(seqs[0], 1, 2)
+
+
+def test_auto_processor_of_a_sam_folder_is_a_sam_processor(model, processor, tmp_path):
+    from transformers import AutoProcessor
+
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is SAMProcessor
+    imgs = _images(2)
+    _assert_same(loaded(images=[imgs], text=TEXTS[:1]), processor(images=[imgs], text=TEXTS[:1]), KEYS)
+
+
+def test_image_text_to_text_pipeline_answers_a_multi_image_prompt(model, processor, tmp_path):
+    from transformers import pipeline
+
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    pipe = pipeline("image-text-to-text", model=str(tmp_path))
+    assert type(pipe.processor) is SAMProcessor
+    imgs = _images(3)
+    gen = dict(max_new_tokens=3, num_beams=1)
+    want = processor.batch_decode(model.generate(**processor(images=[imgs[:2], imgs[2:]], text=TEXTS), **gen))
+    # one prompt with its images as a flat list; a batch of two (the pipeline asks for padding=True)
+    one = pipe(images=imgs[:2], text=TEXTS[0], generate_kwargs=gen, return_full_text=False)
+    two = pipe(images=[imgs[:2], imgs[2:]], text=TEXTS, generate_kwargs=gen, return_full_text=False)
+    assert [o["generated_text"] for o in one] == want[:1]
+    assert [o[0]["generated_text"] if isinstance(o, list) else o["generated_text"] for o in two] == want
+
+
+def test_a_single_text_takes_a_flat_image_list_as_its_images(model, processor):
+    imgs = _images(2)
+    _assert_same(processor(images=imgs, text=TEXTS[0]), processor(images=[imgs], text=[TEXTS[0]]), KEYS)
+    _assert_same(processor(images=[imgs], text=TEXTS[:1], padding=True), processor(images=[imgs], text=TEXTS[:1]),
+                 KEYS)
+    with pytest.raises(TypeError, match="padding"):
+        processor(images=[imgs], text=TEXTS[:1], padding="max_length")
+
+
 def test_save_and_load_next_to_the_model(model, processor, tmp_path):
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)

@@ -208,12 +208,14 @@ class PromptBuilder:
             ans = (self.ltok(answer, add_special_tokens=False)["input_ids"] + [self.eos_id])[: self.max_output_txt_len - 1]
         return EncodedSample(self.qformer_ids(instruction), prompt, ans)
 
-    def decode(self, ids) -> str:
-        """Generated ids -> text (stops at the first </s>)."""
+    def decode(self, ids, **kwargs) -> str:
+        """Generated ids -> text (stops at the first </s>). `kwargs` go to the LLM tokenizer's
+        ``decode``; ``skip_special_tokens`` defaults to True (the answer's text only)."""
         ids = [int(i) for i in ids]
         if self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
-        return self.ltok.decode(ids, skip_special_tokens=True).strip()
+        kwargs.setdefault("skip_special_tokens", True)
+        return self.ltok.decode(ids, **kwargs).strip()
 
     # -- batching ----------------------------------------------------------------------------
     def batch_text(self, encoded: list[EncodedSample], train: bool) -> dict[str, torch.Tensor]:

@@ -78,14 +78,19 @@ SETTING_RULES = {
 }
 
 
+class GenerationSettingError(ValueError):
+    """A decoding setting `SAM.generate` refuses before any work (one line naming it): its own class
+    so that the command line reports it as a usage error, not as a crash."""
+
+
 def check_setting(name: str, value, source: str = "") -> None:
-    """Raise one ValueError naming the setting (as ``source + name``: "generation_config." when it
+    """Raise one GenerationSettingError naming the setting (as ``source + name``: "generation_config." when it
     came from a config) and its value unless it is unset or follows `SETTING_RULES`."""
     if value is None or name not in SETTING_RULES:
         return
     ok, rule = SETTING_RULES[name]
     if not ok(value):
-        raise ValueError(f"generate: {source}{name}={bounded_repr(value)} must be {rule}")
+        raise GenerationSettingError(f"generate: {source}{name}={bounded_repr(value)} must be {rule}")
 
 
 def generated_tokens_penalty(penalty: float) -> LogitsProcessorList:

@@ -52,6 +52,7 @@ from sam_fast.distributed import is_sharded
 from sam_fast.models.generation import (
     GENERATION_MODES,
     SETTING_RULES,
+    GenerationSettingError,
     check_setting,
     generated_tokens_penalty,
     lavis_generate,
@@ -838,7 +839,7 @@ class SAM(InstructBlipPreTrainedModel):
         if extra:
             raise ValueError(f"generation_mode='lavis' takes only {sorted(LAVIS_KWARGS)}; got {extra}")
         if "max_length" in generate_kwargs and "max_new_tokens" in generate_kwargs:
-            raise ValueError("give max_length or max_new_tokens, not both")
+            raise GenerationSettingError("generate: give max_length or max_new_tokens, not both")
 
         def setting(name: str, default, config_value=None):
             if name in generate_kwargs:
@@ -855,7 +856,7 @@ class SAM(InstructBlipPreTrainedModel):
         # the seeded BOS counts in max_length: LAVIS' max_length=256 is 255 new tokens
         max_length = setting("max_length", 256 if new_tokens is None else new_tokens + 1)
         if max_length < 2:
-            raise ValueError(f"generate: max_length={max_length} must be >= 2 in generation_mode='lavis' "
+            raise GenerationSettingError(f"generate: max_length={max_length} must be >= 2 in generation_mode='lavis' "
                              f"(it counts the seeded BOS: max_length - 1 new tokens)")
         gen = self.language_model.generation_config  # LLaMA's: bos 1, eos 2, pad 0
 
@@ -886,7 +887,7 @@ class SAM(InstructBlipPreTrainedModel):
         if config.max_new_tokens is None and config.max_length is not None and prompt_length is not None:
             if config.max_length <= prompt_length:
                 where = "" if "max_length" in generate_kwargs else "generation_config."
-                raise ValueError(
+                raise GenerationSettingError(
                     f"generate: {where}max_length={config.max_length} must exceed the prompt's length "
                     f"({prompt_length}): in generation_mode='hf' it counts the prompt; max_new_tokens counts "
                     f"only the answer"
