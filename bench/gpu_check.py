@@ -176,7 +176,7 @@ def plan(dry: bool, no_build: bool = False) -> list[Item]:
     for backend in ("cpu",) if dry else ("triton", "cuda"):
         items += [Item(f"check.reweight.{backend}.{dt}", f"context_reweight {backend} {dt} fwd+bwd", "model_checks",
                        _check_reweight, 60, 1, worker="ops", params=dict(backend=backend, dtype=dt),
-                       brief=("out.err", "dF.err", "dw.err")) for dt in dtypes]
+                       brief=("out.err", "dV.err", "ds.err")) for dt in dtypes]
     for mode in ("leave_one_out", "shared"):
         items += [Item(f"check.encode.{mode}.{dt}", f"encode_images {mode} {dt} vs reference", "model_checks",
                        _check_encode, 60, 2, worker="ops", params=dict(mode=mode, dtype=dt)) for dt in dtypes]
@@ -900,30 +900,29 @@ def _check_reweight(ctx: WorkerCtx, backend: str, dtype: str) -> dict:
     device, dt = ctx.device, getattr(torch, dtype)
     g = torch.Generator().manual_seed(1)
     T, P, D = sum(COUNTS), 37, 64
-    F64 = torch.randn(T, P, D, generator=g, dtype=torch.float64)
-    w64 = torch.randn(D, generator=g, dtype=torch.float64) * 3 / D**0.5
-    b64 = torch.tensor(0.5, dtype=torch.float64)
+    V64 = torch.randn(T, P, D, generator=g, dtype=torch.float64)
+    s64 = torch.randn(T, P, generator=g, dtype=torch.float64) * 3
     cu = torch.tensor([0, 2, 5, 6], dtype=torch.int32)
     up = torch.randn(T, P, D, generator=g, dtype=torch.float64)
-    why = dict(dispatcher("context_reweight").reasons(F64.to(device, dt), w64.to(device, dt),
-                                                    b64.to(device, dt), cu.to(device), "leave_one_out"))
+    why = dict(dispatcher("context_reweight").reasons(V64.to(device, dt), s64.float().to(device), cu.to(device),
+                                                    "leave_one_out"))
     if why.get(backend) is not None:
         raise _Skip(f"backend {backend} cannot run here: {why[backend]}")
 
-    def fwd_bwd(F, w, b, name):
-        F, w, b = (t.detach().requires_grad_() for t in (F, w, b))
+    def fwd_bwd(V, s, name):
+        V, s = (t.detach().requires_grad_() for t in (V, s))
         with _backend(name):
-            out = context_reweight(F, w, b, cu.to(F.device), "leave_one_out")
-        grads = torch.autograd.grad(out, (F, w), up.to(out.device, out.dtype))
+            out = context_reweight(V, s, cu.to(V.device), "leave_one_out")
+        grads = torch.autograd.grad(out, (V, s), up.to(out.device, out.dtype))
         return [out.detach(), *grads]
 
-    oracle = fwd_bwd(F64, w64, b64, "reference")
-    args = [t.to(device, dt) for t in (F64, w64, b64)]
+    oracle = fwd_bwd(V64, s64, "reference")
+    args = [V64.to(device, dt), s64.float().to(device)]  # the model's scores are fp32
     plain = fwd_bwd(*args, "reference")
     fast = fwd_bwd(*args, backend)
     if ctx.inject:
         fast[0] = fast[0] + 1.0
-    res = {n: within_budget(f, p, o, dtype) for n, f, p, o in zip(("out", "dF", "dw"), fast, plain, oracle)}
+    res = {n: within_budget(f, p, o, dtype) for n, f, p, o in zip(("out", "dV", "ds"), fast, plain, oracle)}
     return {"ok": all(r["ok"] for r in res.values()), **res}
 
 
@@ -1055,14 +1054,13 @@ def _bench_reweight(ctx: WorkerCtx) -> dict:
     res = {"shape": [B, N, P, D]}
     for dtype in (torch.float32, torch.bfloat16):
         F = torch.randn(B * N, P, D, device=device, dtype=dtype)
-        w = (torch.randn(D, device=device) / D**0.5).to(dtype)
-        b = torch.zeros((), device=device, dtype=dtype)
+        s = torch.randn(B * N, P, device=device)
         cu = torch.arange(0, B * N + 1, N, dtype=torch.int32, device=device)
         offs = cu.tolist()
         dst = torch.empty_like(F)
         nbytes = 2 * F.numel() * F.element_size()
         with torch.no_grad():
-            t = timer(lambda: context_reweight(F, w, b, cu, "leave_one_out", offsets=offs), warm, rounds)
+            t = timer(lambda: context_reweight(F, s, cu, "leave_one_out", offsets=offs), warm, rounds)
             tc = timer(lambda: dst.copy_(F), warm, rounds)
         res[_dtype_name(dtype)] = {"ms": round(t, 4), "gbps": round(nbytes / t / 1e6, 1),
                                    "copy_gbps": round(nbytes / tc / 1e6, 1), "time_vs_copy": round(t / tc, 2)}

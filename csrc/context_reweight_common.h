@@ -2,7 +2,7 @@
 // (context_reweight_cpu.cpp) and the CUDA kernels (context_reweight_cuda.cu): the CPU tests then
 // exercise the very code the GPU runs. No torch headers here, so plain nvcc compiles it.
 //
-// For one sample (n images) and one patch j, with scores s[k] = F[k, j, :] . w + b:
+// For one sample (n images) and one patch j, with the given scores s[k] and values F[k, j, :]:
 //   support(i) = all k           (mode "shared", written i = -1)
 //              = all k != i      (mode "leave_one_out", output of image i)
 //   y_i = sum_{k in support(i)} a_ik F[k, j, :],   a_ik = exp(s[k] - M_i) / Z_i
@@ -20,7 +20,7 @@
 //
 // Backward (g_i = dL/dy_i; p_ik = g_i . F_k; c_i = g_i . y_i):
 //   ds_k = sum_{i : k in support(i)} a_ik (p_ik - c_i)
-//   dF_k = sum_{i : k in support(i)} a_ik g_i + ds_k w,   dw = sum ds_k F_k,   db = sum ds_k
+//   dF_k = sum_{i : k in support(i)} a_ik g_i
 // In leave-one-out, a_ik = e_k / Z_i for i != i1, so with h_i = g_i / Z_i (h_i1 = 0):
 //   G_k = sum_{i != k} a_ik g_i = e_k * sum_{i != k} h_i + [k != i1] a_{i1,k} g_i1
 // and the "sum over all but k" is again a prefix plus a suffix.
@@ -30,15 +30,12 @@
 // saturated softmax (one image dominating) yields its tiny ds accurately instead of as the
 // difference of two large, nearly equal dot products.
 //
-// Non-finite input. A score is finite exactly when its row of F, w and b are finite and the dot
-// product does not overflow fp32 (a NaN or inf feature always makes its score NaN or inf, also
-// for uniform weights w = 0: inf * 0 is NaN). A column (sample, patch) with any non-finite score
-// has no defined softmax, so every output of the column is NaN, its feature gradients are NaN
-// and so are d(weight), d(bias) (its ds are NaN); this covers a NaN score, +inf (inf - inf) and
-// -inf scores alike, and a one-image leave-one-out column too. `column_finite` decides it, and
-// the kernels take that branch before any other arithmetic of the column. Independently, Top2's
-// indices are always valid rows (in [0, n) for n >= 1) whatever the scores: comparisons with NaN
-// are false, and an index left at -1 would be read out of bounds.
+// Non-finite input. A column (sample, patch) with any non-finite score has no defined softmax,
+// so every output of the column is NaN, and so are its value gradients and its ds; this covers a
+// NaN score, +inf (inf - inf) and -inf scores alike, and a one-image leave-one-out column too.
+// `column_finite` decides it, and the kernels take that branch before any other arithmetic of
+// the column. Independently, Top2's indices are always valid rows (in [0, n) for n >= 1) whatever
+// the scores: comparisons with NaN are false, and an index left at -1 would be read out of bounds.
 #pragma once
 
 #include <float.h>

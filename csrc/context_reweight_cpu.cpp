@@ -1,7 +1,7 @@
 // CPU implementation of sam_fast::context_reweight_fwd / _bwd: at::parallel_for over (sample,
-// patch) columns; per column the rows F[t, j, :] are converted to fp32 once (kept in cache while
-// the column is processed), and every step is an O(n D) sweep written as plain loops the compiler
-// vectorises. The per-column algebra (top-2 maxima, prefix/suffix leave-one-out sums, the
+// patch) columns; per column the value rows F[t, j, :] are converted to fp32 once (kept in cache
+// while the column is processed) and its scores gathered from the given [T, P], and every step is
+// an O(n D) sweep written as plain loops the compiler vectorises. The per-column algebra (top-2 maxima, prefix/suffix leave-one-out sums, the
 // score-gradient formula) lives in context_reweight_common.h, shared with the CUDA kernels.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -14,7 +14,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -33,24 +32,7 @@
 namespace sam_fast {
 namespace {
 
-// Score of one row: the dot product accumulates in fp64 (16 independent partial sums, which the
-// compiler vectorises) and is rounded to fp32 once. Scores of magnitude 1e4 lose ~1e-3 to an fp32
-// accumulation, which moves near-tied softmax weights; this is one multiply-add per element, far
-// below the memory traffic of the op.
-inline float score(const float* __restrict__ x, const float* __restrict__ w, int64_t D, float bias) {
-  constexpr int kLanes = 16;
-  double part[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= D; d += kLanes) {
-    for (int l = 0; l < kLanes; ++l) part[l] += static_cast<double>(x[d + l]) * w[d + l];
-  }
-  double s = bias;
-  for (; d < D; ++d) s += static_cast<double>(x[d]) * w[d];
-  for (int l = 0; l < kLanes; ++l) s += part[l];
-  return static_cast<float>(s);
-}
-
-// fp32 dot product with 16 partial sums (a fixed order: results do not depend on threads).
+// fp32 dot product with 16 running sums (a fixed order: results do not depend on threads).
 inline float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t D) {
   constexpr int kLanes = 16;
   float part[kLanes] = {};
@@ -149,66 +131,23 @@ at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options) {
 
 // ------------------------------------------------------------------------------------ forward
 
-// Up to 16 columns per score block, fewer when a block's rows (n images x D floats per column)
-// would not stay well inside a 1 MB L2.
-constexpr int64_t kMaxScoreBlock = 16;
-inline int64_t score_block(int64_t max_n, int64_t D) {
-  const int64_t bytes_per_column = std::max<int64_t>(1, max_n * D * static_cast<int64_t>(sizeof(float)));
-  return std::max<int64_t>(1, std::min<int64_t>(kMaxScoreBlock, (int64_t{512} << 10) / bytes_per_column));
+// The scores of a column (sample b's images t0 .. t0 + n at patch j) from the given [T, P] fp32.
+inline void column_scores(const float* S, int64_t P, int64_t j, int64_t t0, int64_t n, float* out) {
+  for (int64_t k = 0; k < n; ++k) out[k] = S[(t0 + k) * P + j];
 }
 
-// The scores of a column's rows. For fp32 input they are computed for a block of `score_block`
-// consecutive columns of one sample at a time, image by image, so each image's rows are read as
-// one contiguous run: a column's own rows are P*D*4 bytes apart, and read column by column the
-// loads wait on memory (40% of the forward in perf). The block's rows then stay in L2 for the
-// sweeps. The same `score` on the same values: results are bitwise those of the per-column order.
 template <typename scalar_t>
-struct ColumnScores {
-  static constexpr bool kBlock = std::is_same<scalar_t, float>::value;
-  int64_t cols, begin = 0, end = 0;
-  std::vector<float> s;
-  ColumnScores(int64_t max_n, int64_t D) : cols(score_block(max_n, D)), s(kBlock ? max_n * cols : 0) {}
-
-  // Scores of column `col` (sample b, patch j, rows t0 .. t0 + n) into out[0, n); a block never
-  // extends to `limit` or past the sample. `x` holds the column's rows (used for non-fp32 input).
-  // `given` [T, P] (or null): the caller's scores, read instead of computed.
-  void get(const scalar_t* F, const float* w, float bias, const float* given, int64_t P, int64_t D,
-           int64_t col, int64_t b, int64_t j, int64_t t0, int64_t n, int64_t limit,
-           const Rows<scalar_t>& x, float* out) {
-    if (given != nullptr) {
-      for (int64_t k = 0; k < n; ++k) out[k] = given[(t0 + k) * P + j];
-      return;
-    }
-    if constexpr (kBlock) {
-      if (col < begin || col >= end) {
-        begin = col;
-        end = std::min(std::min(limit, col + cols), (b + 1) * P);
-        for (int64_t k = 0; k < n; ++k) {
-          const float* row = reinterpret_cast<const float*>(F) + ((t0 + k) * P + j) * D;
-          for (int64_t c = 0; c < end - begin; ++c) s[k * cols + c] = score(row + c * D, w, D, bias);
-        }
-      }
-      for (int64_t k = 0; k < n; ++k) out[k] = s[k * cols + (col - begin)];
-    } else {
-      for (int64_t k = 0; k < n; ++k) out[k] = score(x[k], w, D, bias);
-    }
-  }
-};
-
-template <typename scalar_t>
-SAM_FAST_CPU_CLONES void fwd_columns(const scalar_t* F, const float* w, float bias, const float* given,
-                                     const int64_t* cu, int64_t P, int64_t D, bool shared, scalar_t* out,
-                                     int64_t max_n, int64_t begin, int64_t end) {
+SAM_FAST_CPU_CLONES void fwd_columns(const scalar_t* F, const float* S, const int64_t* cu, int64_t P,
+                                     int64_t D, bool shared, scalar_t* out, int64_t max_n, int64_t begin,
+                                     int64_t end) {
   Rows<scalar_t> x(max_n, D);
   std::vector<float> s(max_n), e(max_n), inv_z(max_n), e2(max_n), tmp(max_n);
   std::vector<float> pre(max_n * D), acc(D), acc2(D);
-  ColumnScores<scalar_t> scores(max_n, D);
 
   for (int64_t col = begin; col < end; ++col) {
     const int64_t b = col / P, j = col % P;
     const int64_t t0 = cu[b], n = cu[b + 1] - t0;
-    x.load(F + (t0 * P + j) * D, P * D, n, D);
-    scores.get(F, w, bias, given, P, D, col, b, j, t0, n, end, x, s.data());
+    column_scores(S, P, j, t0, n, s.data());
     if (!cr::column_finite(s.data(), n)) {  // NaN / inf in the column: all its outputs are NaN
       const int64_t rows = shared ? 1 : n;
       for (int64_t i = 0; i < rows; ++i) {
@@ -217,6 +156,7 @@ SAM_FAST_CPU_CLONES void fwd_columns(const scalar_t* F, const float* w, float bi
       }
       continue;
     }
+    x.load(F + (t0 * P + j) * D, P * D, n, D);
     const cr::Top2 top = cr::top2_of(s.data(), n);
 
     if (shared) {
@@ -276,230 +216,170 @@ SAM_FAST_CPU_CLONES void fwd_columns(const scalar_t* F, const float* w, float bi
 }
 
 template <typename scalar_t>
-void context_reweight_fwd_kernel(const scalar_t* F, const float* w, float bias, const float* given,
-                                 const int64_t* cu, int64_t B, int64_t P, int64_t D, bool shared,
-                                 scalar_t* out) {
+void context_reweight_fwd_kernel(const scalar_t* F, const float* S, const int64_t* cu, int64_t B,
+                                 int64_t P, int64_t D, bool shared, scalar_t* out) {
   if (B == 0 || P == 0 || D == 0) return;
   const int64_t max_n = max_images(cu, B);
   at::parallel_for(0, B * P, column_grain(cu, B, D), [&](int64_t begin, int64_t end) {
-    fwd_columns<scalar_t>(F, w, bias, given, cu, P, D, shared, out, max_n, begin, end);
+    fwd_columns<scalar_t>(F, S, cu, P, D, shared, out, max_n, begin, end);
   });
 }
 
 // ----------------------------------------------------------------------------------- backward
 
-// Columns of a reduction task for d(weight), d(bias): a fixed partition of the columns (not the
-// thread count's), and the partial sums are added in task order, so the result is bitwise
-// reproducible on any number of threads.
-constexpr int64_t kColsPerTask = 8;
-
+// Every column writes only its own rows of dF and entries of dS (no reduction across columns), so
+// the result is bitwise the same on any number of threads.
 template <typename scalar_t>
-SAM_FAST_CPU_CLONES void bwd_tasks(const scalar_t* G, const scalar_t* F, const float* w, float bias,
-                                   const float* given, const int64_t* cu, int64_t P, int64_t D,
-                                   bool shared, scalar_t* dF, float* partial, float* dS, int64_t cols,
-                                   int64_t max_n, int64_t task_begin, int64_t task_end) {
+SAM_FAST_CPU_CLONES void bwd_columns(const scalar_t* G, const scalar_t* F, const float* S,
+                                     const int64_t* cu, int64_t P, int64_t D, bool shared, scalar_t* dF,
+                                     float* dS, int64_t max_n, int64_t begin, int64_t end) {
   Rows<scalar_t> x(max_n, D), g(max_n, D);
   std::vector<float> s(max_n), e(max_n), inv_z(max_n), e2(max_n), tmp(max_n);
-  std::vector<float> dp(max_n), xh(max_n), p1(max_n), c(max_n), ch(max_n), ds(max_n);
+  std::vector<float> dp(max_n), xh(max_n), p1(max_n), c(max_n), ch(max_n);
   std::vector<float> Gk(dF ? max_n * D : 0), acc(D), h(D);
-  ColumnScores<scalar_t> scores(max_n, D);
 
-  for (int64_t task = task_begin; task < task_end; ++task) {
-    float* dw = partial != nullptr ? partial + task * (D + 1) : nullptr;  // null: given scores
-    float db = 0.f;
-    if (dw != nullptr) zero(dw, D);
-    for (int64_t col = task * kColsPerTask; col < std::min(cols, (task + 1) * kColsPerTask); ++col) {
-      const int64_t b = col / P, j = col % P;
-      const int64_t t0 = cu[b], n = cu[b + 1] - t0;
-      if (n == 0) continue;
-      x.load(F + (t0 * P + j) * D, P * D, n, D);
-      scores.get(F, w, bias, given, P, D, col, b, j, t0, n, std::min(cols, (task + 1) * kColsPerTask), x,
-                 s.data());
-      const cr::Top2 top = cr::top2_of(s.data(), n);
+  for (int64_t col = begin; col < end; ++col) {
+    const int64_t b = col / P, j = col % P;
+    const int64_t t0 = cu[b], n = cu[b + 1] - t0;
+    if (n == 0) continue;
+    column_scores(S, P, j, t0, n, s.data());
+    float* ds = dS + t0 * P + j;  // ds[k * P]: the score gradient of image t0 + k
 
-      if (!cr::column_finite(s.data(), n)) {  // NaN / inf in the column: NaN gradients
-        std::fill(ds.begin(), ds.begin() + n, cr::nan_value());
-        if (dF) {
-          for (int64_t k = 0; k < n; ++k) {
-            scalar_t* dst = dF + ((t0 + k) * P + j) * D;
-            std::fill(dst, dst + D, static_cast<scalar_t>(cr::nan_value()));
-          }
-        }
-      } else if (shared) {
-        g.load(G + (b * P + j) * D, 0, 1, D);
-        const float inv = cr::inv_or_zero(cr::weights(s.data(), n, -1, top.m1, e.data()));
-        float cc = 0.f;  // g . (y - x_i1), from p_k = g . (x_k - x_i1) (exactly 0 at i1)
+    if (!cr::column_finite(s.data(), n)) {  // NaN / inf in the column: NaN gradients
+      for (int64_t k = 0; k < n; ++k) ds[k * P] = cr::nan_value();
+      if (dF) {
         for (int64_t k = 0; k < n; ++k) {
-          e[k] *= inv;  // a_k
-          dp[k] = dot_diff(g[0], x[k], x[top.i1], D);
-          cc += e[k] * dp[k];
-        }
-        for (int64_t k = 0; k < n; ++k) {
-          ds[k] = e[k] * (dp[k] - cc);
-          if (dF) {
-            scalar_t* dst = dF + ((t0 + k) * P + j) * D;
-            const float* gr = g[0];
-            for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(e[k] * gr[d] + ds[k] * w[d]);
-          }
-        }
-      } else if (n == 1) {
-        if (dF) {
-          scalar_t* dst = dF + (t0 * P + j) * D;
-          std::fill(dst, dst + D, static_cast<scalar_t>(0.f));
-        }
-        continue;  // ds = 0
-      } else {
-        g.load(G + (t0 * P + j) * D, P * D, n, D);
-        cr::loo_coefficients(s.data(), n, top, e.data(), inv_z.data(), e2.data(), tmp.data());
-        const float* g1 = g[top.i1];
-        const float* x1 = x[top.i1];  // shift of the i != i1 terms
-        const float* x2 = x[top.i2];  // shift of the i1 term
-        // Forward sweep: acc = sum_{k'<k} e (x - x1) (prefix of y - x1), h = sum_{i<k} g_i / Z_i.
-        zero(acc.data(), D);
-        zero(h.data(), D);
-        for (int64_t k = 0; k < n; ++k) {
-          dp[k] = dot(g[k], acc.data(), D);
-          xh[k] = dot_diff(h.data(), x[k], x1, D);
-          p1[k] = dot_diff(g1, x[k], x2, D);
-          if (dF) std::copy(h.data(), h.data() + D, Gk.data() + k * D);
-          axpy_diff(acc.data(), e[k], x[k], x1, D);
-          axpy(h.data(), inv_z[k], g[k], D);
-        }
-        // Backward sweep: the suffixes; G_k = e_k (prefix + suffix of h) + a_{i1,k} g_i1.
-        zero(acc.data(), D);
-        zero(h.data(), D);
-        for (int64_t k = n - 1; k >= 0; --k) {
-          dp[k] += dot(g[k], acc.data(), D);
-          xh[k] += dot_diff(h.data(), x[k], x1, D);
-          if (dF) {
-            float* gk = Gk.data() + k * D;
-            const float ek = e[k], ak = e2[k];
-            for (int64_t d = 0; d < D; ++d) gk[d] = ek * (gk[d] + h[d]) + ak * g1[d];
-          }
-          axpy_diff(acc.data(), e[k], x[k], x1, D);
-          axpy(h.data(), inv_z[k], g[k], D);
-        }
-        float c1 = 0.f;  // g_i1 . (y_i1 - x_i2)
-        for (int64_t k = 0; k < n; ++k) c1 += e2[k] * p1[k];
-        for (int64_t k = 0; k < n; ++k) c[k] = dp[k] * inv_z[k] * inv_z[k];  // c_k / Z_k (0 at i1)
-        cr::sums_but_one(c.data(), n, ch.data());
-        for (int64_t k = 0; k < n; ++k) {
-          ds[k] = cr::loo_dscore(e[k], xh[k], ch[k], e2[k], p1[k], c1);
-          if (dF) {
-            scalar_t* dst = dF + ((t0 + k) * P + j) * D;
-            const float* gk = Gk.data() + k * D;
-            for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(gk[d] + ds[k] * w[d]);
-          }
+          scalar_t* dst = dF + ((t0 + k) * P + j) * D;
+          std::fill(dst, dst + D, static_cast<scalar_t>(cr::nan_value()));
         }
       }
-      if (dS != nullptr) {  // given scores: their gradient (w is zeros, no d(weight))
-        for (int64_t k = 0; k < n; ++k) dS[(t0 + k) * P + j] = ds[k];
-        continue;
+      continue;
+    }
+    x.load(F + (t0 * P + j) * D, P * D, n, D);
+    const cr::Top2 top = cr::top2_of(s.data(), n);
+
+    if (shared) {
+      g.load(G + (b * P + j) * D, 0, 1, D);
+      const float inv = cr::inv_or_zero(cr::weights(s.data(), n, -1, top.m1, e.data()));
+      float cc = 0.f;  // g . (y - x_i1), from p_k = g . (x_k - x_i1) (exactly 0 at i1)
+      for (int64_t k = 0; k < n; ++k) {
+        e[k] *= inv;  // a_k
+        dp[k] = dot_diff(g[0], x[k], x[top.i1], D);
+        cc += e[k] * dp[k];
       }
       for (int64_t k = 0; k < n; ++k) {
-        axpy(dw, ds[k], x[k], D);
-        db += ds[k];
+        ds[k * P] = e[k] * (dp[k] - cc);
+        if (dF) store(dF + ((t0 + k) * P + j) * D, g[0], e[k], D);
+      }
+    } else if (n == 1) {
+      ds[0] = 0.f;
+      if (dF) {
+        scalar_t* dst = dF + (t0 * P + j) * D;
+        std::fill(dst, dst + D, static_cast<scalar_t>(0.f));
+      }
+    } else {
+      g.load(G + (t0 * P + j) * D, P * D, n, D);
+      cr::loo_coefficients(s.data(), n, top, e.data(), inv_z.data(), e2.data(), tmp.data());
+      const float* g1 = g[top.i1];
+      const float* x1 = x[top.i1];  // shift of the i != i1 terms
+      const float* x2 = x[top.i2];  // shift of the i1 term
+      // Forward sweep: acc = sum_{k'<k} e (x - x1) (prefix of y - x1), h = sum_{i<k} g_i / Z_i.
+      zero(acc.data(), D);
+      zero(h.data(), D);
+      for (int64_t k = 0; k < n; ++k) {
+        dp[k] = dot(g[k], acc.data(), D);
+        xh[k] = dot_diff(h.data(), x[k], x1, D);
+        p1[k] = dot_diff(g1, x[k], x2, D);
+        if (dF) std::copy(h.data(), h.data() + D, Gk.data() + k * D);
+        axpy_diff(acc.data(), e[k], x[k], x1, D);
+        axpy(h.data(), inv_z[k], g[k], D);
+      }
+      // Backward sweep: the suffixes; G_k = e_k (prefix + suffix of h) + a_{i1,k} g_i1.
+      zero(acc.data(), D);
+      zero(h.data(), D);
+      for (int64_t k = n - 1; k >= 0; --k) {
+        dp[k] += dot(g[k], acc.data(), D);
+        xh[k] += dot_diff(h.data(), x[k], x1, D);
+        if (dF) {
+          float* gk = Gk.data() + k * D;
+          const float ek = e[k], ak = e2[k];
+          for (int64_t d = 0; d < D; ++d) gk[d] = ek * (gk[d] + h[d]) + ak * g1[d];
+        }
+        axpy_diff(acc.data(), e[k], x[k], x1, D);
+        axpy(h.data(), inv_z[k], g[k], D);
+      }
+      float c1 = 0.f;  // g_i1 . (y_i1 - x_i2)
+      for (int64_t k = 0; k < n; ++k) c1 += e2[k] * p1[k];
+      for (int64_t k = 0; k < n; ++k) c[k] = dp[k] * inv_z[k] * inv_z[k];  // c_k / Z_k (0 at i1)
+      cr::sums_but_one(c.data(), n, ch.data());
+      for (int64_t k = 0; k < n; ++k) {
+        ds[k * P] = cr::loo_dscore(e[k], xh[k], ch[k], e2[k], p1[k], c1);
+        if (dF) store(dF + ((t0 + k) * P + j) * D, Gk.data() + k * D, 1.f, D);
       }
     }
-    if (dw != nullptr) dw[D] = db;
   }
 }
 
 template <typename scalar_t>
-void context_reweight_bwd_kernel(const scalar_t* G, const scalar_t* F, const float* w, float bias,
-                                 const float* given, const int64_t* cu, int64_t B, int64_t P,
-                                 int64_t D, bool shared, scalar_t* dF,
-                                 float* partial /* [tasks, D + 1], or null with dS */,
-                                 float* dS /* [T, P] or null */) {
-  const int64_t cols = B * P;
-  const int64_t tasks = (cols + kColsPerTask - 1) / kColsPerTask;
-  if (tasks == 0 || D == 0) return;
+void context_reweight_bwd_kernel(const scalar_t* G, const scalar_t* F, const float* S,
+                                 const int64_t* cu, int64_t B, int64_t P, int64_t D, bool shared,
+                                 scalar_t* dF /* [T, P, D] or null */, float* dS /* [T, P] */) {
+  if (B == 0 || P == 0 || D == 0) return;  // (dS is zero-filled by the caller)
   const int64_t max_n = std::max<int64_t>(1, max_images(cu, B));
-  const int64_t grain = std::max<int64_t>(1, column_grain(cu, B, D) / kColsPerTask);
-
-  at::parallel_for(0, tasks, grain, [&](int64_t task_begin, int64_t task_end) {
-    bwd_tasks<scalar_t>(G, F, w, bias, given, cu, P, D, shared, dF, partial, dS, cols, max_n, task_begin,
-                        task_end);
+  at::parallel_for(0, B * P, column_grain(cu, B, D), [&](int64_t begin, int64_t end) {
+    bwd_columns<scalar_t>(G, F, S, cu, P, D, shared, dF, dS, max_n, begin, end);
   });
 }
 
 // ------------------------------------------------------------------------------------ bindings
 
-at::Tensor context_reweight_fwd_cpu(const at::Tensor& features, const at::Tensor& weight,
-                                    const at::Tensor& bias, const at::Tensor& cu_images,
-                                    bool shared, const std::optional<at::Tensor>& scores) {
-  check_context_reweight_inputs(features, weight, bias, cu_images, scores);
-  TORCH_CHECK(features.is_cpu() && weight.is_cpu() && bias.is_cpu() && cu_images.is_cpu(),
-              "sam_fast::context_reweight_fwd (CPU): all inputs must be CPU tensors, got features ",
-              features.device(), ", weight ", weight.device(), ", bias ", bias.device(),
-              ", cu_images ", cu_images.device());
-  const at::Tensor F = features.contiguous();
-  const at::Tensor w = weight.to(at::kFloat).contiguous();
-  const float b = bias.to(at::kFloat).reshape({}).item<float>();
-  const at::Tensor given = scores.has_value() ? scores->to(at::kFloat).contiguous() : at::Tensor();
+at::Tensor context_reweight_fwd_cpu(const at::Tensor& values, const at::Tensor& scores,
+                                    const at::Tensor& cu_images, bool shared) {
+  check_context_reweight_inputs(values, scores, cu_images);
+  TORCH_CHECK(values.is_cpu() && scores.is_cpu() && cu_images.is_cpu(),
+              "sam_fast::context_reweight_fwd (CPU): all inputs must be CPU tensors, got values ",
+              values.device(), ", scores ", scores.device(), ", cu_images ", cu_images.device());
+  const at::Tensor F = values.contiguous();
+  const at::Tensor S = scores.to(at::kFloat).contiguous();
   const at::Tensor cu = checked_offsets_cpu(cu_images, F.size(0));
   const int64_t rows = shared ? cu_images.size(0) - 1 : F.size(0);
   at::Tensor out = empty_huge({rows, F.size(1), F.size(2)}, F.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, F.scalar_type(),
                                   "context_reweight_fwd_cpu", [&] {
-    context_reweight_fwd_kernel<scalar_t>(F.data_ptr<scalar_t>(), w.data_ptr<float>(), b,
-                                          given.defined() ? given.data_ptr<float>() : nullptr,
+    context_reweight_fwd_kernel<scalar_t>(F.data_ptr<scalar_t>(), S.data_ptr<float>(),
                                           cu.data_ptr<int64_t>(), cu.size(0) - 1, F.size(1),
                                           F.size(2), shared, out.data_ptr<scalar_t>());
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> context_reweight_bwd_cpu(
-    const at::Tensor& grad_out, const at::Tensor& features, const at::Tensor& weight,
-    const at::Tensor& bias, const at::Tensor& cu_images, bool shared, bool features_grad,
-    const std::optional<at::Tensor>& scores) {
-  check_context_reweight_inputs(features, weight, bias, cu_images, scores);
-  check_context_reweight_grad(grad_out, features, cu_images, shared);
-  TORCH_CHECK(features.is_cpu() && weight.is_cpu() && bias.is_cpu() && cu_images.is_cpu() &&
-                  grad_out.is_cpu(),
+std::tuple<at::Tensor, at::Tensor> context_reweight_bwd_cpu(const at::Tensor& grad_out,
+                                                            const at::Tensor& values,
+                                                            const at::Tensor& scores,
+                                                            const at::Tensor& cu_images,
+                                                            bool shared, bool values_grad) {
+  check_context_reweight_inputs(values, scores, cu_images);
+  check_context_reweight_grad(grad_out, values, cu_images, shared);
+  TORCH_CHECK(values.is_cpu() && scores.is_cpu() && cu_images.is_cpu() && grad_out.is_cpu(),
               "sam_fast::context_reweight_bwd (CPU): all inputs must be CPU tensors");
-  const at::Tensor F = features.contiguous();
+  const at::Tensor F = values.contiguous();
   const at::Tensor G = grad_out.to(F.scalar_type()).contiguous();
-  const at::Tensor w = weight.to(at::kFloat).contiguous();
-  const float b = bias.to(at::kFloat).reshape({}).item<float>();
-  const at::Tensor given = scores.has_value() ? scores->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor S = scores.to(at::kFloat).contiguous();
   const at::Tensor cu = checked_offsets_cpu(cu_images, F.size(0));
   const int64_t B = cu.size(0) - 1, P = F.size(1), D = F.size(2);
-  at::Tensor dF = features_grad ? empty_huge(F.sizes(), F.options())
-                               : empty_context_reweight_grad_features(F, false);
-  const auto f32 = F.options().dtype(at::kFloat);
-  at::Tensor dS = given.defined() ? at::zeros({F.size(0), P}, f32) : at::empty({0}, f32);
-  const int64_t tasks = (B * P + kColsPerTask - 1) / kColsPerTask;
-  // d(weight), d(bias) partial sums: none for given scores (their gradient is dS)
-  at::Tensor partial = given.defined() ? at::Tensor() : at::zeros({tasks, D + 1}, f32);
+  at::Tensor dF = values_grad ? empty_huge(F.sizes(), F.options())
+                              : empty_context_reweight_grad_values(F, false);
+  // zeros: the entries of no column (D == 0) and of empty shared samples stay 0
+  at::Tensor dS = at::zeros({F.size(0), P}, F.options().dtype(at::kFloat));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, F.scalar_type(),
                                   "context_reweight_bwd_cpu", [&] {
     context_reweight_bwd_kernel<scalar_t>(
-        G.data_ptr<scalar_t>(), F.data_ptr<scalar_t>(), w.data_ptr<float>(), b,
-        given.defined() ? given.data_ptr<float>() : nullptr, cu.data_ptr<int64_t>(), B, P, D,
-        shared, features_grad ? dF.data_ptr<scalar_t>() : nullptr,
-        partial.defined() ? partial.data_ptr<float>() : nullptr,
-        given.defined() ? dS.data_ptr<float>() : nullptr);
+        G.data_ptr<scalar_t>(), F.data_ptr<scalar_t>(), S.data_ptr<float>(), cu.data_ptr<int64_t>(),
+        B, P, D, shared, values_grad ? dF.data_ptr<scalar_t>() : nullptr, dS.data_ptr<float>());
   });
-  if (given.defined()) return {dF, at::zeros({D}, f32), at::zeros({}, f32), dS};
-  // Second, deterministic pass: partial sums added in task order (fp64), per element of D + 1.
-  at::Tensor red = at::empty({D + 1}, partial.options().dtype(at::kDouble));
-  {
-    const float* p = partial.data_ptr<float>();
-    double* r = red.data_ptr<double>();
-    at::parallel_for(0, D + 1, 256, [&](int64_t lo, int64_t hi) {
-      for (int64_t d = lo; d < hi; ++d) {
-        double acc = 0.0;
-        for (int64_t t = 0; t < tasks; ++t) acc += p[t * (D + 1) + d];
-        r[d] = acc;
-      }
-    });
-  }
-  at::Tensor red32 = red.to(at::kFloat);
-  return {dF, red32.narrow(0, 0, D).clone(), red32.select(0, D).clone(), dS};
+  return {dF, dS};
 }
 
 }  // namespace

@@ -1,11 +1,11 @@
 // CUDA kernels of context re-weighting, forward and backward. One block per (sample, patch)
-// column: warps compute the column's scores into a global fp32 workspace, then threads stride over
-// D. Forward: the softmax-weighted rows, the weights staged in shared memory one tile of images at
-// a time. Backward: the per-column coefficients (top-2, leave-one-out normalisers, d score) come
-// from context_reweight_common.h exactly as on the CPU; the block writes its d(weight), d(bias)
-// partial sums to a buffer that a second kernel adds up in column order (no atomics, so the
-// result is bitwise reproducible). The rows of a column are re-read from L1/L2 for every image
-// pair (O(n^2 D) arithmetic on O(n D) bytes).
+// column: the column's given scores are gathered into a contiguous fp32 workspace, then threads
+// stride over D. Forward: the softmax-weighted rows, the weights staged in shared memory one tile
+// of images at a time. Backward: the per-column coefficients (top-2, leave-one-out normalisers,
+// d score) come from context_reweight_common.h exactly as on the CPU; every block writes only its
+// column's value and score gradients (no atomics, so the result is bitwise reproducible). The
+// rows of a column are re-read from L1/L2 for every image pair (O(n^2 D) arithmetic on O(n D)
+// bytes).
 // Free of torch headers on purpose: CI compiles this file with plain nvcc on machines with no GPU
 // and no CUDA torch. The per-column arithmetic is context_reweight_common.h, shared with the CPU.
 #include <cuda_bf16.h>
@@ -27,43 +27,27 @@ __device__ __forceinline__ void store_f(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store_f(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void store_f(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
-// 1. The scores of a column into s[0, n): the caller's `given` [T, P] scores, or one warp per
-//    image row computing F . w + b with fp64 accumulation (as on the CPU: scores of magnitude 1e4
-//    would lose ~1e-3 in fp32), butterfly reduction, rounded to fp32 once. Ends with a barrier
-//    that makes the block's global writes to s visible to all its threads.
-template <typename T>
-__device__ __forceinline__ void column_scores(const T* __restrict__ F, const float* __restrict__ w,
-                                              const float* __restrict__ bias,
-                                              const float* __restrict__ given, int64_t t0, int64_t n,
-                                              int64_t j, int64_t P, int64_t D, float* s) {
-  if (given != nullptr) {
-    for (int64_t k = threadIdx.x; k < n; k += kThreads) s[k] = given[(t0 + k) * P + j];
-  } else {
-    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-    for (int64_t k = warp; k < n; k += kThreads / kWarp) {
-      const T* row = F + ((t0 + k) * P + j) * D;
-      double acc = 0.0;
-      for (int64_t d = lane; d < D; d += kWarp) acc += static_cast<double>(load_f(row + d)) * w[d];
-      for (int off = kWarp / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-      if (lane == 0) s[k] = static_cast<float>(acc + bias[0]);
-    }
-  }
+// 1. The scores of a column into s[0, n) from the given [T, P] scores S (a column's scores are P
+//    apart there; the common arithmetic wants them contiguous). Ends with a barrier that makes the
+//    block's global writes to s visible to all its threads.
+__device__ __forceinline__ void column_scores(const float* __restrict__ S, int64_t t0, int64_t n,
+                                              int64_t j, int64_t P, float* s) {
+  for (int64_t k = threadIdx.x; k < n; k += kThreads) s[k] = S[(t0 + k) * P + j];
   __syncthreads();
 }
 
 template <typename T, typename Index>
 __global__ void __launch_bounds__(kThreads)
-    context_reweight_fwd_kernel(const T* __restrict__ F, const float* __restrict__ w,
-                                const float* __restrict__ bias, const Index* __restrict__ cu,
-                                int64_t num_images, int64_t P, int64_t D, bool shared,
-                                const float* __restrict__ given, float* __restrict__ scores,
+    context_reweight_fwd_kernel(const T* __restrict__ F, const float* __restrict__ S,
+                                const Index* __restrict__ cu, int64_t num_images, int64_t P,
+                                int64_t D, bool shared, float* __restrict__ scores,
                                 T* __restrict__ out) {
   namespace cr = sam_fast::cr;
   const int64_t b = blockIdx.x / P, j = blockIdx.x % P;
   const int64_t t0 = cu[b], n = static_cast<int64_t>(cu[b + 1]) - t0;
   float* s = scores + j * num_images + t0;  // this column's scores, contiguous over images
 
-  column_scores(F, w, bias, given, t0, n, j, P, D, s);
+  column_scores(S, t0, n, j, P, s);
 
   // NaN / inf in the column (context_reweight_common.h): every output of the column is NaN. The
   // same scores in every thread, so the whole block takes this branch or none.
@@ -126,11 +110,10 @@ enum Plane { kS = 0, kE, kInvZ, kE2, kTmp, kDp, kXh, kP1, kC, kCh, kDs, kPlanes 
 template <typename T, typename Index>
 __global__ void __launch_bounds__(kThreads)
     context_reweight_bwd_kernel(const T* __restrict__ G, const T* __restrict__ F,
-                                const float* __restrict__ w, const float* __restrict__ bias,
-                                const Index* __restrict__ cu, int64_t num_images, int64_t P,
-                                int64_t D, bool shared, const float* __restrict__ given,
+                                const float* __restrict__ S, const Index* __restrict__ cu,
+                                int64_t num_images, int64_t P, int64_t D, bool shared,
                                 float* __restrict__ ws, T* __restrict__ dF,
-                                float* __restrict__ partial, float* __restrict__ dS) {
+                                float* __restrict__ dS) {
   namespace cr = sam_fast::cr;
   __shared__ float red[kThreads / kWarp];
   __shared__ cr::Top2 top_sh;
@@ -142,28 +125,21 @@ __global__ void __launch_bounds__(kThreads)
   float* s = plane[kS];
   auto row = [&](const T* base, int64_t k) { return base + ((t0 + k) * P + j) * D; };
 
-  float* dw = partial != nullptr ? partial + col * (D + 1) : nullptr;  // null: given scores
-  if (n == 0) {  // (shared mode, an empty sample): no support, zero gradients
-    for (int64_t d = threadIdx.x; d <= D && dw != nullptr; d += kThreads) dw[d] = 0.f;
-    return;
-  }
+  if (n == 0) return;  // (shared mode, an empty sample): no support, no gradient
 
   // 1. Scores (as in the forward).
-  column_scores(F, w, bias, given, t0, n, j, P, D, s);
+  column_scores(S, t0, n, j, P, s);
 
-  // NaN / inf in the column (context_reweight_common.h): NaN feature gradients and ds, so NaN
-  // d(weight), d(bias). Every thread reads the same scores: the block branches as one.
+  // NaN / inf in the column (context_reweight_common.h): NaN value gradients and ds. Every thread
+  // reads the same scores: the block branches as one.
   if (!cr::column_finite(s, n)) {
-    for (int64_t d = threadIdx.x; d <= D && dw != nullptr; d += kThreads) dw[d] = cr::nan_value();
-    if (dS != nullptr)
-      for (int64_t k = threadIdx.x; k < n; k += kThreads) dS[(t0 + k) * P + j] = cr::nan_value();
+    for (int64_t k = threadIdx.x; k < n; k += kThreads) dS[(t0 + k) * P + j] = cr::nan_value();
     if (dF != nullptr)
       for (int64_t k = 0; k < n; ++k)
         for (int64_t d = threadIdx.x; d < D; d += kThreads) store_f(dF + ((t0 + k) * P + j) * D + d, cr::nan_value());
     return;
   }
-  if (!shared && n == 1) {  // leave-one-out without a contextual image: zero gradients
-    for (int64_t d = threadIdx.x; d <= D && dw != nullptr; d += kThreads) dw[d] = 0.f;
+  if (!shared && n == 1) {  // leave-one-out without a contextual image: zero gradients (dS: zeros)
     if (dF != nullptr)
       for (int64_t d = threadIdx.x; d < D; d += kThreads) store_f(dF + (t0 * P + j) * D + d, 0.f);
     return;
@@ -188,7 +164,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* x2 = row(F, shared ? top.i1 : top.i2);
   const T* g1 = shared ? G + (b * P + j) * D : row(G, top.i1);
 
-  // 3. Dot products, one block reduction per image (features shifted by x_i1 / x_i2, see
+  // 3. Dot products, one block reduction per image (values shifted by x_i1 / x_i2, see
   //    context_reweight_common.h).
   for (int64_t k = 0; k < n; ++k) {
     const T* xk = row(F, k);
@@ -238,20 +214,13 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t k = 0; k < n; ++k)
         ds[k] = cr::loo_dscore(e[k], plane[kXh][k], plane[kCh][k], e2[k], plane[kP1][k], c1);
     }
-    if (dS != nullptr)  // given scores: their gradient
-      for (int64_t k = 0; k < n; ++k) dS[(t0 + k) * P + j] = ds[k];
+    for (int64_t k = 0; k < n; ++k) dS[(t0 + k) * P + j] = ds[k];
   }
-  __syncthreads();
-  const float* ds = plane[kDs];
 
-  // 5. d features (optional) and this column's d(weight), d(bias) partial sums (zeros for
-  //    given scores: w is zeros then, and their gradient went to dS).
-  const bool weight_grad = dw != nullptr;
+  // 5. d values (optional; they need none of step 4's results, so no barrier).
+  if (dF == nullptr) return;
   for (int64_t d = threadIdx.x; d < D; d += kThreads) {
-    float dwd = 0.f;
     for (int64_t k = 0; k < n; ++k) {
-      if (weight_grad) dwd += ds[k] * load_f(row(F, k) + d);
-      if (dF == nullptr) continue;
       float gk;
       if (shared) {
         gk = e[k] * load_f(g1 + d);
@@ -261,76 +230,52 @@ __global__ void __launch_bounds__(kThreads)
           if (i != k) hsum += inv_z[i] * load_f(row(G, i) + d);
         gk = e[k] * hsum + e2[k] * load_f(g1 + d);
       }
-      store_f(dF + ((t0 + k) * P + j) * D + d, gk + ds[k] * w[d]);
+      store_f(dF + ((t0 + k) * P + j) * D + d, gk);
     }
-    if (weight_grad) dw[d] = dwd;
   }
-  if (threadIdx.x == 0 && weight_grad) {
-    float db = 0.f;
-    for (int64_t k = 0; k < n; ++k) db += ds[k];
-    dw[D] = db;
-  }
-}
-
-// out[d] = sum over columns of partial[col, d], in column order (deterministic).
-__global__ void __launch_bounds__(kThreads)
-    context_reweight_reduce_kernel(const float* __restrict__ partial, int64_t columns,
-                                   int64_t width, float* __restrict__ out) {
-  const int64_t d = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (d >= width) return;
-  float acc = 0.f;
-  for (int64_t c = 0; c < columns; ++c) acc += partial[c * width + d];
-  out[d] = acc;
 }
 
 template <typename T>
-cudaError_t launch(const void* features, const float* weight, const float* bias,
-                   const void* cu_images, bool cu_is_int64, int64_t B, int64_t num_images,
-                   int64_t P, int64_t D, bool shared, const float* given, float* scores,
-                   void* out, cudaStream_t stream) {
+cudaError_t launch(const void* values, const float* scores, const void* cu_images,
+                   bool cu_is_int64, int64_t B, int64_t num_images, int64_t P, int64_t D,
+                   bool shared, float* scores_workspace, void* out, cudaStream_t stream) {
   const int64_t blocks = B * P;
   if (blocks == 0 || D == 0) return cudaSuccess;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  const T* F = static_cast<const T*>(features);
+  const T* F = static_cast<const T*>(values);
   T* o = static_cast<T*>(out);
   if (cu_is_int64) {
     context_reweight_fwd_kernel<T, int64_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        F, weight, bias, static_cast<const int64_t*>(cu_images), num_images, P, D, shared, given,
-        scores, o);
+        F, scores, static_cast<const int64_t*>(cu_images), num_images, P, D, shared,
+        scores_workspace, o);
   } else {
     context_reweight_fwd_kernel<T, int32_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        F, weight, bias, static_cast<const int32_t*>(cu_images), num_images, P, D, shared, given,
-        scores, o);
+        F, scores, static_cast<const int32_t*>(cu_images), num_images, P, D, shared,
+        scores_workspace, o);
   }
   return cudaGetLastError();
 }
 
-
 template <typename T>
-cudaError_t launch_bwd(const void* grad_out, const void* features, const float* weight,
-                       const float* bias, const void* cu_images, bool cu_is_int64, int64_t B,
-                       int64_t num_images, int64_t P, int64_t D, bool shared,
-                       const float* given, float* workspace, void* d_features, float* partial,
-                       float* d_weight_bias, float* d_scores, cudaStream_t stream) {
+cudaError_t launch_bwd(const void* grad_out, const void* values, const float* scores,
+                       const void* cu_images, bool cu_is_int64, int64_t B, int64_t num_images,
+                       int64_t P, int64_t D, bool shared, float* workspace, void* d_values,
+                       float* d_scores, cudaStream_t stream) {
   const int64_t blocks = B * P;
   if (blocks == 0 || D == 0) return cudaSuccess;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   const T* Gp = static_cast<const T*>(grad_out);
-  const T* F = static_cast<const T*>(features);
-  T* dF = static_cast<T*>(d_features);
+  const T* F = static_cast<const T*>(values);
+  T* dF = static_cast<T*>(d_values);
   if (cu_is_int64) {
     context_reweight_bwd_kernel<T, int64_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        Gp, F, weight, bias, static_cast<const int64_t*>(cu_images), num_images, P, D, shared,
-        given, workspace, dF, partial, d_scores);
+        Gp, F, scores, static_cast<const int64_t*>(cu_images), num_images, P, D, shared, workspace,
+        dF, d_scores);
   } else {
     context_reweight_bwd_kernel<T, int32_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        Gp, F, weight, bias, static_cast<const int32_t*>(cu_images), num_images, P, D, shared,
-        given, workspace, dF, partial, d_scores);
+        Gp, F, scores, static_cast<const int32_t*>(cu_images), num_images, P, D, shared, workspace,
+        dF, d_scores);
   }
-  if (partial == nullptr) return cudaGetLastError();  // given scores: d_weight_bias stays zero
-  const unsigned reduce_blocks = static_cast<unsigned>((D + 1 + kThreads - 1) / kThreads);
-  context_reweight_reduce_kernel<<<reduce_blocks, kThreads, 0, stream>>>(partial, blocks, D + 1,
-                                                                        d_weight_bias);
   return cudaGetLastError();
 }
 
@@ -341,49 +286,43 @@ extern "C" int64_t sam_fast_context_reweight_bwd_workspace_floats(int64_t num_im
 }
 
 extern "C" int sam_fast_context_reweight_bwd_cuda(
-    const void* grad_out, const void* features, int dtype, const float* weight, const float* bias,
+    const void* grad_out, const void* values, int dtype, const float* scores,
     const void* cu_images, int cu_images_is_int64, int64_t num_samples, int64_t num_images,
-    int64_t P, int64_t D, int shared, const float* scores, float* workspace, void* d_features,
-    float* partial, float* d_weight_bias, float* d_scores, cudaStream_t stream) {
+    int64_t P, int64_t D, int shared, float* workspace, void* d_values, float* d_scores,
+    cudaStream_t stream) {
+  const bool cu64 = cu_images_is_int64 != 0, sh = shared != 0;
   switch (dtype) {
     case SAM_FAST_F32:
-      return launch_bwd<float>(grad_out, features, weight, bias, cu_images, cu_images_is_int64 != 0,
-                               num_samples, num_images, P, D, shared != 0, scores, workspace, d_features,
-                               partial, d_weight_bias, d_scores, stream);
+      return launch_bwd<float>(grad_out, values, scores, cu_images, cu64, num_samples, num_images, P,
+                               D, sh, workspace, d_values, d_scores, stream);
     case SAM_FAST_F16:
-      return launch_bwd<__half>(grad_out, features, weight, bias, cu_images, cu_images_is_int64 != 0,
-                                num_samples, num_images, P, D, shared != 0, scores, workspace, d_features,
-                                partial, d_weight_bias, d_scores, stream);
+      return launch_bwd<__half>(grad_out, values, scores, cu_images, cu64, num_samples, num_images,
+                                P, D, sh, workspace, d_values, d_scores, stream);
     case SAM_FAST_BF16:
-      return launch_bwd<__nv_bfloat16>(grad_out, features, weight, bias, cu_images,
-                                       cu_images_is_int64 != 0, num_samples, num_images, P, D,
-                                       shared != 0, scores, workspace, d_features, partial,
-                                       d_weight_bias, d_scores, stream);
+      return launch_bwd<__nv_bfloat16>(grad_out, values, scores, cu_images, cu64, num_samples,
+                                       num_images, P, D, sh, workspace, d_values, d_scores, stream);
     default:
       return cudaErrorInvalidValue;
   }
 }
 
-extern "C" int sam_fast_context_reweight_fwd_cuda(const void* features, int dtype,
-                                                  const float* weight, const float* bias,
+extern "C" int sam_fast_context_reweight_fwd_cuda(const void* values, int dtype, const float* scores,
                                                   const void* cu_images, int cu_images_is_int64,
                                                   int64_t num_samples, int64_t num_images,
                                                   int64_t P, int64_t D, int shared,
-                                                  const float* scores, float* scores_workspace,
-                                                  void* out, cudaStream_t stream) {
+                                                  float* scores_workspace, void* out,
+                                                  cudaStream_t stream) {
+  const bool cu64 = cu_images_is_int64 != 0, sh = shared != 0;
   switch (dtype) {
     case SAM_FAST_F32:
-      return launch<float>(features, weight, bias, cu_images, cu_images_is_int64 != 0,
-                           num_samples, num_images, P, D, shared != 0, scores, scores_workspace, out,
-                           stream);
+      return launch<float>(values, scores, cu_images, cu64, num_samples, num_images, P, D, sh,
+                           scores_workspace, out, stream);
     case SAM_FAST_F16:
-      return launch<__half>(features, weight, bias, cu_images, cu_images_is_int64 != 0,
-                            num_samples, num_images, P, D, shared != 0, scores, scores_workspace, out,
-                            stream);
+      return launch<__half>(values, scores, cu_images, cu64, num_samples, num_images, P, D, sh,
+                            scores_workspace, out, stream);
     case SAM_FAST_BF16:
-      return launch<__nv_bfloat16>(features, weight, bias, cu_images, cu_images_is_int64 != 0,
-                                   num_samples, num_images, P, D, shared != 0, scores,
-                                   scores_workspace, out, stream);
+      return launch<__nv_bfloat16>(values, scores, cu_images, cu64, num_samples, num_images, P, D,
+                                   sh, scores_workspace, out, stream);
     default:
       return cudaErrorInvalidValue;
   }

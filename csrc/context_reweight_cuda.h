@@ -14,31 +14,26 @@ typedef struct CUstream_st* cudaStream_t;
 
 enum sam_fast_dtype { SAM_FAST_F32 = 0, SAM_FAST_F16 = 1, SAM_FAST_BF16 = 2 };
 
-// features [T, P, D] contiguous of `dtype`; weight [D] fp32; bias [1] fp32 (device);
-// cu_images [B + 1] int32 or int64 (device); scores [T, P] fp32 given scores, or NULL to compute
-// features . weight + bias; scores_workspace [P, T] fp32;
-// out [B, P, D] when shared else [T, P, D], of `dtype`. Returns a cudaError_t (0 = success).
-int sam_fast_context_reweight_fwd_cuda(const void* features, int dtype, const float* weight,
-                                       const float* bias, const void* cu_images,
-                                       int cu_images_is_int64, int64_t num_samples,
-                                       int64_t num_images, int64_t P, int64_t D, int shared,
-                                       const float* scores, float* scores_workspace, void* out,
+// values [T, P, D] contiguous of `dtype`; scores [T, P] fp32 (device); cu_images [B + 1] int32 or
+// int64 (device); scores_workspace [P, T] fp32; out [B, P, D] when shared else [T, P, D], of
+// `dtype`. Returns a cudaError_t (0 = success).
+int sam_fast_context_reweight_fwd_cuda(const void* values, int dtype, const float* scores,
+                                       const void* cu_images, int cu_images_is_int64,
+                                       int64_t num_samples, int64_t num_images, int64_t P,
+                                       int64_t D, int shared, float* scores_workspace, void* out,
                                        cudaStream_t stream);
 
 // Backward. grad_out shaped like the forward output, of `dtype`; workspace of
-// sam_fast_context_reweight_bwd_workspace_floats(T, P) fp32; d_features [T, P, D] of `dtype`, or
-// NULL when not wanted; partial [B * P, D + 1] fp32 (NULL with `scores`); d_weight_bias [D + 1] fp32 receives
-// (d weight, d bias), reduced over columns in a fixed order (zeros when `scores` are given);
-// d_scores [T, P] fp32 (zero-filled by the caller) receives the gradient of given `scores`, or
-// NULL without them.
+// sam_fast_context_reweight_bwd_workspace_floats(T, P) fp32; d_values [T, P, D] of `dtype`, or
+// NULL when not wanted; d_scores [T, P] fp32, zero-filled by the caller, receives the score
+// gradients.
 int64_t sam_fast_context_reweight_bwd_workspace_floats(int64_t num_images, int64_t P);
-int sam_fast_context_reweight_bwd_cuda(const void* grad_out, const void* features, int dtype,
-                                       const float* weight, const float* bias,
-                                       const void* cu_images, int cu_images_is_int64,
-                                       int64_t num_samples, int64_t num_images, int64_t P,
-                                       int64_t D, int shared, const float* scores, float* workspace,
-                                       void* d_features, float* partial, float* d_weight_bias,
-                                       float* d_scores, cudaStream_t stream);
+int sam_fast_context_reweight_bwd_cuda(const void* grad_out, const void* values, int dtype,
+                                       const float* scores, const void* cu_images,
+                                       int cu_images_is_int64, int64_t num_samples,
+                                       int64_t num_images, int64_t P, int64_t D, int shared,
+                                       float* workspace, void* d_values, float* d_scores,
+                                       cudaStream_t stream);
 
 const char* sam_fast_cuda_error_string(int error);
 

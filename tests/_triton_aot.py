@@ -313,19 +313,15 @@ def _scenarios(full: bool):
     def backward(out):
         out.backward(torch.ones_like(out))
 
-    # context_reweight(features [T,P,D], weight, bias, cu_images, mode) or (..., scores=[T, P])
-    def reweight(dtype, mode, P, D, weight="same", features_grad=True, cu_dtype=torch.int32, counts=(1, 3, 2)):
+    # context_reweight(values [T,P,D], scores [T,P], cu_images, mode); the model's scores are fp32
+    def reweight(dtype, mode, P, D, scores=f32, values_grad=True, scores_grad=True, cu_dtype=torch.int32,
+                 counts=(1, 3, 2)):
         def run():
             T = sum(counts)
-            F = g(T, P, D, dtype=dtype, grad=features_grad)
-            w = b = scores = None
-            if weight == "scores":  # the model's K/V merge: Adaptive Adjustment scores given (fp32)
-                scores = g(T, P)
-            elif weight is not None:
-                wd = dtype if weight == "same" else weight
-                w, b = g(D, dtype=wd), g((), dtype=wd)
+            V = g(T, P, D, dtype=dtype, grad=values_grad)
+            s = g(T, P, dtype=scores, grad=scores_grad)
             cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=cu_dtype)
-            out = context_reweight(F, w, b, cu, mode, scores=scores)
+            out = context_reweight(V, s, cu, mode)
             if out.requires_grad:
                 backward(out)
         return run
@@ -393,25 +389,20 @@ def _scenarios(full: bool):
     has_mix = "mix" in inspect.signature(cross_attention_streams).parameters
     s = []
     modes = ("leave_one_out", "shared")
-    # -- context_reweight: every dtype x mode (forward, backward with features grad, the reduction)
+    # -- context_reweight: every dtype x mode (forward, backward with values grad)
     for dt in dtypes:
         for mode in modes:
             s.append((f"context_reweight {dt} {mode} P=5 D=24", reweight(dt, mode, 5, 24)))
-    # model width (BLOCK_D 2048, 8 warps), an odd width, given scores, the D limit; uniform weights
-    # (fp32 weight for half features), only the weight's gradient, int64 offsets, a fp32 weight
-    # with bf16 features (autocast), one image
+    # model widths (vision 1408, the K/V of the cross layers 1536: BLOCK_D 2048, 8 warps), an odd
+    # width, the D limit; bf16 scores, no values grad (frozen K/V), int64 offsets, one image
     for dt in (dtypes if full else (f32, bf16)):
         for mode in modes:
             s.append((f"context_reweight {dt} {mode} P=257 D=1408", reweight(dt, mode, 257, 1408)))
+            s.append((f"context_reweight {dt} {mode} P=257 D=1536", reweight(dt, mode, 257, 1536)))
     s.append(("context_reweight fp32 odd width D=1537", reweight(f32, "leave_one_out", 257, 1537)))
-    for dt in (f32, bf16):  # given scores (the model's merge of the images' K/V), both modes
-        for mode in modes:
-            s.append((f"context_reweight {dt} {mode} given scores P=257 D=1536",
-                      reweight(dt, mode, 257, 1536, weight="scores")))
-    s.append(("context_reweight fp16 uniform weights (fp32 zeros), int64 offsets",
-              reweight(f16, "leave_one_out", 7, 40, weight=None, features_grad=True, cu_dtype=torch.int64)))
-    s.append(("context_reweight bf16 features fp32 weight, no features grad",
-              reweight(bf16, "shared", 9, 33, weight=f32, features_grad=False)))
+    s.append(("context_reweight fp16 bf16 scores, int64 offsets",
+              reweight(f16, "leave_one_out", 7, 40, scores=bf16, cu_dtype=torch.int64)))
+    s.append(("context_reweight bf16 values without grad", reweight(bf16, "shared", 9, 33, values_grad=False)))
     for mode in modes:  # a mid width (BLOCK_D 256): the register budget caps BLOCK_P below next_pow2(P)
         s.append((f"context_reweight fp16 {mode} P=257 D=200", reweight(f16, mode, 257, 200)))
     if full:
@@ -419,9 +410,10 @@ def _scenarios(full: bool):
         for dt in dtypes:
             for mode in modes:
                 s.append((f"context_reweight {dt} {mode} counts=(1,)", reweight(dt, mode, 5, 24, counts=(1,))))
-                s.append((f"context_reweight {dt} {mode} uniform", reweight(dt, mode, 5, 24, weight=None)))
-                s.append((f"context_reweight {dt} {mode} no features grad",
-                          reweight(dt, mode, 5, 24, features_grad=False)))
+                s.append((f"context_reweight {dt} {mode} no values grad",
+                          reweight(dt, mode, 5, 24, values_grad=False)))
+                s.append((f"context_reweight {dt} {mode} no scores grad",
+                          reweight(dt, mode, 5, 24, scores_grad=False)))
     # -- attention at the model's sizes: cross (32 x 257), self (32 queries + 16 text rows, padding
     # bias), both streams with strided K/V; each dtype, each of HAS_BIAS / HAS_ROWS2 / HAS_MIX
     s.append(("cross_attention fp32 32x257 d=64 padding bias", attention(f32, "rows")))

@@ -33,12 +33,11 @@ def cu_of(counts, dtype=torch.int64):
     return torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=dtype)
 
 
-def formula(F, w, b, counts, shared):
-    """The op's definition, computed in F's dtype (float64 gives the oracle)."""
-    s = F @ w + b.reshape(())  # [T, P]
+def formula(V, s, counts, shared):
+    """The op's definition, computed in V's dtype (float64 gives the oracle)."""
     out, lo = [], 0
     for n in counts:
-        x, sc = F[lo : lo + n], s[lo : lo + n]
+        x, sc = V[lo : lo + n], s[lo : lo + n]
         if shared:
             out.append(torch.einsum("mp,mpd->pd", torch.softmax(sc, 0), x)[None])
         elif n == 1:
@@ -51,29 +50,28 @@ def formula(F, w, b, counts, shared):
     return torch.cat(out)
 
 
-def make_inputs(counts, P, D, dtype, scale=1.0, bias=0.0, seed=0):
-    """Features and a weight whose scores F.w have standard deviation ~ `scale`."""
+def make_inputs(counts, P, D, dtype, scale=1.0, shift=0.0, seed=0):
+    """Values [T, P, D] of `dtype` and fp32 scores [T, P] of standard deviation `scale` around `shift`."""
     g = torch.Generator().manual_seed(seed)
-    F = torch.randn(sum(counts), P, D, generator=g).to(dtype)
-    w = (torch.randn(D, generator=g) * scale / D**0.5).to(dtype)
-    b = torch.tensor(bias, dtype=dtype)
-    return F, w, b
+    V = torch.randn(sum(counts), P, D, generator=g).to(dtype)
+    s = torch.randn(sum(counts), P, generator=g) * scale + shift
+    return V, s
 
 
 # Floor of the error budget, relative to max|oracle|: about two units in the last place of the
-# output dtype (fp32: a few, as fp32 scores of magnitude 1e4 are themselves rounded by ~5e-4).
+# output dtype.
 FLOOR = {torch.float32: 1e-6, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
-def assert_within_budget(F, w, b, counts, shared):
+def assert_within_budget(V, s, counts, shared):
     """flash-attention's rule: |op - oracle| <= 2 |torch same dtype - oracle| + small floor."""
-    got = op(F, w, b, cu_of(counts), shared)
-    assert got.dtype == F.dtype
-    assert got.shape == (len(counts) if shared else F.shape[0], *F.shape[1:])
-    ref = formula(F.double(), w.double(), b.double(), counts, shared)
-    plain = formula(F, w, b, counts, shared)
+    got = op(V, s, cu_of(counts), shared)
+    assert got.dtype == V.dtype
+    assert got.shape == (len(counts) if shared else V.shape[0], *V.shape[1:])
+    ref = formula(V.double(), s.double(), counts, shared)
+    plain = formula(V, s.to(V.dtype), counts, shared)
     err = (got.double() - ref).abs().max().item()
-    budget = 2 * (plain.double() - ref).abs().max().item() + FLOOR[F.dtype] * ref.abs().max().item()
+    budget = 2 * (plain.double() - ref).abs().max().item() + FLOOR[V.dtype] * ref.abs().max().item()
     assert err <= budget, f"op error {err:.3g} > budget {budget:.3g}"
     return got
 
@@ -138,86 +136,85 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "leave_one_out"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_real_shapes(dtype, shared):
-    """EVA ViT-g features: 257 patches of width 1408; samples of 1, 3 and 17 images."""
-    F, w, b = make_inputs([1, 3, 17], 257, 1408, dtype, scale=3.0, bias=0.5)
-    assert_within_budget(F, w, b, [1, 3, 17], shared)
+    """EVA ViT-g width: 257 patches of width 1408; samples of 1, 3 and 17 images."""
+    V, s = make_inputs([1, 3, 17], 257, 1408, dtype, scale=3.0, shift=0.5)
+    assert_within_budget(V, s, [1, 3, 17], shared)
 
 
 @needs_ext
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "leave_one_out"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(("scale", "bias"), [(1.0, 0.0), (100.0, -30.0), (1e4, 0.0), (10.0, 1e4)])
-def test_ragged_batches_and_large_scores(dtype, shared, scale, bias):
-    """Ragged 1..17 images per sample, odd P and D, scores (or bias) up to 1e4 in magnitude."""
+@pytest.mark.parametrize(("scale", "shift"), [(1.0, 0.0), (100.0, -30.0), (1e4, 0.0), (10.0, 1e4)])
+def test_ragged_batches_and_large_scores(dtype, shared, scale, shift):
+    """Ragged 1..17 images per sample, odd P and D, scores (or their offset) up to 1e4 in magnitude."""
     counts = torch.randint(1, 18, (5,), generator=torch.Generator().manual_seed(int(scale))).tolist()
     counts[0] = 1
-    F, w, b = make_inputs(counts, 33, 37, dtype, scale=scale, bias=bias, seed=int(scale) + 1)
-    got = assert_within_budget(F, w, b, counts, shared)
+    V, s = make_inputs(counts, 33, 37, dtype, scale=scale, shift=shift, seed=int(scale) + 1)
+    got = assert_within_budget(V, s, counts, shared)
     assert torch.isfinite(got).all()
 
 
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_one_image_sample_gives_zeros_in_leave_one_out(dtype):
-    F, w, b = make_inputs([1, 2, 1], 5, 16, dtype, scale=1e4)
-    out = op(F, w, b, cu_of([1, 2, 1]), False)
+    V, s = make_inputs([1, 2, 1], 5, 16, dtype, scale=1e4)
+    out = op(V, s, cu_of([1, 2, 1]), False)
     assert (out[0] == 0).all() and (out[3] == 0).all()
-    torch.testing.assert_close(out[1], F[2]), torch.testing.assert_close(out[2], F[1])
-    torch.testing.assert_close(op(F, w, b, cu_of([1, 2, 1]), True)[0], F[0])
+    torch.testing.assert_close(out[1], V[2]), torch.testing.assert_close(out[2], V[1])
+    torch.testing.assert_close(op(V, s, cu_of([1, 2, 1]), True)[0], V[0])
 
 
 @needs_ext
 def test_tied_maximum_scores_in_leave_one_out():
     """Two images share the (huge) maximum: excluding either leaves the other dominant."""
-    F = torch.randn(3, 3, 4)
-    w = torch.zeros(4)
-    w[0] = 1.0
-    F[:, :, 0] = torch.tensor([5e3, 1e4, 1e4])[:, None]
-    out = op(F, w, torch.tensor(0.0), cu_of([3]), False)
-    torch.testing.assert_close(out[1], F[2]), torch.testing.assert_close(out[2], F[1])
-    torch.testing.assert_close(out[0], (F[1] + F[2]) / 2)
+    V = torch.randn(3, 3, 4)
+    s = torch.tensor([5e3, 1e4, 1e4])[:, None].expand(3, 3)
+    out = op(V, s, cu_of([3]), False)
+    torch.testing.assert_close(out[1], V[2]), torch.testing.assert_close(out[2], V[1])
+    torch.testing.assert_close(out[0], (V[1] + V[2]) / 2)
 
 
 @needs_ext
 def test_empty_sample_gives_zeros_in_shared_mode():
-    F, w, b = make_inputs([2], 3, 8, torch.float32)
-    out = op(F, w, b, torch.tensor([0, 0, 2, 2]), True)
+    V, s = make_inputs([2], 3, 8, torch.float32)
+    out = op(V, s, torch.tensor([0, 0, 2, 2]), True)
     assert out.shape == (3, 3, 8) and (out[0] == 0).all() and (out[2] == 0).all()
 
 
 @needs_ext
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "leave_one_out"])
-def test_layouts_offset_dtypes_and_bias_shapes_do_not_change_the_result(shared):
+def test_layouts_and_dtypes_of_offsets_and_scores_do_not_change_the_result(shared):
     counts = [2, 5]
-    F, w, b = make_inputs(counts, 9, 40, torch.float32, scale=5.0)
-    want = op(F, w, b, cu_of(counts), shared)
-    strided = F.transpose(0, 1).contiguous().transpose(0, 1)  # same values, [T, P, D] with P outermost
+    V, s = make_inputs(counts, 9, 40, torch.float32, scale=5.0)
+    want = op(V, s, cu_of(counts), shared)
+    strided = V.transpose(0, 1).contiguous().transpose(0, 1)  # same values, [T, P, D] with P outermost
     assert not strided.is_contiguous()
-    wide = torch.cat([F, torch.randn_like(F)], dim=2)[:, :, :40]  # D-slice of a wider tensor
+    wide = torch.cat([V, torch.randn_like(V)], dim=2)[:, :, :40]  # D-slice of a wider tensor
     for got in (
-        op(strided, w, b, cu_of(counts), shared),
-        op(wide, w, b, cu_of(counts), shared),
-        op(F, w, b.reshape(1), cu_of(counts, torch.int32), shared),
-        op(F, w.double(), b.double(), cu_of(counts), shared),
-        op(F, torch.stack([w, -w], 1)[:, 0], b, cu_of(counts), shared),  # strided weight
+        op(strided, s, cu_of(counts), shared),
+        op(wide, s, cu_of(counts), shared),
+        op(V, s, cu_of(counts, torch.int32), shared),
+        op(V, s.double(), cu_of(counts), shared),  # scores are used in fp32
+        op(V, s.t().contiguous().t(), cu_of(counts), shared),  # strided scores
     ):
         assert torch.equal(got, want)
 
 
 @needs_ext
 def test_bad_inputs_raise_errors_naming_shapes_and_dtypes():
-    F, w, b = make_inputs([2, 1], 3, 8, torch.float32)
+    V, s = make_inputs([2, 1], 3, 8, torch.float32)
     cu = cu_of([2, 1])
     cases = [
-        ((F[0], w, b, cu), "features must be [T, P, D]"),
-        ((F.long(), w, b, cu), "features dtype"),
-        ((F, w[:7], b, cu), "weight must be [D] = [8]"),
-        ((F, w, torch.zeros(2), cu), "bias must be a 0-d or [1] tensor"),
-        ((F, w, b, cu.float()), "cu_images dtype must be int32 or int64"),
-        ((F, w, b, cu[None]), "cu_images must be [B + 1]"),
-        ((F, w, b, torch.tensor([0, 1, 2])), "cu_images[-1] must equal T"),
-        ((F, w, b, torch.tensor([1, 2, 3])), "cu_images[0] must be 0"),
-        ((F, w, b, torch.tensor([0, 2, 1, 3])), "non-decreasing"),
+        ((V[0], s, cu), "values must be [T, P, D]"),
+        ((V.long(), s, cu), "values dtype"),
+        ((V, s[:2], cu), "scores must be [T, P] = [3, 3]"),
+        ((V, s.long(), cu), "scores must be floating point"),
+        ((V, s.to("meta"), cu), "scores is on meta"),
+        ((V, s, cu.float()), "cu_images dtype must be int32 or int64"),
+        ((V, s, cu[None]), "cu_images must be [B + 1]"),
+        ((V, s, torch.tensor([0, 1, 2])), "cu_images[-1] must equal T"),
+        ((V, s, torch.tensor([1, 2, 3])), "cu_images[0] must be 0"),
+        ((V, s, torch.tensor([0, 2, 1, 3])), "non-decreasing"),
     ]
     for args, message in cases:
         with pytest.raises(RuntimeError, match=re.escape(message)):
@@ -228,9 +225,9 @@ def test_bad_inputs_raise_errors_naming_shapes_and_dtypes():
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "leave_one_out"])
 def test_opcheck_and_meta_shapes(shared):
     """Schema, FakeTensor (Meta kernel) and AOT dispatch agree with the CPU kernel."""
-    F, w, b = make_inputs([3, 1], 5, 8, torch.float32)
-    torch.library.opcheck(torch.ops.sam_fast.context_reweight_fwd.default, (F, w, b, cu_of([3, 1]), shared))
-    meta = op(F.to("meta"), w.to("meta"), b.to("meta"), cu_of([3, 1]).to("meta"), shared)
+    V, s = make_inputs([3, 1], 5, 8, torch.float32)
+    torch.library.opcheck(torch.ops.sam_fast.context_reweight_fwd.default, (V, s, cu_of([3, 1]), shared))
+    meta = op(V.to("meta"), s.to("meta"), cu_of([3, 1]).to("meta"), shared)
     assert meta.shape == (2 if shared else 4, 5, 8) and meta.device.type == "meta"
 
 
@@ -283,9 +280,9 @@ def test_cmake_builds_a_loadable_op_library():
     code = (  # a fresh process without sam_fast._C: the library alone registers the op
         "import torch\n"
         f"torch.ops.load_library({str(libs[0])!r})\n"
-        "F = torch.randn(3, 2, 4)\n"
-        "out = torch.ops.sam_fast.context_reweight_fwd(F, torch.zeros(4), torch.tensor(0.), torch.tensor([0, 3]), True)\n"
-        "torch.testing.assert_close(out[0], F.mean(0))\n"
+        "V = torch.randn(3, 2, 4)\n"
+        "out = torch.ops.sam_fast.context_reweight_fwd(V, torch.zeros(3, 2), torch.tensor([0, 3]), True)\n"
+        "torch.testing.assert_close(out[0], V.mean(0))\n"
         "print('ok')\n"
     )
     r = _run_py(code)
@@ -295,24 +292,17 @@ def test_cmake_builds_a_loadable_op_library():
 @needs_ext
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "leave_one_out"])
 def test_backward_op_meta_shapes_and_checks(shared):
-    """sam_fast::context_reweight_bwd: Meta shapes (d features only when asked) and grad checks."""
+    """sam_fast::context_reweight_bwd: Meta shapes (d values only when asked, d scores always)
+    and grad checks."""
     _ext.load()
-    F, w, b = make_inputs([3, 1], 5, 8, torch.float32)
+    V, s = make_inputs([3, 1], 5, 8, torch.float32)
     rows = 2 if shared else 4
     g = torch.randn(rows, 5, 8)
     bwd = torch.ops.sam_fast.context_reweight_bwd
-    for features_grad, dF_shape in ((True, (4, 5, 8)), (False, (0,))):
-        dF, dw, db, ds = bwd(g.to("meta"), F.to("meta"), w.to("meta"), b.to("meta"), cu_of([3, 1]).to("meta"),
-                             shared, features_grad)
-        assert dF.shape == dF_shape and dw.shape == (8,) and db.shape == () and dw.dtype == torch.float32
-        assert ds.shape == (0,)  # no given scores: no score gradient
-        dF, dw, db, ds = bwd(g, F, w, b, cu_of([3, 1]), shared, features_grad)
-        assert dF.shape == dF_shape and torch.isfinite(dw).all()
-        s = torch.randn(4, 5)  # given scores: their gradient [T, P], zero weight gradients
-        dF, dw, db, ds = bwd(g.to("meta"), F.to("meta"), w.to("meta"), b.to("meta"), cu_of([3, 1]).to("meta"),
-                             shared, features_grad, s.to("meta"))
-        assert dF.shape == dF_shape and ds.shape == (4, 5) and ds.dtype == torch.float32
-        dF, dw, db, ds = bwd(g, F, w.zero_(), b.zero_(), cu_of([3, 1]), shared, features_grad, s)
-        assert ds.shape == (4, 5) and torch.isfinite(ds).all() and not dw.any() and not db.any()
+    for values_grad, dV_shape in ((True, (4, 5, 8)), (False, (0,))):
+        dV, ds = bwd(g.to("meta"), V.to("meta"), s.to("meta"), cu_of([3, 1]).to("meta"), shared, values_grad)
+        assert dV.shape == dV_shape and ds.shape == (4, 5) and ds.dtype == torch.float32
+        dV, ds = bwd(g, V, s, cu_of([3, 1]), shared, values_grad)
+        assert dV.shape == dV_shape and ds.shape == (4, 5) and torch.isfinite(ds).all()
     with pytest.raises(RuntimeError, match=re.escape("grad_out must be [")):
-        bwd(g[:1], F, w, b, cu_of([3, 1]), shared, True)
+        bwd(g[:1], V, s, cu_of([3, 1]), shared, True)

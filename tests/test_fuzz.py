@@ -214,24 +214,23 @@ def _rand_tensor(rng: random.Random, torch, shape, dtype):
 FLT_MAX = 3.4028234663852886e38
 
 
-def _comparable(torch, F, weight, bias, cu, mode):
-    """([rows, P], [T, P]) bool: the columns whose result does not depend on where an
-    accumulation overflows. A score whose terms sum to within a factor 100 of the float32 range
-    may overflow in one backend's order (fp32 reference / Triton) and not in another's (fp64 in
-    the C++ kernels); a column whose features add up to near the range may overflow in an
-    unnormalised sum. Both are documented; such columns are only run, not compared."""
-    x = F.double()
-    T, P, D = x.shape
-    w = weight.double().reshape(D) if weight is not None else x.new_zeros(D)
-    b = abs(float(bias.double().reshape(()))) if bias is not None and weight is not None else 0.0
+def _comparable(torch, V, scores, cu, mode):
+    """([rows, P], [T, P]) bool: the columns whose result the backends must agree on. Not compared,
+    only run (both documented): a column whose values add up to near the float32 range (an
+    unnormalised sum may overflow in one backend's order and not in another's), and a column with
+    a non-finite value but finite scores (the value makes NaN the outputs whose support holds it;
+    backends may differ on the others of its column)."""
+    x = V.double()
+    T, P, _ = x.shape
     with torch.no_grad():
-        terms = ((x * w).abs().nan_to_num(0.0, 0.0, 0.0).sum(-1) + b)  # [T, P]
         feat = x.abs().nan_to_num(0.0, 0.0, 0.0)  # [T, P, D]
+        bad_value = ~torch.isfinite(x).all(-1)  # [T, P]
+        bad_score = ~torch.isfinite(scores.double())  # [T, P]
         ok_img = torch.ones(T, P, dtype=torch.bool)
         out_rows = []
         for lo, hi in zip(cu[:-1], cu[1:]):
-            risky = ((terms[lo:hi] > FLT_MAX / 100) & (terms[lo:hi] < FLT_MAX * 100)).any(0)
-            risky |= (feat[lo:hi].sum(0) > FLT_MAX / 4).any(-1)
+            risky = (feat[lo:hi].sum(0) > FLT_MAX / 4).any(-1)
+            risky |= bad_value[lo:hi].any(0) & ~bad_score[lo:hi].any(0)
             ok_img[lo:hi] &= ~risky
             out_rows.append((~risky)[None].expand(1 if mode == "shared" else hi - lo, P))
     return torch.cat(out_rows), ok_img
@@ -260,7 +259,7 @@ def _compare(torch, got, want, what: str, keep) -> str | None:
 def fuzz_context_reweight(rng: random.Random, n: int) -> list[dict]:
     import torch
 
-    from sam_fast.ops import context_reweight, context_reweight_ref
+    from sam_fast.ops import context_reweight
     from sam_fast.ops.dispatch import BackendUnavailable
 
     float_dtypes = [torch.float32, torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -270,9 +269,9 @@ def fuzz_context_reweight(rng: random.Random, n: int) -> list[dict]:
         T = rng.randint(0, 6)
         P, D = rng.randint(0, 4), rng.randint(0, 9)
         dtype = rng.choice(float_dtypes + [torch.int32, torch.bool])
-        F, style = _rand_tensor(rng, torch, (T, P, D), dtype)
-        weight, wstyle = _rand_tensor(rng, torch, (D,), dtype if dtype.is_floating_point else torch.float32)
-        bias = rng.choice([None, torch.zeros(()), torch.tensor(rng.choice([0.5, float("nan"), 1e38])), torch.zeros(1)])
+        V, style = _rand_tensor(rng, torch, (T, P, D), dtype)
+        scores, sstyle = _rand_tensor(rng, torch, (T, P), rng.choice([torch.float32, torch.float32, torch.bfloat16,
+                                                                      torch.float64]))
         # offsets: mostly a valid partition of T, sometimes broken
         cuts = sorted(rng.sample(range(1, T), rng.randint(0, max(0, T - 1)))) if T > 1 else []
         cu = [0, *cuts, T]
@@ -285,48 +284,44 @@ def fuzz_context_reweight(rng: random.Random, n: int) -> list[dict]:
             cu = [0, 0, T]
         cu_t = torch.tensor(cu, dtype=rng.choice([torch.int32, torch.int64, torch.int64, torch.float32]))
         if rng.random() < 0.05:
-            weight = weight[: max(0, D - 1)]  # wrong shape
+            scores = scores[: max(0, T - 1)]  # wrong shape
         if rng.random() < 0.05:
-            F = F.reshape(-1)  # wrong rank
-        if rng.random() < 0.05:
-            weight = None
+            V = V.reshape(-1)  # wrong rank
         odd = rng.random()
         if odd < 0.03:
-            weight = [1.0] * D  # not a tensor
+            scores = None
         elif odd < 0.06:
-            bias = 0.5
-        elif odd < 0.09 and weight is not None:
-            weight = weight.to(torch.int64)
+            scores = scores.tolist()  # not a tensor
+        elif odd < 0.09:
+            scores = scores.to(torch.int64)
         mode = rng.choice(["leave_one_out", "shared", "leave_one_out", "both"])
-        detail = f"case {case}: F {tuple(F.shape)} {F.dtype} ({style}), weight {wstyle}, cu {cu}, mode {mode}"
-        grad = F.is_floating_point() and F.dim() == 3 and style not in ("huge", "mixed") and wstyle not in ("huge", "mixed")
+        detail = f"case {case}: V {tuple(V.shape)} {V.dtype} ({style}), scores {sstyle}, cu {cu}, mode {mode}"
+        grad = V.is_floating_point() and V.dim() == 3 and style not in ("huge", "mixed")
 
         def call(backend):
             os.environ["SAM_FAST_BACKEND"] = backend
             try:
-                Fg = F.detach().requires_grad_(grad)
-                out = context_reweight(Fg, weight, bias, cu_t, mode)
-                dF = None
+                Vg = V.detach().requires_grad_(grad)
+                out = context_reweight(Vg, scores, cu_t, mode)
+                dV = None
                 if grad:
                     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(case)).to(out.dtype)
-                    (dF,) = torch.autograd.grad(out, Fg, g)
+                    (dV,) = torch.autograd.grad(out, Vg, g)
                 else:  # the backward must not crash either
-                    Fh = F.detach().requires_grad_(F.is_floating_point())
-                    if Fh.requires_grad and F.dim() == 3:
-                        context_reweight(Fh, weight, bias, cu_t, mode).sum().backward()
-                return out.detach(), dF
+                    Vh = V.detach().requires_grad_(V.is_floating_point())
+                    if Vh.requires_grad and V.dim() == 3:
+                        context_reweight(Vh, scores, cu_t, mode).sum().backward()
+                return out.detach(), dV
             finally:
                 os.environ.pop("SAM_FAST_BACKEND", None)
 
         exc, problem = None, None
         try:
             want = call("reference")
-        except (ValueError, TypeError) as e:
-            exc = e
         except Exception as e:  # noqa: BLE001
             exc = e
         if exc is None:
-            keep_out, keep_in = _comparable(torch, F, weight, bias, cu, mode)
+            keep_out, keep_in = _comparable(torch, V, scores, cu, mode)
             backends = ["cpu", ""]
             if case % 4 == 0 and interpreter:  # the Triton kernels too (the interpreter is slow)
                 backends.append("triton")
@@ -340,7 +335,7 @@ def fuzz_context_reweight(rng: random.Random, n: int) -> list[dict]:
                     break
                 problem = _compare(torch, got[0], want[0], f"{backend or 'default'} output", keep_out)
                 if problem is None and grad:
-                    problem = _compare(torch, got[1], want[1], f"{backend or 'default'} d features", keep_in)
+                    problem = _compare(torch, got[1], want[1], f"{backend or 'default'} d values", keep_in)
                 if problem:
                     break
         if problem:

@@ -224,13 +224,13 @@ assert _ext.load() is not None, _ext.info()
 info = _ext.info()
 assert info["path"].startswith(sys.prefix) and info["built_with_torch"] == torch.__version__, info
 g = torch.Generator().manual_seed(0)
-F, w, b = torch.randn(5, 3, 8, generator=g), torch.randn(8, generator=g), torch.tensor(0.25)
+V, s = torch.randn(5, 3, 8, generator=g), torch.randn(5, 3, generator=g)
 cu = torch.tensor([0, 2, 5])
-got = context_reweight(F, w, b, cu, "shared")  # SAM_FAST_BACKEND=cpu: the C++ op or an error
+got = context_reweight(V, s, cu, "shared")  # SAM_FAST_BACKEND=cpu: the C++ op or an error
 expect = []
-for lo, hi in ((0, 2), (2, 5)):  # softmax over a sample's images, per patch, of F.w + b
-    x = F[lo:hi].double()
-    a = torch.softmax(x @ w.double() + 0.25, 0)
+for lo, hi in ((0, 2), (2, 5)):  # softmax over a sample's images, per patch, of the scores
+    x = V[lo:hi].double()
+    a = torch.softmax(s[lo:hi].double(), 0)
     expect.append((a[..., None] * x).sum(0))
 err = (got.double() - torch.stack(expect)).abs().max().item()
 assert err < 1e-5, err

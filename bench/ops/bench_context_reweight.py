@@ -1,15 +1,17 @@
 """Context re-weighting (sam_fast.ops.context_reweight) against its baselines, CPU fp32 at the
-issue's shape B=4, N=8, P=257, D=1408 (EVA ViT-g features), measured side by side in one run:
+shape B=4, N=8, P=257, D=1408 (EVA ViT-g width) with given fp32 scores [B*N, P], as the model
+calls it, measured side by side in one run:
 
-- leave_one_out vs a naive einsum version (scores, masked softmax over an [N, N, P] logit tensor,
+- leave_one_out vs a naive einsum version (masked softmax over an [N, N, P] logit tensor,
   einsum('imp,mpd->ipd')): target >= 4x faster;
 - leave_one_out vs copying a tensor of the output's size into a preallocated buffer (the memory
   traffic floor): target <= 1.5x the copy's time;
-- shared vs the released code's form (softmax over the image axis of Linear scores, broadcast
+- shared vs the released code's form (softmax over the image axis of the scores, broadcast
   multiply, sum): target >= 3x faster;
 - per-image cost from N=2 to N=16 (should be flat);
-- forward + backward (weight and bias grads, frozen features: the training case) vs autograd
-  through the naive version.
+- forward + backward (score grads, frozen values: the training case, where the scores come from
+  the trainable Adaptive Adjustment and the K/V from frozen layers) vs autograd through the naive
+  version.
 
 Ratios go to benchmark.extra_info (and are printed). With --benchmark-disable every benchmark is
 one call (a smoke test) and no ratio is measured.
@@ -29,26 +31,25 @@ B, N, P, D = 4, 8, 257, 1408
 def inputs(n=N, b=B, p=P, d=D, seed=0, requires_grad=False):
     g = torch.Generator().manual_seed(seed)
     F = torch.randn(b * n, p, d, generator=g)
-    w = (torch.randn(d, generator=g) / d**0.5).requires_grad_(requires_grad)
-    bias = torch.zeros((), requires_grad=requires_grad)
+    s = torch.randn(b * n, p, generator=g).requires_grad_(requires_grad)
     cu = torch.arange(0, b * n + 1, n, dtype=torch.int32)
-    return F, w, bias, cu
+    return F, s, cu
 
 
-def naive_leave_one_out(F, w, bias, n):
-    """Equal-size samples: scores, [N, N, P] masked logits, softmax, einsum."""
+def naive_leave_one_out(F, scores, n):
+    """Equal-size samples: [N, N, P] masked logits, softmax, einsum."""
     x = F.view(-1, n, *F.shape[1:])  # [B, N, P, D]
-    s = x @ w + bias  # [B, N, P]
+    s = scores.view(-1, n, F.shape[1])  # [B, N, P]
     eye = torch.eye(n, dtype=torch.bool)[None, :, :, None]
     logits = s[:, None].expand(-1, n, n, -1).masked_fill(eye, float("-inf"))  # [B, i, m, P]
     a = torch.softmax(logits, dim=2)
     return torch.einsum("bimp,bmpd->bipd", a, x).reshape(F.shape)
 
 
-def released_shared(F, w, bias, n):
-    """The released code's form: Linear scores, softmax over the image axis, multiply, sum."""
+def released_shared(F, scores, n):
+    """The released code's form: softmax of the scores over the image axis, multiply, sum."""
     x = F.view(-1, n, *F.shape[1:])
-    a = torch.softmax(x @ w + bias, dim=1)  # [B, N, P]
+    a = torch.softmax(scores.view(-1, n, F.shape[1]), dim=1)  # [B, N, P]
     return (a[..., None] * x).sum(1)
 
 
@@ -63,15 +64,15 @@ def _record(benchmark, **ratios):
 
 
 def bench_context_reweight_leave_one_out(benchmark):
-    F, w, b, cu = inputs()
+    F, s, cu = inputs()
     _sizes(benchmark, F)
     with torch.no_grad():
-        fast = lambda: context_reweight(F, w, b, cu, "leave_one_out")  # noqa: E731
+        fast = lambda: context_reweight(F, s, cu, "leave_one_out")  # noqa: E731
         run_benchmark(benchmark, fast)
         if benchmarks_disabled(benchmark):
             return
         t_fast = timed(fast)
-        t_naive = timed(lambda: naive_leave_one_out(F, w, b, N))
+        t_naive = timed(lambda: naive_leave_one_out(F, s, N))
         dst = torch.empty_like(F)
         t_copy = timed(lambda: dst.copy_(F))
     nbytes = 2 * F.numel() * F.element_size()  # read the features once, write an output of the same size
@@ -81,15 +82,15 @@ def bench_context_reweight_leave_one_out(benchmark):
 
 
 def bench_context_reweight_shared(benchmark):
-    F, w, b, cu = inputs()
+    F, s, cu = inputs()
     _sizes(benchmark, F)
     with torch.no_grad():
-        fast = lambda: context_reweight(F, w, b, cu, "shared")  # noqa: E731
+        fast = lambda: context_reweight(F, s, cu, "shared")  # noqa: E731
         run_benchmark(benchmark, fast)
         if benchmarks_disabled(benchmark):
             return
         t_fast = timed(fast)
-        t_released = timed(lambda: released_shared(F, w, b, N))
+        t_released = timed(lambda: released_shared(F, s, N))
     _record(benchmark, speedup_vs_released=t_released / t_fast, fast_ms=t_fast * 1e3,
             released_ms=t_released * 1e3)
 
@@ -97,34 +98,34 @@ def bench_context_reweight_shared(benchmark):
 @pytest.mark.parametrize("mode", ["leave_one_out", "shared"])
 def bench_context_reweight_per_image(benchmark, mode):
     """Time per image for N = 2, 4, 8, 16 images per sample (B=4): flat means O(n D) per patch."""
-    F, w, b, cu = inputs(n=8)
+    F, s, cu = inputs(n=8)
     _sizes(benchmark, F, n=8, N_per_image_sweep=[2, 4, 8, 16])
     with torch.no_grad():
-        run_benchmark(benchmark, lambda: context_reweight(F, w, b, cu, mode))
+        run_benchmark(benchmark, lambda: context_reweight(F, s, cu, mode))
         if benchmarks_disabled(benchmark):
             return
         per_image = {}
         for n in (2, 4, 8, 16):
-            F, w, b, cu = inputs(n=n)
-            per_image[n] = timed(lambda: context_reweight(F, w, b, cu, mode)) / (B * n)  # noqa: B023
+            F, s, cu = inputs(n=n)
+            per_image[n] = timed(lambda: context_reweight(F, s, cu, mode)) / (B * n)  # noqa: B023
     _record(benchmark, **{f"us_per_image_N{n}": t * 1e6 for n, t in per_image.items()},
             ratio_N16_vs_N2=per_image[16] / per_image[2])
 
 
 @pytest.mark.parametrize("mode", ["leave_one_out", "shared"])
 def bench_context_reweight_backward(benchmark, mode):
-    """Forward + backward to weight and bias (frozen features) vs autograd through the naive form."""
-    F, w, b, cu = inputs(requires_grad=True)
+    """Forward + backward to the scores (frozen values) vs autograd through the naive form."""
+    F, s, cu = inputs(requires_grad=True)
     _sizes(benchmark, F)
     naive = naive_leave_one_out if mode == "leave_one_out" else released_shared
 
     def fast():
-        out = context_reweight(F, w, b, cu, mode)
-        return torch.autograd.grad(out, (w, b), torch.ones_like(out))
+        out = context_reweight(F, s, cu, mode)
+        return torch.autograd.grad(out, s, torch.ones_like(out))
 
     def slow():
-        out = naive(F, w, b, N)
-        return torch.autograd.grad(out, (w, b), torch.ones_like(out))
+        out = naive(F, s, N)
+        return torch.autograd.grad(out, s, torch.ones_like(out))
 
     run_benchmark(benchmark, fast, rounds=3, warmup_rounds=1)
     if benchmarks_disabled(benchmark):

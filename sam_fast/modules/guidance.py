@@ -50,6 +50,17 @@ class AdaptiveAdjustment(nn.Linear):
         w = self.weight.reshape(-1).to(acc).clone()
         return features.to(acc) @ w + self.bias.to(acc)
 
+    def context_scores(self, features: torch.Tensor, guidance: str) -> torch.Tensor:
+        """The scores [..., P] that `context_reweight` merges with: `scores` for ``"adaptive"``;
+        zeros (uniform weights) for ``"mean"``, NaN where a patch's features are not finite, so that
+        a non-finite feature makes its column NaN in both guidances (``Linear(E)`` is NaN there)."""
+        if guidance == "adaptive":
+            return self.scores(features)
+        acc = torch.promote_types(features.dtype, torch.float32)
+        with torch.no_grad():
+            finite = torch.isfinite(features).all(-1)
+        return torch.where(finite, 0.0, float("nan")).to(acc)
+
     def weights(self, features: torch.Tensor, guidance: str = "adaptive") -> torch.Tensor:
         """alpha [M, P]: the weights of the M images of one merged map (features [M, P, D]),
         softmax over the images per patch (uniform for ``guidance="mean"``)."""
@@ -65,16 +76,15 @@ class AdaptiveAdjustment(nn.Linear):
         """I-hat for every image (leave_one_out, [T, P, D]) or every sample (shared, [B, P, D]) of
         the features E [T, P, D] of a ragged batch (``cu_images`` [B+1] its offsets)."""
         _check_guidance("merged_context_maps", guidance)
-        weight, bias = (self.weight, self.bias) if guidance == "adaptive" else (None, None)
-        return context_reweight(features, weight, bias, cu_images, context_mode)
+        return context_reweight(features, self.context_scores(features, guidance), cu_images, context_mode)
 
     def merged_kv(self, features: torch.Tensor, kv: torch.Tensor, cu_images: torch.Tensor,
                   context_mode: str, guidance: str, offsets: list[int] | None = None) -> torch.Tensor:
         """The cross-attention K/V of I-hat, [T, P, C] (leave_one_out) or [B, P, C] (shared),
         from the K/V `kv` [T, P, C] of the images whose features are E [T, P, D]: the images' K/V
-        re-weighted with the softmax of the scores ``s = Linear(E)`` (`context_reweight` with
-        ``scores=``; the gradient reaches s, hence this Linear). `offsets`: host copy of
-        cu_images (see `context_reweight`).
+        re-weighted with the softmax of the scores ``s = Linear(E)`` (`context_reweight`; the
+        gradient reaches s, hence this Linear). `offsets`: host copy of cu_images (see
+        `context_reweight`).
 
         Exact, not an approximation: K/V are affine in E (``K = E W_k^T + b_k``) and the weights
         ``alpha_{m,j}`` of a merged map sum to 1 over m, so ``sum_m alpha_{m,j} K_m[j] =
@@ -88,8 +98,8 @@ class AdaptiveAdjustment(nn.Linear):
         if tuple(kv.shape[:2]) != tuple(features.shape[:2]):
             raise ValueError(f"merged_context_kv: K/V {tuple(kv.shape)} and features {tuple(features.shape)} "
                              "differ in images or patches")
-        scores = self.scores(features) if guidance == "adaptive" else None
-        return context_reweight(kv, None, None, cu_images, context_mode, offsets=offsets, scores=scores)
+        return context_reweight(kv, self.context_scores(features, guidance), cu_images, context_mode,
+                                offsets=offsets)
 
     def leave_one_out_mix(self, features: torch.Tensor, counts: list[int],
                           guidance: str) -> tuple[torch.Tensor, torch.Tensor]:

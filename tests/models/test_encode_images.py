@@ -210,8 +210,8 @@ def test_leave_one_out_mix_equals_the_re_weighting_op(guidance):
     assert index.shape == (9, 3) and weight.shape == (9, 3, 7)
     got, _ = mix_kv(E[:, None], E[:, None], (index, weight))
     cu = torch.tensor([0, 3, 4, 8, 10])
-    want = context_reweight_ref(E, lin.weight if guidance == "adaptive" else None,
-                                lin.bias if guidance == "adaptive" else None, cu, "leave_one_out")
+    scores = E @ lin.weight[0] + lin.bias if guidance == "adaptive" else torch.zeros(E.shape[:2], dtype=E.dtype)
+    want = context_reweight_ref(E, scores, cu, "leave_one_out")
     ctx = torch.tensor([0, 1, 2, 4, 5, 6, 7, 8, 9])
     torch.testing.assert_close(got[:, 0], want[ctx], rtol=1e-12, atol=1e-12)
     if guidance == "adaptive":

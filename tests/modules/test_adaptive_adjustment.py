@@ -100,3 +100,35 @@ def test_explain_uses_the_adaptive_adjustment_weights():
         s = E @ model.adaptive_adjustment.weight[0].double() + model.adaptive_adjustment.bias.double()
     want = torch.softmax(s, 0)[:, 1:].reshape(w.shape)
     torch.testing.assert_close(w.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("guidance", ["adaptive", "mean"])
+def test_non_finite_feature_poisons_its_column_in_both_guidances(monkeypatch, backend, guidance):
+    """The merge gets its scores from the features (`context_scores`): a NaN feature makes its
+    (sample, patch) column NaN in the merged maps and their K/V, for the uniform weights of "mean"
+    as for Linear(E); other columns are the plain weighted sums."""
+    from sam_fast import _ext
+
+    if backend == "cpu" and _ext.load() is None:
+        pytest.skip(f"extension not available: {_ext.info()['error']}")
+    monkeypatch.setenv("SAM_FAST_BACKEND", backend)
+    aa = _aa().float()
+    E = torch.randn(5, 4, 6)
+    E[1, 2, 3] = float("nan")  # sample 0 (images 0..2), patch 2
+    cu = torch.tensor([0, 3, 5])
+    kv = E @ torch.randn(6, 10)  # K/V affine in E: NaN in the same rows
+    s = aa.context_scores(E, guidance)
+    assert s.dtype == torch.float32 and torch.isnan(s[1, 2]) and torch.isfinite(s[[0, 2, 3, 4]]).all()
+    if guidance == "mean":
+        assert not s[torch.isfinite(s)].any()  # zeros: uniform weights
+    for mode in ("leave_one_out", "shared"):
+        for got, x in ((aa.merged_maps(E, cu, mode, guidance), E), (aa.merged_kv(E, kv, cu, mode, guidance), kv)):
+            rows = [0] if mode == "shared" else [0, 1, 2]
+            assert torch.isnan(got[rows, 2]).all(), (mode, guidance)
+            keep = torch.ones(got.shape[:2], dtype=torch.bool)
+            keep[rows, 2] = False
+            assert torch.isfinite(got[keep]).all()
+            if guidance == "mean" and mode == "shared":
+                torch.testing.assert_close(got[1], x[3:5].mean(0))
+                torch.testing.assert_close(got[0, :2], x[0:3, :2].mean(0))

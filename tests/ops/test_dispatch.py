@@ -16,9 +16,9 @@ HAVE_EXT = _ext.load() is not None
 
 def _inputs(requires_grad=False):
     torch.manual_seed(0)
-    F = torch.randn(6, 5, 16, requires_grad=requires_grad)
-    w = torch.randn(16, requires_grad=requires_grad)
-    return F, w, torch.zeros(()), torch.tensor([0, 1, 3, 6], dtype=torch.int32)
+    V = torch.randn(6, 5, 16, requires_grad=requires_grad)
+    s = torch.randn(6, 5, requires_grad=requires_grad)
+    return V, s, torch.tensor([0, 1, 3, 6], dtype=torch.int32)
 
 
 def test_explain_lists_every_op_and_reason():
@@ -33,38 +33,38 @@ def test_explain_lists_every_op_and_reason():
 def test_compiled_cpu_kernel_is_chosen_with_and_without_grad(monkeypatch):
     monkeypatch.delenv("SAM_FAST_BACKEND", raising=False)
     d = dispatcher("context_reweight")
-    F, w, b, cu = _inputs()
+    V, s, cu = _inputs()
     with torch.no_grad():
-        assert d.choose(F, w, b, cu, "shared").name == "cpu"
-    Fg, wg, bg, cu = _inputs(requires_grad=True)
-    assert d.choose(Fg, wg, bg, cu, "shared").name == "cpu"  # fused backward: training uses it too
-    reasons = d.reasons(Fg, wg, bg, cu, "shared")
+        assert d.choose(V, s, cu, "shared").name == "cpu"
+    Vg, sg, cu = _inputs(requires_grad=True)
+    assert d.choose(Vg, sg, cu, "shared").name == "cpu"  # fused backward: training uses it too
+    reasons = d.reasons(Vg, sg, cu, "shared")
     assert "CUDA" in reasons["triton"] and "CUDA" in reasons["cuda"]
-    assert "float64" in d.reasons(F.double(), w, b, cu, "shared")["cpu"]
+    assert "float64" in d.reasons(V.double(), s, cu, "shared")["cpu"]
 
 
 @pytest.mark.skipif(not HAVE_EXT, reason=f"extension not loaded: {_ext.info().get('error')}")
 @pytest.mark.parametrize("mode", ["leave_one_out", "shared"])
-@pytest.mark.parametrize("weight", ["linear", "mean"])
+@pytest.mark.parametrize("weight", ["scores", "mean"])
 def test_compiled_and_reference_agree(monkeypatch, mode, weight):
-    F, w, b, cu = _inputs()
-    w = None if weight == "mean" else w
+    V, s, cu = _inputs()
+    s = torch.zeros_like(s) if weight == "mean" else s
     with torch.no_grad():
         monkeypatch.setenv("SAM_FAST_BACKEND", "cpu")
-        fast = context_reweight(F, w, b, cu, mode)
+        fast = context_reweight(V, s, cu, mode)
         monkeypatch.setenv("SAM_FAST_BACKEND", "reference")
-        ref = context_reweight(F, w, b, cu, mode)
+        ref = context_reweight(V, s, cu, mode)
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_forced_backend_that_cannot_run_fails_with_reasons(monkeypatch):
     monkeypatch.setenv("SAM_FAST_BACKEND", "cpu")
-    F, w, b, cu = _inputs(requires_grad=True)
+    V, s, cu = _inputs(requires_grad=True)
     with pytest.raises(BackendUnavailable, match=r"SAM_FAST_BACKEND=cpu.*float64.*reference: ok"):
-        context_reweight(F.double(), w, b, cu, "leave_one_out")
+        context_reweight(V.double(), s, cu, "leave_one_out")
     monkeypatch.setenv("SAM_FAST_BACKEND", "cuda")
     with pytest.raises(BackendUnavailable, match=r"SAM_FAST_BACKEND=cuda.*cpu: ok"):
-        context_reweight(F, w, b, cu, "leave_one_out")
+        context_reweight(V, s, cu, "leave_one_out")
 
 
 def test_model_tests_pass_with_the_extension_disabled():
