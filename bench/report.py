@@ -105,11 +105,23 @@ def _iqr_scale(b: dict) -> tuple[float, float]:
     return st["q1"] / med, st["q3"] / med
 
 
+def ratio_error(extra: dict, key: str) -> tuple[float, float]:
+    """(below, above) the ratio ``extra[key]`` for an error bar: its per-round IQR from
+    ``ratio_spread`` (`benchutil.record_ratio`); older results stored the fastest-round ratio and
+    ``median_of_round_ratios``, whose gap is drawn instead; (0, 0) when neither is there."""
+    v = extra[key]
+    spread = (extra.get("ratio_spread") or {}).get(key)
+    if isinstance(spread, dict) and "q1" in spread:
+        return max(0.0, v - spread["q1"]), max(0.0, spread["q3"] - v)
+    m = extra.get("median_of_round_ratios", v)
+    return v - min(v, m), max(v, m) - v
+
+
 def speedup_figure(data: dict):
     """Speed-up over the compared implementation against images per sample, one curve per
-    benchmark and setting; error bars span the fastest-round ratio and the median of the per-round
-    ratios. None when no benchmark has ``images_per_sample``."""
-    curves: dict[str, list[tuple[float, float, float]]] = {}
+    benchmark and setting; error bars: the IQR of the per-round ratios (`ratio_error`). None when no
+    benchmark has ``images_per_sample``."""
+    curves: dict[str, list[tuple[float, float, float, float]]] = {}
     for b in data.get("benchmarks", []):
         extra = b.get("extra_info", {})
         if "images_per_sample" not in extra:
@@ -119,7 +131,7 @@ def speedup_figure(data: dict):
         group = re.sub(r"\[.*\]$", "", b["name"]) + (f" [{', '.join(others)}]" if others else "")
         for k, v in extra.items():
             if k.startswith("speedup_"):
-                curves.setdefault(f"{group}: {k[8:]}", []).append((x, v, extra.get("median_of_round_ratios", v)))
+                curves.setdefault(f"{group}: {k[8:]}", []).append((x, v, *ratio_error(extra, k)))
     if not curves:
         return None
     plt = _pyplot()
@@ -127,8 +139,8 @@ def speedup_figure(data: dict):
     for label, pts in sorted(curves.items()):
         pts.sort()
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        lo = [y - min(y, m) for _, y, m in pts]
-        hi = [max(y, m) - y for _, y, m in pts]
+        lo = [lo for _, _, lo, _ in pts]
+        hi = [hi for _, _, _, hi in pts]
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=4, label=label)
     ax.axhline(1.0, color="grey", lw=1, ls="--", label="1x = as fast as the compared code")
     ax.set_xticks(sorted({p[0] for pts in curves.values() for p in pts}))
@@ -137,8 +149,8 @@ def speedup_figure(data: dict):
     ax.set_ylabel("speed-up (x, time of compared code / ours)")
     ax.grid(alpha=0.3)
     _finish(fig, ax, data, "Speed-up over the released code, by images per sample",
-            "Points: ratio of the two sides' fastest rounds, timed alternately in one run; error bars reach "
-            "the median of the per-round ratios.")
+            "Points: median of the per-round ratios of the two sides, timed alternately in one run; error "
+            "bars: their interquartile range.")
     return fig
 
 

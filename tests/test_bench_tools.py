@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _module(name):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
@@ -218,3 +220,79 @@ def test_make_bench_compare_takes_the_newest_bench_run(tmp_path):
     out = subprocess.run(["make", "-n", "bench-compare"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "bench/results/cpu-a-2026-11-30.json bench/baseline.json" in out.stdout, out.stdout
+
+
+# --- alternating rounds: warm-up, A/B order, median of per-round ratios with its IQR -----------
+
+class _Clock:
+    """A fake perf_counter the sides advance by the seconds they are given, in call order."""
+
+    def __init__(self, **times):
+        self.now, self.times, self.log = 0.0, {k: list(v) for k, v in times.items()}, []
+
+    def side(self, name):
+        def call():
+            self.log.append(name)
+            self.now += self.times[name].pop(0)
+        return call
+
+
+class _FakeBenchmark:
+    """pytest-benchmark's pedantic as far as alternating_rounds uses it: setup before every
+    warm-up and timed round, the timed rounds' seconds in stats.stats.data."""
+
+    def __init__(self, clock):
+        self.clock, self.extra_info = clock, {}
+        self.stats = type("S", (), {"stats": type("T", (), {"data": []})()})()
+
+    def pedantic(self, target, setup, rounds, warmup_rounds, iterations):
+        for n in range(warmup_rounds + rounds):
+            setup()
+            t0 = self.clock.now
+            target()
+            if n >= warmup_rounds:
+                self.stats.stats.data.append(self.clock.now - t0)
+
+
+def _benchutil(monkeypatch, clock):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    mod = _module("benchutil")
+    monkeypatch.setattr(mod.time, "perf_counter", lambda: clock.now)
+    return mod
+
+
+def test_alternating_rounds_warm_up_alternate_and_take_the_median_round_ratio(monkeypatch):
+    # a slow first call on each side (warm-up, dropped), then rounds whose fastest-round ratio
+    # (3 / 1 = 3x) differs from the median of the per-round ratios (3, 1.5, 1 -> 1.5x)
+    clock = _Clock(fast=[50.0, 1.0, 2.0, 4.0], other=[90.0, 3.0, 3.0, 4.0])
+    benchutil = _benchutil(monkeypatch, clock)
+    bench = _FakeBenchmark(clock)
+    rr = benchutil.alternating_rounds(bench, clock.side("fast"), clock.side("other"), rounds=3, warmup_rounds=1)
+    assert clock.log == ["other", "fast"] * 4
+    assert rr.fast_s == [1.0, 2.0, 4.0] and rr.other_s == [3.0, 3.0, 4.0]
+    assert rr.ratio == 1.5 and rr.iqr == (1.25, 2.25)
+    assert benchutil.record_ratio(bench, "speedup_vs_x", rr) == 1.5
+    assert bench.extra_info == {"speedup_vs_x": 1.5, "ratio_spread": {"speedup_vs_x": {
+        "q1": 1.25, "q3": 2.25, "rounds": 3, "warmup_rounds": 1}}}
+    line = benchutil.summary_lines([("bench_x", bench.extra_info)])[0]
+    assert "speedup_vs_x 1.50x (IQR 1.25-2.25x, 3 rounds)" in line
+    with pytest.raises(ValueError, match="warmup_rounds >= 1"):
+        benchutil.alternating_rounds(bench, clock.side("fast"), clock.side("other"), rounds=3, warmup_rounds=0)
+
+
+def test_alternate_without_benchmark_has_the_same_semantics(monkeypatch):
+    clock = _Clock(fast=[9.0, 9.0, 2.0, 1.0], other=[9.0, 9.0, 4.0, 4.0])
+    benchutil = _benchutil(monkeypatch, clock)
+    rr = benchutil.alternate(clock.side("fast"), clock.side("other"), rounds=2, warmup_rounds=2)
+    assert clock.log == ["other", "fast"] * 4
+    assert rr.ratios == [2.0, 4.0] and rr.ratio == 3.0 and rr.fast_median_s == 1.5 and rr.other_median_s == 4.0
+
+
+def test_every_ratio_benchmark_uses_the_alternating_helper():
+    """No benchmark measures the other side of a ratio with separate `timed` calls any more."""
+    for path in sorted((ROOT / "bench").glob("*/bench_*.py")):
+        text = path.read_text()
+        if "speedup_" in text:
+            assert "alternating_rounds(" in text, path.name
+            assert "record_ratio" in text, path.name
+
