@@ -7,6 +7,7 @@ times real work.
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -19,6 +20,40 @@ def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (None where the OS has none, e.g. Windows)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+#: load a quiet machine still shows (daemons, the shell, the pytest process between benchmarks)
+LOAD_SLACK = 0.5
+
+
+def busy_warning(load_start, load_end, cpu_count: int | None, threads: int) -> str | None:
+    """A one-line warning when other jobs held the cores the benchmarks needed, else None.
+
+    `load_start` / `load_end` are `load_average()` values from before and after the timed work.
+    Before, the 1-minute load is all other jobs'; after, the benchmarks' own `threads` are in it
+    too. Busy: other jobs' load above the cores the benchmarks left free (``cpu_count - threads``)
+    plus `LOAD_SLACK`. On a 2-core machine running 2 threads, load 5 (seen when one benchmark took
+    1.09 s instead of 35-69 ms) warns; 0.3 at the start and 2.4 at the end do not."""
+    if not cpu_count:
+        return None
+    free = cpu_count - threads + LOAD_SLACK
+    busy = []
+    if load_start and load_start[0] > free:
+        busy.append(f"{load_start[0]:.2f} at start")
+    if load_end and load_end[0] - threads > free:
+        busy.append(f"{load_end[0]:.2f} at end (own {threads} threads included)")
+    if not busy:
+        return None
+    return (f"busy machine: 1-minute load average {' and '.join(busy)} on {cpu_count} cores with {threads} "
+            f"benchmark threads; other jobs shared the cores, so times and ratios may be off: rerun on a quiet machine")
 
 
 def sync() -> None:

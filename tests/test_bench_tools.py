@@ -72,15 +72,18 @@ class _Reporter:
     def __init__(self):
         self.lines = []
 
-    def write_sep(self, sep, title=""):
+    def write_sep(self, sep, title="", **markup):
         self.lines.append(f"{sep * 3} {title}")
 
-    def write_line(self, line):
+    def write_line(self, line, **markup):
         self.lines.append(line)
 
 
 def test_terminal_summary_prints_ratios_and_memory_one_line_each(monkeypatch):
+    import os
+
     conftest = _conftest(monkeypatch)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))  # a quiet machine: no load warning
     fake = [("bench_train_step[sam_fast-tiny]", {"speedup_vs_released": 2.643, "memory_vs_released": 0.554,
                                                  "peak_step_alloc_mb": 2011.4, "samples_per_s": 221.9,
                                                  "sizes": {"B": 4}, "dtype": "float32"}),
@@ -296,3 +299,61 @@ def test_every_ratio_benchmark_uses_the_alternating_helper():
             assert "alternating_rounds(" in text, path.name
             assert "record_ratio" in text, path.name
 
+
+# --- the machine's load: recorded in the JSON, warned about when other jobs held the cores -------
+
+@pytest.mark.parametrize("start, end, cores, threads, busy", [
+    ([0.3, 0.2, 0.1], [2.4, 1.0, 0.5], 2, 2, False),  # quiet 2-core machine, our 2 threads at the end
+    ([5.0, 3.0, 1.0], [2.4, 1.0, 0.5], 2, 2, True),  # load 5 before anything ran
+    ([0.3, 0.2, 0.1], [5.0, 3.0, 1.0], 2, 2, True),  # others joined while we ran
+    ([3.0, 0.0, 0.0], [4.0, 0.0, 0.0], 4, 1, False),  # 3 cores free for others, 1 for us
+    ([4.0, 0.0, 0.0], None, 4, 1, True),
+    (None, None, 2, 2, False),  # no load average on this OS: no verdict
+])
+def test_busy_warning_compares_other_jobs_load_with_the_free_cores(monkeypatch, start, end, cores, threads, busy):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    warning = _module("benchutil").busy_warning(start, end, cores, threads)
+    assert (warning is not None) == busy, warning
+    if busy:
+        assert warning.startswith("busy machine") and f"{cores} cores" in warning and "\n" not in warning
+
+
+def _load_config(monkeypatch, conftest, loads, cores=2, threads=2):
+    """A config as the hooks see it, after `pytest_sessionstart` under a faked load average."""
+    import os
+    import types
+
+    seq = iter(loads)
+    monkeypatch.setattr(os, "getloadavg", lambda: next(seq))
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    bench = types.SimpleNamespace(name="bench_x", extra_info={"speedup_vs_x": 2.0})
+    config = types.SimpleNamespace(rootpath=ROOT, _benchmarksession=types.SimpleNamespace(benchmarks=[bench],
+                                                                                         disabled=False))
+    conftest.pytest_sessionstart(types.SimpleNamespace(config=config))
+    config._sam_fast_threads = threads
+    return config
+
+
+def test_busy_machine_is_recorded_in_machine_info_and_warned_in_the_summary(monkeypatch):
+    conftest = _conftest(monkeypatch)
+    config = _load_config(monkeypatch, conftest, [(5.0, 3.0, 1.0), (5.25, 4.0, 2.0)])
+    info = {}
+    conftest.pytest_benchmark_update_machine_info(config, info)
+    assert info["load_avg_start"] == [5.0, 3.0, 1.0] and info["load_avg_end"] == [5.25, 4.0, 2.0]
+    assert info["cpu_count"] == 2 and info["torch_threads"] == 2
+    assert "5.00 at start" in info["busy_warning"] and "5.25 at end" in info["busy_warning"]
+    json.dumps(info)
+    rep = _Reporter()
+    conftest.pytest_terminal_summary(rep, 0, config)  # the end load is read once: the JSON's
+    assert rep.lines[-1] == info["busy_warning"] and "WARNING" in rep.lines[-2]
+
+
+def test_quiet_machine_gets_no_warning(monkeypatch):
+    conftest = _conftest(monkeypatch)
+    config = _load_config(monkeypatch, conftest, [(0.2, 0.1, 0.1), (2.1, 1.0, 0.4)])
+    info = {}
+    conftest.pytest_benchmark_update_machine_info(config, info)
+    assert info["busy_warning"] is None and info["load_avg_end"] == [2.1, 1.0, 0.4]
+    rep = _Reporter()
+    conftest.pytest_terminal_summary(rep, 0, config)
+    assert not any("busy" in line or "WARNING" in line for line in rep.lines)
