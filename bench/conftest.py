@@ -82,7 +82,8 @@ def pytest_configure(config):
         config.option.benchmark_disable = True
 
 
-# Order of a timed run: the op benchmarks first, then models, then whole steps. The ops' ratios
+# Order of a timed run in one process (`make bench` runs one process per file: bench/run.py): the
+# op benchmarks first, then models, then whole steps. The ops' ratios
 # depend on the process's memory state: measured after the end-to-end benchmarks had allocated and
 # freed gigabytes, the context_reweight ratios were less than half those of the same file run alone
 # (likely cause: fresh tens-of-MB outputs no longer backed by transparent huge pages).

@@ -193,7 +193,8 @@ def test_sam_fast_bench_leaves_readme_alone_unless_asked(monkeypatch, tmp_path, 
     before = readme.read_bytes()
     out = tmp_path / "r.json"
     assert cli.main(["bench", "--json", str(out)]) == 0
-    assert len(calls) == 2 and "--benchmark-only" in calls[0] and "report.py" in calls[1][1]
+    assert len(calls) == 2 and calls[0][1].endswith("run.py") and f"--json={out}" in calls[0]
+    assert "report.py" in calls[1][1]
     assert "--readme" not in calls[1]
     printed = capsys.readouterr().out
     assert str(tmp_path) in printed and "README.md untouched" in printed
@@ -357,3 +358,76 @@ def test_quiet_machine_gets_no_warning(monkeypatch):
     rep = _Reporter()
     conftest.pytest_terminal_summary(rep, 0, config)
     assert not any("busy" in line or "WARNING" in line for line in rep.lines)
+
+
+# --- make bench: one pytest process per benchmark file, parts merged into one JSON ----------------
+
+def _part(device, names, start, end, warning=None):
+    return {"machine_info": {"device": device, "commit": "abc", "load_avg_start": start, "load_avg_end": end,
+                             "busy_warning": warning},
+            "commit_info": {"id": "abc"}, "datetime": "2026-12-01T10:00:00", "version": "5.1.0",
+            "benchmarks": [{"name": n, "fullname": f"bench/ops/x.py::{n}", "stats": {"median": 0.01},
+                            "extra_info": {"speedup_vs_x": 2.0}} for n in names]}
+
+
+def test_run_merges_part_jsons_in_order_with_the_load_span(monkeypatch, tmp_path):
+    run = _module("run")
+    parts = []
+    for i, (names, warning) in enumerate([(["a", "b"], None), (["c"], "busy machine: load 5.00")]):
+        p = tmp_path / f"{i:02d}-bench_{i}.json"
+        p.write_text(json.dumps(_part("cpu-t", names, [0.1 + i, 0, 0], [1.1 + i, 0, 0], warning)))
+        parts.append(p)
+    out = tmp_path / "cpu-t-2026-12-01.json"
+    assert run.main(["--json", str(out), "--merge", *map(str, parts)]) == 0
+    merged = json.loads(out.read_text())
+    assert [b["name"] for b in merged["benchmarks"]] == ["a", "b", "c"]
+    mi = merged["machine_info"]
+    assert mi["device"] == "cpu-t" and mi["load_avg_start"] == [0.1, 0, 0] and mi["load_avg_end"] == [2.1, 0, 0]
+    assert mi["busy_warning"] == "01-bench_1: busy machine: load 5.00"
+    assert [p["file"] for p in mi["parts"]] == ["00-bench_0", "01-bench_1"]
+    assert merged["datetime"] == "2026-12-01T10:00:00" and merged["commit_info"] == {"id": "abc"}
+    compare = _module("compare")  # compare.py and report.py read the merged file as one run
+    assert len(compare.ratios(merged)) == 3
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_run_refuses_parts_of_two_devices_or_a_benchmark_twice(tmp_path, capsys):
+    run = _module("run")
+    with pytest.raises(run.MergeError, match="device 'cuda-x' differs"):
+        run.merge([("p0", _part("cpu-t", ["a"], None, None)), ("p1", _part("cuda-x", ["b"], None, None))])
+    with pytest.raises(run.MergeError, match="p1: benchmark 'bench/ops/x.py::a' is also in p0"):
+        run.merge([("p0", _part("cpu-t", ["a"], None, None)), ("p1", _part("cpu-t", ["a"], None, None))])
+    for i in range(2):
+        (tmp_path / f"p{i}.json").write_text(json.dumps(_part("cpu-t", ["a"], None, None)))
+    out = tmp_path / "out.json"
+    assert run.main(["--json", str(out), "--merge", str(tmp_path / "p0.json"), str(tmp_path / "p1.json")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "is also in p0" in err and "\n" not in err and not out.exists()
+
+
+def test_run_starts_one_pytest_per_benchmark_file(monkeypatch, tmp_path, capsys):
+    run = _module("run")
+    files = run.bench_files()
+    rel = [str(f.relative_to(ROOT)) for f in files]
+    assert rel.index("bench/ops/bench_llama.py") < rel.index("bench/models/bench_encode_images.py") < \
+        rel.index("bench/e2e/bench_train_step.py")
+    calls = []
+
+    def fake_call(cmd, cwd):  # each file's pytest writes its own part; one file has nothing to time
+        calls.append(cmd)
+        target = next(a for a in cmd if a.endswith(".py") and "bench_" in a)
+        if "cross_attention" in target:
+            return 0
+        part = next(a.split("=", 1)[1] for a in cmd if a.startswith("--benchmark-json="))
+        Path(part).write_text(json.dumps(_part("cpu-t", [Path(target).stem], [0.2, 0, 0], [0.3, 0, 0])))
+        return 0
+
+    monkeypatch.setattr(run.subprocess, "call", fake_call)
+    out = tmp_path / "r.json"
+    assert run.run(out, k="tiny") == 0
+    assert len(calls) == len(files) and all("--benchmark-only" in c and c[-2:] == ["-k", "tiny"] for c in calls)
+    assert [c[4] for c in calls] == [str(f) for f in files]  # one file per process, in order
+    merged = json.loads(out.read_text())
+    assert len(merged["benchmarks"]) == len(files) - 1
+    assert "results: " + str(out) in capsys.readouterr().out
+    assert "bench/run.py --json bench/results/$$name.json" in (ROOT / "Makefile").read_text()
