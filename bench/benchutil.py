@@ -231,6 +231,10 @@ def _is_memory(key: str) -> bool:
     return key.endswith(MEMORY_SUFFIXES) or key.endswith("_bytes")
 
 
+#: throughput figures shown in the summary (generation's new tokens/s, ours and the compared path's)
+THROUGHPUT = ("tokens_per_s", "tokens_per_s_before", "samples_per_s")
+
+
 def _spread_note(spread: dict | None) -> str:
     """`` (IQR 1.41-1.62x, 3 rounds)`` for a ratio stored by `record_ratio`, else nothing."""
     if not isinstance(spread, dict) or "q1" not in spread:
@@ -239,8 +243,9 @@ def _spread_note(spread: dict | None) -> str:
 
 
 def summary_lines(records) -> list[str]:
-    """One line per benchmark that has ratios or memory figures in ``extra_info``:
-    ``name: speedup_vs_x 2.31x (IQR 2.2-2.4x, 5 rounds), memory_vs_x 0.55x | peak_step_alloc_mb 2011 MiB``. `records` are
+    """One line per benchmark that has ratios, throughput or memory figures in ``extra_info``:
+    ``name: speedup_vs_x 2.31x (IQR 2.2-2.4x, 5 rounds), memory_vs_x 0.55x | samples_per_s 221.9/s |
+    peak_step_alloc_mb 2011 MiB`` (throughput: `THROUGHPUT`, e.g. generation's new tokens/s). `records` are
     ``(name, extra_info)`` pairs; non-numeric values are left out. Ratios are "how many times",
     memory is in MiB (keys ending ``_mb`` / ``_mib``) or bytes (``_bytes``)."""
     lines = []
@@ -250,11 +255,12 @@ def summary_lines(records) -> list[str]:
                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
         spread = extra.get("ratio_spread") or {}
         ratios = [f"{k} {v:.2f}x" + _spread_note(spread.get(k)) for k, v in nums.items() if _is_ratio(k)]
+        rates = [f"{k} {v:,.1f}/s" for k, v in nums.items() if k in THROUGHPUT]
         memory = [f"{k} {v:,.0f} B" if k.endswith("_bytes") else f"{k} {v:,.1f} MiB"
                   for k, v in nums.items() if _is_memory(k) and not _is_ratio(k)]
-        if not ratios and not memory:
+        parts = " | ".join(", ".join(group) for group in (ratios, rates, memory) if group)
+        if not parts:
             continue
-        parts = ", ".join(ratios) + (" | " if ratios and memory else "") + ", ".join(memory)
         lines.append(f"{name:<{width}}  {parts}")
     return lines
 

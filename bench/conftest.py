@@ -109,14 +109,16 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's own table
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """After pytest-benchmark's table: each timed benchmark's ``speedup_*`` / ``*_vs_*`` ratios and
-    memory figures from its ``extra_info``, one line per benchmark."""
+    """After pytest-benchmark's table: each timed benchmark's ``speedup_*`` / ``*_vs_*`` ratios,
+    throughput (generation's tokens/s, training samples/s) and memory figures from its
+    ``extra_info``, one line per benchmark; then the busy-machine warning, if any."""
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
         return
     lines = summary_lines([(b.name, b.extra_info) for b in session.benchmarks])
     if lines:
-        terminalreporter.write_sep("-", "ratios (x: times faster / larger, measured side by side) and memory")
+        terminalreporter.write_sep(
+            "-", "ratios (x: times faster / larger, measured side by side), throughput and memory")
         for line in lines:
             terminalreporter.write_line(line)
     if not getattr(session, "disabled", False):

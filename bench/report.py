@@ -189,6 +189,60 @@ def bandwidth_figure(data: dict):
     return fig
 
 
+#: the end-to-end benchmarks whose ratios get their own plot (their x axis is not images per sample)
+E2E = ("bench_train_step", "bench_generate", "bench_llm_packing")
+
+
+def _e2e_bars(data: dict) -> list[tuple[str, float, float, float, str]]:
+    """(label, ratio, below, above, note) for every ``speedup_*`` of the `E2E` benchmarks; the note
+    gives generation's new tokens/s, ours and the compared path's."""
+    bars = []
+    for b in data.get("benchmarks", []):
+        extra = b.get("extra_info", {})
+        if not b["name"].startswith(E2E):
+            continue
+        for k, v in sorted(extra.items()):
+            if k.startswith("speedup_") and isinstance(v, (int, float)):
+                note = ""
+                if isinstance(extra.get("tokens_per_s"), (int, float)):
+                    before = extra.get("tokens_per_s_before")
+                    note = f"{extra['tokens_per_s']:.3g} new tok/s" + (f" vs {before:.3g} before" if before else "")
+                bars.append((f"{b['name']}: {k[8:]}", v, *ratio_error(extra, k), note))
+    return bars
+
+
+def e2e_ratio_figure(data: dict):
+    """The training step's and generation's speed-ups (``speedup_*`` of the `E2E` benchmarks), one
+    bar each with the IQR of the per-round ratios as error bar and generation's tokens/s beside
+    it. None when the run has none."""
+    bars = _e2e_bars(data)
+    if not bars:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, max(3.2, 1.6 + 0.45 * len(bars))))
+    ys = list(range(len(bars)))
+    values = [b[1] for b in bars]
+    err = [[b[2] for b in bars], [b[3] for b in bars]]
+    colors = ["tab:green" if b[0].startswith("bench_train_step") else "tab:purple"
+              if b[0].startswith("bench_generate") else "tab:blue" for b in bars]
+    ax.barh(ys, values, xerr=err, capsize=4, color=colors, height=0.6)
+    for y, (_, v, _, hi, note) in zip(ys, bars):
+        ax.text(v + hi, y, f"  {v:.2f}x" + (f"  ({note})" if note else ""), va="center", fontsize=8.5)
+    for color, label in (("tab:green", "training step"), ("tab:purple", "generation"), ("tab:blue", "LLM packing")):
+        if color in colors:
+            ax.barh([0], [0], color=color, label=label)
+    ax.axvline(1.0, color="grey", lw=1, ls="--", label="1x = as fast as the compared code")
+    ax.set_yticks(ys, [b[0] for b in bars], fontsize=8.5)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(v + hi for _, v, _, hi, _ in bars) * 1.45)
+    ax.set_xlabel("speed-up (x, time of compared code / ours)")
+    ax.grid(axis="x", alpha=0.3)
+    _finish(fig, ax, data, "End to end: training step and generation speed-ups",
+            "Bars: median of the per-round ratios of the two sides, timed alternately in one run; error bars: "
+            "their interquartile range.")
+    return fig
+
+
 PARTS = (("vision", "frozen ViT forward"), ("qwformer", "Q/W-former fwd + bwd"), ("llm", "LLM fwd + bwd"))
 
 
@@ -233,11 +287,11 @@ def breakdown_figure(data: dict):
 
 
 def plots(data: dict, out_dir: Path, prefix: str) -> list[Path]:
-    """Write `<prefix>-speedup.png`, `-bandwidth.png` and `-train-breakdown.png` into `out_dir`,
-    only those the data can fill; returns their paths."""
+    """Write `<prefix>-speedup.png`, `-e2e-ratios.png`, `-bandwidth.png` and `-train-breakdown.png`
+    into `out_dir`, only those the data can fill; returns their paths."""
     written = []
-    for suffix, make in (("speedup", speedup_figure), ("bandwidth", bandwidth_figure),
-                         ("train-breakdown", breakdown_figure)):
+    for suffix, make in (("speedup", speedup_figure), ("e2e-ratios", e2e_ratio_figure),
+                         ("bandwidth", bandwidth_figure), ("train-breakdown", breakdown_figure)):
         fig = make(data)
         if fig is None:
             continue

@@ -107,7 +107,7 @@ def run(out: Path, k: str | None = None, files: list[Path] | None = None) -> int
                 written.append(part)
         out.parent.mkdir(parents=True, exist_ok=True)
         merged = merge_files(out, written)
-    print("\n".join(["", "merged ratios (x: times faster / larger, measured side by side) and memory:",
+    print("\n".join(["", "merged ratios (x: times faster / larger, measured side by side), throughput and memory:",
                      *summary(merged), f"results: {out}"]))
     if failed:
         print(f"bench/run.py: failed: {', '.join(failed)}", file=sys.stderr)

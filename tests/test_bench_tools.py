@@ -87,7 +87,8 @@ def test_terminal_summary_prints_ratios_and_memory_one_line_each(monkeypatch):
     fake = [("bench_train_step[sam_fast-tiny]", {"speedup_vs_released": 2.643, "memory_vs_released": 0.554,
                                                  "peak_step_alloc_mb": 2011.4, "samples_per_s": 221.9,
                                                  "sizes": {"B": 4}, "dtype": "float32"}),
-            ("bench_generate[pixels-tiny]", {"tokens_per_s": 664.4, "sizes": {"B": 2}}),  # nothing to show
+            ("bench_generate[pixels-tiny]", {"tokens_per_s": 664.4, "sizes": {"B": 2}}),
+            ("bench_nothing", {"sizes": {"B": 2}, "dtype": "float32"}),  # nothing to show
             ("bench_context_reweight_leave_one_out", {"speedup_vs_naive_einsum": 5.67, "time_vs_output_copy": 2.5}),
             ("bench_linear_cross_entropy[32000-1.0]", {"peak_mib": 12.5, "full_peak_mib": 190.0})]
 
@@ -100,10 +101,12 @@ def test_terminal_summary_prints_ratios_and_memory_one_line_each(monkeypatch):
     conftest.pytest_terminal_summary(rep, 0, config)
     assert "ratios" in rep.lines[0] and "memory" in rep.lines[0]
     body = rep.lines[1:]
-    assert len(body) == 3  # one line per benchmark with something to show; generate has none
+    assert len(body) == 4  # one line per benchmark with something to show
     train = next(line for line in body if line.startswith("bench_train_step[sam_fast-tiny]"))
     assert "speedup_vs_released 2.64x" in train and "memory_vs_released 0.55x" in train
-    assert "peak_step_alloc_mb 2,011.4 MiB" in train and "samples_per_s" not in train
+    assert "peak_step_alloc_mb 2,011.4 MiB" in train and "samples_per_s 221.9/s" in train
+    gen = next(line for line in body if line.startswith("bench_generate[pixels-tiny]"))
+    assert "tokens_per_s 664.4/s" in gen
     cr = next(line for line in body if line.startswith("bench_context_reweight_leave_one_out"))
     assert "speedup_vs_naive_einsum 5.67x" in cr and "time_vs_output_copy 2.50x" in cr
     lce = next(line for line in body if line.startswith("bench_linear_cross_entropy"))
@@ -144,16 +147,19 @@ def _overlap(a, b) -> bool:
     return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
 
 
-@pytest.mark.parametrize("name", ["speedup_figure", "bandwidth_figure", "breakdown_figure"])
+@pytest.mark.parametrize("name", ["speedup_figure", "e2e_ratio_figure", "bandwidth_figure", "breakdown_figure"])
 def test_plots_have_title_units_legend_outside_and_error_bars(name):
     pytest.importorskip("matplotlib")
     from matplotlib.container import ErrorbarContainer
 
     report = _module("report")
     data = _run({2: 1.5, 4: 2.0, 8: 2.6})
+    if name == "e2e_ratio_figure":
+        data = _e2e_run()
     for b in data["benchmarks"]:  # rounds' spread, and a second timing scale (tiny vs 100x larger)
         b["stats"].update(q1=b["stats"]["median"] * 0.9, q3=b["stats"]["median"] * 1.2)
-        b["extra_info"]["median_of_round_ratios"] = b["extra_info"]["speedup_vs_released"] * 1.1
+        if "speedup_vs_released" in b["extra_info"]:  # an older result's error-bar figure
+            b["extra_info"]["median_of_round_ratios"] = b["extra_info"]["speedup_vs_released"] * 1.1
     data["benchmarks"][-1]["extra_info"]["breakdown"] = {"vision": 1.0, "qwformer": 0.2, "llm": 3.0}
     fig = getattr(report, name)(data)
     try:
@@ -431,3 +437,43 @@ def test_run_starts_one_pytest_per_benchmark_file(monkeypatch, tmp_path, capsys)
     assert len(merged["benchmarks"]) == len(files) - 1
     assert "results: " + str(out) in capsys.readouterr().out
     assert "bench/run.py --json bench/results/$$name.json" in (ROOT / "Makefile").read_text()
+
+
+# --- generation and the training step in the summary and the plots --------------------------------
+
+def _e2e_run():
+    """A run with the scaled train step and realistic generation, as the benchmarks store them."""
+    spread = lambda key, q1, q3: {"ratio_spread": {key: {"q1": q1, "q3": q3, "rounds": 3, "warmup_rounds": 1}}}  # noqa: E731
+    benches = [
+        {"name": "bench_train_step[sam_fast-scaled]", "fullname": "bench/e2e/bench_train_step.py::x[sam_fast-scaled]",
+         "stats": {"median": 12.0, "q1": 11.5, "q3": 12.8},
+         "extra_info": {"speedup_vs_released": 1.52, "samples_per_s": 0.66, **spread("speedup_vs_released", 1.45, 1.6)}},
+        {"name": "bench_train_step[cached-scaled]", "fullname": "bench/e2e/bench_train_step.py::x[cached-scaled]",
+         "stats": {"median": 9.0}, "extra_info": {"speedup_vs_released": 1.88,
+                                                  **spread("speedup_vs_released", 1.8, 1.95)}},
+        {"name": "bench_generate_realistic[hf]", "fullname": "bench/e2e/bench_generate.py::bench_generate_realistic[hf]",
+         "stats": {"median": 4.0}, "extra_info": {"speedup_vs_before": 1.57, "tokens_per_s": 48.0,
+                                                  "tokens_per_s_before": 30.6, **spread("speedup_vs_before", 1.5, 1.61)}},
+    ]
+    data = _run({2: 1.5, 4: 2.0})
+    data["benchmarks"] += benches
+    return data
+
+
+def test_report_plots_train_step_and_generation_ratios(tmp_path):
+    pytest.importorskip("matplotlib")
+    report = _module("report")
+    src = tmp_path / "cpu-test-2026-12-01.json"
+    src.write_text(json.dumps(_e2e_run()))
+    assert report.main([str(src)]) == 0
+    png = tmp_path / "cpu-test-2026-12-01-e2e-ratios.png"
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    labels = [label for label, *_ in report._e2e_bars(_e2e_run())]
+    assert labels == ["bench_train_step[sam_fast-scaled]: vs_released", "bench_train_step[cached-scaled]: vs_released",
+                      "bench_generate_realistic[hf]: vs_before"]
+    bars = {label: rest for label, *rest in report._e2e_bars(_e2e_run())}
+    value, below, above, note = bars["bench_generate_realistic[hf]: vs_before"]
+    assert value == 1.57 and below == pytest.approx(0.07) and above == pytest.approx(0.04)
+    assert note == "48 new tok/s vs 30.6 before"
+    table = (tmp_path / "cpu-test-2026-12-01.md").read_text()
+    assert "vs_before 1.57x" in table and "tokens_per_s 48" in table

@@ -8,9 +8,10 @@ padded; about a quarter of the positions are padding). ``padded`` is HF's
 ``packed`` is `sam_fast.models.packing.packed_lm_loss` (padding removed, per-sample varlen causal
 attention, lm_head at supervised positions only: the logits are ~2% of the FLOPs here, so the
 ratio is the padding's). The two sides alternate round by round after a warm-up round each
-(`benchutil.alternating_rounds`); ``speedup_packed_vs_padded`` is the median of the per-round ratios, ``padding_bound`` the ratio of
-padded positions to real tokens (what removing padding can give at most), ``cpu_time_ratio`` (CPU
-only) the same ratio in process CPU time, which other jobs on a shared machine disturb less.
+(`benchutil.alternating_rounds`); ``speedup_packed_vs_padded`` is the median of the per-round
+ratios, ``padding_bound`` the ratio of padded positions to real tokens (what removing padding can
+give at most), ``cpu_time_ratio`` (CPU only) the same ratio in process CPU time, which other jobs
+on a shared machine disturb less.
 Target >= 1.25x.
 
 Sizes: ``tiny`` (the smoke test, also checks both sides give the same loss) and ``scaled``

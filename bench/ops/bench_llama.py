@@ -66,8 +66,8 @@ def _record(benchmark, fused, plain, backend, fused_forward, plain_forward):
     record_ratio(benchmark, "speedup_vs_hf", rr)
     p_fused, p_plain = peak_allocated_bytes(fused), peak_allocated_bytes(plain)
     mib = 2.0**20
-    info = dict(speedup_vs_hf=rr.ratio, fused_ms=rr.fast_median_s * 1e3, hf_ms=rr.other_median_s * 1e3, peak_mib=p_fused / mib,
-                hf_peak_mib=p_plain / mib, memory_ratio=p_fused / max(1, p_plain),
+    info = dict(speedup_vs_hf=rr.ratio, fused_ms=rr.fast_median_s * 1e3, hf_ms=rr.other_median_s * 1e3,
+                peak_mib=p_fused / mib, hf_peak_mib=p_plain / mib, memory_ratio=p_fused / max(1, p_plain),
                 saved_mib=_saved_bytes(fused_forward) / mib, hf_saved_mib=_saved_bytes(plain_forward) / mib)
     benchmark.extra_info.update({k: round(v, 3) for k, v in info.items()})
     benchmark.extra_info["backend"] = backend
