@@ -35,11 +35,11 @@ B, P, D, TEXT = 2, 257, 1408, 32
 
 
 def make_model() -> SAM:
-    """Full-size Q-former and guidance modules; a 1-layer ViT and an empty 4096-wide LLM stand in
-    for the parts encode_images does not run on cached features."""
+    """Full-size Q-former and guidance modules; a 1-layer ViT and a 1-layer 4096-wide LLM (SAMConfig
+    refuses 0 layers) stand in for the parts encode_images does not run on cached features."""
     vision = InstructBlipVisionConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=16, image_size=224, patch_size=14)
-    text = LlamaConfig(vocab_size=64, hidden_size=4096, intermediate_size=64, num_hidden_layers=0,
+    text = LlamaConfig(vocab_size=64, hidden_size=4096, intermediate_size=64, num_hidden_layers=1,
                        num_attention_heads=32, num_key_value_heads=1, head_dim=8)
     cfg = SAMConfig.instructblip_vicuna7b(vision_config=vision.to_dict(), text_config=text.to_dict(),
                                           image_token_index=3)
