@@ -1,8 +1,9 @@
 # make test   build .venv (if missing), install torch + deps + sam_fast (editable, with the
 #             compiled extension), run the tests
 # make demo   same install, then the end-to-end demo (tiny random SAM on a CPU)
-# make bench  same install, then the pytest-benchmark suite (bench/results/<device>-<date>.json;
-#             UPDATE_README=1 also rewrites README.md's Speed table)
+# make bench  same install, then the pytest-benchmark suite, one process per benchmark file, merged
+#             into bench/results/<device>-<date>.json (bench/run.py; UPDATE_README=1 also rewrites
+#             README.md's Speed table)
 # make clean  remove build outputs and the install stamp (keeps .venv)
 # make gpu-check  on a CUDA machine without network: build against its own torch, GPU benchmarks,
 #             model checks, CUDA tests, under a deadline (bench/gpu_check.py; report rewritten after
@@ -44,8 +45,7 @@ bench: $(STAMP)
 	@mkdir -p bench/results
 	@name=$$($(PY) -c "import sys; sys.path.insert(0, 'bench'); from benchutil import device_name; \
 		print(device_name().replace(' ', '_'))")-$$(date +%Y-%m-%d); \
-	$(PY) -m pytest -q bench --benchmark-only --benchmark-columns=median,iqr,rounds \
-		--benchmark-json=bench/results/$$name.json && \
+	$(PY) bench/run.py --json bench/results/$$name.json && \
 	$(PY) bench/report.py bench/results/$$name.json $(if $(UPDATE_README),--readme README.md) && \
 	echo "results: bench/results/$$name.json (+ .md, PNG plots)$(if $(UPDATE_README),; README.md Speed table updated,; README.md untouched (UPDATE_README=1 updates it))"
 

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from benchutil import device_name, summary_lines
+import os
+
+from benchutil import busy_warning, device_name, load_average, summary_lines
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
@@ -48,6 +50,26 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         transformers=version("transformers"), sam_fast=version("sam-fast"), commit=commit,
         cuda=torch.version.cuda or "none", threads=torch.get_num_threads(),
     )
+    machine_info.update(session_load(config))
+
+
+def session_load(config) -> dict:
+    """The run's load figures: load averages at the session's start and end (taken once, at the
+    first call after the benchmarks ran: the JSON is written before the terminal summary), the CPU
+    thread counts and `busy_warning`'s verdict, so that the JSON and the summary say the same."""
+    if getattr(config, "_sam_fast_load", None) is None:
+        start = getattr(config, "_sam_fast_load_start", None)
+        threads, cores = getattr(config, "_sam_fast_threads", torch.get_num_threads()), os.cpu_count()
+        end = load_average()
+        config._sam_fast_load = dict(load_avg_start=start, load_avg_end=end, cpu_count=cores, torch_threads=threads,
+                                     busy_warning=busy_warning(start, end, cores, threads))
+    return config._sam_fast_load
+
+
+def pytest_sessionstart(session):
+    """The load before any benchmark runs (see `session_load`)."""
+    session.config._sam_fast_load_start = load_average()
+    session.config._sam_fast_threads = torch.get_num_threads()
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -60,7 +82,8 @@ def pytest_configure(config):
         config.option.benchmark_disable = True
 
 
-# Order of a timed run: the op benchmarks first, then models, then whole steps. The ops' ratios
+# Order of a timed run in one process (`make bench` runs one process per file: bench/run.py): the
+# op benchmarks first, then models, then whole steps. The ops' ratios
 # depend on the process's memory state: measured after the end-to-end benchmarks had allocated and
 # freed gigabytes, the context_reweight ratios were less than half those of the same file run alone
 # (likely cause: fresh tens-of-MB outputs no longer backed by transparent huge pages).
@@ -86,16 +109,23 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's own table
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """After pytest-benchmark's table: each timed benchmark's ``speedup_*`` / ``*_vs_*`` ratios and
-    memory figures from its ``extra_info``, one line per benchmark."""
+    """After pytest-benchmark's table: each timed benchmark's ``speedup_*`` / ``*_vs_*`` ratios,
+    throughput (generation's tokens/s, training samples/s) and memory figures from its
+    ``extra_info``, one line per benchmark; then the busy-machine warning, if any."""
     session = getattr(config, "_benchmarksession", None)
-    if session is None:
+    if session is None or not session.benchmarks:
         return
     lines = summary_lines([(b.name, b.extra_info) for b in session.benchmarks])
     if lines:
-        terminalreporter.write_sep("-", "ratios (x: times faster / larger, measured side by side) and memory")
+        terminalreporter.write_sep(
+            "-", "ratios (x: times faster / larger, measured side by side), throughput and memory")
         for line in lines:
             terminalreporter.write_line(line)
+    if not getattr(session, "disabled", False):
+        warning = session_load(config)["busy_warning"]
+        if warning:
+            terminalreporter.write_sep("!", "WARNING", yellow=True, bold=True)
+            terminalreporter.write_line(warning, yellow=True, bold=True)
 
 
 @pytest.fixture(autouse=True)

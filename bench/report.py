@@ -105,11 +105,23 @@ def _iqr_scale(b: dict) -> tuple[float, float]:
     return st["q1"] / med, st["q3"] / med
 
 
+def ratio_error(extra: dict, key: str) -> tuple[float, float]:
+    """(below, above) the ratio ``extra[key]`` for an error bar: its per-round IQR from
+    ``ratio_spread`` (`benchutil.record_ratio`); older results stored the fastest-round ratio and
+    ``median_of_round_ratios``, whose gap is drawn instead; (0, 0) when neither is there."""
+    v = extra[key]
+    spread = (extra.get("ratio_spread") or {}).get(key)
+    if isinstance(spread, dict) and "q1" in spread:
+        return max(0.0, v - spread["q1"]), max(0.0, spread["q3"] - v)
+    m = extra.get("median_of_round_ratios", v)
+    return v - min(v, m), max(v, m) - v
+
+
 def speedup_figure(data: dict):
     """Speed-up over the compared implementation against images per sample, one curve per
-    benchmark and setting; error bars span the fastest-round ratio and the median of the per-round
-    ratios. None when no benchmark has ``images_per_sample``."""
-    curves: dict[str, list[tuple[float, float, float]]] = {}
+    benchmark and setting; error bars: the IQR of the per-round ratios (`ratio_error`). None when no
+    benchmark has ``images_per_sample``."""
+    curves: dict[str, list[tuple[float, float, float, float]]] = {}
     for b in data.get("benchmarks", []):
         extra = b.get("extra_info", {})
         if "images_per_sample" not in extra:
@@ -119,7 +131,7 @@ def speedup_figure(data: dict):
         group = re.sub(r"\[.*\]$", "", b["name"]) + (f" [{', '.join(others)}]" if others else "")
         for k, v in extra.items():
             if k.startswith("speedup_"):
-                curves.setdefault(f"{group}: {k[8:]}", []).append((x, v, extra.get("median_of_round_ratios", v)))
+                curves.setdefault(f"{group}: {k[8:]}", []).append((x, v, *ratio_error(extra, k)))
     if not curves:
         return None
     plt = _pyplot()
@@ -127,8 +139,8 @@ def speedup_figure(data: dict):
     for label, pts in sorted(curves.items()):
         pts.sort()
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        lo = [y - min(y, m) for _, y, m in pts]
-        hi = [max(y, m) - y for _, y, m in pts]
+        lo = [lo for _, _, lo, _ in pts]
+        hi = [hi for _, _, _, hi in pts]
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=4, label=label)
     ax.axhline(1.0, color="grey", lw=1, ls="--", label="1x = as fast as the compared code")
     ax.set_xticks(sorted({p[0] for pts in curves.values() for p in pts}))
@@ -137,8 +149,8 @@ def speedup_figure(data: dict):
     ax.set_ylabel("speed-up (x, time of compared code / ours)")
     ax.grid(alpha=0.3)
     _finish(fig, ax, data, "Speed-up over the released code, by images per sample",
-            "Points: ratio of the two sides' fastest rounds, timed alternately in one run; error bars reach "
-            "the median of the per-round ratios.")
+            "Points: median of the per-round ratios of the two sides, timed alternately in one run; error "
+            "bars: their interquartile range.")
     return fig
 
 
@@ -174,6 +186,60 @@ def bandwidth_figure(data: dict):
     ax.set_xlabel("bandwidth (GB/s: bytes read + written per second)")
     ax.grid(axis="x", alpha=0.3)
     _finish(fig, ax, data, "Memory bandwidth achieved vs a plain copy of the same bytes")
+    return fig
+
+
+#: the end-to-end benchmarks whose ratios get their own plot (their x axis is not images per sample)
+E2E = ("bench_train_step", "bench_generate", "bench_llm_packing")
+
+
+def _e2e_bars(data: dict) -> list[tuple[str, float, float, float, str]]:
+    """(label, ratio, below, above, note) for every ``speedup_*`` of the `E2E` benchmarks; the note
+    gives generation's new tokens/s, ours and the compared path's."""
+    bars = []
+    for b in data.get("benchmarks", []):
+        extra = b.get("extra_info", {})
+        if not b["name"].startswith(E2E):
+            continue
+        for k, v in sorted(extra.items()):
+            if k.startswith("speedup_") and isinstance(v, (int, float)):
+                note = ""
+                if isinstance(extra.get("tokens_per_s"), (int, float)):
+                    before = extra.get("tokens_per_s_before")
+                    note = f"{extra['tokens_per_s']:.3g} new tok/s" + (f" vs {before:.3g} before" if before else "")
+                bars.append((f"{b['name']}: {k[8:]}", v, *ratio_error(extra, k), note))
+    return bars
+
+
+def e2e_ratio_figure(data: dict):
+    """The training step's and generation's speed-ups (``speedup_*`` of the `E2E` benchmarks), one
+    bar each with the IQR of the per-round ratios as error bar and generation's tokens/s beside
+    it. None when the run has none."""
+    bars = _e2e_bars(data)
+    if not bars:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, max(3.2, 1.6 + 0.45 * len(bars))))
+    ys = list(range(len(bars)))
+    values = [b[1] for b in bars]
+    err = [[b[2] for b in bars], [b[3] for b in bars]]
+    colors = ["tab:green" if b[0].startswith("bench_train_step") else "tab:purple"
+              if b[0].startswith("bench_generate") else "tab:blue" for b in bars]
+    ax.barh(ys, values, xerr=err, capsize=4, color=colors, height=0.6)
+    for y, (_, v, _, hi, note) in zip(ys, bars):
+        ax.text(v + hi, y, f"  {v:.2f}x" + (f"  ({note})" if note else ""), va="center", fontsize=8.5)
+    for color, label in (("tab:green", "training step"), ("tab:purple", "generation"), ("tab:blue", "LLM packing")):
+        if color in colors:
+            ax.barh([0], [0], color=color, label=label)
+    ax.axvline(1.0, color="grey", lw=1, ls="--", label="1x = as fast as the compared code")
+    ax.set_yticks(ys, [b[0] for b in bars], fontsize=8.5)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(v + hi for _, v, _, hi, _ in bars) * 1.45)
+    ax.set_xlabel("speed-up (x, time of compared code / ours)")
+    ax.grid(axis="x", alpha=0.3)
+    _finish(fig, ax, data, "End to end: training step and generation speed-ups",
+            "Bars: median of the per-round ratios of the two sides, timed alternately in one run; error bars: "
+            "their interquartile range.")
     return fig
 
 
@@ -221,11 +287,11 @@ def breakdown_figure(data: dict):
 
 
 def plots(data: dict, out_dir: Path, prefix: str) -> list[Path]:
-    """Write `<prefix>-speedup.png`, `-bandwidth.png` and `-train-breakdown.png` into `out_dir`,
-    only those the data can fill; returns their paths."""
+    """Write `<prefix>-speedup.png`, `-e2e-ratios.png`, `-bandwidth.png` and `-train-breakdown.png`
+    into `out_dir`, only those the data can fill; returns their paths."""
     written = []
-    for suffix, make in (("speedup", speedup_figure), ("bandwidth", bandwidth_figure),
-                         ("train-breakdown", breakdown_figure)):
+    for suffix, make in (("speedup", speedup_figure), ("e2e-ratios", e2e_ratio_figure),
+                         ("bandwidth", bandwidth_figure), ("train-breakdown", breakdown_figure)):
         fig = make(data)
         if fig is None:
             continue

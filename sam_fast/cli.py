@@ -663,8 +663,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from benchutil import device_name
 
         args.json = str(bench / "results" / f"{device_name().replace(' ', '_')}-{datetime.date.today()}.json")
-    cmd = [sys.executable, "-m", "pytest", "-q", str(bench), "--benchmark-only",
-           "--benchmark-columns=median,iqr,rounds", f"--benchmark-json={args.json}"]
+    # one pytest per benchmark file, merged into one JSON (a file's memory state moves another's ratios)
+    cmd = [sys.executable, str(bench / "run.py"), f"--json={args.json}"]
     if args.k:
         cmd += ["-k", args.k]
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

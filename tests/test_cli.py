@@ -181,8 +181,9 @@ def test_bench_runs_the_benchmark_suite(monkeypatch, tmp_path):
     monkeypatch.setattr(subprocess, "call", lambda cmd, cwd=None: calls.append(cmd) or 0)
     assert main(["bench", "-k", "context_reweight", "--json", str(tmp_path / "b.json")]) == 0
     run, report = calls
-    assert run[1:3] == ["-m", "pytest"] and "--benchmark-only" in run
-    assert run[-2:] == ["-k", "context_reweight"] and run[4].endswith("bench")
+    # bench/run.py: one pytest per benchmark file, merged into the one JSON (as `make bench`)
+    assert run[1].endswith("run.py") and run[2] == f"--json={tmp_path / 'b.json'}"
+    assert run[-2:] == ["-k", "context_reweight"]
     assert report[1].endswith("report.py") and report[2] == str(tmp_path / "b.json")
     assert "--readme" not in report  # a partial run does not overwrite README's Speed table
 

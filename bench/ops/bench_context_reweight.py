@@ -13,8 +13,10 @@ calls it, measured side by side in one run:
   the trainable Adaptive Adjustment and the K/V from frozen layers) vs autograd through the naive
   version.
 
-Ratios go to benchmark.extra_info (and are printed). With --benchmark-disable every benchmark is
-one call (a smoke test) and no ratio is measured.
+Ratios go to benchmark.extra_info (and are printed): each side pair alternates round by round
+after warm-up rounds, the ratio is the median of the per-round ratios (IQR in ``ratio_spread``).
+The per-image sweep's ``ratio_N16_vs_N2`` compares one op at two sizes, timed one after the other.
+With --benchmark-disable every benchmark is one call (a smoke test) and no ratio is measured.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchutil import benchmarks_disabled, record_sizes, run_benchmark, timed
+from benchutil import (alternate, alternating_rounds, benchmarks_disabled, record_ratio, record_sizes, run_benchmark,
+                       timed)
 from sam_fast.ops import context_reweight
 
 B, N, P, D = 4, 8, 257, 1408
@@ -63,22 +66,28 @@ def _record(benchmark, **ratios):
     print(" ".join(f"{k}={v:.3g}" for k, v in ratios.items()))
 
 
+def _record_pair(benchmark, key, rr, **more):
+    """Store one alternating comparison (`record_ratio`) and print it with `more` figures."""
+    _record(benchmark, **{key: record_ratio(benchmark, key, rr)}, **more)
+
+
 def bench_context_reweight_leave_one_out(benchmark):
     F, s, cu = inputs()
     _sizes(benchmark, F)
     with torch.no_grad():
         fast = lambda: context_reweight(F, s, cu, "leave_one_out")  # noqa: E731
-        run_benchmark(benchmark, fast)
         if benchmarks_disabled(benchmark):
+            run_benchmark(benchmark, fast)
             return
-        t_fast = timed(fast)
-        t_naive = timed(lambda: naive_leave_one_out(F, s, N))
+        naive = alternating_rounds(benchmark, fast, lambda: naive_leave_one_out(F, s, N), rounds=7, warmup_rounds=2)
         dst = torch.empty_like(F)
-        t_copy = timed(lambda: dst.copy_(F))
+        copy = alternate(fast, lambda: dst.copy_(F), rounds=7, warmup_rounds=2)
+    t_fast, t_copy = copy.fast_median_s, copy.other_median_s
     nbytes = 2 * F.numel() * F.element_size()  # read the features once, write an output of the same size
-    _record(benchmark, speedup_vs_naive_einsum=t_naive / t_fast, time_vs_output_copy=t_fast / t_copy,
-            speedup_vs_output_copy=t_copy / t_fast, gbps=nbytes / t_fast / 1e9, copy_gbps=nbytes / t_copy / 1e9,
-            fast_ms=t_fast * 1e3, naive_ms=t_naive * 1e3, copy_ms=t_copy * 1e3)
+    record_ratio(benchmark, "speedup_vs_output_copy", copy)
+    _record_pair(benchmark, "speedup_vs_naive_einsum", naive, time_vs_output_copy=1 / copy.ratio,
+                 speedup_vs_output_copy=copy.ratio, gbps=nbytes / t_fast / 1e9, copy_gbps=nbytes / t_copy / 1e9,
+                 fast_ms=naive.fast_median_s * 1e3, naive_ms=naive.other_median_s * 1e3, copy_ms=t_copy * 1e3)
 
 
 def bench_context_reweight_shared(benchmark):
@@ -86,13 +95,12 @@ def bench_context_reweight_shared(benchmark):
     _sizes(benchmark, F)
     with torch.no_grad():
         fast = lambda: context_reweight(F, s, cu, "shared")  # noqa: E731
-        run_benchmark(benchmark, fast)
         if benchmarks_disabled(benchmark):
+            run_benchmark(benchmark, fast)
             return
-        t_fast = timed(fast)
-        t_released = timed(lambda: released_shared(F, s, N))
-    _record(benchmark, speedup_vs_released=t_released / t_fast, fast_ms=t_fast * 1e3,
-            released_ms=t_released * 1e3)
+        rr = alternating_rounds(benchmark, fast, lambda: released_shared(F, s, N), rounds=7, warmup_rounds=2)
+    _record_pair(benchmark, "speedup_vs_released", rr, fast_ms=rr.fast_median_s * 1e3,
+                 released_ms=rr.other_median_s * 1e3)
 
 
 @pytest.mark.parametrize("mode", ["leave_one_out", "shared"])
@@ -127,10 +135,9 @@ def bench_context_reweight_backward(benchmark, mode):
         out = naive(F, s, N)
         return torch.autograd.grad(out, s, torch.ones_like(out))
 
-    run_benchmark(benchmark, fast, rounds=3, warmup_rounds=1)
     if benchmarks_disabled(benchmark):
+        run_benchmark(benchmark, fast, rounds=3, warmup_rounds=1)
         return
-    t_fast = timed(fast, warmup=1, rounds=3)
-    t_slow = timed(slow, warmup=1, rounds=3)
-    _record(benchmark, speedup_fwd_bwd_vs_naive_autograd=t_slow / t_fast, fast_ms=t_fast * 1e3,
-            naive_ms=t_slow * 1e3)
+    rr = alternating_rounds(benchmark, fast, slow, rounds=3, warmup_rounds=1)
+    _record_pair(benchmark, "speedup_fwd_bwd_vs_naive_autograd", rr, fast_ms=rr.fast_median_s * 1e3,
+                 naive_ms=rr.other_median_s * 1e3)

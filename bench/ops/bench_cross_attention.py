@@ -10,7 +10,8 @@ images, 32 query rows x 12 heads x head dim 64 per image and stream, 257 image t
 
 These run on CUDA only: on CPU the kernel runs only under the Triton interpreter, which is a
 correctness tool (milliseconds per program), not something to time. Ratios go to extra_info as
-``speedup_*``.
+``speedup_*``: the two sides alternate round by round after warm-up rounds, median of the
+per-round ratios (IQR in ``ratio_spread``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchutil import benchmarks_disabled, record_sizes, run_benchmark, timed
+from benchutil import alternate, alternating_rounds, benchmarks_disabled, record_ratio, record_sizes, run_benchmark
 from sam_fast.ops import cross_attention_streams, cross_attention_streams_ref, mix_kv
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -55,12 +56,13 @@ def bench_cross_attention_streams_vs_sdpa(benchmark, dtype):
     k2, v2 = k.contiguous(), v.contiguous()  # materialised merged K/V of the W-stream
     with torch.no_grad():
         fused = lambda: cross_attention_streams(q, k, v, k2, v2)  # noqa: E731
-        run_benchmark(benchmark, fused)
         if benchmarks_disabled(benchmark):
+            run_benchmark(benchmark, fused)
             return
-        t_fused = timed(fused, rounds=20)
-        t_sdpa = timed(lambda: cross_attention_streams_ref(q, k, v, k2, v2), rounds=20)
-    _record(benchmark, speedup_vs_sdpa=t_sdpa / t_fused, fused_us=t_fused * 1e6, sdpa_us=t_sdpa * 1e6)
+        rr = alternating_rounds(benchmark, fused, lambda: cross_attention_streams_ref(q, k, v, k2, v2), rounds=20,
+                                warmup_rounds=2)
+    _record(benchmark, speedup_vs_sdpa=record_ratio(benchmark, "speedup_vs_sdpa", rr), fused_us=rr.fast_median_s * 1e6,
+            sdpa_us=rr.other_median_s * 1e6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -83,13 +85,14 @@ def bench_cross_attention_leave_one_out_mix(benchmark, dtype, backward):
 
     fused = lambda: run(cross_attention_streams, False)  # noqa: E731
     with torch.set_grad_enabled(backward):
-        run_benchmark(benchmark, fused)
         if benchmarks_disabled(benchmark):
+            run_benchmark(benchmark, fused)
             return
-        t_fused = timed(fused, rounds=20)
-        t_sdpa = timed(lambda: run(cross_attention_streams_ref, True), rounds=20)
-        t_fused_mat = timed(lambda: run(cross_attention_streams, True), rounds=20)
+        sdpa = alternating_rounds(benchmark, fused, lambda: run(cross_attention_streams_ref, True), rounds=20,
+                                  warmup_rounds=2)
+        mat = alternate(fused, lambda: run(cross_attention_streams, True), rounds=20, warmup_rounds=2)
     merged_mb = 2 * T * P * H * d * q.element_size() / 2**20  # merged K/V of this layer, never allocated
-    _record(benchmark, speedup_vs_materialise_sdpa=t_sdpa / t_fused,
-            speedup_vs_materialise_fused=t_fused_mat / t_fused, merged_kv_mb_avoided=merged_mb,
-            fused_us=t_fused * 1e6, sdpa_us=t_sdpa * 1e6, fused_materialised_us=t_fused_mat * 1e6)
+    _record(benchmark, speedup_vs_materialise_sdpa=record_ratio(benchmark, "speedup_vs_materialise_sdpa", sdpa),
+            speedup_vs_materialise_fused=record_ratio(benchmark, "speedup_vs_materialise_fused", mat),
+            merged_kv_mb_avoided=merged_mb, fused_us=sdpa.fast_median_s * 1e6, sdpa_us=sdpa.other_median_s * 1e6,
+            fused_materialised_us=mat.other_median_s * 1e6)

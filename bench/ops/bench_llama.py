@@ -9,7 +9,8 @@ bench_linear_cross_entropy.py): hidden 4096 -> 512, intermediate 11008 -> 1376, 
 fp32 on CPU, bf16 on CUDA. Each op runs the backend the dispatcher picks (``triton`` on CUDA, the
 lean ``torch`` autograd backend on CPU), recorded as ``backend``.
 
-- ``speedup_vs_hf``: median per-round ratio of the two sides, alternating round by round;
+- ``speedup_vs_hf``: median per-round ratio of the two sides, alternating round by round after a
+  warm-up round each (IQR in ``ratio_spread``);
 - ``peak_mib`` / ``hf_peak_mib``: the peak of what torch allocates during one forward+backward
   (torch.cuda.max_memory_allocated on a GPU; on CPU the profiler's allocation events);
   ``memory_ratio`` = peak / HF's peak;
@@ -24,7 +25,8 @@ from __future__ import annotations
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from benchutil import alternating_rounds, benchmarks_disabled, peak_allocated_bytes, record_sizes, run_benchmark
+from benchutil import (alternating_rounds, benchmarks_disabled, peak_allocated_bytes, record_ratio, record_sizes,
+                       run_benchmark)
 from sam_fast.ops import rms_norm, swiglu
 from sam_fast.ops.llama import rms_norm_backend, swiglu_backend
 
@@ -60,11 +62,12 @@ def _saved_bytes(forward) -> int:
 def _record(benchmark, fused, plain, backend, fused_forward, plain_forward):
     """Time `fused` against `plain` (alternating rounds), measure both peaks and what each
     forward saves for its backward, store the figures."""
-    t_fused, t_plain, ratio = alternating_rounds(benchmark, fused, plain)
+    rr = alternating_rounds(benchmark, fused, plain)
+    record_ratio(benchmark, "speedup_vs_hf", rr)
     p_fused, p_plain = peak_allocated_bytes(fused), peak_allocated_bytes(plain)
     mib = 2.0**20
-    info = dict(speedup_vs_hf=ratio, fused_ms=t_fused * 1e3, hf_ms=t_plain * 1e3, peak_mib=p_fused / mib,
-                hf_peak_mib=p_plain / mib, memory_ratio=p_fused / max(1, p_plain),
+    info = dict(speedup_vs_hf=rr.ratio, fused_ms=rr.fast_median_s * 1e3, hf_ms=rr.other_median_s * 1e3,
+                peak_mib=p_fused / mib, hf_peak_mib=p_plain / mib, memory_ratio=p_fused / max(1, p_plain),
                 saved_mib=_saved_bytes(fused_forward) / mib, hf_saved_mib=_saved_bytes(plain_forward) / mib)
     benchmark.extra_info.update({k: round(v, 3) for k, v in info.items()})
     benchmark.extra_info["backend"] = backend
