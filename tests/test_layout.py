@@ -237,6 +237,17 @@ def test_checkpoint_names_still_importable_from_train():
     assert ckpt.load_latest.__defaults__[0] is ckpt.load_checkpoint  # resume state read by default, as before
 
 
+def test_run_lock_names_still_importable_from_train():
+    """The run lock moved down to sam_fast.runlock (shared by training and synthesis runs);
+    sam_fast.train.outputs gives the same objects under the old names."""
+    from sam_fast import runlock
+    from sam_fast.train import outputs
+
+    for name in ("RunLock", "RunLockedError", "LOCK_FILE"):
+        assert getattr(outputs, name) is getattr(runlock, name), name
+    assert not _imports(PKG / "runlock.py"), "sam_fast.runlock imports sam_fast modules"
+
+
 def test_kernels_mapping_is_documented():
     """kernels/__init__.py names, for every kernel file, the package it is installed as and the op
     module that launches it; README's tree shows the mapping."""
