@@ -216,7 +216,7 @@ ext_modules, cmdclass, built_with_torch = _extensions()
 setup(
     packages=find_packages(include=["sam_fast", "sam_fast.*"]) + ["sam_fast._kernels"],
     package_dir={"sam_fast._kernels": "kernels"},
-    package_data={"sam_fast": ["py.typed"], "sam_fast.data.synthesis": ["prompts.json"]},
+    package_data={"sam_fast": ["py.typed"], "sam_fast.synthesis": ["prompts.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[_torch_requirement(built_with_torch), *DEPENDENCIES],

@@ -682,7 +682,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_synthesize(args: argparse.Namespace) -> int:
-    from sam_fast.data.synthesis import SynthesisError
+    from sam_fast.synthesis import SynthesisError
 
     if (args.text_model is None) == (args.text_url is None):
         raise SystemExit("sam-fast synthesize: give one text writer: --text-model DIR (a local causal LM) or "
@@ -711,7 +711,7 @@ def _build_synthesizer(args: argparse.Namespace):
     (segmenter, inpainter, captioner, text writer) in that order; a bad one raises SynthesisError."""
     import torch
 
-    from sam_fast.data.synthesis import (
+    from sam_fast.synthesis import (
         DiffusersInpainter,
         FilterConfig,
         RandomCompositor,
@@ -744,7 +744,7 @@ def _build_synthesizer(args: argparse.Namespace):
 
 def _text_writer(args: argparse.Namespace, device: str, dtype):
     """A local causal LM (--text-model) or an OpenAI-compatible endpoint (--text-url)."""
-    from sam_fast.data.synthesis import OpenAITextWriter, TransformersTextWriter
+    from sam_fast.synthesis import OpenAITextWriter, TransformersTextWriter
 
     if args.text_model:
         return TransformersTextWriter.from_pretrained(args.text_model, device=device, dtype=dtype,
@@ -1090,7 +1090,7 @@ def _add_synthesis_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     g.add_argument("--text-max-tokens", type=_positive_int, default=160)
     g.add_argument("--text-temperature", type=float, default=0.7, help="0: greedy (local model)")
-    g.add_argument("--prompts", help="prompts JSON file (default: the one shipped in sam_fast/data/synthesis/)")
+    g.add_argument("--prompts", help="prompts JSON file (default: the one shipped in sam_fast/synthesis/)")
 
 
 def _add_filter_flags(p: argparse.ArgumentParser) -> None:

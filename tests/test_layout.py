@@ -101,15 +101,16 @@ def _on_circles(graph: dict[str, set[str]]) -> list[str]:
 
 
 def test_models_package_has_no_import_circle():
-    """No import cycle among sam_fast/models/*.py, counting imports inside functions (the old
-    loading.py <-> sam.py circle was hidden behind function-level imports)."""
-    mods = {_module_name(p): p for p in (PKG / "models").glob("*.py") if p.name != "__init__.py"}
+    """No import cycle among the modules of sam_fast/models (sam_fast/models/loading/ included), counting
+    imports inside functions (the old loading.py <-> sam.py circle was hidden behind function-level imports)."""
+    mods = {_module_name(p): p for p in (PKG / "models").rglob("*.py") if p != PKG / "models" / "__init__.py"}
     graph = {m: {i for i in _imports(p) if i in mods and i != m} for m, p in mods.items()}
     circles = _on_circles(graph)
     assert not circles, f"import circle through {circles}: {graph}"
 
 
-@pytest.mark.parametrize("module", ["sam_fast.models.loading", "sam_fast.models.sam", "sam_fast.models.directory",
+@pytest.mark.parametrize("module", ["sam_fast.models.loading", "sam_fast.models.loading.lavis",
+                                    "sam_fast.models.loading.hf", "sam_fast.models.sam", "sam_fast.models.directory",
                                     "sam_fast.models.checkpoint_files"])
 def test_model_modules_import_first(module):
     r = _run(f"import {module}")
@@ -153,20 +154,29 @@ def test_generate_command_does_not_import_the_trainer(tmp_path):
 
 
 def test_trainable_modules_defined_once():
+    """The tuple is written once, in the loaders' shared module (below the model, so loading needs no import
+    of sam_fast.models.sam); the model exposes it as `SAM.TRAINABLE_MODULES`, and every old import path gives
+    the same object."""
     where = [str(p.relative_to(ROOT)) for p in PKG.rglob("*.py")
-             for n in ast.walk(_tree(p)) if isinstance(n, ast.Assign)
+             for n in ast.walk(_tree(p)) if isinstance(n, ast.Assign) and not isinstance(n.value, ast.Name)
              for t in n.targets if isinstance(t, ast.Name) and t.id == "TRAINABLE_MODULES"]
-    assert where == ["sam_fast/models/loading.py"], where
-    from sam_fast.models import TRAINABLE_MODULES
+    assert where == ["sam_fast/models/loading/common.py"], where
+    from sam_fast.models import SAM, TRAINABLE_MODULES, loading, sam
     from sam_fast.train import trainer
 
-    assert trainer.TRAINABLE_MODULES is TRAINABLE_MODULES
+    assert SAM.TRAINABLE_MODULES is TRAINABLE_MODULES and "TRAINABLE_MODULES" in vars(SAM)
+    assert trainer.TRAINABLE_MODULES is loading.TRAINABLE_MODULES is sam.TRAINABLE_MODULES is TRAINABLE_MODULES
+    assert TRAINABLE_MODULES == ("adaptive_adjustment", "guidance_in", "guidance_out", "language_projection")
 
 
-# kernels -> ops -> modules -> models -> train/eval -> cli: a module imports its own layer and earlier
-# ones only (train and eval side by side: neither imports the other). kernels/ installs as sam_fast._kernels.
-LAYERS = {"sam_fast._kernels": 0, "sam_fast.ops": 1, "sam_fast.modules": 2, "sam_fast.models": 3,
-          "sam_fast.train": 4, "sam_fast.eval": 4, "sam_fast.cli": 5}
+# kernels/data/runlock -> ops -> modules -> models -> train/eval -> synthesis -> cli: a module imports its own
+# layer and earlier ones only (modules of the same layer side by side: neither imports the other; the ground
+# floor's kernels, data and runlock import nothing of each other). kernels/ installs as sam_fast._kernels.
+# synthesis is an application above eval: its captioner runs sam_fast.eval.answer.
+LAYERS = {"sam_fast._kernels": 0, "sam_fast.data": 0, "sam_fast.runlock": 0, "sam_fast.ops": 1, "sam_fast.modules": 2,
+          "sam_fast.models": 3, "sam_fast.train": 4, "sam_fast.eval": 4, "sam_fast.synthesis": 5, "sam_fast.cli": 6}
+# deprecated alias module -> the package it re-exports (its only import, wherever that package sits)
+ALIASES = {"sam_fast.data.synthesis": "sam_fast.synthesis"}
 
 
 def _layer(module: str) -> str | None:
@@ -175,28 +185,43 @@ def _layer(module: str) -> str | None:
 
 
 def _layer_files(layer: str) -> list[tuple[str, Path]]:
-    """(module name, file) of every module of `layer`."""
+    """(module name, file) of every module of `layer`, deprecated aliases left out (`ALIASES`)."""
     if layer == "sam_fast._kernels":
         return [(f"sam_fast._kernels.{p.stem}" if p.stem != "__init__" else "sam_fast._kernels", p)
                 for p in sorted((ROOT / "kernels").glob("*.py"))]
     base = PKG / layer.split(".")[1]
     files = sorted(base.rglob("*.py")) if base.is_dir() else [base.with_suffix(".py")]
-    return [(_module_name(p), p) for p in files]
+    return [(_module_name(p), p) for p in files if p.is_file() and _module_name(p) not in ALIASES]
+
+
+def _back_edges(layer: str) -> dict[str, list[str]]:
+    """module of `layer` -> the modules it imports from its own-numbered or a later layer (other than its own)."""
+    bad = {}
+    for name, p in _layer_files(layer):
+        hits = sorted(i for i in _imports(p) if _layer(i) not in (None, layer) and LAYERS[_layer(i)] >= LAYERS[layer])
+        if hits:
+            bad[name] = hits
+    return bad
 
 
 @pytest.mark.parametrize("layer", list(LAYERS))
 def test_layers_import_only_earlier_layers(layer):
-    """No back-edge along kernels -> ops -> modules -> models -> train/eval -> cli, counting imports inside
-    functions; in particular sam_fast.models.* never imports sam_fast.train.* (loading a model directory reads
-    checkpoints through sam_fast.models.checkpoint_files)."""
-    files = _layer_files(layer)
-    assert files, f"no modules found for layer {layer}"
-    bad = {}
-    for name, p in files:
-        hits = sorted(i for i in _imports(p) if _layer(i) not in (None, layer) and LAYERS[_layer(i)] >= LAYERS[layer])
-        if hits:
-            bad[name] = hits
+    """No back-edge along kernels/data/runlock -> ops -> modules -> models -> train/eval -> synthesis -> cli,
+    counting imports inside functions; in particular sam_fast.models.* never imports sam_fast.train.* (loading
+    a model directory reads checkpoints through sam_fast.models.checkpoint_files) and sam_fast.data.* never
+    imports a model, the evaluator or the trainer."""
+    assert _layer_files(layer), f"no modules found for layer {layer}"
+    bad = _back_edges(layer)
     assert not bad, f"imports of a later (or sibling) layer: {bad}"
+
+
+def test_aliases_import_only_their_target():
+    """A deprecated alias module (`ALIASES`) imports the package it stands for and nothing else of sam_fast."""
+    for alias, target in ALIASES.items():
+        path = PKG.joinpath(*alias.split(".")[1:]).with_suffix(".py")
+        assert path.is_file(), f"{alias}: no module {path.relative_to(ROOT)}"
+        other = sorted(i for i in _imports(path) if i != target and not i.startswith(target + "."))
+        assert not other, f"{alias}: imports {other} besides {target}"
 
 
 def test_layer_graph_has_no_circle():
@@ -208,14 +233,15 @@ def test_layer_graph_has_no_circle():
 
 
 def test_lower_layers_load_no_later_layer():
-    """Importing every module of ops, modules and models (and all they import in turn, through any package)
-    loads nothing of sam_fast.train, sam_fast.eval or sam_fast.cli."""
-    names = [n for layer in ("sam_fast.ops", "sam_fast.modules", "sam_fast.models") for n, _ in _layer_files(layer)]
+    """Importing every module of data, runlock, ops, modules and models (and all they import in turn, through
+    any package) loads nothing of sam_fast.train, sam_fast.eval, sam_fast.synthesis or sam_fast.cli."""
+    names = [n for layer in ("sam_fast.data", "sam_fast.runlock", "sam_fast.ops", "sam_fast.modules",
+                             "sam_fast.models") for n, _ in _layer_files(layer)]
     code = ("import importlib, sys\n"
             f"for n in {names!r}:\n"
             "    importlib.import_module(n)\n"
             "print(sorted(m for m in sys.modules if m.split('.')[:2] in (['sam_fast', 'train'], ['sam_fast', 'eval'], "
-            "['sam_fast', 'cli'])))\n")
+            "['sam_fast', 'synthesis'], ['sam_fast', 'cli'])))\n")
     r = _run(code)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "[]", f"a later layer was loaded: {r.stdout}"
@@ -235,6 +261,17 @@ def test_checkpoint_names_still_importable_from_train():
     assert sam_fast.train.CheckpointError is files.CheckpointError
     assert sam_fast.train.latest_checkpoint is files.latest_checkpoint
     assert ckpt.load_latest.__defaults__[0] is ckpt.load_checkpoint  # resume state read by default, as before
+
+
+def test_run_lock_names_still_importable_from_train():
+    """The run lock moved down to sam_fast.runlock (shared by training and synthesis runs);
+    sam_fast.train.outputs gives the same objects under the old names."""
+    from sam_fast import runlock
+    from sam_fast.train import outputs
+
+    for name in ("RunLock", "RunLockedError", "LOCK_FILE"):
+        assert getattr(outputs, name) is getattr(runlock, name), name
+    assert not _imports(PKG / "runlock.py"), "sam_fast.runlock imports sam_fast modules"
 
 
 def test_kernels_mapping_is_documented():

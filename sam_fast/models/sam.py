@@ -45,7 +45,7 @@ from transformers.models.instructblip.modeling_instructblip import InstructBlipP
 from sam_fast.config import SAMConfig
 from sam_fast.data.pack_plan import PackPlan
 from sam_fast.models import loading, run_dir
-from sam_fast.models.loading import TRAINABLE_MODULES
+from sam_fast.models.loading.common import TRAINABLE_MODULES
 from sam_fast.models.packing import compiled_planned_loss, planned_lm_loss, static_planned_loss_sum
 from sam_fast.ops.linear_cross_entropy import linear_cross_entropy
 from sam_fast.distributed import is_sharded
@@ -217,6 +217,9 @@ class SAM(InstructBlipPreTrainedModel):
 
     config_class = SAMConfig
     config: SAMConfig
+    # the modules training updates and checkpoints / deltas hold; the tuple is the checkpoint format's
+    # (sam_fast.models.loading.common), which the loaders read without importing this module
+    TRAINABLE_MODULES = TRAINABLE_MODULES
     main_input_name = "pixel_values"
     base_model_prefix = "sam"
     _keep_in_fp32_modules = ["query_tokens"]
@@ -279,7 +282,7 @@ class SAM(InstructBlipPreTrainedModel):
         """Freeze everything but the four trainable modules (the paper trains only these 4.3M parameters)."""
         for p in self.parameters():
             p.requires_grad_(False)
-        for name in TRAINABLE_MODULES:
+        for name in self.TRAINABLE_MODULES:
             for p in getattr(self, name).parameters():
                 p.requires_grad_(True)
 
@@ -296,7 +299,7 @@ class SAM(InstructBlipPreTrainedModel):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Exactly the tensors of the four trainable modules, keyed like `state_dict()`."""
-        return {f"{m}.{k}": v for m in TRAINABLE_MODULES for k, v in getattr(self, m).state_dict().items()}
+        return {f"{m}.{k}": v for m in self.TRAINABLE_MODULES for k, v in getattr(self, m).state_dict().items()}
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()

@@ -15,8 +15,9 @@
 directory, a checkpoint inside it, or a SAM / delta / HF InstructBLIP directory, without importing
 the trainer.
 
-One process at a time writes a run directory: `RunLock` creates ``.lock`` exclusively; a lock whose
-process is gone (same host, pid not running) is stale and taken over, any other is refused.
+One process at a time writes a run directory: `RunLock` (`sam_fast.runlock`, shared with synthesis runs;
+importable from here) creates ``.lock`` exclusively; a lock whose process is gone (same host, pid not
+running) is stale and taken over, any other is refused.
 
 Nothing of the user's is written over or deleted. A new run goes only into an empty folder
 (`foreign_entries`); base/ and tokenizer/ are written aside first (``.tmp-run-PID/``) and moved in only
@@ -28,14 +29,10 @@ files, TensorBoard event files); anything else, e.g. a note or a file put into b
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import re
 import shutil
-import socket
-import sys
-import time
 from pathlib import Path, PurePosixPath
 
 
@@ -49,8 +46,9 @@ from sam_fast.models.directory import (  # noqa: F401  (loading moved there; the
     load_model_dir,
     prompt_builder,
 )
+from sam_fast.runlock import LOCK_FILE, RunLock, RunLockedError  # noqa: F401  (moved there; importable here)
 from sam_fast.train import checkpoint as ckpt
-LOCK_FILE = ".lock"
+
 RUN_FORMAT = "sam_fast.run"  # run.json's "format"
 STAGING = ".tmp-run-"  # OUTPUT/.tmp-run-PID: base/ and tokenizer/ being written, moved into place when complete
 _CKPT_DIR = re.compile(r"^(step-\d+|\.(tmp|old)-step-\d+-\d+)$")  # a checkpoint, being written or replaced
@@ -61,111 +59,8 @@ _RUN_FILES = ("log.jsonl", "log.jsonl.tmp", ".run.json.tmp")  # besides run.json
 MODEL_KEYS = ("context_mode", "guidance")
 
 
-def _notice(msg: str) -> None:
-    print(f"sam_fast: {msg}", file=sys.stderr, flush=True)
-
-
 class RunDirectoryError(ValueError):
     """The output directory holds something this call would overwrite or delete, or nothing it can resume."""
-
-
-class RunLockedError(RuntimeError):
-    """Another process holds the run directory's lock (or it cannot be told to be stale)."""
-
-
-def _pid_alive(pid) -> bool:
-    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    except OSError:
-        return False
-    return True
-
-
-class RunLock:
-    """Exclusive use of a run directory by this process (``with RunLock(out): ...`` or acquire/release).
-
-    ``OUT/.lock`` is created with O_EXCL and holds {"pid", "host", "started"}. A lock left by a process
-    that no longer runs on this host is stale: it is replaced (said in one line). A live one, or one
-    from another host (whose process cannot be checked), raises `RunLockedError` naming holder and file."""
-
-    def __init__(self, output: str | os.PathLike, notice=_notice):
-        self.out = Path(output)
-        self.path = self.out / LOCK_FILE
-        self.notice = notice
-        self.info = None
-
-    def _read(self):
-        try:
-            info = json.loads(self.path.read_text())
-            return info if isinstance(info, dict) else None
-        except (OSError, ValueError, RecursionError):
-            return None
-
-    def acquire(self) -> RunLock:
-        """Take the lock; returns self."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": datetime.datetime.now().isoformat(timespec="seconds")}
-        for _ in range(5):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._read()
-                if holder is None:  # being written right now, or garbage
-                    time.sleep(0.2)
-                    holder = self._read()
-                    if holder is None:
-                        raise RunLockedError(f"{self.path}: unreadable lock file; if no process trains into "
-                                             f"{self.out}, delete it") from None
-                if holder.get("host") == info["host"] and not _pid_alive(holder.get("pid")):
-                    self._take_over(holder)
-                    continue
-                raise RunLockedError(
-                    f"{self.out} is in use by pid {holder.get('pid')} on {holder.get('host')} since "
-                    f"{holder.get('started')}; if that process is gone, delete {self.path}") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(info))
-            self.info = info
-            return self
-        raise RunLockedError(f"{self.path}: could not take the lock (other processes keep taking it)")
-
-    def _take_over(self, holder: dict) -> None:
-        aside = self.path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
-        try:
-            os.replace(self.path, aside)
-        except FileNotFoundError:  # another process removed it first
-            return
-        try:
-            moved = json.loads(aside.read_text())
-        except (OSError, ValueError):
-            moved = None
-        if moved != holder:  # a fresh lock taken meanwhile by another process: put it back
-            try:
-                os.link(aside, self.path)
-            except FileExistsError:
-                pass
-        else:
-            self.notice(f"{self.out}: removed a stale lock of pid {holder.get('pid')} on {holder.get('host')} "
-                        "(no longer running)")
-        aside.unlink(missing_ok=True)
-
-    def release(self) -> None:
-        """Remove the lock if it is still this process's."""
-        if self.info is not None and self._read() == self.info:
-            self.path.unlink(missing_ok=True)
-        self.info = None
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 def run_record(output: str | os.PathLike) -> dict | None:

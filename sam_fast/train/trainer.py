@@ -59,7 +59,7 @@ import torch
 
 from sam_fast.data import Collator, model_inputs
 from sam_fast.data.dataset import DataError, sample_seed
-from sam_fast.models.loading import TRAINABLE_MODULES
+from sam_fast.models import TRAINABLE_MODULES
 from sam_fast.train import checkpoint as ckpt
 from sam_fast.distributed import (
     DistInfo,

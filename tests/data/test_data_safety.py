@@ -297,8 +297,8 @@ def test_refuse_code_in_names_the_config_asking_for_code(tmp_path, where):
 
 
 def test_a_diffusers_folder_with_local_components_is_refused(tmp_path):
-    from sam_fast.data.synthesis import SynthesisError
-    from sam_fast.data.synthesis.errors import load_local
+    from sam_fast.synthesis import SynthesisError
+    from sam_fast.synthesis.errors import load_local
 
     (tmp_path / "sd").mkdir()
     index = {"_class_name": "StableDiffusionInpaintPipeline", "unet": ["diffusers", "UNet2DConditionModel"],

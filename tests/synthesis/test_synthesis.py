@@ -1,4 +1,4 @@
-"""sam_fast.data.synthesis and `sam-fast synthesize`: tiny random models built from configs, offline, CPU.
+"""sam_fast.synthesis and `sam-fast synthesize`: tiny random models built from configs, offline, CPU.
 
 Sources are drawn here: each object is a solid-colour rectangle on a white background, so the threshold
 segmenter's mask, the compositor's placements and the filters' verdicts can be stated exactly."""
@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import subprocess
 import sys
 import urllib.error
 from pathlib import Path
@@ -20,7 +21,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the _tiny helper
 
-from sam_fast.data.synthesis import (  # noqa: E402
+from sam_fast.synthesis import (  # noqa: E402
     FilterConfig,
     Manifest,
     OpenAITextWriter,
@@ -35,8 +36,8 @@ from sam_fast.data.synthesis import (  # noqa: E402
     plan_samples,
     discover_sources,
 )
-from sam_fast.data.synthesis import filters as F  # noqa: E402
-from sam_fast.data.synthesis.pipeline import parse_refined  # noqa: E402
+from sam_fast.synthesis import filters as F  # noqa: E402
+from sam_fast.synthesis.pipeline import parse_refined  # noqa: E402
 
 COLOURS = {"apple": (200, 30, 30), "boat": (30, 60, 200), "chair": (30, 160, 60), "drum": (200, 160, 20)}
 
@@ -179,7 +180,7 @@ def test_sam_segmenter_from_local_directory(tmp_path, prompt):
 
 
 def test_saliency_box_is_the_box_of_non_background_pixels():
-    from sam_fast.data.synthesis.segmentation import saliency_box
+    from sam_fast.synthesis.segmentation import saliency_box
 
     assert saliency_box(np.asarray(rect_image((0, 0, 0), (8, 6, 30, 30)))) == [8.0, 6.0, 29.0, 29.0]
     assert saliency_box(np.full((10, 12, 3), 9, np.uint8)) == [0.0, 0.0, 11.0, 9.0]
@@ -639,7 +640,7 @@ def test_synthesize_command_errors_are_one_line(tmp_path):
 
 def test_synthesize_command_wiring_and_interrupt(tmp_path, monkeypatch, capsys):
     """The options reach the components; Ctrl-C ends with one line and exit status 130, and a rerun finishes."""
-    import sam_fast.data.synthesis as S
+    import sam_fast.synthesis as S
     from sam_fast.cli import main
 
     got = {}
@@ -671,7 +672,7 @@ def test_synthesize_command_wiring_and_interrupt(tmp_path, monkeypatch, capsys):
 
 def _stub_command(tmp_path, monkeypatch, writer):
     """`sam-fast synthesize` arguments over stub models (inpainting, captioning, text by `writer`)."""
-    import sam_fast.data.synthesis as S
+    import sam_fast.synthesis as S
 
     def fake(stub):
         return classmethod(lambda cls, path, **kw: stub)
@@ -714,7 +715,7 @@ def test_a_full_disk_while_synthesizing_leaves_no_partial_file(tmp_path, monkeyp
     import errno
 
     from sam_fast.cli import main
-    from sam_fast.data.synthesis import manifest
+    from sam_fast.synthesis import manifest
 
     real, calls = manifest.os.fsync, []
 
@@ -729,3 +730,39 @@ def test_a_full_disk_while_synthesizing_leaves_no_partial_file(tmp_path, monkeyp
         main(_stub_command(tmp_path, monkeypatch, EchoWriter()))
     left = [p.relative_to(tmp_path) for p in (tmp_path / "out").rglob(".*.tmp-*")]
     assert left == [] and len(calls) >= 6
+
+
+def test_the_old_package_name_is_a_deprecated_alias():
+    """sam_fast.data.synthesis (where synthesis lived inside the data layer) still imports, warns that it
+    moved, and gives the same objects, stage modules included, as sam_fast.synthesis."""
+    code = ("import warnings\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    from sam_fast.data.synthesis.errors import load_local\n"
+            "    from sam_fast.data.synthesis import Synthesizer, SynthesisError, __all__ as names\n"
+            "    import sam_fast.data.synthesis as old\n"
+            "import sam_fast.synthesis as new\n"
+            "from sam_fast.synthesis import errors\n"
+            "print([(x.category.__name__, str(x.message)) for x in w])\n"
+            "print(load_local is errors.load_local, Synthesizer is new.Synthesizer, SynthesisError is new.SynthesisError,\n"
+            "      all(getattr(old, n) is getattr(new, n) for n in new.__all__), names == new.__all__)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr[-2000:]
+    warned, same = r.stdout.strip().splitlines()
+    assert warned == str([("DeprecationWarning",
+                           "sam_fast.data.synthesis moved to sam_fast.synthesis; import it from there")])
+    assert same == "True True True True True"
+
+
+def test_the_prompts_file_ships_from_its_package():
+    """setup.py's package_data names prompts.json under the package the default prompts are read from."""
+    import ast
+
+    from sam_fast.synthesis import DEFAULT_PROMPTS
+
+    setup = ast.parse((Path(__file__).resolve().parents[2] / "setup.py").read_text())
+    data = next(ast.literal_eval(k.value) for n in ast.walk(setup) if isinstance(n, ast.Call)
+                for k in n.keywords if k.arg == "package_data")
+    assert DEFAULT_PROMPTS.is_file() and DEFAULT_PROMPTS.parent.name == "synthesis"
+    assert DEFAULT_PROMPTS.name in data["sam_fast.synthesis"], data

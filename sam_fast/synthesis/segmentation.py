@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from sam_fast.data.synthesis.errors import SynthesisError, load_local
+from sam_fast.synthesis.errors import SynthesisError, load_local
 
 
 @runtime_checkable

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from sam_fast.data.synthesis.errors import SynthesisError
+from sam_fast.synthesis.errors import SynthesisError
 
 
 @dataclass

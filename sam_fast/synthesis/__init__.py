@@ -10,13 +10,13 @@
 - `manifest` / `pipeline`: the resumable run (`Synthesizer`).
 """
 
-from sam_fast.data.synthesis.captioning import DEFAULT_CAPTION_PROMPT, Captioner, SAMCaptioner
-from sam_fast.data.synthesis.compositing import Composite, Compositor, Placement, RandomCompositor
-from sam_fast.data.synthesis.errors import SynthesisError
-from sam_fast.data.synthesis.filters import Decision, FilterConfig
-from sam_fast.data.synthesis.inpainting import DiffusersInpainter, Inpainter
-from sam_fast.data.synthesis.manifest import Manifest
-from sam_fast.data.synthesis.pipeline import (
+from sam_fast.synthesis.captioning import DEFAULT_CAPTION_PROMPT, Captioner, SAMCaptioner
+from sam_fast.synthesis.compositing import Composite, Compositor, Placement, RandomCompositor
+from sam_fast.synthesis.errors import SynthesisError
+from sam_fast.synthesis.filters import Decision, FilterConfig
+from sam_fast.synthesis.inpainting import DiffusersInpainter, Inpainter
+from sam_fast.synthesis.manifest import Manifest
+from sam_fast.synthesis.pipeline import (
     PlannedSample,
     SourceGroup,
     SynthesisResult,
@@ -24,8 +24,8 @@ from sam_fast.data.synthesis.pipeline import (
     discover_sources,
     plan_samples,
 )
-from sam_fast.data.synthesis.segmentation import SamSegmenter, Segmenter, ThresholdSegmenter, largest_component
-from sam_fast.data.synthesis.text import (
+from sam_fast.synthesis.segmentation import SamSegmenter, Segmenter, ThresholdSegmenter, largest_component
+from sam_fast.synthesis.text import (
     DEFAULT_PROMPTS,
     OpenAITextWriter,
     Prompts,

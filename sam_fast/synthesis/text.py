@@ -7,7 +7,7 @@
   called with `urllib`; the API key is read from an environment variable and never recorded.
 
 The prompts live in a JSON file the user can edit (`load_prompts`; the default ships with the package as
-``sam_fast/data/synthesis/prompts.json``).
+``sam_fast/synthesis/prompts.json``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from sam_fast.data.synthesis.errors import SynthesisError, load_local
+from sam_fast.synthesis.errors import SynthesisError, load_local
 
 DEFAULT_PROMPTS = Path(__file__).with_name("prompts.json")
 _FIELDS = {"background": {"object", "caption"}, "refine": {"object", "caption", "instruction"},

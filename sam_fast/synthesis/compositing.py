@@ -19,7 +19,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from sam_fast.data.synthesis.errors import SynthesisError
+from sam_fast.synthesis.errors import SynthesisError
 
 
 @dataclass

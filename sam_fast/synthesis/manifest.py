@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from sam_fast.data.synthesis.errors import SynthesisError
+from sam_fast.synthesis.errors import SynthesisError
 
 MARKER = "synthesis.json"
 MANIFEST = "manifest.jsonl"

@@ -36,10 +36,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sam_fast.data.synthesis.captioning import Captioner
-from sam_fast.data.synthesis.compositing import Compositor
-from sam_fast.data.synthesis.errors import SynthesisError
-from sam_fast.data.synthesis.filters import (
+from sam_fast.runlock import RunLock, RunLockedError
+from sam_fast.synthesis.captioning import Captioner
+from sam_fast.synthesis.compositing import Compositor
+from sam_fast.synthesis.errors import SynthesisError
+from sam_fast.synthesis.filters import (
     Decision,
     FilterConfig,
     mask_area,
@@ -47,8 +48,8 @@ from sam_fast.data.synthesis.filters import (
     object_cut,
     text_quality,
 )
-from sam_fast.data.synthesis.inpainting import Inpainter
-from sam_fast.data.synthesis.manifest import (
+from sam_fast.synthesis.inpainting import Inpainter
+from sam_fast.synthesis.manifest import (
     FORMAT,
     MARKER,
     Manifest,
@@ -57,8 +58,8 @@ from sam_fast.data.synthesis.manifest import (
     check_output_folder,
     settings_differences,
 )
-from sam_fast.data.synthesis.segmentation import Segmenter
-from sam_fast.data.synthesis.text import Prompts, TextWriter, load_prompts
+from sam_fast.synthesis.segmentation import Segmenter
+from sam_fast.synthesis.text import Prompts, TextWriter, load_prompts
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 STAGES = ("compose", "caption", "background", "inpaint", "refine", "write")
@@ -220,8 +221,6 @@ class Synthesizer:
             limit: only the first `limit` samples of the plan (a later run with a larger limit continues).
             progress: tqdm bars per stage.
         """
-        from sam_fast.train.outputs import RunLock, RunLockedError
-
         sources, out = Path(sources), Path(output)
         groups = discover_sources(sources)
         settings = self.settings(sources, groups)

@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
-from sam_fast.data.synthesis.errors import SynthesisError, load_local
+from sam_fast.synthesis.errors import SynthesisError, load_local
 
 
 @runtime_checkable

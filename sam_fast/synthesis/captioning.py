@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
-from sam_fast.data.synthesis.errors import SynthesisError
+from sam_fast.synthesis.errors import SynthesisError
 
 DEFAULT_CAPTION_PROMPT = "{image#1} Describe the main object in this image in detail."
 
