@@ -56,16 +56,19 @@ _CODE_CONFIGS = ("config.json", "tokenizer_config.json", "processor_config.json"
                  "image_processor_config.json", "video_preprocessor_config.json", "feature_extractor_config.json",
                  "model_index.json")
 _LIBRARIES = {"diffusers", "transformers"}  # diffusers components from these are library classes
-_MAX_CONFIG_BYTES = 16 << 20
+_MAX_CONFIG_BYTES = 64 << 20  # a config beyond this is not a config: refused, not skipped
+_CODE_KEYS = {b'"auto_map"': "an auto_map entry (custom classes)",  # looked for in the raw text: at any
+              b'"custom_pipeline"': "a custom_pipeline entry"}      # depth, whether the file parses or not
 
 
 def refuse_code_in(folder: str | os.PathLike, depth: int = 2) -> None:
     """Raise `RemoteCodeError`, naming the file, when a config in `folder` or its subfolders (down to
     `depth` levels: a SAM folder's ``tokenizer/llm``) would make a loader import code from the folder:
     an ``auto_map`` (transformers' custom classes, loaded with ``trust_remote_code``), a
-    ``custom_pipeline``, or a diffusers ``model_index.json`` component whose library is not diffusers
-    or transformers (a ``.py`` module beside it). Unreadable configs are left to the loaders, which
-    name them."""
+    ``custom_pipeline`` (either key anywhere in the file, at any depth, found in its raw text so that
+    a file too nested or too damaged to parse cannot hide one), or a diffusers ``model_index.json``
+    component whose library is not diffusers or transformers (a ``.py`` module beside it). A config
+    over 64 MB is refused too; other unreadable configs are left to the loaders, which name them."""
     root = Path(folder)
     if not root.is_dir():
         return
@@ -86,23 +89,24 @@ def refuse_code_in(folder: str | os.PathLike, depth: int = 2) -> None:
 
 def _refuse_code_config(path: Path) -> None:
     try:
-        if path.stat().st_size > _MAX_CONFIG_BYTES:
-            return
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        size = path.stat().st_size
+        if size > _MAX_CONFIG_BYTES:
+            raise RemoteCodeError(f"{path}: {size} bytes, too large to be a config (at most {_MAX_CONFIG_BYTES}); "
+                                  "not reading it")
+        raw = path.read_bytes()
+    except OSError:
         return
-    if not isinstance(config, dict):
-        return
-    why = None
-    if "auto_map" in config:
-        why = "an auto_map (custom classes)"
-    elif "custom_pipeline" in config:
-        why = "a custom_pipeline"
-    elif path.name == "model_index.json":
-        local = sorted(k for k, v in config.items() if isinstance(v, list) and len(v) == 2
-                       and isinstance(v[0], str) and v[0] not in _LIBRARIES)
-        if local:
-            why = f"components from local modules ({', '.join(local[:3])})"
+    why = next((what for key, what in _CODE_KEYS.items() if key in raw), None)
+    if why is None and path.name == "model_index.json":
+        try:
+            config = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError):
+            config = None
+        if isinstance(config, dict):
+            local = sorted(k for k, v in config.items() if isinstance(v, list) and len(v) == 2
+                           and isinstance(v[0], str) and v[0] not in _LIBRARIES)
+            if local:
+                why = f"components from local modules ({', '.join(local[:3])})"
     if why:
         raise RemoteCodeError(f"{path}: asks to run Python code from the model folder ({why}); sam_fast never "
                               "loads code from a folder: remove the entry, or use a folder with the library's "

@@ -146,8 +146,8 @@ class SamSegmenter:
         from transformers import SamModel, SamProcessor
 
         processor, model = load_local("--sam-model", path, "a Segment Anything model", lambda: (
-            SamProcessor.from_pretrained(path, local_files_only=True),
-            SamModel.from_pretrained(path, local_files_only=True, dtype=dtype)))
+            SamProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False),
+            SamModel.from_pretrained(path, local_files_only=True, trust_remote_code=False, dtype=dtype)))
         if device is not None:
             model.to(device)
         return cls(model, processor, prompt, name=str(path))

@@ -312,3 +312,29 @@ def test_a_diffusers_folder_with_local_components_is_refused(tmp_path):
     (tmp_path / "sd" / "model_index.json").write_text(json.dumps(index))
     load_local("--inpaint-model", tmp_path / "sd", "a pipeline", lambda: loaded.append(1))
     assert loaded == [1]
+
+
+@pytest.mark.parametrize("how", ["nested", "padded", "unparsable"])
+def test_an_auto_map_anywhere_in_a_config_is_refused(tmp_path, how):
+    """An auto_map nested inside another entry (processor_config.json's image_processor), one in a file
+    padded past any size a scanner might skip, and one in a file too damaged to parse are found too."""
+    from sam_fast.data.paths import RemoteCodeError, refuse_code_in
+
+    folder = tmp_path / "sam"
+    folder.mkdir()
+    entry = {"auto_map": {"AutoImageProcessor": "evil.EvilIP"}}
+    text = {"nested": json.dumps({"processor_class": "SamProcessor", "image_processor": entry}),
+            "padded": json.dumps(entry) + " " * (17 << 20),
+            "unparsable": "[" * 100_000 + json.dumps(entry)}[how]
+    (folder / "processor_config.json").write_text(text)
+    with pytest.raises(RemoteCodeError, match=r"processor_config\.json: asks to run Python code .*an auto_map entry"):
+        refuse_code_in(folder)
+
+
+def test_a_config_too_large_to_be_one_is_refused_unread(tmp_path):
+    from sam_fast.data.paths import RemoteCodeError, refuse_code_in
+
+    (tmp_path / "config.json").touch()
+    os.truncate(tmp_path / "config.json", 65 << 20)  # sparse: nothing is written
+    with pytest.raises(RemoteCodeError, match=r"config\.json: 68157440 bytes, too large to be a config"):
+        refuse_code_in(tmp_path)
