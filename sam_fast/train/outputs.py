@@ -122,8 +122,10 @@ def _in_layout(rel: PurePosixPath, record: dict | None) -> bool:
     parts = rel.parts
     if parts[0].startswith(STAGING):
         return True
-    if len(parts) == 1:
-        return parts[0] in _RUN_FILES or (parts[0] == "run.json" and record is not None)
+    if len(parts) == 1:  # only a run.json of this format proves that it and the log are the run's own (an older
+        # one, or someone's file that merely looks like one, proves nothing)
+        ours = record is not None and record.get("format") == RUN_FORMAT
+        return ours and (parts[0] in _RUN_FILES or parts[0] == "run.json")
     if parts[0] == "checkpoints":
         return ((len(parts) == 2 and bool(_CKPT_POINTER.match(parts[1])))
                 or (len(parts) == 3 and bool(_CKPT_DIR.match(parts[1])) and parts[2] in _CKPT_FILES))
@@ -281,6 +283,8 @@ def _blocks(rel: PurePosixPath, new: set[PurePosixPath]) -> bool:
     if rel in new or any(rel in n.parents for n in new):
         return True
     parts = rel.parts
+    if parts[0] in ("checkpoints", "tensorboard") and len(parts) == 1:  # a link or file where the run writes a folder
+        return True
     if parts[0] != "checkpoints" or len(parts) < 2:
         return False
     return bool(_CKPT_POINTER.match(parts[1])) or (len(parts) > 2 and bool(_CKPT_DIR.match(parts[1])))
@@ -289,7 +293,7 @@ def _blocks(rel: PurePosixPath, new: set[PurePosixPath]) -> bool:
 def _refuse_blocked(out: Path, staged: list[PurePosixPath], overwrite: bool) -> None:
     """`RunDirectoryError` naming the files in `out` the new run would write over: with `overwrite` those
     `clear_run` keeps, otherwise any at run.json or the paths of base/ and tokenizer/ (`staged`)."""
-    new = {PurePosixPath("run.json"), *staged}
+    new = {PurePosixPath("run.json"), PurePosixPath("log.jsonl"), *staged}  # the log: the new run starts it afresh
     if overwrite and existing_run(out):
         blocked = [r for r in clear_plan(out)[1] if _blocks(r, new)]
     else:

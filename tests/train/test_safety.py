@@ -691,3 +691,41 @@ def test_a_damaged_run_json_is_one_line_and_left_as_it_is(data, run, tmp_path, c
                                          r"sam_fast .*move it aside") as exc:
         _train(data, out, "--resume", "--max-steps", "6")
     assert "\n" not in str(exc.value.code) and (out / "run.json").read_text() == content
+
+
+def _tree(root):
+    """{relative path: bytes} of every file under `root`, links followed (what a user would lose)."""
+    import os
+
+    out = {}
+    for dirpath, _, files in os.walk(root, followlinks=True):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            out[os.path.relpath(p, root)] = open(p, "rb").read()
+    return out
+
+
+def test_overwrite_refuses_a_run_json_that_only_looks_like_a_run(data, tmp_path):
+    """Someone's run.json shaped like an older sam_fast run (base with a kind, train options) and a log
+    beside it prove nothing: --overwrite refuses before removing or writing anything."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"base": {"kind": "dir", "path": "/x"}, "train": {"lr": 0.1}}))
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    (out / "notes.txt").write_text("mine")
+    before = _tree(out)
+    with pytest.raises(SystemExit, match=r"holds file\(s\) where the new run writes that are not the run's own "
+                                         r"\(log\.jsonl, run\.json.*nothing was removed or written"):
+        _train(data, out, "--overwrite")
+    assert _tree(out) == before
+
+
+def test_overwrite_refuses_a_run_whose_checkpoints_folder_is_a_link(data, run, tmp_path):
+    out = _copy(run, tmp_path)
+    elsewhere = tmp_path / "scratch"
+    shutil.move(str(out / "checkpoints"), elsewhere)
+    (out / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    before = _tree(tmp_path)
+    with pytest.raises(SystemExit, match=r"not the run's own \(checkpoints.*nothing was removed or written"):
+        _train(data, out, "--overwrite", "--seed", "3")
+    assert _tree(tmp_path) == before
