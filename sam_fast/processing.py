@@ -47,7 +47,7 @@ from sam_fast.config import (
     check_config_dict,
     read_config_file,
 )
-from sam_fast.data.dataset import Collator, DataError, model_inputs, text_problem
+from sam_fast.data.dataset import EMPTY_OUTPUT, Collator, DataError, model_inputs, text_problem
 from sam_fast.data.paths import refuse_code_in
 from sam_fast.data.tokenization import PromptBuilder, image_reference_problem, load_tokenizers
 from sam_fast.data.transforms import EvalTransform
@@ -80,7 +80,8 @@ def as_pil_image(image) -> Image.Image:
     """A PIL image from a PIL image, a numpy array or a torch tensor.
 
     Arrays: ``[H, W]`` (grey), ``[H, W, C]`` or ``[C, H, W]`` with C in (1, 3, 4) (RGBA loses its
-    alpha); dtype uint8 (0..255) or floating point with values in [0, 1].
+    alpha); dtype uint8 (0..255), uint16 (0..65535, scaled to 8 bits as 16-bit files are) or floating
+    point with values in [0, 1].
 
     Raises:
         ValueError: any other type, shape, dtype or value range, or a PIL image that cannot be
@@ -91,6 +92,8 @@ def as_pil_image(image) -> Image.Image:
             image.load()
         except (ValueError, OSError) as e:
             raise ValueError(f"cannot be read ({type(e).__name__}: {e})") from e
+        if 0 in image.size:
+            raise ValueError(f"has no pixels ({image.size[0]}x{image.size[1]})")
         return image
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
@@ -109,8 +112,11 @@ def as_pil_image(image) -> Image.Image:
             raise ValueError(f"is a {arr.dtype} array with values outside [0, 1] (or NaN): floating-point images "
                              f"must lie in [0, 1]; pass uint8 for 0..255 values")
         arr = np.rint(arr * 255.0).astype(np.uint8)
+    elif arr.dtype == np.uint16:  # 16-bit pixels scaled to 8 bits, as 16-bit image files are
+        arr = np.rint(arr / 257.0).astype(np.uint8)
     elif arr.dtype != np.uint8:
-        raise ValueError(f"is a {arr.dtype} array; expected uint8 (0..255) or floating point in [0, 1]")
+        raise ValueError(f"is a {arr.dtype} array; expected uint8 (0..255), uint16 (0..65535) or floating point "
+                         "in [0, 1]")
     return Image.fromarray(np.ascontiguousarray(arr))
 
 
@@ -338,6 +344,8 @@ class SAMProcessor(ProcessorMixin):
                 if not isinstance(value, str):
                     raise ValueError(f"{name}[{i}] is a {type(value).__name__}, not a string")
                 problem = text_problem("instruction" if name == "text" else "output", value)
+                if name == "answers" and not problem and not value.strip():
+                    problem = EMPTY_OUTPUT
                 if problem:
                     raise ValueError(f"{name}[{i}]: {problem}")
         flat = []

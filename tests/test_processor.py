@@ -387,3 +387,18 @@ def test_processor_sizes_are_bounded_in_code_too(model):
         SAMImageProcessor(size=100_000)
     with pytest.raises(ConfigError, match=r"^SAMProcessor: num_query_tokens = 100000000: expected an integer in \[1, "):
         SAMProcessor(SAMImageProcessor(size=28), *reversed(tiny_tokenizers()), num_query_tokens=10**8)
+
+
+def test_empty_images_and_answers_are_refused_and_16_bit_arrays_scaled(processor):
+    """A 0x0 image and an empty answer were accepted silently (the sample then trained on nothing but
+    </s>); a uint16 array was refused although 16-bit files are scaled to 8 bits."""
+    red = Image.new("RGB", (40, 40), (255, 0, 0))
+    with pytest.raises(ValueError, match=r"images\[0\]\[1\] \(sample 0, image 1\) has no pixels \(0x0\)"):
+        processor(images=[[red, Image.new("RGB", (0, 0))]], text=["{image#1} {image#2} same?"])
+    with pytest.raises(ValueError, match=r"answers\[1\]: 'output' is empty"):
+        processor(images=[[red], [red]], text=["what?", "what?"], answers=["red", "  "])
+    deep = np.full((40, 40, 3), 65535, dtype=np.uint16)
+    deep[..., 1:] = 0
+    a = processor(images=[[deep]], text=["what?"])["pixel_values"]
+    b = processor(images=[[red]], text=["what?"])["pixel_values"]
+    assert torch.equal(a, b)

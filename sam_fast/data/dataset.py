@@ -46,6 +46,9 @@ class DataError(ValueError):
     """Bad data; the message names the dataset file, the sample id and the offending file."""
 
 
+EMPTY_OUTPUT = "'output' is empty (a sample with no answer would only teach the model to stop at once)"
+
+
 def text_problem(name: str, text: str, max_chars: int = MAX_TEXT_CHARS) -> str | None:
     """Why an instruction (``name="instruction"``) or output cannot be used, or None: longer than
     `max_chars` characters, holding a lone surrogate (the tokenizer would fail on it in the first
@@ -119,6 +122,8 @@ def _check_record(rec, index: int, ann_path: Path, require_output: bool,
         problem = None if text is None else text_problem(name, text, max_text_chars)
         if problem:
             return sid, problem
+    if require_output and not out.strip():
+        return sid, EMPTY_OUTPUT
     return sid, image_reference_problem(instruction, len(imgs))
 
 

@@ -4,6 +4,7 @@ built from sample ids."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -338,3 +339,16 @@ def test_a_config_too_large_to_be_one_is_refused_unread(tmp_path):
     os.truncate(tmp_path / "config.json", 65 << 20)  # sparse: nothing is written
     with pytest.raises(RemoteCodeError, match=r"config\.json: 68157440 bytes, too large to be a config"):
         refuse_code_in(tmp_path)
+
+
+def test_an_empty_answer_is_refused_at_load_with_the_id(ds_dir, tmp_path):
+    ds = tmp_path / "copy"
+    shutil.copytree(ds_dir, ds)
+    recs = json.loads((ds / "annotations.json").read_text())
+    recs[1]["output"] = " \n "
+    (ds / "annotations.json").write_text(json.dumps(recs))
+    with pytest.raises(DataError, match=f"{recs[1]['id']}.*'output' is empty"):
+        load_records(ds)
+    records, skipped = load_records(ds, skip_bad=True)
+    assert len(records) == len(recs) - 1 and skipped.items[0][0] == recs[1]["id"]
+    assert len(load_records(ds, require_output=False)[0]) == len(recs)  # generation data: no answer needed
