@@ -96,6 +96,8 @@ def _show_visual_tokens(model, pb, train_dir: Path) -> torch.Tensor:
     items = [ds_eval[i] for i in range(4)]
     for it, n in zip(items, (1, 2, 3, 5), strict=True):
         it["pixel_values"] = it["pixel_values"][:1].repeat(n, 1, 1, 1)
+        marks = " ".join(f"{{image#{j + 1}}}" for j in range(n))  # the instruction names the images it has
+        it["instruction"] = f"{marks} what is common in these images?"
     b = Collator(pb, train=False)(items)
     with torch.no_grad():
         tokens = model.encode_images(pixel_values=b["pixel_values"], image_counts=b["image_counts"],
