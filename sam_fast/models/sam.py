@@ -822,7 +822,10 @@ class SAM(InstructBlipPreTrainedModel):
         user_config = generate_kwargs.pop("generation_config", None)
         config = copy.deepcopy(self.generation_config)
         if user_config is not None:  # as HF: what the user's config sets wins, the rest is the model's
-            config.update(**user_config.to_diff_dict())
+            diff = user_config.to_diff_dict()
+            config.update(**diff)
+            if "max_length" in diff and "max_new_tokens" not in diff:
+                config.max_new_tokens = None  # the user's max_length, not the model's default max_new_tokens
         # every setting is checked before the images are encoded: a bad one fails in one line
         if generation_mode == "lavis":
             settings = self._lavis_settings(config, user_config, generate_kwargs)
@@ -853,11 +856,18 @@ class SAM(InstructBlipPreTrainedModel):
 
         new_tokens = generate_kwargs.get("max_new_tokens")
         check_setting("max_new_tokens", new_tokens)
+        config_length = None  # a max_length the user's config sets (and no max_new_tokens beside it)
         if new_tokens is None and "max_length" not in generate_kwargs and user_config is not None:
-            new_tokens = user_config.max_new_tokens
-            check_setting("max_new_tokens", new_tokens, "generation_config.")
+            diff = user_config.to_diff_dict()
+            if "max_length" in diff and "max_new_tokens" not in diff:
+                config_length = user_config.max_length
+                check_setting("max_length", config_length, "generation_config.")
+            else:
+                new_tokens = user_config.max_new_tokens
+                check_setting("max_new_tokens", new_tokens, "generation_config.")
         # the seeded BOS counts in max_length: LAVIS' max_length=256 is 255 new tokens
-        max_length = setting("max_length", 256 if new_tokens is None else new_tokens + 1)
+        default_length = config_length if config_length is not None else 256 if new_tokens is None else new_tokens + 1
+        max_length = setting("max_length", default_length)
         if max_length < 2:
             raise GenerationSettingError(f"generate: max_length={max_length} must be >= 2 in generation_mode='lavis' "
                              f"(it counts the seeded BOS: max_length - 1 new tokens)")

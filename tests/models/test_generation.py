@@ -320,3 +320,23 @@ def test_good_settings_still_run_in_both_modes():
             out = model.generate(**inputs, generation_mode=mode, num_beams=np.int64(2), max_new_tokens=3,
                                  repetition_penalty=2, length_penalty=-0.5)
             assert out.shape[0] == 1 and 1 <= out.shape[1] <= 3
+
+
+def test_a_max_length_in_the_users_generation_config_is_honoured():
+    """GenerationConfig(max_length=...) without max_new_tokens: the model's default max_new_tokens (256)
+    won, so a max_length below the prompt was not refused and a short one did not shorten the answer."""
+    from transformers import GenerationConfig
+
+    model = tiny_sam()
+    inputs = _generate_inputs(model)
+    S = inputs["input_ids"].shape[1]
+    with pytest.raises(ValueError, match=rf"generation_config\.max_length=2 must exceed the prompt's length \({S}\)"):
+        model.generate(**inputs, generation_config=GenerationConfig(max_length=2, num_beams=1))
+    with torch.no_grad():
+        hf = model.generate(**inputs, generation_config=GenerationConfig(max_length=S + 2, num_beams=1,
+                                                                          min_new_tokens=2))
+        lavis = model.generate(**inputs, generation_mode="lavis",
+                               generation_config=GenerationConfig(max_length=3, num_beams=1))
+    assert hf.shape[1] == 2
+    assert lavis.shape[1] <= 3 and lavis.shape[1] == model.generate(
+        **inputs, generation_mode="lavis", max_length=3, num_beams=1).shape[1]
