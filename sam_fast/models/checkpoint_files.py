@@ -275,7 +275,8 @@ def _load_first_intact(cands: list[Path], loader: Callable, notice: Callable[[st
 
 def check_trainable(model, trainable: dict[str, torch.Tensor], where: str | os.PathLike = "checkpoint") -> None:
     """Raise `CheckpointError` naming `where` (the file) unless `trainable` holds exactly the model's
-    trainable tensors: the same keys and shapes, floating point (cast to the model's dtype on load)."""
+    trainable tensors: the same keys and shapes, floating point (cast to the model's dtype on load),
+    finite."""
     own = model.trainable_state_dict()
     missing, extra = sorted(set(own) - set(trainable)), sorted(set(trainable) - set(own))
     if missing or extra:
@@ -286,6 +287,8 @@ def check_trainable(model, trainable: dict[str, torch.Tensor], where: str | os.P
             raise CheckpointError(f"{where}: tensor {k} has shape {tuple(v.shape)}, the model {tuple(own[k].shape)}")
         if not v.is_floating_point():
             raise CheckpointError(f"{where}: tensor {k} is {str(v.dtype).replace('torch.', '')}, not floating point")
+        if not bool(torch.isfinite(v).all()):  # sam_fast never writes one (save_checkpoint refuses them)
+            raise CheckpointError(f"{where}: tensor {k} holds NaN or infinite values")
 
 
 def load_trainable_into(model, trainable: dict[str, torch.Tensor], where: str | os.PathLike = "checkpoint") -> None:

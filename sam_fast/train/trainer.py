@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from sam_fast.data import Collator, model_inputs
@@ -628,7 +629,43 @@ class Trainer:
         if groups != [len(g["params"]) for g in self.optimizer.param_groups]:
             raise ckpt.CheckpointError(f"{path / ckpt.STATE_FILE}: optimiser parameter groups {groups[:8]} do not "
                                        f"fit this model's {[len(g['params']) for g in self.optimizer.param_groups]}")
+        self._check_restorable(state, path / ckpt.STATE_FILE)
         return trainable, state
+
+    def _check_restorable(self, state: dict, file: Path) -> None:
+        """`ckpt.CheckpointError` naming `file` unless the optimiser moments fit the parameters (same
+        shapes, finite, a step >= 0) and the generator states are ones the generators take: what
+        would otherwise fail deep in AdamW or `set_rng_state` after part of the state was restored."""
+        def bad(what: str) -> ckpt.CheckpointError:
+            return ckpt.CheckpointError(f"{file}: {what} (damaged or not written by sam_fast)")
+
+        saved = state["optimizer"]
+        ids = [i for g in saved["param_groups"] for i in g["params"]]
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        where = {i: p for i, p in zip(ids, params)}
+        for key, moments in saved["state"].items():
+            param = where.get(key, where.get(int(key)) if str(key).isdigit() else None)
+            if param is None or not isinstance(moments, dict):
+                raise bad(f"optimiser state for parameter {str(key)[:20]!r}, which no group holds")
+            for name, t in moments.items():
+                if not isinstance(t, torch.Tensor):
+                    continue
+                if name == "step":
+                    if t.numel() != 1 or not bool(torch.isfinite(t).all()) or float(t) < 0:
+                        raise bad(f"optimiser step of parameter {key} is not a count >= 0")
+                elif t.shape != param.shape or not bool(torch.isfinite(t).all()):
+                    raise bad(f"optimiser {name} of parameter {key} has shape {tuple(t.shape)} (the parameter "
+                              f"{tuple(param.shape)}) or non-finite values")
+        rng = state["rng"]
+        torch_state = rng.get("torch")
+        if not isinstance(torch_state, torch.Tensor) or torch_state.dtype != torch.uint8 \
+                or torch_state.shape != torch.get_rng_state().shape:
+            raise bad("the torch generator state is not a uint8 tensor of the generator's size")
+        try:
+            random.Random().setstate(rng["python"])
+            np.random.RandomState().set_state(rng["numpy"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise bad(f"a generator state is not one Python/NumPy take ({type(e).__name__})") from None
 
     def _sync_lr_to_schedule(self, step: int, saved: dict) -> None:
         """The learning rate of the next step from *this* run's schedule. The optimiser state holds

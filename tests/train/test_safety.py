@@ -634,6 +634,22 @@ def _first_key(t):
     return sorted(t)[0]
 
 
+def _edit_state_tensor(ck, find, edit):
+    """Change one tensor of the resume state (`find(state)` -> its {"__tensor__": key} reference)."""
+    from safetensors.torch import load_file, save_file
+
+    manifest = json.loads((ck / "trainer_state.json").read_text())
+    key = find(manifest["state"])["__tensor__"]
+    tensors = load_file(str(ck / "trainer_state.safetensors"))
+    tensors[key] = edit(tensors[key])
+    save_file(tensors, str(ck / "trainer_state.safetensors"), metadata={"step": "4", "format": manifest["format"]})
+    _resign(ck)
+
+
+def _first_moment(state, name="exp_avg"):
+    return state["optimizer"]["state"]["__items__"][0][1][name]  # the encoded {param index: moments}
+
+
 DAMAGE = {
     "nested_json": lambda ck: (ck / "trainer_state.json").write_text("[" * 100_000 + "]" * 100_000),
     "extra_key": lambda ck: _edit_trainable(ck, lambda t: {**t, "evil.weight": torch.zeros(3)}),
@@ -646,13 +662,21 @@ DAMAGE = {
     "step_huge": lambda ck: _edit_state(ck, lambda s: s.__setitem__("step", 10**30)),
     "data_position": lambda ck: _edit_state(ck, lambda s: s.__setitem__("data", {"epoch": "x", "pos": -1})),
     "world_size": lambda ck: _edit_state(ck, lambda s: s.__setitem__("world_size", 0)),
+    "nan_trainable": lambda ck: _edit_trainable(ck, lambda t: {k: v.fill_(float("nan")) if k == _first_key(t) else v
+                                                                 for k, v in t.items()}),
+    "optimizer_shape": lambda ck: _edit_state_tensor(ck, _first_moment, lambda t: t.reshape(-1)[:1].clone()),
+    "optimizer_step": lambda ck: _edit_state_tensor(ck, lambda s: _first_moment(s, "step"),
+                                                    lambda t: torch.full_like(t, -3)),
+    "rng_dtype": lambda ck: _edit_state_tensor(ck, lambda s: s["rng"]["torch"], lambda t: t.float()),
 }
-RESUME_STATE_ONLY = {"data_position", "world_size"}
+RESUME_STATE_ONLY = {"data_position", "world_size", "optimizer_shape", "optimizer_step", "rng_dtype"}
 SAYS = {"nested_json": "trainer_state.json: nested too deeply", "extra_key": "unexpected ['evil.weight']",
         "missing_key": "missing [", "other_shape": "has shape (7, 7)", "integer_dtype": "is int32, not floating",
         "step_out_of_range": "differs from the checkpoint's step 4",
         "step_huge": "differs from the checkpoint's step 4", "data_position": "data position",
-        "world_size": "world_size '0'"}
+        "world_size": "world_size '0'", "nan_trainable": "holds NaN or infinite values",
+        "optimizer_shape": "has shape (1,)", "optimizer_step": "is not a count >= 0",
+        "rng_dtype": "torch generator state is not a uint8 tensor"}
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
