@@ -338,7 +338,10 @@ def _train_model(plan: _TrainPlan, dist):
     from sam_fast.train import outputs
 
     if plan.model_src in outputs.BUILTIN_CONFIGS:
-        model = outputs.build_builtin(plan.model_src, plan.tcfg.seed, **plan.overrides)
+        try:  # model_overrides are checked by SAMConfig (sizes, types) before anything is built
+            model = outputs.build_builtin(plan.model_src, plan.tcfg.seed, **plan.overrides)
+        except ValueError as e:
+            raise SystemExit(f"sam-fast train: model_overrides: {' '.join(str(e).split())[:300]}") from None
         tokenizers = outputs.builtin_tokenizers(plan.model_src)
         base = {"kind": "builtin", "name": plan.model_src, "seed": plan.tcfg.seed, "overrides": plan.overrides}
     else:

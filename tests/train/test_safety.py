@@ -753,3 +753,14 @@ def test_overwrite_refuses_a_run_whose_checkpoints_folder_is_a_link(data, run, t
     with pytest.raises(SystemExit, match=r"not the run's own \(checkpoints.*nothing was removed or written"):
         _train(data, out, "--overwrite", "--seed", "3")
     assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("override, says", [({"num_query_tokens": 1e8}, "num_query_tokens"),
+                                            ({"num_query_tokens": 10**8}, "num_query_tokens")])
+def test_unbounded_model_overrides_are_one_line(data, tmp_path, override, says):
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"model": "tiny", "max_steps": 1, "model_overrides": override}))
+    with pytest.raises(SystemExit, match=rf"^sam-fast train: model_overrides: .*{says}") as exc:
+        main(["train", "--config", str(cfg), "--data", str(data), "--output", str(tmp_path / "o"), "--no-progress"])
+    assert "\n" not in str(exc.value.code)
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())  # nothing written
