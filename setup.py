@@ -62,8 +62,9 @@ def _want_extension() -> bool:
 
 
 def _sdist_only() -> bool:
-    """True when setup.py only packs the sources (``sdist``): no torch needed, nothing compiled."""
-    return "sdist" in sys.argv[1:]
+    """True when setup.py only packs the sources (``sdist``, or the build backend's sdist hooks,
+    which run setup.py as ``egg_info``): no torch needed, nothing compiled."""
+    return "sdist" in sys.argv[1:] or os.environ.get("SAM_FAST_PACKING_SDIST") == "1"
 
 
 def _isolation(torch_dir: str) -> str:

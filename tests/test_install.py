@@ -5,6 +5,7 @@ extension), marked slow."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -236,6 +237,52 @@ err = (got.double() - torch.stack(expect)).abs().max().item()
 assert err < 1e-5, err
 print("ok", info["path"])
 """
+
+
+_HOOKS = r"""
+import json, sys
+sys.path.insert(0, "_build")
+import sam_fast_build as backend
+print(json.dumps({"sdist": backend.get_requires_for_build_sdist(),
+                  "wheel": backend.get_requires_for_build_wheel(),
+                  "editable": backend.get_requires_for_build_editable()}))
+"""
+
+
+@pytest.mark.parametrize("ext", ["1", "0"])
+def test_build_backend_asks_for_torch_only_to_compile(tmp_path, ext):
+    """An isolated `python -m build --sdist` installs what get_requires_for_build_sdist names: it
+    must not be torch (a multi-GB download to pack sources), and setup.py must get through the hook
+    where torch cannot be imported; a wheel that compiles the extension does need torch."""
+    src = _copy_tree(tmp_path / "src")
+    blocker = tmp_path / "no_torch"
+    blocker.mkdir()
+    (blocker / "torch.py").write_text("raise ImportError('torch is not in this build environment')\n")
+    env = {"PYTHONPATH": str(blocker), "SAM_FAST_BUILD_EXT": ext}
+    if ext == "1":  # the wheel hooks run setup.py, which then needs torch: give the sdist hook alone
+        code = _HOOKS.replace('"wheel": backend.get_requires_for_build_wheel(),', "")
+        code = code.replace('"editable": backend.get_requires_for_build_editable()', '"x": 0')
+    else:
+        code = _HOOKS
+    out = json.loads(_run([sys.executable, "-c", code], cwd=src, **env).stdout.strip().splitlines()[-1])
+    assert not [r for r in out["sdist"] if r.startswith("torch")], out
+    if ext == "0":
+        assert not [r for r in out["wheel"] + out["editable"] if r.startswith("torch")], out
+
+
+def test_build_backend_adds_torch_for_a_compiled_wheel(monkeypatch):
+    sys.path.insert(0, str(ROOT / "_build"))
+    try:
+        import sam_fast_build as backend
+    finally:
+        sys.path.remove(str(ROOT / "_build"))
+    monkeypatch.setattr(backend._setuptools, "get_requires_for_build_wheel", lambda config_settings=None: [])
+    monkeypatch.setattr(backend._setuptools, "get_requires_for_build_editable", lambda config_settings=None: [])
+    monkeypatch.setenv("SAM_FAST_BUILD_EXT", "1")
+    assert backend.get_requires_for_build_wheel() == ["torch>=2.4"]
+    assert backend.get_requires_for_build_editable() == ["torch>=2.4"]
+    monkeypatch.setenv("SAM_FAST_BUILD_EXT", "0")
+    assert backend.get_requires_for_build_wheel() == []
 
 
 @pytest.mark.slow
