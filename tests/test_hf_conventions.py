@@ -65,6 +65,27 @@ def test_auto_classes_load_a_saved_sam(tmp_path):
         assert type(auto.from_pretrained(tmp_path)) is SAM
 
 
+
+def test_loading_never_turns_on_hub_kernels(tmp_path, monkeypatch):
+    """transformers >= 5.25 defaults `use_kernels` to True: layers replaced by kernels fetched from
+    the Hub at run time. Every way sam_fast loads a SAM asks for them off, and a caller may still
+    ask for them by name."""
+    tiny_sam().save_pretrained(tmp_path)
+    seen = []
+    real = transformers.PreTrainedModel.from_pretrained.__func__
+
+    def spy(cls, path, *args, **kwargs):
+        seen.append(kwargs.get("use_kernels", "absent"))
+        kwargs.pop("use_kernels", None)  # transformers older than the switch take it too, default off
+        return real(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(spy))
+    SAM.from_pretrained(tmp_path)
+    AutoModel.from_pretrained(tmp_path)
+    assert seen == [False, False]
+    SAM.from_pretrained(tmp_path, use_kernels=True)
+    assert seen[-1] is True
+
 # -- gradient checkpointing ---------------------------------------------------------------------
 
 def test_gradient_checkpointing_same_loss_and_grads():

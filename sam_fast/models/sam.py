@@ -991,6 +991,9 @@ class SAM(InstructBlipPreTrainedModel):
             for key in _HUB_KWARGS:  # a run directory is local and has its own configs
                 kwargs.pop(key, None)
             return run_dir.load_run(cls, *found, **kwargs)[0]
+        # transformers >= 5.25 turns Hub kernels on by default: layers replaced by code fetched from
+        # the Hub at run time, with other numerics. Off unless asked for by name.
+        kwargs.setdefault("use_kernels", False)
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model.freeze_backbone()
         if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and os.path.isfile(

@@ -147,7 +147,8 @@ class SamSegmenter:
 
         processor, model = load_local("--sam-model", path, "a Segment Anything model", lambda: (
             SamProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False),
-            SamModel.from_pretrained(path, local_files_only=True, trust_remote_code=False, dtype=dtype)))
+            SamModel.from_pretrained(path, local_files_only=True, trust_remote_code=False, dtype=dtype,
+                                     use_kernels=False)))
         if device is not None:
             model.to(device)
         return cls(model, processor, prompt, name=str(path))

@@ -114,7 +114,8 @@ class TransformersTextWriter:
 
         tok, model = load_local("--text-model", path, "a causal LM", lambda: (
             AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False),
-            AutoModelForCausalLM.from_pretrained(path, local_files_only=True, trust_remote_code=False, dtype=dtype)))
+            AutoModelForCausalLM.from_pretrained(path, local_files_only=True, trust_remote_code=False, dtype=dtype,
+                                                 use_kernels=False)))
         if device is not None:
             model.to(device)
         return cls(model, tok, name=str(path), **kwargs)

@@ -540,6 +540,21 @@ def test_transformers_writer_is_seeded(tmp_path):
     assert w.describe()["model"] == str(tmp_path / "lm")
 
 
+
+def test_transformers_writer_never_turns_on_hub_kernels(tmp_path, monkeypatch):
+    import transformers
+
+    seen = []
+    real = transformers.PreTrainedModel.from_pretrained.__func__
+
+    def spy(cls, path, *args, **kwargs):
+        seen.append(kwargs.pop("use_kernels", "absent"))
+        return real(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(spy))
+    TransformersTextWriter.from_pretrained(tiny_causal_lm(tmp_path / "lm"), max_new_tokens=2)
+    assert seen == [False]
+
 # -- the whole pipeline with the real components -------------------------------------------------
 def tiny_inpaint_dir(path: Path) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
