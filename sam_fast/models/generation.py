@@ -36,6 +36,7 @@ import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from sam_fast._text import bounded_repr
+from sam_fast.models.hf_compat import cache_kwarg, output_cache
 
 GENERATION_MODES = ("hf", "lavis")
 
@@ -110,9 +111,10 @@ def prefill_for_beams(language_model, inputs_embeds: torch.Tensor, attention_mas
     """A KV cache of every prompt position but the last, computed once per sample and repeated
     for its `num_beams` beams ([B, S-1] -> [B * num_beams, S-1] rows).
 
-    Passed to HF `generate` as ``past_key_values`` with the full `inputs_embeds`, it makes
-    generate run only the last prompt position per beam, instead of the whole prompt per beam
-    (HF expands ``inputs_embeds`` to the beams before its prefill). The ids are the same.
+    Passed to HF `generate` as its KV cache (``cache``; ``past_key_values`` before transformers 5.25)
+    with the full `inputs_embeds`, it makes generate run only the last prompt position per beam,
+    instead of the whole prompt per beam (HF expands ``inputs_embeds`` to the beams before its
+    prefill). The ids are the same.
 
     With `static_cache_len` (prompt plus new tokens) the cache is a transformers ``StaticCache``
     of that length (fixed shapes, what HF's generate compiles its decoding step for on a GPU)
@@ -124,8 +126,8 @@ def prefill_for_beams(language_model, inputs_embeds: torch.Tensor, attention_mas
     cache = DynamicCache(config=language_model.config)
     if S > 1:
         language_model.model(inputs_embeds=inputs_embeds[:, : S - 1], attention_mask=attention_mask[:, : S - 1],
-                             position_ids=_positions(attention_mask)[:, : S - 1], past_key_values=cache,
-                             use_cache=True)
+                             position_ids=_positions(attention_mask)[:, : S - 1], use_cache=True,
+                             **{cache_kwarg(): cache})
         cache.batch_repeat_interleave(num_beams)
     if static_cache_len is None:
         return cache
@@ -191,8 +193,8 @@ class _Decoder:
         pos = _positions(self.mask)
         if self.past is not None:
             pos = pos[:, -1:]
-        out = self.lm(**kw, attention_mask=self.mask, position_ids=pos, past_key_values=self.past, use_cache=True)
-        self.past = out.past_key_values
+        out = self.lm(**kw, attention_mask=self.mask, position_ids=pos, use_cache=True, **{cache_kwarg(): self.past})
+        self.past = output_cache(out)
         return out.logits[:, -1, :].float()
 
     def expand(self, repeats: int) -> None:

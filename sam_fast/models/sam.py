@@ -45,6 +45,7 @@ from transformers.models.instructblip.modeling_instructblip import InstructBlipP
 from sam_fast.config import SAMConfig
 from sam_fast.data.pack_plan import PackPlan
 from sam_fast.models import loading, run_dir
+from sam_fast.models.hf_compat import cache_kwarg, passes_cache
 from sam_fast.models.loading.common import TRAINABLE_MODULES
 from sam_fast.models.packing import compiled_planned_loss, planned_lm_loss, static_planned_loss_sum
 from sam_fast.ops.linear_cross_entropy import linear_cross_entropy
@@ -83,7 +84,8 @@ def paper_generation_config(text_config) -> GenerationConfig:
 # keyword arguments `AutoModel.from_pretrained` passes on (resolved Hub settings and the config it
 # read); a trainable-delta directory is local and carries its own config.json
 _HUB_KWARGS = ("config", "cache_dir", "force_download", "local_files_only", "proxies", "revision", "token",
-               "trust_remote_code", "code_revision", "adapter_kwargs", "_from_auto", "_from_pipeline", "_commit_hash")
+               "trust_remote_code", "code_revision", "adapter_kwargs", "_from_auto", "_from_pipeline", "_commit_hash",
+               "subfolder")
 
 # set by SAM itself: a caller passing them would be ignored or clash
 _OWN_LLM_INPUTS = frozenset({"input_ids", "inputs_embeds", "attention_mask", "labels", "self", "kwargs"})
@@ -920,7 +922,7 @@ class SAM(InstructBlipPreTrainedModel):
         config.repetition_penalty = 1.0
         beams = int(config.num_beams or 1)
         use_cache = kwargs.get("use_cache", config.use_cache)
-        if (beams > 1 and "past_key_values" not in kwargs and use_cache is not False
+        if (beams > 1 and not passes_cache(kwargs) and use_cache is not False
                 and (config.num_return_sequences or 1) == 1):
             # HF copies the prompt to every beam before its prefill (num_beams x the prefill work):
             # run the prompt but its last position once per sample, then give every beam a copy
@@ -929,7 +931,7 @@ class SAM(InstructBlipPreTrainedModel):
                 config.cache_implementation = None
                 new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length
                 static_len = embeds.shape[1] + int(new)
-            kwargs["past_key_values"] = prefill_for_beams(self.language_model, embeds, attention_mask, beams,
+            kwargs[cache_kwarg()] = prefill_for_beams(self.language_model, embeds, attention_mask, beams,
                                                           static_cache_len=static_len)
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask,
                                             generation_config=config, **kwargs)

@@ -14,6 +14,7 @@ from _sam_helpers import ragged_batch, randomize_guidance, tiny_sam
 from sam_fast.data import tiny_tokenizers
 from sam_fast.data.tokenization import PromptBuilder
 from sam_fast.models.generation import lavis_generate
+from sam_fast.models.hf_compat import cache_kwarg
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"  # tests/golden: the recorded answers and their script
 sys.path.insert(0, str(GOLDEN))
@@ -230,7 +231,7 @@ def test_static_cache_gives_the_same_ids(beams):
     real = lm.generate
 
     def spy(*args, **kwargs):
-        caches.append(kwargs.get("past_key_values"))
+        caches.append(kwargs.get(cache_kwarg()))
         return real(*args, **kwargs)
 
     with torch.no_grad():
@@ -340,3 +341,24 @@ def test_a_max_length_in_the_users_generation_config_is_honoured():
     assert hf.shape[1] == 2
     assert lavis.shape[1] <= 3 and lavis.shape[1] == model.generate(
         **inputs, generation_mode="lavis", max_length=3, num_beams=1).shape[1]
+
+
+@pytest.mark.parametrize("mode", ["hf", "lavis"])
+def test_generate_passes_the_cache_under_the_installed_name(mode):
+    """transformers 5.25 renamed `past_key_values` to `cache` (the old name warns, then goes away):
+    sam_fast's own calls use the name the installed version declares, so none of them warns."""
+    import inspect
+    import warnings
+
+    from transformers import LlamaModel
+
+    declared = inspect.signature(LlamaModel.forward).parameters
+    assert cache_kwarg() in declared
+    assert cache_kwarg() == ("cache" if "cache" in declared else "past_key_values")
+    model = tiny_sam()
+    kw = _generate_inputs(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        with torch.no_grad():
+            model.generate(**kw, generation_mode=mode, num_beams=3, max_new_tokens=4)
