@@ -390,6 +390,8 @@ def test_trainable_delta_round_trip(hf, hf_dir, tmp_path):
     assert_models_equal(load_trainable_delta(SAM, tmp_path / "delta2"), model)
     via_hf_api = SAM.from_pretrained(str(tmp_path / "delta2"))  # delta detected by from_pretrained
     assert_models_equal(via_hf_api, model)
+    # AutoModel.from_pretrained adds subfolder="" since transformers 5.25
+    assert_models_equal(SAM.from_pretrained(str(tmp_path / "delta2"), subfolder=""), model)
     assert {n for n, p in via_hf_api.named_parameters() if p.requires_grad} == set(model.trainable_state_dict())
 
 
