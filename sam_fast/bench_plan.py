@@ -13,8 +13,8 @@ step, and a seeded realistic batch.
   Q/W-former as sam_fast schedules it, no recomputation; MFU divides these by the time. Hardware FLOPs
   are what one implementation computes: the released code pads the LLM batch, runs the LM head at
   every position and the Q/W-former 2N times per sample; sam_fast packs the real tokens, runs the
-  LM head at the supervised rows and (``recompute_qformer``) the two streams twice. An MFU from
-  hardware FLOPs would credit the work an implementation wastes.
+  LM head at the supervised rows and, where ``recompute_qformer`` says so (`recomputes`), the two
+  streams twice. An MFU from hardware FLOPs would credit the work an implementation wastes.
 - `realistic_shapes` / `realistic_batch`: B = 8 samples with 2-5 images, instructions of 20-128
   LLM tokens and answers of 8-200 tokens (short captions and long stories), as tensors in the
   layout `SAM.forward` takes (right-padded).
