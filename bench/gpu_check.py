@@ -27,7 +27,10 @@ Items, most valuable first (per-item timeout in seconds; ``--timeouts ID=S`` ove
 2. ``bench.train_step`` (150): the Vicuna-7B config, random bf16 weights, the realistic B = 8
    batch: one training step from pixels, from cached ViT features and with the released schedule
    (ms, tokens/s, peak memory, model FLOP rate and MFU against the GPU's dense bf16 peak;
-   ``SAM_FAST_PEAK_TFLOPS`` overrides the peak). ``bench.generate`` (180): 5-beam generation of
+   ``SAM_FAST_PEAK_TFLOPS`` overrides the peak), which ``recompute_qformer="auto"`` chose and why,
+   then a torch.profiler run of 3 sam_fast steps: the top 15 kernels by total device time
+   (calls, ms, % of kernel time), kernel vs wall time per step (the host gap) and kernel launches
+   per step (a table in the markdown report). ``bench.generate`` (180): 5-beam generation of
    32 tokens, ``hf``, ``lavis`` and ``hf`` with the static cache (compiled by HF; its ids must
    equal the dynamic cache's).
 3. ``bench.reweight`` / ``bench.streams`` / ``bench.encode`` (60, 60, 90): re-weighting bandwidth against a
@@ -162,7 +165,8 @@ def plan(dry: bool, no_build: bool = False) -> list[Item]:
         Item("bench.train_step", f"{label} train step (pixels, cached, released)", "benchmarks",
              _item_train_step, 150, 30, worker="7b",
              brief=("sam_fast.step_ms", "sam_fast.mfu", "cached.step_ms", "cached.mfu", "released.step_ms",
-                    "speedup_vs_released")),
+                    "speedup_vs_released", "recompute_qformer.recompute", "profile.host_gap_ms_per_step",
+                    "profile.launches_per_step")),
         Item("bench.generate", f"{label} 5-beam generation (hf, lavis, hf_static)", "benchmarks", _item_generate,
              180, 20, worker="7b", brief=("generate_hf.tokens_per_s", "generate_lavis.tokens_per_s",
                                           "generate_hf_static.tokens_per_s", "generate_hf_static.same_ids_as_hf")),
@@ -494,7 +498,25 @@ def _markdown(report: dict) -> str:
         text = str(details).replace("|", "\\|").replace("\n", " ")
         secs = f"{e['seconds']:.1f}" if "seconds" in e else ""
         lines.append(f"| {e['section']} | {e['name']} | {e['status']} | {secs} | `{text[:600]}` |")
+    for e in report["items"]:
+        lines += _profile_markdown(e)
     return "\n".join(lines) + "\n"
+
+
+def _profile_markdown(entry: dict) -> list[str]:
+    """The kernel table of an item's ``profile`` result (`kernel_summary`), if it has one."""
+    prof = (entry.get("result") or {}).get("profile") if isinstance(entry.get("result"), dict) else None
+    if not isinstance(prof, dict) or not prof.get("top"):
+        return []
+    lines = ["", f"## {entry['name']}: profile of {prof['steps']} steps ({prof['what']})", "",
+             f"per step: {prof['kernel_ms_per_step']} ms in kernels of {prof['wall_ms_per_step']} ms wall "
+             f"(host gap {prof['host_gap_ms_per_step']} ms, device busy {prof['device_busy']}), "
+             f"{prof['launches_per_step']} launches, {prof['distinct_kernels']} distinct kernels", "",
+             "| kernel | calls | total ms | % of kernel time |", "|---|---|---|---|"]
+    for r in prof["top"]:
+        name = str(r["name"]).replace("|", "\\|")
+        lines.append(f"| `{name}` | {r['calls']} | {r['total_ms']} | {r['pct']} |")
+    return lines
 
 
 # ----------------------------------------------------------------------------- running the items
@@ -1202,6 +1224,85 @@ def useful_flops(config, shapes) -> dict:
     return {"pixels": f["total"], "cached": f["total"] - f["vit"]}
 
 
+PROFILE_STEPS = 3  # profiled training steps, after the timed ones (warm)
+PROFILE_TOP = 15  # kernel rows in the report; the rest is one "other" row
+PROFILE_NAME_CHARS = 80
+
+
+def short_kernel_name(name: str, limit: int = PROFILE_NAME_CHARS) -> str:
+    """A kernel's name fit for one table cell: without ``void `` and the parameter list, cut to
+    `limit` characters (C++ kernel names run to hundreds of characters of template arguments)."""
+    name = " ".join(str(name).split()).removeprefix("void ")
+    if name.endswith(")") and "(" in name:
+        name = name[: name.index("(")] or name
+    return name if len(name) <= limit else name[: limit - 3] + "..."
+
+
+def profile_records(prof) -> tuple[list[tuple[str, float]], str]:
+    """((name, microseconds) per event, what they are) of a finished torch.profiler profile: its
+    device kernels (CUDA: kernels, memcpy and memset), else (a CPU-only profile) its CPU ops by
+    their self time, so that either way the times add up to the busy time without double counting."""
+    from torch.autograd import DeviceType
+
+    events = list(prof.events() or [])
+    kernels = [(e.name, e.time_range.elapsed_us()) for e in events if e.device_type != DeviceType.CPU]
+    if kernels:
+        return kernels, "device kernels"
+    return [(e.name, e.self_cpu_time_total) for e in events
+            if e.device_type == DeviceType.CPU and not e.is_async], "cpu ops (self time)"
+
+
+def kernel_summary(records, what: str, steps: int, wall_ms: float, top: int = PROFILE_TOP,
+                   name_chars: int = PROFILE_NAME_CHARS) -> dict:
+    """The profile of `steps` steps that took `wall_ms` in all: the `top` kernels by total time
+    (short name, calls, total ms, % of all kernel time; the rest in one "other" row, so the
+    percentages add up to 100), kernel time and wall time per step, the host gap between them
+    (wall - kernel: time the device waited on the host) and kernel launches per step."""
+    totals: dict[str, list] = {}
+    for name, us in records:
+        entry = totals.setdefault(name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += float(us)
+    busy = sum(us for _, us in totals.values())
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])
+
+    def row(name, calls, us):
+        return {"name": name, "calls": calls, "total_ms": round(us / 1e3, 3),
+                "pct": round(100 * us / busy, 2) if busy else 0.0}
+
+    rows = [row(short_kernel_name(name, name_chars), calls, us) for name, (calls, us) in ranked[:top]]
+    rest = ranked[top:]
+    if rest:
+        rows.append(row(f"other ({len(rest)} kernels)", sum(c for _, (c, _) in rest), sum(u for _, (_, u) in rest)))
+    steps = max(int(steps), 1)
+    kernel_ms, wall = busy / 1e3 / steps, wall_ms / steps
+    return {"what": what, "steps": steps, "top": rows, "kernel_ms_per_step": round(kernel_ms, 3),
+            "wall_ms_per_step": round(wall, 3), "host_gap_ms_per_step": round(wall - kernel_ms, 3),
+            "device_busy": round(kernel_ms / wall, 3) if wall > 0 else None,
+            "launches_per_step": round(len(records) / steps, 1), "distinct_kernels": len(totals)}
+
+
+def profile_step(step, device, steps: int = PROFILE_STEPS) -> dict:
+    """`kernel_summary` of `steps` calls of `step` (already warm) under torch.profiler (device
+    kernels only on CUDA: the CPU op events would add host overhead and parsing time)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities, record_shapes=False, with_stack=False) as prof:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    records, what = profile_records(prof)
+    return kernel_summary(records, what, steps, wall_ms)
+
+
 def _item_train_step(ctx: WorkerCtx) -> dict:
     """One training step from pixels, from cached features and with the released schedule: time,
     tokens/s, peak memory, model FLOP rate and MFU."""
@@ -1237,12 +1338,28 @@ def _item_train_step(ctx: WorkerCtx) -> dict:
                      "tflops_per_s": float(f"{rate:.4g}"), "mfu": float(f"{rate / peak:.4g}") if peak else None}
         if cuda:
             res[name]["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if name == "sam_fast" and model.recompute_qformer_choice is not None:
+            res["recompute_qformer"] = dict(zip(("recompute", "why"), model.recompute_qformer_choice))
         ctx.progress(res)
     if isinstance(res.get("sam_fast"), dict) and isinstance(res.get("released"), dict):
         res["speedup_vs_released"] = round(res["released"]["step_ms"] / res["sam_fast"]["step_ms"], 2)
     if isinstance(res.get("cached"), dict) and isinstance(res.get("released"), dict):
         res["cached_speedup_vs_released"] = round(res["released"]["step_ms"] / res["cached"]["step_ms"], 2)
+    ctx.progress(res)  # kept if the profile below is cut by the item's timeout
+    res["profile"] = _profile_sam_fast(ctx, lambda: _setup.step_sam_fast(model, opt, batch))
     return res
+
+
+def _profile_sam_fast(ctx: WorkerCtx, step):
+    """`profile_step` of the sam_fast step from pixels, or why not (too little time left, or the
+    profiler failed: the timings above stand either way)."""
+    need = 5 if ctx.dry else 30
+    if ctx.left() < need:
+        return f"skipped: {max(ctx.left(), 0):.0f} s left of the item's time, needs ~{need}"
+    try:
+        return profile_step(step, ctx.device)
+    except Exception as e:  # a profiler that cannot start here (CUPTI missing, ...) costs only its table
+        return _one_line(f"failed: {type(e).__name__}: {e}")
 
 
 def _prompts(model, batch: dict) -> dict:

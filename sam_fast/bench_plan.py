@@ -13,8 +13,8 @@ step, and a seeded realistic batch.
   Q/W-former as sam_fast schedules it, no recomputation; MFU divides these by the time. Hardware FLOPs
   are what one implementation computes: the released code pads the LLM batch, runs the LM head at
   every position and the Q/W-former 2N times per sample; sam_fast packs the real tokens, runs the
-  LM head at the supervised rows and (``recompute_qformer``) the two streams twice. An MFU from
-  hardware FLOPs would credit the work an implementation wastes.
+  LM head at the supervised rows and, where ``recompute_qformer`` says so (`recomputes`), the two
+  streams twice. An MFU from hardware FLOPs would credit the work an implementation wastes.
 - `realistic_shapes` / `realistic_batch`: B = 8 samples with 2-5 images, instructions of 20-128
   LLM tokens and answers of 8-200 tokens (short captions and long stories), as tensors in the
   layout `SAM.forward` takes (right-padded).
@@ -35,7 +35,7 @@ from typing import Sequence
 
 import torch
 
-from sam_fast.config import SAMConfig
+from sam_fast.config import SAMConfig, choose_recompute_qformer
 
 PARTS = ("vit", "qwformer", "llm_forward", "llm_backward")
 SCHEDULES = ("sam_fast", "released")
@@ -216,9 +216,9 @@ def qwformer_flops(config: SAMConfig, shapes: Sequence[SampleShape], schedule: s
     layer up to k when the Adaptive Adjustment is trained (its softmax weights reach every
     cross-attention layer's K/V), else from layer l on; sam_fast's batched layers before k take
     their Q-stream rows through the backward too (one batch). With ``config.recompute_qformer``
-    (sam_fast's default) the backward also runs the two streams' forward again (the K/V
-    projection, merged K/V and scores are kept). ``attention_core=False`` leaves out the attention
-    products (scores, weights x values).
+    (True, or ``"auto"`` where `recomputes` says so) the backward also runs the two streams'
+    forward again (the K/V projection, merged K/V and scores are kept). ``attention_core=False``
+    leaves out the attention products (scores, weights x values).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}")
@@ -290,9 +290,25 @@ def qwformer_flops(config: SAMConfig, shapes: Sequence[SampleShape], schedule: s
         proj = 2 * N * Q * H * Hl
         fwd += proj
         bwd += 2 * proj if guided else proj  # weight gradient (+ input gradient toward c_i)
-    if schedule == "sam_fast" and getattr(config, "recompute_qformer", False) and config.guidance != "none":
+    if schedule == "sam_fast" and recomputes(config, shapes) and config.guidance != "none":
         bwd += streams  # the two streams run again in the backward (SAMConfig.recompute_qformer)
     return {"forward": float(fwd), "backward": float(bwd)}
+
+
+def recomputes(config: SAMConfig, shapes: Sequence[SampleShape], dtype_bytes: int = 4, device="cpu", *,
+               total_memory: int | None = None) -> bool:
+    """Whether a training step on `shapes` recomputes the two streams in its backward
+    (`sam_fast.config.choose_recompute_qformer`; ``"auto"`` judged as `SAM` would on `device`, by
+    default a CPU in fp32 as the benchmarks run)."""
+    return recompute_choice(config, shapes, dtype_bytes, device, total_memory=total_memory)[0]
+
+
+def recompute_choice(config: SAMConfig, shapes: Sequence[SampleShape], dtype_bytes: int = 4, device="cpu", *,
+                     total_memory: int | None = None) -> tuple[bool, str]:
+    """`choose_recompute_qformer` for a step on `shapes`: (recompute?, why)."""
+    shapes = list(shapes)
+    images, tokens = sum(sh.images for sh in shapes), max((sh.qformer_length() for sh in shapes), default=0)
+    return choose_recompute_qformer(config, images, tokens, dtype_bytes, device, total_memory=total_memory)
 
 
 LM_HEAD_ROWS = ("all", "supervised")
@@ -339,7 +355,7 @@ def step_flops(config: SAMConfig, shapes: Sequence[SampleShape], schedule: str =
     if not shapes:
         raise ValueError("step_flops: no samples")
     if recompute is not None:
-        config = _with(config, recompute_qformer=bool(recompute))
+        config = _with(config, recompute_qformer=recompute if recompute == "auto" else bool(recompute))
     qw = qwformer_flops(config, shapes, schedule)
     llm = llm_flops(config, shapes, padded, lm_head=lm_head)
     out = {"vit": vit_flops(config, sum(sh.images for sh in shapes)), "qwformer": qw["forward"] + qw["backward"],
@@ -417,7 +433,27 @@ def plan_table(shapes: Sequence[SampleShape] | None = None) -> str:
         worst = max(abs(flops["vicuna-7b"][p] / flops["vicuna-7b"]["total"]
                         - flops["scaled (/8)"][p] / flops["scaled (/8)"]["total"]) for p in PARTS)
         lines.append(f"largest share difference: {100 * worst:.1f} points")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + recompute_lines(configs, shapes))
+
+
+#: (label, device, dtype bytes, total memory) where `recompute_lines` shows the "auto" choice
+RECOMPUTE_SCENARIOS = (("CPU fp32", "cpu", 4, None), ("80 GiB GPU bf16", "cuda", 2, 80 << 30),
+                       ("40 GiB GPU bf16", "cuda", 2, 40 << 30))
+
+
+def recompute_lines(configs: dict, shapes: Sequence[SampleShape]) -> list[str]:
+    """What ``recompute_qformer="auto"`` chooses for each config on `shapes` in each of
+    `RECOMPUTE_SCENARIOS`, and what recomputing would add to the step's FLOPs (the hardware FLOPs
+    above count the CPU fp32 choice)."""
+    lines = ['recompute_qformer="auto" (the Q/W-former recomputed in the backward when the activations it '
+             'keeps exceed the budget: 1/16 of a GPU\'s memory, 8 GiB on a CPU):']
+    for name, cfg in configs.items():
+        extra = step_flops(cfg, shapes, recompute=True)["total"] - step_flops(cfg, shapes, recompute=False)["total"]
+        lines.append(f"  {name} (recomputing adds {extra / 1e9:,.1f} GFLOP), activations kept without it:")
+        for label, device, nbytes, memory in RECOMPUTE_SCENARIOS:
+            why = recompute_choice(cfg, shapes, nbytes, device, total_memory=memory)[1]
+            lines.append(f"    {label}: {why.removeprefix('auto: the Q/W-former would keep ')}")
+    return lines
 
 
 if __name__ == "__main__":  # pragma: no cover

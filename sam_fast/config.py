@@ -212,6 +212,94 @@ def read_config_file(path) -> dict:
     return value
 
 
+RECOMPUTE_SETTINGS = (True, False, "auto")
+RECOMPUTE_DEVICE_FRACTION = 1 / 16  # "auto" on CUDA: recompute above this share of the device's memory
+RECOMPUTE_CPU_BYTES = 8 << 30  # "auto" on a CPU: recompute only above this many bytes
+
+
+def _recompute_setting(value):
+    """True / False (also 0 / 1 and their strings, as older files and CLIs spell them) or "auto"."""
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low == "auto":
+            return "auto"
+        if low in ("true", "1", "false", "0"):
+            return low in ("true", "1")
+    elif isinstance(value, (bool, int)) and value in (0, 1):
+        return bool(value)
+    raise ConfigError(f"recompute_qformer = {bounded_repr(value)}: expected true, false or \"auto\"")
+
+
+def _budget_setting(value):
+    if value is None:
+        return None
+    if not _is_int(value) or value < 0:
+        raise ConfigError(f"recompute_budget_bytes = {bounded_repr(value)}: expected null or an integer >= 0")
+    return value
+
+
+def qformer_activation_bytes(config, images: int, instruction_tokens: int, dtype_bytes: int) -> int:
+    """Bytes of the activations autograd keeps for the frozen Q/W-former's backward in one training
+    step that does not recompute it (an estimate from the config; the test compares it with the
+    saved tensors of a real step): `images` Q-stream rows and as many W-stream rows of
+    ``num_query_tokens + instruction_tokens`` tokens, in every layer where a gradient passes
+    (the W-stream from layer 1 with adaptive guidance, whose softmax weights reach every
+    cross-attention layer's K/V, else from layer l; both streams run as one batch before layer k;
+    after k the Q-stream alone). Per token and layer: the layer input, q, k, v, the attention
+    output and its projection's input, two LayerNorm inputs (9 x hidden) and the FFN's two
+    intermediate tensors (2 x intermediate); cross-attention layers add 4 x hidden per query."""
+    if config.guidance == "none" or images <= 0:
+        return 0  # only language_projection trains: no gradient passes through the Q-former
+    qc = config.qformer_config
+    H, F, Q, n_layers = qc.hidden_size, qc.intermediate_size, config.num_query_tokens, qc.num_hidden_layers
+    freq = getattr(qc, "cross_attention_frequency", 2) or 2
+    l, k = config.interaction_layers
+    first = 1 if config.guidance == "adaptive" else l
+    tokens = Q + max(int(instruction_tokens), 0)
+    total = 0
+    for n in range(first, n_layers + 1):  # 1-based
+        rows = 2 * images if n <= k else images
+        per_row = tokens * (9 * H + 2 * F) + (4 * Q * H if (n - 1) % freq == 0 else 0)
+        total += rows * per_row
+    return int(total * dtype_bytes)
+
+
+def recompute_budget(config=None, device=None, *, total_memory: int | None = None) -> tuple[int, str]:
+    """(bytes, where from) above which ``recompute_qformer="auto"`` recomputes: the config's
+    ``recompute_budget_bytes``, else `RECOMPUTE_DEVICE_FRACTION` of the CUDA device's memory
+    (`total_memory`, else torch's figure for `device`), else `RECOMPUTE_CPU_BYTES`."""
+    explicit = getattr(config, "recompute_budget_bytes", None)
+    if explicit is not None:
+        return int(explicit), "recompute_budget_bytes"
+    dev_type = getattr(device, "type", None) or str(device or "cpu").split(":")[0]
+    if dev_type == "cuda" or total_memory is not None:
+        if total_memory is None:
+            import torch
+
+            total_memory = torch.cuda.get_device_properties(device).total_memory
+        return int(total_memory * RECOMPUTE_DEVICE_FRACTION), \
+            f"1/{round(1 / RECOMPUTE_DEVICE_FRACTION)} of the device's {total_memory / 2**30:.0f} GiB"
+    return RECOMPUTE_CPU_BYTES, f"the {dev_type.upper()} budget"
+
+
+def choose_recompute_qformer(config, images: int, instruction_tokens: int, dtype_bytes: int, device=None, *,
+                             total_memory: int | None = None) -> tuple[bool, str]:
+    """(recompute?, why in one line) for a training step of `images` images with Q-former
+    instructions of `instruction_tokens` tokens in a `dtype_bytes` dtype on `device`:
+    ``config.recompute_qformer`` when True / False, else (``"auto"``) whether
+    `qformer_activation_bytes` exceed `recompute_budget`."""
+    setting = getattr(config, "recompute_qformer", "auto")
+    if setting != "auto":
+        return bool(setting), f"recompute_qformer={setting} in the config"
+    need = qformer_activation_bytes(config, images, instruction_tokens, dtype_bytes)
+    budget, source = recompute_budget(config, device, total_memory=total_memory)
+    verdict = "recomputed in the backward" if need > budget else "kept"
+    return need > budget, (f"auto: the Q/W-former would keep {need / 2**30:.2f} GiB of activations ({images} images, "
+                           f"{config.num_query_tokens} + {instruction_tokens} tokens, {dtype_bytes}-byte dtype), "
+                           f"{'over' if need > budget else 'within'} the budget of {budget / 2**30:.2f} GiB "
+                           f"({source}): {verdict}")
+
+
 class SAMConfig(InstructBlipConfig):
     """InstructBLIP configuration plus SAM's bidirectional-semantic-guidance settings.
 
@@ -228,10 +316,19 @@ class SAMConfig(InstructBlipConfig):
             the hidden states at supervised positions without materialising logits (default True;
             ``forward(..., packing=False)`` or ``sam-fast train --no-packing`` keeps the padded
             HF call, which also returns logits).
-        recompute_qformer: in training, `SAM.encode_images` does not keep the frozen Q/W-former's
-            activations for the backward but runs the two streams again there (default True: at
-            the real model's proportions the streams are ~3% of a step's FLOPs but ~20% of its
-            activation memory, held through the whole LLM step). False keeps them.
+        recompute_qformer: in training, whether `SAM.encode_images` runs the frozen Q/W-former's
+            two streams again in the backward instead of keeping their activations through the
+            LLM step. True / False force it; ``"auto"`` (default) decides once, at the model's
+            first training forward, from that batch's shapes (no host read):
+            `qformer_activation_bytes` (rows x Q-former tokens x layers x the tensors autograd
+            keeps x dtype bytes) against a budget: ``recompute_budget_bytes`` when set, else 1/16
+            of the CUDA device's memory, else 8 GiB on a CPU; recomputed only above it
+            (`choose_recompute_qformer`; ``SAM.recompute_qformer_choice`` says which and why).
+            Why not always: the streams are a few % of a 7B step's FLOPs but their recomputation
+            costs more time than that where they weigh more than a small LLM (the ``mid`` bench
+            config ran 1.40x -> 1.10x the released step with it), and the memory it saves (~3 GB
+            at the 7B proportions, B = 8) matters only where memory is short.
+        recompute_budget_bytes: the ``"auto"`` budget in bytes (None: from the device, as above).
         **kwargs: everything `InstructBlipConfig` takes (vision_config, qformer_config,
             text_config, num_query_tokens, image_token_index, ...).
 
@@ -243,11 +340,12 @@ class SAMConfig(InstructBlipConfig):
 
     def __init__(
         self, context_mode="leave_one_out", guidance="adaptive", interaction_layers=None, post_layernorm_eps=None,
-        packed_loss=True, recompute_qformer=True, **kwargs,
+        packed_loss=True, recompute_qformer="auto", recompute_budget_bytes=None, **kwargs,
     ):
         check_config_dict(kwargs, type(self).__name__)  # before InstructBlipConfig builds anything from them
         self.packed_loss = bool(packed_loss)
-        self.recompute_qformer = bool(recompute_qformer)
+        self.recompute_qformer = _recompute_setting(recompute_qformer)
+        self.recompute_budget_bytes = _budget_setting(recompute_budget_bytes)
         if post_layernorm_eps is not None and not float(post_layernorm_eps) > 0:
             raise ValueError(f"post_layernorm_eps={post_layernorm_eps!r} must be a positive number or None")
         self.post_layernorm_eps = None if post_layernorm_eps is None else float(post_layernorm_eps)

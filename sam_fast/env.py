@@ -109,6 +109,19 @@ def _llama() -> list[str]:
     return lines
 
 
+def _recompute() -> list[str]:
+    """What ``recompute_qformer="auto"`` would choose on each device here for the Vicuna-7B config
+    on the benchmarks' realistic batch (B = 8, 30 images; fp32 on CPU, bf16 on CUDA), and why."""
+    import torch
+
+    from sam_fast.bench_plan import realistic_shapes, recompute_choice
+    from sam_fast.config import SAMConfig
+
+    cfg, shapes = SAMConfig.instructblip_vicuna7b(), realistic_shapes(0)
+    devices = [("cpu", 4)] + ([("cuda", 2)] if torch.cuda.is_available() else [])
+    return [f"  {dev}: {recompute_choice(cfg, shapes, nbytes, dev)[1]}" for dev, nbytes in devices]
+
+
 def _section(title: str, fn) -> list[str]:
     try:
         return fn()
@@ -135,6 +148,8 @@ def report() -> str:
     lines += _section("  loss", _loss)
     lines.append("LLaMA RMSNorm/SwiGLU ops (applied in SAM's packed training step; apply_fused_llama_kernels patches for good):")
     lines += _section("  llama", _llama)
+    lines.append('Q/W-former recomputation (recompute_qformer="auto", Vicuna-7B config, realistic batch):')
+    lines += _section("  recompute", _recompute)
     return "\n".join(lines)
 
 

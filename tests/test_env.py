@@ -29,6 +29,9 @@ def _check_report(text: str) -> None:
     assert "  cpu: leave_one_out W-stream K/V materialised once per batch" in text
     if __import__("torch").cuda.is_available():
         assert "  cuda: leave_one_out W-stream K/V" in text
+    # which recompute_qformer="auto" takes here and why (2 x 2.87 GiB in fp32, within the CPU's 8 GiB)
+    assert "  cpu: auto: the Q/W-former would keep 5.73 GiB of activations" in text
+    assert "within the budget of 8.00 GiB (the CPU budget): kept" in text
 
 
 def test_report_in_process():

@@ -135,11 +135,17 @@ def test_dry_run_runs_every_item_in_order_and_rewrites_the_report_after_each(tmp
         rate = step["model_tflop"][work] / (step[name]["step_ms"] / 1e3)
         assert step[name]["tflops_per_s"] == pytest.approx(rate, rel=3e-3)
         assert step[name]["mfu"] == pytest.approx(step[name]["tflops_per_s"] / 0.5, rel=3e-3)
+    # "auto" on the tiny config: kept; the profile of the sam_fast step (CPU ops in a dry run)
+    assert step["recompute_qformer"]["recompute"] is False and step["recompute_qformer"]["why"].startswith("auto: ")
+    prof = step["profile"]
+    assert prof["what"] == "cpu ops (self time)" and prof["steps"] == 3 and 0 < len(prof["top"]) <= 16
+    assert sum(r["pct"] for r in prof["top"]) == pytest.approx(100, abs=0.2)
     gen = final["bench.generate"]["result"]
     assert gen["generate_hf"]["new_tokens"] > 0 and gen["generate_lavis"]["new_tokens"] > 0
     assert gen["generate_hf_static"]["same_ids_as_hf"] is True
     text = path.with_suffix(".md").read_text()
     assert "PASS" in text and all(e["name"] in text for e in report["items"])
+    assert "profile of 3 steps (cpu ops (self time))" in text and "| kernel | calls | total ms |" in text
     # stdout: one line per item and the verdict, a few KB
     lines = out.splitlines()
     assert len(out) < 6000 and sum(line.startswith("[") for line in lines) == len(ORDER)
@@ -308,3 +314,56 @@ def test_peak_flops_by_device_name(gpu_check):
     assert gpu_check.peak_tflops("NVIDIA H200", {})[0] == 989.0
     assert gpu_check.peak_tflops("NVIDIA H200", {"SAM_FAST_PEAK_TFLOPS": "900"}) == (900.0, "SAM_FAST_PEAK_TFLOPS")
     assert gpu_check.peak_tflops("cpu-x86_64", {})[0] is None
+
+
+def test_kernel_summary_of_a_cpu_profile_of_a_tiny_training_step(gpu_check):
+    """The profile summary on a CPU profile (no kernels: CPU ops by self time) of two tiny SAM
+    training steps: rows sorted by time, at most `top` + "other", percentages adding up to 100,
+    names cut to `name_chars`, per-step figures consistent with the rows."""
+    import torch
+
+    from sam_fast import SAM, SAMConfig
+    from sam_fast.bench_plan import SampleShape, realistic_batch
+
+    torch.manual_seed(0)
+    model = SAM(SAMConfig.tiny()).train()
+    batch = realistic_batch(model.config, [SampleShape(2, 6, 4), SampleShape(3, 5, 3)])
+    step = lambda: model(**batch).loss.backward()  # noqa: E731
+    step()  # warm
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+        step()
+    records, what = gpu_check.profile_records(prof)
+    assert what == "cpu ops (self time)" and len(records) > 50
+    out = gpu_check.kernel_summary(records, what, steps=2, wall_ms=1e4, top=5, name_chars=20)
+    rows = out["top"]
+    assert len(rows) == 6 and rows[-1]["name"].startswith("other (") and rows[-1]["name"].endswith(" kernels)")
+    assert [r["total_ms"] for r in rows[:5]] == sorted((r["total_ms"] for r in rows[:5]), reverse=True)
+    assert sum(r["pct"] for r in rows) == pytest.approx(100, abs=0.1)
+    assert all(len(r["name"]) <= 20 for r in rows[:5]) and any(r["name"].endswith("...") for r in rows[:5])
+    assert sum(r["calls"] for r in rows) == len(records) and out["launches_per_step"] == round(len(records) / 2, 1)
+    total_ms = sum(us for _, us in records) / 1e3
+    assert sum(r["total_ms"] for r in rows) == pytest.approx(total_ms, abs=0.01)
+    assert out["kernel_ms_per_step"] == pytest.approx(total_ms / 2, abs=1e-3)
+    assert out["host_gap_ms_per_step"] == pytest.approx(5000 - total_ms / 2, abs=1e-3)
+    live = gpu_check.profile_step(step, torch.device("cpu"), steps=1)  # the function the item calls
+    assert live["steps"] == 1 and 0 < live["kernel_ms_per_step"] and len(live["top"]) <= 16
+
+
+def test_kernel_summary_of_an_empty_profile_and_long_kernel_names(gpu_check):
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        pass
+    assert gpu_check.profile_records(prof) == ([], "cpu ops (self time)")
+    out = gpu_check.kernel_summary([], "device kernels", steps=3, wall_ms=30.0)
+    assert out["top"] == [] and out["kernel_ms_per_step"] == 0 and out["host_gap_ms_per_step"] == 10.0
+    assert out["launches_per_step"] == 0 and out["device_busy"] == 0
+    gemm = "cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_32x6_tn_align8"
+    name = gpu_check.short_kernel_name(f"void cutlass::Kernel2<{gemm}>({gemm}::Params)")
+    assert name == f"cutlass::Kernel2<{gemm}>"[:77] + "..." and len(name) == 80
+    assert gpu_check.short_kernel_name("void at::native::vectorized_elementwise_kernel<4>(int, T)") == \
+        "at::native::vectorized_elementwise_kernel<4>"
+    md = gpu_check._profile_markdown({"name": "step", "result": {"profile": gpu_check.kernel_summary(
+        [("a|b", 2000.0), ("c", 1000.0)], "device kernels", steps=1, wall_ms=4.0)}})
+    assert "| `a\\|b` | 1 | 2.0 | 66.67 |" in md and any("host gap 1.0 ms" in line for line in md)

@@ -42,7 +42,7 @@ from transformers import (
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.instructblip.modeling_instructblip import InstructBlipPreTrainedModel
 
-from sam_fast.config import SAMConfig
+from sam_fast.config import SAMConfig, choose_recompute_qformer
 from sam_fast.data.pack_plan import PackPlan
 from sam_fast.models import loading, run_dir
 from sam_fast.models.hf_compat import cache_kwarg, passes_cache
@@ -250,6 +250,8 @@ class SAM(InstructBlipPreTrainedModel):
         self.w_former = WFormer(self.qformer, self.guidance_in, self.guidance_out, config)
         self.language_projection = nn.Linear(qcfg.hidden_size, config.text_config.hidden_size)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        # (recompute?, why) of recompute_qformer="auto", decided at the first training forward
+        self.recompute_qformer_choice: tuple[bool, str] | None = None
         self.post_init()
         self.freeze_backbone()
         self.generation_config = paper_generation_config(config.text_config)
@@ -435,7 +437,7 @@ class SAM(InstructBlipPreTrainedModel):
         kv = self.w_former.project_kv(E.to(x.dtype))
         kv, w_stream = self._w_stream(E, kv, plan, embed, bias, lazy)  # W-stream (Part B)
         streams = (x, bias.index_select(0, plan.sample_of), kv, w_stream)
-        if self._recompute_streams():
+        if self._recompute_streams(E.shape[0], mask.shape[1] - cfg.num_query_tokens, x.dtype, E.device):
             # The two streams' activations (the frozen Q-former's, about a fifth of a training
             # step's memory at the real proportions) are not kept through the LLM's step: the
             # backward runs the streams again (a few % of the step's FLOPs) from their inputs.
@@ -489,14 +491,23 @@ class SAM(InstructBlipPreTrainedModel):
         w_kv = CrossKV(kv_hat, kv.heads, kv.hidden)
         return kv, WStream(rows, w_bias, w_kv, plan.target, expand=plan.fan_out, kv_rows=plan.fan_out)
 
-    def _recompute_streams(self) -> bool:
+    def _recompute_streams(self, images: int, instruction_tokens: int, dtype: torch.dtype, device) -> bool:
         """Whether `encode_images` recomputes the Q/W-former in the backward instead of keeping its
         activations (`SAMConfig.recompute_qformer`): only when a gradient will be taken, never
-        while torch.compile traces (the compiler plans its own recomputation)."""
-        return (getattr(self.config, "recompute_qformer", False) and torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()
+        while torch.compile traces (the compiler plans its own recomputation). ``"auto"`` is
+        decided once, from the first such batch's shapes (`choose_recompute_qformer`: no host
+        read), and kept in `recompute_qformer_choice` with the reason."""
+        setting = getattr(self.config, "recompute_qformer", False)
+        if not (setting and torch.is_grad_enabled() and not torch.compiler.is_compiling()
                 and any(p.requires_grad for m in (self.guidance_in, self.guidance_out, self.adaptive_adjustment)
-                        for p in m.parameters()))
+                        for p in m.parameters())):
+            return False
+        if setting != "auto":
+            return True
+        if self.recompute_qformer_choice is None:
+            self.recompute_qformer_choice = choose_recompute_qformer(
+                self.config, images, instruction_tokens, dtype.itemsize, device)
+        return self.recompute_qformer_choice[0]
 
     # -- LLM ---------------------------------------------------------------------------------
     def _placeholders(self, input_ids, counts: list[int], on_device: bool = False) -> torch.Tensor:

@@ -272,15 +272,16 @@ def _saved_bytes(fn) -> int:
     return out, sum(seen.values())
 
 
+@pytest.mark.parametrize("setting", [True, "auto"])
 @pytest.mark.parametrize("context_mode", ["leave_one_out", "shared"])
-def test_recomputed_streams_give_the_same_step_and_keep_less(context_mode):
-    """recompute_qformer (default): the two streams' activations are not kept for the backward but
-    recomputed there. Same visual tokens and the same gradients of every trainable parameter, bit
-    for bit, as keeping them; autograd keeps less than a third of the bytes."""
+def test_recomputed_streams_give_the_same_step_and_keep_less(context_mode, setting):
+    """recompute_qformer (True, or "auto" over its budget): the two streams' activations are not kept
+    for the backward but recomputed there. Same visual tokens and the same gradients of every
+    trainable parameter, bit for bit, as keeping them; autograd keeps less than a third of the bytes."""
     counts = [1, 3, 2]
     kept = randomize_guidance(tiny12(context_mode=context_mode, recompute_qformer=False))
     again = copy.deepcopy(kept)
-    again.config.recompute_qformer = True
+    again.config.recompute_qformer, again.config.recompute_budget_bytes = setting, 0
     kept.train(), again.train()
     feats, ids, mask = ragged_batch(kept, counts)
     results = []
@@ -297,3 +298,57 @@ def test_recomputed_streams_give_the_same_step_and_keep_less(context_mode):
     assert b2 < b1 / 3, (b2, b1)
     with torch.no_grad():  # nothing to recompute without a gradient
         assert _saved_bytes(lambda: _encode(again, feats, counts, ids, mask))[1] == 0
+
+
+def _w_former_calls(model, counts=(1, 3, 2)) -> int:
+    """How often one training step of `model` runs the Q/W-former: 1 kept, 2 recomputed in the backward."""
+    feats, ids, mask = ragged_batch(model, counts)
+    calls, forward = [], model.w_former.forward
+
+    def counted(*args, **kwargs):  # module hooks do not fire in checkpoint's recomputation
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    model.w_former.forward = counted
+    try:
+        _encode(model.train(), feats, list(counts), ids, mask).sum().backward()
+    finally:
+        del model.w_former.forward
+    return len(calls)
+
+
+def test_auto_recompute_is_decided_once_from_the_first_training_batch():
+    """recompute_qformer="auto" (default): the tiny model's streams keep a few hundred KB, within the
+    CPU budget: kept (one Q/W-former call per step); a zero budget recomputes (two calls); the choice
+    and its reason are kept on the model and not revisited when the budget changes; True / False
+    are honoured; no choice is made without a gradient."""
+    model = tiny12()
+    with torch.no_grad():
+        _encode(model, *(lambda f, i, m: (f, [1, 3, 2], i, m))(*ragged_batch(model, [1, 3, 2])))
+    assert model.recompute_qformer_choice is None  # eval forward: nothing to decide
+    assert _w_former_calls(model) == 1
+    on, why = model.recompute_qformer_choice
+    assert on is False and why.startswith("auto: ") and "6 images" in why and "CPU budget" in why and "kept" in why
+    model.config.recompute_budget_bytes = 0
+    assert _w_former_calls(model) == 1  # decided once
+    fresh = tiny12(recompute_budget_bytes=0)
+    assert _w_former_calls(fresh) == 2 and fresh.recompute_qformer_choice[0] is True
+    assert "recomputed in the backward" in fresh.recompute_qformer_choice[1]
+    assert _w_former_calls(tiny12(recompute_qformer=True)) == 2
+    assert _w_former_calls(tiny12(recompute_qformer=False, recompute_budget_bytes=0)) == 1
+
+
+@pytest.mark.parametrize("kw", [{}, dict(context_mode="shared"), dict(guidance="mean"),
+                                dict(interaction_layers=(6, 9))])
+def test_activation_estimate_is_near_what_autograd_keeps(kw):
+    """`qformer_activation_bytes` (what "auto" weighs against its budget) against the bytes autograd
+    really keeps for the Q/W-former's backward: never under them, at most 2.5x over (the estimate
+    counts one W row per image, shared mode has one per sample before layer l)."""
+    from sam_fast.config import qformer_activation_bytes
+
+    model = tiny12(recompute_qformer=False, **kw).train()
+    counts = [2, 3, 4]
+    feats, ids, mask = ragged_batch(model, counts, text_len=20)
+    _, measured = _saved_bytes(lambda: _encode(model, feats, counts, ids, mask))
+    est = qformer_activation_bytes(model.config, sum(counts), ids.shape[1], 4)
+    assert measured <= est <= 2.5 * measured, (est, measured)

@@ -212,3 +212,59 @@ def test_config_round_trip(tmp_path):
     back = SAMConfig.from_pretrained(tmp_path)
     assert (back.context_mode, back.guidance, back.interaction_layers) == ("shared", "mean", (2, 3))
     assert back.qformer_config.num_hidden_layers == cfg.qformer_config.num_hidden_layers
+
+
+def test_recompute_qformer_defaults_to_auto_and_round_trips(tmp_path):
+    """"auto" is the default and stays "auto" through config.json; True / False (and an explicit
+    budget) are kept; a config.json written before the setting had a value other than a bool still
+    loads as the bool it held."""
+    import json
+
+    from sam_fast.config import ConfigError
+
+    assert SAMConfig.tiny().recompute_qformer == "auto" and SAMConfig.tiny().recompute_budget_bytes is None
+    for value, budget in (("auto", None), (True, None), (False, 3 << 30), ("auto", 0)):
+        SAMConfig.tiny(recompute_qformer=value, recompute_budget_bytes=budget).save_pretrained(tmp_path)
+        back = SAMConfig.from_pretrained(tmp_path)
+        assert (back.recompute_qformer, back.recompute_budget_bytes) == (value, budget)
+    path = tmp_path / "config.json"
+    for old in (True, False):  # a file of before "auto": the key holds a JSON bool, no budget key
+        d = json.loads(path.read_text())
+        d.pop("recompute_budget_bytes", None)
+        path.write_text(json.dumps(dict(d, recompute_qformer=old)))
+        assert SAMConfig.from_pretrained(tmp_path).recompute_qformer is old
+    with pytest.raises(ConfigError, match="recompute_qformer = 'sometimes': expected true, false or \"auto\""):
+        SAMConfig.tiny(recompute_qformer="sometimes")
+    with pytest.raises(ConfigError, match="recompute_budget_bytes = -1: expected null or an integer >= 0"):
+        SAMConfig.tiny(recompute_budget_bytes=-1)
+
+
+def test_recompute_qformer_auto_follows_the_activation_bytes_against_the_budget():
+    """Vicuna-7B proportions, 30 images with 128-token instructions in bf16: by hand, 12 layers x 60
+    rows (Q- and W-stream) x 160 tokens x (9 x 768 + 2 x 3072) elements, plus 4 x 32 x 768 per row in
+    the 6 cross-attention layers, x 2 bytes = 3.08e9 bytes (2.87 GiB). Kept on an 80 GiB GPU (budget
+    5 GiB) or a CPU (8 GiB), recomputed on a 40 GiB GPU (2.5 GiB) or under a 1 GiB budget; the tiny
+    config is kept everywhere; True / False are honoured whatever the budget."""
+    from sam_fast.config import choose_recompute_qformer, qformer_activation_bytes
+
+    big = SAMConfig.instructblip_vicuna7b()
+    want = 2 * (12 * 60 * 160 * (9 * 768 + 2 * 3072) + 6 * 60 * 4 * 32 * 768)
+    assert qformer_activation_bytes(big, 30, 128, 2) == want == 3_078_881_280
+    assert choose_recompute_qformer(big, 30, 128, 2, "cpu")[0] is False
+    on80, why80 = choose_recompute_qformer(big, 30, 128, 2, "cuda", total_memory=80 << 30)
+    on40, why40 = choose_recompute_qformer(big, 30, 128, 2, "cuda", total_memory=40 << 30)
+    assert (on80, on40) == (False, True)
+    assert "2.87 GiB" in why80 and "5.00 GiB" in why80 and "kept" in why80 and "80 GiB" in why80
+    assert "over the budget of 2.50 GiB" in why40 and "recomputed" in why40
+    small = SAMConfig.instructblip_vicuna7b(recompute_budget_bytes=1 << 30)
+    assert choose_recompute_qformer(small, 30, 128, 2, "cpu") == (True, choose_recompute_qformer(
+        small, 30, 128, 2, "cuda", total_memory=80 << 30)[1])  # the explicit budget, whatever the device
+    tiny = SAMConfig.tiny()
+    assert not choose_recompute_qformer(tiny, 12, 32, 4, "cpu")[0]
+    assert not choose_recompute_qformer(tiny, 12, 32, 4, "cuda", total_memory=8 << 30)[0]
+    for forced in (True, False):
+        for cfg in (SAMConfig.tiny(recompute_qformer=forced),
+                    SAMConfig.instructblip_vicuna7b(recompute_qformer=forced, recompute_budget_bytes=0)):
+            want = (forced, f"recompute_qformer={forced} in the config")
+            assert choose_recompute_qformer(cfg, 30, 128, 2, "cpu") == want
+    assert qformer_activation_bytes(SAMConfig.tiny(guidance="none"), 12, 32, 4) == 0  # no gradient through it
