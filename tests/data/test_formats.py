@@ -138,7 +138,8 @@ def test_llava_bad_record_is_refused_in_one_line_and_nothing_is_written(tmp_path
     assert msg.startswith(f"{src}: record id 'bad': ") and all(p in msg for p in parts), msg
     assert not (tmp_path / "out").exists()  # the first record's copy was removed with the folder
     report = convert_llava(src, tmp_path / "out", imgs, skip_bad=True)
-    assert report.skipped[0][0] == "bad" and report.missing == 0 and [a["id"] for a in _annotations(tmp_path / "out")] == ["ok"]
+    assert report.skipped[0][0] == "bad" and report.missing == 0
+    assert [a["id"] for a in _annotations(tmp_path / "out")] == ["ok"]
 
 
 def test_llava_missing_image_refused_or_skipped_and_counted(llava, tmp_path):
@@ -171,7 +172,8 @@ def test_existing_annotations_are_refused_unless_overwrite(llava, tmp_path):
     with pytest.raises(FormatError) as exc:
         convert_llava(src, out, imgs)
     assert "annotations.json exists; pass --overwrite" in _one_line(exc)
-    assert (out / "annotations.json").read_text() == "[]" and sorted(p.name for p in out.iterdir()) == ["annotations.json"]
+    assert (out / "annotations.json").read_text() == "[]"
+    assert sorted(p.name for p in out.iterdir()) == ["annotations.json"]
     convert_llava(src, out, imgs, overwrite=True)
     assert len(_annotations(out)) == 2
 
@@ -233,8 +235,8 @@ def test_hf_rows_of_pil_images(tmp_path):
     out = tmp_path / "out"
     report = convert_hf(rows, out)
     assert _annotations(out) == [
-        {"id": 0, "img_list": ["images/0_1.png", "images/0_2.png"], "instruction": "{image#1} {image#2} What is common?",
-         "output": "Nothing."},
+        {"id": 0, "img_list": ["images/0_1.png", "images/0_2.png"],
+         "instruction": "{image#1} {image#2} What is common?", "output": "Nothing."},
         {"id": 1, "img_list": ["images/0_1.png"], "instruction": "Describe {image#1}.", "output": "Red."},
     ]
     assert report.written == 2  # the same picture in two rows is stored once
@@ -350,3 +352,21 @@ def test_vist_instruction_must_name_images_the_story_has(tmp_path):
         convert_vist(src, tmp_path / "out", imgs, instruction="{image#6} story")
     with pytest.raises(FormatError, match=r"instruction template: 'instruction' contains the image placeholder"):
         convert_vist(src, tmp_path / "out", imgs, instruction="<image> story")
+
+
+def test_an_interrupted_conversion_removes_only_what_it_wrote(tmp_path):
+    out = tmp_path / "out"
+    mine = _png(out / "images" / "0_1.png", (1, 2, 3))
+    before = mine.read_bytes()
+
+    class Stops(_Rows):
+        def __getitem__(self, i):
+            if i == 1:
+                raise KeyboardInterrupt  # Ctrl-C while the second row is read
+            return super().__getitem__(i)
+
+    rows = Stops([{"images": Image.new("RGB", (4, 4), RED), "question": "q", "answer": "a"}] * 2)
+    with pytest.raises(KeyboardInterrupt):
+        convert_hf(rows, out)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["images", "images/0_1.png"]
+    assert mine.read_bytes() == before  # the first row's copy went to images/0_1-2.png, now removed

@@ -127,6 +127,7 @@ def replace_placeholders(text: str, first: int) -> tuple[str, int]:
     count = 0
 
     def number(_match) -> str:
+        """The next reference, for re.sub."""
         nonlocal count
         count += 1
         return f"{{image#{first + count - 1}}}"
@@ -197,6 +198,7 @@ class ImageStore:
             raise self.checked[image.path]
 
     def _problem(self, path: Path) -> Problem | None:
+        """Why the file at `path` cannot be used, or None (decoded once, as load_records will)."""
         try:
             if not path.is_file():
                 return Problem(f"image file {path} does not exist", missing=True)
@@ -257,6 +259,7 @@ class ImageStore:
             return cand
 
     def _mkdirs(self, folder: Path) -> None:
+        """Create `folder` and its missing parents, remembering each one created."""
         missing = []
         while not folder.exists():
             missing.append(folder)
@@ -275,12 +278,14 @@ class ImageStore:
 
 
 def _same_file(dest: Path, source: Path) -> bool:
+    """Whether `dest` is `source` or a file with its bytes (then it is used, not copied again)."""
     if not dest.is_file():
         return False
     return dest.resolve() == source or filecmp.cmp(dest, source, shallow=False)
 
 
 def _same_bytes(dest: Path, data: bytes) -> bool:
+    """Whether `dest` is a file holding exactly `data`."""
     return dest.is_file() and dest.stat().st_size == len(data) and dest.read_bytes() == data
 
 
@@ -361,6 +366,7 @@ def _write_annotations(out: Path, entries: list[dict], overwrite: bool, store: I
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(entries, f, indent=1, ensure_ascii=False)
+            f.write("\n")
         ann = out / ANNOTATIONS
         if (ann.exists() or ann.is_symlink()) and not overwrite:  # appeared while converting
             raise FormatError(f"{ann} appeared while converting; pass --overwrite (overwrite=True) to replace it")

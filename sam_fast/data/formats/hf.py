@@ -127,7 +127,8 @@ def _row(dataset, i: int, cols: dict, root: Path, add_refs: bool) -> Outcome:
             if not isinstance(text, str):
                 raise Problem(f"column {short(cols[what])} ({what}) is a {type(text).__name__}, not text")
         stem = f"images/{safe_filename(str(rid))}"
-        files = [_image(v, f"{stem}_{k + 1}", root, cols["image"], k) for k, v in enumerate(_values(row[cols["image"]]))]
+        cells = _values(row[cols["image"]])
+        files = [_image(v, f"{stem}_{k + 1}", root, cols["image"], k) for k, v in enumerate(cells)]
         instruction = _refer(texts["instruction"], len(files), add_refs)
     except Problem as p:
         return Outcome(rid, problem=p)
@@ -205,7 +206,8 @@ def load_hf_disk(path, split: str | None = None):
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:
-        raise FormatError(f"{path}: not a saved dataset ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+        msg = " ".join(str(e).split())[:200]
+        raise FormatError(f"{path}: not a saved dataset ({type(e).__name__}: {msg})") from None
     names = getattr(ds, "column_names", None)
     if isinstance(names, Mapping):
         if split is None or split not in names:

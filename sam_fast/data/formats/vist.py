@@ -107,6 +107,7 @@ def _story(sid, items, folder: Path, template: str, text_field: str) -> Outcome:
 
 
 def _order(a: dict) -> int:
+    """An annotation's ``worker_arranged_photo_order`` (an int, or digits as VIST sometimes writes it)."""
     value = a.get("worker_arranged_photo_order")
     if isinstance(value, str) and value.strip().isdigit():
         return int(value)
