@@ -12,6 +12,7 @@
     sam-fast env                                                                  versions, devices, extension, op backends
     sam-fast export   RUN OUT                                                     a run as a standalone SAM folder
     sam-fast init     tiny OUT [--seed S]                                         a tiny random SAM folder (model + processor)
+    sam-fast convert  llava|vist|hf-disk SRC [--images DIR] --output OUT          other data formats -> annotations.json
 
 Options come from built-in defaults, then a config file (`--config FILE`, JSON or YAML), then the
 command line: the command line wins. `--config tiny` selects the built-in tiny configuration.
@@ -183,6 +184,33 @@ def _cmd_init(args: argparse.Namespace) -> int:
         raise
     print(f"{args.config} SAM ({sum(p.numel() for p in model.parameters()):,} parameters, random weights), its "
           f"tokenizers and processor -> {out}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    """Convert SRC (a LLaVA or VIST JSON file, a saved HF dataset) into an annotations.json folder."""
+    from sam_fast.data import DataError
+    from sam_fast.data import formats
+
+    common = {"overwrite": args.overwrite, "skip_missing": args.skip_missing, "skip_bad": args.skip_bad,
+              "progress": not args.no_progress}
+    try:
+        if args.format == "hf-disk":
+            if args.images is not None or args.no_copy:
+                raise SystemExit("sam-fast convert: hf-disk writes the dataset's own images; --images and --no-copy "
+                                 "are for llava and vist")
+            ds = formats.load_hf_disk(args.src, args.split)
+            columns = {f"{c}_column": getattr(args, f"{c}_column") for c in ("image", "instruction", "output", "id")}
+            report = formats.convert_hf(ds, args.output, source=args.src, **columns, **common)
+        elif args.format == "llava":
+            report = formats.convert_llava(args.src, args.output, args.images, turns=args.turns,
+                                           copy_images=not args.no_copy, **common)
+        else:
+            report = formats.convert_vist(args.src, args.output, args.images, instruction=args.instruction,
+                                          text_field=args.text_field, copy_images=not args.no_copy, **common)
+    except DataError as e:
+        raise SystemExit(f"sam-fast convert: {e}") from None
+    print(report.summary())
     return 0
 
 
@@ -1029,6 +1057,53 @@ def _add_init_command(sub) -> None:
     p.set_defaults(func=_cmd_init)
 
 
+def _add_convert_command(sub) -> None:
+    """`sam-fast convert`: its arguments and help."""
+    from sam_fast.data.formats import FORMATS, VIST_INSTRUCTION
+
+    p = sub.add_parser(
+        "convert",
+        help="turn LLaVA or VIST JSON, or a saved HF dataset, into an annotations.json dataset folder",
+        description="Write OUT/annotations.json and OUT/images/ from SRC. llava: a LLaVA-style conversation "
+        "file (.json list or .jsonl; 'image' one path or a list), each <image> in the human turns numbered into "
+        "{image#1}, {image#2}, ... (a record whose <image> count differs from its images is refused); vist: a "
+        "VIST story-in-sequence file, one sample per story (its photos in worker order, its sentences joined); "
+        "hf-disk: a folder written by datasets' save_to_disk, which needs the datasets package (not installed "
+        "with sam_fast; from Python, sam_fast.data.formats.convert_hf takes any dataset with len() and "
+        "ds[i] -> dict). An existing OUT/annotations.json is refused unless --overwrite; image files already in "
+        "OUT are never replaced. A record that cannot be converted stops the conversion with one line naming it.",
+    )
+    p.add_argument("format", choices=FORMATS, metavar="FORMAT", help="llava, vist or hf-disk")
+    p.add_argument("src", metavar="SRC", help="the source file (llava, vist) or saved dataset folder (hf-disk)")
+    p.add_argument("--images", metavar="DIR", help="the folder image paths (llava) or <photo_flickr_id>.jpg "
+                   "files (vist) are in (default: SRC's folder)")
+    p.add_argument("--output", required=True, metavar="OUT", help="the dataset folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/annotations.json")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="skip records whose image files do not exist, and report how many")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip every record that cannot be converted (missing images included), and report them")
+    p.add_argument("--no-copy", action="store_true", help="reference the images where they lie (they must be "
+                   "inside OUT) instead of copying them to OUT/images/")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    g = p.add_argument_group("llava")
+    g.add_argument("--turns", choices=("first", "all"), default="first", help="first (default): one sample per "
+                   "record, its first exchange (later ones are counted, not converted); all: one sample per "
+                   "exchange, ids <id>#2, <id>#3, ..., earlier dialogue before the question as text")
+    g = p.add_argument_group("vist")
+    g.add_argument("--instruction", default=VIST_INSTRUCTION, help="every story's instruction: {images} becomes "
+                   "{image#1} {image#2} ..., {n} the number of images (default: %(default)r)")
+    g.add_argument("--text-field", choices=("text", "original_text"), default="text",
+                   help="the sentences to join into the story (default: text)")
+    g = p.add_argument_group("hf-disk")
+    g.add_argument("--split", help="the split of a saved DatasetDict")
+    g.add_argument("--image-column", help="default: images or image")
+    g.add_argument("--instruction-column", help="default: instruction or question")
+    g.add_argument("--output-column", help="default: output or answer")
+    g.add_argument("--id-column", help="default: id when present, else the row number")
+    p.set_defaults(func=_cmd_convert)
+
+
 def _add_synthesize_command(sub) -> None:
     """`sam-fast synthesize`: its options and help."""
     p = sub.add_parser(
@@ -1118,6 +1193,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  sam-fast train --config tiny --data DS --output runs/tiny --max-steps 400 --resume\n"
         "  sam-fast eval --model runs/tiny --data TESTSET --output runs/tiny/eval\n"
         "  sam-fast generate --model runs/tiny --images a.png b.png --prompt 'what is common?'\n"
+        "  sam-fast convert llava llava.json --images imgs/ --output DS   (also: vist, hf-disk)\n"
         "  torchrun --nproc_per_node 2 -m sam_fast.cli train --config run.yaml\n"
         "  torchrun --nproc_per_node 4 -m sam_fast.cli train --config run.yaml --fsdp   (LLM sharded over 4 GPUs)\n"
         "  torchrun --nproc_per_node 4 -m sam_fast.cli eval --model runs/x --data TESTSET --output runs/x/eval",
@@ -1134,6 +1210,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synthesize_command(sub)
     _add_export_command(sub)
     _add_init_command(sub)
+    _add_convert_command(sub)
     return parser
 
 

@@ -454,6 +454,70 @@ def test_init_into_an_empty_folder(tmp_path):
     assert (out / "config.json").is_file()
 
 
+def _convert_sources(tmp_path):
+    """A LLaVA file with two records (one image missing) and a VIST file with one story, images beside them."""
+    from PIL import Image
+
+    for name, color in (("a.png", (200, 0, 0)), ("b.png", (0, 200, 0)), ("11.jpg", (9, 9, 9)), ("12.jpg", (99, 9, 9))):
+        Image.new("RGB", (8, 8), color).save(tmp_path / name)
+    turns = [{"from": "human", "value": "<image> and <image>: what differs?"}, {"from": "gpt", "value": "The colour."}]
+    (tmp_path / "llava.json").write_text(json.dumps([{"id": "p", "image": ["a.png", "b.png"], "conversations": turns},
+                                                     {"id": "q", "image": ["a.png", "gone.png"], "conversations": turns}]))
+    anns = [[{"story_id": "s1", "photo_flickr_id": pid, "worker_arranged_photo_order": o, "text": t,
+              "original_text": t.upper()}] for o, pid, t in ((1, "12", "then home ."), (0, "11", "we left ."))]
+    (tmp_path / "vist.json").write_text(json.dumps({"images": [], "albums": [], "annotations": anns}))
+
+
+def test_convert_llava_and_vist_commands(tmp_path, capsys):
+    _convert_sources(tmp_path)
+    out = tmp_path / "ds"
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", "llava", str(tmp_path / "llava.json"), "--output", str(out), "--no-progress"])
+    msg = str(exc.value.code)
+    assert msg.startswith("sam-fast convert: ") and "\n" not in msg
+    assert "record id 'q': image file" in msg and "gone.png does not exist" in msg and not out.exists()
+    assert main(["convert", "llava", str(tmp_path / "llava.json"), "--images", str(tmp_path), "--output", str(out),
+                 "--skip-missing", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 sample(s), 2 image(s)" in printed and "skipped 1 record(s), 1 for missing image files" in printed
+    assert json.loads((out / "annotations.json").read_text()) == [
+        {"id": "p", "img_list": ["images/a.png", "images/b.png"], "instruction": "{image#1} and {image#2}: what differs?",
+         "output": "The colour."}]
+    with pytest.raises(SystemExit, match=r"^sam-fast convert: .*annotations.json exists; pass --overwrite"):
+        main(["convert", "vist", str(tmp_path / "vist.json"), "--output", str(out), "--no-progress"])
+    assert main(["convert", "vist", str(tmp_path / "vist.json"), "--output", str(out), "--overwrite",
+                 "--text-field", "original_text", "--instruction", "{images} Tell it.", "--no-progress"]) == 0
+    assert json.loads((out / "annotations.json").read_text()) == [
+        {"id": "s1", "img_list": ["images/11.jpg", "images/12.jpg"], "instruction": "{image#1} {image#2} Tell it.",
+         "output": "WE LEFT . THEN HOME ."}]
+
+
+def test_convert_hf_disk_needs_datasets_and_reads_a_split(tmp_path, monkeypatch, capsys):
+    import types
+
+    from PIL import Image
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed: import fails
+    (tmp_path / "saved").mkdir()
+    argv = ["convert", "hf-disk", str(tmp_path / "saved"), "--output", str(tmp_path / "ds"), "--no-progress"]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    msg = str(exc.value.code)
+    assert msg.startswith("sam-fast convert: hf-disk") and "pip install datasets" in msg and "\n" not in msg
+
+    class Splits(dict):
+        column_names = {"train": ["image", "question", "answer"]}
+
+    rows = [{"image": Image.new("RGB", (6, 6), (1, 2, 3)), "question": "q?", "answer": "a."}]
+    fake = types.SimpleNamespace(load_from_disk=lambda path: Splits(train=rows))
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    with pytest.raises(SystemExit, match=r"a dataset of splits \['train'\]: choose one with --split$"):
+        main(argv)
+    assert main([*argv, "--split", "train"]) == 0
+    assert json.loads((tmp_path / "ds" / "annotations.json").read_text()) == [
+        {"id": 0, "img_list": ["images/0_1.png"], "instruction": "{image#1} q?", "output": "a."}]
+
+
 @pytest.mark.parametrize("cmd", ["generate", "eval"])
 def test_hf_max_length_shorter_than_the_prompt_is_one_line(dirs, tmp_path, cmd):
     # a model folder whose generation_config.json bounds max_length (counting the prompt in "hf" mode)
@@ -478,9 +542,9 @@ def test_hf_max_length_shorter_than_the_prompt_is_one_line(dirs, tmp_path, cmd):
 # `sam-fast [CMD] --help` as it read before build_parser was split into one function per command
 # (sha256 of the text printed at COLUMNS=100); a change of any option, help text or choice changes these.
 HELP_COMMANDS = ["", "train", "generate", "eval", "cache-features", "explain", "bench", "env", "demo", "synthesize",
-                 "export", "init"]
+                 "export", "init", "convert"]
 HELP_SHA256_PY311 = {
-    '': 'dfc271836d8967faf41ac83599f1e6d682cda98e5215306d8a7a043b2bd1b164',
+    '': 'f202c26a767af974d0439f749e1ef985baf315068aa687dcf17d631fc603abbe',
     'train': '925c64d312791683c3547d169669f2f4da176446544335f11c39e287954808bb',
     'generate': '183a338dba2d82fb8e5e70098ac369d18b1ecb9f951f3cd5240d86ba72ad66c0',
     'eval': '769c35ba25ce8836888d8996842046b4d0f851162f694a79d213f334d6b07809',
@@ -492,10 +556,11 @@ HELP_SHA256_PY311 = {
     'synthesize': 'bcd967762e1230ae395bedae5b1169f603f7e6a825a6972fa6e75a5abdb31646',
     'export': '3159f824063fd6f8f7cc8b3c7b14a06a9ba27b3cc041f524209edfcd5204d87b',
     'init': '5a19e6d7d629da6ae868c5c4fe51928199b52a0466c80d0438758941dfe7b655',
+    'convert': 'f0e4edd63d01c85612541cd84fc6f7080c107a41f0e22df2a75e151e4cfff031',
 }
 # the same parsers described field by field (independent of argparse's layout, so checked on every Python)
 PARSER_SHA256 = {
-    '': '4c3d8fa6fbcaa2449ad8b3e9655ee69404dbddeb84795cffa0bbe50daad06d47',
+    '': '275e7edbb09dad55155664a5d5bd281c28bc2c8cbb1ded6c63b3b20bc3f63d6d',
     'train': 'e91ba88685d8a9b84528e8f8a7798047bb5051b4022a1b739dfb9ac5ef409439',
     'generate': 'a250bc7dcbdcf45577bbbf9bf2720c73c3c17ee41c6249584ecd5794eb62243f',
     'eval': 'f2563938322d901b0550098d81fc01b3579933f5247f48ed3d2ecffd3f1b850d',
@@ -507,6 +572,7 @@ PARSER_SHA256 = {
     'synthesize': '2e15c756c7f638f8a62c94569b7efc25eee2702ce1eee64032f2b11a75debb1f',
     'export': '8ff4b7523ba53bc90eb97cab5f11178b231c7fb073c8da4d027ea3768123fee8',
     'init': 'aec1a79627da2cf970218d41391a588d1f72bf5e61e4950827dc99f50548f8a7',
+    'convert': '8fc51a816ecffaabe96ce44a68a5ca53466c4291e0f11cd43ea4dffdbf1dc4c3',
 }
 
 

@@ -1,4 +1,5 @@
-"""Data: annotations.json datasets, the paper's image transforms, tokenisation and the ragged collator."""
+"""Data: annotations.json datasets (`sam_fast.data.formats` converts LLaVA, VIST and datasets-style
+data into them), the paper's image transforms, tokenisation and the ragged collator."""
 
 from sam_fast.data.dataset import (
     AnnotationDataset,
