@@ -323,7 +323,7 @@ def test_vist_stories(tmp_path):
         {"id": "900", "img_list": ["images/11.jpg", "images/12.jpg", "images/13.png", "images/14.jpg", "images/15.jpg"],
          "instruction": "{image#1} {image#2} {image#3} {image#4} {image#5} Write a story about these 5 images.",
          "output": "we went out . it was sunny . we ate . we swam . home again ."},
-        {"id": "901", "img_list": ["images/21.jpg"], "instruction": "{image#1} Write a story about these 1 images.",
+        {"id": "901", "img_list": ["images/21.jpg"], "instruction": "{image#1} Write a story about this image.",
          "output": "just one ."},
     ]
     assert report.samples == 2 and report.images == 6

@@ -102,6 +102,8 @@ def _story(sid, items, folder: Path, template: str, text_field: str) -> Outcome:
     except Problem as p:
         return Outcome(sid, problem=p)
     n = len(files)
+    if n == 1:  # the default's "these 1 images"
+        template = template.replace("these {n} images", "this image")
     instruction = template.replace("{images}", references(n)).replace("{n}", str(n))
     return Outcome(sid, [Sample(sid, files, instruction, " ".join(t.strip() for t in texts))])
 
