@@ -214,11 +214,12 @@ def _triton_blocks(T: int, B: int, D: int, backward: bool, interpret: bool):
     NB: the next power of two >= the mean sample size (2..16), so a sample of the usual size is
     loaded once; a bigger one takes more chunks (read again from L2). On a GPU a program holds
     about 4096 (forward) or 2048 (backward: values and gradient tiles) fp32 elements in NB x
-    BLOCK_D tiles. Under the CPU interpreter (`interpret`) the channel blocks are 16 wide, so the
-    tests cover several blocks per row and a ragged edge."""
+    BLOCK_D tiles. Under the CPU interpreter (`interpret`) a row takes up to 4 or 5 blocks (16
+    wide for small D), so the tests cover several blocks per row and a ragged edge without paying
+    milliseconds for each of hundreds of programs."""
     nb = min(16, max(2, next_pow2(cdiv(T, max(B, 1)))))
     if interpret:
-        return nb, min(16, next_pow2(D)), 4
+        return nb, min(next_pow2(D), max(16, next_pow2(D) // 4)), 4
     cap = min(1024 if not backward else 512, max(64, (2048 if backward else 4096) // nb))
     block_d = _channel_block(D, cap)
     return nb, block_d, 8 if nb * block_d >= 4096 else 4
