@@ -185,8 +185,9 @@ def _bwd_shared(G, V, COEF, DV, part, t0, n, j, i1, P, D, cols, cmask,
                 VALUES_GRAD: tl.constexpr, NB: tl.constexpr):
     """Shared mode: dV_k = a_k g and the partial p_k = g . (x_k - x_i1) of every image k."""
     out = (tl.program_id(0).to(tl.int64) // P) * P + j
+    live = cmask & (n > 0)  # (an empty sample has no row i1 to read)
     g = tl.load(G + out * D + cols, mask=cmask, other=0.0).to(tl.float32)
-    x1 = tl.load(V + ((t0 + i1) * P + j) * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    x1 = tl.load(V + ((t0 + i1) * P + j) * D + cols, mask=live, other=0.0).to(tl.float32)
     for c0 in range(0, n, NB):
         k, kmask, row, offs, mask = _chunk(t0, c0, n, j, P, D, cols, cmask, NB)
         x = _load(V, offs, mask)
@@ -201,9 +202,10 @@ def _bwd_loo(G, V, COEF, DV, part, t0, n, j, i1, i2, P, D, cols, cmask,
              VALUES_GRAD: tl.constexpr, NB: tl.constexpr, BLOCK_D: tl.constexpr):
     """Leave-one-out: dV_k = e_k (H - g_k / Z_k) + a_{i1,k} g_i1 and the partials q_k, c_k, p1_k
     (module docstring) of every image k."""
-    x1 = tl.load(V + ((t0 + i1) * P + j) * D + cols, mask=cmask, other=0.0).to(tl.float32)
-    x2 = tl.load(V + ((t0 + i2) * P + j) * D + cols, mask=cmask, other=0.0).to(tl.float32)
-    g1 = tl.load(G + ((t0 + i1) * P + j) * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    live = cmask & (n > 0)  # (an empty sample has no row i1 to read)
+    x1 = tl.load(V + ((t0 + i1) * P + j) * D + cols, mask=live, other=0.0).to(tl.float32)
+    x2 = tl.load(V + ((t0 + i2) * P + j) * D + cols, mask=live, other=0.0).to(tl.float32)
+    g1 = tl.load(G + ((t0 + i1) * P + j) * D + cols, mask=live, other=0.0).to(tl.float32)
     H = tl.zeros([BLOCK_D], tl.float32)  # sum_i g_i / Z_i (i1 excluded: its 1/Z is 0)
     Ssh = tl.zeros([BLOCK_D], tl.float32)  # sum_m e_m (x_m - x_i1)
     x = tl.zeros([NB, BLOCK_D], tl.float32)

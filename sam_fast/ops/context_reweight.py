@@ -45,10 +45,13 @@ leave-one-out sums of a column, each for a reason of its hardware:
   removed weight is <= 1 <= the remaining sum, so no cancellation beyond ~eps |V|. The backward
   (value gradients and per-channel-block partial dot products) uses the same tiling, and a small
   kernel sums the partials in a fixed order into the score gradients (kernels/context_reweight.py).
-- CUDA: direct sums per output, O(n^2 D) arithmetic on O(n D) bytes re-read from L1/L2 (n <= 16
-  images per sample in practice, so the op stays memory-bound); its coefficients and score
-  gradients are the CPU's (common header). It was validated on an H200 as it is; moving it to the
-  CPU's prefix/suffix form waits for a GPU to measure it on.
+- CUDA: the Triton design in CUDA (csrc/context_reweight_cuda.cu): a coefficient kernel, then a
+  block per (sample, patch) x channel block holding the sample's image chunk in registers, partial
+  score-gradient sums reduced across the block (shuffles, one shared-memory step between two
+  barriers) and summed over the channel blocks in a fixed order; the score gradients use the
+  common header's leave-one-out formula with prefix + suffix sums. It compiles for sm_80 and
+  sm_90 (tests/test_extension.py) but has not yet run on a GPU (the previous kernels were
+  validated on an H200).
 """
 
 from __future__ import annotations
