@@ -76,6 +76,36 @@ def timed(fn, *, warmup: int = 2, rounds: int = 7) -> float:
     return statistics.median(times)
 
 
+@dataclass
+class BackToBack:
+    """Seconds per call of `back_to_back`: ``device_s`` until the last call's work is done,
+    ``host_s`` until the last call returned (medians over rounds)."""
+
+    device_s: float
+    host_s: float
+
+
+def back_to_back(fn, *, calls: int = 50, rounds: int = 5, warmup: int = 3) -> BackToBack:
+    """`calls` calls of `fn` issued back to back with one synchronisation at the end, `rounds`
+    times. The device time per call is what a step making many calls in a row sees (on a GPU the
+    host queues the next launches while the kernels run, so its overhead hides unless it is the
+    bottleneck); the host time per call (validation, allocation, launches) is reported apart,
+    since a single synchronised call times both added together. On a CPU the two are equal."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    device, host = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        t1 = time.perf_counter()
+        sync()
+        device.append((time.perf_counter() - t0) / calls)
+        host.append((t1 - t0) / calls)
+    return BackToBack(statistics.median(device), statistics.median(host))
+
+
 def run_benchmark(benchmark, fn, *, rounds: int = 7, warmup_rounds: int = 2):
     """benchmark.pedantic with CUDA synchronisation after each call."""
 

@@ -48,10 +48,12 @@ at::Tensor context_reweight_fwd_cuda(const at::Tensor& values, const at::Tensor&
   const at::Tensor S = scores.to(at::kFloat).contiguous();
   const at::Tensor cu = device_offsets(cu_images, F);
   at::Tensor out = empty_context_reweight_output(F, cu_images, shared);
-  at::Tensor ws = at::empty({F.size(1), F.size(0)}, F.options().dtype(at::kFloat));
+  const int64_t B = cu_images.size(0) - 1;
+  at::Tensor ws = at::empty({sam_fast_context_reweight_workspace_floats(B, F.size(0), F.size(1), F.size(2), 0)},
+                            F.options().dtype(at::kFloat));
   const int err = sam_fast_context_reweight_fwd_cuda(
       F.data_ptr(), dtype_code(F.scalar_type()), S.data_ptr<float>(), cu.data_ptr(),
-      cu.scalar_type() == at::kLong, cu.size(0) - 1, F.size(0), F.size(1), F.size(2), shared,
+      cu.scalar_type() == at::kLong, B, F.size(0), F.size(1), F.size(2), shared,
       ws.data_ptr<float>(), out.data_ptr(), current_stream(F));
   TORCH_CHECK(err == 0, "sam_fast::context_reweight_fwd (CUDA): kernel launch failed: ",
               sam_fast_cuda_error_string(err));
@@ -75,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor> context_reweight_bwd_cuda(const at::Tensor& g
   const int64_t B = cu_images.size(0) - 1, T = F.size(0), P = F.size(1), D = F.size(2);
   at::Tensor dF = empty_context_reweight_grad_values(F, values_grad);
   const auto f32 = F.options().dtype(at::kFloat);
-  at::Tensor ws = at::empty({sam_fast_context_reweight_bwd_workspace_floats(T, P)}, f32);
+  at::Tensor ws = at::empty({sam_fast_context_reweight_workspace_floats(B, T, P, D, 1)}, f32);
   at::Tensor dS = at::zeros({T, P}, f32);
   const int err = sam_fast_context_reweight_bwd_cuda(
       G.data_ptr(), F.data_ptr(), dtype_code(F.scalar_type()), S.data_ptr<float>(), cu.data_ptr(),

@@ -7,8 +7,11 @@ This folder stays at the top of the source tree and is installed as the package
 machine without Triton never touches these modules. Grids, block sizes, autograd, the
 torch.library registration and the backend choice live in the op modules:
 
+    kernels/_common.py           -> device helpers of the other files (the block prologue
+                                    `_span`, `_row_block`), no kernel
     kernels/context_reweight.py  -> sam_fast.ops.context_reweight (its "triton" backend)
-        context_reweight_fwd_kernel, context_reweight_bwd_kernel
+        context_reweight_coef_kernel, context_reweight_fwd_kernel, context_reweight_bwd_kernel,
+        context_reweight_dscore_kernel
         (the op's "cpu" and "cuda" backends are C++/CUDA in csrc/, built into sam_fast._C)
     kernels/cross_attention.py   -> sam_fast.ops.cross_attention (cross_attention and
                                     cross_attention_streams, "triton" backend)

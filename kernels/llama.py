@@ -24,18 +24,7 @@ cast to fp32 right away (bf16 arithmetic is broken in the CPU interpreter).
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _row_block(pid, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program `pid`'s BLOCK_M rows of an [M, D] row-major tensor: (rows, cols, row mask, column
-    mask, 2-D mask, int64 element offsets)."""
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    rmask = rows < M
-    cmask = cols < D
-    mask = rmask[:, None] & cmask[None, :]
-    offs = rows[:, None] * D + cols[None, :]
-    return rows, cols, rmask, cmask, mask, offs
+from sam_fast._kernels._common import _row_block
 
 
 @triton.jit

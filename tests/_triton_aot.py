@@ -393,8 +393,8 @@ def _scenarios(full: bool):
     for dt in dtypes:
         for mode in modes:
             s.append((f"context_reweight {dt} {mode} P=5 D=24", reweight(dt, mode, 5, 24)))
-    # model widths (vision 1408, the K/V of the cross layers 1536: BLOCK_D 2048, 8 warps), an odd
-    # width, the D limit; bf16 scores, no values grad (frozen K/V), int64 offsets, one image
+    # model widths (vision 1408, the K/V of the cross layers 1536), an odd width; bf16 scores, no
+    # values grad (frozen K/V), int64 offsets, one image
     for dt in (dtypes if full else (f32, bf16)):
         for mode in modes:
             s.append((f"context_reweight {dt} {mode} P=257 D=1408", reweight(dt, mode, 257, 1408)))
@@ -403,8 +403,16 @@ def _scenarios(full: bool):
     s.append(("context_reweight fp16 bf16 scores, int64 offsets",
               reweight(f16, "leave_one_out", 7, 40, scores=bf16, cu_dtype=torch.int64)))
     s.append(("context_reweight bf16 values without grad", reweight(bf16, "shared", 9, 33, values_grad=False)))
-    for mode in modes:  # a mid width (BLOCK_D 256): the register budget caps BLOCK_P below next_pow2(P)
+    for mode in modes:  # a mid width (one channel block of 256)
         s.append((f"context_reweight fp16 {mode} P=257 D=200", reweight(f16, mode, 257, 200)))
+    # the 7B model's merged K/V (6 cross layers x K, V x 768 = 9216 channels, 30 images in 8
+    # samples: NB 4) and a lone 16-image sample (NB 16, the biggest register chunk)
+    seven_b = (5, 4, 4, 4, 4, 3, 3, 3)
+    for dt in (dtypes if full else (f32, bf16)):
+        for mode in modes:
+            s.append((f"context_reweight {dt} {mode} 7B K/V T=30 D=9216",
+                      reweight(dt, mode, 257, 9216, scores_grad=mode == "leave_one_out", counts=seven_b)))
+    s.append(("context_reweight fp32 one 16-image sample", reweight(f32, "leave_one_out", 257, 1408, counts=(16,))))
     if full:
         s.append(("context_reweight fp32 D=8192", reweight(f32, "leave_one_out", 3, 8192)))
         for dt in dtypes:

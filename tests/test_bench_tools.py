@@ -298,6 +298,23 @@ def test_alternate_without_benchmark_has_the_same_semantics(monkeypatch):
     assert rr.ratios == [2.0, 4.0] and rr.ratio == 3.0 and rr.fast_median_s == 1.5 and rr.other_median_s == 4.0
 
 
+def test_back_to_back_reports_device_and_host_time_per_call(monkeypatch):
+    """Calls issued back to back, one sync per round: the host time per call stops when the last
+    call returns, the device time when the sync does (here the device finishes 5 s later)."""
+    clock = _Clock(call=[1.0] * 14)
+    benchutil = _benchutil(monkeypatch, clock)
+    syncs = []
+
+    def sync():
+        syncs.append(clock.now)
+        clock.now += 5.0
+
+    monkeypatch.setattr(benchutil, "sync", sync)
+    got = benchutil.back_to_back(clock.side("call"), calls=4, rounds=3, warmup=2)
+    assert clock.log == ["call"] * 14 and len(syncs) == 4  # warm-up, then one per round
+    assert got.host_s == 1.0 and got.device_s == (4 * 1.0 + 5.0) / 4
+
+
 def test_every_ratio_benchmark_uses_the_alternating_helper():
     """No benchmark measures the other side of a ratio with separate `timed` calls any more."""
     for path in sorted((ROOT / "bench").glob("*/bench_*.py")):

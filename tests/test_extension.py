@@ -247,6 +247,89 @@ def test_cuda_sources_compile_with_nvcc(source, arch, tmp_path):
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout}\n{r.stderr}"
 
 
+@pytest.fixture(scope="module")
+def cuda_emu(tmp_path_factory):
+    """csrc/context_reweight_cuda.cu built for the CPU emulation (tests/_cuda_emu.py)."""
+    import _cuda_emu
+
+    try:
+        lib = _cuda_emu.build(CSRC / "context_reweight_cuda.cu", CSRC, tmp_path_factory.mktemp("cuda_emu"))
+    except RuntimeError as exc:
+        pytest.fail(f"the CUDA source does not build for the CPU emulation: {exc}")
+    if lib is None:
+        pytest.skip("no C++20 compiler for the CPU emulation")
+    return lib
+
+
+def _emu_call(lib, V, s, counts, shared, g=None):
+    """The CUDA launcher's forward (g None) or backward with CPU tensors: out, or (dV, ds)."""
+    import ctypes
+
+    ptr = ctypes.c_void_p
+    i64 = ctypes.c_int64
+    cu = cu_of(counts, torch.int32)
+    B, (T, P, D) = len(counts), V.shape
+    lib.sam_fast_context_reweight_workspace_floats.restype = i64
+    ws = torch.full((lib.sam_fast_context_reweight_workspace_floats(i64(B), i64(T), i64(P), i64(D),
+                                                                    int(g is not None)),), float("nan"))
+    common = (ptr(s.data_ptr()), ptr(cu.data_ptr()), 0, i64(B), i64(T), i64(P), i64(D), int(shared),
+              ptr(ws.data_ptr()))
+    if g is None:
+        out = torch.full((B if shared else T, P, D), float("nan"))
+        err = lib.sam_fast_context_reweight_fwd_cuda(ptr(V.data_ptr()), 0, *common, ptr(out.data_ptr()), None)
+        assert err == 0
+        return out
+    dV, ds = torch.full_like(V, float("nan")), torch.zeros(T, P)
+    err = lib.sam_fast_context_reweight_bwd_cuda(ptr(g.data_ptr()), ptr(V.data_ptr()), 0, *common,
+                                                 ptr(dV.data_ptr()), ptr(ds.data_ptr()), None)
+    assert err == 0
+    return dV, ds
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["leave_one_out", "shared"])
+@pytest.mark.parametrize(("counts", "D"), [([1, 2, 3, 7, 16], 300), ([16], 130), ([2, 1, 2], 1100)],
+                         ids=["n1-2-3-7-16_D300", "n16_D130", "n2-1-2_D1100"])
+def test_cuda_kernels_match_the_oracle_under_cpu_emulation(cuda_emu, counts, D, shared):
+    """The CUDA kernels (fp32) run thread by thread on the CPU (tests/_cuda_emu.py): forward and
+    both gradients against the float64 formula, for samples of 1 to 16 images (one register chunk
+    of NB images or two) and channel widths that leave a ragged last channel block; a second run
+    is bitwise equal."""
+    P = 2
+    V, s = make_inputs(counts, P, D, torch.float32, scale=3.0, shift=0.5, seed=len(counts))
+    g = torch.randn(len(counts) if shared else V.shape[0], P, D, generator=torch.Generator().manual_seed(1))
+    out = _emu_call(cuda_emu, V, s, counts, shared)
+    dV, ds = _emu_call(cuda_emu, V, s, counts, shared, g)
+    V64, s64 = V.double().requires_grad_(), s.double().requires_grad_()
+    ref = formula(V64, s64, counts, shared)
+    ref_dV, ref_ds = torch.autograd.grad(ref, (V64, s64), g.double())
+    for name, got, want in (("out", out, ref.detach()), ("dV", dV, ref_dV), ("ds", ds, ref_ds)):
+        err = (got.double() - want).abs().max().item()
+        assert err <= 1e-5 * max(1.0, want.abs().max().item()), f"{name}: error {err:.3g}"
+    again = _emu_call(cuda_emu, V, s, counts, shared, g)
+    assert torch.equal(again[0], dV) and torch.equal(again[1], ds)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["leave_one_out", "shared"])
+def test_cuda_kernels_non_finite_columns_under_cpu_emulation(cuda_emu, shared):
+    """A NaN score (in the second chunk of a 9-image sample) and an inf score (one-image sample)
+    make exactly their columns NaN, outputs and both gradients."""
+    counts, P, D = [9, 1, 2], 3, 200
+    V, s = make_inputs(counts, P, D, torch.float32, scale=2.0, seed=4)
+    s[7, 1] = float("nan")
+    s[9, 2] = float("inf")
+    bad = torch.zeros(sum(counts), P, dtype=torch.bool)
+    bad[:9, 1] = bad[9, 2] = True
+    bad_out = torch.stack([bad[:9].any(0), bad[9], bad[10:].any(0)]) if shared else bad
+    g = torch.randn(len(counts) if shared else sum(counts), P, D)
+    out = _emu_call(cuda_emu, V, s, counts, shared)
+    dV, ds = _emu_call(cuda_emu, V, s, counts, shared, g)
+    assert torch.isnan(out[bad_out]).all() and torch.isfinite(out[~bad_out]).all()
+    assert torch.isnan(dV[bad]).all() and torch.isfinite(dV[~bad]).all()
+    assert torch.isnan(ds[bad]).all() and torch.isfinite(ds[~bad]).all()
+    want = formula(V.double(), torch.where(bad, 0.0, s).double(), counts, shared)
+    torch.testing.assert_close(out[~bad_out].double(), want[~bad_out], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_cuda_binding_compiles_against_the_installed_torch_headers(tmp_path):
     """The binding uses only device-generic c10 APIs, so a CPU torch's headers check it too."""

@@ -11,7 +11,11 @@ calls it, measured side by side in one run:
 - per-image cost from N=2 to N=16 (should be flat);
 - forward + backward (score grads, frozen values: the training case, where the scores come from
   the trainable Adaptive Adjustment and the K/V from frozen layers) vs autograd through the naive
-  version.
+  version;
+- the 7B model's own call (`bench_context_reweight_model_kv`): the images' cross-attention K/V
+  [T=30, P=257, C=9216] (6 cross layers x K, V x 768 channels, 30 images in 8 samples) merged with
+  given fp32 scores, bf16 and fp32, both modes: many calls back to back (device time per call) and
+  the host time per call apart, the bytes moved per call and the HBM floor on an H200 (4.8 TB/s).
 
 Ratios go to benchmark.extra_info (and are printed): each side pair alternates round by round
 after warm-up rounds, the ratio is the median of the per-round ratios (IQR in ``ratio_spread``).
@@ -24,8 +28,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchutil import (alternate, alternating_rounds, benchmarks_disabled, record_ratio, record_sizes, run_benchmark,
-                       timed)
+from benchutil import (alternate, alternating_rounds, back_to_back, benchmarks_disabled, record_ratio, record_sizes,
+                       run_benchmark, timed)
 from sam_fast.ops import context_reweight
 
 B, N, P, D = 4, 8, 257, 1408
@@ -141,3 +145,47 @@ def bench_context_reweight_backward(benchmark, mode):
     rr = alternating_rounds(benchmark, fast, slow, rounds=3, warmup_rounds=1)
     _record_pair(benchmark, "speedup_fwd_bwd_vs_naive_autograd", rr, fast_ms=rr.fast_median_s * 1e3,
                  naive_ms=rr.other_median_s * 1e3)
+
+
+# The 7B model: 30 images in 8 samples (the GPU check's training batch), 257 image tokens, the K/V
+# of 6 cross-attention layers x (K, V) x 768 channels.
+MODEL_COUNTS, MODEL_P, MODEL_C = (5, 4, 4, 4, 4, 3, 3, 3), 257, 9216
+HBM_BYTES_PER_S = 4.8e12  # H200
+
+
+def model_inputs(dtype, device):
+    """(K/V [30, 257, 9216] of `dtype`, fp32 scores [30, 257], cu_images, host offsets)."""
+    g = torch.Generator().manual_seed(0)
+    T = sum(MODEL_COUNTS)
+    F = torch.randn(T, MODEL_P, MODEL_C, generator=g).to(device, dtype)
+    s = torch.randn(T, MODEL_P, generator=g).to(device)
+    offsets = [0, *torch.tensor(MODEL_COUNTS).cumsum(0).tolist()]
+    return F, s, torch.tensor(offsets, dtype=torch.int32, device=device), offsets
+
+
+@pytest.mark.parametrize("mode", ["leave_one_out", "shared"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def bench_context_reweight_model_kv(benchmark, dtype, mode):
+    """The model's call, forward (the merged K/V of every training step). Records the device time
+    per call of back-to-back calls, the host time per call, GB/s, and the floor: bytes moved (the
+    K/V read once, the output written once) / HBM bandwidth."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    F, s, cu, offsets = model_inputs(dtype, device)
+    rows = len(MODEL_COUNTS) if mode == "shared" else F.shape[0]
+    nbytes = (F.shape[0] + rows) * MODEL_P * MODEL_C * F.element_size()
+    record_sizes(benchmark, dtype=dtype, features=F.shape, counts=list(MODEL_COUNTS), P=MODEL_P, C=MODEL_C,
+                 bytes_moved=nbytes)
+    with torch.no_grad():
+        fn = lambda: context_reweight(F, s, cu, mode, offsets=offsets)  # noqa: E731
+        run_benchmark(benchmark, fn, rounds=3, warmup_rounds=1)
+        if benchmarks_disabled(benchmark):
+            return
+        calls, rounds = (50, 5) if device == "cuda" else (3, 3)  # (a CPU call takes ~0.1 s)
+        bb = back_to_back(fn, calls=calls, rounds=rounds)
+        dst = torch.empty(rows, MODEL_P, MODEL_C, dtype=dtype, device=device)
+        src = F[:rows]
+        copy = back_to_back(lambda: dst.copy_(src), calls=calls, rounds=rounds)
+    copy_bytes = 2 * dst.numel() * dst.element_size()
+    _record(benchmark, device_us_per_call=bb.device_s * 1e6, host_us_per_call=bb.host_s * 1e6,
+            gbps=nbytes / bb.device_s / 1e9, copy_gbps=copy_bytes / copy.device_s / 1e9,
+            h200_hbm_floor_us=nbytes / HBM_BYTES_PER_S * 1e6, calls_back_to_back=calls)

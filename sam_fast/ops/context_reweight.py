@@ -38,15 +38,20 @@ leave-one-out sums of a column, each for a reason of its hardware:
 
 - C++ CPU: prefix plus suffix sums, O(n D) (csrc/context_reweight_common.h, the arithmetic the
   CUDA kernels include too): a CPU thread owns a whole column and keeps the n prefix rows in cache.
-- Triton: the total minus the image's own term, O(n D), with the argmax's output summed
-  separately: a program holds [BLOCK_P, D] tiles in registers and cannot keep n prefix tiles; for
-  i != argmax the removed weight is <= 1 <= the remaining sum, so no cancellation beyond ~eps
-  |V| (kernels/context_reweight.py). Its backward sums directly, O(n^2 D) arithmetic on the
-  O(n D) tiles a program re-reads from L2.
-- CUDA: direct sums per output, O(n^2 D) arithmetic on O(n D) bytes re-read from L1/L2 (n <= 16
-  images per sample in practice, so the op stays memory-bound); its coefficients and score
-  gradients are the CPU's (common header). It was validated on an H200 as it is; moving it to the
-  CPU's prefix/suffix form waits for a GPU to measure it on.
+- Triton: a tiny kernel turns the scores into per-(image, patch) coefficients (top-2, e^(s - m1),
+  1/Z_i, the argmax's own weights); the main kernels tile (sample, patch) x a block of channels,
+  hold the sample's image tiles in registers and form every output as the total minus the
+  image's own term, O(n D) with one read and one write of the values; for i != argmax the
+  removed weight is <= 1 <= the remaining sum, so no cancellation beyond ~eps |V|. The backward
+  (value gradients and per-channel-block partial dot products) uses the same tiling, and a small
+  kernel sums the partials in a fixed order into the score gradients (kernels/context_reweight.py).
+- CUDA: the Triton design in CUDA (csrc/context_reweight_cuda.cu): a coefficient kernel, then a
+  block per (sample, patch) x channel block holding the sample's image chunk in registers, partial
+  score-gradient sums reduced across the block (shuffles, one shared-memory step between two
+  barriers) and summed over the channel blocks in a fixed order; the score gradients use the
+  common header's leave-one-out formula with prefix + suffix sums. It compiles for sm_80 and
+  sm_90 (tests/test_extension.py) but has not yet run on a GPU (the previous kernels were
+  validated on an H200).
 """
 
 from __future__ import annotations
@@ -175,9 +180,6 @@ def context_reweight_ref(values, scores, cu_images, mode="leave_one_out"):
 # Autograd is registered here for both, so torch.compile sees one opaque op per direction and
 # opcheck can test schema, fake tensors and autograd. The backward is not itself differentiable.
 
-_TRITON_MAX_D = 8192  # one program holds a [rows, next_pow2(D)] tile
-
-
 def _register_autograd(fwd_name: str, bwd):
     def setup_context(ctx, inputs, output):
         values, scores, cu_images, shared = inputs
@@ -197,16 +199,50 @@ def _out_rows(values, cu_images, shared):
     return cu_images.shape[0] - 1 if shared else values.shape[0]
 
 
-def _triton_blocks(P, D, tiles, interpret: bool):
-    """(BLOCK_P, BLOCK_D, num_warps). On a GPU a program holds `tiles` fp32 [BLOCK_P, BLOCK_D]
-    tiles in registers; under the CPU interpreter (`interpret`) every program costs milliseconds,
-    so one program takes all patches of a sample."""
-    block_d = next_pow2(D)
+def _channel_block(D: int, cap: int) -> int:
+    """The largest power of two <= `cap` whose blocks cover D with at most 1/8 of idle lanes
+    (1408 -> 512, 9216 -> 1024 at cap 1024; padding 1408 to 2048 idled 31% of the lanes); one
+    block of next_pow2(D) when D fits in `cap`."""
+    if D <= cap:
+        return next_pow2(D)
+    block = cap
+    while block > 16 and cdiv(D, block) * block - D > D // 8:
+        block //= 2
+    return block
+
+
+def _triton_blocks(T: int, B: int, D: int, backward: bool, interpret: bool):
+    """(NB, BLOCK_D, num_warps): images per register chunk, channels per program, warps.
+
+    NB: the next power of two >= the mean sample size (2..16), so a sample of the usual size is
+    loaded once; a bigger one takes more chunks (read again from L2). On a GPU a program holds
+    about 4096 (forward) or 2048 (backward: values and gradient tiles) fp32 elements in NB x
+    BLOCK_D tiles. Under the CPU interpreter (`interpret`) a row takes up to 4 or 5 blocks (16
+    wide for small D), so the tests cover several blocks per row and a ragged edge without paying
+    milliseconds for each of hundreds of programs."""
+    nb = min(16, max(2, next_pow2(cdiv(T, max(B, 1)))))
     if interpret:
-        return next_pow2(P), block_d, 4
-    budget = max(1, 8192 // (tiles * block_d))  # patches whose `tiles` fp32 rows fit 8192 elements
-    block_p = min(next_pow2(P), 1 << (budget.bit_length() - 1))  # tl.arange needs a power of 2
-    return block_p, block_d, 8 if block_d >= 1024 else 4
+        return nb, min(next_pow2(D), max(16, next_pow2(D) // 4)), 4
+    cap = min(1024 if not backward else 512, max(64, (2048 if backward else 4096) // nb))
+    block_d = _channel_block(D, cap)
+    return nb, block_d, 8 if nb * block_d >= 4096 else 4
+
+
+def _dscore_block_p(nb: int, interpret: bool) -> int:
+    """Patch lanes per program of the score-gradient kernel, which holds [NB, NB, BLOCK_P] tiles."""
+    return 16 if interpret else max(16, min(128, 4096 // (nb * nb)))
+
+
+def _triton_coefficients(scores, cu, B, P, shared):
+    """(COEF [T, P, 4] fp32, IDX [B, P, 2] int32) of `context_reweight_coef_kernel`."""
+    from sam_fast._kernels.context_reweight import context_reweight_coef_kernel
+
+    coef = scores.new_empty(scores.shape[0], P, 4, dtype=torch.float32)
+    idx = scores.new_empty(B, P, 2, dtype=torch.int32)
+    block_p = min(128, next_pow2(P))
+    context_reweight_coef_kernel[(B, cdiv(P, block_p))](
+        scores.to(torch.float32).contiguous(), cu, coef, idx, P, SHARED=shared, BLOCK_P=block_p, num_warps=4)
+    return coef, idx
 
 
 def _triton_forward(values, scores, cu_images, shared):
@@ -218,16 +254,16 @@ def _triton_forward(values, scores, cu_images, shared):
     out = V.new_empty(B if shared else T, P, D)
     if B == 0 or P == 0 or D == 0:  # nothing to compute (and no block sizes for an empty axis)
         return out
-    block_p, block_d, warps = _triton_blocks(P, D, 2 if shared else 3, interpret=interpreting())
-    context_reweight_fwd_kernel[(B, cdiv(P, block_p))](
-        V, scores.to(torch.float32).contiguous(), cu_images.contiguous(), out, P, D, SHARED=shared,
-        BLOCK_P=block_p, BLOCK_D=block_d, num_warps=warps,
-    )
+    cu = cu_images.contiguous()
+    coef, idx = _triton_coefficients(scores, cu, B, P, shared)
+    nb, block_d, warps = _triton_blocks(T, B, D, False, interpret=interpreting())
+    context_reweight_fwd_kernel[(B * P, cdiv(D, block_d))](
+        V, coef, idx, cu, out, P, D, SHARED=shared, NB=nb, BLOCK_D=block_d, num_warps=warps)
     return out
 
 
 def _triton_backward(grad_out, values, scores, cu_images, shared, values_grad):
-    from sam_fast._kernels.context_reweight import context_reweight_bwd_kernel
+    from sam_fast._kernels.context_reweight import context_reweight_bwd_kernel, context_reweight_dscore_kernel
 
     V = values.contiguous()
     T, P, D = V.shape
@@ -235,14 +271,19 @@ def _triton_backward(grad_out, values, scores, cu_images, shared, values_grad):
     d_scores = V.new_zeros((T, P), dtype=torch.float32)
     if B == 0 or P == 0 or D == 0:  # no column: zero gradients (and no block sizes for an empty axis)
         return V.new_zeros(V.shape if values_grad else (0,)), d_scores
+    cu = cu_images.contiguous()
+    coef, idx = _triton_coefficients(scores, cu, B, P, shared)
+    interpret = interpreting()
+    nb, block_d, warps = _triton_blocks(T, B, D, True, interpret=interpret)
+    ncb = cdiv(D, block_d)
     d_values = V.new_empty(V.shape if values_grad else (0,))
-    block_p, block_d, warps = _triton_blocks(P, D, 6, interpret=interpreting())
-    work = V.new_empty(T, P, 2, dtype=torch.float32)
-    context_reweight_bwd_kernel[(B, cdiv(P, block_p))](
-        grad_out.to(V.dtype).contiguous(), V, scores.to(torch.float32).contiguous(), cu_images.contiguous(),
-        work, d_values, d_scores, P, D, SHARED=shared, VALUES_GRAD=values_grad, BLOCK_P=block_p,
-        BLOCK_D=block_d, num_warps=warps,
-    )
+    part = V.new_empty(ncb, T, P, 4, dtype=torch.float32)  # every slot read is written
+    context_reweight_bwd_kernel[(B * P, ncb)](
+        grad_out.to(V.dtype).contiguous(), V, coef, idx, cu, d_values, part, P, D, T * P * 4,
+        SHARED=shared, VALUES_GRAD=values_grad, NB=nb, BLOCK_D=block_d, num_warps=warps)
+    block_p = _dscore_block_p(nb, interpret=interpret)
+    context_reweight_dscore_kernel[(B, cdiv(P, block_p))](
+        coef, cu, part, d_scores, P, ncb, T * P * 4, SHARED=shared, NB=nb, BLOCK_P=block_p, num_warps=4)
     return d_values, d_scores
 
 
@@ -330,12 +371,7 @@ def _check_cuda(values, scores, cu_images, mode="leave_one_out"):
 def _check_triton(values, scores, cu_images, mode="leave_one_out"):
     if not HAVE_TRITON:
         return "triton is not installed"
-    why = triton_device_reason(values.device) or dtype_reason(values.dtype)
-    if why:
-        return why
-    if values.shape[-1] > _TRITON_MAX_D:
-        return f"D={values.shape[-1]} > {_TRITON_MAX_D} (one program holds a whole row)"
-    return None
+    return triton_device_reason(values.device) or dtype_reason(values.dtype)
 
 
 def _sample():

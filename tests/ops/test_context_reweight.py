@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from sam_fast.ops import context_reweight, context_reweight_ref
+from sam_fast.ops._common import HAVE_TRITON
 
 
 def oracle(F, s, counts, mode):
@@ -282,8 +283,9 @@ def test_dominating_image_gives_accurate_tiny_score_grads(monkeypatch, backend, 
 @pytest.mark.parametrize("mode", ["leave_one_out", "shared"])
 def test_backward_is_bitwise_deterministic(monkeypatch, backend, mode):
     device = _force_any(monkeypatch, backend)
-    counts = [3, 1, 6] if backend == "cpu" else [3, 2]
-    P, D = (67, 96) if backend == "cpu" else (5, 16)
+    # (Triton: a sample of two register chunks, score gradients summed over 3 channel blocks)
+    counts = [3, 1, 6] if backend == "cpu" else [3, 2, 9]
+    P, D = (67, 96) if backend == "cpu" else (5, 37)
     V, s = (t.to(device) for t in make(counts, P, D, torch.float32, scale=3.0))
     g = torch.randn(len(counts) if mode == "shared" else sum(counts), P, D).to(device)
     fn = lambda V_, s_: context_reweight(V_, s_, cu_of(counts).to(device), mode)  # noqa: E731
@@ -417,6 +419,51 @@ def test_triton_large_scores_half(monkeypatch, dtype):
 
 
 @_needs_triton
+@pytest.mark.parametrize("mode", ["leave_one_out", "shared"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("counts", "D"), [([1, 2, 3, 7, 16], 37), ([16], 16), ([2, 1], 40)],
+                         ids=["n1-2-3-7-16_D37", "n16_D16", "n2-1_D40"])
+def test_triton_image_counts_and_channel_blocks(monkeypatch, counts, D, dtype, mode):
+    """Samples of 1, 2, 3, 7 and 16 images: one register chunk (NB = 8 here, 16 for the lone
+    16-image sample) or several (the 16-image sample of the first batch); channel widths split
+    into blocks with a ragged edge (37 = 16 + 16 + 5 under the interpreter) or one block."""
+    device = _force_any(monkeypatch, "triton")
+    check_backend("triton", counts, 3, D, dtype, mode, scale=3.0, shift=0.5, seed=len(counts), device=device)
+
+
+def test_triton_launch_blocks_follow_the_roofline(monkeypatch):
+    """GPU launch configuration: the model's K/V width 9216 and the vision width 1408 are split
+    into channel blocks that idle at most 1/8 of the lanes (1408 was padded to 2048), NB covers
+    the mean sample, and the Triton backend takes any width (it refused D > 8192)."""
+    from sam_fast.ops.context_reweight import _check_triton, _triton_blocks
+
+    for T, B, D, nb in [(30, 8, 9216, 4), (32, 4, 1408, 8), (16, 1, 1408, 16), (3, 3, 24, 2)]:
+        for backward in (False, True):
+            got_nb, block_d, warps = _triton_blocks(T, B, D, backward, interpret=False)
+            assert got_nb == nb and block_d & (block_d - 1) == 0 and warps in (4, 8)
+            covered = -(-D // block_d) * block_d
+            assert covered - D <= max(D // 8, block_d - D), (T, B, D, block_d)
+            assert nb * block_d <= (2048 if backward else 4096) or block_d <= 64
+    assert _triton_blocks(30, 8, 9216, False, interpret=False)[1] == 1024
+    assert _triton_blocks(32, 4, 1408, False, interpret=False)[1] == 512
+    if HAVE_TRITON:  # (the interpreter rule lets CPU tensors stand in for CUDA ones)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setenv("SAM_FAST_BACKEND", "triton")
+        assert _check_triton(torch.zeros(2, 1, 9216), torch.zeros(2, 1), cu_of([2])) is None
+
+
+@_needs_triton
+def test_triton_model_width_forward(monkeypatch):
+    """The model's K/V width (6 cross-attention layers x K, V x 768 = 9216 channels) runs on the
+    Triton backend (it fell back to another backend above 8192) and matches the oracle."""
+    device = _force_any(monkeypatch, "triton")
+    V, s = make([3], 1, 9216, torch.float32, scale=2.0)
+    for mode in ("leave_one_out", "shared"):
+        out = context_reweight(V.to(device), s.to(device), cu_of([3]).to(device), mode).cpu()
+        torch.testing.assert_close(out.double(), oracle(V.double(), s.double(), [3], mode), rtol=1e-5, atol=1e-5)
+
+
+@_needs_triton
 @pytest.mark.parametrize("shape", [(3, 0, 8), (3, 4, 0)])
 def test_triton_empty_patch_or_feature_axis(monkeypatch, shape):
     """No patches or no value width: empty outputs and zero gradients (the launcher divided by a
@@ -537,6 +584,38 @@ def test_non_finite_columns_are_nan_and_others_exact(monkeypatch, backend, kind,
     if backend == "triton" and torch.cuda.is_available():
         pytest.skip("the interpreter run covers the kernel's logic; GPU runs use the same code")
     _check(backend, monkeypatch, kind, mode)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("mode", ["leave_one_out", "shared"])
+def test_non_finite_column_across_chunks_and_channel_blocks(monkeypatch, mode):
+    """Triton: a NaN score in a 16-image sample (two register chunks of NB = 8) and an inf score in
+    a one-image sample, D = 37 (three channel blocks): exactly those columns are NaN, forward and
+    both gradients; the others match the oracle."""
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter run covers the kernel's logic; GPU runs use the same code")
+    device = _force_any(monkeypatch, "triton")
+    counts, P, D = [16, 1, 3], 3, 37
+    V, s = make(counts, P, D, torch.float32, scale=2.0, seed=9)
+    s[11, 1] = float("nan")  # sample 0, patch 1 (image 11: second chunk)
+    s[16, 2] = float("inf")  # sample 1, patch 2
+    bad = torch.zeros(sum(counts), P, dtype=torch.bool)
+    bad[:16, 1] = bad[16, 2] = True
+    rows = len(counts) if mode == "shared" else sum(counts)
+    g = torch.randn(rows, P, D, generator=torch.Generator().manual_seed(2))
+    Vg, sg = V.clone().requires_grad_(), s.clone().requires_grad_()
+    out = context_reweight(Vg.to(device), sg.to(device), cu_of(counts).to(device), mode)
+    dV, ds = torch.autograd.grad(out, (Vg, sg), g.to(device))
+    bad_out = torch.stack([bad[:16].any(0), bad[16], bad[17:].any(0)]) if mode == "shared" else bad
+    assert torch.isnan(out[bad_out]).all() and torch.isfinite(out[~bad_out]).all()
+    assert torch.isnan(dV[bad]).all() and torch.isfinite(dV[~bad]).all()
+    assert torch.isnan(ds[bad]).all() and torch.isfinite(ds[~bad]).all()
+    Vd, sd = V.double().requires_grad_(), torch.where(bad, 0.0, s).double().requires_grad_()
+    want = oracle(Vd, sd, counts, mode)
+    want_dV, want_ds = torch.autograd.grad(want, (Vd, sd), g.double())
+    torch.testing.assert_close(out.detach()[~bad_out].double(), want.detach()[~bad_out], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dV[~bad].double(), want_dV[~bad], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ds[~bad].double(), want_ds[~bad], rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["leave_one_out", "shared"])
