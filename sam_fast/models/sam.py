@@ -1023,6 +1023,7 @@ class SAM(InstructBlipPreTrainedModel):
             return run_dir.load_run(cls, *found, **kwargs)[0]
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model.freeze_backbone()
+        model._decide_w_schedule()  # built on the meta device, its weights placed without `_apply`
         if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and os.path.isfile(
                 os.path.join(pretrained_model_name_or_path, "generation_config.json")):
             model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path)

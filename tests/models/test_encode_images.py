@@ -401,6 +401,24 @@ def test_the_schedule_is_chosen_once_and_again_on_a_move_or_cast(monkeypatch):
     assert model.w_schedule is S.LeaveOneOutMaterialised and len(decisions) == 5
 
 
+def test_a_loaded_model_decides_where_its_weights_are(tmp_path, monkeypatch):
+    """`from_pretrained` builds the model on the meta device (in training mode) and places the
+    weights without `_apply`: the schedule is decided again for the loaded model, so its forwards
+    decide nothing (and a loader that skips both is caught by the key check, once)."""
+    from sam_fast import SAM
+
+    tiny_sam().save_pretrained(tmp_path)
+    decisions = []
+    _count_calls(monkeypatch, S, "choose_w_schedule", decisions)
+    model = SAM.from_pretrained(tmp_path)
+    assert decisions
+    decisions.clear()
+    feats, ids, mask = ragged_batch(model, [2, 1])
+    with torch.no_grad():
+        _encode(model, feats, [2, 1], ids, mask), _encode(model, feats, [2, 1], ids, mask)
+    assert decisions == [] and model.w_schedule is S.LeaveOneOutMaterialised
+
+
 def test_a_forced_schedule_must_fit_the_context_mode():
     model = tiny_sam(context_mode="shared")
     with pytest.raises(ValueError, match=r"LeaveOneOutInKernel is not a schedule of context_mode='shared' "
