@@ -295,6 +295,8 @@ class SAM(InstructBlipPreTrainedModel):
         for name in ("vision_model", "qformer", "language_model"):
             getattr(self, name).train(False)
         self._sync_checkpointing_mode()
+        if "_w_choice" in self.__dict__:  # built; loaders end with eval() once the weights are placed
+            self._decide_w_schedule()
         return self
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -490,11 +492,12 @@ class SAM(InstructBlipPreTrainedModel):
     def w_schedule(self) -> type:
         """The W-stream schedule `encode_images` runs (`sam_fast.modules.schedules`: shared mode's,
         or leave_one_out's with the K/V materialised or mixed inside the attention kernel). Chosen
-        from the device type, dtype and Q-former sizes when the model is built and again when it is
-        moved or cast (`_apply`: ``.to``, ``.cuda``, ``.double``, ...); never per call. A loader
-        that places weights without `_apply` (a meta-device build), a new ``config.context_mode``
-        or the Q-former's attention dropout switched on is noticed from attributes and re-decided
-        once. Assign a schedule class to force one (tests, benchmarks) until one of those changes."""
+        from the device type, dtype and Q-former sizes when the model is built, moved or cast
+        (`_apply`: ``.to``, ``.cuda``, ``.double``, ...) and set to train or eval mode (the
+        loaders, which place weights without `_apply`, end with ``eval()``); never per call. A new
+        ``config.context_mode``, the Q-former's attention dropout switched on by hand or weights
+        placed some other way are noticed from attributes and re-decided once. Assign a schedule
+        class to force one (tests, benchmarks) until one of those changes."""
         key, schedule = self._w_choice
         if key != self._w_schedule_key():
             self._decide_w_schedule()
@@ -1023,7 +1026,6 @@ class SAM(InstructBlipPreTrainedModel):
             return run_dir.load_run(cls, *found, **kwargs)[0]
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model.freeze_backbone()
-        model._decide_w_schedule()  # built on the meta device, its weights placed without `_apply`
         if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and os.path.isfile(
                 os.path.join(pretrained_model_name_or_path, "generation_config.json")):
             model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path)

@@ -360,9 +360,9 @@ def _count_calls(monkeypatch, module, name, log):
 
 def test_the_schedule_is_chosen_once_and_again_on_a_move_or_cast(monkeypatch):
     """`choose_w_schedule` runs when the model is built, never in a forward (eval, training with
-    gradients), and again when `.double()` / `.to(dtype)` / `.float()` cast the model (fp64 has no
-    fused kernel: the choice changes with the dtype), when the context mode is changed and when the
-    Q-former's attention dropout is switched on. The op's backend is never probed."""
+    gradients), and again on `train()`, when `.double()` / `.to(dtype)` / `.float()` cast the model
+    (fp64 has no fused kernel: the choice changes with the dtype), when the context mode is changed
+    and when the Q-former's attention dropout is switched on. The op's backend is never probed."""
     decisions, probes = [], []
     _count_calls(monkeypatch, S, "choose_w_schedule", decisions)
     _count_calls(monkeypatch, S, "mixes_in_kernel", probes)
@@ -370,7 +370,7 @@ def test_the_schedule_is_chosen_once_and_again_on_a_move_or_cast(monkeypatch):
     monkeypatch.setattr(ca, "_interpreter_allowed", lambda: CAN_TRITON)
     kernel = S.LeaveOneOutInKernel if CAN_TRITON else S.LeaveOneOutMaterialised
     model = randomize_guidance(tiny_sam(interaction_layers=(1, 3)))
-    assert len(decisions) == 1 and model.w_schedule is kernel
+    assert len(decisions) == 2 and model.w_schedule is kernel  # SAM(config), then tiny_sam's eval()
     feats, ids, mask = ragged_batch(model, [3, 1, 2])
     decisions.clear(), probes.clear()
     # the forwards on the op's reference backend (the interpreter is slow): the op checks per call,
@@ -379,7 +379,12 @@ def test_the_schedule_is_chosen_once_and_again_on_a_move_or_cast(monkeypatch):
     with torch.no_grad():
         for _ in range(3):
             _encode(model, feats, [3, 1, 2], ids, mask)
-    model.train()  # the frozen Q-former stays in eval mode: no dropout, same schedule
+    assert decisions == [] and probes == []
+    monkeypatch.setattr(ca, "_interpreter_allowed", lambda: CAN_TRITON)
+    model.train()  # decided again; the frozen Q-former stays in eval mode: no dropout, same schedule
+    assert len(decisions) == 1 and model.w_schedule is kernel
+    decisions.clear(), probes.clear()
+    monkeypatch.setattr(ca, "_interpreter_allowed", lambda: False)
     _encode(model, feats, [3, 1, 2], ids, mask).sum().backward()
     assert decisions == [] and probes == [] and model.w_schedule is kernel
     monkeypatch.setattr(ca, "_interpreter_allowed", lambda: CAN_TRITON)
@@ -403,20 +408,23 @@ def test_the_schedule_is_chosen_once_and_again_on_a_move_or_cast(monkeypatch):
 
 def test_a_loaded_model_decides_where_its_weights_are(tmp_path, monkeypatch):
     """`from_pretrained` builds the model on the meta device (in training mode) and places the
-    weights without `_apply`: the schedule is decided again for the loaded model, so its forwards
-    decide nothing (and a loader that skips both is caught by the key check, once)."""
+    weights without `_apply`: the schedule is decided again for the loaded model (its final
+    ``eval()``), so its forwards decide nothing; so for the LAVIS/InstructBLIP loaders."""
+    from _tiny import tiny_instructblip
+
     from sam_fast import SAM
 
     tiny_sam().save_pretrained(tmp_path)
     decisions = []
     _count_calls(monkeypatch, S, "choose_w_schedule", decisions)
-    model = SAM.from_pretrained(tmp_path)
-    assert decisions
-    decisions.clear()
-    feats, ids, mask = ragged_batch(model, [2, 1])
-    with torch.no_grad():
-        _encode(model, feats, [2, 1], ids, mask), _encode(model, feats, [2, 1], ids, mask)
-    assert decisions == [] and model.w_schedule is S.LeaveOneOutMaterialised
+    for load in (lambda: SAM.from_pretrained(tmp_path), lambda: SAM.from_instructblip(tiny_instructblip(seed=0))):
+        model = load()
+        assert decisions
+        decisions.clear()
+        feats, ids, mask = ragged_batch(model, [2, 1])
+        with torch.no_grad():
+            _encode(model, feats, [2, 1], ids, mask), _encode(model, feats, [2, 1], ids, mask)
+        assert decisions == [] and model.w_schedule is S.LeaveOneOutMaterialised
 
 
 def test_a_forced_schedule_must_fit_the_context_mode():
