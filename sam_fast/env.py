@@ -66,14 +66,23 @@ def _ops() -> list[str]:
 
 
 def _schedule() -> list[str]:
-    """How encode_images builds the leave_one_out W-stream's K/V on each device here, as the
-    cross-attention op answers for BERT-base Q-former heads (12 x 64; fp16 on CUDA, fp32 on CPU)."""
+    """The W-stream schedule `SAM` chooses on each device here, per context mode: the answer of
+    `choose_w_schedule` (the function the model calls when it is built or moved) for the paper's
+    Q-former (`SAMConfig.instructblip_vicuna7b`'s heads; fp16 on CUDA, fp32 on CPU)."""
     import torch
 
-    from sam_fast.ops.cross_attention import mixed_kv_schedule
+    from sam_fast.config import SAMConfig
+    from sam_fast.modules.schedules import choose_w_schedule
 
+    q = SAMConfig.instructblip_vicuna7b().qformer_config
+    heads, head_dim = q.num_attention_heads, q.hidden_size // q.num_attention_heads
     devices = [("cpu", torch.float32)] + ([("cuda", torch.float16)] if torch.cuda.is_available() else [])
-    return [f"  {dev}: leave_one_out W-stream K/V {mixed_kv_schedule(12, 64, dtype, dev)}" for dev, dtype in devices]
+    lines = []
+    for dev, dtype in devices:
+        loo, shared = (choose_w_schedule(mode, heads, head_dim, dev, dtype) for mode in ("leave_one_out", "shared"))
+        lines.append(f"  {dev}: leave_one_out W-stream K/V {loo.summary} ({loo.__name__}); "
+                     f"shared mode: {shared.summary} ({shared.__name__})")
+    return lines
 
 
 def _loss() -> list[str]:
@@ -142,7 +151,7 @@ def report() -> str:
     lines += _section("extension", _extension)
     lines.append("ops (backend chosen for a sample CPU input; reasons per backend):")
     lines += _section("  ops", _ops)
-    lines.append("encode_images schedule:")
+    lines.append("encode_images W-stream schedule (chosen once per model: SAM.w_schedule):")
     lines += _section("  schedule", _schedule)
     lines.append("LM loss:")
     lines += _section("  loss", _loss)

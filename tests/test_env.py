@@ -27,6 +27,7 @@ def _check_report(text: str) -> None:
     assert "ops (backend chosen" in text
     # where the leave_one_out merge happens, per device (CPU: the materialising C++/reference path)
     assert "  cpu: leave_one_out W-stream K/V materialised once per batch" in text
+    assert "(LeaveOneOutMaterialised); shared mode: " in text and "(SharedSchedule)" in text
     if __import__("torch").cuda.is_available():
         assert "  cuda: leave_one_out W-stream K/V" in text
     # which recompute_qformer="auto" takes here and why (2 x 2.87 GiB in fp32, within the CPU's 8 GiB)
@@ -60,6 +61,24 @@ def test_report_says_why_the_extension_is_off():
     )
     assert r.returncode == 0, r.stderr
     assert "extension sam_fast._C: not loaded: disabled by SAM_FAST_DISABLE_EXT" in r.stdout
+
+
+def test_report_gives_the_models_schedule_decision(monkeypatch):
+    """The schedule lines are the answer of the function the model decides with, asked for the
+    paper's Q-former (12 heads of 64, from its config), not a probe of the op."""
+    from sam_fast.modules import schedules
+
+    seen = []
+
+    def choose(mode, *args):
+        seen.append((mode, *args))
+        return schedules.SharedSchedule if mode == "shared" else schedules.LeaveOneOutInKernel
+
+    monkeypatch.setattr(schedules, "choose_w_schedule", choose)
+    text = env.report()
+    assert ("  cpu: leave_one_out W-stream K/V formed inside the fused attention kernel (never materialised) "
+            "(LeaveOneOutInKernel)") in text
+    assert ("leave_one_out", 12, 64, "cpu", torch.float32) in seen and ("shared", 12, 64, "cpu", torch.float32) in seen
 
 
 def test_report_survives_broken_ops(monkeypatch):

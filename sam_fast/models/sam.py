@@ -61,14 +61,13 @@ from sam_fast.models.generation import (
 )
 from sam_fast.modules import (
     AdaptiveAdjustment,
-    CrossKV,
     GuidanceIn,
     GuidanceOut,
     ImagePlan,
     WFormer,
-    WStream,
     attention_bias,
 )
+from sam_fast.modules import schedules as w_schedules
 
 GENERATION_DEFAULTS = dict(num_beams=5, max_new_tokens=256, repetition_penalty=1.5, length_penalty=1.0, do_sample=False)
 LAVIS_KWARGS = ("num_beams", "max_length", "max_new_tokens", "min_length", "repetition_penalty", "length_penalty")
@@ -254,6 +253,7 @@ class SAM(InstructBlipPreTrainedModel):
         self.recompute_qformer_choice: tuple[bool, str] | None = None
         self.post_init()
         self.freeze_backbone()
+        self._decide_w_schedule()
         self.generation_config = paper_generation_config(config.text_config)
         self.loss_type = "ForCausalLM"  # labels are shifted: HF Trainer counts `labels[..., 1:]` for num_items_in_batch
 
@@ -299,6 +299,8 @@ class SAM(InstructBlipPreTrainedModel):
         for name in ("vision_model", "qformer", "language_model"):
             getattr(self, name).train(False)
         self._sync_checkpointing_mode()
+        if "_w_choice" in self.__dict__:  # built; loaders end with eval() once the weights are placed
+            self._decide_w_schedule()
         return self
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -433,9 +435,8 @@ class SAM(InstructBlipPreTrainedModel):
         embed, mask = self._instruction_embeddings(qformer_input_ids, qformer_attention_mask)
         x = embed(plan.sample_of)  # Q-stream (Part A): one row per image
         bias = attention_bias(mask, x.dtype)  # [B, 1, 1, Q+L]
-        lazy = self._mixes_in_kernel(plan, x.dtype, E.device)
         kv = self.w_former.project_kv(E.to(x.dtype))
-        kv, w_stream = self._w_stream(E, kv, plan, embed, bias, lazy)  # W-stream (Part B)
+        w_stream = self._w_stream(E, kv, plan, embed, bias)  # W-stream (Part B)
         streams = (x, bias.index_select(0, plan.sample_of), kv, w_stream)
         if self._recompute_streams(E.shape[0], mask.shape[1] - cfg.num_query_tokens, x.dtype, E.device):
             # The two streams' activations (the frozen Q-former's, about a fifth of a training
@@ -468,28 +469,60 @@ class SAM(InstructBlipPreTrainedModel):
                 return emb.index_select(0, rows)
         return embed, torch.cat([mask.new_ones(B, Q), mask], 1)
 
-    def _mixes_in_kernel(self, plan: ImagePlan, dtype: torch.dtype, device) -> bool:
-        """Whether the leave_one_out W-stream's K/V stay a lazy mixing plan (the attention op forms
-        them inside its kernel) instead of being merged once for all layers."""
-        return plan.guided and plan.context_mode == "leave_one_out" \
-            and self.w_former.mixes_in_kernel(dtype, device, training=self.qformer.training)
-
-    def _w_stream(self, E, kv: CrossKV, plan: ImagePlan, embed, bias, lazy: bool):
-        """(Q-stream K/V, W-stream or None). The W-stream cross-attends to I-hat's K/V, merged by
-        the Adaptive Adjustment from the images' K/V `kv`: a mixing plan over them (``lazy``) or
-        materialised once for all layers."""
+    def _w_stream(self, E, kv, plan: ImagePlan, embed, bias):
+        """The W-stream of the batch (None: no image is guided), laid out by the model's schedule
+        (`w_schedule`): I-hat's K/V merged by the Adaptive Adjustment from the images' K/V `kv`."""
         if not plan.guided:
-            return kv, None
-        aa, guidance = self.adaptive_adjustment, self.config.guidance
-        rows, w_bias = embed(plan.w_samples), bias.index_select(0, plan.w_samples)
-        if lazy:
-            mix = aa.leave_one_out_mix(E, plan.counts, guidance)
-            return kv, WStream(rows, w_bias, kv, plan.target, mix=mix)
-        kv_hat = aa.merged_kv(E, kv.buffer, plan.cu, plan.context_mode, guidance, offsets=plan.offsets)
-        if plan.merged_rows is not None:
-            kv_hat = kv_hat.index_select(0, plan.merged_rows)
-        w_kv = CrossKV(kv_hat, kv.heads, kv.hidden)
-        return kv, WStream(rows, w_bias, w_kv, plan.target, expand=plan.fan_out, kv_rows=plan.fan_out)
+            return None
+        return self.w_schedule.build(plan, self.adaptive_adjustment, E, kv, self.config.guidance, embed, bias)
+
+    # -- the W-stream's schedule, chosen once --------------------------------------------------
+    def _w_schedule_key(self) -> tuple:
+        """What the schedule depends on: context mode, and the Q-former cross-attention's device
+        type, dtype, sizes and active dropout (attributes only, no tensor)."""
+        heads, head_dim, device, dtype, dropout = self.w_former.attention_kind()
+        return self.config.context_mode, heads, head_dim, device.type, dtype, dropout
+
+    def _decide_w_schedule(self, schedule=None) -> None:
+        """Choose the W-stream schedule for the model as it is now (`choose_w_schedule`), or keep
+        `schedule`, until `_w_schedule_key` changes."""
+        key = self._w_schedule_key()
+        if schedule is None:
+            mode, heads, head_dim, device_type, dtype, dropout = key
+            schedule = w_schedules.choose_w_schedule(mode, heads, head_dim, device_type, dtype, dropout)
+        self._w_choice = (key, schedule)
+
+    @property
+    def w_schedule(self) -> type:
+        """The W-stream schedule `encode_images` runs (`sam_fast.modules.schedules`: shared mode's,
+        or leave_one_out's with the K/V materialised or mixed inside the attention kernel). Chosen
+        from the device type, dtype and Q-former sizes when the model is built, moved or cast
+        (`_apply`: ``.to``, ``.cuda``, ``.double``, ...) and set to train or eval mode (the
+        loaders, which place weights without `_apply`, end with ``eval()``); never per call. A new
+        ``config.context_mode``, the Q-former's attention dropout switched on by hand or weights
+        placed some other way are noticed from attributes and re-decided once. Assign a schedule
+        class to force one (tests, benchmarks) until one of those changes."""
+        key, schedule = self._w_choice
+        if key != self._w_schedule_key():
+            self._decide_w_schedule()
+            key, schedule = self._w_choice
+        return schedule
+
+    @w_schedule.setter
+    def w_schedule(self, schedule) -> None:
+        if schedule not in w_schedules.SCHEDULES or schedule.context_mode != self.config.context_mode:
+            names = [s.__name__ for s in w_schedules.SCHEDULES if s.context_mode == self.config.context_mode]
+            raise ValueError(f"w_schedule: {getattr(schedule, '__name__', repr(schedule))[:80]} is not a schedule of "
+                             f"context_mode={self.config.context_mode!r} (one of {names})")
+        self._decide_w_schedule(schedule)
+
+    def _apply(self, fn, recurse=True):
+        """`nn.Module._apply` (``.to``, ``.cuda``, ``.half``, ``.double``, ...), then the W-stream's
+        schedule chosen again for the new device and dtype."""
+        out = super()._apply(fn, recurse)
+        if "_w_choice" in self.__dict__:  # built: the Q-former exists
+            self._decide_w_schedule()
+        return out
 
     def _recompute_streams(self, images: int, instruction_tokens: int, dtype: torch.dtype, device) -> bool:
         """Whether `encode_images` recomputes the Q/W-former in the backward instead of keeping its

@@ -1,6 +1,7 @@
 """Building blocks of SAM, between the ops and the model: the image plan of a ragged batch
 (`ImagePlan`), Part B's `AdaptiveAdjustment` and the two injections (`GuidanceIn`, `GuidanceOut`),
-and the Q-former run as two streams (`WFormer`)."""
+the Q-former run as two streams (`WFormer`), and the W-stream's schedules (`SharedSchedule`,
+`LeaveOneOutMaterialised`, `LeaveOneOutInKernel`, chosen once per model by `choose_w_schedule`)."""
 
 from sam_fast.modules.plans import ImagePlan, device_tensor
 from sam_fast.modules.guidance import (
@@ -20,6 +21,13 @@ from sam_fast.modules.qformer import (
     project_cross_kv,
     qformer_layer,
 )
+from sam_fast.modules.schedules import (
+    LeaveOneOutInKernel,
+    LeaveOneOutMaterialised,
+    SharedSchedule,
+    WSchedule,
+    choose_w_schedule,
+)
 
 __all__ = [
     "AdaptiveAdjustment",
@@ -28,9 +36,14 @@ __all__ = [
     "GuidanceOut",
     "ImagePlan",
     "LayerKV",
+    "LeaveOneOutInKernel",
+    "LeaveOneOutMaterialised",
+    "SharedSchedule",
     "WFormer",
+    "WSchedule",
     "WStream",
     "attention_bias",
+    "choose_w_schedule",
     "device_tensor",
     "leave_one_out_mix",
     "merged_context_kv",

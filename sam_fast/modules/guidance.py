@@ -30,6 +30,19 @@ def _check_guidance(where: str, guidance: str) -> None:
         raise ValueError(f"{where}: guidance={guidance!r} has no merged maps")
 
 
+def _leave_one_out_rows(counts: list[int], M: int) -> list[list[int]]:
+    """Host rows of the leave_one_out mixing plan: for every image i of a sample with n > 1 images,
+    the other images of the sample, then i for the unused of the M slots, then i once more."""
+    rows, start = [], 0
+    for n in counts:
+        if n > 1:
+            for i in range(start, start + n):
+                others = [m for m in range(start, start + n) if m != i]
+                rows.append(others + [i] * (M - len(others)) + [i])
+        start += n
+    return rows
+
+
 class AdaptiveAdjustment(nn.Linear):
     """Adaptive Adjustment: ``Linear(D, 1)`` scoring each patch of each image (keys ``weight``
     [1, D], ``bias`` [1], as in the released checkpoints).
@@ -112,6 +125,14 @@ class AdaptiveAdjustment(nn.Linear):
         (`sam_fast.ops.mix_kv`), and, as in `merged_kv`, the same weights applied to the images'
         K/V give I-hat's K/V.
 
+        Non-finite input follows `context_reweight`'s column rule, so that the K/V mixed from this
+        plan equal `merged_kv`'s on every input: where the scores of any image of sample b at patch
+        p are not finite (`context_scores`: ``Linear(E)``, or NaN where a feature is not finite
+        under ``"mean"``), every row of b gets NaN weights at p, the row of that image itself
+        included although its own softmax leaves the image out. The op's rule is the documented one
+        (README, Safety), and an image with non-finite features gives non-finite tokens through its
+        own Q-stream in any case; a finite W row for it would hide nothing.
+
         The index is built on the host from `counts` (no device sync); the weights are in fp32
         (fp64 for fp64 features), differentiable with respect to this Linear.
         """
@@ -122,25 +143,22 @@ class AdaptiveAdjustment(nn.Linear):
         M = max(counts) - 1
         dev = features.device
         acc = torch.promote_types(features.dtype, torch.float32)
-        index, live = [], []
-        start = 0
-        for n in counts:
-            if n > 1:
-                for i in range(start, start + n):
-                    others = [m for m in range(start, start + n) if m != i]
-                    index.append(others + [i] * (M - len(others)))
-                    live.append([True] * len(others) + [False] * (M - len(others)))
-            start += n
-        if not index:
+        rows = _leave_one_out_rows(counts, M)
+        if not rows:
             return (torch.zeros(0, max(M, 1), dtype=torch.long, device=dev),
                     torch.zeros(0, max(M, 1), P, dtype=acc, device=dev))
-        index_t = device_tensor(index, dev)
-        live_t = device_tensor(live, dev, torch.bool)[:, :, None]
+        rows_t = device_tensor(rows, dev)  # [Tw, M + 1]: the slots, then the image itself
+        index_t, own = rows_t[:, :M], rows_t[:, M:]
+        live_t = (index_t != own)[:, :, None]  # unused slots point at the image itself
+        # the scores of the sample's images, the row's own included: its column's finiteness
+        picked = self.context_scores(features, guidance).index_select(0, rows_t.reshape(-1)).view(-1, M + 1, P)
+        with torch.no_grad():
+            poison = torch.where(torch.isfinite(picked).all(1), 0.0, float("nan")).to(acc)[:, None, :]
         if guidance == "mean":
             weight = live_t.to(acc) / live_t.sum(1, keepdim=True).to(acc)
-            return index_t, weight.expand(-1, -1, P).contiguous()
-        picked = self.scores(features).index_select(0, index_t.reshape(-1)).view(*index_t.shape, P)
-        return index_t, torch.softmax(picked.masked_fill(~live_t, float("-inf")), dim=1)
+            return index_t, weight.expand(-1, -1, P) + poison
+        weight = torch.softmax(picked[:, :M].masked_fill(~live_t, float("-inf")), dim=1)
+        return index_t, weight + poison
 
     @classmethod
     def of(cls, linear: nn.Linear) -> "AdaptiveAdjustment":

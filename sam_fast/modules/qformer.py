@@ -16,7 +16,8 @@ run functionally here so that
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -121,23 +122,17 @@ def self_attention_block(attn: nn.Module, hidden: torch.Tensor, bias, out_rows: 
     return attn.output(ctx.transpose(1, 2).flatten(2), hq)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerKV:
-    """What the query rows of one cross-attention layer attend to (`cross_attention_streams`).
-
-    k, v: [T, heads, P, d] the Q-stream's K/V, one row per image, read row by row by the first T
-        query rows (T may be 0).
-    k2, v2: [R2, heads, P, d] or None: the W-stream's K/V, read by the remaining query rows:
-        rows ``rows2`` [Tw] (None: row by row), or, with ``mix`` ``(index [Tw, M], weight
-        [Tw, M, P])``, the K/V mixed from them inside the attention kernel.
-    """
+    """What the query rows of one cross-attention layer attend to, as `cross_attention_streams`
+    takes it: the first T query rows attend to `k`, `v` [T, heads, P, d] row by row (T may be 0,
+    the Q-stream's K/V); the remaining rows as `second` says, the op's keyword arguments for its
+    second stream (``key2``, ``value2`` and ``rows2`` or ``mix``), written by the W-stream's
+    schedule (`WStream.layer_kv`). No `second`: every query row is a Q-stream row."""
 
     k: torch.Tensor
     v: torch.Tensor
-    k2: torch.Tensor | None = None
-    v2: torch.Tensor | None = None
-    rows2: torch.Tensor | None = None
-    mix: tuple[torch.Tensor, torch.Tensor] | None = None
+    second: dict = field(default_factory=dict)
 
 
 def cross_attention_block(attn: nn.Module, qrows: torch.Tensor, kv: LayerKV) -> torch.Tensor:
@@ -147,7 +142,7 @@ def cross_attention_block(attn: nn.Module, qrows: torch.Tensor, kv: LayerKV) -> 
     mha = attn.attention
     q = _heads(mha.query(qrows), mha.num_attention_heads)
     p = mha.attention_dropout if mha.training else 0.0
-    ctx = cross_attention_streams(q, kv.k, kv.v, kv.k2, kv.v2, kv.rows2, dropout_p=p, scale=mha.scaling, mix=kv.mix)
+    ctx = cross_attention_streams(q, kv.k, kv.v, dropout_p=p, scale=mha.scaling, **kv.second)
     return attn.output(ctx.transpose(1, 2).flatten(2), qrows)
 
 
@@ -170,65 +165,39 @@ def qformer_layer(layer: nn.Module, hidden, self_bias, kv: LayerKV | None, query
     return out
 
 
-def _w_alone(w_kv: LayerKV) -> LayerKV:
-    """The K/V of the W-stream rows alone (layer k; `w_kv` holds them as its second stream):
-    gathered rows, row by row, or the mixing plan after an empty first stream."""
-    k, v, rows = w_kv.k2, w_kv.v2, w_kv.rows2
-    if w_kv.mix is not None:
-        return LayerKV(k[:0], v[:0], k, v, rows, w_kv.mix)
-    if rows is not None:
-        return LayerKV(k.index_select(0, rows), v.index_select(0, rows))
-    return LayerKV(k, v)
-
-
 # -- both streams -----------------------------------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class WStream:
-    """The W-stream rows (Part B) and how they map to images.
+    """The W-stream rows of one batch (Part B) and what their cross-attention reads. This base is
+    the plain schedule: one row per guided image from the start, row j reading row j of `kv`. The
+    schedules of `sam_fast.modules.schedules` subclass it (shared mode's rows per sample before
+    layer l, leave_one_out's K/V mixed in the attention kernel) by overriding the three methods.
 
     hidden, self_bias: [R0, Q+L, H], [R0, 1, 1, Q+L] the W-stream input to layer 1.
-    kv: K/V of the merged maps I-hat (`CrossKV`, one row per map).
-    target: [Tw] the Q-stream row (image i) that each per-image W row guides.
-    expand: [Tw] or None. With dedup (shared mode) the rows before layer l are one per sample;
-        at layer l row j of the per-image W-stream is ``w[expand[j]]``. None: rows are per image
-        from the start.
-    kv_rows: [Tw] or None: the K/V row of each per-image W row (None: row j uses K/V row j).
-        Rows before layer l use K/V row r (dedup rows and K/V rows are both per sample).
-    mix: (index [Tw, M], weight [Tw, M, P]) or None. With a mixing plan (leave_one_out on the
-        fused kernel) `kv` is the images' K/V and W row j attends to ``sum_s weight[j, s] *
-        kv[index[j, s]]``, formed inside the attention kernel (`sam_fast.ops.cross_attention_streams`).
+    kv: the K/V the W rows read (`CrossKV`; one row per merged map, or per image when mixed).
+    target: [Tw] the Q-stream row (image i) that each W row guides from layer l on.
     """
 
     hidden: torch.Tensor
     self_bias: torch.Tensor
     kv: CrossKV
     target: torch.Tensor
-    expand: torch.Tensor | None = None
-    kv_rows: torch.Tensor | None = None
-    mix: tuple[torch.Tensor, torch.Tensor] | None = None
+    fans_out: ClassVar[bool] = False  # whether `fan_out` changes the rows (then the bias is rebuilt)
 
+    def fan_out(self, hidden: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """At layer l: the rows [R0, ...] and their bias as one row per guided image [Tw, ...]."""
+        return hidden, bias
 
-class _WRows:
-    """The W-stream's rows while it runs (a `WStream` is an input and is never mutated: a
-    recomputing backward runs the streams again from it)."""
+    def layer_kv(self, k: torch.Tensor, v: torch.Tensor, c: int, fanned: bool) -> LayerKV:
+        """Cross layer c's K/V for both streams: the Q-stream's `k`, `v`, then the W rows' (per
+        guided image when `fanned`, i.e. from layer l on)."""
+        k2, v2 = self.kv.layer(c)
+        return LayerKV(k, v, dict(key2=k2, value2=v2))
 
-    def __init__(self, ws: WStream, q_bias: torch.Tensor):
-        self.ws, self.q_bias = ws, q_bias
-        self.hidden, self.bias, self.kv_rows = ws.hidden, ws.self_bias, None
-        self.both_bias = torch.cat([q_bias, self.bias])
-
-    def fan_out(self) -> None:
-        """At layer l: one row per guided image from here on (shared mode's dedup rows expand)."""
-        if self.ws.expand is not None:
-            self.hidden = self.hidden.index_select(0, self.ws.expand)
-            self.bias = self.bias.index_select(0, self.ws.expand)
-            self.both_bias = torch.cat([self.q_bias, self.bias])
-        self.kv_rows = self.ws.kv_rows
-
-    def kv(self, q_kv: tuple[torch.Tensor, torch.Tensor], c: int) -> LayerKV:
-        """Cross layer c's K/V: the Q-stream's `q_kv` then this W-stream's."""
-        return LayerKV(*q_kv, *self.ws.kv.layer(c), self.kv_rows, self.ws.mix)
+    def alone_kv(self, c: int) -> LayerKV:
+        """Cross layer c's K/V for the W rows alone, one per guided image (layer k)."""
+        return LayerKV(*self.kv.layer(c))
 
 
 class WFormer(nn.Module):
@@ -267,6 +236,15 @@ class WFormer(nn.Module):
         """Q, the query tokens per row."""
         return self._config.num_query_tokens
 
+    def attention_kind(self) -> tuple[int, int, torch.device, torch.dtype, float]:
+        """(heads, head dim, device, dtype, dropout) of the layers' cross-attention, the dropout
+        while its module is in training mode (else 0): what the W-stream's schedule is chosen from
+        (`sam_fast.modules.schedules.choose_w_schedule`). Reads attributes only."""
+        att = cross_layers(self.layers)[0].crossattention.attention
+        weight = att.key.weight
+        dropout = att.attention_dropout if att.training else 0.0
+        return att.num_attention_heads, att.attention_head_size, weight.device, weight.dtype, dropout
+
     def mixes_in_kernel(self, dtype: torch.dtype, device, training: bool = False) -> bool:
         """Whether the cross-attention op forms a mixing plan's K/V inside its kernel for these
         layers (then the leave_one_out W-stream's K/V stay lazy; else they are merged once)."""
@@ -281,27 +259,31 @@ class WFormer(nn.Module):
     def forward(self, hidden: torch.Tensor, self_bias: torch.Tensor, kv: CrossKV,
                 w_stream: WStream | None = None) -> torch.Tensor:
         """Q-stream rows `hidden` [T, Q+L, H] with `self_bias` [T, 1, 1, Q+L] and K/V `kv` (one
-        row per image), W-stream `w_stream` (None: no guidance) -> the Q query rows of the
-        Q-stream output [T, Q, H] (the last layer skips the text rows, which nothing reads)."""
+        row per image), W-stream `w_stream` (None: no guidance; its schedule decides its rows and
+        K/V) -> the Q query rows of the Q-stream output [T, Q, H] (the last layer skips the text
+        rows, which nothing reads)."""
         _, guidance_in, guidance_out = self._parts
         (l, k), Q, T = self.interaction_layers, self.query_length, hidden.shape[0]
-        x, w = hidden, None if w_stream is None else _WRows(w_stream, self_bias)
-        c, last = 0, len(self.layers)
+        x, ws, c, last = hidden, w_stream, 0, len(self.layers)
+        if ws is not None:
+            w, w_bias = ws.hidden, ws.self_bias
+            both_bias = torch.cat([self_bias, w_bias])
         for n, layer in enumerate(self.layers, start=1):
-            if w is not None and n == l:
-                w.fan_out()
-                w.hidden = guidance_in.inject(w.hidden, x.index_select(0, w.ws.target))  # h_i
-            q_kv = both = None
+            if ws is not None and n == l:
+                if ws.fans_out:
+                    w, w_bias = ws.fan_out(w, w_bias)
+                    both_bias = torch.cat([self_bias, w_bias])
+                w = guidance_in.inject(w, x.index_select(0, ws.target))  # h_i
+            q_kv = None
             if layer.has_cross_attention:
-                q_kv = LayerKV(*kv.layer(c))
-                both = w.kv((q_kv.k, q_kv.v), c) if w is not None else None
-                c += 1
-            if w is not None and n < k:  # both streams in one batch
-                out = qformer_layer(layer, torch.cat([x, w.hidden]), w.both_bias, both, Q)
-                x, w.hidden = out[:T], out[T:]
+                q_kv, c = LayerKV(*kv.layer(c)), c + 1
+            if ws is not None and n < k:  # both streams in one batch
+                both = ws.layer_kv(q_kv.k, q_kv.v, c - 1, n >= l) if q_kv is not None else None
+                out = qformer_layer(layer, torch.cat([x, w]), both_bias, both, Q)
+                x, w = out[:T], out[T:]
                 continue
-            if w is not None:  # n == k: the W-stream alone, then the Q-stream with c_i
-                w_out = qformer_layer(layer, w.hidden, w.bias, _w_alone(both) if both else None, Q)
-                x, w = guidance_out.inject(x, w.ws.target, w_out), None
+            if ws is not None:  # n == k: the W-stream alone, then the Q-stream with c_i
+                w_out = qformer_layer(layer, w, w_bias, ws.alone_kv(c - 1) if q_kv is not None else None, Q)
+                x, ws = guidance_out.inject(x, ws.target, w_out), None
             x = qformer_layer(layer, x, self_bias, q_kv, Q, queries_only=n == last)
         return x[:, :Q]

@@ -83,27 +83,38 @@ def _interpreter_allowed() -> bool:
     return forced_backend() == "triton"
 
 
-def _check_triton(query, key, value, attn_bias=None, dropout_p=0.0, scale=None):
+def _triton_config_reason(device_type: str, dtype: torch.dtype, head_dim: int, dropout_p: float = 0.0) -> str | None:
+    """Why the kernel cannot run attention of this kind (None: it can), from the device type, the
+    dtype, the head dim and the dropout alone, no tensor needed: the part of `_check_triton` a
+    caller can ask once, before it has inputs (`mixes_in_kernel`)."""
     why = _triton_import_error()
     if why:
         return why
-    dev = query.device
-    if dev.type == "cpu":
+    if device_type == "cpu":
         if not interpreting():
             return "CPU tensors and TRITON_INTERPRET is not 1 (the kernel runs on CUDA)"
         if not _interpreter_allowed():
             return f"CPU tensors: the interpreter runs only when forced ({ENV_VAR}=triton), it is slow"
-    elif dev.type != "cuda":
-        return f"device {dev} is neither CUDA nor CPU-under-the-interpreter"
-    if any(t.device != dev for t in (key, value)):
-        return "query, key and value are on different devices"
-    if query.dtype not in _TRITON_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
-        return f"dtypes {query.dtype}/{key.dtype}/{value.dtype}: need one of fp32, fp16, bf16 for all three"
-    d = query.shape[-1]
-    if d % 8 or d > 256:
-        return f"head dim {d} is not a multiple of 8 up to 256"
+    elif device_type != "cuda":
+        return f"device {device_type} is neither CUDA nor CPU-under-the-interpreter"
+    if dtype not in _TRITON_DTYPES:
+        return f"dtype {dtype}: need one of fp32, fp16, bf16"
+    if head_dim % 8 or head_dim > 256:
+        return f"head dim {head_dim} is not a multiple of 8 up to 256"
     if dropout_p:
         return f"dropout_p={dropout_p}: the kernel has no dropout (training with attention dropout uses SDPA)"
+    return None
+
+
+def _check_triton(query, key, value, attn_bias=None, dropout_p=0.0, scale=None):
+    dev = query.device
+    why = _triton_config_reason(dev.type, query.dtype, query.shape[-1], dropout_p)
+    if why:
+        return why
+    if any(t.device != dev for t in (key, value)):
+        return "query, key and value are on different devices"
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        return f"dtypes {query.dtype}/{key.dtype}/{value.dtype}: need one of fp32, fp16, bf16 for all three"
     if attn_bias is not None:
         N, _, Lk, _ = key.shape
         if attn_bias.dim() != 4 or attn_bias.shape[1:3] != (1, 1) or attn_bias.shape[-1] != Lk \
@@ -448,8 +459,17 @@ def mixes_in_kernel(heads: int, head_dim: int, dtype: torch.dtype, device, dropo
     """Whether `cross_attention_streams` forms the K/V of a mixing plan inside its kernel for K/V
     of `heads` x `head_dim` in `dtype` on `device` (lazy: never materialised). Where it does not,
     it would materialise them layer by layer (`mix_kv`); a caller that can merge the K/V of all
-    layers at once, as the model does, should do that instead and pass plain K/V."""
-    return streams_backend(heads, head_dim, dtype, device, dropout_p, mixed=True) == "triton"
+    layers at once, as the model does, should do that instead and pass plain K/V.
+
+    Answered from the device type, dtype and sizes alone (no tensor is made, the dispatcher is not
+    run), as the op's dispatch would choose for mixed streams of that kind: the forced backend
+    (``SAM_FAST_BACKEND``) first, else the kernel wherever `_check_triton` would pass it (mixed
+    streams never prefer SDPA). The model asks once per device and dtype, not per call."""
+    forced = forced_backend()
+    if forced and forced != "triton" and any(b.name == forced for b in _streams.backends):
+        return False
+    device_type = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    return _triton_config_reason(device_type, dtype, head_dim, dropout_p) is None
 
 
 def mixed_kv_schedule(heads: int, head_dim: int, dtype: torch.dtype, device) -> str:

@@ -6,6 +6,10 @@ the whole model (under the interpreter on CPU)."""
 
 import copy
 import importlib
+import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -352,3 +356,185 @@ def test_activation_estimate_is_near_what_autograd_keeps(kw):
     _, measured = _saved_bytes(lambda: _encode(model, feats, counts, ids, mask))
     est = qformer_activation_bytes(model.config, sum(counts), ids.shape[1], 4)
     assert measured <= est <= 2.5 * measured, (est, measured)
+
+
+# -- the W-stream schedules (sam_fast.modules.schedules) ------------------------------------------
+
+schedules_mod = importlib.import_module("sam_fast.modules.schedules")
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"  # the recorded tokens and their script
+sys.path.insert(0, str(GOLDEN))
+import encode_images_schedules_oracle as oracle  # noqa: E402
+
+RECORDED = json.loads((GOLDEN / "encode_images_schedules.json").read_text())
+CAN_TRITON = ca._triton_import_error() is None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+S = schedules_mod
+
+
+def _forced(schedule, monkeypatch, kernel: bool, **kw):
+    """The oracle's tiny SAM with `schedule` forced; `kernel`: the fused kernel allowed on CPU
+    tensors (under the interpreter). The other schedules' merge refuses to run."""
+    monkeypatch.setattr(ca, "_interpreter_allowed", lambda: kernel)
+    model = randomize_guidance(tiny_sam(context_mode=schedule.context_mode, interaction_layers=(1, 3), **kw)) \
+        if kw else oracle.model_for(schedule.context_mode)
+    model.w_schedule = schedule
+    for other in {S.LeaveOneOutMaterialised, S.LeaveOneOutInKernel} - {schedule}:
+        monkeypatch.setattr(other, "merge", classmethod(lambda *a, _o=other: pytest.fail(f"{_o.__name__} ran")))
+    return model
+
+
+# (schedule, the recorded path whose tokens it gives, kernel allowed on CPU tensors, tolerance)
+RECORDED_CASES = [
+    (S.SharedSchedule, "shared", False, 1e-6),
+    (S.LeaveOneOutMaterialised, "leave_one_out", False, 1e-6),
+    (S.LeaveOneOutInKernel, "leave_one_out-kernel", True, 1e-6),
+    # the mixing plan on the op's reference backend (mix_kv then SDPA, per layer): the materialised tokens
+    (S.LeaveOneOutInKernel, "leave_one_out", False, 1e-5),
+]
+
+
+@pytest.mark.parametrize("schedule, path, kernel, atol", RECORDED_CASES,
+                         ids=[f"{c[0].__name__}-{c[1]}" for c in RECORDED_CASES])
+def test_every_schedule_gives_the_recorded_tokens(monkeypatch, schedule, path, kernel, atol):
+    """Each schedule forced gives the tokens the code gave before the schedules were classes
+    (tests/golden/encode_images_schedules.json; bitwise on the machine that recorded them) on
+    batches of 1, 2, 3 images and a ragged [3, 1, 2]."""
+    if kernel and not CAN_TRITON:
+        pytest.skip("triton missing, or no CUDA and no interpreter")
+    assert RECORDED["torch"].split("+")[0] == torch.__version__.split("+")[0] or atol >= 1e-6
+    model = _forced(schedule, monkeypatch, kernel)
+    for counts in oracle.COUNTS:
+        got = torch.tensor(oracle.fingerprint(oracle.encode(model, counts)), dtype=torch.float64)
+        want = torch.tensor(RECORDED["paths"][path][str(counts)], dtype=torch.float64)
+        torch.testing.assert_close(got, want, rtol=0, atol=atol, msg=lambda m, c=counts: f"{counts}: {m}")
+
+
+def _count_calls(monkeypatch, module, name, log):
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: log.append(name) or real(*a, **k))
+
+
+def test_the_schedule_is_chosen_once_and_again_on_a_move_or_cast(monkeypatch):
+    """`choose_w_schedule` runs when the model is built, never in a forward (eval, training with
+    gradients), and again on `train()`, when `.double()` / `.to(dtype)` / `.float()` cast the model
+    (fp64 has no fused kernel: the choice changes with the dtype), when the context mode is changed
+    and when the Q-former's attention dropout is switched on. The op's backend is never probed."""
+    decisions, probes = [], []
+    _count_calls(monkeypatch, S, "choose_w_schedule", decisions)
+    _count_calls(monkeypatch, S, "mixes_in_kernel", probes)
+    _count_calls(monkeypatch, ca, "streams_backend", probes)
+    monkeypatch.setattr(ca, "_interpreter_allowed", lambda: CAN_TRITON)
+    kernel = S.LeaveOneOutInKernel if CAN_TRITON else S.LeaveOneOutMaterialised
+    model = randomize_guidance(tiny_sam(interaction_layers=(1, 3)))
+    assert len(decisions) == 2 and model.w_schedule is kernel  # SAM(config), then tiny_sam's eval()
+    feats, ids, mask = ragged_batch(model, [3, 1, 2])
+    decisions.clear(), probes.clear()
+    # the forwards on the op's reference backend (the interpreter is slow): the op checks per call,
+    # the model's schedule stays (a stale choice costs speed, never values)
+    monkeypatch.setattr(ca, "_interpreter_allowed", lambda: False)
+    with torch.no_grad():
+        for _ in range(3):
+            _encode(model, feats, [3, 1, 2], ids, mask)
+    assert decisions == [] and probes == []
+    monkeypatch.setattr(ca, "_interpreter_allowed", lambda: CAN_TRITON)
+    model.train()  # decided again; the frozen Q-former stays in eval mode: no dropout, same schedule
+    assert len(decisions) == 1 and model.w_schedule is kernel
+    decisions.clear(), probes.clear()
+    monkeypatch.setattr(ca, "_interpreter_allowed", lambda: False)
+    _encode(model, feats, [3, 1, 2], ids, mask).sum().backward()
+    assert decisions == [] and probes == [] and model.w_schedule is kernel
+    monkeypatch.setattr(ca, "_interpreter_allowed", lambda: CAN_TRITON)
+    model.double()
+    assert len(decisions) == 1 and model.w_schedule is S.LeaveOneOutMaterialised
+    with torch.no_grad():
+        _encode(model, feats.double(), [3, 1, 2], ids, mask)
+    assert len(decisions) == 1
+    model.to(torch.float32)
+    assert len(decisions) == 2 and model.w_schedule is kernel
+    model.float()
+    assert len(decisions) == 3 and model.w_schedule is kernel
+    model.config.context_mode = "shared"
+    with torch.no_grad():
+        _encode(model, feats, [3, 1, 2], ids, mask), _encode(model, feats, [3, 1, 2], ids, mask)
+    assert len(decisions) == 4 and model.w_schedule is S.SharedSchedule
+    model.config.context_mode = "leave_one_out"
+    model.qformer.train()  # its attention dropout on: the kernel has none
+    assert model.w_schedule is S.LeaveOneOutMaterialised and len(decisions) == 5
+
+
+def test_a_loaded_model_decides_where_its_weights_are(tmp_path, monkeypatch):
+    """`from_pretrained` builds the model on the meta device (in training mode) and places the
+    weights without `_apply`: the schedule is decided again for the loaded model (its final
+    ``eval()``), so its forwards decide nothing; so for the LAVIS/InstructBLIP loaders."""
+    from _tiny import tiny_instructblip
+
+    from sam_fast import SAM
+
+    tiny_sam().save_pretrained(tmp_path)
+    decisions = []
+    _count_calls(monkeypatch, S, "choose_w_schedule", decisions)
+    for load in (lambda: SAM.from_pretrained(tmp_path), lambda: SAM.from_instructblip(tiny_instructblip(seed=0))):
+        model = load()
+        assert decisions
+        decisions.clear()
+        feats, ids, mask = ragged_batch(model, [2, 1])
+        with torch.no_grad():
+            _encode(model, feats, [2, 1], ids, mask), _encode(model, feats, [2, 1], ids, mask)
+        assert decisions == [] and model.w_schedule is S.LeaveOneOutMaterialised
+
+
+def test_a_forced_schedule_must_fit_the_context_mode():
+    model = tiny_sam(context_mode="shared")
+    with pytest.raises(ValueError, match=r"LeaveOneOutInKernel is not a schedule of context_mode='shared' "
+                                         r"\(one of \['SharedSchedule'\]\)"):
+        model.w_schedule = S.LeaveOneOutInKernel
+    with pytest.raises(ValueError, match="is not a schedule"):
+        model.w_schedule = "fast"
+    assert model.w_schedule is S.SharedSchedule
+
+
+@pytest.mark.parametrize("schedule", [S.SharedSchedule, S.LeaveOneOutMaterialised, S.LeaveOneOutInKernel])
+def test_no_schedule_reads_a_device_value_on_the_host(monkeypatch, schedule):
+    """Host reads of encode_images (tests/_host_reads.py) under every schedule, with and without a
+    gradient: none, as measured on all three paths (the kernel's under the interpreter included)
+    before the schedules were classes. (The mix on the op's reference backend: the schedule's own
+    work, the interpreter being slow.)"""
+    from _host_reads import HostReads
+
+    model = _forced(schedule, monkeypatch, kernel=False)
+    feats, ids, mask = ragged_batch(model, [3, 1, 2], pad_sample=0)
+    _encode(model, feats, [3, 1, 2], ids, mask)  # warm-up: caches
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), HostReads() as reads:
+            _encode(model, feats, [3, 1, 2], ids, mask)
+        assert reads.total == 0, reads.report()
+
+
+@pytest.mark.parametrize("guidance", ["adaptive", "mean"])
+def test_both_leave_one_out_schedules_agree_on_non_finite_features(monkeypatch, guidance):
+    """A NaN in image 1 (sample 0) and an inf in image 4 (sample 2): the materialised and the mixed
+    schedules (the mix on the op's reference backend, and in the fused kernel where it runs) give
+    the same non-finite pattern and equal finite values, in the W-stream's output c_i as in the
+    tokens. Every W row of those samples is non-finite, the rows of images 1 and 4 included (with
+    the injection at layer 1 nothing else makes them so); the one-image sample stays finite."""
+    runs = [(S.LeaveOneOutMaterialised, False), (S.LeaveOneOutInKernel, False)]
+    runs += [(S.LeaveOneOutInKernel, True)] if CAN_TRITON else []
+    got = []
+    for schedule, kernel in runs:
+        model = _forced(schedule, monkeypatch, kernel, guidance=guidance)
+        feats, ids, mask = ragged_batch(model, [3, 1, 2])
+        feats[1, 2, 3], feats[4, 0, 1] = float("nan"), float("inf")
+        c = []
+        hook = model.guidance_out.register_forward_hook(lambda m, i, out: c.append(out))
+        with torch.no_grad():
+            tokens = _encode(model, feats, [3, 1, 2], ids, mask)
+        hook.remove()
+        got.append((c[0], tokens))
+        monkeypatch.undo()
+    (c0, t0) = got[0]
+    assert (~torch.isfinite(c0)).flatten(1).any(1).tolist() == [True] * 5  # W rows of images 0, 1, 2, 4, 5
+    assert (~torch.isfinite(t0)).flatten(1).any(1).tolist() == [True, True, True, False, True, True]
+    for c, t in got[1:]:
+        for a, b in ((c0, c), (t0, t)):
+            rows = [(~torch.isfinite(x)).flatten(1).any(1).tolist() for x in (a, b)]
+            assert torch.equal(torch.isfinite(a), torch.isfinite(b)), f"non-finite rows {rows[0]} vs {rows[1]}"
+            torch.testing.assert_close(a[torch.isfinite(a)], b[torch.isfinite(b)], rtol=1e-5, atol=1e-5)

@@ -132,3 +132,24 @@ def test_non_finite_feature_poisons_its_column_in_both_guidances(monkeypatch, ba
             if guidance == "mean" and mode == "shared":
                 torch.testing.assert_close(got[1], x[3:5].mean(0))
                 torch.testing.assert_close(got[0, :2], x[0:3, :2].mean(0))
+
+
+@pytest.mark.parametrize("guidance", ["adaptive", "mean"])
+def test_leave_one_out_mix_follows_the_column_rule_of_merged_kv(guidance):
+    """The mixing plan (the leave_one_out K/V formed in the attention kernel) gives the K/V of
+    `merged_kv` on non-finite features too: NaN for every image of the sample at that patch, the
+    image holding the NaN or inf included (its own softmax leaves it out), finite and equal
+    elsewhere."""
+    aa = _aa().float()
+    E = torch.randn(6, 4, 6)
+    E[1, 2, 3] = float("nan")  # sample 0 (images 0..2), patch 2
+    E[4, 0, 0] = float("inf")  # sample 2 (images 4, 5), patch 0
+    kv = E @ torch.randn(6, 10)
+    counts, cu = [3, 1, 2], torch.tensor([0, 3, 4, 6])
+    index, weight = aa.leave_one_out_mix(E, counts, guidance)
+    mixed, _ = mix_kv(kv[:, None], kv[:, None], (index, weight))  # [5, 1, P, C]
+    want = aa.merged_kv(E, kv, cu, "leave_one_out", guidance)[[0, 1, 2, 4, 5]]
+    bad = ~torch.isfinite(mixed[:, 0]).all(-1)
+    assert bad.tolist() == [[False, False, True, False]] * 3 + [[True, False, False, False]] * 2
+    assert torch.equal(torch.isfinite(mixed[:, 0]), torch.isfinite(want))
+    torch.testing.assert_close(mixed[:, 0][~bad], want[~bad], rtol=1e-5, atol=1e-5)

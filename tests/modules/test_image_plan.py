@@ -1,5 +1,5 @@
 """`ImagePlan`: the host-built plan of a ragged batch (which image belongs to which sample, which
-images get a W-stream, shared mode's dedup and fan-out, offsets)."""
+images get a W-stream, offsets); the W-stream's own rows are its schedule's (test_schedules.py)."""
 
 import pytest
 import torch
@@ -14,28 +14,20 @@ def _l(t):
 def test_leave_one_out_plan_skips_one_image_samples():
     p = ImagePlan.build([3, 1, 2], "leave_one_out", "adaptive", "cpu")
     assert p.guided and p.counts == [3, 1, 2] and p.offsets == [0, 3, 4, 6] and p.num_images == 6
-    assert _l(p.sample_of) == [0, 0, 0, 1, 2, 2]
-    assert p.cu.dtype == torch.int32 and _l(p.cu) == [0, 3, 4, 6]
-    assert _l(p.target) == [0, 1, 2, 4, 5]  # image 3 (the one-image sample) gets no W-stream
-    assert _l(p.w_samples) == [0, 0, 0, 2, 2]  # one W row per guided image
-    assert p.fan_out is None
-    assert _l(p.merged_rows) == [0, 1, 2, 4, 5]  # rows of the per-image merged K/V kept
+    assert _l(p.sample_of) == [0, 0, 0, 1, 2, 2] and p.image_samples == (0, 0, 0, 1, 2, 2)
+    assert p.targets == (0, 1, 2, 4, 5)  # image 3 (the one-image sample) gets no W-stream
 
 
-def test_shared_plan_dedups_per_sample_and_fans_out():
+def test_shared_plan_guides_every_image():
     p = ImagePlan.build([3, 1, 2], "shared", "mean", "cpu")
     assert p.guided
-    assert _l(p.target) == [0, 1, 2, 3, 4, 5]  # every image, a one-image sample by itself
-    assert _l(p.w_samples) == [0, 1, 2]  # one W row per sample before layer l
-    assert _l(p.fan_out) == [0, 0, 0, 1, 2, 2]
-    assert p.merged_rows is None  # one merged map per sample, all kept
+    assert p.targets == (0, 1, 2, 3, 4, 5)  # every image, a one-image sample by itself
 
 
 @pytest.mark.parametrize("counts, mode, guidance", [([1, 1], "leave_one_out", "adaptive"), ([2, 3], "shared", "none")])
 def test_unguided_batches_have_no_w_stream(counts, mode, guidance):
     p = ImagePlan.build(counts, mode, guidance, "cpu")
-    assert not p.guided
-    assert p.target is None and p.w_samples is None and p.cu is None
+    assert not p.guided and p.targets == ()
     assert _l(p.sample_of) == [b for b, n in enumerate(counts) for _ in range(n)]
 
 

@@ -336,6 +336,30 @@ def test_streams_backend_reports_the_choice(monkeypatch):
         assert ca.streams_backend(2, 8, torch.float32, "cpu", dropout_p=0.1, mixed=True) == "reference"  # the kernel has no dropout
 
 
+@pytest.mark.parametrize("allowed", [False, True])
+@pytest.mark.parametrize("forced", ["", "reference", "triton", "cpu"])
+def test_mixes_in_kernel_answers_as_the_dispatch_without_a_tensor(monkeypatch, allowed, forced):
+    """`mixes_in_kernel` decides from device type, dtype and sizes alone (the model asks it once,
+    not per call) and gives the answer of the streams op's own dispatch on mixed inputs of that
+    kind, for every forced backend ("cpu" is no backend of this op: ignored), dtype, head dim and
+    dropout here (tests/modules/test_schedules.py checks that the decision calls no torch function)."""
+    from sam_fast.ops.dispatch import BackendUnavailable
+
+    monkeypatch.setattr(ca, "_interpreter_allowed", lambda: allowed)
+    if forced:
+        monkeypatch.setenv("SAM_FAST_BACKEND", forced)
+    else:
+        monkeypatch.delenv("SAM_FAST_BACKEND", raising=False)
+    for dtype, d, p in [(torch.float32, 8, 0.0), (torch.float64, 8, 0.0), (torch.bfloat16, 8, 0.0),
+                        (torch.float32, 12, 0.0), (torch.float32, 8, 0.1)]:
+        try:
+            want = ca.streams_backend(2, d, dtype, "cpu", dropout_p=p, mixed=True) == "triton"
+        except BackendUnavailable:  # the forced kernel cannot run these: the model merges once
+            want = False
+        assert ca.mixes_in_kernel(2, d, dtype, "cpu", p) is want, (dtype, d, p, forced, allowed)
+        assert ca.mixes_in_kernel(2, d, dtype, torch.device("cpu"), p) is want
+
+
 def test_plain_streams_take_sdpa_on_gpus(monkeypatch):
     """On CUDA the fused kernel is chosen only for mixed (leave_one_out) K/V, where it was 1.4-2x
     faster than materialising them on an H200; plain streams were 1.8-2.2x slower there than one
