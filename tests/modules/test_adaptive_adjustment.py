@@ -91,7 +91,7 @@ def test_of_refuses_a_linear_with_more_outputs():
 def test_explain_uses_the_adaptive_adjustment_weights():
     from sam_fast.eval.explain import patch_weights
 
-    model = randomize_guidance(tiny_sam())
+    model = randomize_guidance(tiny_sam(context_mode="shared"))  # one softmax over all the images
     cfg = model.config.vision_config
     pix = torch.randn(2, 3, cfg.image_size, cfg.image_size)
     w = patch_weights(model, pix)
