@@ -2,8 +2,8 @@
 #             compiled extension), run the tests
 # make demo   same install, then the end-to-end demo (tiny random SAM on a CPU)
 # make bench  same install, then the pytest-benchmark suite, one process per benchmark file, merged
-#             into bench/results/<device>-<date>.json (bench/run.py; UPDATE_README=1 also rewrites
-#             README.md's Speed table)
+#             into bench/results/<device>-<date>.json (bench/run.py; UPDATE_DOCS=1 also rewrites
+#             docs/performance.md's Speed table)
 # make clean  remove build outputs and the install stamp (keeps .venv)
 # make gpu-check  on a CUDA machine without network: build against its own torch, GPU benchmarks,
 #             model checks, CUDA tests, under a deadline (bench/gpu_check.py; report rewritten after
@@ -38,16 +38,17 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests bench --benchmark-disable
 
-# Results: bench/results/<device>-<date>.json (+ .md table, PNG plots). README.md's "Speed" table is
-# rewritten only on request: make bench UPDATE_README=1
+# Results: bench/results/<device>-<date>.json (+ .md table, PNG plots). docs/performance.md's "Speed"
+# table is rewritten only on request: make bench UPDATE_DOCS=1 (UPDATE_README=1, the former name, too)
 UPDATE_README ?=
+UPDATE_DOCS ?= $(UPDATE_README)
 bench: $(STAMP)
 	@mkdir -p bench/results
 	@name=$$($(PY) -c "import sys; sys.path.insert(0, 'bench'); from benchutil import device_name; \
 		print(device_name().replace(' ', '_'))")-$$(date +%Y-%m-%d); \
 	$(PY) bench/run.py --json bench/results/$$name.json && \
-	$(PY) bench/report.py bench/results/$$name.json $(if $(UPDATE_README),--readme README.md) && \
-	echo "results: bench/results/$$name.json (+ .md, PNG plots)$(if $(UPDATE_README),; README.md Speed table updated,; README.md untouched (UPDATE_README=1 updates it))"
+	$(PY) bench/report.py bench/results/$$name.json $(if $(UPDATE_DOCS),--doc docs/performance.md) && \
+	echo "results: bench/results/$$name.json (+ .md, PNG plots)$(if $(UPDATE_DOCS),; docs/performance.md Speed table updated,; docs/performance.md untouched (UPDATE_DOCS=1 updates it))"
 
 # Fails when a tracked speedup_* ratio of NEW dropped by more than 10% against BASELINE.
 BASELINE ?= bench/baseline.json

@@ -1,6 +1,6 @@
-"""Turn a pytest-benchmark JSON file into a markdown table, PNG plots and the README's Speed table.
+"""Turn a pytest-benchmark JSON file into a markdown table, PNG plots and docs/performance.md's Speed table.
 
-    python bench/report.py bench/results/<device>-<date>.json [--readme README.md]
+    python bench/report.py bench/results/<device>-<date>.json [--doc docs/performance.md]
 
 Conventions the benchmarks follow (``benchmark.extra_info``):
 
@@ -302,21 +302,23 @@ def plots(data: dict, out_dir: Path, prefix: str) -> list[Path]:
     return written
 
 
-def update_readme(readme: Path, table: str) -> None:
-    text = readme.read_text()
+def update_speed_table(doc: Path, table: str) -> None:
+    """Replace the block between the speed markers of `doc` (or append a Speed section)."""
+    text = doc.read_text()
     block = f"{START}\n{table}{END}"
     if START in text and END in text:
         text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
     else:
         text = text.rstrip() + f"\n\n## Speed\n\n{block}\n"
-    readme.write_text(text)
+    doc.write_text(text)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", help="pytest-benchmark JSON (from --benchmark-json)")
     ap.add_argument("--out-dir", default=None, help="where the .md and .png go (default: next to the JSON)")
-    ap.add_argument("--readme", default=None, help="README to update between the speed markers")
+    ap.add_argument("--doc", "--readme", dest="doc", default=None,
+                    help="markdown file to update between the speed markers (docs/performance.md)")
     args = ap.parse_args(argv)
     src = Path(args.json)
     data = load(src)
@@ -325,8 +327,8 @@ def main(argv=None) -> int:
     table = markdown_table(data)
     (out / f"{src.stem}.md").write_text(table)
     written = plots(data, out, src.stem)
-    if args.readme:
-        update_readme(Path(args.readme), table)
+    if args.doc:
+        update_speed_table(Path(args.doc), table)
     print(table)
     for p in written:
         print(f"wrote {p}")

@@ -5,7 +5,7 @@
     sam-fast eval     --model DIR --data DIR --output OUT                         pred.json + metrics.json
     sam-fast cache-features --model M --data DIR --output CACHE                   frozen ViT outputs, once
     sam-fast explain  --model DIR (--images a b ... | --data DIR) --output OUT    Adaptive Adjustment weights as PNGs
-    sam-fast bench    [-k EXPR] [--json FILE] [--plan] [--update-readme]           the pytest-benchmark suite (bench/)
+    sam-fast bench    [-k EXPR] [--json FILE] [--plan] [--update-docs]           the pytest-benchmark suite (bench/)
     sam-fast demo     [--steps N] [--batch B] [--seed S]                          the tiny SAM end to end on a CPU
     sam-fast synthesize --sources DIR --output DIR --inpaint-model SD --caption-model M (--text-model LM | --text-url URL)
                                                                                   MmLINK-style training data
@@ -57,6 +57,7 @@ TRAIN_FLAGS = {
 }
 AMP_CHOICES = ("none", "bf16", "fp16")
 REPORT_TO_CHOICES = ("tensorboard", "wandb")
+PERFORMANCE_DOC = "docs/performance.md"  # where `sam-fast bench --update-docs` writes the Speed table
 # train options a config file may hold besides TRAIN_FLAGS (and the other TrainConfig fields)
 TRAIN_FILE_KEYS = ("model", "data", "output", "features", "skip_bad", "context_mode", "guidance", "interaction_layers",
                    "fsdp", "no_packing", "model_overrides", "report_to")
@@ -701,14 +702,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     print(" ".join(cmd))
     rc = subprocess.call(cmd, cwd=repo)
-    if rc == 0:  # markdown table and PNG plots beside the JSON; README's "Speed" block only on request
-        readme = ["--readme", str(repo / "README.md")] if args.update_readme else []
-        rc = subprocess.call([sys.executable, str(bench / "report.py"), args.json, *readme], cwd=repo)
+    if rc == 0:  # markdown table and PNG plots beside the JSON; the docs' Speed block only on request
+        doc = ["--doc", str(repo / PERFORMANCE_DOC)] if args.update_docs else []
+        rc = subprocess.call([sys.executable, str(bench / "report.py"), args.json, *doc], cwd=repo)
     if rc == 0:
         where = Path(args.json).resolve().parent
         print(f"sam-fast bench: results in {where} ({Path(args.json).name}, its .md table and PNG plots)"
-              + ("; README.md's Speed table updated" if args.update_readme else
-                 "; README.md untouched (--update-readme rewrites its Speed table)"))
+              + (f"; {PERFORMANCE_DOC}'s Speed table updated" if args.update_docs else
+                 f"; {PERFORMANCE_DOC} untouched (--update-docs rewrites its Speed table)"))
     return rc
 
 
@@ -1007,8 +1008,9 @@ def _add_bench_command(sub) -> None:
                    "for the vicuna-7b config and the benchmarks' 'scaled' config side by side, then exit")
     p.add_argument("--json", help="benchmark JSON output (default: bench/results/<device>-<date>.json); a "
                    "markdown table and PNG plots are written beside it")
-    p.add_argument("--update-readme", action="store_true",
-                   help="also rewrite README.md's Speed table from this run (default: README.md is left alone)")
+    p.add_argument("--update-docs", "--update-readme", dest="update_docs", action="store_true",
+                   help=f"also rewrite {PERFORMANCE_DOC}'s Speed table from this run (default: left alone; "
+                   "--update-readme is the former name)")
     p.set_defaults(func=_cmd_bench)
 
 

@@ -51,7 +51,7 @@ def test_report_writes_table_plots_and_readme_block(tmp_path):
     src.write_text(json.dumps(_run({2: 1.5, 4: 2.0, 8: 2.6})))
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n## Speed\n\n<!-- speed:start -->\nold\n<!-- speed:end -->\n\n## After\n")
-    assert report.main([str(src), "--readme", str(readme)]) == 0
+    assert report.main([str(src), "--doc", str(readme)]) == 0
     table = (tmp_path / "cpu-test-2026-11-22.md").read_text()
     assert "device cpu-test" in table and "vs_released 2.60x" in table and "24.6 ms" in table
     text = readme.read_text()
@@ -190,24 +190,25 @@ def test_plots_have_title_units_legend_outside_and_error_bars(name):
         plt.close(fig)
 
 
-def test_sam_fast_bench_leaves_readme_alone_unless_asked(monkeypatch, tmp_path, capsys):
+def test_sam_fast_bench_leaves_the_speed_table_alone_unless_asked(monkeypatch, tmp_path, capsys):
     from sam_fast import cli
 
     calls = []
     monkeypatch.setattr("subprocess.call", lambda cmd, **kw: calls.append(cmd) or 0)
-    readme = ROOT / "README.md"
+    readme = ROOT / "docs" / "performance.md"
     before = readme.read_bytes()
     out = tmp_path / "r.json"
     assert cli.main(["bench", "--json", str(out)]) == 0
     assert len(calls) == 2 and calls[0][1].endswith("run.py") and f"--json={out}" in calls[0]
     assert "report.py" in calls[1][1]
-    assert "--readme" not in calls[1]
+    assert "--doc" not in calls[1]
     printed = capsys.readouterr().out
-    assert str(tmp_path) in printed and "README.md untouched" in printed
+    assert str(tmp_path) in printed and "docs/performance.md untouched" in printed
     assert readme.read_bytes() == before
-    calls.clear()
-    assert cli.main(["bench", "--json", str(out), "--update-readme"]) == 0
-    assert calls[1][calls[1].index("--readme") + 1] == str(readme)
+    for flag in ("--update-docs", "--update-readme"):  # the former name still works
+        calls.clear()
+        assert cli.main(["bench", "--json", str(out), flag]) == 0
+        assert calls[1][calls[1].index("--doc") + 1] == str(readme)
 
 
 def test_make_bench_compare_takes_the_newest_bench_run(tmp_path):

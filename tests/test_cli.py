@@ -185,7 +185,7 @@ def test_bench_runs_the_benchmark_suite(monkeypatch, tmp_path):
     assert run[1].endswith("run.py") and run[2] == f"--json={tmp_path / 'b.json'}"
     assert run[-2:] == ["-k", "context_reweight"]
     assert report[1].endswith("report.py") and report[2] == str(tmp_path / "b.json")
-    assert "--readme" not in report  # a partial run does not overwrite README's Speed table
+    assert "--doc" not in report  # a partial run does not overwrite the Speed table
 
 
 @pytest.mark.slow
@@ -550,7 +550,7 @@ HELP_SHA256_PY311 = {
     'eval': '769c35ba25ce8836888d8996842046b4d0f851162f694a79d213f334d6b07809',
     'cache-features': 'a0221b2743f713884ae8b7c605d564e805cbd425957d77f823fe1ba2b9a33b17',
     'explain': '66c28d58a4860ab90f447269905669e14af22f7ec2912990ba03b2a2410044a6',
-    'bench': '48e5d64bcd2bac493abfacc428a20eebd53401ba43047e2e298fd9e58e9490f1',
+    'bench': '48e093bf87a281eae09a89b724cc741615115b9bdf71c9e7da1ac02f6effe90a',
     'env': '14748aebe2253064d4c9e24ec9ebd93f77f598fa083f65ede303e06c5dc26b91',
     'demo': '9e38c10259c3eb190f83f380a98aee43d9a69e1990560b582c20c7784c0a4652',
     'synthesize': 'bcd967762e1230ae395bedae5b1169f603f7e6a825a6972fa6e75a5abdb31646',
@@ -566,7 +566,7 @@ PARSER_SHA256 = {
     'eval': 'f2563938322d901b0550098d81fc01b3579933f5247f48ed3d2ecffd3f1b850d',
     'cache-features': '701418903df36dd9ef17b0dc094285bf1073a52d8f687fc7d82eebd6638f22a5',
     'explain': '9f8fa738f118a60565d6c2de6f26e72369ea1cdf74bdd66cea6fb74a1e6a9c08',
-    'bench': '1dd31a9207fefd638dcb99ee22792e18156de05530078731308febcb336e06af',
+    'bench': 'ddc7483da4e45b65db78cb6a7ab381231ab20c7b96d27ff23ad432d74e59b7ed',
     'env': '26feee10ff785e16cccf29f8888774b2e6619a18d1c18cf5af4c7eb29a13f319',
     'demo': 'f70bbb269b0cd5bb31ab1445298cacafa3789ef340283c6e3cfb50778dde0302',
     'synthesize': '2e15c756c7f638f8a62c94569b7efc25eee2702ce1eee64032f2b11a75debb1f',

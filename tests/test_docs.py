@@ -207,11 +207,11 @@ def test_cited_sections_exist():
 
 
 def test_docstrings_quote_no_timings():
-    """Speed figures live in the README (Status, Speed), measured and dated; docstrings hold
+    """Speed figures live in docs/performance.md (Status, Speed), measured and dated; docstrings hold
     shapes and semantics."""
     hits = [h for p in sorted((ROOT / "sam_fast").rglob("*.py")) if _rel(p) not in TIMING_ALLOWED
             for h in _timings(p)]
-    assert not hits, "timings in docstrings (move them to the README's Status/Speed):\n" + "\n".join(hits)
+    assert not hits, "timings in docstrings (move them to docs/performance.md):\n" + "\n".join(hits)
 
 
 def test_timing_allow_list_is_current():
