@@ -20,8 +20,8 @@ SCRIPT = ROOT / "bench" / "gpu_check.py"
 SECTIONS = ("build", "benchmarks", "model_checks", "tests")
 FINISHED = ("ok", "failed", "timeout", "skipped")
 # the order by value: build, the 7B step, generation, op benchmarks, model checks, pytest
-ORDER = ["build.pip", "build.ext_info", "bench.train_step", "bench.generate", "bench.reweight", "bench.streams",
-         "bench.encode", "check.reweight.cpu.float32", "check.reweight.cpu.bfloat16", "check.reweight.cpu.float16",
+ORDER = ["build.pip", "build.ext_info", "bench.train_step", "bench.generate", "bench.cross_attention_decision",
+         "bench.reweight", "bench.streams", "bench.encode", "check.reweight.cpu.float32", "check.reweight.cpu.bfloat16", "check.reweight.cpu.float16",
          "check.encode.leave_one_out.float32", "check.encode.leave_one_out.bfloat16",
          "check.encode.leave_one_out.float16", "check.encode.shared.float32", "check.encode.shared.bfloat16",
          "check.encode.shared.float16", "check.packed.leave_one_out", "check.packed.shared", "check.compile",
@@ -143,13 +143,35 @@ def test_dry_run_runs_every_item_in_order_and_rewrites_the_report_after_each(tmp
     gen = final["bench.generate"]["result"]
     assert gen["generate_hf"]["new_tokens"] > 0 and gen["generate_lavis"]["new_tokens"] > 0
     assert gen["generate_hf_static"]["same_ids_as_hf"] is True
+    _assert_decision_items(final)
     text = path.with_suffix(".md").read_text()
     assert "PASS" in text and all(e["name"] in text for e in report["items"])
+    assert "fwd+bwd of every cross layer for one batch, ms" in text and "| mode/dtype | fused_mix ms |" in text
     assert "profile of 3 steps (cpu ops (self time))" in text and "| kernel | calls | total ms |" in text
     # stdout: one line per item and the verdict, a few KB
     lines = out.splitlines()
     assert len(out) < 6000 and sum(line.startswith("[") for line in lines) == len(ORDER)
     assert "PASS" in lines[-1]
+
+
+def _assert_decision_items(final: dict) -> None:
+    """The decision items of a dry run: the cross-attention one timed both variants in both
+    modes at tiny shapes (the fused kernel cannot run on a CPU: no verdict)."""
+    xattn = final["bench.cross_attention_decision"]
+    assert xattn["status"] == "ok", xattn
+    res = xattn["result"]
+    assert set(res["rows"]) == {"leave_one_out/bfloat16", "shared/bfloat16"}
+    assert res["shape"] == {"T": 6, "Q": 8, "H": 4, "d": 8, "P": 5, "n_cross": 2}  # SAMConfig.tiny(), counts 2, 3, 1
+    for key, w_rows, slots in (("leave_one_out/bfloat16", 5, 2), ("shared/bfloat16", 3, 3)):
+        row = res["rows"][key]
+        assert row["fused_backend"] == "reference" and row["decides"] is False
+        assert (row["w_rows"], row["mix_slots"]) == (w_rows, slots)
+        assert row["fused_mix_ms"] > 0 and row["materialised_sdpa_ms"] > 0 and row["by"] >= 1
+        assert row["faster"] in ("fused_mix", "materialised_sdpa") and row["max_rel_diff"] < 2**-6
+        assert "fused_mix_graph_ms" not in row  # no CUDA graphs on a CPU
+    assert res["verdict"] == {"decided": False, "one_algorithm": None,
+                              "summary": "not decided: the fused kernel did not run (streams backend reference)"}
+    assert [r[0] for r in res["table"]["rows"]] == ["leave_one_out/bfloat16", "shared/bfloat16"]
 
 
 def test_a_failed_correctness_check_fails_the_run(tmp_path):
@@ -367,3 +389,32 @@ def test_kernel_summary_of_an_empty_profile_and_long_kernel_names(gpu_check):
     md = gpu_check._profile_markdown({"name": "step", "result": {"profile": gpu_check.kernel_summary(
         [("a|b", 2000.0), ("c", 1000.0)], "device kernels", steps=1, wall_ms=4.0)}})
     assert "| `a\\|b` | 1 | 2.0 | 66.67 |" in md and any("host gap 1.0 ms" in line for line in md)
+
+
+def test_cross_attention_verdict_names_one_algorithm_only_where_every_row_agrees(gpu_check):
+    def row(fused, sdpa, fused_graph=None, sdpa_graph=None):
+        r = {"fused_backend": "triton", "decides": True, "fused_mix_ms": fused, "materialised_sdpa_ms": sdpa}
+        if fused_graph:
+            r.update(fused_mix_graph_ms=fused_graph, materialised_sdpa_graph_ms=sdpa_graph)
+        r.update(gpu_check._faster(r))
+        r.update(gpu_check._faster(r, "_graph"))
+        return r
+
+    loo = row(1.0, 1.5, 0.8, 1.0)
+    assert (loo["faster"], loo["by"], loo["faster_graph"], loo["by_graph"]) == ("fused_mix", 1.5, "fused_mix", 1.25)
+    rows = {"leave_one_out/bfloat16": loo, "shared/bfloat16": row(2.0, 2.4)}
+    assert gpu_check.xattn_verdict(rows) == {
+        "decided": True, "one_algorithm": "fused_mix",
+        "summary": "leave_one_out/bfloat16: fused_mix 1.5x (graph fused_mix 1.25x); shared/bfloat16: fused_mix 1.2x"}
+    # the graph replay disagrees with the eager timing: it depends, no single algorithm
+    rows["shared/bfloat16"] = row(2.0, 2.4, 1.2, 1.0)
+    assert gpu_check.xattn_verdict(rows)["one_algorithm"] is None
+    rows = {"leave_one_out/bfloat16": row(3.0, 1.0), "shared/bfloat16": "skipped: 3 s left of the item's time"}
+    assert gpu_check.xattn_verdict(rows) == {"decided": True, "one_algorithm": "materialised_sdpa",
+                                             "summary": "leave_one_out/bfloat16: materialised_sdpa 3.0x; "
+                                                        "1 row(s) did not decide"}
+    table = gpu_check.xattn_table(rows, gpu_check.xattn_verdict(rows))
+    md = gpu_check._table_markdown({"name": "xattn", "result": {"table": table}})
+    assert "| leave_one_out/bfloat16 | 3.0 | 1.0 | materialised_sdpa | 3.0 |" in " ".join(md)
+    assert md[-1] == "verdict: leave_one_out/bfloat16: materialised_sdpa 3.0x; 1 row(s) did not decide"
+
