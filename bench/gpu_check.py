@@ -38,7 +38,9 @@ Items, most valuable first (per-item timeout in seconds; ``--timeouts ID=S`` ove
    the W rows' K/V mixed inside the fused streams kernel against materialised once by
    ``context_reweight`` + one SDPA call per layer over both streams, per context mode in bf16
    and fp32, eagerly and replayed from a CUDA graph: which is faster, by how much, and whether
-   one algorithm wins everywhere (``verdict``). Then
+   one algorithm wins everywhere (``verdict``). ``bench.liger`` (90): Liger-Kernel's RMSNorm,
+   SwiGLU, RoPE and fused linear cross-entropy beside ours at the LLaMA-7B shapes (bf16, forward
+   + backward, outputs compared), skipped where ``liger_kernel`` cannot be imported. Then
    ``bench.reweight`` / ``bench.streams`` / ``bench.encode`` (60, 60, 90): re-weighting bandwidth
    against a device copy, cross-attention streams against SDPA, ``encode_images`` against the
    released schedule (N = 2, 4, 8, both modes, bf16); CUDA events, warm-ups, few rounds.
@@ -179,6 +181,9 @@ def plan(dry: bool, no_build: bool = False) -> list[Item]:
         Item("bench.cross_attention_decision", "cross-attention: in-kernel K/V mix vs materialised + SDPA",
              "benchmarks", _bench_xattn_decision, 90, 20, worker="ops",
              brief=("verdict.one_algorithm", "verdict.summary")),
+        Item("bench.liger", "Liger-Kernel beside ours (RMSNorm, SwiGLU, RoPE, linear CE)", "benchmarks",
+             _bench_liger, 90, 15, worker="ops", brief=("all_agree", "rows.rms_norm.liger_vs_ours", "rows.swiglu.liger_vs_ours",
+                                                        "rows.rope.liger_vs_ours", "rows.fused_linear_cross_entropy.liger_vs_ours")),
         Item("bench.reweight", "context_reweight GB/s vs device copy", "benchmarks", _bench_reweight, 60, 3,
              worker="ops", brief=("float32.gbps", "bfloat16.gbps", "bfloat16.time_vs_copy")),
         Item("bench.streams", "cross_attention_streams vs SDPA", "benchmarks", _bench_streams, 60, 5, worker="ops",
@@ -1686,6 +1691,189 @@ def _bench_xattn_decision(ctx: WorkerCtx) -> dict:
     res["table"] = xattn_table(res["rows"], res["verdict"])
     return res
 
+
+# Liger-Kernel beside ours: its public names (called, never copied), per op
+LIGER_NAMES = {"rms_norm": ("liger_kernel.transformers.rms_norm", "LigerRMSNorm"),
+               "swiglu": ("liger_kernel.ops.swiglu", "LigerSiLUMulFunction"),
+               "rope": ("liger_kernel.transformers.rope", "liger_rotary_pos_emb"),
+               "fused_linear_cross_entropy": ("liger_kernel.transformers.fused_linear_cross_entropy",
+                                              "LigerFusedLinearCrossEntropyLoss")}
+
+
+def liger_api() -> tuple[dict, str | None]:
+    """({op: Liger's class or function}, its version); `_Skip` saying why where liger_kernel (or one
+    of these names) cannot be imported, so that its absence costs the run nothing."""
+    import importlib
+    from importlib import metadata
+
+    api = {}
+    for op, (module, name) in LIGER_NAMES.items():
+        try:
+            api[op] = getattr(importlib.import_module(module), name)
+        except Exception as e:  # not installed, too old, or broken
+            raise _Skip(f"liger_kernel not importable ({_one_line(f'{type(e).__name__}: {e}', 200)})") from None
+    try:
+        version = metadata.version("liger-kernel")
+    except Exception:  # imported from a path, not installed as a distribution
+        version = getattr(sys.modules.get("liger_kernel"), "__version__", None)
+    return api, version
+
+
+def liger_case(text_config, lengths, supervised: int, dtype, device, seed: int = 0) -> dict:
+    """Inputs at the LLaMA's shapes for one packed batch of samples of `lengths` tokens (positions
+    restart per sample) with `supervised` loss rows: activations are leaves that take a gradient,
+    weights are frozen (as SAM's LLM)."""
+    import torch
+
+    tc = text_config
+    D, F, heads, V = tc.hidden_size, tc.intermediate_size, tc.num_attention_heads, tc.vocab_size
+    hd = getattr(tc, "head_dim", None) or D // heads
+    theta = (getattr(tc, "rope_parameters", None) or {}).get("rope_theta") or getattr(tc, "rope_theta", 1e4)
+    tokens = sum(lengths)
+    torch.manual_seed(seed)
+    on = dict(device=device, dtype=dtype)
+    pos = torch.cat([torch.arange(n, device=device) for n in lengths]).double()
+    inv = 1.0 / theta ** (torch.arange(0, hd, 2, device=device).double() / hd)
+    angle = torch.cat([pos[:, None] * inv] * 2, dim=-1)[None]  # [1, tokens, hd], as LlamaRotaryEmbedding
+
+    def leaf(*shape):
+        return torch.randn(*shape, **on).requires_grad_()
+
+    return dict(D=D, F=F, heads=heads, head_dim=hd, V=V, eps=tc.rms_norm_eps, tokens=tokens, supervised=supervised,
+                x=leaf(tokens, D), norm_w=1 + 0.1 * torch.randn(D, **on), gate=leaf(tokens, F), up=leaf(tokens, F),
+                q=leaf(1, tokens, heads * hd), k=leaf(1, tokens, heads * hd), cos=angle.cos().to(dtype),
+                sin=angle.sin().to(dtype), hidden=leaf(supervised, D), lm_w=torch.randn(V, D, **on) * 0.02,
+                targets=torch.randint(0, V, (supervised,), device=device))
+
+
+def _liger_rms_norm(api, c):
+    """(inputs, ours, liger, our backend): Liger's module holds our frozen weight; not in place
+    where the release lets us say so (in place, its backward overwrites the incoming gradient)."""
+    import torch
+
+    from sam_fast.ops.llama import rms_norm, rms_norm_backend
+
+    try:
+        mod = api["rms_norm"](c["D"], eps=c["eps"], in_place=False)
+    except TypeError:  # a release without in_place
+        mod = api["rms_norm"](c["D"], eps=c["eps"])
+    mod = mod.to(c["norm_w"].device, c["norm_w"].dtype)
+    with torch.no_grad():
+        mod.weight.copy_(c["norm_w"])
+    mod.weight.requires_grad_(False)
+    backend = rms_norm_backend(c["x"].device, c["x"].dtype, c["D"])[0]
+    return [c["x"]], lambda x: [rms_norm(x, c["norm_w"], c["eps"])], lambda x: [mod(x)], backend
+
+
+def _liger_swiglu(api, c):
+    from sam_fast.ops.llama import swiglu, swiglu_backend
+
+    fn = api["swiglu"].apply
+    backend = swiglu_backend(c["gate"].device, c["gate"].dtype)[0]
+    return [c["gate"], c["up"]], lambda g, u: [swiglu(g, u)], lambda g, u: [fn(g, u)], backend
+
+
+def _liger_rope(api, c):
+    """Ours is Hugging Face's apply_rotary_pos_emb (not fused); q/k as LlamaAttention makes them,
+    [1, heads, tokens, hd] views of the projections' [1, tokens, heads * hd]."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    def heads(t):
+        return t.view(1, c["tokens"], c["heads"], c["head_dim"]).transpose(1, 2)
+
+    return ([c["q"], c["k"]], lambda q, k: list(apply_rotary_pos_emb(heads(q), heads(k), c["cos"], c["sin"])),
+            lambda q, k: list(api["rope"](heads(q), heads(k), c["cos"], c["sin"])), "transformers (unfused)")
+
+
+def _liger_flce(api, c):
+    """Ours is the chunked backend (the op itself would take Liger's where it is installed)."""
+    from sam_fast.ops import linear_cross_entropy
+
+    loss = api["fused_linear_cross_entropy"](ignore_index=-100, reduction="mean")
+
+    def ours(h):
+        with _backend("chunked"):
+            return [linear_cross_entropy(h, c["lm_w"], c["targets"], checked_targets=True)]
+
+    def liger(h):
+        out = loss(c["lm_w"], h, c["targets"])
+        out = getattr(out, "loss", out)  # a CrossEntropyOutput in releases that can return more
+        return [(out[0] if isinstance(out, tuple) else out).float()]
+
+    return [c["hidden"]], ours, liger, "chunked"
+
+
+LIGER_OPS = {"rms_norm": _liger_rms_norm, "swiglu": _liger_swiglu, "rope": _liger_rope,
+             "fused_linear_cross_entropy": _liger_flce}
+
+
+def liger_row(ctx: WorkerCtx, inputs, ours, liger, timing) -> dict:
+    """ms per forward + backward (input gradients) of ours and Liger's, Liger's time over ours, and
+    whether outputs and input gradients agree within bf16 tolerance. The comparison runs on fresh
+    copies (Liger's RoPE rotates its inputs in place); the timings reuse the inputs."""
+    import torch
+
+    warm, calls, rounds = timing
+    grads = [torch.ones_like(o) if o.dim() == 0 else torch.randn_like(o) for o in ours(*inputs)]
+
+    def run(fn):
+        xs = [t.detach().clone().requires_grad_() for t in inputs]
+        outs = fn(*xs)
+        return [o.detach() for o in outs] + list(torch.autograd.grad(outs, xs, [g.clone() for g in grads]))
+
+    diff = max_rel_diff(run(ours), run(liger))
+    row = {"max_rel_diff": float(f"{diff:.3g}"), "agree": diff <= BF16_AGREE}
+    for name, fn in (("ours", ours), ("liger", liger)):
+        step = lambda fn=fn: torch.autograd.grad(fn(*inputs), inputs, grads)  # noqa: E731
+        row[f"{name}_ms"] = round(per_call_ms(step, ctx.device, calls, rounds, warm), 4)
+    row["liger_vs_ours"] = round(row["liger_ms"] / row["ours_ms"], 2)
+    return row
+
+
+def _bench_liger(ctx: WorkerCtx) -> dict:
+    """Liger-Kernel's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy beside ours at the
+    LLaMA-7B shapes of the realistic B = 8 packed batch (bf16, forward + backward, frozen
+    weights): `liger_row` per op; an op that fails costs its row. Skipped where liger_kernel
+    cannot be imported."""
+    import torch
+
+    from sam_fast import SAMConfig
+    from sam_fast.bench_plan import realistic_shapes
+
+    api, version = liger_api()
+    if ctx.dry:
+        cfg, lengths, supervised = SAMConfig.tiny(), [9, 7, 8], 10
+    else:
+        cfg, shapes = SAMConfig.instructblip_vicuna7b(), realistic_shapes(0, 8)
+        lengths = [s.llm_tokens(cfg.num_query_tokens) for s in shapes]
+        supervised = sum(s.answer for s in shapes)
+    c = liger_case(cfg.text_config, lengths, supervised, torch.bfloat16, ctx.device)
+    res = {"liger_kernel": version, "rows": {},
+           "shape": {k: c[k] for k in ("tokens", "D", "F", "heads", "head_dim", "V", "supervised")}}
+    for op, pair in LIGER_OPS.items():
+        if ctx.left() < (1 if ctx.dry else 10):
+            res["rows"][op] = f"skipped: {max(ctx.left(), 0):.0f} s left of the item's time"
+            continue
+        try:
+            inputs, ours, liger, backend = pair(api, c)
+            res["rows"][op] = {"ours": backend, **liger_row(ctx, inputs, ours, liger, DECISION_TIMING[
+                "dry" if ctx.dry else "gpu"])}
+        except Exception as e:  # a Liger release whose API or kernels differ: this row only
+            res["rows"][op] = _one_line(f"failed: {type(e).__name__}: {e}", 200)
+        ctx.progress(res)
+    rows = res["rows"].values()
+    res["all_agree"] = all(isinstance(r, dict) and r["agree"] for r in rows)
+    res["table"] = liger_table(res["rows"], version)
+    return res
+
+
+def liger_table(rows: dict, version) -> dict:
+    cols = ["op", "ours (backend)", "ours ms", "liger ms", "liger / ours", "max rel diff", "agree"]
+    keys = ["ours", "ours_ms", "liger_ms", "liger_vs_ours", "max_rel_diff", "agree"]
+    body = [[op, *(r.get(k, "") for k in keys)] if isinstance(r, dict) else [op, r, *[""] * (len(keys) - 1)]
+            for op, r in rows.items()]
+    return {"title": f"Liger-Kernel {version} beside ours, bf16 fwd+bwd, ms per call", "columns": cols,
+            "rows": body, "note": f"agree: max |liger - ours| <= {BF16_AGREE:g} x max |ours| (outputs, input grads)"}
 
 
 # ----------------------------------------------------------------------------- main
