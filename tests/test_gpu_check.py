@@ -143,10 +143,9 @@ def test_dry_run_runs_every_item_in_order_and_rewrites_the_report_after_each(tmp
     gen = final["bench.generate"]["result"]
     assert gen["generate_hf"]["new_tokens"] > 0 and gen["generate_lavis"]["new_tokens"] > 0
     assert gen["generate_hf_static"]["same_ids_as_hf"] is True
-    _assert_decision_items(final)
     text = path.with_suffix(".md").read_text()
     assert "PASS" in text and all(e["name"] in text for e in report["items"])
-    assert "fwd+bwd of every cross layer for one batch, ms" in text and "| mode/dtype | fused_mix ms |" in text
+    _assert_decision_items(final, text)
     assert "profile of 3 steps (cpu ops (self time))" in text and "| kernel | calls | total ms |" in text
     # stdout: one line per item and the verdict, a few KB
     lines = out.splitlines()
@@ -154,10 +153,11 @@ def test_dry_run_runs_every_item_in_order_and_rewrites_the_report_after_each(tmp
     assert "PASS" in lines[-1]
 
 
-def _assert_decision_items(final: dict) -> None:
+def _assert_decision_items(final: dict, markdown: str) -> None:
     """The two decision items of a dry run: the cross-attention one timed both variants in both
-    modes at tiny shapes (the fused kernel cannot run on a CPU: no verdict), Liger's skipped when
-    liger_kernel cannot be imported."""
+    modes at tiny shapes (the fused kernel cannot run on a CPU: no verdict) and its table is in the
+    markdown report, Liger's skipped when liger_kernel cannot be imported."""
+    assert "fwd+bwd of every cross layer for one batch, ms" in markdown and "| mode/dtype | fused_mix ms |" in markdown
     xattn = final["bench.cross_attention_decision"]
     assert xattn["status"] == "ok", xattn
     res = xattn["result"]
