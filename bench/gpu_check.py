@@ -33,9 +33,17 @@ Items, most valuable first (per-item timeout in seconds; ``--timeouts ID=S`` ove
    per step (a table in the markdown report). ``bench.generate`` (180): 5-beam generation of
    32 tokens, ``hf``, ``lavis`` and ``hf`` with the static cache (compiled by HF; its ids must
    equal the dynamic cache's).
-3. ``bench.reweight`` / ``bench.streams`` / ``bench.encode`` (60, 60, 90): re-weighting bandwidth against a
-   device copy, cross-attention streams against SDPA, ``encode_images`` against the released
-   schedule (N = 2, 4, 8, both modes, bf16); CUDA events, warm-ups, few rounds.
+3. Op benchmarks. ``bench.cross_attention_decision`` (90): forward + backward of every Q-former
+   cross layer for the B = 8 batch's 30 images (12 heads of 64, the 32 query rows, 257 patches),
+   the W rows' K/V mixed inside the fused streams kernel against materialised once by
+   ``context_reweight`` + one SDPA call per layer over both streams, per context mode in bf16
+   and fp32, eagerly and replayed from a CUDA graph: which is faster, by how much, and whether
+   one algorithm wins everywhere (``verdict``). ``bench.liger`` (90): Liger-Kernel's RMSNorm,
+   SwiGLU, RoPE and fused linear cross-entropy beside ours at the LLaMA-7B shapes (bf16, forward
+   + backward, outputs compared), skipped where ``liger_kernel`` cannot be imported. Then
+   ``bench.reweight`` / ``bench.streams`` / ``bench.encode`` (60, 60, 90): re-weighting bandwidth
+   against a device copy, cross-attention streams against SDPA, ``encode_images`` against the
+   released schedule (N = 2, 4, 8, both modes, bf16); CUDA events, warm-ups, few rounds.
 4. ``check.*`` (60 each, ``check.compile`` 120): the re-weighting op on every device backend against a float64 oracle (fwd + bwd), a
    tiny SAM's ``encode_images`` against `sam_fast.reference.reference_encode_images` in both
    context modes (fp32, bf16, fp16), the packed training step against ``packing=False``,
@@ -170,6 +178,12 @@ def plan(dry: bool, no_build: bool = False) -> list[Item]:
         Item("bench.generate", f"{label} 5-beam generation (hf, lavis, hf_static)", "benchmarks", _item_generate,
              180, 20, worker="7b", brief=("generate_hf.tokens_per_s", "generate_lavis.tokens_per_s",
                                           "generate_hf_static.tokens_per_s", "generate_hf_static.same_ids_as_hf")),
+        Item("bench.cross_attention_decision", "cross-attention: in-kernel K/V mix vs materialised + SDPA",
+             "benchmarks", _bench_xattn_decision, 90, 20, worker="ops",
+             brief=("verdict.one_algorithm", "verdict.summary")),
+        Item("bench.liger", "Liger-Kernel beside ours (RMSNorm, SwiGLU, RoPE, linear CE)", "benchmarks",
+             _bench_liger, 90, 15, worker="ops", brief=("all_agree", "rows.rms_norm.liger_vs_ours", "rows.swiglu.liger_vs_ours",
+                                                        "rows.rope.liger_vs_ours", "rows.fused_linear_cross_entropy.liger_vs_ours")),
         Item("bench.reweight", "context_reweight GB/s vs device copy", "benchmarks", _bench_reweight, 60, 3,
              worker="ops", brief=("float32.gbps", "bfloat16.gbps", "bfloat16.time_vs_copy")),
         Item("bench.streams", "cross_attention_streams vs SDPA", "benchmarks", _bench_streams, 60, 5, worker="ops",
@@ -499,8 +513,24 @@ def _markdown(report: dict) -> str:
         secs = f"{e['seconds']:.1f}" if "seconds" in e else ""
         lines.append(f"| {e['section']} | {e['name']} | {e['status']} | {secs} | `{text[:600]}` |")
     for e in report["items"]:
-        lines += _profile_markdown(e)
+        lines += _profile_markdown(e) + _table_markdown(e)
     return "\n".join(lines) + "\n"
+
+
+def _table_markdown(entry: dict) -> list[str]:
+    """The table an item's result carries (``table``: title, columns, rows, note), if it has one."""
+    res = entry.get("result")
+    table = res.get("table") if isinstance(res, dict) else None
+    if not isinstance(table, dict) or not table.get("rows"):
+        return []
+
+    def cell(v):
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["", f"## {entry['name']}: {table['title']}", "", "| " + " | ".join(table["columns"]) + " |",
+             "|" + "---|" * len(table["columns"])]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table["rows"]]
+    return lines + (["", cell(table["note"])] if table.get("note") else [])
 
 
 def _profile_markdown(entry: dict) -> list[str]:
@@ -1417,6 +1447,433 @@ def _item_generate(ctx: WorkerCtx) -> dict:
             res[f"generate_{mode}"]["same_ids_as_hf"] = bool(torch.equal(out[-1], hf_ids))
         ctx.progress(res)
     return res
+
+
+# ----------------------------------------------------------------------------- 3. decisions (workers)
+# Each call of a fwd+bwd below is timed over many back-to-back calls (the GPU queue stays full
+# unless the host is the bottleneck, which then shows) and, on a GPU, once more replayed from a
+# CUDA graph (device time without the host's launch overhead).
+DECISION_TIMING = {"dry": (1, 2, 1), "gpu": (3, 20, 5)}  # (warm-up calls, calls per round, rounds)
+BF16_AGREE = 2.0**-6  # max |a - b| / max |b|: a few bf16 roundings (eps 2^-8) apart
+
+
+def per_call_ms(fn, device, calls: int, rounds: int, warmup: int = 2) -> float:
+    """Median over `rounds` of the milliseconds per call of `calls` back-to-back calls of fn,
+    after `warmup` calls: CUDA events around each round on a GPU, perf_counter on a CPU."""
+    import torch
+
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rounds):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(calls):
+                fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / calls)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def graph_ms(fn, calls: int, rounds: int) -> float:
+    """`per_call_ms` of fn captured once in a CUDA graph and replayed (warmed up on a side stream
+    first, as capture requires); raises whatever capture raises."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return per_call_ms(graph.replay, torch.device("cuda"), calls, rounds)
+
+
+def max_rel_diff(ours, theirs) -> float:
+    """max over pairs of max |a - b| / max |b| (b: `ours`), in float64."""
+    worst = 0.0
+    for a, b in zip(theirs, ours):
+        a, b = a.detach().double(), b.detach().double()
+        worst = max(worst, (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30))
+    return worst
+
+
+def xattn_case(config, counts, mode: str, dtype, device, seed: int = 0) -> dict:
+    """One batch's inputs to every Q-former cross-attention layer at the model's shapes: the K/V of
+    all cross layers (frozen, `project_cross_kv`'s [T, P, n_cross*2*H*d] layout), the Adaptive
+    Adjustment's fp32 scores (trainable upstream), per layer the query rows of both streams (only
+    the Q query rows cross-attend; the instruction's text rows do not) with their upstream
+    gradient, and what is built on the host: the mixing plan, `context_reweight`'s segments.
+    leave_one_out: one W row per image of a multi-image sample, mixing the sample's other images;
+    shared: one W row per sample (the cross layers run before layer l, where its rows fan out),
+    mixing all its images."""
+    import torch
+
+    qc, vc = config.qformer_config, config.vision_config
+    H, Q = qc.num_attention_heads, config.num_query_tokens
+    d = qc.hidden_size // H
+    n_cross = sum(1 for i in range(qc.num_hidden_layers) if i % qc.cross_attention_frequency == 0)
+    P, T = (vc.image_size // vc.patch_size) ** 2 + 1, sum(counts)
+    starts = [sum(counts[:b]) for b in range(len(counts))]
+    if mode == "leave_one_out":
+        rows = [(s, n, i) for s, n in zip(starts, counts) if n > 1 for i in range(s, s + n)]
+        groups = [[m for m in range(s, s + n) if m != i] for s, n, i in rows]
+        w_images = [i for _, _, i in rows]
+    else:
+        groups, w_images = [list(range(s, s + n)) for s, n in zip(starts, counts)], None
+    R, M = len(groups), max(len(g) for g in groups)
+    torch.manual_seed(seed)
+    on = dict(device=device)
+    case = dict(mode=mode, H=H, d=d, Q=Q, P=P, T=T, R=R, M=M, n_cross=n_cross, counts=list(counts),
+                buf=torch.randn(T, P, n_cross * 2 * H * d, dtype=dtype, **on),
+                scores=(torch.randn(T, P, **on) * 2).requires_grad_(),
+                qs=[torch.randn(T + R, H, Q, d, dtype=dtype, **on).requires_grad_() for _ in range(n_cross)],
+                index=torch.tensor([g + [g[0]] * (M - len(g)) for g in groups], dtype=torch.int32, **on),
+                live=torch.tensor([[True] * len(g) + [False] * (M - len(g)) for g in groups], **on)[:, :, None],
+                cu=torch.tensor(starts + [T], dtype=torch.int32, **on), offsets=starts + [T],
+                w_images=torch.tensor(w_images, **on) if w_images is not None and R < T else None)
+    case["index_long"] = case["index"].reshape(-1).long()
+    case["grads"] = [torch.randn_like(q) for q in case["qs"]]
+    return case
+
+
+def xattn_fused_mix(case) -> list:
+    """(a) Per cross layer one launch of the fused streams kernel over both streams, the W rows'
+    K/V mixed inside it from the images' K/V (`cross_attention_streams` with a mixing plan whose
+    weights are the softmax of the scores over each row's images)."""
+    import torch
+
+    from sam_fast.modules.qformer import CrossKV
+    from sam_fast.ops import cross_attention_streams
+
+    picked = case["scores"].index_select(0, case["index_long"]).view(case["R"], case["M"], case["P"])
+    weight = torch.softmax(picked.masked_fill(~case["live"], float("-inf")), dim=1)
+    kv = CrossKV(case["buf"], case["H"], case["H"] * case["d"])
+    return [cross_attention_streams(q, *kv.layer(c), *kv.layer(c), mix=(case["index"], weight))
+            for c, q in enumerate(case["qs"])]
+
+
+def xattn_materialised_sdpa(case) -> list:
+    """(b) The W rows' K/V of every cross layer materialised once (`context_reweight` of the K/V
+    buffer), laid out with the images' K/V as one contiguous [N, H, P, d] pair per layer (one
+    copy), then per cross layer one SDPA call over both streams."""
+    from sam_fast.ops import context_reweight
+    from sam_fast.ops.cross_attention import cross_attention_ref
+
+    buf, T, H, d, n, P = case["buf"], case["T"], case["H"], case["d"], case["n_cross"], case["P"]
+    hat = context_reweight(buf, case["scores"], case["cu"], case["mode"], offsets=case["offsets"])
+    if case["w_images"] is not None:
+        hat = hat.index_select(0, case["w_images"])
+    kv = buf.new_empty(n, 2, T + hat.shape[0], H, P, d)
+    kv[:, :, :T] = buf.view(T, P, n, 2, H, d).permute(2, 3, 0, 4, 1, 5)
+    kv[:, :, T:] = hat.view(-1, P, n, 2, H, d).permute(2, 3, 0, 4, 1, 5)
+    return [cross_attention_ref(q, kv[c, 0], kv[c, 1]) for c, q in enumerate(case["qs"])]
+
+
+XATTN_VARIANTS = {"fused_mix": xattn_fused_mix, "materialised_sdpa": xattn_materialised_sdpa}
+
+
+def xattn_step(variant, case) -> list:
+    """Forward and backward of one variant: the outputs, then the gradients of the scores and of
+    every layer's query rows."""
+    import torch
+
+    outs = variant(case)
+    grads = torch.autograd.grad(outs, [case["scores"], *case["qs"]], case["grads"])
+    return [o.detach() for o in outs] + list(grads)
+
+
+def _faster(row: dict, suffix: str = "") -> dict:
+    """Which variant of a row is faster in its ``*{suffix}_ms`` timings and by how much (the slower
+    time over the faster); {} where one is missing."""
+    times = [(row.get(f"{name}{suffix}_ms"), name) for name in XATTN_VARIANTS]
+    if any(not t for t, _ in times):
+        return {}
+    (fast, winner), (slow, _) = sorted(times)
+    return {f"faster{suffix}": winner, f"by{suffix}": round(slow / fast, 2)}
+
+
+def xattn_row(ctx: WorkerCtx, case: dict, timing) -> dict:
+    """Both variants on one case: ms per forward + backward, eagerly and (CUDA) replayed from a
+    graph (a capture that fails costs only its number), whether they agree, which is faster and
+    by how much. A row decides only where the fused variant ran the Triton kernel."""
+    import torch
+
+    from sam_fast.ops.cross_attention import streams_backend
+
+    warm, calls, rounds = timing
+    backend = streams_backend(case["H"], case["d"], case["buf"].dtype, ctx.device, mixed=True)
+    row = {"fused_backend": backend, "decides": backend == "triton", "w_rows": case["R"], "mix_slots": case["M"]}
+    out = {name: xattn_step(v, case) for name, v in XATTN_VARIANTS.items()}
+    row["max_rel_diff"] = float(f"{max_rel_diff(out['materialised_sdpa'], out['fused_mix']):.3g}")
+    del out
+    for name, v in XATTN_VARIANTS.items():
+        row[f"{name}_ms"] = round(per_call_ms(lambda v=v: xattn_step(v, case), ctx.device, calls, rounds, warm), 4)
+    row.update(_faster(row))
+    if ctx.device.type != "cuda":
+        return row
+    for name, v in XATTN_VARIANTS.items():
+        try:
+            row[f"{name}_graph_ms"] = round(graph_ms(lambda v=v: xattn_step(v, case), calls, rounds), 4)
+        except Exception as e:  # not capturable (a host sync, a launch off the capturing stream)
+            row.setdefault("graph_error", {})[name] = _one_line(f"{type(e).__name__}: {e}", 200)
+            torch.cuda.synchronize()
+    row.update(_faster(row, "_graph"))
+    return row
+
+
+def xattn_verdict(rows: dict) -> dict:
+    """The decision from the rows ({"mode/dtype": row, or a "skipped: ..." string}):
+    ``one_algorithm`` the variant that every deciding row picks, eagerly and under graph replay
+    (None: it depends on the mode, dtype or timing), ``summary`` the winners and factors in words."""
+    done = {k: r for k, r in rows.items() if isinstance(r, dict)}
+    deciding = {k: r for k, r in done.items() if r.get("decides")}
+    if not deciding:
+        backends = sorted({r["fused_backend"] for r in done.values()}) or ["none ran"]
+        return {"decided": False, "one_algorithm": None,
+                "summary": f"not decided: the fused kernel did not run (streams backend {', '.join(backends)})"}
+    picks = {r[k] for r in deciding.values() for k in ("faster", "faster_graph") if r.get(k)}
+    parts = [f"{k}: {r['faster']} {r['by']}x" + (f" (graph {r['faster_graph']} {r['by_graph']}x)"
+                                                 if r.get("faster_graph") else "") for k, r in deciding.items()]
+    missing = len(rows) - len(deciding)
+    return {"decided": True, "one_algorithm": picks.pop() if len(picks) == 1 else None,
+            "summary": "; ".join(parts) + (f"; {missing} row(s) did not decide" if missing else "")}
+
+
+def xattn_table(rows: dict, verdict: dict) -> dict:
+    """The rows as a markdown table (`_table_markdown`), the verdict under it."""
+    cols = ["mode/dtype", "fused_mix ms", "materialised_sdpa ms", "faster", "by", "graph fused_mix ms",
+            "graph materialised_sdpa ms", "graph faster", "graph by", "max rel diff"]
+    keys = ["fused_mix_ms", "materialised_sdpa_ms", "faster", "by", "fused_mix_graph_ms", "materialised_sdpa_graph_ms",
+            "faster_graph", "by_graph", "max_rel_diff"]
+    body = [[k, *(r.get(c, "") for c in keys)] if isinstance(r, dict) else [k, r, *[""] * (len(keys) - 1)]
+            for k, r in rows.items()]
+    return {"title": "fwd+bwd of every cross layer for one batch, ms",
+            "columns": cols, "rows": body, "note": f"verdict: {verdict['summary']}"}
+
+
+def _bench_xattn_decision(ctx: WorkerCtx) -> dict:
+    """Cross-attention, one algorithm per device: `xattn_fused_mix` against
+    `xattn_materialised_sdpa`, forward + backward of every cross layer for one realistic batch
+    (Vicuna-7B config's Q-former; the B = 8 batch's images), per context mode and dtype."""
+    import torch
+
+    from sam_fast import SAMConfig
+    from sam_fast.bench_plan import realistic_shapes
+
+    cfg = SAMConfig.tiny() if ctx.dry else SAMConfig.instructblip_vicuna7b()
+    counts = [2, 3, 1] if ctx.dry else [s.images for s in realistic_shapes(0, 8)]
+    timing = DECISION_TIMING["dry" if ctx.dry else "gpu"]
+    res = {"rows": {}}
+    for mode in ("leave_one_out", "shared"):
+        for dt in (torch.bfloat16,) if ctx.dry else (torch.bfloat16, torch.float32):
+            key = f"{mode}/{_dtype_name(dt)}"
+            if ctx.left() < (1 if ctx.dry else 15):
+                res["rows"][key] = f"skipped: {max(ctx.left(), 0):.0f} s left of the item's time"
+                continue
+            case = xattn_case(cfg, counts, mode, dt, ctx.device)
+            res["shape"] = {k: case[k] for k in ("T", "Q", "H", "d", "P", "n_cross")}
+            res["rows"][key] = xattn_row(ctx, case, timing)
+            del case
+            ctx.progress(res)
+    res["verdict"] = xattn_verdict(res["rows"])
+    res["table"] = xattn_table(res["rows"], res["verdict"])
+    return res
+
+
+# Liger-Kernel beside ours: its public names (called, never copied), per op
+LIGER_NAMES = {"rms_norm": ("liger_kernel.transformers.rms_norm", "LigerRMSNorm"),
+               "swiglu": ("liger_kernel.ops.swiglu", "LigerSiLUMulFunction"),
+               "rope": ("liger_kernel.transformers.rope", "liger_rotary_pos_emb"),
+               "fused_linear_cross_entropy": ("liger_kernel.transformers.fused_linear_cross_entropy",
+                                              "LigerFusedLinearCrossEntropyLoss")}
+
+
+def liger_api() -> tuple[dict, str | None]:
+    """({op: Liger's class or function}, its version); `_Skip` saying why where liger_kernel (or one
+    of these names) cannot be imported, so that its absence costs the run nothing."""
+    import importlib
+    from importlib import metadata
+
+    api = {}
+    for op, (module, name) in LIGER_NAMES.items():
+        try:
+            api[op] = getattr(importlib.import_module(module), name)
+        except Exception as e:  # not installed, too old, or broken
+            raise _Skip(f"liger_kernel not importable ({_one_line(f'{type(e).__name__}: {e}', 200)})") from None
+    try:
+        version = metadata.version("liger-kernel")
+    except Exception:  # imported from a path, not installed as a distribution
+        version = getattr(sys.modules.get("liger_kernel"), "__version__", None)
+    return api, version
+
+
+def liger_case(text_config, lengths, supervised: int, dtype, device, seed: int = 0) -> dict:
+    """Inputs at the LLaMA's shapes for one packed batch of samples of `lengths` tokens (positions
+    restart per sample) with `supervised` loss rows: activations are leaves that take a gradient,
+    weights are frozen (as SAM's LLM)."""
+    import torch
+
+    tc = text_config
+    D, F, heads, V = tc.hidden_size, tc.intermediate_size, tc.num_attention_heads, tc.vocab_size
+    hd = getattr(tc, "head_dim", None) or D // heads
+    theta = (getattr(tc, "rope_parameters", None) or {}).get("rope_theta") or getattr(tc, "rope_theta", 1e4)
+    tokens = sum(lengths)
+    torch.manual_seed(seed)
+    on = dict(device=device, dtype=dtype)
+    pos = torch.cat([torch.arange(n, device=device) for n in lengths]).double()
+    inv = 1.0 / theta ** (torch.arange(0, hd, 2, device=device).double() / hd)
+    angle = torch.cat([pos[:, None] * inv] * 2, dim=-1)[None]  # [1, tokens, hd], as LlamaRotaryEmbedding
+
+    def leaf(*shape):
+        return torch.randn(*shape, **on).requires_grad_()
+
+    return dict(D=D, F=F, heads=heads, head_dim=hd, V=V, eps=tc.rms_norm_eps, tokens=tokens, supervised=supervised,
+                x=leaf(tokens, D), norm_w=1 + 0.1 * torch.randn(D, **on), gate=leaf(tokens, F), up=leaf(tokens, F),
+                q=leaf(1, tokens, heads * hd), k=leaf(1, tokens, heads * hd), cos=angle.cos().to(dtype),
+                sin=angle.sin().to(dtype), hidden=leaf(supervised, D), lm_w=torch.randn(V, D, **on) * 0.02,
+                targets=torch.randint(0, V, (supervised,), device=device))
+
+
+def _liger_rms_norm(api, c):
+    """(inputs, ours, liger, our backend): Liger's module holds our frozen weight; not in place
+    where the release lets us say so (in place, its backward overwrites the incoming gradient)."""
+    import torch
+
+    from sam_fast.ops.llama import rms_norm, rms_norm_backend
+
+    try:
+        mod = api["rms_norm"](c["D"], eps=c["eps"], in_place=False)
+    except TypeError:  # a release without in_place
+        mod = api["rms_norm"](c["D"], eps=c["eps"])
+    mod = mod.to(c["norm_w"].device, c["norm_w"].dtype)
+    with torch.no_grad():
+        mod.weight.copy_(c["norm_w"])
+    mod.weight.requires_grad_(False)
+    backend = rms_norm_backend(c["x"].device, c["x"].dtype, c["D"])[0]
+    return [c["x"]], lambda x: [rms_norm(x, c["norm_w"], c["eps"])], lambda x: [mod(x)], backend
+
+
+def _liger_swiglu(api, c):
+    from sam_fast.ops.llama import swiglu, swiglu_backend
+
+    fn = api["swiglu"].apply
+    backend = swiglu_backend(c["gate"].device, c["gate"].dtype)[0]
+    return [c["gate"], c["up"]], lambda g, u: [swiglu(g, u)], lambda g, u: [fn(g, u)], backend
+
+
+def _liger_rope(api, c):
+    """Ours is Hugging Face's apply_rotary_pos_emb (not fused); q/k as LlamaAttention makes them,
+    [1, heads, tokens, hd] views of the projections' [1, tokens, heads * hd]."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    def heads(t):
+        return t.view(1, c["tokens"], c["heads"], c["head_dim"]).transpose(1, 2)
+
+    return ([c["q"], c["k"]], lambda q, k: list(apply_rotary_pos_emb(heads(q), heads(k), c["cos"], c["sin"])),
+            lambda q, k: list(api["rope"](heads(q), heads(k), c["cos"], c["sin"])), "transformers (unfused)")
+
+
+def _liger_flce(api, c):
+    """Ours is the chunked backend (the op itself would take Liger's where it is installed)."""
+    from sam_fast.ops import linear_cross_entropy
+
+    loss = api["fused_linear_cross_entropy"](ignore_index=-100, reduction="mean")
+
+    def ours(h):
+        with _backend("chunked"):
+            return [linear_cross_entropy(h, c["lm_w"], c["targets"], checked_targets=True)]
+
+    def liger(h):
+        out = loss(c["lm_w"], h, c["targets"])
+        out = getattr(out, "loss", out)  # a CrossEntropyOutput in releases that can return more
+        return [(out[0] if isinstance(out, tuple) else out).float()]
+
+    return [c["hidden"]], ours, liger, "chunked"
+
+
+LIGER_OPS = {"rms_norm": _liger_rms_norm, "swiglu": _liger_swiglu, "rope": _liger_rope,
+             "fused_linear_cross_entropy": _liger_flce}
+
+
+def liger_row(ctx: WorkerCtx, inputs, ours, liger, timing) -> dict:
+    """ms per forward + backward (input gradients) of ours and Liger's, Liger's time over ours, and
+    whether outputs and input gradients agree within bf16 tolerance. The comparison runs on fresh
+    copies (Liger's RoPE rotates its inputs in place); the timings reuse the inputs."""
+    import torch
+
+    warm, calls, rounds = timing
+    grads = [torch.ones_like(o) if o.dim() == 0 else torch.randn_like(o) for o in ours(*inputs)]
+
+    def run(fn):
+        xs = [t.detach().clone().requires_grad_() for t in inputs]
+        outs = fn(*xs)
+        return [o.detach() for o in outs] + list(torch.autograd.grad(outs, xs, [g.clone() for g in grads]))
+
+    diff = max_rel_diff(run(ours), run(liger))
+    row = {"max_rel_diff": float(f"{diff:.3g}"), "agree": diff <= BF16_AGREE}
+    for name, fn in (("ours", ours), ("liger", liger)):
+        step = lambda fn=fn: torch.autograd.grad(fn(*inputs), inputs, grads)  # noqa: E731
+        row[f"{name}_ms"] = round(per_call_ms(step, ctx.device, calls, rounds, warm), 4)
+    row["liger_vs_ours"] = round(row["liger_ms"] / row["ours_ms"], 2)
+    return row
+
+
+def _bench_liger(ctx: WorkerCtx) -> dict:
+    """Liger-Kernel's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy beside ours at the
+    LLaMA-7B shapes of the realistic B = 8 packed batch (bf16, forward + backward, frozen
+    weights): `liger_row` per op; an op that fails costs its row. Skipped where liger_kernel
+    cannot be imported."""
+    import torch
+
+    from sam_fast import SAMConfig
+    from sam_fast.bench_plan import realistic_shapes
+
+    api, version = liger_api()
+    if ctx.dry:
+        cfg, lengths, supervised = SAMConfig.tiny(), [9, 7, 8], 10
+    else:
+        cfg, shapes = SAMConfig.instructblip_vicuna7b(), realistic_shapes(0, 8)
+        lengths = [s.llm_tokens(cfg.num_query_tokens) for s in shapes]
+        supervised = sum(s.answer for s in shapes)
+    c = liger_case(cfg.text_config, lengths, supervised, torch.bfloat16, ctx.device)
+    res = {"liger_kernel": version, "rows": {},
+           "shape": {k: c[k] for k in ("tokens", "D", "F", "heads", "head_dim", "V", "supervised")}}
+    for op, pair in LIGER_OPS.items():
+        if ctx.left() < (1 if ctx.dry else 10):
+            res["rows"][op] = f"skipped: {max(ctx.left(), 0):.0f} s left of the item's time"
+            continue
+        try:
+            inputs, ours, liger, backend = pair(api, c)
+            res["rows"][op] = {"ours": backend, **liger_row(ctx, inputs, ours, liger, DECISION_TIMING[
+                "dry" if ctx.dry else "gpu"])}
+        except Exception as e:  # a Liger release whose API or kernels differ: this row only
+            res["rows"][op] = _one_line(f"failed: {type(e).__name__}: {e}", 200)
+        ctx.progress(res)
+    rows = res["rows"].values()
+    res["all_agree"] = all(isinstance(r, dict) and r["agree"] for r in rows)
+    res["table"] = liger_table(res["rows"], version)
+    return res
+
+
+def liger_table(rows: dict, version) -> dict:
+    cols = ["op", "ours (backend)", "ours ms", "liger ms", "liger / ours", "max rel diff", "agree"]
+    keys = ["ours", "ours_ms", "liger_ms", "liger_vs_ours", "max_rel_diff", "agree"]
+    body = [[op, *(r.get(k, "") for k in keys)] if isinstance(r, dict) else [op, r, *[""] * (len(keys) - 1)]
+            for op, r in rows.items()]
+    return {"title": f"Liger-Kernel {version} beside ours, bf16 fwd+bwd, ms per call", "columns": cols,
+            "rows": body, "note": f"agree: max |liger - ours| <= {BF16_AGREE:g} x max |ours| (outputs, input grads)"}
 
 
 # ----------------------------------------------------------------------------- main

@@ -20,8 +20,8 @@ SCRIPT = ROOT / "bench" / "gpu_check.py"
 SECTIONS = ("build", "benchmarks", "model_checks", "tests")
 FINISHED = ("ok", "failed", "timeout", "skipped")
 # the order by value: build, the 7B step, generation, op benchmarks, model checks, pytest
-ORDER = ["build.pip", "build.ext_info", "bench.train_step", "bench.generate", "bench.reweight", "bench.streams",
-         "bench.encode", "check.reweight.cpu.float32", "check.reweight.cpu.bfloat16", "check.reweight.cpu.float16",
+ORDER = ["build.pip", "build.ext_info", "bench.train_step", "bench.generate", "bench.cross_attention_decision",
+         "bench.liger", "bench.reweight", "bench.streams", "bench.encode", "check.reweight.cpu.float32", "check.reweight.cpu.bfloat16", "check.reweight.cpu.float16",
          "check.encode.leave_one_out.float32", "check.encode.leave_one_out.bfloat16",
          "check.encode.leave_one_out.float16", "check.encode.shared.float32", "check.encode.shared.bfloat16",
          "check.encode.shared.float16", "check.packed.leave_one_out", "check.packed.shared", "check.compile",
@@ -145,11 +145,37 @@ def test_dry_run_runs_every_item_in_order_and_rewrites_the_report_after_each(tmp
     assert gen["generate_hf_static"]["same_ids_as_hf"] is True
     text = path.with_suffix(".md").read_text()
     assert "PASS" in text and all(e["name"] in text for e in report["items"])
+    _assert_decision_items(final, text)
     assert "profile of 3 steps (cpu ops (self time))" in text and "| kernel | calls | total ms |" in text
     # stdout: one line per item and the verdict, a few KB
     lines = out.splitlines()
     assert len(out) < 6000 and sum(line.startswith("[") for line in lines) == len(ORDER)
     assert "PASS" in lines[-1]
+
+
+def _assert_decision_items(final: dict, markdown: str) -> None:
+    """The two decision items of a dry run: the cross-attention one timed both variants in both
+    modes at tiny shapes (the fused kernel cannot run on a CPU: no verdict) and its table is in the
+    markdown report, Liger's skipped when liger_kernel cannot be imported."""
+    assert "fwd+bwd of every cross layer for one batch, ms" in markdown and "| mode/dtype | fused_mix ms |" in markdown
+    xattn = final["bench.cross_attention_decision"]
+    assert xattn["status"] == "ok", xattn
+    res = xattn["result"]
+    assert set(res["rows"]) == {"leave_one_out/bfloat16", "shared/bfloat16"}
+    assert res["shape"] == {"T": 6, "Q": 8, "H": 4, "d": 8, "P": 5, "n_cross": 2}  # SAMConfig.tiny(), counts 2, 3, 1
+    for key, w_rows, slots in (("leave_one_out/bfloat16", 5, 2), ("shared/bfloat16", 3, 3)):
+        row = res["rows"][key]
+        assert row["fused_backend"] == "reference" and row["decides"] is False
+        assert (row["w_rows"], row["mix_slots"]) == (w_rows, slots)
+        assert row["fused_mix_ms"] > 0 and row["materialised_sdpa_ms"] > 0 and row["by"] >= 1
+        assert row["faster"] in ("fused_mix", "materialised_sdpa") and row["max_rel_diff"] < 2**-6
+        assert "fused_mix_graph_ms" not in row  # no CUDA graphs on a CPU
+    assert res["verdict"] == {"decided": False, "one_algorithm": None,
+                              "summary": "not decided: the fused kernel did not run (streams backend reference)"}
+    assert [r[0] for r in res["table"]["rows"]] == ["leave_one_out/bfloat16", "shared/bfloat16"]
+    liger = final["bench.liger"]
+    if importlib.util.find_spec("liger_kernel") is None:
+        assert liger["status"] == "skipped" and liger["reason"].startswith("liger_kernel not importable ("), liger
 
 
 def test_a_failed_correctness_check_fails_the_run(tmp_path):
@@ -367,3 +393,125 @@ def test_kernel_summary_of_an_empty_profile_and_long_kernel_names(gpu_check):
     md = gpu_check._profile_markdown({"name": "step", "result": {"profile": gpu_check.kernel_summary(
         [("a|b", 2000.0), ("c", 1000.0)], "device kernels", steps=1, wall_ms=4.0)}})
     assert "| `a\\|b` | 1 | 2.0 | 66.67 |" in md and any("host gap 1.0 ms" in line for line in md)
+
+
+def test_cross_attention_verdict_names_one_algorithm_only_where_every_row_agrees(gpu_check):
+    def row(fused, sdpa, fused_graph=None, sdpa_graph=None):
+        r = {"fused_backend": "triton", "decides": True, "fused_mix_ms": fused, "materialised_sdpa_ms": sdpa}
+        if fused_graph:
+            r.update(fused_mix_graph_ms=fused_graph, materialised_sdpa_graph_ms=sdpa_graph)
+        r.update(gpu_check._faster(r))
+        r.update(gpu_check._faster(r, "_graph"))
+        return r
+
+    loo = row(1.0, 1.5, 0.8, 1.0)
+    assert (loo["faster"], loo["by"], loo["faster_graph"], loo["by_graph"]) == ("fused_mix", 1.5, "fused_mix", 1.25)
+    rows = {"leave_one_out/bfloat16": loo, "shared/bfloat16": row(2.0, 2.4)}
+    assert gpu_check.xattn_verdict(rows) == {
+        "decided": True, "one_algorithm": "fused_mix",
+        "summary": "leave_one_out/bfloat16: fused_mix 1.5x (graph fused_mix 1.25x); shared/bfloat16: fused_mix 1.2x"}
+    # the graph replay disagrees with the eager timing: it depends, no single algorithm
+    rows["shared/bfloat16"] = row(2.0, 2.4, 1.2, 1.0)
+    assert gpu_check.xattn_verdict(rows)["one_algorithm"] is None
+    rows = {"leave_one_out/bfloat16": row(3.0, 1.0), "shared/bfloat16": "skipped: 3 s left of the item's time"}
+    assert gpu_check.xattn_verdict(rows) == {"decided": True, "one_algorithm": "materialised_sdpa",
+                                             "summary": "leave_one_out/bfloat16: materialised_sdpa 3.0x; "
+                                                        "1 row(s) did not decide"}
+    table = gpu_check.xattn_table(rows, gpu_check.xattn_verdict(rows))
+    md = gpu_check._table_markdown({"name": "xattn", "result": {"table": table}})
+    assert "| leave_one_out/bfloat16 | 3.0 | 1.0 | materialised_sdpa | 3.0 |" in " ".join(md)
+    assert md[-1] == "verdict: leave_one_out/bfloat16: materialised_sdpa 3.0x; 1 row(s) did not decide"
+
+
+def _worker_ctx(gpu_check, item="bench.liger"):
+    ctx = gpu_check.WorkerCtx({"dry": True, "inject_failure": False, "deadline_at": time.monotonic() + 600,
+                               "timeouts": {item: 600}, "device": "cpu"}, lambda event: None)
+    ctx.item = item
+    return ctx
+
+
+def _fake_liger(swiglu_scale=1.0, rope_error=None) -> dict:
+    """Modules standing in for liger_kernel: Liger's public names as plain torch formulas (Hugging
+    Face LLaMA's, written out here), `swiglu_scale` to make one op disagree, `rope_error` to make
+    one op raise."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    class LigerRMSNorm(torch.nn.Module):
+        def __init__(self, hidden_size, eps=1e-6, in_place=True):
+            super().__init__()
+            self.weight, self.eps = torch.nn.Parameter(torch.ones(hidden_size)), eps
+
+        def forward(self, x):
+            h = x.float()
+            return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    class LigerSiLUMulFunction:
+        @staticmethod
+        def apply(a, b):
+            return F.silu(a) * b * swiglu_scale
+
+    def liger_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        if rope_error:
+            raise RuntimeError(rope_error)
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        half = q.shape[-1] // 2
+        return tuple(x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin for x in (q, k))
+
+    class LigerFusedLinearCrossEntropyLoss(torch.nn.Module):
+        def __init__(self, ignore_index=-100, reduction="mean"):
+            super().__init__()
+            self.ignore_index, self.reduction = ignore_index, reduction
+
+        def forward(self, lin_weight, _input, target, bias=None):
+            logits = F.linear(_input, lin_weight, bias).float()
+            return F.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction=self.reduction)
+
+    names = {"liger_kernel": {"__version__": "0.0-stand-in"}, "liger_kernel.transformers": {}, "liger_kernel.ops": {},
+             "liger_kernel.transformers.rms_norm": {"LigerRMSNorm": LigerRMSNorm},
+             "liger_kernel.ops.swiglu": {"LigerSiLUMulFunction": LigerSiLUMulFunction},
+             "liger_kernel.transformers.rope": {"liger_rotary_pos_emb": liger_rotary_pos_emb},
+             "liger_kernel.transformers.fused_linear_cross_entropy": {
+                 "LigerFusedLinearCrossEntropyLoss": LigerFusedLinearCrossEntropyLoss}}
+    mods = {}
+    for name, attrs in names.items():
+        mods[name] = types.ModuleType(name)
+        mods[name].__dict__.update(attrs)
+    return mods
+
+
+LIGER_OPS = ["rms_norm", "swiglu", "rope", "fused_linear_cross_entropy"]
+
+
+def test_liger_item_times_and_compares_every_op_beside_a_stand_in(gpu_check, monkeypatch):
+    for name, mod in _fake_liger().items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    res = gpu_check._bench_liger(_worker_ctx(gpu_check))
+    assert list(res["rows"]) == LIGER_OPS and res["all_agree"] is True
+    assert res["shape"] == {"tokens": 24, "D": 64, "F": 128, "heads": 4, "head_dim": 16, "V": 128, "supervised": 10}
+    for op, row in res["rows"].items():
+        assert row["ours_ms"] > 0 and row["liger_ms"] > 0, op
+        assert row["liger_vs_ours"] == pytest.approx(row["liger_ms"] / row["ours_ms"], abs=0.006), op
+        assert row["agree"] is True and 0 <= row["max_rel_diff"] <= 2**-6, (op, row)
+    assert res["rows"]["fused_linear_cross_entropy"]["ours"] == "chunked"
+    assert res["rows"]["rope"]["ours"] == "transformers (unfused)"
+    assert [r[0] for r in res["table"]["rows"]] == LIGER_OPS and "beside ours" in res["table"]["title"]
+
+
+def test_liger_item_records_a_disagreeing_op_and_a_failing_one_in_their_rows(gpu_check, monkeypatch):
+    for name, mod in _fake_liger(swiglu_scale=1.5, rope_error="no kernel for this").items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    res = gpu_check._bench_liger(_worker_ctx(gpu_check))
+    rows = res["rows"]
+    assert rows["swiglu"]["agree"] is False and rows["swiglu"]["max_rel_diff"] > 0.3
+    assert rows["rope"] == "failed: RuntimeError: no kernel for this"
+    assert rows["rms_norm"]["agree"] is True and rows["fused_linear_cross_entropy"]["agree"] is True
+    assert res["all_agree"] is False
+
+
+def test_liger_item_without_liger_kernel_is_skipped_saying_why(gpu_check, monkeypatch):
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # import of liger_kernel halted
+    with pytest.raises(gpu_check._Skip, match=r"^liger_kernel not importable \(ModuleNotFoundError: .*liger_kernel"):
+        gpu_check._bench_liger(_worker_ctx(gpu_check))
