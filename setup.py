@@ -18,7 +18,7 @@ The binary runs only under the torch it was compiled against, so:
 - a build in pip's isolated environment whose downloaded torch differs from the torch installed
   where sam_fast is being installed stops with the command to type (``pip install
   --no-build-isolation .``) instead of producing a binary that would be refused;
-- ``sdist`` needs no torch: it only packs the sources (MANIFEST.in lists csrc/, kernels/, ...).
+- ``sdist`` needs no torch: it only packs the sources (MANIFEST.in lists csrc/, ...).
 """
 
 from __future__ import annotations
@@ -215,8 +215,7 @@ def _extensions():
 ext_modules, cmdclass, built_with_torch = _extensions()
 
 setup(
-    packages=find_packages(include=["sam_fast", "sam_fast.*"]) + ["sam_fast._kernels"],
-    package_dir={"sam_fast._kernels": "kernels"},
+    packages=find_packages(include=["sam_fast", "sam_fast.*"]),
     package_data={"sam_fast": ["py.typed"], "sam_fast.synthesis": ["prompts.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

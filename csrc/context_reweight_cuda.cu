@@ -1,7 +1,7 @@
 // CUDA kernels of context re-weighting, forward and backward, designed from the roofline: the op
 // moves one read and one write of the values (forward; the backward two reads and a write) for a
 // few flops per element, so each kernel is one streaming pass over [T, P, D]. The same design as
-// the Triton kernels (kernels/context_reweight.py, whose docstring has the formulas):
+// the Triton kernels (sam_fast/_kernels/context_reweight.py, whose docstring has the formulas):
 //
 // 1. coef_kernel, a thread per (sample, patch) column: from the scores the per-(image, patch)
 //    coefficients COEF [T, P, 4] (shared: a_k; leave-one-out: e_k = exp(s_k - m1), 1/Z_k (0 at

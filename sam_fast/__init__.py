@@ -3,7 +3,7 @@
     >>> import sam_fast
     >>> model = sam_fast.SAM(sam_fast.SAMConfig.tiny())
 
-Data flows kernels/csrc -> `sam_fast.ops` -> `sam_fast.modules` -> `sam_fast.models`.
+Data flows _kernels/csrc -> `sam_fast.ops` -> `sam_fast.modules` -> `sam_fast.models`.
 """
 
 __version__ = "0.1.0"

@@ -33,7 +33,7 @@ import sys
 import time
 import traceback
 
-KERNEL_PACKAGE = "sam_fast"  # kernels of sam_fast._kernels (kernels/), or anywhere in the library
+KERNEL_PACKAGE = "sam_fast"  # kernels of sam_fast._kernels, or anywhere in the library
 LAUNCHER_PACKAGE = "sam_fast.ops"
 
 

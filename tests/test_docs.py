@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL_DOC = ROOT / "docs" / "model.md"
 
 # What ships (MANIFEST.in / setup.py) plus bench/, which the README's Benchmarks section points to.
-SCANNED_ROOTS = ("sam_fast", "kernels", "csrc", "docs", "bench", "README.md")
+SCANNED_ROOTS = ("sam_fast", "csrc", "docs", "bench", "README.md")
 TEXT_SUFFIXES = {".py", ".md", ".cpp", ".h", ".cu", ".cuh", ".yaml", ".yml", ".txt", ".cfg", ".toml", ".in"}
 # bench/results and bench/baseline.json are measurement records, not prose
 SKIPPED_PARTS = {"__pycache__", "results"}
@@ -154,7 +154,7 @@ def test_patterns_catch_what_they_should():
 def test_scan_covers_the_shipped_trees():
     files = {_rel(p) for p in _scanned_files()}
     for need in ("README.md", "docs/model.md", "sam_fast/models/sam.py", "sam_fast/config.py",
-                 "kernels/context_reweight.py", "csrc/context_reweight_cpu.cpp"):
+                 "sam_fast/_kernels/context_reweight.py", "csrc/context_reweight_cpu.cpp"):
         assert need in files, f"{need} is not scanned"
     assert not [f for f in files if f.endswith((".so", ".pyc", ".png"))]
 

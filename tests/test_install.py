@@ -307,7 +307,7 @@ def test_sdist_installs_into_a_fresh_venv_with_a_working_extension(tmp_path):
         if header.suffix in (".h", ".cu", ".cpp"):
             assert f"csrc/{header.name}" in names, f"sdist lacks csrc/{header.name}"
     for need in ("CMakeLists.txt", "README.md", "MANIFEST.in", "setup.py", "pyproject.toml",
-                 "kernels/__init__.py", "kernels/context_reweight.py", "sam_fast/_ext.py"):
+                 "sam_fast/_kernels/__init__.py", "sam_fast/_kernels/context_reweight.py", "sam_fast/_ext.py"):
         assert need in names, f"sdist lacks {need}"
     assert not [n for n in names if n.startswith(("tests/", "bench/", "build/")) or n.endswith((".so", ".pyc"))]
     assert "Requires-Dist: torch>=2.4" in pkg_info

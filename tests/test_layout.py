@@ -169,9 +169,9 @@ def test_trainable_modules_defined_once():
     assert TRAINABLE_MODULES == ("adaptive_adjustment", "guidance_in", "guidance_out", "language_projection")
 
 
-# kernels/data/runlock -> ops -> modules -> models -> train/eval -> synthesis -> cli: a module imports its own
+# _kernels/data/runlock -> ops -> modules -> models -> train/eval -> synthesis -> cli: a module imports its own
 # layer and earlier ones only (modules of the same layer side by side: neither imports the other; the ground
-# floor's kernels, data and runlock import nothing of each other). kernels/ installs as sam_fast._kernels.
+# floor's _kernels, data and runlock import nothing of each other).
 # synthesis is an application above eval: its captioner runs sam_fast.eval.answer.
 LAYERS = {"sam_fast._kernels": 0, "sam_fast.data": 0, "sam_fast.runlock": 0, "sam_fast.ops": 1, "sam_fast.modules": 2,
           "sam_fast.models": 3, "sam_fast.train": 4, "sam_fast.eval": 4, "sam_fast.synthesis": 5, "sam_fast.cli": 6}
@@ -186,9 +186,6 @@ def _layer(module: str) -> str | None:
 
 def _layer_files(layer: str) -> list[tuple[str, Path]]:
     """(module name, file) of every module of `layer`, deprecated aliases left out (`ALIASES`)."""
-    if layer == "sam_fast._kernels":
-        return [(f"sam_fast._kernels.{p.stem}" if p.stem != "__init__" else "sam_fast._kernels", p)
-                for p in sorted((ROOT / "kernels").glob("*.py"))]
     base = PKG / layer.split(".")[1]
     files = sorted(base.rglob("*.py")) if base.is_dir() else [base.with_suffix(".py")]
     return [(_module_name(p), p) for p in files if p.is_file() and _module_name(p) not in ALIASES]
@@ -206,7 +203,7 @@ def _back_edges(layer: str) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("layer", list(LAYERS))
 def test_layers_import_only_earlier_layers(layer):
-    """No back-edge along kernels/data/runlock -> ops -> modules -> models -> train/eval -> synthesis -> cli,
+    """No back-edge along _kernels/data/runlock -> ops -> modules -> models -> train/eval -> synthesis -> cli,
     counting imports inside functions; in particular sam_fast.models.* never imports sam_fast.train.* (loading
     a model directory reads checkpoints through sam_fast.models.checkpoint_files) and sam_fast.data.* never
     imports a model, the evaluator or the trainer."""
@@ -274,24 +271,26 @@ def test_run_lock_names_still_importable_from_train():
     assert not _imports(PKG / "runlock.py"), "sam_fast.runlock imports sam_fast modules"
 
 
-def test_kernels_mapping_is_documented():
-    """kernels/__init__.py names, for every kernel file, the package it is installed as and the op
-    module that launches it; README's tree shows the mapping."""
-    doc = ast.get_docstring(_tree(ROOT / "kernels" / "__init__.py"))
-    assert "sam_fast._kernels" in doc and "package_dir" in doc
+def test_kernels_are_documented_and_not_a_top_level_package():
+    """sam_fast/_kernels/__init__.py names, for every kernel file, the op module that launches it;
+    README's tree shows them. No top-level kernels/ folder: with the checkout on sys.path it shadowed
+    the `kernels` package transformers >= 5.25 imports (ImportError inside transformers)."""
+    assert not (ROOT / "kernels" / "__init__.py").is_file(), "a top-level kernels/ package shadows transformers' import"
+    doc = ast.get_docstring(_tree(PKG / "_kernels" / "__init__.py"))
+    assert "sam_fast._kernels" in doc
     launched = {}
     for p in OPS.glob("*.py"):
         for i in _imports(p):
             if i.startswith("sam_fast._kernels."):
                 launched.setdefault(i.split(".")[2], set()).add(_module_name(p))
-    files = sorted(p.stem for p in (ROOT / "kernels").glob("*.py") if p.name != "__init__.py")
+    files = sorted(p.stem for p in (PKG / "_kernels").glob("*.py") if p.name != "__init__.py")
     assert files and set(launched) <= set(files)
     for stem in files:
-        assert f"{stem}.py" in doc, f"kernels/{stem}.py is not described in kernels/__init__.py"
+        assert f"{stem}.py" in doc, f"_kernels/{stem}.py is not described in _kernels/__init__.py"
         for op in launched.get(stem, ()):
-            assert op in doc, f"kernels/{stem}.py is launched by {op}, which kernels/__init__.py does not name"
+            assert op in doc, f"_kernels/{stem}.py is launched by {op}, which _kernels/__init__.py does not name"
     readme = (ROOT / "README.md").read_text()
-    assert "kernels/" in readme and "sam_fast._kernels" in readme
+    assert "sam_fast/_kernels/" in readme and "sam_fast._kernels" in readme
 
 
 def test_tests_mirror_the_package():

@@ -44,7 +44,7 @@ leave-one-out sums of a column, each for a reason of its hardware:
   image's own term, O(n D) with one read and one write of the values; for i != argmax the
   removed weight is <= 1 <= the remaining sum, so no cancellation beyond ~eps |V|. The backward
   (value gradients and per-channel-block partial dot products) uses the same tiling, and a small
-  kernel sums the partials in a fixed order into the score gradients (kernels/context_reweight.py).
+  kernel sums the partials in a fixed order into the score gradients (sam_fast/_kernels/context_reweight.py).
 - CUDA: the Triton design in CUDA (csrc/context_reweight_cuda.cu): a coefficient kernel, then a
   block per (sample, patch) x channel block holding the sample's image chunk in registers, partial
   score-gradient sums reduced across the block (shuffles, one shared-memory step between two

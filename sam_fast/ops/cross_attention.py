@@ -11,7 +11,7 @@ every image (and, in the W-stream, of every contextual row) attend to the 257 im
 
 Backends, in order of preference (``sam-fast env`` explains the choice):
 
-- ``triton``: the fused kernel of `kernels/cross_attention.py` (forward, and a backward that
+- ``triton``: the fused kernel of `sam_fast/_kernels/cross_attention.py` (forward, and a backward that
   recomputes the probabilities), registered as ``torch.ops.sam_fast.cross_attention_fwd/_bwd``
   with fake implementations and autograd. Reads strided q/k/v in place (e.g. the K/V columns of
   the one-GEMM projection), writes the output in [N, Lq, H, d] memory so the caller's head merge

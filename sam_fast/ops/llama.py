@@ -8,7 +8,7 @@ Public ops::
 `rms_norm_ref` and `swiglu_ref` are the plain-PyTorch specification (Hugging Face's formulas:
 RMSNorm's statistics in fp32, the normalised row rounded to the input dtype, then times the
 weight, so the output dtype is the promotion of the input's and the weight's; float64 input
-stays float64). The ``triton`` backend (kernels/llama.py, ``sam_fast._kernels.llama``) computes
+stays float64). The ``triton`` backend (``sam_fast._kernels.llama``) computes
 each in one pass over the row / element in fp32 with one rounding at the end, and has a fused
 backward: the input gradient always, RMSNorm's weight gradient only when the weight requires
 grad (a frozen LLM's norms cost no reduction). The ``torch`` backend runs the reference's

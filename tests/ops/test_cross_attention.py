@@ -1,6 +1,6 @@
 """The Q-former attention ops (sam_fast.ops.cross_attention): `cross_attention` and
 `cross_attention_streams` (both streams in one call, rows2 gathering, mixing plans) on every
-backend (``triton``: kernels/cross_attention.py; ``reference``: SDPA) against one float64 oracle,
+backend (``triton``: sam_fast/_kernels/cross_attention.py; ``reference``: SDPA) against one float64 oracle,
 forward and every gradient, within one error-budget table; the Triton op's registration, the
 backend choice and bad inputs.
 

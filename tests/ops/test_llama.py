@@ -1,5 +1,5 @@
 """The LLaMA element-wise ops (sam_fast.ops.llama): RMSNorm and SwiGLU on every backend
-(``triton``: kernels/llama.py; ``torch``: the lean autograd Functions; ``reference``: Hugging
+(``triton``: sam_fast/_kernels/llama.py; ``torch``: the lean autograd Functions; ``reference``: Hugging
 Face's formulas) against one float64 oracle per op, forward and every gradient, within one
 error-budget table.
 
