@@ -29,6 +29,9 @@ def _check_report(text: str) -> None:
     assert "  cpu: leave_one_out W-stream K/V materialised once per batch" in text
     if __import__("torch").cuda.is_available():
         assert "  cuda: leave_one_out W-stream K/V" in text
+    # the packed LLM step's attention backend and the reason it was chosen
+    assert "packed LLM step attention (causal within each sample; head dim 128):" in text
+    assert "  cpu: sdpa_segments (device is cpu: one causal SDPA per sample measured fastest" in text
 
 
 def test_report_in_process():
