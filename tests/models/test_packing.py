@@ -606,6 +606,33 @@ def test_planned_training_step_reads_nothing_from_the_host(sam_step, images):
     model.zero_grad(set_to_none=True)
 
 
+def test_planned_step_with_fused_projections(sam_step):
+    """The LLM with fused Q/K/V and gate|up projections (`apply_fused_llama_kernels`): the planned
+    packed step reads nothing from the host and gives the unfused step's loss and trainable
+    gradients (fp32, rel 1e-5); removing the fusion gives back the unfused step bit for bit."""
+    from _host_reads import HostReads
+
+    from sam_fast.models.llama_kernels import apply_fused_llama_kernels, remove_fused_llama_kernels
+
+    model, batch = sam_step
+    want = _step(model, _inputs(batch))
+    report = apply_fused_llama_kernels(model.language_model, force=True)
+    try:
+        assert report["fused_projections"]["qkv_proj"] == model.config.text_config.num_hidden_layers
+        with HostReads() as reads:
+            model(**_inputs(batch)).loss.backward()
+        assert reads.total == 0, reads.report()
+        loss, grads = _step(model, _inputs(batch))
+    finally:
+        remove_fused_llama_kernels(model.language_model)
+    torch.testing.assert_close(loss, want[0], rtol=1e-5, atol=0)
+    scale = max(float(g.abs().max()) for g in want[1].values())  # a gradient that is 0 (shift-invariant) gets noise
+    for name, g in want[1].items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-5 * max(float(g.abs().max()), 1e-4 * scale),
+                                   msg=name)
+    _assert_bitwise(_step(model, _inputs(batch)), want)
+
+
 def _left_padded(model, batch):
     """The batch with every LLM row moved to the right end (left padding), and its plan built for
     that layout from host lists (as a collator would)."""
