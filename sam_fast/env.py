@@ -131,6 +131,18 @@ def _recompute() -> list[str]:
     return [f"  {dev}: {recompute_choice(cfg, shapes, nbytes, dev)[1]}" for dev, nbytes in devices]
 
 
+def _packing() -> list[str]:
+    """Which attention the packed LLM step runs per device (fp32 on CPU, bf16 on CUDA; Vicuna-7B's
+    head dim 128) and why: `sam_fast.models.packing.packing_backend`."""
+    import torch
+
+    from sam_fast.models.packing import packing_backend
+
+    devices = [("cpu", torch.float32)] + ([("cuda", torch.bfloat16)] if torch.cuda.is_available() else [])
+    return [f"  {dev}: {name} ({why})" for dev, dtype in devices
+            for name, why in [packing_backend(dev, dtype, head_dim=128)]]
+
+
 def _section(title: str, fn) -> list[str]:
     try:
         return fn()
@@ -159,6 +171,8 @@ def report() -> str:
     lines += _section("  llama", _llama)
     lines.append('Q/W-former recomputation (recompute_qformer="auto", Vicuna-7B config, realistic batch):')
     lines += _section("  recompute", _recompute)
+    lines.append("packed LLM step attention (causal within each sample; head dim 128):")
+    lines += _section("  packing", _packing)
     return "\n".join(lines)
 
 

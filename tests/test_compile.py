@@ -157,6 +157,38 @@ def test_compiled_packed_step_equals_padded_path(model):
         _relative_close(got_grads[name], want_grads[name], 1e-5)
 
 
+def test_compiled_packed_step_with_fused_projections(model):
+    """`compile_packed_step` of an LLM with fused Q/K/V and gate|up projections and the attention's
+    own RoPE: one fullgraph capture, no graph break, the eager unfused step's loss and trainable
+    gradients (rel 1e-5)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    from sam_fast.models.llama_kernels import apply_fused_llama_kernels, remove_fused_llama_kernels
+
+    batch = realistic_batches(model, 1, seed=5)[0]
+    dynamo.reset()
+    counters.clear()
+    cnt = CompileCounterWithBackend("aot_eager")
+    model.train()
+    try:
+        want_loss, want_grads = train_step(model, model, batch)
+        assert apply_fused_llama_kernels(model.language_model, force=True)["fused_projections"]["qkv_proj"] > 0
+        model.compile_packed_step(backend=cnt)
+        for _ in range(2):
+            got_loss, got_grads = train_step(model, model, batch)
+            _relative_close(got_loss, want_loss, 1e-5)
+            for name in _nonzero(want_grads):
+                _relative_close(got_grads[name], want_grads[name], 1e-5)
+    finally:
+        model.compile_packed_step(enable=False)
+        remove_fused_llama_kernels(model.language_model)
+        model.eval()
+    assert cnt.frame_count == 1, cnt.frame_count
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    dynamo.reset()
+
+
 @pytest.mark.slow
 def test_encode_images_inductor(model, triton_state):
     enc, _ = training_inputs(model)

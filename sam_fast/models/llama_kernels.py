@@ -10,9 +10,16 @@ replaces them, per module instance, with the fused ops of `sam_fast.ops.llama`:
 - every ``LlamaMLP`` whose activation is SiLU: ``forward`` is
   ``down_proj(swiglu(gate_proj(x), up_proj(x)))`` with `sam_fast.ops.swiglu` (saves the two
   projections instead of three tensors, one kernel each way);
-- rotary embeddings stay Hugging Face's ``apply_rotary_pos_emb`` (not fused: it is a module-level
-  function of ``modeling_llama`` shared by every LLaMA in the process, and patching it there is
-  not per-model and not cleanly reversible).
+- every ``LlamaAttention`` (with `apply_fused_llama_kernels`): ``q_proj``, ``k_proj`` and
+  ``v_proj`` become one ``qkv_proj`` Linear and the MLP's ``gate_proj`` / ``up_proj`` one
+  ``gate_up_proj`` (one GEMM each, as gpt-fast fuses them; the weights are concatenated once and
+  no second copy is kept). The attention forward applies RoPE itself, to the query and key
+  heads in one call (`sam_fast.ops.llama.rope`; Hugging Face's module-level
+  ``apply_rotary_pos_emb`` is shared by every LLaMA in the process and is not patched), then
+  calls the config's attention function as Hugging Face's forward does: the packed step's
+  varlen attention, SDPA or eager, with a KV cache during generation. State-dict hooks keep
+  Hugging Face's keys: ``state_dict()`` and saved files hold ``q_proj.weight`` ... (views of the
+  fused weight), and a state dict with those keys loads into the fused model.
 
 SAM's packed training step runs its LLM inside `fused_llama_kernels` (patched for the call, on
 every device: Triton where it runs, else the lean ``torch`` autograd backend that keeps half the
@@ -23,7 +30,7 @@ activations of these layers). For other uses (generation, your own loop), patch 
     report = apply_fused_llama_kernels(sam.language_model)   # after moving the model to CUDA
     print(report["summary"])
     ...
-    remove_fused_llama_kernels(sam.language_model)            # back to Hugging Face's forwards
+    remove_fused_llama_kernels(sam.language_model)            # back to Hugging Face's modules
 
 The patch is applied only where the ops run fused (Triton on CUDA); elsewhere the report says
 why and nothing changes, unless ``force=True`` (then the ops run whatever backend the dispatcher
@@ -53,9 +60,9 @@ _SILU = ("silu", "swish")
 
 
 def _llama_classes():
-    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm
 
-    return LlamaRMSNorm, LlamaMLP
+    return LlamaRMSNorm, LlamaMLP, LlamaAttention
 
 
 def _rms_norm_forward(self, hidden_states):
@@ -71,30 +78,192 @@ def _mlp_forward(self, x):
 
 
 def _targets(language_model):
-    """(RMSNorm modules, SiLU MLP modules, modules skipped with the reason) of a LLaMA. Only
-    modules running Hugging Face's own forward are patched (a subclass that overrides it is
-    skipped)."""
-    LlamaRMSNorm, LlamaMLP = _llama_classes()
-    norms, mlps, skipped = [], [], []
+    """(RMSNorm modules, SiLU MLP modules, attention modules, modules skipped with the reason) of a
+    LLaMA, each a list of (name, module). Only modules running Hugging Face's own forward are
+    patched (a subclass that overrides it is skipped)."""
+    LlamaRMSNorm, LlamaMLP, LlamaAttention = _llama_classes()
+    norms, mlps, attns, skipped = [], [], [], []
     for name, mod in language_model.named_modules():
-        for cls in (LlamaRMSNorm, LlamaMLP):
+        for cls in (LlamaRMSNorm, LlamaMLP, LlamaAttention):
             if isinstance(mod, cls) and type(mod).forward is not cls.forward:
                 skipped.append(f"{name}: {type(mod).__name__}.forward is not Hugging Face's {cls.__name__}.forward")
         if isinstance(mod, LlamaRMSNorm):
             if type(mod).forward is LlamaRMSNorm.forward:
                 norms.append((name, mod))
+        elif isinstance(mod, LlamaAttention):
+            if type(mod).forward is LlamaAttention.forward:
+                attns.append((name, mod))
         elif isinstance(mod, LlamaMLP) and type(mod).forward is LlamaMLP.forward:
             act = getattr(getattr(mod, "config", None), "hidden_act", None)
             if act in _SILU:
                 mlps.append((name, mod))
             else:
                 skipped.append(f"{name}: activation {act!r} is not SiLU")
-    return norms, mlps, skipped
+    return norms, mlps, attns, skipped
+
+
+# -- fused projections: Q/K/V and gate|up as one GEMM each ----------------------------------------
+_UNFUSED = "_sam_fast_unfused"  # instance attribute: {"parts": {fused: (names, modules, sizes)}, "hooks": [...]}
+_FUSIONS = {"attention": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+            "swiglu": ("gate_up_proj", ("gate_proj", "up_proj"))}
+
+
+def _fusion_reason(mod, parts) -> str | None:
+    """Why the Linear children `parts` of `mod` cannot become one Linear, or None: each must be a
+    plain ``nn.Linear`` without hooks (a quantised or LoRA-wrapped layer is left alone), all alike
+    in input size, dtype, device, requires_grad and bias."""
+    lins = [mod._modules.get(p) for p in parts]
+    for name, lin in zip(parts, lins):
+        if type(lin) is not torch.nn.Linear:
+            return f"{name} is {type(lin).__name__}, not a plain nn.Linear"
+        if lin._forward_hooks or lin._forward_pre_hooks or "forward" in lin.__dict__:
+            return f"{name} has forward hooks or an instance-level forward"
+        if lin.weight.is_meta:
+            return f"{name}'s weight is on the meta device"
+    alike = {(lin.in_features, lin.weight.dtype, lin.weight.device, lin.weight.requires_grad, lin.bias is None)
+             for lin in lins}
+    if len(alike) != 1:
+        return f"{'/'.join(parts)} differ in input size, dtype, device, requires_grad or bias"
+    return None
+
+
+def _replace_children(mod, old: list[str], new: dict) -> None:
+    """Put the children `new` ({name: module}) where `old[0]` was and drop the `old` ones, so the
+    module order (and with it the order of state_dict keys) stays Hugging Face's."""
+    items = list(mod._modules.items())
+    mod._modules.clear()
+    for name, child in items:
+        if name == old[0]:
+            mod._modules.update(new)
+        if name not in old:
+            mod._modules[name] = child
+
+
+def _fuse(mod, fused_name: str, parts) -> None:
+    """Replace the Linear children `parts` of `mod` ([out_i, in] weights) by one Linear `fused_name`
+    with weight ``[sum(out_i), in]`` (and bias) their concatenation. The original modules are kept
+    unregistered with their parameters emptied (no second copy of the weights) for `_unfuse`."""
+    lins = [mod._modules[p] for p in parts]
+    sizes = [lin.out_features for lin in lins]
+    fused = torch.nn.Linear(lins[0].in_features, sum(sizes), bias=lins[0].bias is not None, device="meta")
+    for leaf in ("weight", "bias"):
+        params = [getattr(lin, leaf) for lin in lins]
+        if params[0] is None:
+            continue
+        data = torch.cat([p.detach() for p in params])
+        setattr(fused, leaf, torch.nn.Parameter(data, requires_grad=params[0].requires_grad))
+        for p in params:
+            p.data = p.data.new_empty(0)
+    _replace_children(mod, list(parts), {fused_name: fused})
+    info = mod.__dict__.get(_UNFUSED)
+    if info is None:
+        hooks = [mod.register_state_dict_post_hook(_split_fused_state),
+                 mod.register_load_state_dict_pre_hook(_fuse_loaded_state)]
+        info = mod.__dict__[_UNFUSED] = {"parts": {}, "hooks": hooks}
+    info["parts"][fused_name] = (tuple(parts), lins, sizes)
+
+
+def _unfuse(mod) -> None:
+    """Undo `_fuse`: the original modules and Parameter objects come back, holding the fused
+    Linear's current values (row slices of its weight: still no copy), the hooks go."""
+    info = mod.__dict__.pop(_UNFUSED, None)
+    if info is None:
+        return
+    for hook in info["hooks"]:
+        hook.remove()
+    for fused_name, (parts, lins, sizes) in info["parts"].items():
+        fused = mod._modules[fused_name]
+        for leaf in ("weight", "bias"):
+            value = getattr(fused, leaf)
+            if value is None:
+                continue
+            for lin, piece in zip(lins, value.detach().split(sizes)):
+                param = getattr(lin, leaf)
+                param.data = piece
+                param.requires_grad_(value.requires_grad)
+        _replace_children(mod, [fused_name], dict(zip(parts, lins)))
+
+
+def _split_fused_state(module, state_dict, prefix, local_metadata) -> None:
+    """state_dict post-hook: each fused entry ``{prefix}{fused}.weight`` ``[sum(out_i), in]`` (and
+    bias) becomes its parts' entries (views), in Hugging Face's key order, so state dicts and saved
+    files keep the unfused model's keys and values."""
+    info = module.__dict__.get(_UNFUSED)
+    if not info:
+        return
+    tail = []  # this module's entries: the last ones written
+    for key in reversed(state_dict):
+        if not key.startswith(prefix):
+            break
+        tail.append(key)
+    for key, value in [(k, state_dict.pop(k)) for k in reversed(tail)]:
+        name, _, leaf = key[len(prefix):].partition(".")
+        if name in info["parts"] and leaf in ("weight", "bias"):
+            parts, _, sizes = info["parts"][name]
+            for part, piece in zip(parts, value.split(sizes)):
+                state_dict[f"{prefix}{part}.{leaf}"] = piece
+        else:
+            state_dict[key] = value
+
+
+def _fuse_loaded_state(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                       error_msgs) -> None:
+    """load_state_dict pre-hook: a state dict with Hugging Face's keys (``q_proj.weight``, ...)
+    loads into the fused module, its parts concatenated into the fused entry; parts of the wrong
+    size are named in one error and left for load_state_dict to report."""
+    for name, (parts, _, sizes) in module.__dict__[_UNFUSED]["parts"].items():
+        for leaf in ("weight", "bias"):
+            keys = [f"{prefix}{p}.{leaf}" for p in parts]
+            if not all(k in state_dict for k in keys) or f"{prefix}{name}.{leaf}" in state_dict:
+                continue
+            pieces = [state_dict[k] for k in keys]
+            if [t.shape[0] for t in pieces] != sizes or len({tuple(t.shape[1:]) for t in pieces}) != 1:
+                error_msgs.append(f"{prefix}{name}.{leaf}: cannot fuse {'/'.join(parts)} of shapes "
+                                  f"{[tuple(t.shape) for t in pieces]} (the model's are {sizes} rows)")
+                continue
+            state_dict[f"{prefix}{name}.{leaf}"] = torch.cat(pieces)
+            for k in keys:
+                del state_dict[k]
+
+
+def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                       **kwargs):
+    """``LlamaAttention.forward`` with Q/K/V from one GEMM (``qkv_proj``) and RoPE applied once to
+    the query and key heads together (`sam_fast.ops.llama.rope`); the attention function is the
+    config's, as in Hugging Face's forward (the packed step's varlen attention, SDPA, eager; a KV
+    cache is updated the same way). hidden ``[B, S, H]`` -> (``[B, S, H]``, weights or None)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from sam_fast.ops.llama import rope
+
+    shape = hidden_states.shape[:-1]
+    q_size, kv_size, _ = self.__dict__[_UNFUSED]["parts"]["qkv_proj"][2]
+    hq, hkv = q_size // self.head_dim, kv_size // self.head_dim
+    qkv = self.qkv_proj(hidden_states).view(*shape, hq + 2 * hkv, self.head_dim)
+    qk, value = qkv.split([hq + hkv, hkv], dim=-2)
+    cos, sin = position_embeddings
+    query, key = rope(qk, cos, sin).split([hq, hkv], dim=-2)
+    query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # [B, heads, S, d]
+    if past_key_values is not None:
+        key, value = past_key_values.update(key, value, self.layer_idx)
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+    out, weights = attend(self, query, key, value, attention_mask, scaling=self.scaling,
+                          dropout=0.0 if not self.training else self.attention_dropout, **kwargs)
+    return self.o_proj(out.reshape(*shape, -1).contiguous()), weights
+
+
+def _mlp_fused_forward(self, x):
+    """``LlamaMLP.forward`` with gate and up from one GEMM (``gate_up_proj``, ``[B, S, 2I]``)."""
+    from sam_fast.ops.llama import swiglu
+
+    gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+    return self.down_proj(swiglu(gate, up))
 
 
 def _where(language_model):
     """(device, dtype) of the model's first RMSNorm weight (else its first parameter)."""
-    norms, _, _ = _targets(language_model)
+    norms = _targets(language_model)[0]
     for _, mod in norms:
         return mod.weight.device, mod.weight.dtype
     for p in language_model.parameters():
@@ -117,15 +286,18 @@ def _liger_status() -> str:
 def fused_llama_kernels_plan(device="cpu", dtype=torch.float32, hidden_size: int = 4096) -> dict:
     """What `apply_fused_llama_kernels` would do for a LLaMA on `device` in `dtype`, without a model:
     {"fused": bool, "rms_norm": backend, "swiglu": backend, "reasons": {op: {backend: why}},
-    "rope": str, "liger_kernel": str, "summary": one line}. What ``sam-fast env`` prints."""
+    "rope": str, "projections": str, "liger_kernel": str, "summary": one line}. What ``sam-fast env`` prints."""
     from sam_fast.ops.llama import rms_norm_backend, swiglu_backend
 
     rms, rms_reasons = rms_norm_backend(device, dtype, hidden_size)
     act, act_reasons = swiglu_backend(device, dtype)
     fused = rms == "triton" and act == "triton"
-    rope = "Hugging Face's apply_rotary_pos_emb (not fused)"
+    rope = ("sam_fast.ops.llama.rope on the query and key heads at once in the fused-QKV attention (plain "
+            "PyTorch, not fused into a kernel: kernels/llama.py has none; Hugging Face's apply_rotary_pos_emb "
+            "stays as it is)")
+    projections = "Q/K/V and gate|up as one GEMM each (state dicts keep Hugging Face's keys)"
     if fused:
-        summary = f"RMSNorm and SwiGLU fused (Triton); RoPE: {rope}"
+        summary = f"RMSNorm and SwiGLU fused (Triton); {projections}; RoPE: {rope}"
     else:
         why = rms_reasons.get("triton") if rms != "triton" else act_reasons.get("triton")
         summary = f"RMSNorm {rms}, SwiGLU {act} backend (Triton unusable: {why})"
@@ -133,7 +305,7 @@ def fused_llama_kernels_plan(device="cpu", dtype=torch.float32, hidden_size: int
             summary = f"RMSNorm and SwiGLU on the lean autograd backend 'torch' (Triton unusable: {why})"
     return {"fused": fused, "device": str(torch.device(device)), "dtype": str(dtype), "rms_norm": rms,
             "swiglu": act, "reasons": {"rms_norm": rms_reasons, "swiglu": act_reasons}, "rope": rope,
-            "liger_kernel": _liger_status(), "summary": summary}
+            "projections": projections, "liger_kernel": _liger_status(), "summary": summary}
 
 
 def _patch(mod, fn, kind: str) -> bool:
@@ -145,23 +317,59 @@ def _patch(mod, fn, kind: str) -> bool:
     return True
 
 
-def apply_fused_llama_kernels(language_model: torch.nn.Module, force: bool = False) -> dict:
-    """Patch the RMSNorm and SiLU-MLP modules of a Hugging Face LLaMA to the fused ops (module
-    docstring), per instance, where the ops run fused.
+_FORWARDS = {"rms_norm": _rms_norm_forward, "swiglu": _mlp_forward}
+_FUSED_FORWARDS = {"attention": _attention_forward, "swiglu": _mlp_fused_forward}
+
+
+def _patch_module(report: dict, kind: str, name: str, mod, fuse_projections: bool) -> None:
+    """Patch one module of kind "rms_norm", "swiglu" or "attention" (projections fused where
+    `fuse_projections` and they can be; an attention whose can't keeps Hugging Face's forward),
+    counting what happened in `report`."""
+    if "forward" in mod.__dict__ and getattr(mod, _MARK, None) is None:
+        # an instance-level wrapper (an accelerate offload hook, another patch): replacing it
+        # would bypass what it does
+        report["skipped"].append(f"{name}: already has an instance-level forward, left alone")
+        return
+    if getattr(mod, _MARK, None) is not None:
+        report["already"] += 1
+        return
+    fn = _FORWARDS.get(kind)
+    if kind in _FUSIONS and fuse_projections:
+        fused_name, parts = _FUSIONS[kind]
+        why = _fusion_reason(mod, parts)
+        if why is None:
+            _fuse(mod, fused_name, parts)
+            fn = _FUSED_FORWARDS[kind]
+            report["fused_projections"][fused_name] += 1
+        else:
+            report["skipped"].append(f"{name}: projections not fused: {why}")
+    if fn is not None:
+        _patch(mod, fn, kind)
+        report["patched"][kind] += 1
+
+
+def apply_fused_llama_kernels(language_model: torch.nn.Module, force: bool = False,
+                              fuse_projections: bool = True) -> dict:
+    """Patch the RMSNorm, SiLU-MLP and attention modules of a Hugging Face LLaMA to the fused ops
+    and fused projections (module docstring), per instance, where the ops run fused.
 
     Args:
         language_model: a ``LlamaForCausalLM`` / ``LlamaModel`` (e.g. ``SAM.language_model``),
             already on its device and in its dtype.
         force: patch even where the Triton backend cannot run (the ops then pick their backend
             per call; for tests and for models moved to CUDA later).
+        fuse_projections: replace q/k/v_proj by one ``qkv_proj`` ``[(Hq + 2 Hkv) d, H]`` and
+            gate/up_proj by one ``gate_up_proj`` ``[2 I, H]`` (weights concatenated, not copied
+            twice); ``state_dict`` and ``load_state_dict`` keep Hugging Face's keys.
 
     Returns:
         The plan of `fused_llama_kernels_plan` for the model's device and dtype plus "applied"
-        (bool), "patched" ({"rms_norm": n, "swiglu": n} modules newly patched), "already"
-        (modules that were patched before), "skipped" (modules left alone, with the reason: a
-        non-SiLU MLP, a subclass with its own forward, a module whose forward is already wrapped
-        per instance, e.g. by an accelerate offload hook) and a one-line "summary". Calling it
-        twice patches nothing more.
+        (bool), "patched" ({"rms_norm": n, "swiglu": n, "attention": n} modules newly patched),
+        "fused_projections" ({"qkv_proj": n, "gate_up_proj": n}), "already" (modules patched
+        before), "skipped" (what was left alone, with the reason: a non-SiLU MLP, a subclass with
+        its own forward, a module whose forward is already wrapped per instance, e.g. by an
+        accelerate offload hook, projections that are not plain alike Linears) and a one-line
+        "summary". Calling it twice patches nothing more.
 
     Raises:
         TypeError: if `language_model` is not an ``nn.Module``.
@@ -169,51 +377,49 @@ def apply_fused_llama_kernels(language_model: torch.nn.Module, force: bool = Fal
     """
     if not isinstance(language_model, torch.nn.Module):
         raise TypeError(f"apply_fused_llama_kernels: expected an nn.Module, got {type(language_model).__name__}")
-    norms, mlps, skipped = _targets(language_model)
+    norms, mlps, attns, skipped = _targets(language_model)
     if not norms and not mlps:
         raise ValueError(f"apply_fused_llama_kernels: {type(language_model).__name__} has no LlamaRMSNorm or "
                          f"LlamaMLP module running Hugging Face's forward (not a Hugging Face LLaMA)"
                          + (f": {'; '.join(skipped[:3])}" if skipped else ""))
     device, dtype = _where(language_model)
     report = fused_llama_kernels_plan(device, dtype, hidden_size=norms[0][1].weight.shape[0] if norms else 4096)
-    report.update(applied=False, forced=force, patched={"rms_norm": 0, "swiglu": 0}, already=0, skipped=skipped)
+    report.update(applied=False, forced=force, patched={"rms_norm": 0, "swiglu": 0, "attention": 0},
+                  fused_projections={"qkv_proj": 0, "gate_up_proj": 0}, already=0, skipped=skipped)
     if not report["fused"] and not force:
         report["summary"] = f"not applied (force=True patches anyway): {report['summary']}"
         return report
-    for kind, mods, fn in (("rms_norm", norms, _rms_norm_forward), ("swiglu", mlps, _mlp_forward)):
+    for kind, mods in (("rms_norm", norms), ("swiglu", mlps), ("attention", attns)):
         for name, mod in mods:
-            if "forward" in mod.__dict__ and getattr(mod, _MARK, None) is None:
-                # an instance-level wrapper (an accelerate offload hook, another patch): replacing
-                # it would bypass what it does
-                report["skipped"].append(f"{name}: already has an instance-level forward, left alone")
-            elif _patch(mod, fn, kind):
-                report["patched"][kind] += 1
-            else:
-                report["already"] += 1
+            _patch_module(report, kind, name, mod, fuse_projections)
     report["applied"] = True
-    p = report["patched"]
+    p, f = report["patched"], report["fused_projections"]
     how = "fused (Triton)" if report["fused"] else "forced (backend chosen per call)"
-    report["summary"] = (f"patched {p['rms_norm']} RMSNorm and {p['swiglu']} MLP modules, {how}; "
+    report["summary"] = (f"patched {p['rms_norm']} RMSNorm, {p['swiglu']} MLP and {p['attention']} attention "
+                         f"modules, {how}; {f['qkv_proj']} QKV and {f['gate_up_proj']} gate|up projections fused; "
                          f"{report['already']} already patched; RoPE: {report['rope']}")
     return report
 
 
 def remove_fused_llama_kernels(language_model: torch.nn.Module) -> int:
-    """Undo `apply_fused_llama_kernels`: every patched module gets back its class's forward.
+    """Undo `apply_fused_llama_kernels`: every patched module gets back its class's forward, and
+    fused projections their original modules and Parameter objects (with the current values).
     Returns the number of modules restored (0 if none was patched)."""
     restored = 0
-    for mod in language_model.modules():
+    for mod in list(language_model.modules()):
         if getattr(mod, _MARK, None) is None:
             continue
         mod.__dict__.pop("forward", None)
         delattr(mod, _MARK)
+        _unfuse(mod)
         restored += 1
     return restored
 
 
 def fused_llama_kernels_applied(language_model: torch.nn.Module) -> dict[str, int]:
-    """{"rms_norm": n, "swiglu": n}: how many modules of the model run a fused forward now."""
-    counts = {"rms_norm": 0, "swiglu": 0}
+    """{"rms_norm": n, "swiglu": n, "attention": n}: how many modules of the model run a fused
+    forward now."""
+    counts = {"rms_norm": 0, "swiglu": 0, "attention": 0}
     for mod in language_model.modules():
         kind = getattr(mod, _MARK, None)
         if kind in counts:
@@ -223,16 +429,17 @@ def fused_llama_kernels_applied(language_model: torch.nn.Module) -> dict[str, in
 
 @contextlib.contextmanager
 def fused_llama_kernels(language_model: torch.nn.Module) -> Iterator[dict[str, int]]:
-    """Run `language_model` with the fused ops inside the block, whatever the device: the patch of
-    `apply_fused_llama_kernels` (forced, so each call takes the dispatcher's backend: Triton on
-    CUDA, the lean ``torch`` autograd backend elsewhere), undone on exit for the modules this block
-    patched (modules patched before stay patched). A backward run after the block still uses the
-    fused ops' saved tensors and backwards. Yields `fused_llama_kernels_applied` inside the block.
-    SAM's packed training step runs its LLM this way; generation and the padded path keep Hugging
-    Face's forwards. A float64 model is left alone (Hugging Face's RMSNorm computes its
-    statistics in float32 even there; the fused ops keep float64), so float64 checks compare like
-    with like."""
-    norms, mlps, _ = _targets(language_model)
+    """Run `language_model` with the fused ops inside the block, whatever the device: the RMSNorm
+    and SwiGLU patch of `apply_fused_llama_kernels` (forced, so each call takes the dispatcher's
+    backend: Triton on CUDA, the lean ``torch`` autograd backend elsewhere; projections are not
+    fused here, as that would copy the weights on every call), undone on exit for the modules this
+    block patched (modules patched before, fused projections included, stay as they are). A
+    backward run after the block still uses the fused ops' saved tensors and backwards. Yields
+    `fused_llama_kernels_applied` inside the block. SAM's packed training step runs its LLM this
+    way; generation and the padded path keep Hugging Face's forwards. A float64 model is left
+    alone (Hugging Face's RMSNorm computes its statistics in float32 even there; the fused ops
+    keep float64), so float64 checks compare like with like."""
+    norms, mlps, _, _ = _targets(language_model)
     if any(mod.weight.dtype == torch.float64 for _, mod in norms):
         norms, mlps = [], []  # Hugging Face's RMSNorm computes a float64 model's norms in float32
     mine = []

@@ -9,10 +9,12 @@ pays for, forward and backward. This module removes it:
   next-token targets shifted *within* each sample (a sample's first label is never predicted from
   the previous sample's last token).
 * A varlen causal attention registered with transformers as ``"sam_fast_varlen"``: every sample
-  attends only to its own earlier tokens. It runs flash-attn's varlen kernel on CUDA where
-  flash-attn is installed and the dtype is half precision, otherwise one SDPA call per sample
-  (``is_causal=True``), so no ``[N, N]`` mask or score matrix is ever built. `packing_backend` says
-  which one runs and why.
+  attends only to its own earlier tokens. On CUDA it is one call per layer over the packed row
+  ``[N, heads, d]``: torch's own ``torch.nn.attention.varlen.varlen_attn`` (flash attention, half
+  precision), else flash-attn's varlen kernel where it imports, else one SDPA call with the
+  block-diagonal causal mask. On CPU it is one causal SDPA call per sample (no ``[N, N]`` mask or
+  score matrix), which was measured faster there than the one-call layouts (the reason string of
+  `packing_backend`, which says which backend runs and why).
 * `use_attention` switches the LLM to that attention for one call and restores it afterwards, so
   generation and the padded path are untouched.
 * `planned_lm_loss` takes embeddings already packed by a pack plan (`sam_fast.data.PackPlan`,
@@ -188,6 +190,15 @@ def unpack(values: torch.Tensor, packed: Packed, fill: float = 0.0) -> torch.Ten
 # Varlen causal attention
 
 _FLASH: dict = {}
+_TORCH_VARLEN: dict = {}
+_CUDA_KERNELS = ("varlen_attn", "flash_attn_varlen")
+# The CPU choice, measured on one thread at the scaled config's proportions (forward + input
+# gradient of one layer's attention; see the reason string)
+_CPU_REASON = (
+    "device is cpu: one causal SDPA per sample measured fastest (a block-diagonal masked SDPA "
+    "computes every pair of samples' scores; jagged nested-tensor SDPA refuses is_causal; see "
+    "docs/performance.md); torch's varlen_attn and flash-attn run on CUDA only"
+)
 
 
 def _flash_attn():
@@ -201,24 +212,78 @@ def _flash_attn():
     return _FLASH["result"]
 
 
-def packing_backend(device, dtype: torch.dtype, head_dim: int | None = None) -> tuple[str, str]:
-    """Which varlen attention a packed step runs on `device` / `dtype`, and why.
+def _torch_varlen():
+    """(torch.nn.attention.varlen.varlen_attn, None) or (None, why this torch has none); cached."""
+    if "result" not in _TORCH_VARLEN:
+        try:
+            _TORCH_VARLEN["result"] = (importlib.import_module("torch.nn.attention.varlen").varlen_attn, None)
+        except Exception as exc:  # an older torch
+            _TORCH_VARLEN["result"] = (None, f"{type(exc).__name__}: {exc}")
+    return _TORCH_VARLEN["result"]
 
-    Returns ``("flash_attn_varlen", reason)`` when flash-attn's varlen kernel can run (CUDA,
-    float16/bfloat16, flash-attn importable, head dim a multiple of 8 up to 256), otherwise
-    ``("sdpa_segments", reason it was not used)``: one causal SDPA call per sample.
+
+def _flash_shape_reason(dtype: torch.dtype, head_dim: int | None) -> str | None:
+    """Why a flash-attention varlen kernel cannot take `dtype` / `head_dim`, or None."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {dtype} (float16/bfloat16 only)"
+    if head_dim is not None and (head_dim % 8 or head_dim > 256):
+        return f"head dim {head_dim} (a multiple of 8 up to 256 only)"
+    return None
+
+
+def _torch_varlen_reason(device: torch.device, dtype: torch.dtype, head_dim: int | None) -> str | None:
+    """Why torch's varlen_attn (its flash-attention kernel) cannot run here, or None."""
+    fn, why = _torch_varlen()
+    if fn is None:
+        return f"this torch has no torch.nn.attention.varlen ({why})"
+    why = _flash_shape_reason(dtype, head_dim)
+    if why:
+        return why
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if not torch.backends.cuda.is_flash_attention_available():
+        return "this torch build has no flash attention"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 0):
+        return f"compute capability {capability[0]}.{capability[1]} (flash attention needs 8.0 or newer)"
+    return None
+
+
+def _flash_attn_reason(dtype: torch.dtype, head_dim: int | None) -> tuple[str | None, str]:
+    """(why flash-attn's varlen kernel cannot run, or None; its version)."""
+    why = _flash_shape_reason(dtype, head_dim)
+    if why:
+        return why, ""
+    fn, info = _flash_attn()
+    if fn is None:
+        return f"not installed or does not import ({info})", ""
+    return None, info
+
+
+def packing_backend(device, dtype: torch.dtype, head_dim: int | None = None) -> tuple[str, str]:
+    """Which causal attention within samples a packed step runs on `device` / `dtype` with heads
+    of `head_dim`, and why. One of:
+
+    * ``"varlen_attn"``: torch's ``torch.nn.attention.varlen.varlen_attn`` (flash attention on
+      CUDA, float16/bfloat16, head dim a multiple of 8 up to 256, compute capability >= 8.0);
+    * ``"flash_attn_varlen"``: flash-attn's ``flash_attn_varlen_func`` (same limits, installed);
+    * ``"sdpa_segment_mask"``: one SDPA call with the block-diagonal causal mask ``[N, N]``
+      (other CUDA cases: one call per layer, shapes that depend on N only);
+    * ``"sdpa_segments"``: one causal SDPA call per sample (CPU, where it was measured fastest).
+
+    The first three are one call per layer over the whole packed row ``[N, heads, d]``.
     """
     device = torch.device(device)
     if device.type != "cuda":
-        return "sdpa_segments", f"device is {device.type}: flash-attn's varlen kernel runs on CUDA only"
-    if dtype not in (torch.float16, torch.bfloat16):
-        return "sdpa_segments", f"dtype {dtype}: flash-attn supports float16/bfloat16 only"
-    if head_dim is not None and (head_dim % 8 or head_dim > 256):
-        return "sdpa_segments", f"head dim {head_dim}: flash-attn needs a multiple of 8 up to 256"
-    fn, info = _flash_attn()
-    if fn is None:
-        return "sdpa_segments", f"flash-attn is not installed or does not import ({info})"
-    return "flash_attn_varlen", f"flash-attn {info} on CUDA, {dtype}"
+        return "sdpa_segments", _CPU_REASON.replace("device is cpu", f"device is {device.type}")
+    torch_why = _torch_varlen_reason(device, dtype, head_dim)
+    if torch_why is None:
+        return "varlen_attn", f"torch.nn.attention.varlen.varlen_attn on CUDA, {dtype}"
+    flash_why, version = _flash_attn_reason(dtype, head_dim)
+    if flash_why is None:
+        return "flash_attn_varlen", f"flash-attn {version} on CUDA, {dtype} (torch's varlen_attn: {torch_why})"
+    return "sdpa_segment_mask", (f"one masked SDPA per layer over the block-diagonal causal layout (torch's "
+                                 f"varlen_attn: {torch_why}; flash-attn: {flash_why})")
 
 
 def _sdpa_segments(query, key, value, seqlens, scaling, dropout):
@@ -249,6 +314,41 @@ def _sdpa_segment_mask(query, key, value, segments, scaling, dropout):
     return out.transpose(1, 2)
 
 
+def _varlen_kernel(name, query, key, value, cu, max_len, scaling, dropout):
+    """One flash-attention varlen call over the packed row: q ``[1, Hq, N, d]``, k/v
+    ``[1, Hkv, N, d]`` (Hq a multiple of Hkv), `cu` [B + 1] boundaries, `max_len` the longest
+    sample (an upper bound such as N is valid) -> ``[1, N, Hq, d]``. The kernels take
+    ``[N, heads, d]``, which the transposed views of the projections already are in memory."""
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    cu = cu.to(torch.int32)
+    if name == "varlen_attn":
+        fn, _ = _torch_varlen()
+        out = fn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0),
+                 enable_gqa=q.shape[1] != k.shape[1])
+    else:
+        fn, _ = _flash_attn()
+        out = fn(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
+                 dropout_p=dropout, softmax_scale=scaling, causal=True)
+    return out.unsqueeze(0)
+
+
+def _check_packed_call(query, key, attention_mask, cu, segments, seqlens) -> None:
+    """Refuse a call that is not one packed row (a mask, no boundaries, mismatching lengths)."""
+    if cu is None and segments is None:
+        raise RuntimeError(
+            f"attention {ATTENTION_NAME!r} runs only on packed batches: call the model with "
+            "Packed.attention_kwargs() (see sam_fast.models.packing.packed_hidden_states)"
+        )
+    if attention_mask is not None:
+        raise RuntimeError(f"attention {ATTENTION_NAME!r} takes no attention mask (got {tuple(attention_mask.shape)})")
+    n = sum(seqlens) if seqlens is not None else query.shape[2]
+    if query.shape[0] != 1 or query.shape[2] != n or key.shape[2] != query.shape[2]:
+        raise RuntimeError(
+            f"attention {ATTENTION_NAME!r} expects one packed row of {n} tokens, "
+            f"got query {tuple(query.shape)} key {tuple(key.shape)}"
+        )
+
+
 def varlen_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -259,47 +359,29 @@ def varlen_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ):
-    """transformers attention function for a packed row: causal attention within each sample.
+    """transformers attention function for a packed row: causal attention within each sample,
+    by the backend of `packing_backend` (one call per layer, or per sample on CPU).
 
-    Reads the samples' boundaries from the kwargs transformers forwards from the model call
-    (``cu_seq_lens_q``, ``max_length_q`` and the host-side ``sam_fast_seqlens``; see
-    `Packed.attention_kwargs`). Returns ``([1, N, heads, d], None)``.
+    q ``[1, Hq, N, d]``, k/v ``[1, Hkv, N, d]``. Reads the samples' boundaries from the kwargs
+    transformers forwards from the model call: ``cu_seq_lens_q`` [B + 1] and ``max_length_q``,
+    the host-side ``sam_fast_seqlens`` (see `Packed.attention_kwargs`) or, in the compiled step,
+    ``sam_fast_segment_ids`` [N]; ``sam_fast_backend`` names the backend chosen by the caller
+    (else it is chosen here). Returns ``([1, N, Hq, d], None)``.
     """
+    cu, seqlens = kwargs.get("cu_seq_lens_q"), kwargs.get("sam_fast_seqlens")
     segments = kwargs.get("sam_fast_segment_ids")
-    if segments is not None and attention_mask is None:
-        return _sdpa_segment_mask(query, key, value, segments, scaling, dropout), None
-    seqlens = kwargs.get("sam_fast_seqlens")
-    cu = kwargs.get("cu_seq_lens_q")
-    if seqlens is None or cu is None:
-        raise RuntimeError(
-            f"attention {ATTENTION_NAME!r} runs only on packed batches: call the model with "
-            "Packed.attention_kwargs() (see sam_fast.models.packing.packed_hidden_states)"
-        )
-    if attention_mask is not None:
-        raise RuntimeError(f"attention {ATTENTION_NAME!r} takes no attention mask (got {tuple(attention_mask.shape)})")
-    if query.shape[0] != 1 or query.shape[2] != sum(seqlens) or key.shape[2] != query.shape[2]:
-        raise RuntimeError(
-            f"attention {ATTENTION_NAME!r} expects one packed row of {sum(seqlens)} tokens, "
-            f"got query {tuple(query.shape)} key {tuple(key.shape)}"
-        )
-    name, _ = packing_backend(query.device, query.dtype, query.shape[-1])
-    if name == "flash_attn_varlen":
-        fn, _ = _flash_attn()
-        max_len = int(kwargs.get("max_length_q") or max(seqlens))
-        out = fn(
-            query[0].transpose(0, 1),
-            key[0].transpose(0, 1),
-            value[0].transpose(0, 1),
-            cu_seqlens_q=cu.to(torch.int32),
-            cu_seqlens_k=cu.to(torch.int32),
-            max_seqlen_q=max_len,
-            max_seqlen_k=max_len,
-            dropout_p=dropout,
-            softmax_scale=scaling,
-            causal=True,
-        )
-        return out.unsqueeze(0), None
-    return _sdpa_segments(query, key, value, seqlens, scaling, dropout), None
+    _check_packed_call(query, key, attention_mask, cu, segments, seqlens)
+    name = kwargs.get("sam_fast_backend") or packing_backend(query.device, query.dtype, query.shape[-1])[0]
+    if name == "varlen_attn" and dropout:
+        name = "flash_attn_varlen" if _flash_attn()[0] is not None else "sdpa_segment_mask"  # it has no dropout
+    if name in _CUDA_KERNELS and cu is not None:
+        max_len = kwargs.get("max_length_q") or query.shape[2]
+        return _varlen_kernel(name, query, key, value, cu, int(max_len), scaling, dropout), None
+    if seqlens is not None and (name == "sdpa_segments" or cu is None):
+        return _sdpa_segments(query, key, value, seqlens, scaling, dropout), None
+    if segments is None:
+        segments = segment_ids(cu, query.shape[2])
+    return _sdpa_segment_mask(query, key, value, segments, scaling, dropout), None
 
 
 _REGISTERED = False
@@ -369,15 +451,26 @@ def packed_hidden_states(language_model: torch.nn.Module, packed: Packed) -> tor
         )
     if packed.num_tokens == 0:
         raise ValueError("packed LLM step: the batch has no valid token (attention_mask all 0)")
+    backend = attention_backend(language_model, packed.inputs_embeds)
     with use_attention(language_model, ATTENTION_NAME), fused_llama_kernels(language_model):
         out = body(
             inputs_embeds=packed.inputs_embeds,
             position_ids=packed.position_ids,
             attention_mask=None,
             use_cache=False,
+            sam_fast_backend=backend,
             **packed.attention_kwargs(),
         )
     return out.last_hidden_state
+
+
+def attention_backend(language_model: torch.nn.Module, inputs_embeds: torch.Tensor) -> str:
+    """The `packing_backend` name for `language_model`'s heads on `inputs_embeds`' device and
+    dtype (chosen once per step, outside any compiled graph)."""
+    cfg = getattr(language_model, "config", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else None)
+    return packing_backend(inputs_embeds.device, inputs_embeds.dtype, head_dim)[0]
 
 
 def plain_loss_fn(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -478,16 +571,21 @@ def segment_ids(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
 
 def static_planned_loss_sum(language_model: torch.nn.Module, inputs_embeds: torch.Tensor,
                             position_ids: torch.Tensor, cu_seqlens: torch.Tensor, target_rows: torch.Tensor,
-                            targets: torch.Tensor) -> torch.Tensor:
+                            targets: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """Summed next-token cross-entropy of a planned packed row, as a function of tensors only:
     what ``torch.compile(..., fullgraph=True)`` captures (`compiled_planned_loss`). Its shapes are
-    the plan's (``[N]`` tokens, ``[M]`` targets), its attention a segment mask built on the device
-    (`_sdpa_segment_mask`), its loss the plain one with ``ignore_index`` (so a bucketed plan's -100
-    filler targets add nothing) and the LLM's own modules (the compiler fuses them). Call it
-    inside ``use_attention(language_model)``."""
+    the plan's (``[N]`` tokens, ``[M]`` targets), its attention one call per layer over the row
+    (`backend`, a `packing_backend` name: a CUDA varlen kernel with the longest sample bounded by N,
+    else a segment mask built on the device, `_sdpa_segment_mask`), its loss the plain one with
+    ``ignore_index`` (so a bucketed plan's -100 filler targets add nothing) and the LLM's own
+    modules (the compiler fuses them). Call it inside ``use_attention(language_model)``."""
     body = _decoder(language_model)
+    n = inputs_embeds.shape[0]
+    kernel = backend in _CUDA_KERNELS
     out = body(inputs_embeds=inputs_embeds.unsqueeze(0), position_ids=position_ids.unsqueeze(0), attention_mask=None,
-               use_cache=False, sam_fast_segment_ids=segment_ids(cu_seqlens, inputs_embeds.shape[0]))
+               use_cache=False, sam_fast_segment_ids=None if kernel else segment_ids(cu_seqlens, n),
+               cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=n, max_length_k=n,
+               sam_fast_backend=backend if kernel else "sdpa_segment_mask")
     hidden = out.last_hidden_state[0].index_select(0, target_rows)
     logits = F.linear(hidden, _lm_head(language_model).weight).float()
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -506,5 +604,5 @@ def compiled_planned_loss(step: Callable, language_model: torch.nn.Module, input
         raise ValueError("compiled packed step: gradient checkpointing of the LLM is on; disable it")
     with use_attention(language_model, ATTENTION_NAME):
         total = step(language_model, inputs_embeds, plan.position_ids, plan.cu_seqlens, plan.target_rows,
-                     plan.targets)
+                     plan.targets, attention_backend(language_model, inputs_embeds))
     return total / (plan.num_targets if num_items_in_batch is None else num_items_in_batch)

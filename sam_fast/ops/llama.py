@@ -1,9 +1,13 @@
-"""The frozen LLaMA's element-wise layers as fused ops: RMSNorm and SwiGLU.
+"""The frozen LLaMA's element-wise layers as fused ops: RMSNorm, SwiGLU and RoPE.
 
 Public ops::
 
     rms_norm(x [..., D], weight [D], eps) -> [..., D]     # Hugging Face's LlamaRMSNorm
     swiglu(gate [...], up [...]) -> [...]                  # LlamaMLP's silu(gate) * up
+    rope(x [B, S, heads, d], cos [B, S, d], sin [B, S, d]) # apply_rotary_pos_emb, any heads at once
+
+`rope` is plain PyTorch on every device (kernels/llama.py has no RoPE kernel); the fused-QKV
+attention of `sam_fast.models.llama_kernels` calls it once for the query and key heads together.
 
 `rms_norm_ref` and `swiglu_ref` are the plain-PyTorch specification (Hugging Face's formulas:
 RMSNorm's statistics in fp32, the normalised row rounded to the input dtype, then times the
@@ -406,3 +410,31 @@ def swiglu(gate, up):
     if not torch.compiler.is_compiling():
         _validate_swiglu(gate, up)
     return _swiglu_dispatch(gate, up)
+
+
+def rope(x, cos, sin):
+    """Rotary position embedding of Hugging Face's ``apply_rotary_pos_emb`` on heads laid out
+    ``[B, S, heads, d]`` (as a fused Q/K projection's output is), so the query and key heads of a
+    layer rotate in one call; the same element-wise formula ``x * cos + rotate_half(x) * sin``,
+    hence bit-equal to Hugging Face's per-head results. Differentiable w.r.t. x (autograd keeps
+    only cos and sin, which the layers share).
+
+    Args:
+        x: [B, S, heads, d] floating tensor (d even; any strides, e.g. a split view).
+        cos, sin: [B, S, d] (or broadcastable, e.g. [1, S, d]) from ``LlamaRotaryEmbedding``.
+
+    Returns:
+        [B, S, heads, d] in the promotion of x's and cos's dtypes (x's for the model's own cos).
+
+    Raises:
+        ValueError: naming the shapes when d is odd or cos/sin do not match x's last dim.
+    """
+    if not torch.compiler.is_compiling():
+        d = x.shape[-1] if x.dim() else 0
+        if x.dim() < 3 or d % 2 or cos.shape[-1] != d or sin.shape != cos.shape:
+            raise ValueError(f"rope: x must be [B, S, heads, d] with d even and cos/sin [B, S, d]; got x "
+                             f"{tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos) + (rotated * sin)

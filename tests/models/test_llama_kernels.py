@@ -83,15 +83,15 @@ def test_patched_llama_matches_unpatched(triton_forced, dtype):
     plain = _logits_and_input_grad(model, embeds.to(dtype), g)
 
     report = apply_fused_llama_kernels(model, force=True)
-    assert report["applied"] and report["patched"] == {"rms_norm": 5, "swiglu": 2}, report
-    assert fused_llama_kernels_applied(model) == {"rms_norm": 5, "swiglu": 2}
+    assert report["applied"] and report["patched"] == {"rms_norm": 5, "swiglu": 2, "attention": 2}, report
+    assert fused_llama_kernels_applied(model) == {"rms_norm": 5, "swiglu": 2, "attention": 2}
     fast = _logits_and_input_grad(model, embeds.to(dtype), g)
     assert triton_forced["rms_fwd"] == 5 and triton_forced["rms_bwd"] == 5
     assert triton_forced["swiglu_fwd"] == 2 and triton_forced["swiglu_bwd"] == 2
     assert_within_budget(fast, plain, ref, ("logits", "d inputs_embeds"), BUDGET[dtype])
 
-    assert remove_fused_llama_kernels(model) == 7
-    assert fused_llama_kernels_applied(model) == {"rms_norm": 0, "swiglu": 0}
+    assert remove_fused_llama_kernels(model) == 9
+    assert fused_llama_kernels_applied(model) == {"rms_norm": 0, "swiglu": 0, "attention": 0}
     assert all("forward" not in m.__dict__ for m in model.modules())
     again = _logits_and_input_grad(model, embeds.to(dtype), g)
     for x, y in zip(again, plain):
@@ -104,12 +104,14 @@ def test_apply_is_idempotent_and_skips_non_silu(monkeypatch):
     model = tiny_llama()
     first = apply_fused_llama_kernels(model, force=True)
     second = apply_fused_llama_kernels(model, force=True)
-    assert first["patched"] == {"rms_norm": 5, "swiglu": 2}
-    assert second["patched"] == {"rms_norm": 0, "swiglu": 0} and second["already"] == 7
-    assert remove_fused_llama_kernels(model) == 7 and remove_fused_llama_kernels(model) == 0
+    assert first["patched"] == {"rms_norm": 5, "swiglu": 2, "attention": 2}
+    assert first["fused_projections"] == {"qkv_proj": 2, "gate_up_proj": 2}
+    assert second["patched"] == {"rms_norm": 0, "swiglu": 0, "attention": 0} and second["already"] == 9
+    assert second["fused_projections"] == {"qkv_proj": 0, "gate_up_proj": 0}
+    assert remove_fused_llama_kernels(model) == 9 and remove_fused_llama_kernels(model) == 0
     gelu = tiny_llama(hidden_act="gelu")
     report = apply_fused_llama_kernels(gelu, force=True)
-    assert report["patched"] == {"rms_norm": 5, "swiglu": 0}
+    assert report["patched"] == {"rms_norm": 5, "swiglu": 0, "attention": 2}
     assert len(report["skipped"]) == 2 and all("'gelu' is not SiLU" in s for s in report["skipped"])
 
 
@@ -129,9 +131,10 @@ def test_not_applied_where_not_fused(monkeypatch):
     report = apply_fused_llama_kernels(model)
     assert not report["applied"] and not report["fused"]
     assert report["summary"].startswith("not applied") and "CUDA" in report["summary"]
-    assert report["patched"] == {"rms_norm": 0, "swiglu": 0}
-    assert fused_llama_kernels_applied(model) == {"rms_norm": 0, "swiglu": 0}
-    assert "not fused" in report["rope"] and report["liger_kernel"]
+    assert report["patched"] == {"rms_norm": 0, "swiglu": 0, "attention": 0}
+    assert fused_llama_kernels_applied(model) == {"rms_norm": 0, "swiglu": 0, "attention": 0}
+    assert "q_proj" in model.model.layers[0].self_attn._modules  # nothing fused either
+    assert "not fused into a kernel" in report["rope"] and report["liger_kernel"]
 
 
 def test_leaves_instance_wrapped_modules_alone(monkeypatch):
@@ -159,7 +162,7 @@ def test_skips_subclass_with_its_own_forward(monkeypatch):
     model = tiny_llama()
     model.model.norm = OffsetNorm(48)
     report = apply_fused_llama_kernels(model, force=True)
-    assert report["patched"] == {"rms_norm": 4, "swiglu": 2}
+    assert report["patched"] == {"rms_norm": 4, "swiglu": 2, "attention": 2}
     assert any(s.startswith("model.norm: OffsetNorm.forward is not") for s in report["skipped"])
     assert "forward" not in model.model.norm.__dict__
 
@@ -182,3 +185,145 @@ def test_plan_and_env_report(monkeypatch):
     assert "LLaMA RMSNorm/SwiGLU ops (applied in SAM's packed training step" in text
     assert "  cpu: RMSNorm and SwiGLU on the lean autograd backend 'torch' (Triton unusable" in text
     assert "liger_kernel:" in text
+
+
+# -- fused projections: Q/K/V and gate|up as one GEMM each -----------------------------------------
+
+
+def _rel_close(got, want, rel=1e-5):
+    """Elementwise within rel x max|want| (fp32 tolerance, relative to the tensor's scale)."""
+    torch.testing.assert_close(got, want, rtol=rel, atol=rel * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("kv_heads, bias", [(2, False), (4, False), (1, True)], ids=["gqa", "mha", "mqa-bias"])
+def test_fused_projections_match_unfused(monkeypatch, kv_heads, bias):
+    """fp32 tiny LLaMA (GQA 4/2, plain 4/4, MQA 4/1 with biases): one QKV GEMM, one gate|up GEMM
+    and the attention's own RoPE give Hugging Face's logits and input gradients within rel 1e-5."""
+    monkeypatch.delenv("SAM_FAST_BACKEND", raising=False)
+    model = tiny_llama(num_key_value_heads=kv_heads, attention_bias=bias, mlp_bias=bias)
+    gen = torch.Generator().manual_seed(3)
+    embeds, g = torch.randn(2, 9, 48, generator=gen), torch.randn(2, 9, 120, generator=gen)
+    want = _logits_and_input_grad(model, embeds, g)
+    report = apply_fused_llama_kernels(model, force=True)
+    assert report["fused_projections"] == {"qkv_proj": 2, "gate_up_proj": 2}, report["skipped"]
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert list(attn._modules) == ["qkv_proj", "o_proj"] and list(mlp._modules) == ["gate_up_proj", "down_proj", "act_fn"]
+    assert attn.qkv_proj.weight.shape == ((4 + 2 * kv_heads) * 12, 48) and (attn.qkv_proj.bias is not None) == bias
+    assert mlp.gate_up_proj.weight.shape == (2 * 96, 48)
+    got = _logits_and_input_grad(model, embeds, g)
+    for x, y in zip(got, want):
+        _rel_close(x, y)
+
+
+def test_fused_weights_are_kept_once():
+    """The fused Linear holds the only copy of the weights: the unregistered originals are emptied,
+    and the model's parameter bytes do not change."""
+    model = tiny_llama()
+    before = sum(p.numel() for p in model.parameters())
+    apply_fused_llama_kernels(model, force=True)
+    assert sum(p.numel() for p in model.parameters()) == before
+    originals = model.model.layers[0].self_attn.__dict__["_sam_fast_unfused"]["parts"]["qkv_proj"][1]
+    assert all(lin.weight.numel() == 0 for lin in originals)
+
+
+def test_state_dict_keeps_hugging_face_keys_and_values(tmp_path):
+    """state_dict() of the fused model: the same keys in the same order and the same values as
+    Hugging Face's; save_pretrained writes them, and Hugging Face's from_pretrained reads them back
+    into an unfused model that gives the same logits."""
+    model = tiny_llama()
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_fused_llama_kernels(model, force=True)
+    got = model.state_dict()
+    assert list(got) == list(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert sorted(saved) == sorted(want)
+    assert all(torch.equal(saved[k], want[k]) for k in saved)
+    back = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    e = torch.randn(1, 6, 48)
+    torch.testing.assert_close(back(inputs_embeds=e).logits, model(inputs_embeds=e).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_hugging_face_state_dict_loads_into_fused_model(tmp_path):
+    """load_state_dict of another LLaMA's (unfused, Hugging Face keys) weights into the fused model:
+    the fused weights are their concatenation (same logits as that model), strict loading reports
+    nothing missing or unexpected; a torch.save file of the fused state dict round-trips too."""
+    model, other = tiny_llama(seed=0), tiny_llama(seed=1)
+    apply_fused_llama_kernels(model, force=True)
+    result = model.load_state_dict(other.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    attn = other.model.layers[1].self_attn
+    want = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    assert torch.equal(model.model.layers[1].self_attn.qkv_proj.weight, want)
+    e = torch.randn(1, 6, 48)
+    _rel_close(model(inputs_embeds=e).logits, other(inputs_embeds=e).logits)
+    torch.save(model.state_dict(), tmp_path / "fused.pt")
+    fresh = tiny_llama(seed=2)
+    fresh.load_state_dict(torch.load(tmp_path / "fused.pt", weights_only=True))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), other.state_dict().values()))
+
+
+def test_wrong_shaped_part_is_named_on_load():
+    model = tiny_llama()
+    apply_fused_llama_kernels(model, force=True)
+    state = model.state_dict()
+    state["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(7, 48)
+    with pytest.raises(RuntimeError, match=r"model\.layers\.0\.self_attn\.qkv_proj\.weight: cannot fuse "
+                                           r"q_proj/k_proj/v_proj of shapes \[\(48, 48\), \(7, 48\), \(24, 48\)\]"):
+        model.load_state_dict(state)
+
+
+def test_remove_restores_the_original_modules_exactly():
+    """remove_fused_llama_kernels: the same module and Parameter objects in Hugging Face's order,
+    with the fused weights' current values, no hook left behind, Hugging Face's outputs bit for
+    bit; a second apply fuses again."""
+    model = tiny_llama()
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    children = {m: dict(m._modules) for m in (attn, mlp)}
+    params = {n: p for n, p in model.named_parameters()}
+    e = torch.randn(2, 5, 48)
+    want = model(inputs_embeds=e).logits
+    apply_fused_llama_kernels(model, force=True)
+    assert remove_fused_llama_kernels(model) == 9
+    for m, kids in children.items():
+        assert list(m._modules.items()) == list(kids.items())
+        assert not m._state_dict_hooks and not m._load_state_dict_pre_hooks and "_sam_fast_unfused" not in m.__dict__
+    assert all(p is params[n] for n, p in model.named_parameters()) and len(params) == len(list(model.parameters()))
+    assert torch.equal(model(inputs_embeds=e).logits, want)
+    assert apply_fused_llama_kernels(model, force=True)["fused_projections"] == {"qkv_proj": 2, "gate_up_proj": 2}
+
+
+def test_hooked_projections_are_not_fused(monkeypatch):
+    """A projection with a forward hook (LoRA, an offload wrapper) is left alone: that attention
+    keeps Hugging Face's forward, that MLP runs the fused SwiGLU over its own two GEMMs."""
+    monkeypatch.delenv("SAM_FAST_BACKEND", raising=False)
+    model = tiny_llama()
+    layer = model.model.layers[1]
+    layer.self_attn.k_proj.register_forward_hook(lambda *a: None)
+    layer.mlp.up_proj.register_forward_pre_hook(lambda *a: None)
+    report = apply_fused_llama_kernels(model, force=True)
+    assert report["patched"] == {"rms_norm": 5, "swiglu": 2, "attention": 1}
+    assert report["fused_projections"] == {"qkv_proj": 1, "gate_up_proj": 1}
+    assert "model.layers.1.self_attn: projections not fused: k_proj has forward hooks or an instance-level " \
+           "forward" in report["skipped"]
+    assert "forward" not in layer.self_attn.__dict__ and "q_proj" in layer.self_attn._modules
+    assert "gate_proj" in layer.mlp._modules and "forward" in layer.mlp.__dict__
+
+
+@pytest.mark.parametrize("left_padding", [False, True])
+def test_generation_ids_unchanged_by_the_fused_attention(monkeypatch, left_padding):
+    """Greedy generation with the KV cache (and a left-padded batch's attention mask) through the
+    fused forwards gives the ids of Hugging Face's forwards."""
+    monkeypatch.delenv("SAM_FAST_BACKEND", raising=False)
+    model = tiny_llama()
+    ids = torch.randint(3, 120, (2, 6), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    if left_padding:
+        mask[0, :2] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    want = model.generate(ids, **kw)
+    apply_fused_llama_kernels(model, force=True)
+    assert torch.equal(model.generate(ids, **kw), want)

@@ -242,6 +242,19 @@ def test_hidden_states_match_padded_rows():
     torch.testing.assert_close(hidden[valid], ref[valid], rtol=1e-5, atol=1e-5)
 
 
+def _causal_per_sample(q, k, v, bounds, scale):
+    """Reference varlen attention: q [N, Hq, d], k/v [N, Hkv, d], `bounds` the host boundaries."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    out = torch.empty_like(q)
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        scores = torch.einsum("qhd,khd->hqk", q[s:e], k[s:e]) * (scale or q.shape[-1] ** -0.5)
+        causal_mask = torch.ones(e - s, e - s, dtype=torch.bool).tril()
+        probs = scores.masked_fill(~causal_mask, float("-inf")).softmax(-1)
+        out[s:e] = torch.einsum("hqk,khd->qhd", probs, v[s:e])
+    return out
+
+
 def test_flash_varlen_path_wiring(monkeypatch):
     """With flash-attn chosen, its varlen kernel gets [N, heads, d] q/k/v, int32 cu_seqlens and
     causal=True (a fake kernel written here stands in for flash-attn on CPU)."""
@@ -253,16 +266,7 @@ def test_flash_varlen_path_wiring(monkeypatch):
                     softmax_scale, causal):
         assert q.dim() == 3 and causal and cu_seqlens_q.dtype == torch.int32
         seen.append((tuple(q.shape), cu_seqlens_q.tolist(), max_seqlen_q))
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-        out = torch.empty_like(q)
-        bounds = cu_seqlens_q.tolist()
-        for s, e in zip(bounds[:-1], bounds[1:]):
-            scores = torch.einsum("qhd,khd->hqk", q[s:e], k[s:e]) * softmax_scale
-            causal_mask = torch.ones(e - s, e - s, dtype=torch.bool).tril()
-            probs = scores.masked_fill(~causal_mask, float("-inf")).softmax(-1)
-            out[s:e] = torch.einsum("hqk,khd->qhd", probs, v[s:e])
-        return out
+        return _causal_per_sample(q, k, v, cu_seqlens_q.tolist(), softmax_scale)
 
     monkeypatch.setattr(packing, "packing_backend", lambda *a, **k: ("flash_attn_varlen", "test"))
     monkeypatch.setattr(packing, "_flash_attn", lambda: (fake_varlen, "fake"))
@@ -270,18 +274,114 @@ def test_flash_varlen_path_wiring(monkeypatch):
     assert seen and seen[0] == ((20, 4, H // 4), [0, 9, 13, 20], 9)
 
 
+def _fake_torch_varlen(seen):
+    """A CPU stand-in for torch.nn.attention.varlen.varlen_attn that checks each call against the
+    real function's signature and records (q shape, cu_seq_q, max_q, window_size, enable_gqa)."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    real = inspect.signature(varlen_attn)
+
+    def fake(*args, **kwargs):
+        bound = real.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        q, k, cu = a["query"], a["key"], a["cu_seq_q"]
+        assert q.dim() == 3 and cu.dtype == torch.int32 and a["cu_seq_k"] is cu
+        seen.append((tuple(q.shape), cu.tolist(), a["max_q"], a["max_k"], a["window_size"], a["enable_gqa"]))
+        return _causal_per_sample(q, k, a["value"], cu.tolist(), a["scale"])
+
+    return fake
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_torch_varlen_attn_path_one_call_per_layer(monkeypatch, kv_heads):
+    """With torch's varlen_attn chosen (CUDA, half precision), every layer makes one call over the
+    packed row [N, heads, d] (no per-sample split), causal through window_size=(-1, 0), GQA
+    through enable_gqa, the host-side longest sample as max_q; same loss and gradients as the
+    padded step."""
+    model = tiny_llama(kv_heads=kv_heads)
+    embeds, mask, labels = ragged([9, 4, 7])
+    seen = []
+    monkeypatch.setattr(packing, "packing_backend", lambda *a, **k: ("varlen_attn", "test"))
+    monkeypatch.setattr(packing, "_torch_varlen", lambda: (_fake_torch_varlen(seen), None))
+    assert_same_step(model, embeds, mask, labels)
+    want = ((20, 4, H // 4), [0, 9, 13, 20], 9, 9, (-1, 0), kv_heads != 4)
+    assert seen == [want] * model.config.num_hidden_layers
+
+
+def test_static_step_with_torch_varlen_bounds_the_longest_sample_by_n(monkeypatch):
+    """The compiled step's function with varlen_attn: one call per layer with max_q = N (no host
+    value of the plan enters the graph), the same summed loss as the masked fallback."""
+    from sam_fast.data.pack_plan import PackPlan
+
+    model = tiny_llama(kv_heads=2)
+    embeds, mask, labels = ragged([9, 4, 7])
+    ids = torch.randint(0, V, mask.shape, generator=torch.Generator().manual_seed(1))
+    plan = PackPlan.from_tensors(ids, mask, labels, [0, 0, 0], image_token_index=V + 1, num_query_tokens=32)
+    packed_embeds = embeds.reshape(-1, H).index_select(0, plan.index)
+    args = (model, packed_embeds, plan.position_ids, plan.cu_seqlens, plan.target_rows, plan.targets)
+    seen = []
+    monkeypatch.setattr(packing, "_torch_varlen", lambda: (_fake_torch_varlen(seen), None))
+    with use_attention(model):
+        masked = packing.static_planned_loss_sum(*args, "sdpa_segments")
+        assert not seen
+        got = packing.static_planned_loss_sum(*args, "varlen_attn")
+    assert seen == [((20, 4, H // 4), [0, 9, 13, 20], 20, 20, (-1, 0), True)] * 2
+    torch.testing.assert_close(got, masked, rtol=1e-6, atol=0)
+
+
+def test_masked_fallback_is_one_sdpa_call_per_layer(monkeypatch):
+    """The CUDA fallback (no varlen kernel): one masked SDPA call per layer over the whole row,
+    same loss and gradients as the padded step."""
+    model = tiny_llama(kv_heads=2)
+    embeds, mask, labels = ragged([9, 4, 7])
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        calls.append((q.shape[-2], kw.get("attn_mask") is not None))
+        return sdpa(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(packing, "packing_backend", lambda *a, **k: ("sdpa_segment_mask", "test"))
+    with monkeypatch.context() as spying:
+        spying.setattr(packing.F, "scaled_dot_product_attention", spy)
+        packed_step(model, embeds, mask, labels)
+    assert calls == [(20, True)] * model.config.num_hidden_layers
+    assert_same_step(model, embeds, mask, labels)
+
+
 def test_packing_backend_reasons(monkeypatch):
     name, why = packing_backend("cpu", torch.float32)
-    assert name == "sdpa_segments" and "cpu" in why
+    assert name == "sdpa_segments" and why.startswith("device is cpu: one causal SDPA per sample measured fastest")
+    assert "masked SDPA" in why and "jagged" in why
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     name, why = packing_backend(torch.device("cuda"), torch.float32)
-    assert name == "sdpa_segments" and "float32" in why
+    assert name == "sdpa_segment_mask" and "float32" in why
     monkeypatch.setitem(packing._FLASH, "result", (None, "ModuleNotFoundError: No module named 'flash_attn'"))
     name, why = packing_backend(torch.device("cuda"), torch.bfloat16)
-    assert name == "sdpa_segments" and "not installed" in why and "flash_attn" in why
+    assert name == "sdpa_segment_mask" and "CUDA is not available" in why
+    assert "not installed" in why and "flash_attn" in why
     monkeypatch.setitem(packing._FLASH, "result", (lambda *a, **k: None, "2.8.3"))
     assert packing_backend(torch.device("cuda"), torch.bfloat16, head_dim=128) == (
-        "flash_attn_varlen", "flash-attn 2.8.3 on CUDA, torch.bfloat16")
-    assert packing_backend(torch.device("cuda"), torch.float16, head_dim=12)[0] == "sdpa_segments"
+        "flash_attn_varlen", "flash-attn 2.8.3 on CUDA, torch.bfloat16 (torch's varlen_attn: CUDA is not available)")
+    assert packing_backend(torch.device("cuda"), torch.float16, head_dim=12)[0] == "sdpa_segment_mask"
+
+
+def test_packing_backend_prefers_torch_varlen_on_a_capable_gpu(monkeypatch):
+    """torch's varlen_attn wins over flash-attn where its flash kernel runs (compute capability 8.0+,
+    half precision, head dim up to 256); an older GPU falls through to flash-attn / the mask."""
+    monkeypatch.setitem(packing._FLASH, "result", (lambda *a, **k: None, "2.8.3"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert packing_backend("cuda", torch.bfloat16, 128) == (
+        "varlen_attn", "torch.nn.attention.varlen.varlen_attn on CUDA, torch.bfloat16")
+    assert packing_backend("cuda", torch.bfloat16, 264)[0] == "sdpa_segment_mask"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    name, why = packing_backend("cuda", torch.float16, 128)
+    assert name == "flash_attn_varlen" and "compute capability 7.5" in why
 
 
 @pytest.mark.parametrize(
@@ -504,6 +604,33 @@ def test_planned_training_step_reads_nothing_from_the_host(sam_step, images):
         model(**_inputs(batch, images, plan=False)).loss.backward()
     assert dict(reads.counts) == {"tolist": 2}, reads.report()
     model.zero_grad(set_to_none=True)
+
+
+def test_planned_step_with_fused_projections(sam_step):
+    """The LLM with fused Q/K/V and gate|up projections (`apply_fused_llama_kernels`): the planned
+    packed step reads nothing from the host and gives the unfused step's loss and trainable
+    gradients (fp32, rel 1e-5); removing the fusion gives back the unfused step bit for bit."""
+    from _host_reads import HostReads
+
+    from sam_fast.models.llama_kernels import apply_fused_llama_kernels, remove_fused_llama_kernels
+
+    model, batch = sam_step
+    want = _step(model, _inputs(batch))
+    report = apply_fused_llama_kernels(model.language_model, force=True)
+    try:
+        assert report["fused_projections"]["qkv_proj"] == model.config.text_config.num_hidden_layers
+        with HostReads() as reads:
+            model(**_inputs(batch)).loss.backward()
+        assert reads.total == 0, reads.report()
+        loss, grads = _step(model, _inputs(batch))
+    finally:
+        remove_fused_llama_kernels(model.language_model)
+    torch.testing.assert_close(loss, want[0], rtol=1e-5, atol=0)
+    scale = max(float(g.abs().max()) for g in want[1].values())  # a gradient that is 0 (shift-invariant) gets noise
+    for name, g in want[1].items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-5 * max(float(g.abs().max()), 1e-4 * scale),
+                                   msg=name)
+    _assert_bitwise(_step(model, _inputs(batch)), want)
 
 
 def _left_padded(model, batch):

@@ -278,3 +278,40 @@ def test_torch_backend_saves_less_than_the_reference(monkeypatch):
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# -- rope ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_rope_bit_equal_to_hugging_face_on_query_and_key_heads_at_once(dtype):
+    """`rope` on the query and key heads of a [B, S, Hq + Hkv, d] view (as the fused QKV projection
+    lays them out) gives Hugging Face's apply_rotary_pos_emb of q [B, Hq, S, d] and k [B, Hkv, S, d]
+    bit for bit, and the same input gradient."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from sam_fast.ops.llama import rope
+
+    g = torch.Generator().manual_seed(0)
+    B, S, hq, hkv, d = 2, 5, 4, 2, 8
+    qkv = torch.randn(B, S, hq + 2 * hkv, d, generator=g).to(dtype).requires_grad_()
+    angles = torch.randn(B, S, d // 2, generator=g)
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    up = torch.randn(B, S, hq + hkv, d, generator=g).to(dtype)
+    got = rope(qkv[:, :, : hq + hkv], cos, sin)
+    (d_got,) = torch.autograd.grad(got, qkv, up)
+    q, k = qkv[:, :, :hq].transpose(1, 2), qkv[:, :, hq: hq + hkv].transpose(1, 2)
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+    want = torch.cat([want_q.transpose(1, 2), want_k.transpose(1, 2)], dim=2)
+    (d_want,) = torch.autograd.grad(want, qkv, up)
+    assert torch.equal(got, want) and torch.equal(d_got, d_want)
+    assert torch.count_nonzero(d_got[:, :, hq + hkv:]) == 0  # the value heads are not touched
+
+
+def test_rope_names_bad_shapes():
+    from sam_fast.ops.llama import rope
+
+    with pytest.raises(ValueError, match=r"rope: .*got x \(1, 2, 3, 5\), cos \(1, 2, 5\)"):
+        rope(torch.zeros(1, 2, 3, 5), torch.zeros(1, 2, 5), torch.zeros(1, 2, 5))
+    with pytest.raises(ValueError, match=r"cos \(1, 2, 4\), sin \(1, 2, 6\)"):
+        rope(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 4), torch.zeros(1, 2, 6))
