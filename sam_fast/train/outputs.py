@@ -185,7 +185,8 @@ def model_settings(model: SAM, overrides: dict | None = None) -> dict:
     return json.loads(json.dumps({k: getattr(model.config, k, None) for k in keys}, default=str))
 
 
-def resume_differences(output: str | os.PathLike, base: dict, data: dict, model: dict, seed: int) -> list[str]:
+def resume_differences(output: str | os.PathLike, base: dict, data: dict, model: dict, seed: int,
+                       dtype: str | None = None) -> list[str]:
     """Settings of this invocation that differ from the run in `output` (its run.json), as
     ``"name: old -> new"``; empty when they match or there is no run.json."""
     run_file = Path(output) / "run.json"
@@ -196,12 +197,13 @@ def resume_differences(output: str | os.PathLike, base: dict, data: dict, model:
         raise RunDirectoryError(f"{run_file}: damaged or not written by sam_fast (unreadable, truncated or nested "
                                 "past the JSON parser): move it aside, and --resume checks the checkpoints' own "
                                 "record instead")
-    return run_differences(run, base, data, model, seed)
+    return run_differences(run, base, data, model, seed, dtype)
 
 
-def run_differences(run: dict, base: dict, data: dict, model: dict, seed: int) -> list[str]:
+def run_differences(run: dict, base: dict, data: dict, model: dict, seed: int, dtype: str | None = None) -> list[str]:
     """Settings of this invocation that differ from those `run` records (run.json's, or a checkpoint's
-    ``{"base", "data", "model", "train"}``), as ``"name: old -> new"``; what `run` lacks is not compared."""
+    ``{"base", "data", "model", "train"}``), as ``"name: old -> new"``; what `run` lacks is not compared.
+    The frozen weights' `dtype` is one: the same moments on other weights would be another run."""
     diffs = []
     old_base, new_base = run.get("base") or {}, base
     for k in ("kind", "name", "path") if old_base else ():
@@ -211,6 +213,9 @@ def run_differences(run: dict, base: dict, data: dict, model: dict, seed: int) -
             break
     if "seed" in (run.get("train") or {}) and run["train"]["seed"] != seed:
         diffs.append(f"seed: {run['train']['seed']} -> {seed}")
+    old_dtype = (run.get("train") or {}).get("dtype")
+    if old_dtype is not None and dtype is not None and old_dtype != dtype:
+        diffs.append(f"dtype: {old_dtype} -> {dtype}")
     for k, v in (run.get("data") or {}).items():
         if data.get(k) != v:
             diffs.append(f"{'data' if k == 'path' else k}: {v} -> {data.get(k)}")

@@ -61,6 +61,7 @@ import torch
 from sam_fast.data import Collator, model_inputs
 from sam_fast.data.dataset import DataError, sample_seed
 from sam_fast.models import TRAINABLE_MODULES
+from sam_fast.models.precision import DTYPES, cast_frozen
 from sam_fast.train import checkpoint as ckpt
 from sam_fast.distributed import (
     DistInfo,
@@ -108,6 +109,9 @@ class TrainConfig:
     warmup_steps: int = 240
     clip_grad_norm: float | None = 1.0
     amp: str = "none"  # "none" | "bf16" | "fp16" (fp16 uses a GradScaler)
+    # the frozen weights' dtype, "fp32" | "bf16" | "fp16" (trainable modules stay float32; half precision
+    # also runs the forward under autocast in it); None: the model's dtypes as given
+    dtype: str | None = None
     save_every: int = 500
     keep_last: int = 3
     seed: int = 0
@@ -121,8 +125,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError (one line naming the option and its value) for any option out of range."""
-        if self.amp not in ("none", "bf16", "fp16"):
-            raise ValueError(f"amp={self.amp!r} is not one of 'none', 'bf16', 'fp16'")
+        self._validate_precision()
         at_least = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "save_every": 1, "keep_last": 1,
                     "log_every": 1, "warmup_steps": 0, "seed": 0, "num_workers": 0, "prefetch_factor": 1,
                     "cpu_threads": 0}
@@ -165,6 +168,21 @@ class TrainConfig:
             if missing:
                 raise ValueError(f"report_to {name!r} needs the {missing} package, which is not installed "
                                  f"(pip install {missing})")
+
+    def _validate_precision(self) -> None:
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ValueError(f"amp={self.amp!r:.80} is not one of 'none', 'bf16', 'fp16'")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r:.80} is not one of {', '.join(map(repr, DTYPES))}")
+        if self.dtype in ("bf16", "fp16") and self.amp not in ("none", self.dtype):
+            raise ValueError(f"amp={self.amp!r} with dtype={self.dtype!r}: frozen weights in {self.dtype} compute "
+                             f"in {self.dtype}; drop amp (or set it to {self.dtype!r})")
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of the forward: a half-precision `dtype`'s, else `amp`'s (None: no autocast)."""
+        name = self.dtype if self.dtype in ("bf16", "fp16") else self.amp
+        return DTYPES.get(name) if name in ("bf16", "fp16") else None
 
     def to_dict(self) -> dict:
         """The options as JSON-ready values (run.json, checkpoints)."""
@@ -408,7 +426,7 @@ def check_resumable(path: Path, state: dict, config: TrainConfig, world_size: in
     """Raise ValueError (one line) when the run saved in checkpoint `path` (resume state `state`) cannot be
     continued with `config` on `world_size` processes from `run_info`. Checked from what the checkpoint
     itself records, so that checkpoints copied without run.json are checked too: the global batch and the
-    seed (the data position would mean other samples), the base, data and model settings when both sides
+    seed (the data position would mean other samples), the frozen weights' dtype, the base, data and model settings when both sides
     record them (`ResumeSettingsError`), and the step (past max_steps the schedule has ended)."""
     saved = state.get("config") or {}
     old_batch = state.get("world_size", 1) * saved.get("batch_size", 0) * saved.get("grad_accum", 1)
@@ -419,7 +437,7 @@ def check_resumable(path: Path, state: dict, config: TrainConfig, world_size: in
                          "accumulation and number of processes)")
     recorded = {**((state.get("run") or {}) if run_info is not None else {}), "train": saved}
     diffs = run_differences(recorded, *((run_info or {}).get(k) or {} for k in ("base", "data", "model")),
-                            config.seed)
+                            config.seed, config.dtype)
     if diffs:
         raise ResumeSettingsError(path, diffs)
     step = int(state.get("step", 0))
@@ -473,6 +491,8 @@ class Trainer:
         self.run_info = run_info
         self.dist = dist or DistInfo(device=next(model.parameters()).device)
         self.device = self.dist.device
+        if config.dtype is not None:  # before FSDP shards the LLM and the optimiser takes the parameters
+            cast_frozen(model, config.dtype)
         self.fsdp: dict | None = None  # what this rank holds of the LLM, when sharded
         if config.fsdp:
             self.fsdp = shard_language_model(model, self.dist)
@@ -485,7 +505,7 @@ class Trainer:
         self.params = [p for _, p in self.named_params]
         self.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas)
         self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.compute_dtype == torch.float16)
         self.global_batch = config.batch_size * config.grad_accum * self.dist.world_size
         check_batch_fits(config, self.dist.world_size, len(dataset))
         self.step = 0
@@ -921,7 +941,7 @@ class Trainer:
     def _forward_backward(self, batches: list, n_tok: list[int], total: float, epoch: int) -> tuple[float, list]:
         """Accumulate the gradients of this rank's micro-batches, each weighted by its share of the global
         batch's `total` answer tokens; returns (the global batch's loss, the ids of the samples used)."""
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.amp)
+        amp_dtype = self.config.compute_dtype
         pin = self.device.type == "cuda"
         loss_sum = torch.zeros((), dtype=torch.float64)
         ids = []

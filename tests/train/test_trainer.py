@@ -202,3 +202,45 @@ def test_skipped_samples_are_counted_once_across_epochs(tmp_path):
     assert res.skipped == 2
     _, state = load_checkpoint(res.checkpoint)
     assert state["skipped"] == 2
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_frozen_weights_fp32_trainable_and_checkpoints(data_dir, tmp_path, dtype):
+    """dtype: the frozen parameters in half precision, the trainable modules, their optimiser moments and
+    the checkpointed tensors float32; the steps' losses finite (both dtypes run on a CPU). fp16's grad
+    scaler skips the first 3 steps (inf gradients at its initial scale), so 4 steps update once at least."""
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    tr = _setup(data_dir, tmp_path / dtype, max_steps=4, save_every=100, dtype=dtype)
+    res = tr.train()
+    assert all(math.isfinite(x) for x in res.losses) and len(res.losses) == 4
+    assert tr.scaler.is_enabled() == (dtype == "fp16")
+    trainable = {n for n, _ in tr.named_params}
+    assert trainable and all(n.split(".")[0] in SAM.TRAINABLE_MODULES for n in trainable)
+    kept = ("query_tokens",) if dtype == "fp16" else ()  # as transformers keeps it when loading in fp16
+    for name, p in tr.model.named_parameters():
+        want = torch.float32 if name in trainable or name in kept else half
+        assert p.dtype == want, name
+    moments = [v for st in tr.optimizer.state.values() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")]
+    assert len(moments) == 2 * len(trainable) and all(m.dtype == torch.float32 for m in moments)
+    tensors, state = load_checkpoint(res.checkpoint)
+    assert sorted(tensors) == sorted(trainable) and all(t.dtype == torch.float32 for t in tensors.values())
+    assert state["config"]["dtype"] == dtype
+    assert tr.model.language_model.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers left alone
+
+
+def test_resume_with_another_dtype_is_refused_naming_both(data_dir, tmp_path):
+    _setup(data_dir, tmp_path / "run", max_steps=2, save_every=2, dtype="bf16").train()
+    with pytest.raises(ValueError, match=r"dtype: bf16 -> fp32"):
+        _setup(data_dir, tmp_path / "run", max_steps=4, save_every=2, dtype="fp32").train(resume=True)
+    res = _setup(data_dir, tmp_path / "run", max_steps=3, save_every=2, dtype="bf16").train(resume=True)
+    assert res.step == 3 and [r["step"] for r in _log(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_dtype_and_a_different_amp_are_refused(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="amp='fp16' with dtype='bf16'"):
+        _setup(data_dir, tmp_path, dtype="bf16", amp="fp16")
+    with pytest.raises(ValueError, match="dtype='fp64' is not one of"):
+        _setup(data_dir, tmp_path, dtype="fp64")
+    assert TrainConfig(dtype="bf16", amp="bf16").compute_dtype == torch.bfloat16
+    assert TrainConfig(dtype="fp32", amp="fp16").compute_dtype == torch.float16
+    assert TrainConfig(dtype="fp32").compute_dtype is None
