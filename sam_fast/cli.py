@@ -57,6 +57,14 @@ TRAIN_FLAGS = {
     "prefetch_factor": (int, "micro-batches each loader process prepares ahead (default 2)"),
     "cpu_threads": (int, "intra-op threads while training on a CPU (default 1: the step's small products gain "
                          "nothing from more, and spinning threads slow a busy machine down; 0: torch's default)"),
+    "eval_every": (int, "every N optimiser steps and at the last, checkpoint, generate on --eval-data (lavis, the "
+                        "model's generation settings) and log ROUGE_L/CIDEr/Bleu_4 to log.jsonl, --report-to and "
+                        "OUTPUT/eval_history.json (a resumed run appends to it)"),
+    "eval_data": (str, "held-out annotations.json folder for --eval-every (every image checked before the first "
+                       "step)"),
+    "eval_limit": (int, "evaluate only the first K samples of --eval-data"),
+    "eval_max_new_tokens": (int, "new tokens per answer in those evaluations (default: the model's generation "
+                                 "config, the paper's 255)"),
 }
 AMP_CHOICES = ("none", "bf16", "fp16")
 DTYPE_CHOICES = ("bf16", "fp16", "fp32")
@@ -253,13 +261,14 @@ def _cmd_train_locked(args: argparse.Namespace, locks: list) -> int:
     model, tokenizers, base = _train_model(plan, dist)
     torch.manual_seed(plan.tcfg.seed)
     ds = _train_dataset(args, plan, model)
+    eval_ds = _eval_dataset(args, plan, model)
     data_info = {"path": str(Path(plan.data_dir).resolve()),
                  "features": str(Path(plan.features).resolve()) if plan.features else None}
     run_info = {"base": base, "data": data_info, "model": _model_info(plan, model)}
     if _check_before_writing(args, plan, dist, run_info, len(ds)):
         return 0  # resumed at max_steps: nothing to train, nothing written
     _prepare_run(args, plan, dist, model, tokenizers, run_info)
-    trainer = _make_trainer(plan, dist, model, tokenizers, ds, run_info)
+    trainer = _make_trainer(plan, dist, model, tokenizers, ds, run_info, eval_ds)
     return _run_trainer(args, plan, dist, trainer, ds)
 
 
@@ -298,6 +307,8 @@ def _train_plan(args: argparse.Namespace) -> _TrainPlan:
     if isinstance(opts.get("report_to"), str):  # report_to: tensorboard
         opts["report_to"] = [opts["report_to"]]
     opts.setdefault("dtype", "fp32")  # recorded in run.json: a resume must name the same
+    if opts.get("eval_data"):  # recorded in run.json: a resume from another folder reads the same data
+        opts["eval_data"] = str(Path(opts["eval_data"]).resolve())
     try:
         tcfg = TrainConfig.from_dict({**opts, "output_dir": str(output), "progress": not args.no_progress})
         tcfg.validate()  # before anything is built or written
@@ -408,6 +419,21 @@ def _train_dataset(args: argparse.Namespace, plan: _TrainPlan, model):
         raise SystemExit(f"sam-fast train: {e}") from None
 
 
+def _eval_dataset(args: argparse.Namespace, plan: _TrainPlan, model):
+    """The --eval-data samples of --eval-every (None without), opened now: a bad record or image is one line
+    naming the file before anything is written or trained."""
+    if not plan.tcfg.eval_every:
+        return None
+    from sam_fast.data import DataError
+    from sam_fast.train.validation import open_eval_dataset
+
+    try:
+        return open_eval_dataset(plan.tcfg.eval_data, model, plan.tcfg.eval_limit,
+                                 allow_outside_paths=args.allow_outside_paths)
+    except DataError as e:
+        raise SystemExit(f"sam-fast train: --eval-data: {e}") from None
+
+
 def _model_info(plan: _TrainPlan, model) -> dict:
     """The model settings the run is tied to (run.json's "model")."""
     from sam_fast.train import outputs
@@ -479,12 +505,13 @@ def _prepare_run(args: argparse.Namespace, plan: _TrainPlan, dist, model, tokeni
               f"{outputs.describe(kept)}", file=sys.stderr)
 
 
-def _make_trainer(plan: _TrainPlan, dist, model, tokenizers, ds, run_info: dict):
+def _make_trainer(plan: _TrainPlan, dist, model, tokenizers, ds, run_info: dict, eval_ds=None):
     """The `Trainer`; under --fsdp the main process prints how the LLM was sharded."""
     from sam_fast.train import Trainer, outputs
 
     try:
-        trainer = Trainer(model, ds, outputs.prompt_builder(model, tokenizers), plan.tcfg, dist, run_info=run_info)
+        trainer = Trainer(model, ds, outputs.prompt_builder(model, tokenizers), plan.tcfg, dist, run_info=run_info,
+                          eval_dataset=eval_ds)
     except ValueError as e:
         raise SystemExit(f"sam-fast train: {e}") from None
     if trainer.fsdp is not None:
@@ -532,6 +559,11 @@ def _print_train_result(res, trainer, ds) -> None:
     if res.skipped:
         print(f"{ds.skipped.summary()}" + (f"; {trainer.collator.dropped} undecodable item(s) dropped"
                                           if trainer.collator.dropped else ""))
+    if res.evals:
+        m = res.evals[-1]["metrics"]
+        print(f"eval at step {res.evals[-1]['step']} ({m['num_samples']} samples): ROUGE_L {m['ROUGE_L']:.2f}  "
+              f"CIDEr {m['CIDEr']:.2f}  Bleu_4 {m['Bleu_4']:.2f}; {len(res.evals)} evaluation(s) this run -> "
+              f"{trainer.validation.path}")
 
 
 def _unknown_model_overrides(overrides: dict) -> list[str]:
@@ -900,10 +932,11 @@ def _add_run_dir_flags(p: argparse.ArgumentParser) -> None:
     """train's --resume / --overwrite: what happens to a run already in OUTPUT."""
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT "
                    "(the losses then equal those of an uninterrupted run); refused, before anything is written, "
-                   "when --data, --seed, --dtype, --model, --context-mode, --guidance or the global batch differ from the "
-                   "run's run.json or checkpoint, when the checkpoint is past --max-steps, or when OUTPUT holds no run")
+                   "when --data, --seed, --dtype, --model, --context-mode, --guidance or the global batch differ from "
+                   "the run's run.json or checkpoint, when the checkpoint is past --max-steps, or when OUTPUT holds no run")
     p.add_argument("--overwrite", action="store_true", help="replace the training run already in OUTPUT, removing "
-                   "only the files it wrote (run.json, log.jsonl, checkpoints, the base/ and tokenizer/ files "
+                   "only the files it wrote (run.json, log.jsonl, eval_history.json, checkpoints, the base/ and "
+                   "tokenizer/ files "
                    "run.json lists); other files are kept and named. Without --resume or --overwrite an existing "
                    "run is refused, and a non-empty OUTPUT that holds no run always is. One process at a time "
                    "trains into OUTPUT (OUTPUT/.lock; a lock whose process is gone is taken over)")
