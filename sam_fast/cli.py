@@ -48,14 +48,27 @@ TRAIN_FLAGS = {
     "grad_accum": (int, "micro-batches per optimiser step"),
     "clip_grad_norm": (float, "gradient-norm clipping (0 disables)"),
     "amp": (str, "mixed precision (fp16 with a grad scaler)"),
+    "dtype": (str, "dtype of the frozen ViT, Q-former and LLM weights (default fp32); the trainable modules, "
+                   "their optimiser state and the checkpoints stay fp32, and bf16/fp16 run the forward under "
+                   "autocast in that dtype (--amp, if given, must name the same)"),
     "log_every": (int, "write a log.jsonl record every N steps"),
     "num_workers": (int, "data loader processes reading, augmenting and collating batches ahead of the step "
                          "(0, the default: in the training process); any number gives the same run"),
     "prefetch_factor": (int, "micro-batches each loader process prepares ahead (default 2)"),
     "cpu_threads": (int, "intra-op threads while training on a CPU (default 1: the step's small products gain "
                          "nothing from more, and spinning threads slow a busy machine down; 0: torch's default)"),
+    "eval_every": (int, "every N optimiser steps and at the last, checkpoint, generate on --eval-data (lavis, the "
+                        "model's generation settings) and log ROUGE_L/CIDEr/Bleu_4 to log.jsonl, --report-to and "
+                        "OUTPUT/eval_history.json (a resumed run appends to it)"),
+    "eval_data": (str, "held-out annotations.json folder for --eval-every (every image checked before the first "
+                       "step)"),
+    "eval_limit": (int, "evaluate only the first K samples of --eval-data"),
+    "eval_max_new_tokens": (int, "new tokens per answer in those evaluations (default: the model's generation "
+                                 "config, the paper's 255)"),
 }
 AMP_CHOICES = ("none", "bf16", "fp16")
+DTYPE_CHOICES = ("bf16", "fp16", "fp32")
+FLAG_CHOICES = {"amp": AMP_CHOICES, "dtype": DTYPE_CHOICES}
 REPORT_TO_CHOICES = ("tensorboard", "wandb")
 PERFORMANCE_DOC = "docs/performance.md"  # where `sam-fast bench --update-docs` writes the Speed table
 # train options a config file may hold besides TRAIN_FLAGS (and the other TrainConfig fields)
@@ -249,13 +262,14 @@ def _cmd_train_locked(args: argparse.Namespace, locks: list) -> int:
     model, tokenizers, base = _train_model(plan, dist)
     torch.manual_seed(plan.tcfg.seed)
     ds = _train_dataset(args, plan, model)
+    eval_ds = _eval_dataset(args, plan, model)
     data_info = {"path": str(Path(plan.data_dir).resolve()),
                  "features": str(Path(plan.features).resolve()) if plan.features else None}
     run_info = {"base": base, "data": data_info, "model": _model_info(plan, model)}
     if _check_before_writing(args, plan, dist, run_info, len(ds)):
         return 0  # resumed at max_steps: nothing to train, nothing written
     _prepare_run(args, plan, dist, model, tokenizers, run_info)
-    trainer = _make_trainer(plan, dist, model, tokenizers, ds, run_info)
+    trainer = _make_trainer(plan, dist, model, tokenizers, ds, run_info, eval_ds)
     return _run_trainer(args, plan, dist, trainer, ds)
 
 
@@ -293,6 +307,9 @@ def _train_plan(args: argparse.Namespace) -> _TrainPlan:
     opts.pop("config", None)
     if isinstance(opts.get("report_to"), str):  # report_to: tensorboard
         opts["report_to"] = [opts["report_to"]]
+    opts.setdefault("dtype", "fp32")  # recorded in run.json: a resume must name the same
+    if opts.get("eval_data"):  # recorded in run.json: a resume from another folder reads the same data
+        opts["eval_data"] = str(Path(opts["eval_data"]).resolve())
     try:
         tcfg = TrainConfig.from_dict({**opts, "output_dir": str(output), "progress": not args.no_progress})
         tcfg.validate()  # before anything is built or written
@@ -363,7 +380,8 @@ def _check_run_dir(args: argparse.Namespace, plan: _TrainPlan) -> None:
 
 
 def _train_model(plan: _TrainPlan, dist):
-    """(model on the process's device, tokenizers, the run's `base` record)."""
+    """(model on the process's device, its frozen weights in --dtype, tokenizers, the run's `base` record)."""
+    from sam_fast.models.precision import cast_frozen
     from sam_fast.train import outputs
 
     if plan.model_src in outputs.BUILTIN_CONFIGS:
@@ -376,6 +394,7 @@ def _train_model(plan: _TrainPlan, dist):
     else:
         model, tokenizers, _ = _load_model("train", plan.model_src)
         base = {"kind": "pretrained", "path": str(Path(plan.model_src).resolve()), "overrides": plan.overrides}
+    cast_frozen(model, plan.tcfg.dtype)  # before the move: the device gets the smaller copy
     model.to(dist.device)
     return model, tokenizers, base
 
@@ -399,6 +418,21 @@ def _train_dataset(args: argparse.Namespace, plan: _TrainPlan, model):
                                  allow_outside_paths=args.allow_outside_paths)
     except DataError as e:
         raise SystemExit(f"sam-fast train: {e}") from None
+
+
+def _eval_dataset(args: argparse.Namespace, plan: _TrainPlan, model):
+    """The --eval-data samples of --eval-every (None without), opened now: a bad record or image is one line
+    naming the file before anything is written or trained."""
+    if not plan.tcfg.eval_every:
+        return None
+    from sam_fast.data import DataError
+    from sam_fast.train.validation import open_eval_dataset
+
+    try:
+        return open_eval_dataset(plan.tcfg.eval_data, model, plan.tcfg.eval_limit,
+                                 allow_outside_paths=args.allow_outside_paths)
+    except DataError as e:
+        raise SystemExit(f"sam-fast train: --eval-data: {e}") from None
 
 
 def _model_info(plan: _TrainPlan, model) -> dict:
@@ -433,7 +467,7 @@ def _check_resume(plan: _TrainPlan, dist, run_info: dict) -> bool:
             else "resume with the run's settings, or start a new run in another --output")
     try:
         diffs = outputs.resume_differences(plan.output, run_info["base"], run_info["data"], run_info["model"],
-                                           plan.tcfg.seed)
+                                           plan.tcfg.seed, plan.tcfg.dtype)
     except outputs.RunDirectoryError as e:
         raise SystemExit(f"sam-fast train: --resume: {e}") from None
     if diffs:
@@ -472,12 +506,13 @@ def _prepare_run(args: argparse.Namespace, plan: _TrainPlan, dist, model, tokeni
               f"{outputs.describe(kept)}", file=sys.stderr)
 
 
-def _make_trainer(plan: _TrainPlan, dist, model, tokenizers, ds, run_info: dict):
+def _make_trainer(plan: _TrainPlan, dist, model, tokenizers, ds, run_info: dict, eval_ds=None):
     """The `Trainer`; under --fsdp the main process prints how the LLM was sharded."""
     from sam_fast.train import Trainer, outputs
 
     try:
-        trainer = Trainer(model, ds, outputs.prompt_builder(model, tokenizers), plan.tcfg, dist, run_info=run_info)
+        trainer = Trainer(model, ds, outputs.prompt_builder(model, tokenizers), plan.tcfg, dist, run_info=run_info,
+                          eval_dataset=eval_ds)
     except ValueError as e:
         raise SystemExit(f"sam-fast train: {e}") from None
     if trainer.fsdp is not None:
@@ -525,6 +560,11 @@ def _print_train_result(res, trainer, ds) -> None:
     if res.skipped:
         print(f"{ds.skipped.summary()}" + (f"; {trainer.collator.dropped} undecodable item(s) dropped"
                                           if trainer.collator.dropped else ""))
+    if res.evals:
+        m = res.evals[-1]["metrics"]
+        print(f"eval at step {res.evals[-1]['step']} ({m['num_samples']} samples): ROUGE_L {m['ROUGE_L']:.2f}  "
+              f"CIDEr {m['CIDEr']:.2f}  Bleu_4 {m['Bleu_4']:.2f}; {len(res.evals)} evaluation(s) this run -> "
+              f"{trainer.validation.path}")
 
 
 def _unknown_model_overrides(overrides: dict) -> list[str]:
@@ -539,14 +579,15 @@ def _unknown_model_overrides(overrides: dict) -> list[str]:
                   key=str)
 
 
-def _load_model(cmd: str, model_dir):
-    """`load_model_dir(model_dir)`, with a damaged checkpoint (`CheckpointError`), a missing or
-    unrecognised directory, a damaged weight or JSON file, or another loading error turned into one
-    line ``sam-fast CMD: ...``."""
+def _load_model(cmd: str, model_dir, dtype: str | None = None):
+    """`load_model_dir(model_dir)` with its frozen weights cast to `dtype` (`cast_frozen`; None: as
+    loaded), a damaged checkpoint (`CheckpointError`), a missing or unrecognised directory, a damaged
+    weight or JSON file, or another loading error turned into one line ``sam-fast CMD: ...``."""
     from sam_fast.models.directory import load_model_dir
+    from sam_fast.models.precision import cast_frozen
 
     try:
-        return load_model_dir(model_dir)
+        model, tokenizers, what = load_model_dir(model_dir)
     except RecursionError:
         raise SystemExit(f"sam-fast {cmd}: --model {model_dir}: a JSON file in it is nested too deeply to be a "
                          "config (damaged?)") from None
@@ -558,6 +599,9 @@ def _load_model(cmd: str, model_dir):
         if str(model_dir) not in msg:
             msg = f"--model {model_dir}: {msg}"
         raise SystemExit(f"sam-fast {cmd}: {msg}") from None
+    if dtype is not None:
+        cast_frozen(model, dtype)
+    return model, tokenizers, what
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -565,15 +609,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from sam_fast.eval import answer
     from sam_fast.models.directory import prompt_builder
     from sam_fast.models.generation import GenerationSettingError
+    from sam_fast.models.precision import autocast
 
-    model, tokenizers, _ = _load_model("generate", args.model)
+    model, tokenizers, _ = _load_model("generate", args.model, args.dtype)
     if args.device:
         model.to(args.device)
     for p in args.images:
         if not Path(p).is_file():
             raise SystemExit(f"sam-fast generate: image {p} does not exist")
     try:
-        text = answer(model, prompt_builder(model, tokenizers), args.images, args.prompt, **_gen_kwargs(args))
+        with autocast(model):
+            text = answer(model, prompt_builder(model, tokenizers), args.images, args.prompt, **_gen_kwargs(args))
     except (DataError, GenerationSettingError) as e:  # an unreadable image, a prompt holding <image>, a setting
         # refused (the model folder's generation_config.json max_length shorter than the prompt in "hf" mode)
         raise SystemExit(f"sam-fast generate: {str(e).removeprefix('generate: ')}") from None
@@ -590,18 +636,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from sam_fast.eval import evaluate
     from sam_fast.models.directory import prompt_builder
     from sam_fast.models.generation import GenerationSettingError
+    from sam_fast.models.precision import autocast
 
     dist = None
     if args.device or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one share of the samples per rank
         dist = init_from_env(args.device)
-    model, tokenizers, what = _load_model("eval", args.model)
+    model, tokenizers, what = _load_model("eval", args.model, args.dtype)
     if dist is not None:
         model.to(dist.device)
     try:
-        m = evaluate(model, args.data, prompt_builder(model, tokenizers), args.output,
-                     batch_size=args.batch_size, skip_bad=args.skip_bad, progress=not args.no_progress,
-                     limit=args.limit, features=args.features, dist=dist,
-                     allow_outside_paths=args.allow_outside_paths, model_name=str(args.model), **_gen_kwargs(args))
+        with autocast(model):
+            m = evaluate(model, args.data, prompt_builder(model, tokenizers), args.output,
+                         batch_size=args.batch_size, skip_bad=args.skip_bad, progress=not args.no_progress,
+                         limit=args.limit, features=args.features, dist=dist,
+                         allow_outside_paths=args.allow_outside_paths, model_name=str(args.model),
+                         **_gen_kwargs(args))
     except (DataError, StaleCacheError, GenerationSettingError) as e:
         raise SystemExit(f"sam-fast eval: {e}") from None
     if not (dist or DistInfo()).is_main:
@@ -834,6 +883,10 @@ def _add_export_command(sub) -> None:
     p.set_defaults(func=_cmd_export)
 
 
+DTYPE_HELP = ("dtype of the frozen ViT, Q-former and LLM weights (default: as they load; fp32 for built-in models "
+              "and training outputs); the trainable modules stay fp32 and bf16/fp16 generate under autocast")
+
+
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (defaults: the paper's: 5 beams, 255 new tokens, repetition penalty 1.5)")
     g.add_argument("--generation-mode", choices=("lavis", "hf"), default="lavis",
@@ -880,10 +933,11 @@ def _add_run_dir_flags(p: argparse.ArgumentParser) -> None:
     """train's --resume / --overwrite: what happens to a run already in OUTPUT."""
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT "
                    "(the losses then equal those of an uninterrupted run); refused, before anything is written, "
-                   "when --data, --seed, --model, --context-mode, --guidance or the global batch differ from the "
-                   "run's run.json or checkpoint, when the checkpoint is past --max-steps, or when OUTPUT holds no run")
+                   "when --data, --seed, --dtype, --model, --context-mode, --guidance or the global batch differ from "
+                   "the run's run.json or checkpoint, when the checkpoint is past --max-steps, or when OUTPUT holds no run")
     p.add_argument("--overwrite", action="store_true", help="replace the training run already in OUTPUT, removing "
-                   "only the files it wrote (run.json, log.jsonl, checkpoints, the base/ and tokenizer/ files "
+                   "only the files it wrote (run.json, log.jsonl, eval_history.json, checkpoints, the base/ and "
+                   "tokenizer/ files "
                    "run.json lists); other files are kept and named. Without --resume or --overwrite an existing "
                    "run is refused, and a non-empty OUTPUT that holds no run always is. One process at a time "
                    "trains into OUTPUT (OUTPUT/.lock; a lock whose process is gone is taken over)")
@@ -902,7 +956,7 @@ def _add_train_step_flags(p: argparse.ArgumentParser) -> None:
                    "wandb installed; set WANDB_MODE=offline to keep it local) besides OUTPUT/log.jsonl")
     for name, (typ, hlp) in TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, help=hlp,
-                       **({"choices": AMP_CHOICES} if name == "amp" else {}))
+                       **({"choices": FLAG_CHOICES[name]} if name in FLAG_CHOICES else {}))
 
 
 def _add_generate_command(sub) -> None:
@@ -917,6 +971,7 @@ def _add_generate_command(sub) -> None:
     p.add_argument("--images", nargs="+", required=True, help="image files, in order")
     p.add_argument("--prompt", required=True, help='instruction, e.g. "{image#1} {image#2} what is common?"')
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: where the model loads)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     _add_generation_flags(p)
     p.set_defaults(func=_cmd_generate)
 
@@ -938,6 +993,7 @@ def _add_eval_command(sub) -> None:
     p.add_argument("--limit", type=_positive_int, help="only the first N samples")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: under torchrun cuda:LOCAL_RANK if available, "
                    "else cpu; in one process where the model loads)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument("--features", help="feature cache of --data (sam-fast cache-features) to read instead of images")
     p.add_argument("--skip-bad", action="store_true")
     p.add_argument("--allow-outside-paths", action="store_true", help=OUTSIDE_HELP)

@@ -211,6 +211,29 @@ def test_torchrun_two_processes_equal_one(dirs, tmp_path):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_torchrun_evaluations_equal_one_process(dirs, tmp_path):
+    """--eval-every under torchrun (gloo, 2 processes): the samples split over the ranks, rank 0 writes the
+    same history as one process (same answers, same scores)."""
+    common = ["train", "--config", "tiny", "--data", str(dirs["train"]), "--max-steps", "3", "--save-every", "3",
+              "--lr", "3e-3", "--warmup-steps", "1", "--no-progress", "--eval-every", "2", "--eval-data",
+              str(dirs["test"]), "--eval-max-new-tokens", "4"]
+    assert main(common + ["--output", str(tmp_path / "one"), "--batch-size", "2"]) == 0
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "sam_fast.cli", *common, "--output", str(tmp_path / "two"), "--batch-size", "1"]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "eval_history.json").read_text()) for d in ("one", "two"))
+    assert [e["step"] for e in two] == [2, 3] and len(two[0]["samples"]) == 3
+    assert [(e["metrics"], e["samples"]) for e in two] == [(e["metrics"], e["samples"]) for e in one]
+
+
 # -- bad sizes, paths out of the dataset, file names from ids, cache replacement --------------------
 @pytest.mark.parametrize("argv, flag, value", [
     (["eval", "--limit", "-1"], "--limit", "-1"), (["eval", "--batch-size", "0"], "--batch-size", "0"),
@@ -340,6 +363,103 @@ def test_train_no_packing_gives_the_same_losses(tmp_path):
 
 
 # -- data loading options, a required --model, one-line errors, help texts, metrics.json metadata --------
+def test_train_bf16_frozen_fp32_trainable_resume_refuses_another_dtype(dirs, tmp_path, monkeypatch, capsys):
+    """--dtype bf16 on a CPU: the frozen weights bf16, the trainable modules fp32 (and their checkpointed
+    tensors), the losses finite, run.json records it; --resume with fp32 (the default) is refused in one line
+    naming both, with bf16 it continues; eval and generate --dtype bf16 run on the run."""
+    import math
+
+    import torch
+    from safetensors.torch import load_file
+
+    from sam_fast.train import Trainer
+
+    seen, real_train = {}, Trainer.train
+
+    def spy(self, *a, **k):
+        seen["model"] = self.model
+        return real_train(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "train", spy)
+    out = tmp_path / "bf16"
+    train = ["train", "--config", "tiny", "--data", str(dirs["train"]), "--output", str(out), *TRAIN, "--dtype", "bf16"]
+    assert main(train) == 0
+    trainable = set(seen["model"].trainable_state_dict())
+    dtypes = {n: p.dtype for n, p in seen["model"].named_parameters()}
+    assert {dtypes[n] for n in trainable} == {torch.float32}
+    assert {d for n, d in dtypes.items() if n not in trainable} == {torch.bfloat16}
+    assert all(math.isfinite(r["loss"]) for r in _log(out)) and len(_log(out)) == 4
+    assert json.loads((out / "run.json").read_text())["train"]["dtype"] == "bf16"
+    saved = load_file(out / "checkpoints" / "step-00000004" / "trainable.safetensors")
+    assert set(saved) == trainable and {t.dtype for t in saved.values()} == {torch.float32}
+    capsys.readouterr()
+    more = ["--resume", "--max-steps", "5"]
+    for argv in (train[:-2] + more, train[:-1] + ["fp32"] + more):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert "dtype: bf16 -> fp32" in str(exc.value) and "\n" not in str(exc.value)
+    assert main(train + more) == 0 and [r["step"] for r in _log(out)] == [1, 2, 3, 4, 5]
+    assert main(["eval", "--model", str(out), "--data", str(dirs["test"]), "--output", str(tmp_path / "ev"),
+                 "--num-beams", "2", "--max-new-tokens", "4", "--no-progress", "--dtype", "bf16"]) == 0
+    assert len(json.loads((tmp_path / "ev" / "pred.json").read_text())) == 3
+    imgs = sorted(str(p) for p in (dirs["test"] / "images").iterdir())[:2]
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out), "--images", *imgs, "--prompt", "{image#1} {image#2} what?",
+                 "--num-beams", "1", "--max-new-tokens", "4", "--dtype", "bf16"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+
+
+def test_train_evaluates_during_training_as_sam_fast_eval_scores(dirs, tmp_path, capsys):
+    """--eval-every 2 --eval-data TEST: the history holds steps 2 and 4, scored as `sam-fast eval` scores
+    that step's checkpoint with the same settings; run.json records the options, log.jsonl and TensorBoard
+    the scores; --overwrite counts the history among the run's own files."""
+    from pathlib import PurePosixPath
+
+    from sam_fast.train import outputs
+
+    out = tmp_path / "run"
+    tb = ["--report-to", "tensorboard"] if importlib.util.find_spec("tensorboard") is not None else []
+    assert main(["train", "--config", "tiny", "--data", str(dirs["train"]), "--output", str(out), *TRAIN, *tb,
+                 "--eval-every", "2", "--eval-data", str(dirs["test"]), "--eval-limit", "2",
+                 "--eval-max-new-tokens", "4"]) == 0
+    assert "eval at step 4 (2 samples): ROUGE_L" in capsys.readouterr().out
+    assert "eval_history.json" in {p.name for p in out.iterdir()}
+    train = json.loads((out / "run.json").read_text())["train"]
+    assert (train["eval_every"], train["eval_data"], train["eval_limit"], train["eval_max_new_tokens"]) == (
+        2, str(dirs["test"].resolve()), 2, 4)
+    hist = json.loads((out / "eval_history.json").read_text())
+    assert [e["step"] for e in hist] == [2, 4]
+    assert [r["eval"] for r in _log(out) if "eval" in r] == [e["metrics"] for e in hist]
+    ev = tmp_path / "ev"
+    assert main(["eval", "--model", str(out / "checkpoints" / "step-00000004"), "--data", str(dirs["test"]),
+                 "--output", str(ev), "--limit", "2", "--max-new-tokens", "4", "--no-progress"]) == 0
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert {k: metrics[k] for k in ("ROUGE_L", "CIDEr", "Bleu_4", "num_samples")} == {
+        k: hist[1]["metrics"][k] for k in ("ROUGE_L", "CIDEr", "Bleu_4", "num_samples")}
+    assert hist[1]["samples"] == json.loads((ev / "pred.json").read_text())
+    assert PurePosixPath("eval_history.json") in outputs.clear_plan(out)[0]
+    if tb:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(out / "tensorboard")).Reload()
+        assert [e.step for e in acc.Scalars("eval/CIDEr")] == [2, 4]
+
+
+def test_bad_eval_data_stops_before_the_first_step_naming_the_file(dirs, tmp_path):
+    bad = write_group_captions(tmp_path / "heldout", n_samples=3, size=32, seed=4)
+    (bad / "images" / "0001_0.png").unlink()
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--config", "tiny", "--data", str(dirs["train"]), "--output", str(out), *TRAIN,
+              "--eval-every", "2", "--eval-data", str(bad)])
+    msg = str(exc.value)
+    assert msg.startswith("sam-fast train: --eval-data:") and "0001_0.png" in msg and "\n" not in msg
+    assert not (out / "run.json").exists() and not (out / "log.jsonl").exists()
+    with pytest.raises(SystemExit, match="eval_every=2 needs eval_data"):
+        main(["train", "--config", "tiny", "--data", str(dirs["train"]), "--output", str(out), *TRAIN,
+              "--eval-every", "2"])
+
+
 def test_train_refuses_a_missing_model(dirs, tmp_path):
     with pytest.raises(SystemExit, match=r"^sam-fast train: --model is required .*--model tiny") as exc:
         main(["train", "--data", str(dirs["train"]), "--output", str(tmp_path / "o"), "--no-progress"])
@@ -545,9 +665,9 @@ HELP_COMMANDS = ["", "train", "generate", "eval", "cache-features", "explain", "
                  "export", "init", "convert"]
 HELP_SHA256_PY311 = {
     '': 'f202c26a767af974d0439f749e1ef985baf315068aa687dcf17d631fc603abbe',
-    'train': '925c64d312791683c3547d169669f2f4da176446544335f11c39e287954808bb',
-    'generate': '183a338dba2d82fb8e5e70098ac369d18b1ecb9f951f3cd5240d86ba72ad66c0',
-    'eval': '769c35ba25ce8836888d8996842046b4d0f851162f694a79d213f334d6b07809',
+    'train': 'e65cfdec6de05c990f4cdc10caecd1f965369d4626f26fbf23fe870da1764490',
+    'generate': '696cd1f377b82dd47156005e793144dfe5e9afd8d890ce23bb84d2ba3b6002ce',
+    'eval': 'eba8de5408df218ba18b549e180488a28fe7f16cc2bbdd1d6b46031dbe686abd',
     'cache-features': 'a0221b2743f713884ae8b7c605d564e805cbd425957d77f823fe1ba2b9a33b17',
     'explain': '66c28d58a4860ab90f447269905669e14af22f7ec2912990ba03b2a2410044a6',
     'bench': '48e093bf87a281eae09a89b724cc741615115b9bdf71c9e7da1ac02f6effe90a',
@@ -561,9 +681,9 @@ HELP_SHA256_PY311 = {
 # the same parsers described field by field (independent of argparse's layout, so checked on every Python)
 PARSER_SHA256 = {
     '': '275e7edbb09dad55155664a5d5bd281c28bc2c8cbb1ded6c63b3b20bc3f63d6d',
-    'train': 'e91ba88685d8a9b84528e8f8a7798047bb5051b4022a1b739dfb9ac5ef409439',
-    'generate': 'a250bc7dcbdcf45577bbbf9bf2720c73c3c17ee41c6249584ecd5794eb62243f',
-    'eval': 'f2563938322d901b0550098d81fc01b3579933f5247f48ed3d2ecffd3f1b850d',
+    'train': '386cd5a796e168f4fb7232920eea9f24fe509e931ddf1e4aad12b6c6a6be0400',
+    'generate': 'ed7c5f4f04eacf624993fead2913a7c7515cfa167b9067912a4eecfbb5645558',
+    'eval': 'ade21457a9c0632703c3de364ce547bd1153e52c2fc113709d7a07a680e2e4aa',
     'cache-features': '701418903df36dd9ef17b0dc094285bf1073a52d8f687fc7d82eebd6638f22a5',
     'explain': '9f8fa738f118a60565d6c2de6f26e72369ea1cdf74bdd66cea6fb74a1e6a9c08',
     'bench': 'ddc7483da4e45b65db78cb6a7ab381231ab20c7b96d27ff23ad432d74e59b7ed',

@@ -169,12 +169,13 @@ def test_trainable_modules_defined_once():
     assert TRAINABLE_MODULES == ("adaptive_adjustment", "guidance_in", "guidance_out", "language_projection")
 
 
-# _kernels/data/runlock -> ops -> modules -> models -> train/eval -> synthesis -> cli: a module imports its own
+# _kernels/data/runlock -> ops -> modules -> models -> eval -> train/synthesis -> cli: a module imports its own
 # layer and earlier ones only (modules of the same layer side by side: neither imports the other; the ground
 # floor's _kernels, data and runlock import nothing of each other).
-# synthesis is an application above eval: its captioner runs sam_fast.eval.answer.
+# synthesis is an application above eval: its captioner runs sam_fast.eval.answer; so is train: its
+# evaluations during training (eval_every) generate and score as sam_fast.eval does.
 LAYERS = {"sam_fast._kernels": 0, "sam_fast.data": 0, "sam_fast.runlock": 0, "sam_fast.ops": 1, "sam_fast.modules": 2,
-          "sam_fast.models": 3, "sam_fast.train": 4, "sam_fast.eval": 4, "sam_fast.synthesis": 5, "sam_fast.cli": 6}
+          "sam_fast.models": 3, "sam_fast.eval": 4, "sam_fast.train": 5, "sam_fast.synthesis": 5, "sam_fast.cli": 6}
 # deprecated alias module -> the package it re-exports (its only import, wherever that package sits)
 ALIASES = {"sam_fast.data.synthesis": "sam_fast.synthesis"}
 
@@ -203,7 +204,7 @@ def _back_edges(layer: str) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("layer", list(LAYERS))
 def test_layers_import_only_earlier_layers(layer):
-    """No back-edge along _kernels/data/runlock -> ops -> modules -> models -> train/eval -> synthesis -> cli,
+    """No back-edge along _kernels/data/runlock -> ops -> modules -> models -> eval -> train/synthesis -> cli,
     counting imports inside functions; in particular sam_fast.models.* never imports sam_fast.train.* (loading
     a model directory reads checkpoints through sam_fast.models.checkpoint_files) and sam_fast.data.* never
     imports a model, the evaluator or the trainer."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -63,6 +64,28 @@ def _predict_indexed(model, dataset, indices, prompt_builder, batch_size: int = 
         for i, sid, row, gt in zip(kept, batch["ids"], ids.tolist(), batch["outputs"], strict=True):
             preds.append((i, {"sample_id": sid, "pred_response": prompt_builder.decode(row), "gt_response": gt}))
     return preds
+
+
+class Shared(NamedTuple):
+    """What `predict_shared` returns on the main process (elsewhere: preds None)."""
+
+    preds: list[dict] | None  # every rank's predictions, in dataset order
+    skipped: int  # samples undecodable at generation, over all ranks
+    per_rank: list[int]  # predictions each rank made
+
+
+def predict_shared(model, dataset, prompt_builder, batch_size: int, info: DistInfo, progress: bool = False,
+                   **generate_kwargs) -> Shared:
+    """`predict` with the samples split over the ranks of `info` (rank r: samples r, r + world, ...), the
+    predictions gathered on the main process in dataset order. A collective: every rank calls it."""
+    before = len(getattr(dataset, "skipped", ()))
+    mine = _predict_indexed(model, dataset, shard_indices(len(dataset), info), prompt_builder, batch_size,
+                            progress=progress and info.is_main, **generate_kwargs)
+    shares = gather_objects((mine, len(getattr(dataset, "skipped", ())) - before), info)
+    if not info.is_main:
+        return Shared(None, 0, [])
+    preds = [p for _, p in sorted((ip for share, _ in shares for ip in share), key=lambda ip: ip[0])]
+    return Shared(preds, sum(n for _, n in shares), [len(share) for share, _ in shares])
 
 
 @torch.no_grad()
@@ -192,21 +215,19 @@ def evaluate(model, data_dir, prompt_builder, output_dir, batch_size: int = 8, s
         ds.records = ds.records[:limit]
     out = Path(output_dir)
     skipped_at_load = len(ds.skipped)  # the same on every rank; samples undecodable at generation come on top
-    mine = _predict_indexed(model, ds, shard_indices(len(ds), info), prompt_builder, batch_size,
-                            progress=progress and info.is_main, **generate_kwargs)
-    shares = gather_objects((mine, len(ds.skipped) - skipped_at_load), info)
+    shared = predict_shared(model, ds, prompt_builder, batch_size, info, progress, **generate_kwargs)
     m = None
     if info.is_main:
-        preds = [p for _, p in sorted((ip for share, _ in shares for ip in share), key=lambda ip: ip[0])]
+        preds = shared.preds
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "pred.json", preds)
         m = caption_metrics([p["pred_response"] for p in preds], [p["gt_response"] for p in preds], per_sample=True)
         per = m.pop("per_sample")
         _write_json(out / "eval_score.json", [{"id": p["sample_id"], **s} for p, s in zip(preds, per, strict=True)])
-        m.update(num_samples=len(preds), skipped=skipped_at_load + sum(n for _, n in shares))
+        m.update(num_samples=len(preds), skipped=skipped_at_load + shared.skipped)
         _write_json(out / "metrics.json", {**m, **run_metadata(model, generate_kwargs, model_name)})
         if info.enabled:
-            m = {**m, "samples_per_rank": [len(share) for share, _ in shares]}
+            m = {**m, "samples_per_rank": shared.per_rank}
     m = broadcast_object(m, info)
     barrier(info)
     return m

@@ -8,7 +8,9 @@
     base/           the initial model (only for built-in configurations such as ``tiny``, whose random
                     frozen weights exist nowhere else; real runs reference the base directory instead)
     tokenizer/      qformer/ and llm/ tokenizers (local files)
-    log.jsonl       one record per step
+    log.jsonl       one record per step (and one per evaluation)
+    eval_history.json  with --eval-every: every evaluation during training, {step, metrics, samples}
+                    (sam_fast.train.validation); a resumed run appends to it
     checkpoints/    trainable tensors + resume state (sam_fast.train.checkpoint)
 
 `sam_fast.models.directory.load_model_dir` (also importable from here) loads a model from such a
@@ -24,7 +26,7 @@ Nothing of the user's is written over or deleted. A new run goes only into an em
 where no file exists, and run.json records each file written there with its size and sha256
 ("files"). ``--overwrite`` (`clear_run`) removes only what the run can show it wrote: those recorded
 files while unchanged, and the files of the layout above (run.json, log.jsonl, the checkpoints' own
-files, TensorBoard event files); anything else, e.g. a note or a file put into base/, is kept and named.
+files, eval_history.json, TensorBoard event files); anything else, e.g. a note or a file put into base/, is kept and named.
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ STAGING = ".tmp-run-"  # OUTPUT/.tmp-run-PID: base/ and tokenizer/ being written
 _CKPT_DIR = re.compile(r"^(step-\d+|\.(tmp|old)-step-\d+-\d+)$")  # a checkpoint, being written or replaced
 _CKPT_POINTER = re.compile(r"^(latest|\.tmp-latest-\d+)$")
 _CKPT_FILES = (ckpt.TRAINABLE_FILE, ckpt.STATE_FILE, ckpt.STATE_TENSORS_FILE, ckpt.LEGACY_STATE_FILE)
-_RUN_FILES = ("log.jsonl", "log.jsonl.tmp", ".run.json.tmp")  # besides run.json
+# besides run.json: files at fixed places, known as the run's own by their place (the "files" of run.json record
+# those whose names transformers picks, in base/ and tokenizer/)
+_RUN_FILES = ("log.jsonl", "log.jsonl.tmp", ".run.json.tmp", "eval_history.json", ".eval_history.json.tmp")
 # settings a resumed run must share with the run it continues (the rest may change, e.g. max_steps)
 MODEL_KEYS = ("context_mode", "guidance")
 
@@ -116,8 +120,8 @@ def _file_record(path: Path) -> dict:
 
 
 def _in_layout(rel: PurePosixPath, record: dict | None) -> bool:
-    """Whether `rel` is a file the run writes at a fixed place: run.json, log.jsonl (and their temporary
-    files), a checkpoint's own files and pointer, TensorBoard's event files, base/ and tokenizer/ being
+    """Whether `rel` is a file the run writes at a fixed place: run.json, log.jsonl, eval_history.json (and
+    their temporary files), a checkpoint's own files and pointer, TensorBoard's event files, base/ and tokenizer/ being
     written aside."""
     parts = rel.parts
     if parts[0].startswith(STAGING):
@@ -185,7 +189,8 @@ def model_settings(model: SAM, overrides: dict | None = None) -> dict:
     return json.loads(json.dumps({k: getattr(model.config, k, None) for k in keys}, default=str))
 
 
-def resume_differences(output: str | os.PathLike, base: dict, data: dict, model: dict, seed: int) -> list[str]:
+def resume_differences(output: str | os.PathLike, base: dict, data: dict, model: dict, seed: int,
+                       dtype: str | None = None) -> list[str]:
     """Settings of this invocation that differ from the run in `output` (its run.json), as
     ``"name: old -> new"``; empty when they match or there is no run.json."""
     run_file = Path(output) / "run.json"
@@ -196,12 +201,13 @@ def resume_differences(output: str | os.PathLike, base: dict, data: dict, model:
         raise RunDirectoryError(f"{run_file}: damaged or not written by sam_fast (unreadable, truncated or nested "
                                 "past the JSON parser): move it aside, and --resume checks the checkpoints' own "
                                 "record instead")
-    return run_differences(run, base, data, model, seed)
+    return run_differences(run, base, data, model, seed, dtype)
 
 
-def run_differences(run: dict, base: dict, data: dict, model: dict, seed: int) -> list[str]:
+def run_differences(run: dict, base: dict, data: dict, model: dict, seed: int, dtype: str | None = None) -> list[str]:
     """Settings of this invocation that differ from those `run` records (run.json's, or a checkpoint's
-    ``{"base", "data", "model", "train"}``), as ``"name: old -> new"``; what `run` lacks is not compared."""
+    ``{"base", "data", "model", "train"}``), as ``"name: old -> new"``; what `run` lacks is not compared.
+    The frozen weights' `dtype` is one: the same moments on other weights would be another run."""
     diffs = []
     old_base, new_base = run.get("base") or {}, base
     for k in ("kind", "name", "path") if old_base else ():
@@ -211,6 +217,9 @@ def run_differences(run: dict, base: dict, data: dict, model: dict, seed: int) -
             break
     if "seed" in (run.get("train") or {}) and run["train"]["seed"] != seed:
         diffs.append(f"seed: {run['train']['seed']} -> {seed}")
+    old_dtype = (run.get("train") or {}).get("dtype")
+    if old_dtype is not None and dtype is not None and old_dtype != dtype:
+        diffs.append(f"dtype: {old_dtype} -> {dtype}")
     for k, v in (run.get("data") or {}).items():
         if data.get(k) != v:
             diffs.append(f"{'data' if k == 'path' else k}: {v} -> {data.get(k)}")
@@ -293,7 +302,8 @@ def _blocks(rel: PurePosixPath, new: set[PurePosixPath]) -> bool:
 def _refuse_blocked(out: Path, staged: list[PurePosixPath], overwrite: bool) -> None:
     """`RunDirectoryError` naming the files in `out` the new run would write over: with `overwrite` those
     `clear_run` keeps, otherwise any at run.json or the paths of base/ and tokenizer/ (`staged`)."""
-    new = {PurePosixPath("run.json"), PurePosixPath("log.jsonl"), *staged}  # the log: the new run starts it afresh
+    # the log and the evaluations' history: the new run starts them afresh
+    new = {PurePosixPath("run.json"), PurePosixPath("log.jsonl"), PurePosixPath("eval_history.json"), *staged}
     if overwrite and existing_run(out):
         blocked = [r for r in clear_plan(out)[1] if _blocks(r, new)]
     else:

@@ -61,6 +61,7 @@ import torch
 from sam_fast.data import Collator, model_inputs
 from sam_fast.data.dataset import DataError, sample_seed
 from sam_fast.models import TRAINABLE_MODULES
+from sam_fast.models.precision import DTYPES, cast_frozen
 from sam_fast.train import checkpoint as ckpt
 from sam_fast.distributed import (
     DistInfo,
@@ -71,6 +72,7 @@ from sam_fast.distributed import (
     shard_language_model,
 )
 from sam_fast.train.outputs import RunDirectoryError, run_differences
+from sam_fast.train.validation import HISTORY_FILE, SCORES, Validation, open_eval_dataset
 from sam_fast.train.schedule import build_optimizer, build_scheduler, lr_factor
 
 
@@ -108,6 +110,9 @@ class TrainConfig:
     warmup_steps: int = 240
     clip_grad_norm: float | None = 1.0
     amp: str = "none"  # "none" | "bf16" | "fp16" (fp16 uses a GradScaler)
+    # the frozen weights' dtype, "fp32" | "bf16" | "fp16" (trainable modules stay float32; half precision
+    # also runs the forward under autocast in it); None: the model's dtypes as given
+    dtype: str | None = None
     save_every: int = 500
     keep_last: int = 3
     seed: int = 0
@@ -118,16 +123,23 @@ class TrainConfig:
     report_to: tuple[str, ...] = ()  # besides log.jsonl: "tensorboard", "wandb"
     progress: bool = True
     fsdp: bool = False  # shard the frozen LLM over the torchrun processes (FSDP2); needs world_size > 1
+    # validation (`sam_fast.train.validation`): every eval_every steps and at the last (0: never), generate on
+    # the eval_data folder (its first eval_limit samples; all: None) and log ROUGE_L/CIDEr/Bleu_4
+    eval_every: int = 0
+    eval_data: str | None = None
+    eval_limit: int | None = None
+    eval_max_new_tokens: int | None = None  # None: the model's generation config (the paper's 255)
 
     def validate(self) -> None:
         """Raise ValueError (one line naming the option and its value) for any option out of range."""
-        if self.amp not in ("none", "bf16", "fp16"):
-            raise ValueError(f"amp={self.amp!r} is not one of 'none', 'bf16', 'fp16'")
+        self._validate_precision()
         at_least = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "save_every": 1, "keep_last": 1,
                     "log_every": 1, "warmup_steps": 0, "seed": 0, "num_workers": 0, "prefetch_factor": 1,
-                    "cpu_threads": 0}
+                    "cpu_threads": 0, "eval_every": 0, "eval_limit": 1, "eval_max_new_tokens": 1}
         for name, low in at_least.items():
             v = getattr(self, name)
+            if v is None and name in ("eval_limit", "eval_max_new_tokens"):
+                continue
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ValueError(f"{name}={v!r} must be an integer")
             if v < low:
@@ -165,6 +177,36 @@ class TrainConfig:
             if missing:
                 raise ValueError(f"report_to {name!r} needs the {missing} package, which is not installed "
                                  f"(pip install {missing})")
+        self._validate_eval()
+
+    def _validate_precision(self) -> None:
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ValueError(f"amp={self.amp!r:.80} is not one of 'none', 'bf16', 'fp16'")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r:.80} is not one of {', '.join(map(repr, DTYPES))}")
+        if self.dtype in ("bf16", "fp16") and self.amp not in ("none", self.dtype):
+            raise ValueError(f"amp={self.amp!r} with dtype={self.dtype!r}: frozen weights in {self.dtype} compute "
+                             f"in {self.dtype}; drop amp (or set it to {self.dtype!r})")
+
+    def _validate_eval(self) -> None:
+        if self.eval_data is not None and (not isinstance(self.eval_data, str) or not self.eval_data):
+            raise ValueError(f"eval_data={self.eval_data!r:.80} must be a folder path")
+        if self.eval_every and self.eval_data is None:
+            raise ValueError(f"eval_every={self.eval_every} needs eval_data (--eval-data DIR): the held-out "
+                             "annotations.json folder to generate on")
+        if self.eval_data is not None and not self.eval_every:
+            raise ValueError(f"eval_data={self.eval_data!r:.80} needs eval_every >= 1 (--eval-every N): how many "
+                             "optimiser steps apart to evaluate")
+        if self.eval_every and self.fsdp:
+            raise ValueError("eval_every with fsdp: generation needs the whole LLM on every rank (beam search runs "
+                             "a different number of LLM steps per rank, which FSDP's all-gathers cannot follow); "
+                             "evaluate the checkpoints with `sam-fast eval` instead")
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of the forward: a half-precision `dtype`'s, else `amp`'s (None: no autocast)."""
+        name = self.dtype if self.dtype in ("bf16", "fp16") else self.amp
+        return DTYPES.get(name) if name in ("bf16", "fp16") else None
 
     def to_dict(self) -> dict:
         """The options as JSON-ready values (run.json, checkpoints)."""
@@ -227,6 +269,16 @@ class _Reporters:
             self.tb.flush()
         if self.wandb_run is not None:
             self.wandb_run.log({f"train/{k}": v for k, v in values.items()}, step=rec["step"])
+
+    def log_eval(self, step: int, metrics: dict) -> None:
+        """Write an evaluation's scores at its step, as ``eval/ROUGE_L`` ...."""
+        values = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(values, step=step)
 
     def close(self) -> None:
         """Flush and close the writers."""
@@ -352,6 +404,7 @@ class TrainResult:
     skipped: int = 0
     checkpoint: Path | None = None
     seconds: float = 0.0
+    evals: list[dict] = field(default_factory=list)  # this call's evaluations {step, metrics, samples, seconds}
 
 
 @dataclass
@@ -384,6 +437,18 @@ class _StepLog:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", sps=f"{rec['samples_per_s']:.1f}")
 
+    def write_eval(self, entry: dict) -> None:
+        """Record an evaluation (`sam_fast.train.validation`): a log.jsonl line, the reporters, a line above
+        the progress bar."""
+        step, metrics = entry["step"], entry["metrics"]
+        if self.file is not None:
+            self.file.write(json.dumps({"step": step, "eval": metrics, "eval_s": entry["seconds"]}) + "\n")
+            self.file.flush()
+        if self.reporters is not None:
+            self.reporters.log_eval(step, metrics)
+        if self.bar is not None:
+            self.bar.write(f"eval at step {step}: " + "  ".join(f"{k} {metrics[k]:.2f}" for k in SCORES))
+
 
 def check_batch_fits(config: TrainConfig, world_size: int, n_samples: int) -> None:
     """ValueError when one step's global batch needs more samples than the dataset holds."""
@@ -408,8 +473,8 @@ def check_resumable(path: Path, state: dict, config: TrainConfig, world_size: in
     """Raise ValueError (one line) when the run saved in checkpoint `path` (resume state `state`) cannot be
     continued with `config` on `world_size` processes from `run_info`. Checked from what the checkpoint
     itself records, so that checkpoints copied without run.json are checked too: the global batch and the
-    seed (the data position would mean other samples), the base, data and model settings when both sides
-    record them (`ResumeSettingsError`), and the step (past max_steps the schedule has ended)."""
+    seed (the data position would mean other samples), the frozen weights' dtype, the base, data and model
+    settings when both sides record them (`ResumeSettingsError`), and the step (past max_steps the schedule has ended)."""
     saved = state.get("config") or {}
     old_batch = state.get("world_size", 1) * saved.get("batch_size", 0) * saved.get("grad_accum", 1)
     new_batch = world_size * config.batch_size * config.grad_accum
@@ -419,7 +484,7 @@ def check_resumable(path: Path, state: dict, config: TrainConfig, world_size: in
                          "accumulation and number of processes)")
     recorded = {**((state.get("run") or {}) if run_info is not None else {}), "train": saved}
     diffs = run_differences(recorded, *((run_info or {}).get(k) or {} for k in ("base", "data", "model")),
-                            config.seed)
+                            config.seed, config.dtype)
     if diffs:
         raise ResumeSettingsError(path, diffs)
     step = int(state.get("step", 0))
@@ -464,15 +529,19 @@ class Trainer:
         dist: `DistInfo` (default: one process on the model's device).
         run_info: what the run trains from (``{"base", "data", "model"}`` as in run.json), stored in each
             checkpoint so that a resume can be checked against it even without run.json (optional).
+        eval_dataset: the held-out samples of ``config.eval_every`` (default: ``config.eval_data`` opened
+            with `open_eval_dataset`, its first ``eval_limit`` samples).
     """
 
     def __init__(self, model, dataset, prompt_builder, config: TrainConfig, dist: DistInfo | None = None,
-                 run_info: dict | None = None):
+                 run_info: dict | None = None, eval_dataset=None):
         config.validate()
         self.model, self.dataset, self.config = model, dataset, config
         self.run_info = run_info
         self.dist = dist or DistInfo(device=next(model.parameters()).device)
         self.device = self.dist.device
+        if config.dtype is not None:  # before FSDP shards the LLM and the optimiser takes the parameters
+            cast_frozen(model, config.dtype)
         self.fsdp: dict | None = None  # what this rank holds of the LLM, when sharded
         if config.fsdp:
             self.fsdp = shard_language_model(model, self.dist)
@@ -485,7 +554,7 @@ class Trainer:
         self.params = [p for _, p in self.named_params]
         self.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas)
         self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.compute_dtype == torch.float16)
         self.global_batch = config.batch_size * config.grad_accum * self.dist.world_size
         check_batch_fits(config, self.dist.world_size, len(dataset))
         self.step = 0
@@ -493,6 +562,11 @@ class Trainer:
         self._perm_cache: tuple[int, list[int]] | None = None  # (epoch, its permutation)
         self.out = Path(config.output_dir)
         self.ckpt_root = self.out / "checkpoints"
+        self.validation: Validation | None = None
+        if config.eval_every:
+            if eval_dataset is None:
+                eval_dataset = open_eval_dataset(config.eval_data, model, config.eval_limit)
+            self.validation = Validation(eval_dataset, prompt_builder, config, self.out, self.dist)
 
     # -- data ---------------------------------------------------------------------------------
     def _permutation(self, epoch: int) -> list[int]:
@@ -824,11 +898,14 @@ class Trainer:
             flag = self._catch_signals(stack)
             self._limit_cpu_threads(stack)
             loaded = self._open_loader(stack, self.config.max_steps - self.step)
+            self._evaluate_if_due(log, result)  # a resumed run whose last evaluation was cut short
             while self.step < self.config.max_steps:
                 rec = self._train_step(loaded)
                 result.losses.append(rec["loss"])
                 log.write(rec)
                 self._checkpoint_or_stop(flag, saved)
+                if self._evaluate_if_due(log, result):
+                    self._checkpoint_or_stop(flag, saved)  # a signal during the evaluation stops here
         result.step, result.checkpoint = self.step, saved.path or ckpt.latest_checkpoint(self.ckpt_root)
         result.skipped = self.skipped_count()
         result.seconds = time.perf_counter() - t_start
@@ -843,9 +920,11 @@ class Trainer:
                                     "train without resume (drop --resume) to start a new run")
         if not resume and self.dist.is_main:
             log = self.out / "log.jsonl"
-            if ckpt.step_dirs(self.ckpt_root) or (log.is_file() and log.stat().st_size > 0):
-                raise RunDirectoryError(f"{self.out} already holds a training run (checkpoints/, log.jsonl): resume "
-                                        "it, or remove them (sam-fast train --overwrite) to start over")
+            if ckpt.step_dirs(self.ckpt_root) or (log.is_file() and log.stat().st_size > 0) \
+                    or (self.out / HISTORY_FILE).exists():
+                raise RunDirectoryError(f"{self.out} already holds a training run (checkpoints/, log.jsonl, "
+                                        f"{HISTORY_FILE}): resume it, or remove them (sam-fast train --overwrite) "
+                                        "to start over")
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_stale(self.ckpt_root)
@@ -853,6 +932,8 @@ class Trainer:
         if resume and not self.resume() and self.dist.is_main:  # a run stopped before its first checkpoint
             _notice(f"{self.out}: no checkpoint yet (the run stopped before its first one): starting from step 0")
             self._truncate_log(0)  # the records of the interrupted first steps go
+        if self.validation is not None:
+            self.validation.start(self.step)
         self._set_train_mode()
 
     def _open_step_log(self, stack: contextlib.ExitStack) -> _StepLog:
@@ -921,7 +1002,7 @@ class Trainer:
     def _forward_backward(self, batches: list, n_tok: list[int], total: float, epoch: int) -> tuple[float, list]:
         """Accumulate the gradients of this rank's micro-batches, each weighted by its share of the global
         batch's `total` answer tokens; returns (the global batch's loss, the ids of the samples used)."""
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.amp)
+        amp_dtype = self.config.compute_dtype
         pin = self.device.type == "cuda"
         loss_sum = torch.zeros((), dtype=torch.float64)
         ids = []
@@ -963,11 +1044,30 @@ class Trainer:
                 f"checkpoint is {good or 'none (no checkpoint yet)'}. Try a lower --lr.")
         return grad_norm
 
+    def _evaluate_if_due(self, log: _StepLog, result: TrainResult) -> bool:
+        """Evaluate the current step when it is due (`Validation`); the global RNGs and the modules' train/eval
+        modes are restored afterwards, so the training goes on as without it. True when it evaluated."""
+        v = self.validation
+        if v is None or not v.due(self.step):
+            return False
+        rng = ckpt.rng_state()
+        try:
+            entry = v.run(self.model, self.step, self.config.compute_dtype, self.device)
+        finally:
+            ckpt.set_rng_state(rng)
+            self._set_train_mode()
+        if entry is not None:
+            log.write_eval(entry)
+            result.evals.append(entry)
+        return True
+
     def _checkpoint_or_stop(self, flag: dict, saved: _Saved) -> None:
-        """Checkpoint every ``save_every`` steps and at the end; after a SIGINT/SIGTERM (on any rank),
-        checkpoint this step and raise `TrainingInterrupted`."""
+        """Checkpoint every ``save_every`` steps, at the end and before an evaluation (once per step); after a
+        SIGINT/SIGTERM (on any rank), checkpoint this step and raise `TrainingInterrupted`."""
         cfg = self.config
-        if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+        due = self.step % cfg.save_every == 0 or self.step == cfg.max_steps or \
+            (self.validation is not None and self.validation.due(self.step))  # every score has its checkpoint
+        if due and saved.step != self.step:
             saved.path, saved.step = self.save(), self.step
         signum = self._stop_requested(flag)
         if signum is not None and self.step < cfg.max_steps:

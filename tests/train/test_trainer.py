@@ -202,3 +202,148 @@ def test_skipped_samples_are_counted_once_across_epochs(tmp_path):
     assert res.skipped == 2
     _, state = load_checkpoint(res.checkpoint)
     assert state["skipped"] == 2
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_frozen_weights_fp32_trainable_and_checkpoints(data_dir, tmp_path, dtype):
+    """dtype: the frozen parameters in half precision, the trainable modules, their optimiser moments and
+    the checkpointed tensors float32; the steps' losses finite (both dtypes run on a CPU). fp16's grad
+    scaler skips the first 3 steps (inf gradients at its initial scale), so 4 steps update once at least."""
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    tr = _setup(data_dir, tmp_path / dtype, max_steps=4, save_every=100, dtype=dtype)
+    res = tr.train()
+    assert all(math.isfinite(x) for x in res.losses) and len(res.losses) == 4
+    assert tr.scaler.is_enabled() == (dtype == "fp16")
+    trainable = {n for n, _ in tr.named_params}
+    assert trainable and all(n.split(".")[0] in SAM.TRAINABLE_MODULES for n in trainable)
+    kept = ("query_tokens",) if dtype == "fp16" else ()  # as transformers keeps it when loading in fp16
+    for name, p in tr.model.named_parameters():
+        want = torch.float32 if name in trainable or name in kept else half
+        assert p.dtype == want, name
+    moments = [v for st in tr.optimizer.state.values() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")]
+    assert len(moments) == 2 * len(trainable) and all(m.dtype == torch.float32 for m in moments)
+    tensors, state = load_checkpoint(res.checkpoint)
+    assert sorted(tensors) == sorted(trainable) and all(t.dtype == torch.float32 for t in tensors.values())
+    assert state["config"]["dtype"] == dtype
+    assert tr.model.language_model.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers left alone
+
+
+def test_resume_with_another_dtype_is_refused_naming_both(data_dir, tmp_path):
+    _setup(data_dir, tmp_path / "run", max_steps=2, save_every=2, dtype="bf16").train()
+    with pytest.raises(ValueError, match=r"dtype: bf16 -> fp32"):
+        _setup(data_dir, tmp_path / "run", max_steps=4, save_every=2, dtype="fp32").train(resume=True)
+    res = _setup(data_dir, tmp_path / "run", max_steps=3, save_every=2, dtype="bf16").train(resume=True)
+    assert res.step == 3 and [r["step"] for r in _log(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_dtype_and_a_different_amp_are_refused(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="amp='fp16' with dtype='bf16'"):
+        _setup(data_dir, tmp_path, dtype="bf16", amp="fp16")
+    with pytest.raises(ValueError, match="dtype='fp64' is not one of"):
+        _setup(data_dir, tmp_path, dtype="fp64")
+    assert TrainConfig(dtype="bf16", amp="bf16").compute_dtype == torch.bfloat16
+    assert TrainConfig(dtype="fp32", amp="fp16").compute_dtype == torch.float16
+    assert TrainConfig(dtype="fp32").compute_dtype is None
+
+
+# -- evaluations during training (eval_every) --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def eval_dir(tmp_path_factory):
+    return write_group_captions(tmp_path_factory.mktemp("ds") / "heldout", n_samples=3, size=32, seed=5)
+
+
+def _eval_setup(data_dir, eval_dir, out, **kw):
+    return _setup(data_dir, out, eval_data=str(eval_dir), eval_max_new_tokens=3, **kw)
+
+
+def _history(out):
+    return json.loads((out / "eval_history.json").read_text())
+
+
+def test_evaluations_every_n_steps_and_at_the_end_leave_the_training_unchanged(data_dir, eval_dir, tmp_path):
+    """eval_every=2 over 5 steps: evaluations at 2, 4 and 5, each after its step's checkpoint, in the
+    history and log.jsonl; the losses equal a run without evaluations (RNGs and modes restored)."""
+    plain = _setup(data_dir, tmp_path / "plain", max_steps=5, save_every=100).train()
+    tr = _eval_setup(data_dir, eval_dir, tmp_path / "ev", max_steps=5, save_every=100, eval_every=2, eval_limit=2,
+                     keep_last=5)
+    res = tr.train()
+    assert res.losses == plain.losses
+    hist = _history(tmp_path / "ev")
+    assert [e["step"] for e in hist] == [2, 4, 5] and [e["step"] for e in res.evals] == [2, 4, 5]
+    for e in hist:
+        assert set(e) == {"step", "metrics", "samples", "seconds"}
+        assert set(e["metrics"]) == {"ROUGE_L", "CIDEr", "Bleu_4", "num_samples", "skipped"}
+        assert e["metrics"]["num_samples"] == 2 and [s["sample_id"] for s in e["samples"]] == [0, 1]
+        assert all(set(s) == {"sample_id", "pred_response", "gt_response"} for s in e["samples"])
+    evals = [r for r in _log(tmp_path / "ev") if "eval" in r]
+    assert [(r["step"], r["eval"]) for r in evals] == [(e["step"], e["metrics"]) for e in hist]
+    assert [r["step"] for r in _log(tmp_path / "ev") if "loss" in r] == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in (tmp_path / "ev" / "checkpoints").glob("step-*")) == [
+        "step-00000002", "step-00000004", "step-00000005"]  # every score has its checkpoint
+    assert tr.model.guidance_in.training and not tr.model.qformer.training and not tr.model.language_model.training
+    _, a = load_checkpoint(plain.checkpoint)
+    _, b = load_checkpoint(res.checkpoint)
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]) and a["rng"]["python"] == b["rng"]["python"]
+
+
+def test_a_resumed_run_appends_to_the_history_and_redoes_only_what_was_cut_short(data_dir, eval_dir, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """Killed during the evaluation of step 4 (after its checkpoint): the resumed run evaluates step 4 first,
+    keeps step 2's entry as it was, and goes on; a second resume to 8 appends step 6 and 8 without repeating
+    4 or 6. An entry past the checkpoint a run resumes from (that checkpoint lost) is dropped, said in one
+    line, and made again, equal to before."""
+    from sam_fast.train.validation import Validation
+
+    out, real_run = tmp_path / "run", Validation.run
+
+    def killed_at_4(self, model, step, *a):
+        if step == 4:
+            raise KeyboardInterrupt  # a second SIGINT: no checkpoint of the step in progress
+        return real_run(self, model, step, *a)
+
+    monkeypatch.setattr(Validation, "run", killed_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        _eval_setup(data_dir, eval_dir, out, max_steps=6, save_every=100, eval_every=2).train()
+    first = _history(out)
+    assert [e["step"] for e in first] == [2] and latest_checkpoint(out / "checkpoints").name == "step-00000004"
+    monkeypatch.setattr(Validation, "run", real_run)
+    _eval_setup(data_dir, eval_dir, out, max_steps=6, save_every=100, eval_every=2).train(resume=True)
+    hist = _history(out)
+    assert [e["step"] for e in hist] == [2, 4, 6] and hist[0] == first[0]
+    assert [r["step"] for r in _log(out) if "eval" in r] == [2, 4, 6]
+    res = _eval_setup(data_dir, eval_dir, out, max_steps=8, save_every=100, eval_every=2).train(resume=True)
+    assert [e["step"] for e in res.evals] == [8] and _history(out)[:3] == hist
+    assert [e["step"] for e in _history(out)] == [2, 4, 6, 8]
+    # checkpoint 8 lost: the run resumes from 6, its evaluation of step 8 goes and is made again (same answers)
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step-00000008")
+    (out / "checkpoints" / "latest").unlink()
+    before = _history(out)
+    capsys.readouterr()
+    _eval_setup(data_dir, eval_dir, out, max_steps=8, save_every=100, eval_every=2).train(resume=True)
+    assert "dropped 1 evaluation(s) after step 6" in capsys.readouterr().err
+    after = _history(out)
+    assert [e["step"] for e in after] == [2, 4, 6, 8] and after[3]["samples"] == before[3]["samples"]
+    assert [r["step"] for r in _log(out) if "eval" in r] == [2, 4, 6, 8]
+
+
+def test_evaluation_settings_are_checked(data_dir, eval_dir, tmp_path):
+    with pytest.raises(ValueError, match="eval_every=2 needs eval_data"):
+        _setup(data_dir, tmp_path, eval_every=2)
+    with pytest.raises(ValueError, match="needs eval_every >= 1"):
+        _setup(data_dir, tmp_path, eval_data=str(eval_dir))
+    with pytest.raises(ValueError, match="eval_limit=0 must be >= 1"):
+        _eval_setup(data_dir, eval_dir, tmp_path, eval_every=1, eval_limit=0)
+    with pytest.raises(ValueError, match="eval_every with fsdp"):
+        TrainConfig(eval_every=1, eval_data=str(eval_dir), fsdp=True).validate()
+
+
+def test_a_new_run_never_replaces_an_evaluation_history(data_dir, eval_dir, tmp_path):
+    from sam_fast.train import RunDirectoryError
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "eval_history.json").write_text("[]")
+    with pytest.raises(RunDirectoryError, match="eval_history.json"):
+        _eval_setup(data_dir, eval_dir, tmp_path / "run", max_steps=2, eval_every=1).train()
+    assert (tmp_path / "run" / "eval_history.json").read_text() == "[]"
