@@ -25,6 +25,15 @@ penalises every generated token and never the prompt, in every row.
   becomes 2 (``</s>``) in the output.
 
 The returned ids are the new tokens only (without the BOS), ``[B, S_new]``, padded with ``</s>``.
+
+The lavis decoder runs on the device: beam scores, each sample's finished hypotheses (K slots and
+an insertion stamp that breaks ties as 4.33's list did), the done flags, the penalty and the
+min_length rule are tensors, so the host reads one value per step (whether every sample is done)
+and the answer's width at the end. The KV cache is preallocated and written in place
+(`sam_fast.models.kv_cache.BeamKVCache`, used by HF's own LLaMA forward); a beam reorder moves
+only the generated positions. ``compile_decode=True`` compiles the decoding step over a static
+cache on CUDA (`decode_compile_kwargs`). `sam_fast.reference.lavis_decoder` keeps the list-based
+decoder this replaced, with the same ids.
 """
 
 from __future__ import annotations
@@ -92,6 +101,14 @@ def check_setting(name: str, value, source: str = "") -> None:
     ok, rule = SETTING_RULES[name]
     if not ok(value):
         raise GenerationSettingError(f"generate: {source}{name}={bounded_repr(value)} must be {rule}")
+
+
+def check_compile_decode(value, source: str = "") -> None:
+    """``compile_decode`` is a bool or a dict of `torch.compile` arguments (`decode_compile_kwargs`);
+    a string such as "yes" would have been taken as True by a truth test."""
+    if not isinstance(value, (bool, dict)):
+        raise GenerationSettingError(f"generate: {source}compile_decode={bounded_repr(value)} must be a bool or a "
+                                     f"dict of torch.compile arguments")
 
 
 def generated_tokens_penalty(penalty: float) -> LogitsProcessorList:
@@ -392,9 +409,7 @@ def lavis_generate(
         check_setting(name, value)
     if max_length < 2:
         raise ValueError(f"lavis_generate: max_length={max_length} must be >= 2 (it counts the seeded BOS)")
-    if not isinstance(compile_decode, (bool, dict)):
-        raise ValueError(f"lavis_generate: compile_decode={bounded_repr(compile_decode)} must be a bool or a dict "
-                         f"of torch.compile arguments")
+    check_compile_decode(compile_decode)
     compile_kwargs = decode_compile_kwargs(compile_decode, inputs_embeds.device)
     dec = _Decoder(language_model, inputs_embeds, attention_mask, num_beams, max_length, compile_kwargs)
     rules = _Rules(max_length, min_length, repetition_penalty, length_penalty, bos_token_id, eos_token_id,
