@@ -29,6 +29,9 @@ def _check_report(text: str) -> None:
     assert "  cpu: leave_one_out W-stream K/V materialised once per batch" in text
     if __import__("torch").cuda.is_available():
         assert "  cuda: leave_one_out W-stream K/V" in text
+        assert "  cuda: compile_decode=True runs the decoding step torch.compile(mode='reduce-overhead')" in text
+    # what the lavis decoder's compile_decode flag does here: nothing to compile on a CPU
+    assert "  cpu: compile_decode=True runs the decoding step eager over a preallocated KV cache" in text
 
 
 def test_report_in_process():

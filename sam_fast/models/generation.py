@@ -293,6 +293,8 @@ class _Decoder:
         self.first_position = self.mask2d.sum(1, keepdim=True).repeat_interleave(self.beams, 0)
         self.mask = _attention_mask(self.lm, self.mask2d.repeat_interleave(self.beams, 0), self.cache.max_len,
                                     self.embeds.dtype)
+        if self.static:
+            torch._dynamo.mark_static_address(self.mask.full)
         return out.logits[:, -1, :].float()
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

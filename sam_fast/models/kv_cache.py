@@ -7,9 +7,10 @@ final length, prompt plus new tokens, and writes each step's keys in place. Its 
 only the generated positions: the beams of a sample share their prompt, so a reorder that maps
 each row to a row of the same sample leaves the prompt positions as they are.
 
-Two layouts (measured on a CPU with the scaled config's 32 layers, 20 rows, a 250-token prompt and
-24 of 48 tokens generated: 27 ms per reorder double-buffered, 33 ms through a scratch buffer, 250
-ms for DynamicCache's whole-cache reorder):
+Two layouts. The double-buffered reorder moves the generated positions once, a gather through a
+scratch buffer moves them twice (in and back): on a CPU, at the scaled config's shapes, the first
+was the cheaper, and both far cheaper than DynamicCache's whole-cache reorder. The second buffer
+costs memory (twice the cache), which the static layout does not spend:
 
 - eager (``static=False``): two buffers per layer, both holding the prompt; a reorder gathers the
   generated positions of the live buffer into the other (``index_select(..., out=)``, no
@@ -125,6 +126,9 @@ class BeamKVCache(Cache):
             bufs = [tuple(_filled_buffer(t, repeats, max_len, zeroed=static) for t in (layer.keys, layer.values))
                     for _ in range(copies)]
             layers.append(BeamKVLayer(bufs, cursor, static, scratch))
+        if static:  # CUDA graphs may then mutate them in place instead of copying them in each replay
+            for t in [cursor.position] + [t for layer in layers for pair in layer.buffers for t in pair]:
+                torch._dynamo.mark_static_address(t)
         return cls(layers, cursor, S)
 
     @property
