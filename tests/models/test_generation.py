@@ -592,3 +592,22 @@ def test_compile_decode_is_eager_on_a_cpu_and_compiles_when_asked(monkeypatch):
         assert torch.equal(sam.generate(**inputs, generation_mode="lavis", num_beams=2, max_new_tokens=4,
                                         compile_decode=False), want)
     assert calls[1:] == [{"backend": "eager"}]
+
+
+@pytest.mark.parametrize("beams", [5, 1])
+def test_hf_mode_reads_the_host_twice_per_step(beams):
+    """HF's own generate (left as it is): two host reads per decoding step, HF's mask code asking
+    whether the batch has padding and its stopping test; lavis mode reads once."""
+    from _host_reads import HostReads
+
+    model = tiny_sam()
+    inputs = _generate_inputs(model)
+    totals = []
+    with torch.no_grad():
+        for new in (8, 16):
+            with HostReads() as reads:
+                out = model.generate(**inputs, generation_mode="hf", num_beams=beams, max_new_tokens=new,
+                                     min_new_tokens=new)
+            assert out.shape[1] == new
+            totals.append(reads.total)
+    assert (totals[1] - totals[0]) / 8 <= 2, totals
