@@ -455,9 +455,9 @@ def _beam_search(dec: _Decoder, K: int, rules: _Rules) -> torch.LongTensor:
         V = scores.shape[-1]
         top, flat = scores.view(B, K * V).topk(2 * K, dim=1, largest=True, sorted=True)
         src, tok = first_row[:, None] + flat // V, flat % V
-        is_eos = tok == rules.eos
+        is_eos, finishing = tok == rules.eos, rules.normalised(top, seq.len)
         for rank in range(K):  # only an </s> among the top K candidates finishes a beam, in rank order
-            hyps.add(is_eos[:, rank] & ~done, rules.normalised(top[:, rank], seq.len), src[:, rank], seq, stamp)
+            hyps.add(is_eos[:, rank] & ~done, finishing[:, rank], src[:, rank], seq, stamp)
             stamp += 1
         beam_scores, tokens, rows = _next_beams(top, tok, src, is_eos, done, first_row, K, rules.pad)
         done = done | hyps.done(top[:, 0], seq.len + 1, rules)
