@@ -170,7 +170,8 @@ class _Rules:
 
     def __init__(self, max_length: int, min_length: int, penalty: float, length_penalty: float, bos: int, eos: int,
                  pad: int):
-        self.max_length, self.min_length, self.penalty, self.length_penalty = max_length, min_length, penalty, length_penalty
+        self.max_length, self.min_length = max_length, min_length
+        self.penalty, self.length_penalty = penalty, length_penalty
         self.bos, self.eos, self.pad = bos, eos, pad
 
     def processed(self, scores: torch.Tensor, seq: "_Sequences") -> torch.Tensor:

@@ -577,7 +577,8 @@ def test_compile_decode_is_eager_on_a_cpu_and_compiles_when_asked(monkeypatch):
     assert lavis_generate(model, embeds, mask, compile_decode=True, **kw).tolist() == RECORDED["cases"][name]
     assert calls == []
     assert generation.decode_compile_kwargs(True, "cuda") == {"mode": "reduce-overhead"}
-    assert generation.decode_compile_kwargs(True, "cpu") is None and generation.decode_compile_kwargs(False, "cuda") is None
+    assert generation.decode_compile_kwargs(True, "cpu") is None
+    assert generation.decode_compile_kwargs(False, "cuda") is None
     got = lavis_generate(model, embeds, mask, compile_decode={"backend": "eager", "fullgraph": True}, **kw)
     assert got.tolist() == RECORDED["cases"][name]
     assert calls == [{"backend": "eager", "fullgraph": True}]
