@@ -262,7 +262,7 @@ def _is_memory(key: str) -> bool:
 
 
 #: throughput figures shown in the summary (generation's new tokens/s, ours and the compared path's)
-THROUGHPUT = ("tokens_per_s", "tokens_per_s_before", "samples_per_s")
+THROUGHPUT = ("tokens_per_s", "tokens_per_s_before", "tokens_per_s_list_decoder", "samples_per_s")
 
 
 def _spread_note(spread: dict | None) -> str:

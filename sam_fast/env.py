@@ -143,6 +143,23 @@ def _packing() -> list[str]:
             for name, why in [packing_backend(dev, dtype, head_dim=128)]]
 
 
+def _generation() -> list[str]:
+    """What the lavis decoder's ``compile_decode=True`` (generate keyword or
+    ``generation_config.compile_decode``) does with the decoding step on each device here."""
+    import torch
+
+    from sam_fast.models.generation import decode_compile_kwargs
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    lines = []
+    for dev in devices:
+        kw = decode_compile_kwargs(True, dev)
+        how = (f"torch.compile({', '.join(f'{k}={v!r}' for k, v in kw.items())}) over a static KV cache"
+               if kw else "eager over a preallocated KV cache (double-buffered beam reorder)")
+        lines.append(f"  {dev}: compile_decode=True runs the decoding step {how}")
+    return lines
+
+
 def _section(title: str, fn) -> list[str]:
     try:
         return fn()
@@ -173,6 +190,8 @@ def report() -> str:
     lines += _section("  recompute", _recompute)
     lines.append("packed LLM step attention (causal within each sample; head dim 128):")
     lines += _section("  packing", _packing)
+    lines.append("lavis generation (compile_decode off by default):")
+    lines += _section("  generation", _generation)
     return "\n".join(lines)
 
 

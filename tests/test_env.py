@@ -30,12 +30,15 @@ def _check_report(text: str) -> None:
     assert "(LeaveOneOutMaterialised); shared mode: " in text and "(SharedSchedule)" in text
     if __import__("torch").cuda.is_available():
         assert "  cuda: leave_one_out W-stream K/V" in text
+        assert "  cuda: compile_decode=True runs the decoding step torch.compile(mode='reduce-overhead')" in text
     # which recompute_qformer="auto" takes here and why (2 x 2.87 GiB in fp32, within the CPU's 8 GiB)
     assert "  cpu: auto: the Q/W-former would keep 5.73 GiB of activations" in text
     assert "within the budget of 8.00 GiB (the CPU budget): kept" in text
     # the packed LLM step's attention backend and the reason it was chosen
     assert "packed LLM step attention (causal within each sample; head dim 128):" in text
     assert "  cpu: sdpa_segments (device is cpu: one causal SDPA per sample measured fastest" in text
+    # what the lavis decoder's compile_decode flag does here: nothing to compile on a CPU
+    assert "  cpu: compile_decode=True runs the decoding step eager over a preallocated KV cache" in text
 
 
 def test_report_in_process():

@@ -93,3 +93,26 @@ def bench_generate_realistic(benchmark, mode):
                                 prompt_tokens=int(inputs["attention_mask"].sum()),
                                 tokens_per_s=tokens / rr.fast_median_s, tokens_per_s_before=tokens / rr.other_median_s)
     record_ratio(benchmark, "speedup_vs_before", rr)
+    if mode == "lavis":
+        _compare_with_list_decoder(benchmark, model, inputs, ours, new, tokens)
+
+
+def _compare_with_list_decoder(benchmark, model, inputs: dict, ours, new: int, tokens: int) -> None:
+    """lavis mode against the list-based decoder it replaced (same ids; host reads of every
+    candidate, a DynamicCache appended to and reordered whole each step), both from the same
+    cached features: ``speedup_vs_list_decoder`` and its new tokens/s."""
+    from benchutil import alternate, record_ratio
+
+    from sam_fast.reference import reference_lavis_generate
+
+    def lists():
+        with torch.no_grad():
+            _, embeds, mask = model._llm_inputs(None, inputs["image_features"], inputs["image_counts"],
+                                                inputs["qformer_input_ids"], inputs["qformer_attention_mask"],
+                                                inputs["input_ids"], inputs["attention_mask"])
+            return reference_lavis_generate(model.language_model, embeds, mask, num_beams=5, max_length=new + 1,
+                                            min_length=new + 1, repetition_penalty=1.5)
+
+    rr = alternate(ours, lists, rounds=3, warmup_rounds=1)
+    benchmark.extra_info["tokens_per_s_list_decoder"] = tokens / rr.other_median_s
+    record_ratio(benchmark, "speedup_vs_list_decoder", rr)

@@ -25,6 +25,15 @@ penalises every generated token and never the prompt, in every row.
   becomes 2 (``</s>``) in the output.
 
 The returned ids are the new tokens only (without the BOS), ``[B, S_new]``, padded with ``</s>``.
+
+The lavis decoder runs on the device: beam scores, each sample's finished hypotheses (K slots and
+an insertion stamp that breaks ties as 4.33's list did), the done flags, the penalty and the
+min_length rule are tensors, so the host reads one value per step (whether every sample is done)
+and the answer's width at the end. The KV cache is preallocated and written in place
+(`sam_fast.models.kv_cache.BeamKVCache`, used by HF's own LLaMA forward); a beam reorder moves
+only the generated positions. ``compile_decode=True`` compiles the decoding step over a static
+cache on CUDA (`decode_compile_kwargs`). `sam_fast.reference.lavis_decoder` keeps the list-based
+decoder this replaced, with the same ids.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from sam_fast._text import bounded_repr
 from sam_fast.models.hf_compat import cache_kwarg, output_cache
+from sam_fast.models.kv_cache import BeamKVCache
 
 GENERATION_MODES = ("hf", "lavis")
 
@@ -94,6 +104,14 @@ def check_setting(name: str, value, source: str = "") -> None:
         raise GenerationSettingError(f"generate: {source}{name}={bounded_repr(value)} must be {rule}")
 
 
+def check_compile_decode(value, source: str = "") -> None:
+    """``compile_decode`` is a bool or a dict of `torch.compile` arguments (`decode_compile_kwargs`);
+    a string such as "yes" would have been taken as True by a truth test."""
+    if not isinstance(value, (bool, dict)):
+        raise GenerationSettingError(f"generate: {source}compile_decode={bounded_repr(value)} must be a bool or a "
+                                     f"dict of torch.compile arguments")
+
+
 def generated_tokens_penalty(penalty: float) -> LogitsProcessorList:
     """A processor list that applies the repetition penalty to every id HF passes it (with
     ``inputs_embeds`` only: the generated tokens), whatever each row's left padding."""
@@ -149,62 +167,216 @@ def _penalise(scores: torch.Tensor, seq: torch.Tensor, penalty: float) -> torch.
     return scores.scatter(1, seq, picked)
 
 
-class _Hypotheses:
-    """The num_beams best finished hypotheses of one sample (4.33's `BeamHypotheses`)."""
+class _Rules:
+    """The settings every decoding step applies (4.33's logits processors and lengths)."""
 
-    def __init__(self, num_beams: int, length_penalty: float):
-        self.num_beams, self.length_penalty = num_beams, length_penalty
-        self.beams: list[tuple[float, list[int]]] = []
-        self.worst = 1e9
+    def __init__(self, max_length: int, min_length: int, penalty: float, length_penalty: float, bos: int, eos: int,
+                 pad: int):
+        self.max_length, self.min_length = max_length, min_length
+        self.penalty, self.length_penalty = penalty, length_penalty
+        self.bos, self.eos, self.pad = bos, eos, pad
 
-    def add(self, tokens: list[int], sum_logprobs: float) -> None:
-        score = sum_logprobs / (len(tokens) ** self.length_penalty)
-        if len(self.beams) < self.num_beams or score > self.worst:
-            self.beams.append((score, tokens))
-            if len(self.beams) > self.num_beams:
-                ranked = sorted((s, i) for i, (s, _) in enumerate(self.beams))
-                del self.beams[ranked[0][1]]
-                self.worst = ranked[1][0]
-            else:
-                self.worst = min(score, self.worst)
+    def processed(self, scores: torch.Tensor, seq: "_Sequences") -> torch.Tensor:
+        """[R, V] scores after the repetition penalty over the running sequences (BOS included)
+        and, while they are shorter than min_length, ``</s>`` forbidden."""
+        scores = _penalise(scores, seq.view, self.penalty)
+        if seq.len < self.min_length:
+            scores[:, self.eos] = float("-inf")
+        return scores
 
-    def done(self, best_sum_logprobs: float, cur_len: int) -> bool:
-        if len(self.beams) < self.num_beams:
-            return False
-        return self.worst >= best_sum_logprobs / cur_len**self.length_penalty
+    def normalised(self, sum_logprobs: torch.Tensor, length: int) -> torch.Tensor:
+        """4.33's hypothesis score in float64 (it was a Python float): the exponent is taken on the
+        host as Python did, so the division is the one 4.33 made."""
+        return sum_logprobs.double() / (length**self.length_penalty)
 
-    def best(self) -> list[int]:
-        return sorted(self.beams, key=lambda b: b[0])[-1][1]
+
+class _Sequences:
+    """The running sequences [R, max_length] (the BOS first) in two buffers: a beam reorder gathers
+    the filled length into the other one (``index_select(..., out=)``: no allocation)."""
+
+    def __init__(self, rows: int, max_length: int, bos: int, device):
+        self.bufs = [torch.full((rows, max_length), bos, dtype=torch.long, device=device) for _ in range(2)]
+        self.live, self.len = 0, 1
+
+    @property
+    def view(self) -> torch.Tensor:
+        """[R, len] the filled part."""
+        return self.bufs[self.live][:, : self.len]
+
+    def append(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Row r becomes row ``rows[r]`` (if given) followed by ``tokens[r]``."""
+        if rows is not None:
+            other = self.bufs[1 - self.live]
+            torch.index_select(self.view, 0, rows, out=other[:, : self.len])
+            self.live = 1 - self.live
+        self.bufs[self.live][:, self.len] = tokens
+        self.len += 1
+
+
+class _Finished:
+    """Each sample's K best finished hypotheses, 4.33's list-based `BeamHypotheses` on the device.
+
+    Per sample K slots (score in float64, as 4.33's Python floats; token ids; length; an insertion
+    stamp that stands for the position in 4.33's list, whose order breaks ties) and a (K+1)-th
+    slot that takes the writes of the samples that add nothing this time.
+    """
+
+    def __init__(self, B: int, K: int, max_length: int, device):
+        self.K = K
+        self.score = torch.full((B, K + 1), float("-inf"), dtype=torch.float64, device=device)
+        self.stamp = torch.zeros(B, K + 1, dtype=torch.long, device=device)
+        self.length = torch.zeros(B, K + 1, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(B * (K + 1), max_length, dtype=torch.long, device=device)
+        self.count = torch.zeros(B, dtype=torch.long, device=device)
+        self.first = torch.arange(B, device=device) * (K + 1)  # each sample's first row of `tokens`
+
+    def add(self, adding: torch.Tensor, score: torch.Tensor, rows: torch.Tensor, seq: _Sequences, stamp: int) -> None:
+        """4.33's ``add`` for the samples in `adding` [B] bool: running row ``rows[b]`` of `seq`
+        with `score` [B] enters while fewer than K are kept or when it beats the worst, whose slot
+        it takes (the worst by (score, list position): 4.33 deletes the first of equal worst)."""
+        K = self.K
+        kept = self.score[:, :K]
+        worst = kept.min(1).values
+        full = self.count == K
+        accept = adding & (~full | (score > worst))
+        oldest_worst = torch.where(kept == worst[:, None], self.stamp[:, :K], torch.iinfo(torch.long).max).argmin(1)
+        slot = torch.where(full, oldest_worst, self.count.clamp(max=K - 1))
+        slot = torch.where(accept, slot, K)[:, None]
+        self.score.scatter_(1, slot, score[:, None])
+        self.stamp.scatter_(1, slot, stamp)
+        self.length.scatter_(1, slot, seq.len)
+        self.tokens[:, : seq.len].index_copy_(0, self.first + slot[:, 0], seq.view.index_select(0, rows))
+        self.count += (accept & ~full).long()
+
+    def done(self, best_sum_logprobs: torch.Tensor, cur_len: int, rules: _Rules) -> torch.Tensor:
+        """[B] 4.33's ``is_done``: K kept and none of the running beams can beat the worst."""
+        worst = self.score[:, : self.K].min(1).values
+        return (self.count == self.K) & (worst >= rules.normalised(best_sum_logprobs, cur_len))
+
+    def best(self, rules: _Rules) -> torch.LongTensor:
+        """[B, S_new] each sample's best hypothesis (the last of the highest scores in list order:
+        4.33's stable sort), BOS dropped, ``</s>`` after it when it fits, `pad` beyond."""
+        kept = self.score[:, : self.K]
+        top = kept.max(1, keepdim=True).values
+        slot = torch.where(kept == top, self.stamp[:, : self.K], -1).argmax(1)
+        length = self.length.gather(1, slot[:, None])
+        tokens = self.tokens.index_select(0, self.first + slot)
+        width = min(int(length.max()) + 1, rules.max_length)  # the one host read of the answer's width
+        pos = torch.arange(width, device=tokens.device)
+        tail = torch.where(pos == length, rules.eos, rules.pad)
+        return torch.where(pos < length, tokens[:, :width], tail)[:, 1:]
 
 
 class _Decoder:
-    """The LLM over a KV cache: the first call reads the prompt embeddings, later calls one token
-    per row. Position ids follow the attention mask (left padding), as HF's LLaMA generation."""
+    """The LLM over a preallocated `BeamKVCache`: `prefill` runs the prompt embeddings once per
+    sample, `step` one token per row (sample x beam) with no host read.
 
-    def __init__(self, language_model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor):
-        self.lm, self.embeds, self.mask, self.past = language_model, inputs_embeds, attention_mask.long(), None
+    Position ids follow the attention mask (left padding), as HF's LLaMA generation. The attention
+    mask is built once over the cache's length in the form HF's own mask code gives the attention
+    (a 4D boolean mask for SDPA, additive for eager attention), so HF builds none per step; the
+    other attention implementations get a 2D mask and build their own.
+    """
 
-    def logits(self, tokens: torch.Tensor | None) -> torch.Tensor:
-        if self.past is None:
-            kw = dict(inputs_embeds=self.embeds)
-        else:
-            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
-            kw = dict(input_ids=tokens[:, None])
-        pos = _positions(self.mask)
-        if self.past is not None:
-            pos = pos[:, -1:]
-        out = self.lm(**kw, attention_mask=self.mask, position_ids=pos, use_cache=True, **{cache_kwarg(): self.past})
-        self.past = output_cache(out)
+    def __init__(self, language_model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, beams: int,
+                 max_length: int, compile_kwargs: dict | None):
+        self.lm, self.embeds, self.mask2d = language_model, inputs_embeds, attention_mask.long()
+        self.beams, self.max_length = beams, max_length
+        self.static = compile_kwargs is not None
+        self.forward = _decode_step if compile_kwargs is None else _compiled_step(compile_kwargs)
+        self.rows = inputs_embeds.shape[0] * beams
+
+    def prefill(self) -> torch.Tensor:
+        """[B, V] fp32 logits of each prompt's last position; the cache then holds the prompt for
+        every beam, with room for max_length - 2 fed tokens."""
+        out = self.lm(inputs_embeds=self.embeds, attention_mask=self.mask2d, position_ids=_positions(self.mask2d),
+                      use_cache=True)
+        S = self.embeds.shape[1]
+        self.cache = BeamKVCache.from_prefill(output_cache(out), self.beams, S + max(self.max_length - 2, 0),
+                                              static=self.static)
+        self.first_position = self.mask2d.sum(1, keepdim=True).repeat_interleave(self.beams, 0)
+        self.mask = _attention_mask(self.lm, self.mask2d.repeat_interleave(self.beams, 0), self.cache.max_len,
+                                    self.embeds.dtype)
+        if self.static:
+            torch._dynamo.mark_static_address(self.mask.full)
         return out.logits[:, -1, :].float()
 
-    def expand(self, repeats: int) -> None:
-        """Give each row's cache `repeats` consecutive copies (after the prefill: one per beam)."""
-        self.past.batch_repeat_interleave(repeats)
-        self.mask = self.mask.repeat_interleave(repeats, 0)
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[R, V] fp32 logits after feeding `tokens` [R] at the next position."""
+        n, S = self.cache.filled, self.cache.prompt_len
+        self.mask.attend(n)
+        positions = self.first_position + (n - S)
+        mask = self.mask.full if self.static else self.mask.upto(n + 1)
+        if self.static and tokens.is_cuda:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
+        logits = self.forward(self.lm, tokens[:, None], positions, mask, self.cache)
+        self.cache.advance()
+        return logits.clone() if self.static else logits  # a CUDA graph's output is overwritten next step
 
     def reorder(self, rows: torch.Tensor) -> None:
-        self.past.reorder_cache(rows)
-        self.mask = self.mask.index_select(0, rows)
+        """Row r continues row ``rows[r]`` (of the same sample: only generated positions move)."""
+        self.cache.reorder_generated(rows)
+
+
+class _AttentionMask:
+    """The decoding attention mask over the cache's length, [R, 1, 1, L] (or [R, L] for
+    attention implementations that build their own), written in place as positions fill."""
+
+    def __init__(self, full: torch.Tensor, attend_value):
+        self.full, self.attend_value = full, attend_value
+
+    def attend(self, position: int) -> None:
+        self.full[..., position] = self.attend_value
+
+    def upto(self, length: int) -> torch.Tensor:
+        return self.full[..., :length]
+
+
+def _attention_mask(language_model, prompt_mask: torch.Tensor, length: int, dtype: torch.dtype) -> _AttentionMask:
+    """The mask of rows with `prompt_mask` [R, S] (1: a token, 0: left padding) over `length`
+    positions, every generated position hidden until `attend` shows it."""
+    R, S = prompt_mask.shape
+    keep = torch.zeros(R, length, dtype=torch.bool, device=prompt_mask.device)
+    keep[:, :S] = prompt_mask.bool()
+    impl = getattr(language_model.config, "_attn_implementation", None)
+    if impl == "sdpa":
+        return _AttentionMask(keep[:, None, None, :], True)
+    if impl == "eager":  # HF's eager mask: 0 where attended, the dtype's minimum elsewhere
+        low = torch.finfo(dtype).min
+        return _AttentionMask(torch.zeros(R, 1, 1, length, dtype=dtype, device=keep.device).masked_fill_(
+            ~keep[:, None, None, :], low), 0.0)
+    return _AttentionMask(keep.long(), 1)
+
+
+def _decode_step(language_model, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                 cache: BeamKVCache) -> torch.Tensor:
+    """One decoding step of HF's own LLaMA forward: [R, 1] tokens -> [R, V] fp32 logits."""
+    out = language_model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{cache_kwarg(): cache})
+    return out.logits[:, -1, :].float()
+
+
+_COMPILED_STEPS: dict[str, object] = {}
+
+
+def _compiled_step(compile_kwargs: dict):
+    """`_decode_step` under ``torch.compile(**compile_kwargs)``, compiled once per process and
+    settings (the compile itself happens at the first call)."""
+    key = repr(sorted(compile_kwargs.items()))
+    if key not in _COMPILED_STEPS:
+        _COMPILED_STEPS[key] = torch.compile(_decode_step, **compile_kwargs)
+    return _COMPILED_STEPS[key]
+
+
+def decode_compile_kwargs(compile_decode, device) -> dict | None:
+    """What ``compile_decode`` asks of `lavis_generate` on `device`: None (eager) for False; for
+    True ``mode="reduce-overhead"`` (CUDA graphs over the static cache) on CUDA and eager elsewhere
+    (on a CPU a compiled step saves nothing measurable and costs the compile); a dict: those
+    `torch.compile` arguments on any device (``{"backend": "eager"}`` tests the path on a CPU)."""
+    if isinstance(compile_decode, dict):
+        return dict(compile_decode)
+    if compile_decode is True and torch.device(device).type == "cuda":
+        return dict(mode="reduce-overhead")
+    return None
 
 
 @torch.no_grad()
@@ -221,6 +393,7 @@ def lavis_generate(
     bos_token_id: int = 1,
     eos_token_id: int = 2,
     pad_token_id: int = 0,
+    compile_decode: bool | dict = False,
 ) -> torch.LongTensor:
     """The released SAM code's decoding (see the module docstring).
 
@@ -231,6 +404,7 @@ def lavis_generate(
         num_beams: 1 is greedy search.
         max_length: length of the running sequence, BOS included (so max_length - 1 new tokens).
         min_length: ``</s>`` is forbidden while the running sequence is shorter.
+        compile_decode: compile the decoding step over a static cache (`decode_compile_kwargs`).
 
     Returns:
         [B, S_new] new token ids, ``</s>``-padded, with 0 replaced by 2 as LAVIS does.
@@ -240,108 +414,80 @@ def lavis_generate(
         check_setting(name, value)
     if max_length < 2:
         raise ValueError(f"lavis_generate: max_length={max_length} must be >= 2 (it counts the seeded BOS)")
-    dec = _Decoder(language_model, inputs_embeds, attention_mask)  # the prompt runs once per sample
-    seq = torch.full((inputs_embeds.shape[0] * num_beams, 1), bos_token_id, dtype=torch.long,
-                     device=inputs_embeds.device)
-
-    def processed(scores: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
-        scores = _penalise(scores, seq, repetition_penalty)
-        if seq.shape[1] < min_length:
-            scores[:, eos_token_id] = float("-inf")
-        return scores
-
-    if num_beams == 1:
-        out = _greedy(dec, seq, processed, max_length, eos_token_id, pad_token_id)
-    else:
-        out = _beam_search(dec, seq, processed, num_beams, max_length, length_penalty, eos_token_id, pad_token_id)
+    check_compile_decode(compile_decode)
+    compile_kwargs = decode_compile_kwargs(compile_decode, inputs_embeds.device)
+    dec = _Decoder(language_model, inputs_embeds, attention_mask, num_beams, max_length, compile_kwargs)
+    rules = _Rules(max_length, min_length, repetition_penalty, length_penalty, bos_token_id, eos_token_id,
+                   pad_token_id)
+    out = _greedy(dec, rules) if num_beams == 1 else _beam_search(dec, num_beams, rules)
     return out.masked_fill(out == 0, 2)
 
 
-def _greedy(dec: "_Decoder", seq, processed, max_length: int, eos: int, pad: int) -> torch.LongTensor:
-    """Greedy search (the penalty acts on the logits): [B, S_new] new tokens, `pad` after ``</s>``."""
-    running = torch.ones(seq.shape[0], dtype=torch.bool, device=seq.device)
-    tokens = None
+def _greedy(dec: _Decoder, rules: _Rules) -> torch.LongTensor:
+    """Greedy search (the penalty acts on the logits): [B, S_new] new tokens, `pad` after ``</s>``.
+    One host read per step: whether a row still runs."""
+    seq = _Sequences(dec.rows, rules.max_length, rules.bos, dec.embeds.device)
+    running = torch.ones(dec.rows, dtype=torch.bool, device=dec.embeds.device)
+    logits = dec.prefill()
     while True:
-        tokens = processed(dec.logits(tokens), seq).argmax(-1)
-        tokens = torch.where(running, tokens, torch.full_like(tokens, pad))
-        seq = torch.cat([seq, tokens[:, None]], 1)
-        running &= tokens != eos
-        if not bool(running.any()) or seq.shape[1] >= max_length:
-            return seq[:, 1:]
+        tokens = rules.processed(logits, seq).argmax(-1)
+        tokens = torch.where(running, tokens, rules.pad)
+        seq.append(tokens)
+        running &= tokens != rules.eos
+        if seq.len >= rules.max_length or not bool(running.any()):
+            return seq.view[:, 1:].clone()
+        logits = dec.step(tokens)
 
 
-def _beam_search(dec: "_Decoder", seq, processed, K: int, max_length: int, length_penalty: float, eos: int,
-                 pad: int) -> torch.LongTensor:
+def _beam_search(dec: _Decoder, K: int, rules: _Rules) -> torch.LongTensor:
     """Beam search with `K` beams as transformers 4.33 ran it for LAVIS: [B, S_new] new tokens of
-    each sample's best hypothesis, ``</s>`` then `pad` after it."""
-    B, dev = seq.shape[0] // K, seq.device
-    hyps = [_Hypotheses(K, length_penalty) for _ in range(B)]
-    done = [False] * B
+    each sample's best hypothesis, ``</s>`` then `pad` after it. Everything stays on the device;
+    the one host read per step is whether every sample is done."""
+    B, dev = dec.embeds.shape[0], dec.embeds.device
+    seq = _Sequences(B * K, rules.max_length, rules.bos, dev)
+    hyps = _Finished(B, K, rules.max_length, dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
     beam_scores = torch.zeros(B, K, device=dev)
     beam_scores[:, 1:] = -1e9
     beam_scores = beam_scores.view(-1)
-    tokens = None
+    first_row = torch.arange(B, device=dev) * K
+    logits = dec.prefill().repeat_interleave(K, 0)  # every beam starts from its sample's prompt
+    stamp = 0
     while True:
-        logits = dec.logits(tokens)
-        if tokens is None:  # after the prefill: every beam starts from its sample's cache
-            logits = logits.repeat_interleave(K, 0)
-            dec.expand(K)
-        scores = processed(torch.log_softmax(logits, dim=-1), seq) + beam_scores[:, None]
+        scores = rules.processed(torch.log_softmax(logits, dim=-1), seq) + beam_scores[:, None]
         V = scores.shape[-1]
         top, flat = scores.view(B, K * V).topk(2 * K, dim=1, largest=True, sorted=True)
-        new_scores, new_tokens, new_rows = [], [], []
-        for b, cand in enumerate(zip(top.tolist(), (flat // V).tolist(), (flat % V).tolist())):
-            if done[b]:
-                new_scores += [0.0] * K
-                new_tokens += [pad] * K
-                new_rows += [b * K] * K
-                continue
-            _next_beams(b, K, cand, seq, hyps[b], eos, new_scores, new_tokens, new_rows)
-            done[b] = hyps[b].done(max(cand[0]), seq.shape[1] + 1)
-        beam_scores = torch.tensor(new_scores, dtype=beam_scores.dtype, device=dev)
-        tokens = torch.tensor(new_tokens, dtype=torch.long, device=dev)
-        order = torch.tensor(new_rows, dtype=torch.long, device=dev)
-        seq = torch.cat([seq.index_select(0, order), tokens[:, None]], 1)
-        if all(done) or seq.shape[1] >= max_length:
+        src, tok = first_row[:, None] + flat // V, flat % V
+        is_eos, finishing = tok == rules.eos, rules.normalised(top, seq.len)
+        for rank in range(K):  # only an </s> among the top K candidates finishes a beam, in rank order
+            hyps.add(is_eos[:, rank] & ~done, finishing[:, rank], src[:, rank], seq, stamp)
+            stamp += 1
+        beam_scores, tokens, rows = _next_beams(top, tok, src, is_eos, done, first_row, K, rules.pad)
+        done = done | hyps.done(top[:, 0], seq.len + 1, rules)
+        seq.append(tokens, rows)
+        if seq.len >= rules.max_length or bool(done.all()):
             break
-        dec.reorder(order)
-    return _best_sequences(hyps, done, seq, beam_scores, K, max_length, eos, pad)
+        dec.reorder(rows)
+        logits = dec.step(tokens)
+    for i in range(K):  # the running beams of the samples not done, in beam order
+        hyps.add(~done, rules.normalised(beam_scores.view(B, K)[:, i], seq.len), first_row + i, seq, stamp)
+        stamp += 1
+    return hyps.best(rules)
 
 
-def _next_beams(b: int, K: int, cand, seq, hyps: "_Hypotheses", eos: int, scores: list, tokens: list,
-                rows: list) -> None:
-    """Sample b's next K beams from its 2K best candidates ``cand`` = (scores, source beams,
-    tokens), appended to `scores`, `tokens`, `rows`; an ``</s>`` among the top K finishes its beam
-    into `hyps` instead."""
-    kept = 0
-    for rank, (s, i, t) in enumerate(zip(*cand)):
-        row = b * K + i
-        if t == eos:
-            if rank < K:  # only an </s> among the top num_beams candidates finishes a beam
-                hyps.add(seq[row].tolist(), s)  # read only when a beam finishes
-        else:
-            scores.append(s)
-            tokens.append(t)
-            rows.append(row)
-            kept += 1
-        if kept == K:
-            return
+def _next_beams(top, tok, src, is_eos, done, first_row, K: int, pad: int):
+    """The next K beams of each sample from its 2K candidates (scores `top`, tokens `tok`, source
+    rows `src`, [B, 2K] in rank order): the first K that are not ``</s>``; a finished sample's
+    beams get score 0, `pad` and its first row. Returns [R] scores, tokens, source rows."""
+    B = top.shape[0]
+    rank = (~is_eos).long().cumsum(1) - 1
+    dest = torch.where(is_eos | (rank >= K), K, rank)  # column K takes what is not kept
 
+    def kept(x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(B, K + 1).scatter_(1, dest, x)[:, :K]
 
-def _best_sequences(hyps, done, seq, beam_scores, K: int, max_length: int, eos: int, pad: int) -> torch.LongTensor:
-    """[B, S_new] each sample's best hypothesis (the running beams of unfinished samples added
-    first), BOS dropped, ``</s>`` after it when it fits, `pad` beyond."""
-    rows, finals = seq.tolist(), beam_scores.tolist()
-    best = []
-    for b, h in enumerate(hyps):
-        if not done[b]:
-            for i in range(K):
-                h.add(rows[b * K + i], finals[b * K + i])
-        best.append(h.best())
-    width = min(max(len(h) for h in best) + 1, max_length)
-    out = torch.full((len(best), width), pad, dtype=torch.long)
-    for b, h in enumerate(best):
-        out[b, : len(h)] = torch.tensor(h)
-        if len(h) < width:
-            out[b, len(h)] = eos
-    return out[:, 1:].to(seq.device)
+    finished = done[:, None]
+    scores = kept(top).masked_fill(finished, 0.0)
+    tokens = kept(tok).masked_fill(finished, pad)
+    rows = torch.where(finished, first_row[:, None], kept(src))
+    return scores.reshape(-1), tokens.reshape(-1), rows.reshape(-1)

@@ -227,11 +227,12 @@ def _fuse_loaded_state(module, state_dict, prefix, local_metadata, strict, missi
 
 
 def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
-                       **kwargs):
+                       cache=None, **kwargs):
     """``LlamaAttention.forward`` with Q/K/V from one GEMM (``qkv_proj``) and RoPE applied once to
     the query and key heads together (`sam_fast.ops.llama.rope`); the attention function is the
     config's, as in Hugging Face's forward (the packed step's varlen attention, SDPA, eager; a KV
-    cache is updated the same way). hidden ``[B, S, H]`` -> (``[B, S, H]``, weights or None)."""
+    cache is updated the same way; it arrives as ``cache`` from transformers 5.25 on, as
+    ``past_key_values`` before). hidden ``[B, S, H]`` -> (``[B, S, H]``, weights or None)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
@@ -245,8 +246,9 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     cos, sin = position_embeddings
     query, key = rope(qk, cos, sin).split([hq, hkv], dim=-2)
     query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # [B, heads, S, d]
-    if past_key_values is not None:
-        key, value = past_key_values.update(key, value, self.layer_idx)
+    cache = cache if cache is not None else past_key_values
+    if cache is not None:
+        key, value = cache.update(key, value, self.layer_idx)
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
     out, weights = attend(self, query, key, value, attention_mask, scaling=self.scaling,
                           dropout=0.0 if not self.training else self.attention_dropout, **kwargs)

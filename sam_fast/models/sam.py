@@ -54,6 +54,7 @@ from sam_fast.models.generation import (
     GENERATION_MODES,
     SETTING_RULES,
     GenerationSettingError,
+    check_compile_decode,
     check_setting,
     generated_tokens_penalty,
     lavis_generate,
@@ -70,7 +71,8 @@ from sam_fast.modules import (
 from sam_fast.modules import schedules as w_schedules
 
 GENERATION_DEFAULTS = dict(num_beams=5, max_new_tokens=256, repetition_penalty=1.5, length_penalty=1.0, do_sample=False)
-LAVIS_KWARGS = ("num_beams", "max_length", "max_new_tokens", "min_length", "repetition_penalty", "length_penalty")
+LAVIS_KWARGS = ("num_beams", "max_length", "max_new_tokens", "min_length", "repetition_penalty", "length_penalty",
+                "compile_decode")
 
 
 def paper_generation_config(text_config) -> GenerationConfig:
@@ -843,6 +845,9 @@ class SAM(InstructBlipPreTrainedModel):
                 it takes ``num_beams``, ``max_length`` (BOS included: 256 -> 255 new tokens) or
                 ``max_new_tokens`` (= max_length - 1), ``min_length``, ``repetition_penalty`` and
                 ``length_penalty`` (see `sam_fast.models.generation`). `sam-fast eval` uses it.
+                Its ``compile_decode`` (keyword or ``generation_config.compile_decode``; default
+                False): True compiles the decoding step with CUDA graphs on CUDA (eager on a CPU),
+                a dict passes those `torch.compile` arguments. Same ids either way.
             Other arguments as `forward`.
 
         Settings: ``generation_config`` (a `GenerationConfig`; default ``self.generation_config``,
@@ -923,8 +928,11 @@ class SAM(InstructBlipPreTrainedModel):
             own = getattr(config, name)
             return _token_id(own if own is not None else getattr(gen, name), default)
 
+        compile_decode = generate_kwargs.get("compile_decode", getattr(config, "compile_decode", False))
+        check_compile_decode(compile_decode, "" if "compile_decode" in generate_kwargs else "generation_config.")
         return dict(
             max_length=max_length,
+            compile_decode=compile_decode,
             num_beams=setting("num_beams", 1, config.num_beams),
             min_length=setting("min_length", 1),
             repetition_penalty=setting("repetition_penalty", 1.0, config.repetition_penalty),

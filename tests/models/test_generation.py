@@ -260,7 +260,7 @@ BAD_SETTINGS = [
     ("lavis", "repetition_penalty", 0), ("lavis", "length_penalty", float("inf")),
     ("lavis", "num_beams", 2.5), ("lavis", "num_beams", 0), ("lavis", "num_beams", True),
     ("lavis", "max_new_tokens", 2.7), ("lavis", "max_new_tokens", 0), ("lavis", "max_length", 1),
-    ("lavis", "min_length", -1),
+    ("lavis", "min_length", -1), ("lavis", "compile_decode", "yes"),
     ("hf", "num_beams", 0), ("hf", "num_beams", 2.5), ("hf", "num_beams", True), ("hf", "max_new_tokens", 2.7),
     ("hf", "repetition_penalty", -1.0), ("hf", "repetition_penalty", float("nan")), ("hf", "temperature", 0.0),
     ("hf", "top_p", 1.5), ("hf", "top_k", -3), ("hf", "length_penalty", float("nan")),
@@ -362,3 +362,275 @@ def test_generate_passes_the_cache_under_the_installed_name(mode):
         warnings.simplefilter("error", DeprecationWarning)
         with torch.no_grad():
             model.generate(**kw, generation_mode=mode, num_beams=3, max_new_tokens=4)
+
+
+# -- the device-side lavis decoder against the list-based one it replaced -------------------------
+from types import SimpleNamespace  # noqa: E402
+
+from sam_fast.reference import lavis_decoder  # noqa: E402
+from sam_fast.reference.lavis_decoder import reference_lavis_generate  # noqa: E402
+
+
+class _HistoryLM(torch.nn.Module):
+    """A stand-in LLM whose next-token logits are multiples of 0.5 that depend on the last token and
+    on the sum of every token the row has seen, read back from its KV cache through the attention
+    mask: candidates tie exactly, and a cache that gave a beam another beam's past would change the
+    answer. A prompt position's "token" is its embedding [..., 0]."""
+
+    def __init__(self, seed: int, vocab: int = 12):
+        super().__init__()
+        self.table = torch.randint(0, 3, (vocab, vocab), generator=torch.Generator().manual_seed(seed)).float()
+        self.config = SimpleNamespace(_attn_implementation="sdpa")
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
+                past_key_values=None, use_cache=True):
+        from transformers import DynamicCache
+
+        x = inputs_embeds[..., 0] if inputs_embeds is not None else input_ids.float()  # [R, q]
+        cache = past_key_values if past_key_values is not None else DynamicCache()
+        keys, _ = cache.update(x[:, None, :, None], x[:, None, :, None], 0)
+        mask = attention_mask if attention_mask.dim() == 2 else attention_mask[:, 0, 0, :]  # 2D or HF's 4D
+        history = (keys[:, 0, :, 0] * mask.float()).sum(-1)
+        V = self.table.shape[0]
+        logits = self.table[x[:, -1].long()] + ((history[:, None] + torch.arange(V)) % 3) * 0.5
+        return SimpleNamespace(logits=logits[:, None, :].expand(-1, x.shape[1], -1), past_key_values=cache)
+
+
+def _token_prompts(seed: int, lengths: list[int]):
+    """Left-padded prompts of token ids 3..11 as 1-wide embeddings [B, S, 1], and their mask."""
+    g = torch.Generator().manual_seed(100 + seed)
+    S = max(lengths)
+    embeds = torch.randint(3, 12, (len(lengths), S, 1), generator=g).float()
+    mask = torch.zeros(len(lengths), S, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, S - n:] = 1
+        embeds[b, : S - n] = 0.0
+    return embeds, mask
+
+
+def _count_ties(monkeypatch) -> dict:
+    """Count, in the list-based decoder, the answers chosen among equal best scores."""
+    seen = {"best": 0}
+    real = lavis_decoder._Hypotheses.best
+
+    def best(self):
+        scores = [s for s, _ in self.beams]
+        seen["best"] += scores.count(max(scores)) > 1
+        return real(self)
+
+    monkeypatch.setattr(lavis_decoder._Hypotheses, "best", best)
+    return seen
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lavis_decoder_breaks_ties_as_the_list_based_one(seed, monkeypatch):
+    """Candidates and finished hypotheses with equal scores (logits in steps of 0.5): the
+    device-side decoder keeps, drops and returns the hypotheses 4.33's lists did, eager and over
+    the static cache of the compiled step."""
+    seen = _count_ties(monkeypatch)
+    model = _HistoryLM(seed)
+    embeds, mask = _token_prompts(seed, [5, 2, 4])
+    for beams in (3, 5):
+        for penalty in (1.0, 1.5):
+            kw = dict(num_beams=beams, max_length=20, repetition_penalty=penalty)
+            want = reference_lavis_generate(model, embeds, mask, **kw)
+            assert lavis_generate(model, embeds, mask, **kw).tolist() == want.tolist(), kw
+            static = lavis_generate(model, embeds, mask, compile_decode={"backend": "eager"}, **kw)
+            assert static.tolist() == want.tolist(), kw
+    if seed in (1, 2, 3):
+        assert seen["best"] > 0, "no tie among the best hypotheses: the case tests nothing"
+
+
+def test_finished_hypotheses_store_matches_4_33s_lists():
+    """Adds with scores from {-1, -2, -3} (many ties) into the device store and into 4.33's
+    `BeamHypotheses`: the same hypotheses kept in the same order (the first of equal worst ones is
+    the one dropped), the same best (the last of equal best ones) and the same done flags."""
+    from sam_fast.models.generation import _Finished, _Rules, _Sequences
+
+    B, K, L = 3, 4, 6
+    g = torch.Generator().manual_seed(0)
+    rules = _Rules(L, 1, 1.0, 1.0, 1, 2, 0)
+    seq = _Sequences(B * K, L, 1, "cpu")
+    for _ in range(L - 1):
+        seq.append(torch.randint(3, 50, (B * K,), generator=g))
+    store, lists = _Finished(B, K, L, "cpu"), [lavis_decoder._Hypotheses(K, 1.0) for _ in range(B)]
+    rows = seq.view.tolist()
+    for stamp in range(40):
+        adding = torch.rand(B, generator=g) < 0.8
+        sums = -torch.randint(1, 4, (B,), generator=g).double() * L  # normalised: -1, -2 or -3
+        src = torch.arange(B) * K + torch.randint(0, K, (B,), generator=g)
+        store.add(adding, rules.normalised(sums, L), src, seq, stamp)
+        for b in range(B):
+            if adding[b]:
+                lists[b].add(rows[src[b]], float(sums[b]))
+            kept = sorted((int(store.stamp[b, k]), float(store.score[b, k]), store.tokens[b * (K + 1) + k].tolist())
+                          for k in range(int(store.count[b])))
+            assert [(s, t) for _, s, t in kept] == lists[b].beams, (stamp, b)
+        best_sum = -torch.randint(1, 4, (B,), generator=g).double() * (L + 1)
+        assert store.done(best_sum, L + 1, rules).tolist() == [h.done(float(best_sum[b]), L + 1)
+                                                              for b, h in enumerate(lists)]
+    assert store.best(rules).tolist() == [h.best()[1:] + [] for h in lists]
+
+
+@pytest.mark.parametrize("case", [
+    dict(seed=0, boost=2.0, lengths=[7, 1, 4, 6], beams=5, max_length=40),  # ragged, finishing at different steps
+    dict(seed=3, boost=2.0, lengths=[2, 7], beams=4, max_length=30, min_length=12),
+    dict(seed=1, boost=2.0, lengths=[6, 3], beams=3, max_length=30, length_penalty=-0.5, min_length=3),
+    dict(seed=2, boost=1.0, lengths=[3, 5], beams=5, max_length=2),  # one new token, no decoding step
+    dict(seed=2, boost=1.0, lengths=[3, 5], beams=1, max_length=2),
+    dict(seed=0, boost=2.0, lengths=[7, 1, 4], beams=1, max_length=30, min_length=9),
+], ids=["ragged", "min_length", "negative-lp", "max_length2-beams", "max_length2-greedy", "greedy-min_length"])
+def test_lavis_decoder_matches_the_list_based_one(case):
+    """Ragged left-padded batches, min_length, a negative length penalty, max_length=2: the ids of
+    the list-based decoder (itself equal to 4.33 on the recorded cases)."""
+    case = dict(case)
+    model = oracle.tiny_llama(case.pop("seed"), case.pop("boost"))
+    embeds, mask = oracle.prompts(3, case.pop("lengths"))
+    kw = dict(num_beams=case.pop("beams"), repetition_penalty=1.5, **case)
+    want = reference_lavis_generate(model, embeds, mask, **kw)
+    got = lavis_generate(model, embeds, mask, **kw)
+    assert got.tolist() == want.tolist()
+    if kw["max_length"] == 2:
+        assert got.shape[1] == 1
+    if kw.get("min_length", 1) > 1:
+        assert all(2 not in row[: kw["min_length"] - 2] for row in got.tolist())
+
+
+def test_samples_finish_at_different_steps():
+    """Four samples whose beam searches end at different steps (a finished sample's beams keep
+    running on padding until the last one is done): the list-based decoder's ids."""
+    model = oracle.tiny_llama(0, 2.0)
+    embeds, mask = oracle.prompts(0, [7, 4, 2, 6])
+    ends = []
+    real = lavis_decoder._Hypotheses.done
+
+    def done(self, best, cur_len):
+        out = real(self, best, cur_len)
+        if out:
+            ends.append((id(self), cur_len))
+        return out
+
+    lavis_decoder._Hypotheses.done = done
+    try:
+        want = reference_lavis_generate(model, embeds, mask, num_beams=5, max_length=40)
+    finally:
+        lavis_decoder._Hypotheses.done = real
+    assert len({cur for _, cur in ends}) == 4, ends  # each sample done at its own step, all before max_length
+    assert lavis_generate(model, embeds, mask, num_beams=5, max_length=40).tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("beams", [5, 1])
+def test_lavis_decoding_reads_the_host_once_per_step(beams):
+    """The lavis decoder reads one value per decoding step (whether every sample is done or any
+    row runs); the list-based one read every candidate (about 4 reads a step with 5 beams) and HF's
+    mask code read the mask every step. Measured as the reads of 16 new tokens minus those of 8."""
+    from _host_reads import HostReads
+
+    model = oracle.tiny_llama(4, -3.0)  # </s> never chosen: every run is max_length long
+    embeds, mask = oracle.prompts(4, [5, 3])
+    totals = []
+    for new in (8, 16):
+        with HostReads() as reads:
+            out = lavis_generate(model, embeds, mask, num_beams=beams, max_length=new + 1)
+        assert out.shape == (2, new)
+        totals.append(reads)
+    per_step = (totals[1].total - totals[0].total) / 8
+    assert per_step <= 1, f"{per_step} reads per step: {totals[1].report()}"
+    assert totals[1].total <= 16 + 4, totals[1].report()
+
+
+def _step_allocations(model, run) -> list[int]:
+    """Bytes allocated (positive allocation events of torch's profiler) between consecutive
+    decoding forwards of `model` (calls with input_ids) while `run()` runs: one decoding step each."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    real = model.forward
+
+    def marked(*args, **kwargs):
+        if kwargs.get("input_ids") is not None:
+            with record_function("decode-step-mark"):
+                pass
+        return real(*args, **kwargs)
+
+    model.forward = marked
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            run()
+    finally:
+        del model.forward
+    events = prof.profiler.kineto_results.events()
+    marks = sorted(e.start_ns() for e in events if e.name() == "decode-step-mark")
+    allocs = [(e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.nbytes() > 0]
+    return [sum(n for t, n in allocs if a <= t < b) for a, b in zip(marks, marks[1:])]
+
+
+def test_lavis_decoding_step_allocates_a_small_fraction_of_the_kv_cache():
+    """5 beams, 2 prompts of 320 positions (SAM's prompts: 32 per image plus the instruction), 16
+    new tokens: after warm-up a decoding step allocates <= 10% of the KV cache's size (the cache is
+    preallocated and written in place; a reorder gathers into the second buffer; what a step does
+    allocate is the tiny LLaMA's activations). DynamicCache allocated a copy of the whole cache
+    twice a step (2.2x its size)."""
+    model = oracle.tiny_llama(4, -3.0)
+    embeds, mask = oracle.prompts(4, [320, 280])
+    cfg = model.config
+    rows, positions = 2 * 5, 320 + 16
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    cache_bytes = rows * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * positions * 4
+    steps = _step_allocations(model, lambda: lavis_generate(model, embeds, mask, num_beams=5, max_length=17))
+    assert len(steps) >= 12
+    assert max(steps[3:]) <= 0.10 * cache_bytes, (steps, cache_bytes)
+
+
+def test_compile_decode_is_eager_on_a_cpu_and_compiles_when_asked(monkeypatch):
+    """``compile_decode=True`` compiles only on CUDA (torch.compile is not called here); a dict of
+    torch.compile arguments compiles anywhere (eager backend: the same ids as the recorded 4.33
+    answers); anything else is refused in one line. `SAM.generate` passes it on, from keyword
+    arguments or the generation config."""
+    from sam_fast.models import generation
+
+    name, seed, boost, lengths, beams, max_length, penalty, lp = oracle.CASES[1]
+    model = oracle.tiny_llama(seed, boost)
+    embeds, mask = oracle.prompts(seed, lengths)
+    kw = dict(num_beams=beams, max_length=max_length, repetition_penalty=penalty, length_penalty=lp)
+    calls = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **ckw: calls.append(ckw) or real(fn, **ckw))
+    monkeypatch.setattr(generation, "_COMPILED_STEPS", {})
+    assert lavis_generate(model, embeds, mask, compile_decode=True, **kw).tolist() == RECORDED["cases"][name]
+    assert calls == []
+    assert generation.decode_compile_kwargs(True, "cuda") == {"mode": "reduce-overhead"}
+    assert generation.decode_compile_kwargs(True, "cpu") is None
+    assert generation.decode_compile_kwargs(False, "cuda") is None
+    got = lavis_generate(model, embeds, mask, compile_decode={"backend": "eager", "fullgraph": True}, **kw)
+    assert got.tolist() == RECORDED["cases"][name]
+    assert calls == [{"backend": "eager", "fullgraph": True}]
+    with pytest.raises(ValueError, match=r"compile_decode='yes' must be a bool or a dict"):
+        lavis_generate(model, embeds, mask, compile_decode="yes", **kw)
+    sam = tiny_sam()
+    inputs = _generate_inputs(sam)
+    with torch.no_grad():
+        want = sam.generate(**inputs, generation_mode="lavis", num_beams=2, max_new_tokens=4)
+        sam.generation_config.compile_decode = {"backend": "eager"}
+        assert torch.equal(sam.generate(**inputs, generation_mode="lavis", num_beams=2, max_new_tokens=4), want)
+        assert torch.equal(sam.generate(**inputs, generation_mode="lavis", num_beams=2, max_new_tokens=4,
+                                        compile_decode=False), want)
+    assert calls[1:] == [{"backend": "eager"}]
+
+
+@pytest.mark.parametrize("beams", [5, 1])
+def test_hf_mode_reads_the_host_twice_per_step(beams):
+    """HF's own generate (left as it is): two host reads per decoding step, HF's mask code asking
+    whether the batch has padding and its stopping test; lavis mode reads once."""
+    from _host_reads import HostReads
+
+    model = tiny_sam()
+    inputs = _generate_inputs(model)
+    totals = []
+    with torch.no_grad():
+        for new in (8, 16):
+            with HostReads() as reads:
+                out = model.generate(**inputs, generation_mode="hf", num_beams=beams, max_new_tokens=new,
+                                     min_new_tokens=new)
+            assert out.shape[1] == new
+            totals.append(reads.total)
+    assert (totals[1] - totals[0]) / 8 <= 2, totals
