@@ -383,17 +383,18 @@ class _HistoryLM(torch.nn.Module):
         self.config = SimpleNamespace(_attn_implementation="sdpa")
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
-                past_key_values=None, use_cache=True):
+                past_key_values=None, cache=None, use_cache=True):  # the cache's name before / from 5.25
         from transformers import DynamicCache
 
         x = inputs_embeds[..., 0] if inputs_embeds is not None else input_ids.float()  # [R, q]
-        cache = past_key_values if past_key_values is not None else DynamicCache()
+        cache = cache if cache is not None else past_key_values
+        cache = cache if cache is not None else DynamicCache()
         keys, _ = cache.update(x[:, None, :, None], x[:, None, :, None], 0)
         mask = attention_mask if attention_mask.dim() == 2 else attention_mask[:, 0, 0, :]  # 2D or HF's 4D
         history = (keys[:, 0, :, 0] * mask.float()).sum(-1)
         V = self.table.shape[0]
         logits = self.table[x[:, -1].long()] + ((history[:, None] + torch.arange(V)) % 3) * 0.5
-        return SimpleNamespace(logits=logits[:, None, :].expand(-1, x.shape[1], -1), past_key_values=cache)
+        return SimpleNamespace(logits=logits[:, None, :].expand(-1, x.shape[1], -1), past_key_values=cache, cache=cache)
 
 
 def _token_prompts(seed: int, lengths: list[int]):
