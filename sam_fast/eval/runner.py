@@ -4,7 +4,8 @@
 with the eval transform; `evaluate` writes ``OUT/pred.json`` (records ``sample_id``,
 ``pred_response``, ``gt_response``, the SAM scorer's input format), ``OUT/metrics.json``
 (ROUGE_L, CIDEr, Bleu_4 x100 via `caption_metrics`, plus sample counts, and `run_metadata`: the
-model, the generation settings, the sam_fast version and commit) and
+model, the generation settings, the sam_fast version and commit; and ``throughput``: answer tokens
+generated per second and the mean time per decoding step, image encoding and prefill included) and
 ``OUT/eval_score.json`` (per-sample scores, as the scorer writes them).
 
 Data parallel (`evaluate(..., dist=DistInfo)`, ``torchrun ... -m sam_fast.cli eval``): rank r
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,9 +40,30 @@ def predict(model, dataset, prompt_builder, batch_size: int = 8, device=None, pr
                                            progress, **generate_kwargs)]
 
 
+def _answer_tokens(ids: torch.Tensor, eos) -> int:
+    """Tokens of the answers in `ids` [B, W] (each row up to and including its first ``</s>``; the
+    padding after it is not generated work that counts, nor are the other beams)."""
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if not eos or ids.numel() == 0:
+        return int(ids.numel())
+    ended = torch.isin(ids, torch.tensor(eos, device=ids.device))
+    first = torch.where(ended.any(1), ended.int().argmax(1) + 1, torch.full_like(ids[:, 0], ids.shape[1]))
+    return int(first.sum())
+
+
+def _throughput(stats: dict) -> dict:
+    """metrics.json's ``throughput`` from summed `stats` (new_tokens, decode_steps, seconds)."""
+    sec, steps = stats["seconds"], stats["decode_steps"]
+    return {"new_tokens": stats["new_tokens"], "generate_seconds": round(sec, 3),
+            "new_tokens_per_s": round(stats["new_tokens"] / sec, 2) if sec > 0 else None,
+            "decode_step_ms": round(1000 * sec / steps, 3) if steps else None}
+
+
 def _predict_indexed(model, dataset, indices, prompt_builder, batch_size: int = 8, device=None,
-                     progress: bool = False, **generate_kwargs) -> list[tuple[int, dict]]:
-    """(dataset index, prediction record) for the samples `indices`, in that order."""
+                     progress: bool = False, stats: dict | None = None, **generate_kwargs) -> list[tuple[int, dict]]:
+    """(dataset index, prediction record) for the samples `indices`, in that order. `stats`, when
+    given, is filled with the answer tokens generated, the decoding steps run (the answers' widths)
+    and the seconds spent in `generate`; the progress bar shows the answer tokens per second."""
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = device or next(model.parameters()).device
@@ -52,7 +75,9 @@ def _predict_indexed(model, dataset, indices, prompt_builder, batch_size: int = 
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="generate", unit="batch")
-    preds = []
+    preds, stats = [], stats if stats is not None else {}
+    stats.update(new_tokens=0, decode_steps=0, seconds=0.0)
+    eos = getattr(model.generation_config, "eos_token_id", None)
     for s in starts:
         chunk = indices[s : s + batch_size]
         items = [dataset[i] for i in chunk]
@@ -60,8 +85,16 @@ def _predict_indexed(model, dataset, indices, prompt_builder, batch_size: int = 
         if batch is None:
             continue
         kept = [i for i, it in zip(chunk, items, strict=True) if it is not None]
-        ids = model.generate(**model_inputs(batch, device, generation=True), **generate_kwargs)
-        for i, sid, row, gt in zip(kept, batch["ids"], ids.tolist(), batch["outputs"], strict=True):
+        inputs = model_inputs(batch, device, generation=True)
+        start = time.perf_counter()
+        ids = model.generate(**inputs, **generate_kwargs)
+        rows = ids.tolist()  # waits for the device: the time below is the generation's
+        stats["seconds"] += time.perf_counter() - start
+        stats["new_tokens"] += _answer_tokens(ids, eos)
+        stats["decode_steps"] += ids.shape[1]
+        if progress and stats["seconds"] > 0:
+            starts.set_postfix_str(f"{stats['new_tokens'] / stats['seconds']:.1f} new tok/s")
+        for i, sid, row, gt in zip(kept, batch["ids"], rows, batch["outputs"], strict=True):
             preds.append((i, {"sample_id": sid, "pred_response": prompt_builder.decode(row), "gt_response": gt}))
     return preds
 
@@ -72,6 +105,7 @@ class Shared(NamedTuple):
     preds: list[dict] | None  # every rank's predictions, in dataset order
     skipped: int  # samples undecodable at generation, over all ranks
     per_rank: list[int]  # predictions each rank made
+    throughput: dict | None = None  # `_throughput`: every rank's tokens, the slowest rank's time and steps
 
 
 def predict_shared(model, dataset, prompt_builder, batch_size: int, info: DistInfo, progress: bool = False,
@@ -79,13 +113,16 @@ def predict_shared(model, dataset, prompt_builder, batch_size: int, info: DistIn
     """`predict` with the samples split over the ranks of `info` (rank r: samples r, r + world, ...), the
     predictions gathered on the main process in dataset order. A collective: every rank calls it."""
     before = len(getattr(dataset, "skipped", ()))
+    stats: dict = {}
     mine = _predict_indexed(model, dataset, shard_indices(len(dataset), info), prompt_builder, batch_size,
-                            progress=progress and info.is_main, **generate_kwargs)
-    shares = gather_objects((mine, len(getattr(dataset, "skipped", ())) - before), info)
+                            progress=progress and info.is_main, stats=stats, **generate_kwargs)
+    shares = gather_objects((mine, len(getattr(dataset, "skipped", ())) - before, stats), info)
     if not info.is_main:
         return Shared(None, 0, [])
-    preds = [p for _, p in sorted((ip for share, _ in shares for ip in share), key=lambda ip: ip[0])]
-    return Shared(preds, sum(n for _, n in shares), [len(share) for share, _ in shares])
+    preds = [p for _, p in sorted((ip for share, _, _ in shares for ip in share), key=lambda ip: ip[0])]
+    slowest = max((st for _, _, st in shares), key=lambda st: st["seconds"])  # the ranks run side by side
+    total = {**slowest, "new_tokens": sum(st["new_tokens"] for _, _, st in shares)}
+    return Shared(preds, sum(n for _, n, _ in shares), [len(share) for share, _, _ in shares], _throughput(total))
 
 
 @torch.no_grad()
@@ -225,7 +262,8 @@ def evaluate(model, data_dir, prompt_builder, output_dir, batch_size: int = 8, s
         per = m.pop("per_sample")
         _write_json(out / "eval_score.json", [{"id": p["sample_id"], **s} for p, s in zip(preds, per, strict=True)])
         m.update(num_samples=len(preds), skipped=skipped_at_load + shared.skipped)
-        _write_json(out / "metrics.json", {**m, **run_metadata(model, generate_kwargs, model_name)})
+        _write_json(out / "metrics.json", {**m, "throughput": shared.throughput,
+                                           **run_metadata(model, generate_kwargs, model_name)})
         if info.enabled:
             m = {**m, "samples_per_rank": shared.per_rank}
     m = broadcast_object(m, info)

@@ -62,5 +62,9 @@ def test_two_process_eval_equals_one(tmp_path, monkeypatch):
     assert [p["sample_id"] for p in preds] == [r["id"] for i, r in enumerate(ann) if i != 4]
     assert len({p["pred_response"] for p in preds}) > 1  # the samples get different answers
     for name in ("pred.json", "eval_score.json", "metrics.json"):
-        assert json.loads((two / name).read_text()) == json.loads((one / name).read_text()), name
+        a, b = json.loads((two / name).read_text()), json.loads((one / name).read_text())
+        if name == "metrics.json":  # timings differ from run to run; the tokens generated do not
+            ta, tb = a.pop("throughput"), b.pop("throughput")
+            assert ta["new_tokens"] == tb["new_tokens"] > 0
+        assert a == b, name
     assert json.loads((two / "metrics.json").read_text())["skipped"] == 1

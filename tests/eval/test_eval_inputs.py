@@ -30,6 +30,30 @@ def test_evaluate_refuses_non_positive_sizes(model_pb, tmp_path, kwargs, match):
     assert not (tmp_path / "ev").exists()
 
 
+
+def test_answer_tokens_count_each_row_up_to_its_end_of_sequence():
+    from sam_fast.eval.runner import _answer_tokens
+
+    ids = torch.tensor([[5, 6, 2, 2], [5, 5, 5, 5], [2, 0, 0, 0]])
+    assert _answer_tokens(ids, 2) == 3 + 4 + 1
+    assert _answer_tokens(ids, [2, 6]) == 2 + 4 + 1
+    assert _answer_tokens(ids, None) == 12
+
+
+def test_metrics_json_records_generation_throughput(model_pb, tmp_path):
+    """metrics.json says how fast the answers came: tokens per second and per decoding step."""
+    import json
+
+    model, pb = model_pb
+    data = write_group_captions(tmp_path / "ds", n_samples=3, size=28, seed=0, max_images=2)
+    evaluate(model, data, pb, tmp_path / "ev", num_beams=2, max_new_tokens=3, batch_size=2)
+    t = json.loads((tmp_path / "ev" / "metrics.json").read_text())["throughput"]
+    preds = json.loads((tmp_path / "ev" / "pred.json").read_text())
+    assert 3 <= t["new_tokens"] <= 3 * 3 and len(preds) == 3  # 1 to 3 answer tokens per sample
+    assert t["generate_seconds"] > 0 and t["new_tokens_per_s"] == pytest.approx(
+        t["new_tokens"] / t["generate_seconds"], rel=0.01)
+    assert 0 < t["decode_step_ms"] <= 1000 * t["generate_seconds"]
+
 def _rotated_jpeg(path):
     stored = np.zeros((14, 28, 3), np.uint8)
     stored[:, :14] = (255, 0, 0)
