@@ -143,6 +143,11 @@ OUTSIDE_HELP = ("read img_list paths that leave the dataset folder (absolute pat
                 "refused by default")
 
 
+def _batch_size_or_auto(text: str):
+    """argparse type: ``auto`` or a positive integer."""
+    return "auto" if text == "auto" else _positive_int(text)
+
+
 def _gen_kwargs(args) -> dict:
     kw = {"generation_mode": getattr(args, "generation_mode", None) or "lavis"}
     for k in ("num_beams", "max_new_tokens", "repetition_penalty", "length_penalty"):
@@ -644,10 +649,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizers, what = _load_model("eval", args.model, args.dtype)
     if dist is not None:
         model.to(dist.device)
+    batch_size = args.batch_size
+    if batch_size == "auto":
+        from sam_fast.eval.runner import eval_batch_size
+
+        gen = model.generation_config
+        batch_size, why = eval_batch_size(model.config, args.num_beams or gen.num_beams or 1,
+                                          args.max_new_tokens or gen.max_new_tokens or 256,
+                                          next(model.parameters()).device,
+                                          next(model.language_model.parameters()).element_size())
+        print(f"batch size: {why}")
     try:
         with autocast(model):
             m = evaluate(model, args.data, prompt_builder(model, tokenizers), args.output,
-                         batch_size=args.batch_size, skip_bad=args.skip_bad, progress=not args.no_progress,
+                         batch_size=batch_size, skip_bad=args.skip_bad, progress=not args.no_progress,
                          limit=args.limit, features=args.features, dist=dist,
                          allow_outside_paths=args.allow_outside_paths, model_name=str(args.model),
                          **_gen_kwargs(args))
@@ -989,7 +1004,9 @@ def _add_eval_command(sub) -> None:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--data", required=True, help="test folder with annotations.json")
     p.add_argument("--output", required=True)
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="samples per generate() call (per process)")
+    p.add_argument("--batch-size", type=_batch_size_or_auto, default="auto",
+                   help="samples per generate() call (per process); auto (default): 8 on a CPU, on a GPU as many "
+                   "as keep a decoding step memory-bound (up to 200 rows of samples x beams) and fit its free memory")
     p.add_argument("--limit", type=_positive_int, help="only the first N samples")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: under torchrun cuda:LOCAL_RANK if available, "
                    "else cpu; in one process where the model loads)")

@@ -99,6 +99,32 @@ def _predict_indexed(model, dataset, indices, prompt_builder, batch_size: int = 
     return preds
 
 
+MAX_DECODE_ROWS = 200
+"""Rows (samples x beams) a decoding step is given at most: at the 7B size a step reads the weights
+once for all its rows, so up to about this many it stays bound by memory bandwidth, not compute."""
+PROMPT_TOKENS = 300  # a SAM prompt: 32 visual tokens per image (up to ~5) plus the instruction
+
+
+def eval_batch_size(config, num_beams: int, max_new_tokens: int, device, dtype_bytes: int = 2,
+                    free_bytes: int | None = None) -> tuple[int, str]:
+    """(samples per `generate` call, why) for evaluation on `device`. On a GPU: as many rows as
+    70% of the free memory holds KV cache for (prompt ~`PROMPT_TOKENS` plus `max_new_tokens`
+    positions per row), at most `MAX_DECODE_ROWS`, divided by the beams; elsewhere 8."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 8, f"device is {device.type}: 8 samples per call"
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    text = config.text_config
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    per_token = 2 * text.num_hidden_layers * heads * (text.hidden_size // text.num_attention_heads) * dtype_bytes
+    rows = min(MAX_DECODE_ROWS, int(0.7 * free_bytes) // (per_token * (PROMPT_TOKENS + max_new_tokens)))
+    batch = max(1, rows // max(1, num_beams))
+    return batch, (f"{batch} samples x {num_beams} beams: KV cache for {rows} rows fits 70% of "
+                   f"{free_bytes / 2**30:.1f} GiB free (at most {MAX_DECODE_ROWS} rows, where decoding stays "
+                   "memory-bound)")
+
+
 class Shared(NamedTuple):
     """What `predict_shared` returns on the main process (elsewhere: preds None)."""
 

@@ -54,6 +54,20 @@ def test_metrics_json_records_generation_throughput(model_pb, tmp_path):
         t["new_tokens"] / t["generate_seconds"], rel=0.01)
     assert 0 < t["decode_step_ms"] <= 1000 * t["generate_seconds"]
 
+
+def test_eval_batch_size_keeps_decoding_memory_bound_and_within_free_memory():
+    from sam_fast.eval.runner import eval_batch_size
+
+    cfg = SAMConfig.instructblip_vicuna7b()
+    assert eval_batch_size(cfg, 5, 255, "cpu")[0] == 8
+    # 7B: K and V of 32 layers x 4096 wide in bf16 = 524288 bytes per position, 300 + 255 positions
+    # per row; 70% of 64 GiB holds 165 rows -> 33 samples of 5 beams
+    batch, why = eval_batch_size(cfg, 5, 255, "cuda", 2, free_bytes=64 * 2**30)
+    assert batch == 33 and "165 rows" in why
+    assert eval_batch_size(cfg, 5, 255, "cuda", 2, free_bytes=2**40)[0] == 40  # 200 rows at most
+    assert eval_batch_size(cfg, 1, 255, "cuda", 2, free_bytes=2**40)[0] == 200
+    assert eval_batch_size(cfg, 5, 255, "cuda", 2, free_bytes=2**20)[0] == 1  # never 0
+
 def _rotated_jpeg(path):
     stored = np.zeros((14, 28, 3), np.uint8)
     stored[:, :14] = (255, 0, 0)
