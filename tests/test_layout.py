@@ -51,7 +51,36 @@ def test_common_helpers():
     assert [_common.cdiv(a, 4) for a in (0, 1, 4, 5, 8, 9)] == [0, 1, 1, 2, 2, 3]
     assert _common.dtype_reason(__import__("torch").bfloat16) is None
     assert "float64" in _common.dtype_reason(__import__("torch").float64)
-    assert _common.usable_table({"a": None, "b": "no"}) == {"a": "usable", "b": "no"}
+    from sam_fast.ops import dispatch
+
+    assert dispatch.usable_table({"a": None, "b": "no"}) == {"a": "usable", "b": "no"}
+
+
+def _op_definitions() -> dict[str, list[str]]:
+    """Function name -> the sam_fast/ops files defining it (module level or nested)."""
+    defs: dict[str, list[str]] = {}
+    for p in sorted(OPS.glob("*.py")):
+        for n in ast.walk(_tree(p)):
+            if isinstance(n, ast.FunctionDef):
+                defs.setdefault(n.name, []).append(p.name)
+    return defs
+
+
+def test_each_backend_rule_has_one_home():
+    """The forced backend and the "usable" table live in the dispatcher; the Triton probe and the
+    interpreter rule in _common; every op with a Triton backend asks them (no second probe, no
+    find_spec, no interpreter rule of its own)."""
+    defs = _op_definitions()
+    assert defs.get("usable_table") == ["dispatch.py"] and defs.get("forced_backend") == ["dispatch.py"], defs
+    assert defs.get("triton_import_error") == ["_common.py"], defs.get("triton_import_error")
+    for p in sorted(OPS.glob("*.py")):
+        text = p.read_text()
+        assert 'find_spec("triton")' not in text, f"{p.name} detects Triton with find_spec"
+        if p.name != "_common.py":
+            assert "import triton\n" not in text, f"{p.name} probes Triton itself"
+        if 'register("triton"' in text:
+            assert "triton_device_reason(" in text and "triton_import_error(" in text, \
+                f"{p.name} has a Triton backend that does not use _common's probe and interpreter rule"
 
 
 def test_interpreter_rule(monkeypatch):

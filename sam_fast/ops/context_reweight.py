@@ -59,13 +59,13 @@ from __future__ import annotations
 import torch
 
 from sam_fast.ops._common import (
-    HAVE_TRITON,
     always_usable,
     cdiv,
     dtype_reason,
     interpreting,
     next_pow2,
     triton_device_reason,
+    triton_import_error,
 )
 from sam_fast.ops.dispatch import dispatcher
 
@@ -369,9 +369,7 @@ def _check_cuda(values, scores, cu_images, mode="leave_one_out"):
 
 
 def _check_triton(values, scores, cu_images, mode="leave_one_out"):
-    if not HAVE_TRITON:
-        return "triton is not installed"
-    return triton_device_reason(values.device) or dtype_reason(values.dtype)
+    return triton_device_reason(values.device) or triton_import_error() or dtype_reason(values.dtype)
 
 
 def _sample():

@@ -24,15 +24,18 @@ Backends, in order of preference (``sam-fast env`` explains the choice):
 
 from __future__ import annotations
 
+import sys
+import types
+
 import torch
 import torch.nn.functional as F
 
-from sam_fast.ops._common import KERNEL_DTYPES as _TRITON_DTYPES
+import sam_fast.ops._common as _common
 from sam_fast.ops._common import always_usable as _check_reference
 from sam_fast.ops._common import cdiv as triton_cdiv
-from sam_fast.ops._common import forced_backend, interpreting
+from sam_fast.ops._common import dtype_reason, triton_device_reason, triton_forced, triton_import_error
 from sam_fast.ops._common import next_pow2 as triton_next_pow2
-from sam_fast.ops.dispatch import ENV_VAR, dispatcher
+from sam_fast.ops.dispatch import dispatcher, forced_backend
 
 
 def cross_attention_ref(query, key, value, attn_bias=None, dropout_p=0.0, scale=None):
@@ -50,55 +53,25 @@ def cross_attention_ref(query, key, value, attn_bias=None, dropout_p=0.0, scale=
 
 # -- Triton backend ---------------------------------------------------------------------------
 
-_UNPROBED = "unprobed"
-# Result of the one import attempt (None: importable), `_UNPROBED` until the first check. Cached:
-# an import attempted on every call costs a failed module search each time and, under
-# torch.compile, a graph break per attention call when Triton is not installed.
-_triton_probe: str | None = _UNPROBED
-
-
-def _probe_triton() -> str | None:
-    try:
-        import triton  # noqa: F401
-
-        import sam_fast._kernels.cross_attention  # noqa: F401
-    except Exception as exc:  # ImportError, or a Triton that cannot initialise here
-        return f"triton kernels not importable ({type(exc).__name__}: {exc})"
-    return None
-
-
-@torch.compiler.assume_constant_result
-def _triton_import_error() -> str | None:
-    """Why the Triton kernels cannot be imported (None: they can). Probed once per process and
-    cached; torch.compile takes the answer as a constant (the probe runs eagerly, never traced)."""
-    global _triton_probe
-    if _triton_probe == _UNPROBED:
-        _triton_probe = _probe_triton()
-    return _triton_probe
+# The Triton probe and the interpreter rule are `sam_fast.ops._common`'s. `_interpreter_allowed` is
+# this op's test seam: tests patch it to run the model through the interpreter without forcing
+# every op's Triton backend.
+_triton_import_error = triton_import_error
 
 
 def _interpreter_allowed() -> bool:
-    """Whether CPU tensors may take the Triton backend under TRITON_INTERPRET=1 (tests patch this
-    to run the model through the interpreter without forcing every op's Triton backend)."""
-    return forced_backend() == "triton"
+    """Whether CPU tensors may take the Triton backend under TRITON_INTERPRET=1 (the rule's
+    "Triton backend forced" half, `_common.triton_forced`, unless a test patches this)."""
+    return triton_forced()
 
 
 def _triton_config_reason(device_type: str, dtype: torch.dtype, head_dim: int, dropout_p: float = 0.0) -> str | None:
     """Why the kernel cannot run attention of this kind (None: it can), from the device type, the
     dtype, the head dim and the dropout alone, no tensor needed: the part of `_check_triton` a
     caller can ask once, before it has inputs (`mixes_in_kernel`)."""
-    why = _triton_import_error()
+    why = triton_import_error() or triton_device_reason(device_type, _interpreter_allowed()) or dtype_reason(dtype)
     if why:
         return why
-    if device_type == "cpu":
-        if not interpreting():
-            return "CPU tensors and TRITON_INTERPRET is not 1 (the kernel runs on CUDA)"
-        if not _interpreter_allowed():
-            return f"CPU tensors: the interpreter runs only when forced ({ENV_VAR}=triton), it is slow"
-    elif device_type != "cuda":
-        return f"device {device_type} is neither CUDA nor CPU-under-the-interpreter"
-    if dtype not in _TRITON_DTYPES:
-        return f"dtype {dtype}: need one of fp32, fp16, bf16"
     if head_dim % 8 or head_dim > 256:
         return f"head dim {head_dim} is not a multiple of 8 up to 256"
     if dropout_p:
@@ -409,7 +382,7 @@ _PLAIN_STREAMS_SLOWER = ("no mixing plan: on a GPU one SDPA call per stream is f
 def _sdpa_preferred(device_type: str, mixed: bool) -> str | None:
     """Why the streams should not take the fused kernel on `device_type` (None: take it). Plain
     streams on CUDA go to SDPA unless the Triton backend is forced (``SAM_FAST_BACKEND=triton``)."""
-    if device_type == "cuda" and not mixed and forced_backend() != "triton":
+    if device_type == "cuda" and not mixed and not triton_forced():
         return _PLAIN_STREAMS_SLOWER
     return None
 
@@ -550,3 +523,20 @@ def cross_attention(query, key, value, attn_bias=None, dropout_p=0.0, scale=None
             f"value {tuple(value.shape)}"
         )
     return _dispatch(query, key, value, attn_bias, dropout_p, scale)
+
+
+def _forwarded(name: str) -> property:
+    return property(lambda module: getattr(_common, name), lambda module, value: setattr(_common, name, value))
+
+
+class _ProbeForwarding(types.ModuleType):
+    """Deprecated names: the Triton probe's `_probe_triton`, `_triton_probe` and `_UNPROBED` moved
+    to `sam_fast.ops._common`; reading or setting them on this module reads or sets them there, so
+    code that resets or stubs the probe through this module keeps working."""
+
+    _probe_triton = _forwarded("_probe_triton")
+    _triton_probe = _forwarded("_triton_probe")
+    _UNPROBED = _forwarded("_UNPROBED")
+
+
+sys.modules[__name__].__class__ = _ProbeForwarding
