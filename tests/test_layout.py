@@ -359,3 +359,22 @@ def test_tests_mirror_the_package():
     assert not (bad or dupes or missing), (f"test modules importing other test modules: {bad}; test module "
                                            f"basenames used twice: {dupes}; ops without their test / bench file: "
                                            f"{missing}")
+
+
+# files of sam_fast that another change is rewriting: they may still spell the context modes out
+CONTEXT_MODE_TUPLES_ALLOWED = {"modules/plans.py"}
+
+
+def test_context_modes_are_declared_once():
+    """("leave_one_out", "shared") is written once, as sam_fast.config.CONTEXT_MODES; the op, the
+    CLI's choices and ``sam-fast env`` use that constant."""
+    hits = []
+    for p in sorted(PKG.rglob("*.py")):
+        rel = p.relative_to(PKG).as_posix()
+        for n in ast.walk(_tree(p)):
+            if isinstance(n, (ast.Tuple, ast.List)) and len(n.elts) == 2 and all(
+                    isinstance(e, ast.Constant) for e in n.elts) and {e.value for e in n.elts} == {"leave_one_out",
+                                                                                                  "shared"}:
+                hits.append(f"{rel}:{n.lineno}")
+    hits = [h for h in hits if h.split(":")[0] not in CONTEXT_MODE_TUPLES_ALLOWED]
+    assert [h.split(":")[0] for h in hits] == ["config.py"], hits
