@@ -371,12 +371,11 @@ def _check_streams_triton(query, key, value, key2=None, value2=None, rows2=None,
     return _sdpa_preferred(query.device.type, mixed=mix is not None)
 
 
-# Measured on an H200 (bench/gpu_check.py, Q-former shapes: 8 images, 32 queries, 12 heads of 64,
-# 257 keys): both plain streams in one launch of the fused kernel took 1.8x (bf16) / 2.2x (fp32)
-# the time of one SDPA call per stream, while forming mixed (leave_one_out) K/V in the kernel took
-# 0.5x / 0.72x the time of materialising them and calling SDPA.
+# On a GPU one SDPA call per plain stream beats both streams in one launch of the fused kernel,
+# while forming mixed (leave_one_out) K/V in the kernel beats materialising them for SDPA: the
+# measurements are in docs/performance.md ("Two attention streams on an H200").
 _PLAIN_STREAMS_SLOWER = ("no mixing plan: on a GPU one SDPA call per stream is faster than the fused kernel "
-                         "(H200: 1.8x SDPA's time in bf16); the kernel is taken where it forms mixed K/V")
+                         "(docs/performance.md); the kernel is taken where it forms mixed K/V")
 
 
 def _sdpa_preferred(device_type: str, mixed: bool) -> str | None:
