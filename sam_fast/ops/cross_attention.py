@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import sys
 import types
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -322,6 +323,15 @@ _dispatch.register("reference", cross_attention_ref, _check_reference)
 
 # -- both streams in one call -------------------------------------------------------------------
 
+class MixPlan(NamedTuple):
+    """A mixing plan of `cross_attention_streams` (``mix=``): second-stream query row j attends to
+    the K/V ``sum_s weight[j, s, :] * key2[index[j, s]]``; unused slots carry weight 0. A tuple, so
+    ``index, weight = plan`` and plain ``(index, weight)`` tuples keep working."""
+
+    index: torch.Tensor  # [R, M] int32/int64: the K/V rows of each slot
+    weight: torch.Tensor  # [R, M, Lk] floating: each slot's weight per key position
+
+
 def mix_kv(key2, value2, mix):
     """Materialise the mixed K/V of a mixing plan: ``k_hat[j] = sum_s weight[j, s, :] *
     key2[index[j, s]]`` (same for v) -> ([R, H, Lk, d], [R, H, Lk, d]) in key2's dtype
@@ -358,15 +368,18 @@ def _check_streams_triton(query, key, value, key2=None, value2=None, rows2=None,
     why = _check_triton(query[:split], key, value, None, dropout_p, scale)
     if why or key2 is None:
         return why
-    n2 = query.shape[0] - split
-    k2, v2 = (key2, value2) if rows2 is None and mix is None else (key2[:1].expand(n2, -1, -1, -1),
-                                                                    value2[:1].expand(n2, -1, -1, -1))
-    why = _check_triton(query[split:], k2, v2, None, dropout_p, scale)
+    second_rows = query.shape[0] - split
+    if rows2 is None and mix is None:
+        second_key, second_value = key2, value2
+    else:  # one K/V row per query row, as `_check_triton` expects (shapes only: expanded views)
+        second_key = key2[:1].expand(second_rows, -1, -1, -1)
+        second_value = value2[:1].expand(second_rows, -1, -1, -1)
+    why = _check_triton(query[split:], second_key, second_value, None, dropout_p, scale)
     if why:
         return f"second stream: {why}"
     if key2.shape[1:] != key.shape[1:]:
         return f"the streams' K/V shapes differ: {tuple(key.shape)} vs {tuple(key2.shape)}"
-    if mix is not None and (mix[0].device != query.device or mix[1].device != query.device):
+    if mix is not None and (mix.index.device != query.device or mix.weight.device != query.device):
         return "the mixing plan is on another device"
     return _sdpa_preferred(query.device.type, mixed=mix is not None)
 
@@ -395,8 +408,8 @@ def cross_attention_streams_triton(query, key, value, key2=None, value2=None, ro
         rows2 = rows2.to(torch.int32)
     mix_index = mix_weight = None
     if mix is not None:
-        mix_index = mix[0].to(torch.int32).contiguous()
-        mix_weight = mix[1].to(torch.float32).contiguous()
+        mix_index = mix.index.to(torch.int32).contiguous()
+        mix_weight = mix.weight.to(torch.float32).contiguous()
     return _triton_fwd(query, key, value, key2, value2, rows2, key.shape[0], None, float(scale),
                        mix_index, mix_weight)[0]
 
@@ -421,8 +434,8 @@ def streams_backend(heads: int, head_dim: int, dtype: torch.dtype, device, dropo
     caller pick a schedule that suits the backend (the model forms leave_one_out K/V in the kernel
     only when the kernel runs)."""
     probe = torch.empty(1, heads, 1, head_dim, dtype=dtype, device=device)
-    mix = (torch.zeros(1, 1, dtype=torch.int32, device=device),
-           torch.ones(1, 1, 1, dtype=torch.float32, device=device)) if mixed else None
+    mix = MixPlan(torch.zeros(1, 1, dtype=torch.int32, device=device),
+                  torch.ones(1, 1, 1, dtype=torch.float32, device=device)) if mixed else None
     return _streams.choose(probe.expand(2, -1, -1, -1), probe, probe, probe, probe, None, dropout_p, None,
                            mix=mix).name
 
@@ -475,7 +488,7 @@ def cross_attention_streams(query, key, value, key2=None, value2=None, rows2=Non
     S + j to K/V row ``rows2[j]`` (or j when rows2 is None; then R2 = N - S). K/V may be strided
     views.
 
-    ``mix=(index [N-S, M] int, weight [N-S, M, Lk] float)`` instead of rows2: row S + j attends to
+    ``mix=MixPlan(index [N-S, M] int, weight [N-S, M, Lk] float)`` (or that plain pair) instead of rows2: row S + j attends to
     the K/V ``sum_s weight[j, s, :] * key2[index[j, s]]`` (same for value2), per key position;
     unused slots carry weight 0. The leave_one_out W-stream uses it with key2 = the images' K/V
     and the softmax weights of the other images of the sample: the Triton backend forms these
@@ -501,6 +514,7 @@ def cross_attention_streams(query, key, value, key2=None, value2=None, rows2=Non
             if rows2 is not None:
                 raise ValueError("cross_attention_streams: give rows2 or mix, not both")
             _validate_mix(mix, n2, key2)
+            mix = MixPlan(*mix)
         else:
             want = n2 if rows2 is None else len(rows2)
             if (rows2 is None and key2.shape[0] != n2) or want != n2:
