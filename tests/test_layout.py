@@ -378,3 +378,14 @@ def test_context_modes_are_declared_once():
                 hits.append(f"{rel}:{n.lineno}")
     hits = [h for h in hits if h.split(":")[0] not in CONTEXT_MODE_TUPLES_ALLOWED]
     assert [h.split(":")[0] for h in hits] == ["config.py"], hits
+
+
+def test_attention_kernels_share_one_prologue():
+    """The three attention kernels of sam_fast/_kernels/cross_attention.py start with one shared
+    @triton.jit prologue (`_attn_program`), as the other kernel files share _kernels/_common.py's."""
+    tree = _tree(PKG / "_kernels" / "cross_attention.py")
+    kernels = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("attn_")]
+    assert len(kernels) == 3
+    for k in kernels:
+        calls = {ast.unparse(c.func) for c in ast.walk(k) if isinstance(c, ast.Call)}
+        assert "_attn_program" in calls and "tl.program_id" not in calls and "_kv_base" not in calls, k.name

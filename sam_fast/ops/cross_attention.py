@@ -379,7 +379,7 @@ def _check_streams_triton(query, key, value, key2=None, value2=None, rows2=None,
         return f"second stream: {why}"
     if key2.shape[1:] != key.shape[1:]:
         return f"the streams' K/V shapes differ: {tuple(key.shape)} vs {tuple(key2.shape)}"
-    if mix is not None and (mix.index.device != query.device or mix.weight.device != query.device):
+    if mix is not None and any(t.device != query.device for t in mix):  # (a MixPlan or a plain pair)
         return "the mixing plan is on another device"
     return _sdpa_preferred(query.device.type, mixed=mix is not None)
 
@@ -408,8 +408,9 @@ def cross_attention_streams_triton(query, key, value, key2=None, value2=None, ro
         rows2 = rows2.to(torch.int32)
     mix_index = mix_weight = None
     if mix is not None:
-        mix_index = mix.index.to(torch.int32).contiguous()
-        mix_weight = mix.weight.to(torch.float32).contiguous()
+        index, weight = mix  # (a MixPlan or a plain pair)
+        mix_index = index.to(torch.int32).contiguous()
+        mix_weight = weight.to(torch.float32).contiguous()
     return _triton_fwd(query, key, value, key2, value2, rows2, key.shape[0], None, float(scale),
                        mix_index, mix_weight)[0]
 
