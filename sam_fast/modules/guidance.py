@@ -117,7 +117,8 @@ class AdaptiveAdjustment(nn.Linear):
         """
         _check_guidance("AdaptiveAdjustment.merged_kv", guidance)
         if tuple(kv.shape[:2]) != tuple(features.shape[:2]):
-            raise ValueError(f"AdaptiveAdjustment.merged_kv: K/V {tuple(kv.shape)} and features {tuple(features.shape)} "
+            raise ValueError(f"AdaptiveAdjustment.merged_kv: K/V {tuple(kv.shape)} and features "
+                             f"{tuple(features.shape)} "
                              "differ in images or patches")
         return context_reweight(kv, self.context_scores(features, guidance), cu_images, context_mode,
                                 offsets=offsets)

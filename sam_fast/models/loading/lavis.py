@@ -329,7 +329,8 @@ def _one_dtype(cls, state_dict):
     """The dtype plan when none is asked: the files' own dtype, or the default dtype (float32) when
     the tensors that keep a half dtype mix several (fp16 EVA, fp32 Q-former): one dtype per model."""
     keep = _dtype_plan(cls, torch.float16)
-    kinds = {t.dtype for k, t in state_dict.items() if t.is_floating_point() and _target_dtype(keep, k) != torch.float32}
+    kinds = {t.dtype for k, t in state_dict.items()
+             if t.is_floating_point() and _target_dtype(keep, k) != torch.float32}
     return _dtype_plan(cls, torch.get_default_dtype()) if len(kinds) > 1 else None
 
 
