@@ -32,6 +32,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sam_fast.config import CONTEXT_MODES, GUIDANCE_MODES
+
 if TYPE_CHECKING:
     from sam_fast.train.trainer import TrainConfig
 
@@ -936,8 +938,8 @@ def _add_train_command(sub) -> None:
     p.add_argument("--skip-bad", action="store_true", default=None,
                    help="skip bad samples (missing/corrupt images, malformed records) and report how many")
     p.add_argument("--allow-outside-paths", action="store_true", help=OUTSIDE_HELP)
-    p.add_argument("--context-mode", choices=["leave_one_out", "shared"], help="SAMConfig.context_mode")
-    p.add_argument("--guidance", choices=["adaptive", "mean", "none"], help="SAMConfig.guidance")
+    p.add_argument("--context-mode", choices=list(CONTEXT_MODES), help="SAMConfig.context_mode")
+    p.add_argument("--guidance", choices=list(GUIDANCE_MODES), help="SAMConfig.guidance")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     _add_train_step_flags(p)

@@ -71,7 +71,7 @@ def _schedule() -> list[str]:
     Q-former (`SAMConfig.instructblip_vicuna7b`'s heads; fp16 on CUDA, fp32 on CPU)."""
     import torch
 
-    from sam_fast.config import SAMConfig
+    from sam_fast.config import CONTEXT_MODES, SAMConfig
     from sam_fast.modules.schedules import choose_w_schedule
 
     q = SAMConfig.instructblip_vicuna7b().qformer_config
@@ -79,7 +79,7 @@ def _schedule() -> list[str]:
     devices = [("cpu", torch.float32)] + ([("cuda", torch.float16)] if torch.cuda.is_available() else [])
     lines = []
     for dev, dtype in devices:
-        loo, shared = (choose_w_schedule(mode, heads, head_dim, dev, dtype) for mode in ("leave_one_out", "shared"))
+        loo, shared = (choose_w_schedule(mode, heads, head_dim, dev, dtype) for mode in CONTEXT_MODES)
         lines.append(f"  {dev}: leave_one_out W-stream K/V {loo.summary} ({loo.__name__}); "
                      f"shared mode: {shared.summary} ({shared.__name__})")
     return lines

@@ -172,6 +172,34 @@ def _is_image(x) -> bool:
     return isinstance(x, (Image.Image, np.ndarray, torch.Tensor))
 
 
+def _check_call_options(kwargs: dict, return_tensors) -> None:
+    """`SAMProcessor.__call__`'s keyword options: padding=True / "longest" only (what HF pipelines
+    pass: batches are always padded), no unknown keyword, torch tensors."""
+    if kwargs.get("padding", True) in (True, "longest"):  # what HF pipelines pass: batches are always padded
+        kwargs.pop("padding", None)
+    if kwargs:
+        raise TypeError(f"SAMProcessor got unexpected keyword argument(s) {sorted(kwargs)}; it takes images, "
+                        f"text, answers, image_counts, return_tensors and padding=True")
+    _check_return_tensors(return_tensors)
+
+
+def _pil_images(per_sample: list[list], texts: list[str]) -> list:
+    """Every image as PIL, sample-major, once each instruction's image references are checked
+    against its image count."""
+    flat = []
+    for i, imgs in enumerate(per_sample):
+        for j, image in enumerate(imgs):
+            try:
+                flat.append(as_pil_image(image))
+            except ValueError as e:
+                raise ValueError(f"images[{i}][{j}] (sample {i}, image {j}) {e}") from e
+    for i, (imgs, instruction) in enumerate(zip(per_sample, texts, strict=True)):
+        problem = image_reference_problem(instruction, len(imgs), f"sample {i}")
+        if problem:
+            raise ValueError(f"text[{i}]: {problem}")
+    return flat
+
+
 class SAMProcessor(ProcessorMixin):
     """Images + instructions (+ answers) -> the inputs of `SAM.forward` / `SAM.generate`, as a BatchFeature.
 
@@ -312,12 +340,24 @@ class SAMProcessor(ProcessorMixin):
                 text, a text holding a lone surrogate.
             TypeError: an unknown keyword argument.
         """
-        if kwargs.get("padding", True) in (True, "longest"):  # what HF pipelines pass: batches are always padded
-            kwargs.pop("padding", None)
-        if kwargs:
-            raise TypeError(f"SAMProcessor got unexpected keyword argument(s) {sorted(kwargs)}; it takes images, "
-                            f"text, answers, image_counts, return_tensors and padding=True")
-        _check_return_tensors(return_tensors)
+        _check_call_options(kwargs, return_tensors)
+        per_sample, texts, outs = self._samples(images, text, answers, image_counts)
+        flat = _pil_images(per_sample, texts)
+        pixels = self.image_processor(flat)["pixel_values"]
+        items, start = [], 0
+        for i, (imgs, instruction, answer) in enumerate(zip(per_sample, texts, outs, strict=True)):
+            items.append({"id": i, "pixel_values": pixels[start : start + len(imgs)], "instruction": instruction,
+                          "output": answer})
+            start += len(imgs)
+        try:
+            batch = Collator(self._prompt_builder(), train=answers is not None)(items)
+        except DataError as e:  # "sample id 3: ..." -> the sample's index
+            raise ValueError(str(e).replace("sample id ", "sample ", 1)) from e
+        return BatchFeature(model_inputs(batch))
+
+    def _samples(self, images, text, answers, image_counts) -> tuple[list[list], list[str], list]:
+        """(images per sample, instructions, answers or Nones) of a `__call__`, their counts and
+        texts checked."""
         if images is None or text is None:
             raise ValueError("SAMProcessor needs both images and text (one instruction per sample)")
         texts = _as_list(text, "text")
@@ -348,28 +388,7 @@ class SAMProcessor(ProcessorMixin):
                     problem = EMPTY_OUTPUT
                 if problem:
                     raise ValueError(f"{name}[{i}]: {problem}")
-        flat = []
-        for i, imgs in enumerate(per_sample):
-            for j, image in enumerate(imgs):
-                try:
-                    flat.append(as_pil_image(image))
-                except ValueError as e:
-                    raise ValueError(f"images[{i}][{j}] (sample {i}, image {j}) {e}") from e
-        for i, (imgs, instruction) in enumerate(zip(per_sample, texts, strict=True)):
-            problem = image_reference_problem(instruction, len(imgs), f"sample {i}")
-            if problem:
-                raise ValueError(f"text[{i}]: {problem}")
-        pixels = self.image_processor(flat)["pixel_values"]
-        items, start = [], 0
-        for i, (imgs, instruction, answer) in enumerate(zip(per_sample, texts, outs, strict=True)):
-            items.append({"id": i, "pixel_values": pixels[start : start + len(imgs)], "instruction": instruction,
-                          "output": answer})
-            start += len(imgs)
-        try:
-            batch = Collator(self._prompt_builder(), train=answers is not None)(items)
-        except DataError as e:  # "sample id 3: ..." -> the sample's index
-            raise ValueError(str(e).replace("sample id ", "sample ", 1)) from e
-        return BatchFeature(model_inputs(batch))
+        return per_sample, texts, outs
 
     @staticmethod
     def _split_images(images, image_counts) -> list[list]:

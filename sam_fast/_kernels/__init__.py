@@ -20,5 +20,8 @@ torch.library registration and the backend choice live in the op modules:
                             patched into the LLaMA by sam_fast.models.llama_kernels)
         rms_norm_fwd_kernel, rms_norm_bwd_kernel, swiglu_fwd_kernel, swiglu_bwd_kernel
 
+``sam_fast.ops._common`` imports every file once (`triton_import_error`, the one probe of whether
+Triton and these kernels load here) and launches none.
+
 The op modules' PyTorch ``*_ref`` functions are the specification each kernel is tested against.
 """

@@ -69,6 +69,25 @@ def _kv_base(K, V, K2, V2, Rows2, n, h, split,
 
 
 @triton.jit
+def _attn_program(K, V, K2, V2, Rows2, split,
+                  skn, skh, skm, skd, svn, svh, svm, svd,
+                  sk2n, sk2h, sk2m, sk2d, sv2n, sv2h, sv2m, sv2d,
+                  H, HAS_ROWS2: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The prologue of the three attention kernels (grid: block, N * H): (block pid, (n, h) pid,
+    query row n, head h, the K/V bases and strides of row n (`_kv_base`), whether n is a mixed
+    row (`mixed`, only read with HAS_MIX), its row of the mixing plan, the head-dim offsets)."""
+    pid = tl.program_id(0)
+    pid_nh = tl.program_id(1)
+    n = pid_nh // H
+    h = pid_nh % H
+    kb, vb, km, kd, vm, vd = _kv_base(K, V, K2, V2, Rows2, n, h, split, skn, skh, skm, skd, svn, svh, svm, svd,
+                                      sk2n, sk2h, sk2m, sk2d, sv2n, sv2h, sv2m, sv2d, HAS_ROWS2)
+    mixed = n >= split
+    mrow = tl.maximum(n - split, 0)
+    return pid, pid_nh, n, h, kb, vb, km, kd, vm, vd, mixed, mrow, tl.arange(0, BLOCK_D)
+
+
+@triton.jit
 def _kv_tiles(kb, vb, km, kd, vm, vd, offs_n, offs_d, Lk, D, mixed, mrow,
               K2, V2, sk2n, sk2h, sv2n, sv2h, h, MixIdx, MixW, M,
               HAS_MIX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -107,16 +126,10 @@ def attn_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_ROWS2: tl.constexpr, HAS_MIX: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_nh = tl.program_id(1)
-    n = pid_nh // H
-    h = pid_nh % H
-    kb, vb, km, kd, vm, vd = _kv_base(K, V, K2, V2, Rows2, n, h, split, skn, skh, skm, skd, svn, svh, svm, svd,
-                                      sk2n, sk2h, sk2m, sk2d, sv2n, sv2h, sv2m, sv2d, HAS_ROWS2)
-    mixed = n >= split
-    mrow = tl.maximum(n - split, 0)
+    pid_m, pid_nh, n, h, kb, vb, km, kd, vm, vd, mixed, mrow, offs_d = _attn_program(
+        K, V, K2, V2, Rows2, split, skn, skh, skm, skd, svn, svh, svm, svd,
+        sk2n, sk2h, sk2m, sk2d, sv2n, sv2h, sv2m, sv2d, H, HAS_ROWS2, BLOCK_D)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     q = _load_block(Q + n * sqn + h * sqh, offs_m, offs_d, sqm, sqd, Lq, D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -157,16 +170,10 @@ def attn_bwd_dkdv_kernel(
     """dV = P^T dO, dK = scale * dS^T Q with dS = P * (dO V^T - delta); one key block per program.
     dK/dV are written contiguous [N, H, Lk, d], one slice per *query* row (the launcher sums
     the slices of query rows that share a K/V row)."""
-    pid_n = tl.program_id(0)
-    pid_nh = tl.program_id(1)
-    n = pid_nh // H
-    h = pid_nh % H
-    kb, vb, km, kd, vm, vd = _kv_base(K, V, K2, V2, Rows2, n, h, split, skn, skh, skm, skd, svn, svh, svm, svd,
-                                      sk2n, sk2h, sk2m, sk2d, sv2n, sv2h, sv2m, sv2d, HAS_ROWS2)
-    mixed = n >= split
-    mrow = tl.maximum(n - split, 0)
+    pid_n, pid_nh, n, h, kb, vb, km, kd, vm, vd, mixed, mrow, offs_d = _attn_program(
+        K, V, K2, V2, Rows2, split, skn, skh, skm, skd, svn, svh, svm, svd,
+        sk2n, sk2h, sk2m, sk2d, sv2n, sv2h, sv2m, sv2d, H, HAS_ROWS2, BLOCK_D)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     k, v = _kv_tiles(kb, vb, km, kd, vm, vd, offs_n, offs_d, Lk, D, mixed, mrow, K2, V2, sk2n, sk2h, sv2n, sv2h,
                      h, MixIdx, MixW, M, HAS_MIX, BLOCK_N, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -206,16 +213,10 @@ def attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ = scale * dS K; one query block per program. dQ is written contiguous [N, H, Lq, d]."""
-    pid_m = tl.program_id(0)
-    pid_nh = tl.program_id(1)
-    n = pid_nh // H
-    h = pid_nh % H
-    kb, vb, km, kd, vm, vd = _kv_base(K, V, K2, V2, Rows2, n, h, split, skn, skh, skm, skd, svn, svh, svm, svd,
-                                      sk2n, sk2h, sk2m, sk2d, sv2n, sv2h, sv2m, sv2d, HAS_ROWS2)
-    mixed = n >= split
-    mrow = tl.maximum(n - split, 0)
+    pid_m, pid_nh, n, h, kb, vb, km, kd, vm, vd, mixed, mrow, offs_d = _attn_program(
+        K, V, K2, V2, Rows2, split, skn, skh, skm, skd, svn, svh, svm, svd,
+        sk2n, sk2h, sk2m, sk2d, sv2n, sv2h, sv2m, sv2d, H, HAS_ROWS2, BLOCK_D)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     q = _load_block(Q + n * sqn + h * sqh, offs_m, offs_d, sqm, sqd, Lq, D)
     do = _load_block(dO + n * sdon + h * sdoh, offs_m, offs_d, sdom, sdod, Lq, D)
     lse = tl.load(Lse + pid_nh * Lq + offs_m, mask=offs_m < Lq, other=0.0)

@@ -127,6 +127,49 @@ def _check_record(rec, index: int, ann_path: Path, require_output: bool,
     return sid, image_reference_problem(instruction, len(imgs))
 
 
+def _read_annotations(ann_path: Path, root: Path) -> list:
+    """The parsed ``annotations.json`` list; DataError naming the file when it is missing,
+    unreadable, not JSON or not a list."""
+    if not ann_path.is_file():
+        raise DataError(f"{ann_path}: no annotations.json in the dataset folder {root}")
+    try:
+        raw = json.loads(ann_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{ann_path}: not valid JSON ({e})") from e
+    except (OSError, RecursionError) as e:  # unreadable; or nested too deeply for the JSON parser
+        raise DataError(f"{ann_path}: cannot be read ({type(e).__name__}: {e})") from e
+    if not isinstance(raw, list):
+        raise DataError(f"{ann_path}: expected a list of samples, got {type(raw).__name__}")
+    return raw
+
+
+def _image_paths(root: Path, img_list: list[str], allow_outside_paths: bool, verify_images: bool
+                 ) -> tuple[list[Path], str | None]:
+    """The resolved image paths of one record and, at the first bad one, why it is bad (None: all
+    good; the paths so far otherwise)."""
+    paths: list[Path] = []
+    for rel in img_list:
+        try:  # before the file is touched: the refusal must not tell whether an outside file exists
+            p = contained_path(root, rel, allow_outside_paths)
+        except OutsidePathError as e:
+            return paths, f"{e} (pass --allow-outside-paths / allow_outside_paths=True to read it)"
+        except (OSError, RuntimeError) as e:  # e.g. a symlink loop
+            return paths, f"image path {rel!r} cannot be resolved ({type(e).__name__}: {e})"
+        paths.append(p)
+        try:
+            exists = p.is_file()
+        except OSError as e:  # e.g. a name too long for the file system
+            return paths, f"image file {p} cannot be accessed ({type(e).__name__}: {e.strerror})"
+        if not exists:
+            return paths, f"image file {p} does not exist"
+        if verify_images:
+            try:
+                check_image(p)
+            except Exception as e:  # PIL raises many types for corrupt files
+                return paths, f"image file {p} is not a readable image ({type(e).__name__}: {e})"
+    return paths, None
+
+
 def load_records(root: str | os.PathLike, skip_bad: bool = False, require_output: bool = True,
                  verify_images: bool = True, skipped: SkipReport | None = None, allow_outside_paths: bool = False,
                  max_text_chars: int = MAX_TEXT_CHARS) -> tuple[list[Record], SkipReport]:
@@ -144,16 +187,7 @@ def load_records(root: str | os.PathLike, skip_bad: bool = False, require_output
     root = Path(root)
     ann_path = root / "annotations.json"
     skipped = skipped if skipped is not None else SkipReport()
-    if not ann_path.is_file():
-        raise DataError(f"{ann_path}: no annotations.json in the dataset folder {root}")
-    try:
-        raw = json.loads(ann_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{ann_path}: not valid JSON ({e})") from e
-    except (OSError, RecursionError) as e:  # unreadable; or nested too deeply for the JSON parser
-        raise DataError(f"{ann_path}: cannot be read ({type(e).__name__}: {e})") from e
-    if not isinstance(raw, list):
-        raise DataError(f"{ann_path}: expected a list of samples, got {type(raw).__name__}")
+    raw = _read_annotations(ann_path, root)
     records, seen = [], set()
     for i, rec in enumerate(raw):
         sid, problem = _check_record(rec, i, ann_path, require_output, max_text_chars)
@@ -161,30 +195,7 @@ def load_records(root: str | os.PathLike, skip_bad: bool = False, require_output
             problem = "duplicate id"
         paths = []
         if problem is None:
-            for rel in rec["img_list"]:
-                try:  # before the file is touched: the refusal must not tell whether an outside file exists
-                    p = contained_path(root, rel, allow_outside_paths)
-                except OutsidePathError as e:
-                    problem = f"{e} (pass --allow-outside-paths / allow_outside_paths=True to read it)"
-                    break
-                except (OSError, RuntimeError) as e:  # e.g. a symlink loop
-                    problem = f"image path {rel!r} cannot be resolved ({type(e).__name__}: {e})"
-                    break
-                paths.append(p)
-                try:
-                    exists = p.is_file()
-                except OSError as e:  # e.g. a name too long for the file system
-                    problem = f"image file {p} cannot be accessed ({type(e).__name__}: {e.strerror})"
-                    break
-                if not exists:
-                    problem = f"image file {p} does not exist"
-                    break
-                if verify_images:
-                    try:
-                        check_image(p)
-                    except Exception as e:  # PIL raises many types for corrupt files
-                        problem = f"image file {p} is not a readable image ({type(e).__name__}: {e})"
-                        break
+            paths, problem = _image_paths(root, rec["img_list"], allow_outside_paths, verify_images)
         if problem is not None:
             if not skip_bad:
                 raise DataError(f"{ann_path}: sample id {sid!r}: {problem}")

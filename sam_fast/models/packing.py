@@ -103,6 +103,30 @@ def pack(
     (``-100`` after each sample's last token), which is what HF's loss predicts from that position
     in the padded row. Raises ValueError naming the offending row on bad input.
     """
+    valid, lengths, seqlens = _check_pack_inputs(inputs_embeds, attention_mask, labels)
+    B, S, H = inputs_embeds.shape
+    indices = valid.reshape(-1).nonzero().squeeze(1)
+    embeds = inputs_embeds.reshape(B * S, H).index_select(0, indices).unsqueeze(0)
+    positions = (valid.long().cumsum(dim=1) - 1).reshape(-1).index_select(0, indices).unsqueeze(0)
+    cu = torch.zeros(B + 1, dtype=torch.int32, device=inputs_embeds.device)
+    cu[1:] = lengths.cumsum(0).to(torch.int32)
+    packed = Packed(
+        inputs_embeds=embeds,
+        position_ids=positions,
+        cu_seqlens=cu,
+        max_seqlen=max(seqlens) if seqlens else 0,
+        seqlens=seqlens,
+        indices=indices,
+        batch_shape=(B, S),
+    )
+    if labels is not None:
+        packed.labels, packed.shift_labels = _shifted_labels(labels.to(inputs_embeds.device), indices, seqlens)
+    return packed
+
+
+def _check_pack_inputs(inputs_embeds, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """`pack`'s checks, with one host read for all rows: (valid [B, S] bool, lengths [B], the
+    lengths on the host). Raises ValueError naming the offending row."""
     if inputs_embeds.dim() != 3:
         raise ValueError(f"inputs_embeds must be [B, S, H], got shape {tuple(inputs_embeds.shape)}")
     B, S, H = inputs_embeds.shape
@@ -127,7 +151,6 @@ def pack(
     if labels is not None:
         stray = ((labels.to(valid.device) != IGNORE_INDEX) & ~valid).any(dim=1)
     host = torch.stack([lengths, gap.long(), bad] + ([stray.long()] if labels is not None else [])).tolist()
-    seqlens = tuple(int(n) for n in host[0])
     if any(host[2]):
         raise ValueError(f"attention_mask row {host[2].index(1)} holds values other than 0 and 1")
     if any(host[1]):
@@ -138,31 +161,20 @@ def pack(
     if labels is not None and any(host[3]):
         row = host[3].index(1)
         raise ValueError(f"labels row {row} has a label other than -100 at a padded position (attention_mask 0)")
+    return valid, lengths, tuple(int(n) for n in host[0])
 
-    indices = valid.reshape(-1).nonzero().squeeze(1)
-    embeds = inputs_embeds.reshape(B * S, H).index_select(0, indices).unsqueeze(0)
-    positions = (valid.long().cumsum(dim=1) - 1).reshape(-1).index_select(0, indices).unsqueeze(0)
-    cu = torch.zeros(B + 1, dtype=torch.int32, device=inputs_embeds.device)
-    cu[1:] = lengths.cumsum(0).to(torch.int32)
-    packed = Packed(
-        inputs_embeds=embeds,
-        position_ids=positions,
-        cu_seqlens=cu,
-        max_seqlen=max(seqlens) if seqlens else 0,
-        seqlens=seqlens,
-        indices=indices,
-        batch_shape=(B, S),
-    )
-    if labels is not None:
-        flat = labels.to(inputs_embeds.device).reshape(-1).index_select(0, indices)
-        shifted = torch.full_like(flat, IGNORE_INDEX)
-        shifted[:-1] = flat[1:]
-        ends = [e - 1 for e, n in zip(_cumsum(seqlens), seqlens) if n > 0]
-        if ends:
-            shifted[torch.tensor(ends, device=flat.device)] = IGNORE_INDEX
-        packed.labels = flat.unsqueeze(0)
-        packed.shift_labels = shifted.unsqueeze(0)
-    return packed
+
+def _shifted_labels(labels: torch.Tensor, indices: torch.Tensor, seqlens: tuple[int, ...]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels, shift_labels) [1, total] of the packed tokens: each token's label of the next
+    token of the same sample, -100 after each sample's last token."""
+    flat = labels.reshape(-1).index_select(0, indices)
+    shifted = torch.full_like(flat, IGNORE_INDEX)
+    shifted[:-1] = flat[1:]
+    ends = [e - 1 for e, n in zip(_cumsum(seqlens), seqlens) if n > 0]
+    if ends:
+        shifted[torch.tensor(ends, device=flat.device)] = IGNORE_INDEX
+    return flat.unsqueeze(0), shifted.unsqueeze(0)
 
 
 def _cumsum(seqlens: tuple[int, ...]) -> list[int]:

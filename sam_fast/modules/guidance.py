@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from sam_fast.modules.plans import device_tensor
-from sam_fast.ops import context_reweight
+from sam_fast.ops import MixPlan, context_reweight
 
 GUIDANCE_WITH_MAPS = ("adaptive", "mean")
 
@@ -28,6 +28,15 @@ GUIDANCE_WITH_MAPS = ("adaptive", "mean")
 def _check_guidance(where: str, guidance: str) -> None:
     if guidance not in GUIDANCE_WITH_MAPS:
         raise ValueError(f"{where}: guidance={guidance!r} has no merged maps")
+
+
+def _image_softmax(scores: torch.Tensor, dim: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 1's weights: the softmax of the scores over the images (axis `dim`), patch by patch;
+    `keep` (broadcastable to the scores) leaves images out (leave_one_out: the image itself and
+    unused slots). The one place outside `context_reweight` that writes the formula."""
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return torch.softmax(scores, dim=dim)
 
 
 def _leave_one_out_rows(counts: list[int], M: int) -> list[list[int]]:
@@ -78,17 +87,16 @@ class AdaptiveAdjustment(nn.Linear):
         """alpha [M, P]: the weights of the M images of one merged map (features [M, P, D]),
         softmax over the images per patch (uniform for ``guidance="mean"``)."""
         _check_guidance("AdaptiveAdjustment.weights", guidance)
-        if guidance == "mean":
-            M, P = features.shape[:2]
-            return torch.full((M, P), 1.0 / M, dtype=torch.promote_types(features.dtype, torch.float32),
-                              device=features.device)
-        return torch.softmax(self.scores(features), dim=0)
+        if guidance == "mean":  # equal scores (not `context_scores`: these weights ignore non-finite features)
+            acc = torch.promote_types(features.dtype, torch.float32)
+            return _image_softmax(features.new_zeros(features.shape[:2], dtype=acc), dim=0)
+        return _image_softmax(self.scores(features), dim=0)
 
     def merged_maps(self, features: torch.Tensor, cu_images: torch.Tensor, context_mode: str,
                     guidance: str) -> torch.Tensor:
         """I-hat for every image (leave_one_out, [T, P, D]) or every sample (shared, [B, P, D]) of
         the features E [T, P, D] of a ragged batch (``cu_images`` [B+1] its offsets)."""
-        _check_guidance("merged_context_maps", guidance)
+        _check_guidance("AdaptiveAdjustment.merged_maps", guidance)
         return context_reweight(features, self.context_scores(features, guidance), cu_images, context_mode)
 
     def merged_kv(self, features: torch.Tensor, kv: torch.Tensor, cu_images: torch.Tensor,
@@ -107,17 +115,18 @@ class AdaptiveAdjustment(nn.Linear):
         ``[P, D] x [D, n_cross*2*H]`` GEMM per merged map) for a weighted sum over a wider row;
         ``bench_merge_kv_vs_features`` in `bench/models/bench_encode_images.py` measures both.
         """
-        _check_guidance("merged_context_kv", guidance)
+        _check_guidance("AdaptiveAdjustment.merged_kv", guidance)
         if tuple(kv.shape[:2]) != tuple(features.shape[:2]):
-            raise ValueError(f"merged_context_kv: K/V {tuple(kv.shape)} and features {tuple(features.shape)} "
+            raise ValueError(f"AdaptiveAdjustment.merged_kv: K/V {tuple(kv.shape)} and features "
+                             f"{tuple(features.shape)} "
                              "differ in images or patches")
         return context_reweight(kv, self.context_scores(features, guidance), cu_images, context_mode,
                                 offsets=offsets)
 
     def leave_one_out_mix(self, features: torch.Tensor, counts: list[int],
-                          guidance: str) -> tuple[torch.Tensor, torch.Tensor]:
+                          guidance: str) -> MixPlan:
         """The leave_one_out I-hat of every image that has contextual images, as a mixing plan over
-        the images: ``(index [Tw, M], weight [Tw, M, P])`` with M = max(counts) - 1 and Tw the images
+        the images: ``MixPlan(index [Tw, M], weight [Tw, M, P])`` with M = max(counts) - 1 and Tw the images
         of the samples with more than one image, in image order. Row j (image i of sample b) lists
         the other images m of b in order and ``weight[j, s, p] = softmax_{m != i}(s_m[p])``
         (``guidance="adaptive"``) or ``1 / (n_b - 1)`` (``"mean"``); unused slots point at image i
@@ -136,29 +145,28 @@ class AdaptiveAdjustment(nn.Linear):
         The index is built on the host from `counts` (no device sync); the weights are in fp32
         (fp64 for fp64 features), differentiable with respect to this Linear.
         """
-        _check_guidance("leave_one_out_mix", guidance)
+        _check_guidance("AdaptiveAdjustment.leave_one_out_mix", guidance)
         T, P, _ = features.shape
         if sum(counts) != T or min(counts, default=1) < 1:
-            raise ValueError(f"leave_one_out_mix: image counts {counts} do not describe the {T} images of features")
+            raise ValueError(f"AdaptiveAdjustment.leave_one_out_mix: image counts {str(counts)[:80]} do not describe "
+                             f"the {T} images of features")
         M = max(counts) - 1
         dev = features.device
         acc = torch.promote_types(features.dtype, torch.float32)
         rows = _leave_one_out_rows(counts, M)
         if not rows:
-            return (torch.zeros(0, max(M, 1), dtype=torch.long, device=dev),
-                    torch.zeros(0, max(M, 1), P, dtype=acc, device=dev))
-        rows_t = device_tensor(rows, dev)  # [Tw, M + 1]: the slots, then the image itself
-        index_t, own = rows_t[:, :M], rows_t[:, M:]
-        live_t = (index_t != own)[:, :, None]  # unused slots point at the image itself
-        # the scores of the sample's images, the row's own included: its column's finiteness
-        picked = self.context_scores(features, guidance).index_select(0, rows_t.reshape(-1)).view(-1, M + 1, P)
+            return MixPlan(torch.zeros(0, max(M, 1), dtype=torch.long, device=dev),
+                           torch.zeros(0, max(M, 1), P, dtype=acc, device=dev))
+        plan_rows = device_tensor(rows, dev)  # [Tw, M + 1]: the slots' images, then the image itself
+        slot_images, own_image = plan_rows[:, :M], plan_rows[:, M:]
+        live_slots = (slot_images != own_image)[:, :, None]  # unused slots point at the image itself
+        # the scores of the sample's images, the row's own included: its column's finiteness. Under
+        # "mean" they are zeros (NaN where not finite), so the softmax gives the uniform weights.
+        sample_scores = self.context_scores(features, guidance).index_select(0, plan_rows.reshape(-1))
+        sample_scores = sample_scores.view(-1, M + 1, P)
         with torch.no_grad():
-            poison = torch.where(torch.isfinite(picked).all(1), 0.0, float("nan")).to(acc)[:, None, :]
-        if guidance == "mean":
-            weight = live_t.to(acc) / live_t.sum(1, keepdim=True).to(acc)
-            return index_t, weight.expand(-1, -1, P) + poison
-        weight = torch.softmax(picked[:, :M].masked_fill(~live_t, float("-inf")), dim=1)
-        return index_t, weight + poison
+            poison = torch.where(torch.isfinite(sample_scores).all(1), 0.0, float("nan")).to(acc)[:, None, :]
+        return MixPlan(slot_images, _image_softmax(sample_scores[:, :M], dim=1, keep=live_slots) + poison)
 
     @classmethod
     def of(cls, linear: nn.Linear) -> "AdaptiveAdjustment":
@@ -207,6 +215,6 @@ def merged_context_kv(features, kv, adaptive_adjustment: nn.Linear, cu_images, c
 
 
 def leave_one_out_mix(features, adaptive_adjustment: nn.Linear, counts: list[int],
-                      guidance: str) -> tuple[torch.Tensor, torch.Tensor]:
+                      guidance: str) -> MixPlan:
     """`AdaptiveAdjustment.leave_one_out_mix` for any ``Linear(D, 1)``."""
     return AdaptiveAdjustment.of(adaptive_adjustment).leave_one_out_mix(features, counts, guidance)

@@ -6,6 +6,7 @@ or to the plain-PyTorch reference beside each op (`*_ref`), which is also the sp
 
 from sam_fast.ops.context_reweight import context_reweight, context_reweight_ref
 from sam_fast.ops.cross_attention import (
+    MixPlan,
     cross_attention,
     cross_attention_ref,
     cross_attention_streams,
@@ -23,6 +24,7 @@ from sam_fast.ops.llama import rms_norm, rms_norm_ref, swiglu, swiglu_ref
 
 __all__ = [
     "BackendUnavailable",
+    "MixPlan",
     "context_reweight",
     "context_reweight_ref",
     "cross_attention",

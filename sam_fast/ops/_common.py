@@ -5,8 +5,9 @@
   (``SAM_FAST_BACKEND=triton``): the interpreter costs milliseconds per program, so it is for tests;
 - the dtype table of the kernels (fp32, fp16, bf16);
 - integer helpers of the launch grids (`next_pow2`, `cdiv`);
-- the "always usable" check of reference backends and the "usable / why not" table that
-  ``sam-fast env`` prints.
+- whether the Triton kernels can be imported here (`triton_import_error`, probed once);
+- the "always usable" check of reference backends. (The forced backend and the "usable / why
+  not" table that ``sam-fast env`` prints belong to the dispatcher: `sam_fast.ops.dispatch`.)
 
 Launchers pass ``interpret=interpreting()`` to their block-size helpers (bigger blocks under the
 interpreter); the GPU compile test forces that parameter to False to capture GPU launch
@@ -15,15 +16,42 @@ configurations.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
 
-from sam_fast.ops.dispatch import ENV_VAR
+from sam_fast.ops.dispatch import ENV_VAR, forced_backend
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+_UNPROBED = "unprobed"
+# Result of the one import attempt (None: importable), `_UNPROBED` until the first check. Cached:
+# an import attempted on every call costs a failed module search each time and, under
+# torch.compile, a graph break per op call when Triton is not installed.
+_triton_probe: str | None = _UNPROBED
+
+
+def _probe_triton() -> str | None:
+    try:
+        import triton  # noqa: F401
+
+        import sam_fast._kernels.context_reweight  # noqa: F401
+        import sam_fast._kernels.cross_attention  # noqa: F401
+        import sam_fast._kernels.llama  # noqa: F401
+    except Exception as exc:  # ImportError, or a Triton that cannot initialise here
+        return f"triton kernels not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+@torch.compiler.assume_constant_result
+def triton_import_error() -> str | None:
+    """Why the Triton kernels cannot be imported (None: they can), the one test of Triton's
+    presence. Probed once per process and cached; torch.compile takes the answer as a constant
+    (the probe runs eagerly, never traced)."""
+    global _triton_probe
+    if _triton_probe == _UNPROBED:
+        _triton_probe = _probe_triton()
+    return _triton_probe
 
 
 def interpreting() -> bool:
@@ -31,19 +59,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
-def forced_backend() -> str:
-    """The backend forced through ``SAM_FAST_BACKEND`` ("" when none)."""
-    return os.environ.get(ENV_VAR, "").strip()
+def triton_forced() -> bool:
+    """Whether ``SAM_FAST_BACKEND=triton``: the second half of the interpreter rule."""
+    return forced_backend() == "triton"
 
 
-def triton_device_reason(device: torch.device, interpreter_allowed: bool | None = None) -> str | None:
-    """None when Triton kernels may run on tensors on `device`, else why not (the interpreter rule
-    of the module docstring). `interpreter_allowed` replaces the "Triton backend forced" part of
-    the rule (None: ask ``SAM_FAST_BACKEND``)."""
-    if device.type == "cuda":
+def triton_device_reason(device: torch.device | str, interpreter_allowed: bool | None = None) -> str | None:
+    """None when Triton kernels may run on tensors on `device` (a device or its type), else why
+    not (the interpreter rule of the module docstring). `interpreter_allowed` replaces the "Triton
+    backend forced" part of the rule (None: ask ``SAM_FAST_BACKEND``)."""
+    device_type = device if isinstance(device, str) else device.type
+    if device_type == "cuda":
         return None
-    allowed = forced_backend() == "triton" if interpreter_allowed is None else interpreter_allowed
-    if device.type == "cpu" and interpreting() and allowed:
+    allowed = triton_forced() if interpreter_allowed is None else interpreter_allowed
+    if device_type == "cpu" and interpreting() and allowed:
         return None
     return (f"inputs on {device}: Triton needs a CUDA device (CPU tensors only under TRITON_INTERPRET=1 "
             f"with {ENV_VAR}=triton, for tests)")
@@ -70,8 +99,3 @@ def cdiv(a: int, b: int) -> int:
 def always_usable(*args, **kwargs) -> None:
     """Backend check of the reference backends: they run any valid input."""
     return None
-
-
-def usable_table(reasons: dict[str, str | None]) -> dict[str, str]:
-    """`OpDispatcher.reasons` as ``{backend: "usable" or why not}`` (what ``sam-fast env`` prints)."""
-    return {k: ("usable" if v is None else v) for k, v in reasons.items()}

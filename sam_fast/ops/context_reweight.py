@@ -59,21 +59,32 @@ from __future__ import annotations
 import torch
 
 from sam_fast.ops._common import (
-    HAVE_TRITON,
     always_usable,
     cdiv,
     dtype_reason,
     interpreting,
     next_pow2,
     triton_device_reason,
+    triton_import_error,
 )
+from sam_fast.config import CONTEXT_MODES
 from sam_fast.ops.dispatch import dispatcher
 
-MODES = ("leave_one_out", "shared")
+MODES = CONTEXT_MODES  # (the model's context modes are the op's)
 
 
-def _check_scores(values, scores) -> None:
-    """scores: a floating-point [T, P] tensor (shapes and dtype only: safe while tracing)."""
+def validate_context_reweight(values, scores, cu_images, mode, offsets=None, *, traced=False) -> None:
+    """Raise ValueError (TypeError for non-tensor scores) naming the offending value for any
+    malformed input: the one validator of the op. `offsets` (a host copy of cu_images' values) is
+    checked instead of reading cu_images from its device; ``traced=True`` (under torch.compile)
+    checks shapes, dtypes and devices only, since reading offset values would break the graph."""
+    if mode not in MODES:
+        raise ValueError(f"context_reweight: mode={_short(mode)} is not one of {MODES}")
+    if not isinstance(values, torch.Tensor) or values.dim() != 3:
+        shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise ValueError(f"context_reweight: values must be [T, P, D], got {shape}")
+    if not values.is_floating_point():
+        raise ValueError(f"context_reweight: values dtype {values.dtype} is not floating point")
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"context_reweight: scores must be a [T, P] tensor, got {type(scores).__name__}")
     if tuple(scores.shape) != tuple(values.shape[:2]):
@@ -81,24 +92,6 @@ def _check_scores(values, scores) -> None:
                          f"got {tuple(scores.shape)}")
     if not scores.is_floating_point():
         raise ValueError(f"context_reweight: scores dtype {scores.dtype} is not floating point")
-
-
-def _check_values(values) -> None:
-    if not isinstance(values, torch.Tensor) or values.dim() != 3:
-        shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
-        raise ValueError(f"context_reweight: values must be [T, P, D], got {shape}")
-
-
-def validate_context_reweight(values, scores, cu_images, mode, offsets=None) -> None:
-    """Raise ValueError (TypeError for a non-tensor) naming the offending value for any malformed
-    input. `offsets` (a host copy of cu_images' values) is checked instead of reading cu_images
-    from its device."""
-    _check_mode(mode)
-    _check_values(values)
-    if not values.is_floating_point():
-        raise ValueError(f"context_reweight: values dtype {values.dtype} is not floating point")
-    T = values.shape[0]
-    _check_scores(values, scores)
     if not isinstance(cu_images, torch.Tensor) or cu_images.dim() != 1:
         raise ValueError(f"context_reweight: cu_images must be a 1-D tensor of offsets, got {_short(cu_images)}")
     if cu_images.dtype not in (torch.int32, torch.int64):
@@ -108,9 +101,14 @@ def validate_context_reweight(values, scores, cu_images, mode, offsets=None) -> 
     for name, t in (("scores", scores), ("cu_images", cu_images)):  # (before reading cu_images)
         if t.device != values.device:
             raise ValueError(f"context_reweight: {name} is on {t.device} but values are on {values.device}")
-    if offsets is not None and len(offsets) != cu_images.numel():
-        raise ValueError(f"context_reweight: offsets has {len(offsets)} entries but cu_images {cu_images.numel()}")
-    cu = list(offsets) if offsets is not None else cu_images.tolist()
+    if not traced:
+        _check_offsets(list(offsets) if offsets is not None else cu_images.tolist(), cu_images, values.shape[0])
+
+
+def _check_offsets(cu: list[int], cu_images, T: int) -> None:
+    """The values of the offsets `cu` (cu_images' host copy): 0 first, T last, every sample non-empty."""
+    if len(cu) != cu_images.numel():
+        raise ValueError(f"context_reweight: offsets has {len(cu)} entries but cu_images {cu_images.numel()}")
     if cu[0] != 0:
         raise ValueError(f"context_reweight: cu_images[0]={cu[0]} must be 0")
     if cu[-1] != T:
@@ -120,11 +118,6 @@ def validate_context_reweight(values, scores, cu_images, mode, offsets=None) -> 
             raise ValueError(f"context_reweight: cu_images decreases at sample {b}: {cu[b]} -> {cu[b + 1]}")
         if cu[b + 1] == cu[b]:
             raise ValueError(f"context_reweight: sample {b} is empty (cu_images[{b}] == cu_images[{b + 1}] == {cu[b]})")
-
-
-def _check_mode(mode) -> None:
-    if mode not in MODES:
-        raise ValueError(f"context_reweight: mode={_short(mode)} is not one of {MODES}")
 
 
 def _short(x, limit: int = 80) -> str:
@@ -245,7 +238,8 @@ def _triton_coefficients(scores, cu, B, P, shared):
     return coef, idx
 
 
-def _triton_forward(values, scores, cu_images, shared):
+@torch.library.custom_op("sam_fast::context_reweight_triton_fwd", mutates_args=())
+def _triton_fwd_op(values: torch.Tensor, scores: torch.Tensor, cu_images: torch.Tensor, shared: bool) -> torch.Tensor:
     from sam_fast._kernels.context_reweight import context_reweight_fwd_kernel
 
     V = values.contiguous()
@@ -262,7 +256,9 @@ def _triton_forward(values, scores, cu_images, shared):
     return out
 
 
-def _triton_backward(grad_out, values, scores, cu_images, shared, values_grad):
+@torch.library.custom_op("sam_fast::context_reweight_triton_bwd", mutates_args=())
+def _triton_bwd_op(grad_out: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, cu_images: torch.Tensor,
+                   shared: bool, values_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from sam_fast._kernels.context_reweight import context_reweight_bwd_kernel, context_reweight_dscore_kernel
 
     V = values.contiguous()
@@ -287,20 +283,9 @@ def _triton_backward(grad_out, values, scores, cu_images, shared, values_grad):
     return d_values, d_scores
 
 
-@torch.library.custom_op("sam_fast::context_reweight_triton_fwd", mutates_args=())
-def _triton_fwd_op(values: torch.Tensor, scores: torch.Tensor, cu_images: torch.Tensor, shared: bool) -> torch.Tensor:
-    return _triton_forward(values, scores, cu_images, shared)
-
-
 @_triton_fwd_op.register_fake
 def _(values, scores, cu_images, shared):
     return values.new_empty(_out_rows(values, cu_images, shared), values.shape[1], values.shape[2])
-
-
-@torch.library.custom_op("sam_fast::context_reweight_triton_bwd", mutates_args=())
-def _triton_bwd_op(grad_out: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, cu_images: torch.Tensor,
-                   shared: bool, values_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _triton_backward(grad_out, values, scores, cu_images, shared, values_grad)
 
 
 @_triton_bwd_op.register_fake
@@ -369,9 +354,7 @@ def _check_cuda(values, scores, cu_images, mode="leave_one_out"):
 
 
 def _check_triton(values, scores, cu_images, mode="leave_one_out"):
-    if not HAVE_TRITON:
-        return "triton is not installed"
-    return triton_device_reason(values.device) or dtype_reason(values.dtype)
+    return triton_device_reason(values.device) or triton_import_error() or dtype_reason(values.dtype)
 
 
 def _sample():
@@ -386,16 +369,6 @@ _dispatch.register("triton", _triton_backend, _check_triton)
 _dispatch.register("cuda", _cpp_backend, _check_cuda)
 _dispatch.register("cpu", _cpp_backend, _check_cpu)
 _dispatch.register("reference", context_reweight_ref, always_usable)
-
-
-def _check_traced(values, scores, cu_images, mode) -> None:
-    """The shape-only part of `validate_context_reweight`, safe while torch.compile traces
-    (offset values are data: reading them would break the graph)."""
-    _check_mode(mode)
-    _check_values(values)
-    _check_scores(values, scores)
-    if cu_images.dim() != 1 or cu_images.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"context_reweight: cu_images must be 1-D int32/int64, got {tuple(cu_images.shape)} {cu_images.dtype}")
 
 
 def context_reweight(values, scores, cu_images, mode="leave_one_out", offsets=None):
@@ -420,8 +393,5 @@ def context_reweight(values, scores, cu_images, mode="leave_one_out", offsets=No
         ValueError: naming the offending shape, dtype, offset or device (TypeError: scores that
             are not a tensor).
     """
-    if torch.compiler.is_compiling():
-        _check_traced(values, scores, cu_images, mode)
-    else:
-        validate_context_reweight(values, scores, cu_images, mode, offsets)
+    validate_context_reweight(values, scores, cu_images, mode, offsets, traced=torch.compiler.is_compiling())
     return _dispatch(values, scores, cu_images, mode)

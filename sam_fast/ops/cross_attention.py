@@ -24,15 +24,19 @@ Backends, in order of preference (``sam-fast env`` explains the choice):
 
 from __future__ import annotations
 
+import sys
+import types
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
-from sam_fast.ops._common import KERNEL_DTYPES as _TRITON_DTYPES
+import sam_fast.ops._common as _common
 from sam_fast.ops._common import always_usable as _check_reference
 from sam_fast.ops._common import cdiv as triton_cdiv
-from sam_fast.ops._common import forced_backend, interpreting
+from sam_fast.ops._common import dtype_reason, triton_device_reason, triton_forced, triton_import_error
 from sam_fast.ops._common import next_pow2 as triton_next_pow2
-from sam_fast.ops.dispatch import ENV_VAR, dispatcher
+from sam_fast.ops.dispatch import dispatcher, forced_backend
 
 
 def cross_attention_ref(query, key, value, attn_bias=None, dropout_p=0.0, scale=None):
@@ -50,55 +54,25 @@ def cross_attention_ref(query, key, value, attn_bias=None, dropout_p=0.0, scale=
 
 # -- Triton backend ---------------------------------------------------------------------------
 
-_UNPROBED = "unprobed"
-# Result of the one import attempt (None: importable), `_UNPROBED` until the first check. Cached:
-# an import attempted on every call costs a failed module search each time and, under
-# torch.compile, a graph break per attention call when Triton is not installed.
-_triton_probe: str | None = _UNPROBED
-
-
-def _probe_triton() -> str | None:
-    try:
-        import triton  # noqa: F401
-
-        import sam_fast._kernels.cross_attention  # noqa: F401
-    except Exception as exc:  # ImportError, or a Triton that cannot initialise here
-        return f"triton kernels not importable ({type(exc).__name__}: {exc})"
-    return None
-
-
-@torch.compiler.assume_constant_result
-def _triton_import_error() -> str | None:
-    """Why the Triton kernels cannot be imported (None: they can). Probed once per process and
-    cached; torch.compile takes the answer as a constant (the probe runs eagerly, never traced)."""
-    global _triton_probe
-    if _triton_probe == _UNPROBED:
-        _triton_probe = _probe_triton()
-    return _triton_probe
+# The Triton probe and the interpreter rule are `sam_fast.ops._common`'s. `_interpreter_allowed` is
+# this op's test seam: tests patch it to run the model through the interpreter without forcing
+# every op's Triton backend.
+_triton_import_error = triton_import_error
 
 
 def _interpreter_allowed() -> bool:
-    """Whether CPU tensors may take the Triton backend under TRITON_INTERPRET=1 (tests patch this
-    to run the model through the interpreter without forcing every op's Triton backend)."""
-    return forced_backend() == "triton"
+    """Whether CPU tensors may take the Triton backend under TRITON_INTERPRET=1 (the rule's
+    "Triton backend forced" half, `_common.triton_forced`, unless a test patches this)."""
+    return triton_forced()
 
 
 def _triton_config_reason(device_type: str, dtype: torch.dtype, head_dim: int, dropout_p: float = 0.0) -> str | None:
     """Why the kernel cannot run attention of this kind (None: it can), from the device type, the
     dtype, the head dim and the dropout alone, no tensor needed: the part of `_check_triton` a
     caller can ask once, before it has inputs (`mixes_in_kernel`)."""
-    why = _triton_import_error()
+    why = triton_import_error() or triton_device_reason(device_type, _interpreter_allowed()) or dtype_reason(dtype)
     if why:
         return why
-    if device_type == "cpu":
-        if not interpreting():
-            return "CPU tensors and TRITON_INTERPRET is not 1 (the kernel runs on CUDA)"
-        if not _interpreter_allowed():
-            return f"CPU tensors: the interpreter runs only when forced ({ENV_VAR}=triton), it is slow"
-    elif device_type != "cuda":
-        return f"device {device_type} is neither CUDA nor CPU-under-the-interpreter"
-    if dtype not in _TRITON_DTYPES:
-        return f"dtype {dtype}: need one of fp32, fp16, bf16"
     if head_dim % 8 or head_dim > 256:
         return f"head dim {head_dim} is not a multiple of 8 up to 256"
     if dropout_p:
@@ -349,6 +323,15 @@ _dispatch.register("reference", cross_attention_ref, _check_reference)
 
 # -- both streams in one call -------------------------------------------------------------------
 
+class MixPlan(NamedTuple):
+    """A mixing plan of `cross_attention_streams` (``mix=``): second-stream query row j attends to
+    the K/V ``sum_s weight[j, s, :] * key2[index[j, s]]``; unused slots carry weight 0. A tuple, so
+    ``index, weight = plan`` and plain ``(index, weight)`` tuples keep working."""
+
+    index: torch.Tensor  # [R, M] int32/int64: the K/V rows of each slot
+    weight: torch.Tensor  # [R, M, Lk] floating: each slot's weight per key position
+
+
 def mix_kv(key2, value2, mix):
     """Materialise the mixed K/V of a mixing plan: ``k_hat[j] = sum_s weight[j, s, :] *
     key2[index[j, s]]`` (same for v) -> ([R, H, Lk, d], [R, H, Lk, d]) in key2's dtype
@@ -385,31 +368,33 @@ def _check_streams_triton(query, key, value, key2=None, value2=None, rows2=None,
     why = _check_triton(query[:split], key, value, None, dropout_p, scale)
     if why or key2 is None:
         return why
-    n2 = query.shape[0] - split
-    k2, v2 = (key2, value2) if rows2 is None and mix is None else (key2[:1].expand(n2, -1, -1, -1),
-                                                                    value2[:1].expand(n2, -1, -1, -1))
-    why = _check_triton(query[split:], k2, v2, None, dropout_p, scale)
+    second_rows = query.shape[0] - split
+    if rows2 is None and mix is None:
+        second_key, second_value = key2, value2
+    else:  # one K/V row per query row, as `_check_triton` expects (shapes only: expanded views)
+        second_key = key2[:1].expand(second_rows, -1, -1, -1)
+        second_value = value2[:1].expand(second_rows, -1, -1, -1)
+    why = _check_triton(query[split:], second_key, second_value, None, dropout_p, scale)
     if why:
         return f"second stream: {why}"
     if key2.shape[1:] != key.shape[1:]:
         return f"the streams' K/V shapes differ: {tuple(key.shape)} vs {tuple(key2.shape)}"
-    if mix is not None and (mix[0].device != query.device or mix[1].device != query.device):
+    if mix is not None and any(t.device != query.device for t in mix):  # (a MixPlan or a plain pair)
         return "the mixing plan is on another device"
     return _sdpa_preferred(query.device.type, mixed=mix is not None)
 
 
-# Measured on an H200 (bench/gpu_check.py, Q-former shapes: 8 images, 32 queries, 12 heads of 64,
-# 257 keys): both plain streams in one launch of the fused kernel took 1.8x (bf16) / 2.2x (fp32)
-# the time of one SDPA call per stream, while forming mixed (leave_one_out) K/V in the kernel took
-# 0.5x / 0.72x the time of materialising them and calling SDPA.
+# On a GPU one SDPA call per plain stream beats both streams in one launch of the fused kernel,
+# while forming mixed (leave_one_out) K/V in the kernel beats materialising them for SDPA: the
+# measurements are in docs/performance.md ("Two attention streams on an H200").
 _PLAIN_STREAMS_SLOWER = ("no mixing plan: on a GPU one SDPA call per stream is faster than the fused kernel "
-                         "(H200: 1.8x SDPA's time in bf16); the kernel is taken where it forms mixed K/V")
+                         "(docs/performance.md); the kernel is taken where it forms mixed K/V")
 
 
 def _sdpa_preferred(device_type: str, mixed: bool) -> str | None:
     """Why the streams should not take the fused kernel on `device_type` (None: take it). Plain
     streams on CUDA go to SDPA unless the Triton backend is forced (``SAM_FAST_BACKEND=triton``)."""
-    if device_type == "cuda" and not mixed and forced_backend() != "triton":
+    if device_type == "cuda" and not mixed and not triton_forced():
         return _PLAIN_STREAMS_SLOWER
     return None
 
@@ -423,8 +408,9 @@ def cross_attention_streams_triton(query, key, value, key2=None, value2=None, ro
         rows2 = rows2.to(torch.int32)
     mix_index = mix_weight = None
     if mix is not None:
-        mix_index = mix[0].to(torch.int32).contiguous()
-        mix_weight = mix[1].to(torch.float32).contiguous()
+        index, weight = mix  # (a MixPlan or a plain pair)
+        mix_index = index.to(torch.int32).contiguous()
+        mix_weight = weight.to(torch.float32).contiguous()
     return _triton_fwd(query, key, value, key2, value2, rows2, key.shape[0], None, float(scale),
                        mix_index, mix_weight)[0]
 
@@ -449,8 +435,8 @@ def streams_backend(heads: int, head_dim: int, dtype: torch.dtype, device, dropo
     caller pick a schedule that suits the backend (the model forms leave_one_out K/V in the kernel
     only when the kernel runs)."""
     probe = torch.empty(1, heads, 1, head_dim, dtype=dtype, device=device)
-    mix = (torch.zeros(1, 1, dtype=torch.int32, device=device),
-           torch.ones(1, 1, 1, dtype=torch.float32, device=device)) if mixed else None
+    mix = MixPlan(torch.zeros(1, 1, dtype=torch.int32, device=device),
+                  torch.ones(1, 1, 1, dtype=torch.float32, device=device)) if mixed else None
     return _streams.choose(probe.expand(2, -1, -1, -1), probe, probe, probe, probe, None, dropout_p, None,
                            mix=mix).name
 
@@ -503,7 +489,7 @@ def cross_attention_streams(query, key, value, key2=None, value2=None, rows2=Non
     S + j to K/V row ``rows2[j]`` (or j when rows2 is None; then R2 = N - S). K/V may be strided
     views.
 
-    ``mix=(index [N-S, M] int, weight [N-S, M, Lk] float)`` instead of rows2: row S + j attends to
+    ``mix=MixPlan(index [N-S, M] int, weight [N-S, M, Lk] float)`` (or that plain pair) instead of rows2: row S + j attends to
     the K/V ``sum_s weight[j, s, :] * key2[index[j, s]]`` (same for value2), per key position;
     unused slots carry weight 0. The leave_one_out W-stream uses it with key2 = the images' K/V
     and the softmax weights of the other images of the sample: the Triton backend forms these
@@ -529,6 +515,7 @@ def cross_attention_streams(query, key, value, key2=None, value2=None, rows2=Non
             if rows2 is not None:
                 raise ValueError("cross_attention_streams: give rows2 or mix, not both")
             _validate_mix(mix, n2, key2)
+            mix = MixPlan(*mix)
         else:
             want = n2 if rows2 is None else len(rows2)
             if (rows2 is None and key2.shape[0] != n2) or want != n2:
@@ -550,3 +537,20 @@ def cross_attention(query, key, value, attn_bias=None, dropout_p=0.0, scale=None
             f"value {tuple(value.shape)}"
         )
     return _dispatch(query, key, value, attn_bias, dropout_p, scale)
+
+
+def _forwarded(name: str) -> property:
+    return property(lambda module: getattr(_common, name), lambda module, value: setattr(_common, name, value))
+
+
+class _ProbeForwarding(types.ModuleType):
+    """Deprecated names: the Triton probe's `_probe_triton`, `_triton_probe` and `_UNPROBED` moved
+    to `sam_fast.ops._common`; reading or setting them on this module reads or sets them there, so
+    code that resets or stubs the probe through this module keeps working."""
+
+    _probe_triton = _forwarded("_probe_triton")
+    _triton_probe = _forwarded("_triton_probe")
+    _UNPROBED = _forwarded("_UNPROBED")
+
+
+sys.modules[__name__].__class__ = _ProbeForwarding

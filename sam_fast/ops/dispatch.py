@@ -18,6 +18,16 @@ from typing import Callable
 ENV_VAR = "SAM_FAST_BACKEND"
 
 
+def forced_backend() -> str:
+    """The backend forced through ``SAM_FAST_BACKEND`` ("" when none)."""
+    return os.environ.get(ENV_VAR, "").strip()
+
+
+def usable_table(reasons: dict[str, str | None]) -> dict[str, str]:
+    """`OpDispatcher.reasons` as ``{backend: "usable" or why not}`` (what ``sam-fast env`` prints)."""
+    return {k: ("usable" if v is None else v) for k, v in reasons.items()}
+
+
 class BackendUnavailable(RuntimeError):
     """Raised when a forced backend cannot run the given inputs; the message lists the reasons."""
 
@@ -52,7 +62,7 @@ class OpDispatcher:
         return out
 
     def choose(self, *args, **kwargs) -> Backend:
-        forced = os.environ.get(ENV_VAR, "").strip()
+        forced = forced_backend()
         if forced and any(b.name == forced for b in self.backends):
             backend = next(b for b in self.backends if b.name == forced)
             why = backend.check(*args, **kwargs)
@@ -93,7 +103,7 @@ def explain() -> dict[str, dict]:
     report = {}
     for name, d in _REGISTRY.items():
         args, kwargs = d.sample() if d.sample else ((), {})
-        reasons = {k: ("usable" if v is None else v) for k, v in d.reasons(*args, **kwargs).items()}
+        reasons = usable_table(d.reasons(*args, **kwargs))
         try:
             chosen = d.choose(*args, **kwargs).name
         except BackendUnavailable as exc:

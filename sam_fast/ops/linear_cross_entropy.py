@@ -51,8 +51,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from sam_fast.ops._common import always_usable, dtype_reason, usable_table
-from sam_fast.ops.dispatch import dispatcher
+from sam_fast.ops._common import always_usable, dtype_reason
+from sam_fast.ops.dispatch import dispatcher, usable_table
 
 REDUCTIONS = ("mean", "sum")
 CHUNK_BYTES = 64 * 2**20  # default fp32 logits chunk: chunk_size * V * 4 bytes ~ this

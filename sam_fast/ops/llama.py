@@ -32,16 +32,15 @@ from __future__ import annotations
 import torch
 
 from sam_fast.ops._common import (
-    HAVE_TRITON,
     always_usable,
     cdiv,
     dtype_reason,
     interpreting,
     next_pow2,
     triton_device_reason,
-    usable_table,
+    triton_import_error,
 )
-from sam_fast.ops.dispatch import dispatcher
+from sam_fast.ops.dispatch import dispatcher, usable_table
 
 RMS_NORM_MAX_D = 16384  # one program holds whole rows of next_pow2(D) fp32 values
 
@@ -318,9 +317,8 @@ torch.library.register_autograd("sam_fast::swiglu_triton_fwd", _swiglu_backward_
 
 
 def _check_rms_triton(x, weight, eps=1e-6):
-    if not HAVE_TRITON:
-        return "triton is not installed"
-    why = triton_device_reason(x.device) or dtype_reason(x.dtype) or dtype_reason(weight.dtype)
+    why = (triton_device_reason(x.device) or triton_import_error() or dtype_reason(x.dtype)
+           or dtype_reason(weight.dtype))
     if why:
         return why
     if x.shape[-1] > RMS_NORM_MAX_D:
@@ -329,9 +327,7 @@ def _check_rms_triton(x, weight, eps=1e-6):
 
 
 def _check_swiglu_triton(gate, up):
-    if not HAVE_TRITON:
-        return "triton is not installed"
-    return triton_device_reason(gate.device) or dtype_reason(gate.dtype)
+    return triton_device_reason(gate.device) or triton_import_error() or dtype_reason(gate.dtype)
 
 
 def _rms_triton_backend(x, weight, eps=1e-6):

@@ -175,6 +175,14 @@ class _Dropped(Exception):
         self.decisions = decisions
 
 
+
+def _sample_seeds(s: PlannedSample) -> dict:
+    """The seeds of one sample's stages, derived from its seed (the manifest records them)."""
+    return {"sample": s.seed, "compose": [derive_seed(s.seed, "compose", j) for j in (1, 2)],
+            "background": [derive_seed(s.seed, "background", j) for j in (1, 2)],
+            "inpaint": [derive_seed(s.seed, "inpaint", j) for j in (1, 2)],
+            "instruction": derive_seed(s.seed, "instruction"), "refine": derive_seed(s.seed, "refine")}
+
 class Synthesizer:
     """The pipeline over replaceable stages (see the module docstring).
 
@@ -367,10 +375,7 @@ class Synthesizer:
             return img, np.asarray(m.convert("L")) > 127, digest
 
     def _sample(self, sources: Path, out: Path, s: PlannedSample, bars) -> dict:
-        seeds = {"sample": s.seed, "compose": [derive_seed(s.seed, "compose", j) for j in (1, 2)],
-                 "background": [derive_seed(s.seed, "background", j) for j in (1, 2)],
-                 "inpaint": [derive_seed(s.seed, "inpaint", j) for j in (1, 2)],
-                 "instruction": derive_seed(s.seed, "instruction"), "refine": derive_seed(s.seed, "refine")}
+        seeds = _sample_seeds(s)
         entry = {"id": s.id, "index": s.index, "group": s.group,
                  "sources": {"A": s.a_images, "B": s.partners[0][1], "C": s.partners[1][1]},
                  "seeds": seeds, "models": self.models()}
@@ -382,68 +387,23 @@ class Synthesizer:
                 raise _Dropped(decisions)
 
         try:
-            rels = [s.a_images[0], s.partners[0][1], s.a_images[1], s.partners[1][1]]
-            names = ["A1", "B", "A2", "C"]
-            loaded = {}
-            for rel, name in zip(rels, names, strict=True):
-                loaded[rel] = self._source(sources, out, rel)
-                entry.setdefault("source_sha256", {})[rel] = loaded[rel][2]
-                check(mask_area(loaded[rel][1], f"source {name} ({rel})", self.filters))
-            composites = []
-            for j in range(2):
-                objs = [loaded[rels[2 * j]][:2], loaded[rels[2 * j + 1]][:2]]
-                try:
-                    comp = self.compositor.compose(objs, seeds["compose"][j])
-                except SynthesisError as e:
-                    check(Decision("placement", f"canvas {j + 1}", False, None, "placeable", f"canvas {j + 1}: {e}"))
-                composites.append(comp)
-            entry["placements"] = [[p.to_dict() for p in c.placements] for c in composites]
-            for j, comp in enumerate(composites):
-                for p in comp.placements:
-                    check(object_cut(p.area, p.visible, f"canvas {j + 1} object {p.index}", self.filters))
+            loaded, composites = self._compose(sources, out, s, entry, seeds, check)
             bars["compose"].update(1)
-
             caption = self.captioner.caption(loaded[s.a_images[0]][0])
             entry["caption"] = caption
             bars["caption"].update(1)
-
-            backgrounds = []
-            for j in range(2):
-                text = self.writer.complete(self.prompts.background.format(object=s.object_name, caption=caption),
-                                            seeds["background"][j])
-                backgrounds.append(text)
-                check(text_quality("background", text, self.filters))
+            backgrounds = self._backgrounds(s, caption, seeds, check)
             entry["backgrounds"] = backgrounds
             bars["background"].update(1)
-
-            finals = []
-            for j, comp in enumerate(composites):
-                img = self.inpainter.inpaint(comp.image, comp.inpaint_mask, backgrounds[j], seeds["inpaint"][j])
-                if img.size != comp.image.size:
-                    raise SynthesisError(f"sample {s.id!r}: the inpainter returned a {img.size} image for a "
-                                         f"{comp.image.size} canvas")
-                for p, m in zip(comp.placements, comp.object_masks, strict=True):
-                    check(object_change(comp.image, img, m, f"canvas {j + 1} object {p.index}", self.filters))
-                finals.append(img)
+            finals = self._inpaint(s, composites, backgrounds, seeds, check)
             bars["inpaint"].update(1)
-
-            rng = random.Random(seeds["instruction"])
-            instruction = rng.choice(self.prompts.instructions).format(images="{image#1} {image#2}")
-            reply = self.writer.complete(self.prompts.refine.format(object=s.object_name, caption=caption,
-                                                                    instruction=instruction), seeds["refine"])
-            entry["refined"] = reply
-            asked, answer = parse_refined(reply)
-            if asked:
-                instruction = asked if "{image#1}" in asked else f"{{image#1}} {{image#2}} {asked}"
-            check(text_quality("instruction", instruction, self.filters))
-            check(text_quality("answer", answer, self.filters))
+            instruction, answer = self._refine(s, caption, seeds, entry, check)
             bars["refine"].update(1)
         except _Dropped as d:
             failed = d.decisions[-1]
             entry.update(status="dropped", dropped_by=failed.name, reason=failed.reason,
                          decisions=[x.to_dict() for x in d.decisions])
             return entry
-
         img_list = []
         for j, (img, comp) in enumerate(zip(finals, composites, strict=True), 1):
             rel = f"images/{s.stem}_{j}.png"
@@ -454,3 +414,65 @@ class Synthesizer:
                      masks=[f"masks/{s.stem}_{j}.png" for j in (1, 2)],
                      record={"id": s.id, "img_list": img_list, "instruction": instruction, "output": answer})
         return entry
+
+    def _compose(self, sources: Path, out: Path, s: PlannedSample, entry: dict, seeds: dict, check):
+        """Stage 1: the four source images (A1, B, A2, C) with their masks, checked, and the two
+        composite canvases (A1 + B, A2 + C) with their placements, checked: (loaded, composites)."""
+        rels = [s.a_images[0], s.partners[0][1], s.a_images[1], s.partners[1][1]]
+        names = ["A1", "B", "A2", "C"]
+        loaded = {}
+        for rel, name in zip(rels, names, strict=True):
+            loaded[rel] = self._source(sources, out, rel)
+            entry.setdefault("source_sha256", {})[rel] = loaded[rel][2]
+            check(mask_area(loaded[rel][1], f"source {name} ({rel})", self.filters))
+        composites = []
+        for j in range(2):
+            objs = [loaded[rels[2 * j]][:2], loaded[rels[2 * j + 1]][:2]]
+            try:
+                comp = self.compositor.compose(objs, seeds["compose"][j])
+            except SynthesisError as e:
+                check(Decision("placement", f"canvas {j + 1}", False, None, "placeable", f"canvas {j + 1}: {e}"))
+            composites.append(comp)
+        entry["placements"] = [[p.to_dict() for p in c.placements] for c in composites]
+        for j, comp in enumerate(composites):
+            for p in comp.placements:
+                check(object_cut(p.area, p.visible, f"canvas {j + 1} object {p.index}", self.filters))
+        return loaded, composites
+
+    def _backgrounds(self, s: PlannedSample, caption: str, seeds: dict, check) -> list[str]:
+        """Stage 3: one background description per canvas, checked."""
+        backgrounds = []
+        for j in range(2):
+            text = self.writer.complete(self.prompts.background.format(object=s.object_name, caption=caption),
+                                        seeds["background"][j])
+            backgrounds.append(text)
+            check(text_quality("background", text, self.filters))
+        return backgrounds
+
+    def _inpaint(self, s: PlannedSample, composites: list, backgrounds: list[str], seeds: dict, check) -> list:
+        """Stage 4: each canvas inpainted with its background, its objects checked unchanged."""
+        finals = []
+        for j, comp in enumerate(composites):
+            img = self.inpainter.inpaint(comp.image, comp.inpaint_mask, backgrounds[j], seeds["inpaint"][j])
+            if img.size != comp.image.size:
+                raise SynthesisError(f"sample {s.id!r}: the inpainter returned a {img.size} image for a "
+                                     f"{comp.image.size} canvas")
+            for p, m in zip(comp.placements, comp.object_masks, strict=True):
+                check(object_change(comp.image, img, m, f"canvas {j + 1} object {p.index}", self.filters))
+            finals.append(img)
+        return finals
+
+    def _refine(self, s: PlannedSample, caption: str, seeds: dict, entry: dict, check) -> tuple[str, str]:
+        """Stage 5: the instruction drawn from the templates, refined with its answer by the
+        writer, both checked: (instruction, answer)."""
+        rng = random.Random(seeds["instruction"])
+        instruction = rng.choice(self.prompts.instructions).format(images="{image#1} {image#2}")
+        reply = self.writer.complete(self.prompts.refine.format(object=s.object_name, caption=caption,
+                                                                instruction=instruction), seeds["refine"])
+        entry["refined"] = reply
+        asked, answer = parse_refined(reply)
+        if asked:
+            instruction = asked if "{image#1}" in asked else f"{{image#1}} {{image#2}} {asked}"
+        check(text_quality("instruction", instruction, self.filters))
+        check(text_quality("answer", answer, self.filters))
+        return instruction, answer

@@ -1,6 +1,7 @@
 """`AdaptiveAdjustment` (Part B): scores, softmax weights and merged maps against hand-written
 float64 formulas; the model's key set is unchanged by the module classes."""
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,27 @@ def test_leave_one_out_mix_follows_the_column_rule_of_merged_kv(guidance):
     assert bad.tolist() == [[False, False, True, False]] * 3 + [[True, False, False, False]] * 2
     assert torch.equal(torch.isfinite(mixed[:, 0]), torch.isfinite(want))
     torch.testing.assert_close(mixed[:, 0][~bad], want[~bad], rtol=1e-5, atol=1e-5)
+
+
+def test_leave_one_out_mix_is_a_named_plan():
+    """The plan is a `MixPlan` (fields index, weight), still a pair; "mean" weights are exactly
+    1 / (n - 1) on the live slots and 0 on the unused ones."""
+    from sam_fast.ops import MixPlan
+
+    aa = AdaptiveAdjustment(4)
+    E = torch.randn(5, 3, 4)
+    plan = aa.leave_one_out_mix(E, [3, 2], "mean")
+    assert isinstance(plan, MixPlan) and plan.index.shape == (5, 2) and plan.weight.shape == (5, 2, 3)
+    index, weight = plan
+    assert index is plan.index and weight is plan.weight
+    assert index.tolist() == [[1, 2], [0, 2], [0, 1], [4, 3], [3, 4]]
+    assert weight[:3].eq(0.5).all() and weight[3:, 0].eq(1.0).all() and weight[3:, 1].eq(0.0).all()
+
+
+def test_guidance_writes_the_image_softmax_once():
+    """Eq. 1's softmax over the images appears once in sam_fast/modules/guidance.py (`_image_softmax`),
+    besides the op."""
+    import sam_fast.modules.guidance as guidance
+
+    text = inspect.getsource(guidance)
+    assert text.count("torch.softmax(") == 1, "the softmax over images is written more than once"

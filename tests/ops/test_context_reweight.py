@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sam_fast.ops import context_reweight, context_reweight_ref
-from sam_fast.ops._common import HAVE_TRITON
+from sam_fast.ops._common import triton_import_error
 
 
 def oracle(F, s, counts, mode):
@@ -446,7 +446,7 @@ def test_triton_launch_blocks_follow_the_roofline(monkeypatch):
             assert nb * block_d <= (2048 if backward else 4096) or block_d <= 64
     assert _triton_blocks(30, 8, 9216, False, interpret=False)[1] == 1024
     assert _triton_blocks(32, 4, 1408, False, interpret=False)[1] == 512
-    if HAVE_TRITON:  # (the interpreter rule lets CPU tensors stand in for CUDA ones)
+    if triton_import_error() is None:  # (the interpreter rule lets CPU tensors stand in for CUDA ones)
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         monkeypatch.setenv("SAM_FAST_BACKEND", "triton")
         assert _check_triton(torch.zeros(2, 1, 9216), torch.zeros(2, 1), cu_of([2])) is None
@@ -706,3 +706,47 @@ def test_non_finite_input_does_not_crash_the_process():
     env = dict(os.environ, SAM_FAST_BACKEND="cpu")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0 and "ok" in r.stdout, f"rc={r.returncode}\n{r.stderr[-2000:]}"
+
+
+@_needs_triton
+def test_triton_launch_is_four_calls_from_the_public_op(monkeypatch):
+    """context_reweight -> dispatcher -> backend -> custom op -> kernel launch: no Python frame of
+    sam_fast in between beyond those three (a deeper chain hides where the kernel is launched)."""
+    import sam_fast._kernels.context_reweight as kernels
+
+    _force_any(monkeypatch, "triton")
+    stacks = []
+
+    class Launch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: stacks.append(
+                [f.function for f in inspect.stack()[1:] if f"sam_fast{os.sep}" in f.filename])
+
+    monkeypatch.setattr(kernels, "context_reweight_fwd_kernel", Launch())
+    context_reweight(torch.randn(3, 2, 8, device=DEVICE), torch.randn(3, 2, device=DEVICE), cu_of([3]).to(DEVICE))
+    assert len(stacks) == 1
+    frames = stacks[0]  # sam_fast's frames, innermost (the launching function) first
+    ours = frames[: frames.index("context_reweight")]
+    assert len(ours) + 1 <= 4, f"context_reweight reaches its kernel launch through {ours[::-1]} (+ the launch)"
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_one_validator_traced_or_not(traced):
+    """The same validator runs eagerly and under torch.compile (`traced`: offsets' values unread),
+    and catches the same shape, dtype and device errors in both."""
+    from sam_fast.ops.context_reweight import validate_context_reweight
+
+    V, s, cu = torch.randn(5, 3, 4), torch.randn(5, 3), cu_of([2, 3])
+    validate_context_reweight(V, s, cu, "shared", traced=traced)
+    bad = [(V.int(), s, cu, "shared", "values dtype"), (V, s, cu.float(), "shared", "cu_images dtype"),
+           (V, s, cu[:1], "shared", "B\\+1 >= 2"), (V, s[:4], cu, "shared", "scores must be"),
+           (V, s, cu, "both", "mode='both'")]
+    for v, sc, c, mode, match in bad:
+        with pytest.raises(ValueError, match=match):
+            validate_context_reweight(v, sc, c, mode, traced=traced)
+    bad_offsets = torch.tensor([0, 2, 4], dtype=torch.int32)
+    if traced:
+        validate_context_reweight(V, s, bad_offsets, "shared", traced=True)  # values are data: unread
+    else:
+        with pytest.raises(ValueError, match="must equal T=5"):
+            validate_context_reweight(V, s, bad_offsets, "shared")

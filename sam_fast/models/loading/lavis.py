@@ -325,6 +325,15 @@ def _merged_state(sources, config, report: "LoadReport", strict: bool) -> tuple[
     return state_dict, origin
 
 
+def _one_dtype(cls, state_dict):
+    """The dtype plan when none is asked: the files' own dtype, or the default dtype (float32) when
+    the tensors that keep a half dtype mix several (fp16 EVA, fp32 Q-former): one dtype per model."""
+    keep = _dtype_plan(cls, torch.float16)
+    kinds = {t.dtype for k, t in state_dict.items()
+             if t.is_floating_point() and _target_dtype(keep, k) != torch.float32}
+    return _dtype_plan(cls, torch.get_default_dtype()) if len(kinds) > 1 else None
+
+
 def from_lavis_checkpoint(
     cls,
     path,
@@ -370,24 +379,8 @@ def from_lavis_checkpoint(
     absent = [what for prefix, what in _COMPONENTS if not any(k.startswith(prefix) for k in state_dict)]
     if absent:
         raise ValueError(f"no source supplies {'; '.join(absent)} (read: {', '.join(descs)}); add it to base=")
-    if dtype is None:  # one dtype for the model: mixed files (fp16 EVA, fp32 Q-former) go to float32
-        keep = _dtype_plan(cls, torch.float16)
-        kinds = {
-            t.dtype for k, t in state_dict.items() if t.is_floating_point() and _target_dtype(keep, k) != torch.float32
-        }
-        if len(kinds) > 1:
-            dtype = _dtype_plan(cls, torch.get_default_dtype())
-
-    model, report = _build_model(
-        cls,
-        config,
-        state_dict,
-        dtype=dtype,
-        device=device,
-        copy=copy,
-        strict=strict,
-        report=report,
-        source=report.source,
-        origin=origin if bases else None,
-    )
+    if dtype is None:
+        dtype = _one_dtype(cls, state_dict)
+    model, report = _build_model(cls, config, state_dict, dtype=dtype, device=device, copy=copy, strict=strict,
+                                 report=report, source=report.source, origin=origin if bases else None)
     return (model, report) if return_report else model
