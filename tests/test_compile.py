@@ -264,6 +264,20 @@ def test_compiled_training_step_is_one_graph(model, context_mode, monkeypatch):
     dynamo.reset()
 
 
+def test_compiled_training_step_without_plan(model):
+    """A batch without its pack plan: the step builds it (its host read) and buckets it, then
+    runs the compiled whole step with the eager step's loss and gradients."""
+    batch = realistic_batches(model, 1, seed=1, batch_size=2)[0]  # counts (1, 4)
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    batch = {k: v for k, v in batch.items() if k != "pack_plan"}
+    dynamo.reset()
+    cnt = CompileCounterWithBackend("aot_eager")
+    _check_step(model, [batch], cnt)
+    assert cnt.frame_count == 1  # the step went through the graph
+    dynamo.reset()
+
+
 def test_filler_images_change_nothing(model):
     """The same batch with its images padded to 3 buckets (no filler, 3 and 13 filler images):
     the real images' visual tokens and every gradient are those of the unbucketed rows (no

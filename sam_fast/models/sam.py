@@ -706,6 +706,7 @@ class SAM(InstructBlipPreTrainedModel):
         whole = self.__dict__.get("_compiled_training_step")
         if whole is not None:  # the whole step as one graph (`compile_training_step`)
             step, settings = whole
+            plan = plan if plan.bucketed_plan else plan.bucketed()  # a plan built here: default buckets
             mask = _instruction_mask(qformer_input_ids, qformer_attention_mask, len(plan.image_counts))
             loss, visual = static_step.run_training_step(step, self, pixel_values, image_features, qformer_input_ids,
                                                          mask, input_ids, plan, num_items_in_batch, **settings)

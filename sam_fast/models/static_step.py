@@ -214,4 +214,5 @@ def run_training_step(step, model, pixel_values, image_features, q_ids, q_mask, 
         torch.compiler.cudagraph_mark_step_begin()
     with use_attention(model.language_model, ATTENTION_NAME):
         total, visual = step(model, *args)
-    return total / (plan.num_targets if num_items_in_batch is None else num_items_in_batch), visual[:T]
+    visual = visual[:T].clone() if cuda_graphs else visual[:T]  # a CUDA graph's output is overwritten next step
+    return total / (plan.num_targets if num_items_in_batch is None else num_items_in_batch), visual
