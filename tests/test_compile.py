@@ -278,6 +278,22 @@ def test_compiled_training_step_without_plan(model):
     dynamo.reset()
 
 
+def test_compiled_training_step_from_pixels(model):
+    """Pixels instead of cached features: the ViT runs inside the graph on the real and the
+    (zero) filler images; the eager step's loss and gradients."""
+    batch = dict(realistic_batches(model, 1, seed=3, batch_size=2)[0])  # counts (2, 3): 5 images, 3 fillers
+    size = model.config.vision_config.image_size
+    batch["pixel_values"] = torch.randn(batch.pop("image_features").shape[0], 3, size, size,
+                                        generator=torch.Generator().manual_seed(0))
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    dynamo.reset()
+    cnt = CompileCounterWithBackend("aot_eager")
+    _check_step(model, [batch], cnt)
+    assert cnt.frame_count == 1
+    dynamo.reset()
+
+
 def test_filler_images_change_nothing(model):
     """The same batch with its images padded to 3 buckets (no filler, 3 and 13 filler images):
     the real images' visual tokens and every gradient are those of the unbucketed rows (no
