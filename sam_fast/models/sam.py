@@ -730,7 +730,8 @@ class SAM(InstructBlipPreTrainedModel):
         The graph is specialised to the packed row's length and target count, so give it
         bucketed plans (``Collator(..., pack_buckets=(256, 128))``, `PackPlan.bucketed`): one
         compilation per bucket. The images are encoded and placed eagerly before it (the
-        Q/W-former's shapes follow each batch's image counts); without a plan the step still
+        Q/W-former's shapes follow each batch's image counts; `compile_training_step` captures
+        them too, with the images bucketed); without a plan the step still
         builds one (its host read). Same loss and gradients as the eager packed step."""
         if not enable:
             self.__dict__.pop("_compiled_packed_step", None)

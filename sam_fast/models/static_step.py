@@ -102,7 +102,9 @@ def dense_merged_kv(adjustment, E: torch.Tensor, kv: torch.Tensor, context: torc
     softmax over the images m that ``context[i]`` [Tb, Tb] allows of the scores of E [Tb, P, D]
     (`AdaptiveAdjustment.context_scores`), the images' K/V `kv` [Tb, P, C]. A row without
     context reads zeros, with no NaN in its gradient (its softmax runs over zeros, then is
-    masked). Non-finite features are not poisoned column-wise as in `context_reweight`."""
+    masked). Training only: a non-finite feature makes the step's loss NaN in the eager step too,
+    but here it also reaches the W rows of other samples (``0 * NaN`` in the dense sum), and
+    `context_reweight`'s column rule is not applied."""
     scores = adjustment.context_scores(E, guidance)  # [Tb, P] fp32
     allowed = context[:, :, None]  # [i, m, 1]
     has = context.any(1)[:, None, None]
