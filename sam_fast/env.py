@@ -160,6 +160,20 @@ def _generation() -> list[str]:
     return lines
 
 
+def _capture() -> list[str]:
+    """The capture modes of `SAM.compile_training_step` (the whole packed step as one graph) and
+    what ``"reduce-overhead"`` (CUDA graphs) means here, with the default buckets."""
+    import torch
+
+    from sam_fast.models import static_step
+
+    cuda = "CUDA graphs on CUDA" + ("" if torch.cuda.is_available() else "; no CUDA here")
+    return [f"  modes: None (torch.compile's default; the default), \"reduce-overhead\" ({cuda}), "
+            f"{', '.join(repr(m) for m in static_step.CAPTURE_MODES[2:] if m != 'reduce-overhead')}",
+            f"  buckets: images to a multiple of {static_step.IMAGE_BUCKET} (filler images masked), Q-former "
+            f"instruction to a multiple of {static_step.TEXT_BUCKET}, packed row by the plan's pack_buckets"]
+
+
 def _section(title: str, fn) -> list[str]:
     try:
         return fn()
@@ -186,6 +200,8 @@ def report() -> str:
     lines += _section("  loss", _loss)
     lines.append("LLaMA RMSNorm/SwiGLU ops (applied in SAM's packed training step; apply_fused_llama_kernels patches for good):")
     lines += _section("  llama", _llama)
+    lines.append("whole training step capture (SAM.compile_training_step(mode=...), fullgraph=True, dynamic=False):")
+    lines += _section("  capture", _capture)
     lines.append('Q/W-former recomputation (recompute_qformer="auto", Vicuna-7B config, realistic batch):')
     lines += _section("  recompute", _recompute)
     lines.append("packed LLM step attention (causal within each sample; head dim 128):")

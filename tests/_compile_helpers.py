@@ -51,10 +51,10 @@ MIX_ANSWERS = ["a red circle on a blue background", "no", "the left one is bigge
                "ok fine", "there are three cats and one dog sitting next to a very small red car"]
 
 
-def realistic_batches(m, n: int, seed: int = 0, batch_size: int = 3, pack_buckets=(256, 128)):
+def realistic_batches(m, n: int, seed: int = 0, batch_size: int = 3, pack_buckets=(256, 128), images=(1, 5)):
     """`n` training batches of the realistic mix built by the `Collator` (so they carry a pack plan,
-    bucketed by `pack_buckets`): `batch_size` samples of 1-5 images (cached features), instructions
-    and answers of different lengths."""
+    bucketed by `pack_buckets`): `batch_size` samples of `images` = (fewest, most) images (cached
+    features), instructions and answers of different lengths."""
     from sam_fast.data import Collator, PromptBuilder, tiny_tokenizers
 
     cfg, g = m.config.vision_config, torch.Generator().manual_seed(seed)
@@ -64,8 +64,9 @@ def realistic_batches(m, n: int, seed: int = 0, batch_size: int = 3, pack_bucket
     for i in range(n):
         items = []
         for j in range(batch_size):
-            k, t, a = (int(torch.randint(hi, (1,), generator=g)) for hi in (5, len(MIX_TEXTS), len(MIX_ANSWERS)))
-            feats = torch.randn(k + 1, P, cfg.hidden_size, generator=g)
+            spread = images[1] - images[0] + 1
+            k, t, a = (int(torch.randint(hi, (1,), generator=g)) for hi in (spread, len(MIX_TEXTS), len(MIX_ANSWERS)))
+            feats = torch.randn(k + images[0], P, cfg.hidden_size, generator=g)
             items.append({"id": f"{i}-{j}", "image_features": feats, "instruction": MIX_TEXTS[t],
                           "output": MIX_ANSWERS[a]})
         batch = collate(items)

@@ -252,3 +252,183 @@ def test_without_triton_subprocess(tmp_path):
     proc = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)], capture_output=True,
                           text=True, env=env, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
+# -- the whole packed step as one graph (compile_training_step) --------------------------------
+
+def _check_step(model, batches, backend, **settings):
+    """Each batch's compiled whole step against the eager packed step: loss and the trainable
+    gradients that are not 0 (rel 1e-5)."""
+    model.train()
+    try:
+        want = [train_step(model, model, batch) for batch in batches]
+        model.compile_training_step(backend=backend, **settings)
+        for batch, (want_loss, want_grads) in zip(batches, want):
+            got_loss, got_grads = train_step(model, model, batch)
+            _relative_close(got_loss, want_loss, 1e-5)
+            for name in _nonzero(want_grads):
+                _relative_close(got_grads[name], want_grads[name], 1e-5)
+    finally:
+        model.compile_training_step(enable=False)
+        model.eval()
+
+
+@pytest.mark.parametrize("context_mode", ["leave_one_out", "shared"])
+def test_compiled_training_step_is_one_graph(model, context_mode, monkeypatch):
+    """The whole step (features -> Q/W-former -> placement -> LLM -> loss, forward and backward)
+    in one fullgraph capture: no graph break, one compilation for two batches of other image
+    counts (13 and 15 images: one image bucket of 16) and instruction lengths, the eager step's
+    loss and gradients. Before `compile_training_step` the images were encoded eagerly."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(model.config, "context_mode", context_mode)
+    batches = realistic_batches(model, 4, seed=5, batch_size=4, pack_buckets=(512, 256), images=(1, 5))
+    batches = [b for b in batches if 9 <= sum(b["pack_plan"].image_counts) <= 16][:2]
+    counts = [tuple(b["pack_plan"].image_counts) for b in batches]
+    assert len(batches) == 2 and counts[0] != counts[1], counts
+    dynamo.reset()
+    counters.clear()
+    cnt = CompileCounterWithBackend("aot_eager")
+    _check_step(model, batches, cnt, image_bucket=16)
+    assert cnt.frame_count == 1, cnt.frame_count
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    dynamo.reset()
+
+
+def test_compiled_training_step_without_plan(model):
+    """A batch without its pack plan: the step builds it (its host read) and buckets it, then
+    runs the compiled whole step with the eager step's loss and gradients."""
+    batch = realistic_batches(model, 1, seed=1, batch_size=2)[0]  # counts (1, 4)
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    batch = {k: v for k, v in batch.items() if k != "pack_plan"}
+    dynamo.reset()
+    cnt = CompileCounterWithBackend("aot_eager")
+    _check_step(model, [batch], cnt)
+    assert cnt.frame_count == 1  # the step went through the graph
+    dynamo.reset()
+
+
+def test_compiled_training_step_from_pixels(model):
+    """Pixels instead of cached features: the ViT runs inside the graph on the real and the
+    (zero) filler images; the eager step's loss and gradients."""
+    batch = dict(realistic_batches(model, 1, seed=3, batch_size=2)[0])  # counts (2, 3): 5 images, 3 fillers
+    size = model.config.vision_config.image_size
+    batch["pixel_values"] = torch.randn(batch.pop("image_features").shape[0], 3, size, size,
+                                        generator=torch.Generator().manual_seed(0))
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    dynamo.reset()
+    cnt = CompileCounterWithBackend("aot_eager")
+    _check_step(model, [batch], cnt)
+    assert cnt.frame_count == 1
+    dynamo.reset()
+
+
+def test_filler_images_change_nothing(model):
+    """The same batch with its images padded to 3 buckets (no filler, 3 and 13 filler images):
+    the real images' visual tokens and every gradient are those of the unbucketed rows (no
+    compile: the static step's encoding run eagerly)."""
+    from sam_fast.models.static_step import ImageBatchPlan, encode_image_rows
+
+    enc, _ = training_inputs(model)  # COUNTS = [2, 1, 3]: one one-image sample
+    outs = []
+    for bucket in (1, 9, 19):
+        plan = ImageBatchPlan.build(enc["image_counts"], model.config.context_mode, model.config.guidance, bucket)
+        feats = torch.cat([enc["image_features"], torch.randn(plan.bucket_size - 6, *enc["image_features"].shape[1:])])
+        model.zero_grad(set_to_none=True)
+        tokens = encode_image_rows(model, feats, enc["qformer_input_ids"], enc["qformer_attention_mask"],
+                                   plan.sample_of, plan.context, plan.guided)[:6]
+        (tokens * torch.linspace(-1, 1, tokens.numel()).view_as(tokens)).sum().backward()
+        outs.append((tokens.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    want_tokens = model.encode_images(**enc).detach()
+    for tokens, grads in outs:
+        torch.testing.assert_close(tokens, want_tokens, rtol=1e-5, atol=1e-6)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, outs[0][1][name], rtol=1e-5, atol=1e-6, msg=name)
+    model.zero_grad(set_to_none=True)
+
+
+def test_image_batch_plan_masks_fillers_and_unguided_rows():
+    """Hand-checked plan of counts [2, 1] bucketed to 4: leave_one_out reads the other image of
+    the sample only, shared its own too; the one-image sample is guided only in shared mode; the
+    filler row reads nothing and nothing reads it."""
+    from sam_fast.models.static_step import ImageBatchPlan
+
+    loo = ImageBatchPlan.build([2, 1], "leave_one_out", "adaptive", 4)
+    assert loo.bucket_size == 4 and loo.sample_of.tolist() == [0, 0, 1, 0]
+    assert loo.context.int().tolist() == [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert loo.guided.tolist() == [True, True, False, False]
+    shared = ImageBatchPlan.build([2, 1], "shared", "adaptive", 4)
+    assert shared.context.int().tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    assert shared.guided.tolist() == [True, True, True, False]
+    assert not ImageBatchPlan.build([2, 1], "shared", "none", 4).guided.any()
+    with pytest.raises(ValueError, match="image_bucket=0"):
+        ImageBatchPlan.build([2, 1], "shared", "adaptive", 0)
+
+
+def test_compiled_training_step_reads_nothing_from_the_host(model):
+    """With the batch's plan the compiled whole step makes no host read: its eager part (checks,
+    the image plan, the inputs of the graph) and the backward are counted; the captured graph
+    cannot hold one (fullgraph: a read would be a graph break, i.e. an error), and dynamo would
+    retrace it under the counting mode, so the graph's forward call runs outside the mode."""
+    from torch.overrides import _pop_mode_temporarily
+
+    from _host_reads import HostReads
+
+    batch = realistic_batches(model, 1, seed=2, batch_size=2)[0]
+    model.train()
+    try:
+        model.compile_training_step(backend="aot_eager")
+        step, settings = model.__dict__["_compiled_training_step"]
+
+        def outside_mode(*args):
+            if not torch._C._len_torch_function_stack():  # the warm-up call
+                return step(*args)
+            with _pop_mode_temporarily():
+                return step(*args)
+
+        model.__dict__["_compiled_training_step"] = (outside_mode, settings)
+        train_step(model, model, batch)  # compiled before counting
+        with HostReads() as reads:
+            train_step(model, model, batch)
+    finally:
+        model.compile_training_step(enable=False)
+        model.eval()
+    assert reads.total == 0, reads.report()
+
+
+def test_compile_training_step_modes(model):
+    """The capture mode is stored and named (`training_step_mode`, reported by ``sam-fast env``);
+    an unknown mode or bucket is one error naming it; enable=False goes back to eager."""
+    model.compile_training_step(mode="reduce-overhead")
+    try:
+        assert model.training_step_mode == "reduce-overhead"
+        assert "_compiled_training_step" in model.__dict__
+    finally:
+        model.compile_training_step(enable=False)
+    assert "_compiled_training_step" not in model.__dict__ and not hasattr(model, "training_step_mode")
+    with pytest.raises(ValueError, match="mode='fast'"):
+        model.compile_training_step(mode="fast")
+    with pytest.raises(ValueError, match="image_bucket=0"):
+        model.compile_training_step(image_bucket=0)
+
+
+@pytest.mark.slow
+def test_compiled_training_step_realistic_mix(model):
+    """The whole step over 20 batches of the realistic mix (8 samples of 2-5 images, plans
+    bucketed to (1024, 512)): at most 4 compilations (one per image bucket here), no graph
+    break, every step's loss and gradients those of the eager step (rel 1e-5)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    batches = realistic_batches(model, 20, batch_size=8, pack_buckets=(1024, 512), images=(2, 5))
+    assert len({tuple(b["pack_plan"].image_counts) for b in batches}) == 20
+    dynamo.reset()
+    counters.clear()
+    cnt = CompileCounterWithBackend("aot_eager")
+    _check_step(model, batches, cnt)
+    assert 1 < cnt.frame_count <= 4, cnt.frame_count
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    dynamo.reset()

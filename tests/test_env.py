@@ -87,6 +87,14 @@ def test_report_gives_the_models_schedule_decision(monkeypatch):
     assert ("leave_one_out", 12, 64, "cpu", torch.float32) in seen and ("shared", 12, 64, "cpu", torch.float32) in seen
 
 
+def test_report_names_the_training_step_capture_modes():
+    """The whole-step capture's modes (CUDA graphs under "reduce-overhead") and its buckets."""
+    text = env.report()
+    assert "SAM.compile_training_step(mode=...)" in text
+    assert '"reduce-overhead" (CUDA graphs on CUDA' in text and "None (torch.compile's default" in text
+    assert "images to a multiple of 8 (filler images masked)" in text
+
+
 def test_report_survives_broken_ops(monkeypatch):
     import sam_fast.ops.dispatch as dispatch
 

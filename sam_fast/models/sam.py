@@ -48,6 +48,8 @@ from sam_fast.models import loading, run_dir
 from sam_fast.models.hf_compat import cache_kwarg, passes_cache
 from sam_fast.models.loading.common import TRAINABLE_MODULES
 from sam_fast.models.packing import compiled_planned_loss, planned_lm_loss, static_planned_loss_sum
+from sam_fast.models import static_step
+from sam_fast.models.static_step import with_zero_weight as _in_graph_with_weight_zero
 from sam_fast.ops.linear_cross_entropy import linear_cross_entropy
 from sam_fast.distributed import is_sharded
 from sam_fast.models.generation import (
@@ -194,17 +196,6 @@ def _as_plan(pack_plan) -> PackPlan:
         raise ValueError(f"pack_plan must be the PackPlan of the batch (sam_fast.data.Collator / SAMProcessor), "
                          f"got {type(pack_plan).__name__}")
     return PackPlan(pack_plan)
-
-
-def _in_graph_with_weight_zero(tokens: torch.Tensor, modules) -> torch.Tensor:
-    """`tokens` plus ``0 * sum(p)`` for every trainable parameter of `modules` (those a batch did
-    not use: the guidance modules for a batch of one-image leave_one_out samples, the Adaptive
-    Adjustment under ``guidance="mean"``). Values are unchanged; the parameters get a zero
-    gradient instead of none, which standard DDP (``find_unused_parameters=False``) requires."""
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    if not params or not torch.is_grad_enabled():
-        return tokens
-    return tokens + sum(p.sum() for p in params).to(tokens.dtype) * 0
 
 
 class SAM(InstructBlipPreTrainedModel):
@@ -714,6 +705,14 @@ class SAM(InstructBlipPreTrainedModel):
         self._check_positions(input_ids)
         if plan.num_targets == 0:
             raise ValueError(_NO_TARGET)
+        whole = self.__dict__.get("_compiled_training_step")
+        if whole is not None:  # the whole step as one graph (`compile_training_step`)
+            step, settings = whole
+            plan = plan if plan.bucketed_plan else plan.bucketed()  # a plan built here: default buckets
+            mask = _instruction_mask(qformer_input_ids, qformer_attention_mask, len(plan.image_counts))
+            loss, visual = static_step.run_training_step(step, self, pixel_values, image_features, qformer_input_ids,
+                                                         mask, input_ids, plan, num_items_in_batch, **settings)
+            return SAMOutput(loss=loss, visual_tokens=visual)
         visual = self.encode_images(pixel_values, image_features, list(plan.image_counts), qformer_input_ids,
                                     qformer_attention_mask)
         embeds = self._packed_embeddings(input_ids, plan, visual)
@@ -733,13 +732,48 @@ class SAM(InstructBlipPreTrainedModel):
         The graph is specialised to the packed row's length and target count, so give it
         bucketed plans (``Collator(..., pack_buckets=(256, 128))``, `PackPlan.bucketed`): one
         compilation per bucket. The images are encoded and placed eagerly before it (the
-        Q/W-former's shapes follow each batch's image counts); without a plan the step still
+        Q/W-former's shapes follow each batch's image counts; `compile_training_step` captures
+        them too, with the images bucketed); without a plan the step still
         builds one (its host read). Same loss and gradients as the eager packed step."""
         if not enable:
             self.__dict__.pop("_compiled_packed_step", None)
             return self
         kwargs = {"fullgraph": True, "dynamic": False, **compile_kwargs}
         self.__dict__["_compiled_packed_step"] = torch.compile(static_planned_loss_sum, **kwargs)
+        return self
+
+    def compile_training_step(self, enable: bool = True, mode: str | None = None,
+                              image_bucket: int = static_step.IMAGE_BUCKET, text_bucket: int = static_step.TEXT_BUCKET,
+                              **compile_kwargs) -> "SAM":
+        """Run the WHOLE packed training step (images from features or pixels, the Q/W-former,
+        the placement into the packed row, the LLM and its loss; forward and backward) as one
+        graph of ``torch.compile(fullgraph=True, dynamic=False, mode=mode, **compile_kwargs)``
+        (`sam_fast.models.static_step`); `enable=False` goes back to eager. It replaces
+        `compile_packed_step` while on.
+
+        The graph's shapes depend on buckets only: give bucketed pack plans
+        (``Collator(..., pack_buckets=...)``); the images are padded to a multiple of
+        `image_bucket` with filler images and the Q-former instruction to a multiple of
+        `text_bucket`, both masked out. One compilation per (token, target, image, text) bucket.
+        ``mode="reduce-overhead"`` captures the step as CUDA graphs on CUDA (the Q/W-former's
+        hundreds of small kernels launched as one); ``None`` is torch.compile's default. Same
+        loss and gradients as the eager step up to float rounding (``sam-fast env`` names the
+        mode). Without a plan the step still builds one (its host read)."""
+        if not enable:
+            self.__dict__.pop("_compiled_training_step", None)
+            self.__dict__.pop("training_step_mode", None)
+            return self
+        if mode not in static_step.CAPTURE_MODES or int(image_bucket) < 1 or int(text_bucket) < 1:
+            raise ValueError(f"compile_training_step: mode={mode!r} (one of {static_step.CAPTURE_MODES}), "
+                             f"image_bucket={image_bucket!r}, text_bucket={text_bucket!r} (>= 1)")
+        kwargs = {"fullgraph": True, "dynamic": False, **compile_kwargs}
+        if mode is not None:
+            kwargs["mode"] = mode
+        settings = dict(image_bucket=int(image_bucket), text_bucket=int(text_bucket),
+                        cuda_graphs=mode == "reduce-overhead" and self.device.type == "cuda")
+        step = torch.compile(static_step.static_training_step, **kwargs)
+        self.__dict__["_compiled_training_step"] = (step, settings)
+        self.__dict__["training_step_mode"] = mode or "default"
         return self
 
     def _plan_from_tensors(self, input_ids, attention_mask, labels, image_counts) -> PackPlan:

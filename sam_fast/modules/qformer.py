@@ -199,6 +199,11 @@ class WStream:
         """Cross layer c's K/V for the W rows alone, one per guided image (layer k)."""
         return LayerKV(*self.kv.layer(c))
 
+    def inject_out(self, guidance_out: nn.Module, x: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+        """After layer k: the Q-stream rows x [T, Q+L, H] with ``c_i = guidance_out(w)`` of every
+        W row `w_out` [Tw, Q+L, H] added to its target row (`GuidanceOut.inject`)."""
+        return guidance_out.inject(x, self.target, w_out)
+
 
 class WFormer(nn.Module):
     """The frozen Q-former as two streams: the Q-stream (Part A, one row per image, cross-attending
@@ -284,6 +289,6 @@ class WFormer(nn.Module):
                 continue
             if ws is not None:  # n == k: the W-stream alone, then the Q-stream with c_i
                 w_out = qformer_layer(layer, w, w_bias, ws.alone_kv(c - 1) if q_kv is not None else None, Q)
-                x, ws = guidance_out.inject(x, ws.target, w_out), None
+                x, ws = ws.inject_out(guidance_out, x, w_out), None
             x = qformer_layer(layer, x, self_bias, q_kv, Q, queries_only=n == last)
         return x[:, :Q]
