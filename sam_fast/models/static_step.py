@@ -33,6 +33,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from sam_fast.config import CONTEXT_MODES
 from sam_fast.models.packing import ATTENTION_NAME, static_planned_loss_sum, use_attention
 from sam_fast.modules.plans import device_tensor
 from sam_fast.modules.qformer import CrossKV, WStream, attention_bias
@@ -68,7 +69,7 @@ class ImageBatchPlan:
         """The plan of a batch of ``len(counts)`` samples of ``counts[b] >= 1`` images, its image
         rows rounded up to a multiple of `image_bucket`; host lists only (no device read)."""
         counts = tuple(int(n) for n in counts)
-        if not counts or min(counts) < 1 or context_mode not in ("leave_one_out", "shared") or image_bucket < 1:
+        if not counts or min(counts) < 1 or context_mode not in CONTEXT_MODES or image_bucket < 1:
             raise ValueError(f"ImageBatchPlan: counts {list(counts)[:20]} (each >= 1), context_mode="
                              f"{context_mode!r}, image_bucket={image_bucket!r} (>= 1)")
         T = sum(counts)

@@ -9,6 +9,8 @@ from typing import Sequence
 
 import torch
 
+from sam_fast.config import CONTEXT_MODES
+
 
 def device_tensor(values: Sequence, device: torch.device | str, dtype: torch.dtype = torch.long) -> torch.Tensor:
     """A small tensor of host-known `values` (index plans built from the image counts) on
@@ -54,7 +56,7 @@ class ImagePlan:
         counts = [int(n) for n in counts]
         if not counts or min(counts) < 1:
             raise ValueError(f"ImagePlan: every sample needs >= 1 image, got counts {counts}")
-        if context_mode not in ("leave_one_out", "shared"):
+        if context_mode not in CONTEXT_MODES:
             raise ValueError(f"ImagePlan: context_mode={context_mode!r} is not 'leave_one_out' or 'shared'")
         offsets = [0] + list(itertools.accumulate(counts))
         sample_of = tuple(b for b, n in enumerate(counts) for _ in range(n))
