@@ -20,7 +20,7 @@ PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.7.1
-DEPS        ?= transformers==5.23.0 safetensors tokenizers numpy pillow tqdm pyyaml pycocoevalcap rouge \
+DEPS        ?= transformers==5.25.0 safetensors tokenizers numpy pillow tqdm pyyaml pycocoevalcap rouge \
                matplotlib pytest pytest-benchmark diffusers==0.42.1 accelerate==1.15.0 tensorboard==2.21.0 \
                ninja "setuptools>=77" wheel build
 
