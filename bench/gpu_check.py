@@ -178,6 +178,9 @@ def plan(dry: bool, no_build: bool = False) -> list[Item]:
         Item("bench.generate", f"{label} 5-beam generation (hf, lavis, hf_static)", "benchmarks", _item_generate,
              180, 20, worker="7b", brief=("generate_hf.tokens_per_s", "generate_lavis.tokens_per_s",
                                           "generate_hf_static.tokens_per_s", "generate_hf_static.same_ids_as_hf")),
+        Item("bench.train_step_compiled", f"{label} train step as one compiled graph (default, CUDA graphs)",
+             "benchmarks", _item_train_step_compiled, 300, 150, worker="7b",
+             brief=("default.step_ms", "default.compile_s", "reduce-overhead.step_ms", "reduce-overhead.mfu")),
         Item("bench.cross_attention_decision", "cross-attention: in-kernel K/V mix vs materialised + SDPA",
              "benchmarks", _bench_xattn_decision, 90, 20, worker="ops",
              brief=("verdict.one_algorithm", "verdict.summary")),
@@ -1378,6 +1381,55 @@ def _item_train_step(ctx: WorkerCtx) -> dict:
     ctx.progress(res)  # kept if the profile below is cut by the item's timeout
     res["profile"] = _profile_sam_fast(ctx, lambda: _setup.step_sam_fast(model, opt, batch))
     return res
+
+
+def _item_train_step_compiled(ctx: WorkerCtx) -> dict:
+    """The sam_fast step from pixels as one compiled graph (`SAM.compile_training_step`), in
+    torch.compile's default mode and as CUDA graphs ("reduce-overhead"): the first call's seconds
+    (compilation) apart, then step time and MFU as `bench.train_step` times them. A dry run compiles
+    with the "eager" backend (no code generation) and skips CUDA graphs."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench" / "e2e"))
+    import _setup  # bench/e2e/_setup.py: step functions
+
+    model, batch, shapes, res = _model_7b(ctx, 60)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    flops, (peak, _) = useful_flops(model.config, shapes)["pixels"], peak_tflops(ctx.device_name)
+    for mode in (None, "reduce-overhead"):
+        name = mode or "default"
+        if ctx.dry and mode is not None:
+            res[name] = "skipped: dry run (CUDA graphs need CUDA)"
+        elif not ctx.dry and ctx.left() < 60:
+            res[name] = f"skipped: {max(ctx.left(), 0):.0f} s left of the item's time"
+        else:
+            res[name] = _compiled_variant(ctx, model, lambda: _setup.step_sam_fast(model, opt, batch), mode, flops,
+                                          peak)
+        ctx.progress(res)
+    return res
+
+
+def _compiled_variant(ctx: WorkerCtx, model, step, mode, flops: float, peak) -> dict | str:
+    """Compile the whole step in `mode`, run it once (compile_s), time it; or the one-line failure."""
+    import torch
+
+    try:
+        model.compile_training_step(mode=mode, **({"backend": "eager"} if ctx.dry else {}))
+        t0 = time.monotonic()
+        step()
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        compile_s = time.monotonic() - t0
+        ms = Timer(ctx.device)(step, warmup=1, rounds=1 if ctx.dry else 3)
+    except Exception as exc:  # a compile failure is a finding, not the end of the run
+        return f"failed: {_one_line(f'{type(exc).__name__}: {exc}')}"
+    finally:
+        model.compile_training_step(enable=False)
+        torch._dynamo.reset()
+    rate = flops / (ms / 1e3) / 1e12
+    return {"compile_s": round(compile_s, 1), "step_ms": round(ms, 1), "tflops_per_s": float(f"{rate:.4g}"),
+            "mfu": float(f"{rate / peak:.4g}") if peak else None}
 
 
 def _profile_sam_fast(ctx: WorkerCtx, step):

@@ -20,7 +20,8 @@ SCRIPT = ROOT / "bench" / "gpu_check.py"
 SECTIONS = ("build", "benchmarks", "model_checks", "tests")
 FINISHED = ("ok", "failed", "timeout", "skipped")
 # the order by value: build, the 7B step, generation, op benchmarks, model checks, pytest
-ORDER = ["build.pip", "build.ext_info", "bench.train_step", "bench.generate", "bench.cross_attention_decision",
+ORDER = ["build.pip", "build.ext_info", "bench.train_step", "bench.generate", "bench.train_step_compiled",
+         "bench.cross_attention_decision",
          "bench.liger", "bench.reweight", "bench.streams", "bench.encode", "check.reweight.cpu.float32", "check.reweight.cpu.bfloat16", "check.reweight.cpu.float16",
          "check.encode.leave_one_out.float32", "check.encode.leave_one_out.bfloat16",
          "check.encode.leave_one_out.float16", "check.encode.shared.float32", "check.encode.shared.bfloat16",
@@ -140,6 +141,11 @@ def test_dry_run_runs_every_item_in_order_and_rewrites_the_report_after_each(tmp
     prof = step["profile"]
     assert prof["what"] == "cpu ops (self time)" and prof["steps"] == 3 and 0 < len(prof["top"]) <= 16
     assert sum(r["pct"] for r in prof["top"]) == pytest.approx(100, abs=0.2)
+    whole = final["bench.train_step_compiled"]["result"]  # the eager backend in a dry run
+    assert whole["default"]["step_ms"] > 0 and whole["default"]["compile_s"] >= 0
+    assert whole["default"]["mfu"] == pytest.approx(step["model_tflop"]["pixels"] / (whole["default"]["step_ms"] / 1e3)
+                                                    / 0.5, rel=3e-3)
+    assert whole["reduce-overhead"].startswith("skipped: dry run")
     gen = final["bench.generate"]["result"]
     assert gen["generate_hf"]["new_tokens"] > 0 and gen["generate_lavis"]["new_tokens"] > 0
     assert gen["generate_hf_static"]["same_ids_as_hf"] is True
