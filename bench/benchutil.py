@@ -182,8 +182,11 @@ def alternating_rounds(benchmark, fast, other, *, rounds: int = 5, warmup_rounds
     `record_ratio`."""
     _check_rounds(rounds, warmup_rounds)
     other_times: list[float] = []
-    benchmark.pedantic(lambda: _timed_call(fast), setup=lambda: _timed_call(other, other_times), rounds=rounds,
-                       warmup_rounds=warmup_rounds, iterations=1)
+    def setup() -> None:  # pytest-benchmark would take a returned value as the target's arguments
+        _timed_call(other, other_times)
+
+    benchmark.pedantic(lambda: _timed_call(fast), setup=setup, rounds=rounds, warmup_rounds=warmup_rounds,
+                       iterations=1)
     # the setup also runs before each warm-up round: the last `rounds` are the timed ones
     return RoundRatios(list(benchmark.stats.stats.data[-rounds:]), other_times[-rounds:], warmup_rounds)
 
