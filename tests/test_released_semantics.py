@@ -129,29 +129,46 @@ def test_train_mode_leaves_the_frozen_backbone_dropout_off():
     assert torch.equal(a, b)
 
 
+_DDP_ONE_IMAGE = r"""
+import sys
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from _sam_helpers import ragged_batch, randomize_guidance, tiny_sam
+
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+model = randomize_guidance(tiny_sam())
+model.train()
+ddp = DistributedDataParallel(model)
+counts = [1, 1]
+feats, qids, _ = ragged_batch(model, counts)
+Q, tok = model.config.num_query_tokens, model.config.image_token_index
+ids = torch.cat([torch.full((2, Q), tok), torch.randint(4, 100, (2, 5))], 1)
+labels = ids.masked_fill(ids == tok, -100)
+for _ in range(3):  # DDP reports unused parameters at the next iteration
+    out = ddp(image_features=feats, image_counts=counts, qformer_input_ids=qids, input_ids=ids, labels=labels)
+    out.loss.backward()
+assert model.guidance_in.weight.grad is not None and not model.guidance_in.weight.grad.any()
+assert model.language_projection.weight.grad.abs().sum() > 0
+dist.destroy_process_group()
+print("ok")
+"""
+
+
 def test_standard_ddp_trains_on_one_image_batches(tmp_path):
     """DistributedDataParallel without find_unused_parameters: a batch of one-image samples
-    (leave_one_out: no W-stream) still gives every trainable parameter a (zero) gradient."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
+    (leave_one_out: no W-stream) still gives every trainable parameter a (zero) gradient. It runs
+    in its own process under a timeout: in the test process a gloo process group once hung the
+    suite at this test's call (gloo threads left by earlier objects), with nothing to cut it."""
+    import os
+    import subprocess
+    import sys
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
-    try:
-        model = randomize_guidance(tiny_sam())
-        model.train()
-        ddp = DistributedDataParallel(model)
-        counts = [1, 1]
-        feats, qids, _ = ragged_batch(model, counts)
-        Q, tok = model.config.num_query_tokens, model.config.image_token_index
-        ids = torch.cat([torch.full((2, Q), tok), torch.randint(4, 100, (2, 5))], 1)
-        labels = ids.masked_fill(ids == tok, -100)
-        for _ in range(3):  # DDP reports unused parameters at the next iteration
-            out = ddp(image_features=feats, image_counts=counts, qformer_input_ids=qids, input_ids=ids, labels=labels)
-            out.loss.backward()
-        assert model.guidance_in.weight.grad is not None and not model.guidance_in.weight.grad.any()
-        assert model.language_projection.weight.grad.abs().sum() > 0
-    finally:
-        dist.destroy_process_group()
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _DDP_ONE_IMAGE, str(tmp_path / "rdzv")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
 # -- inputs refused at the boundary ---------------------------------------------------------------
