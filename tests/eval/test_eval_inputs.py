@@ -50,8 +50,8 @@ def test_metrics_json_records_generation_throughput(model_pb, tmp_path):
     t = json.loads((tmp_path / "ev" / "metrics.json").read_text())["throughput"]
     preds = json.loads((tmp_path / "ev" / "pred.json").read_text())
     assert 3 <= t["new_tokens"] <= 3 * 3 and len(preds) == 3  # 1 to 3 answer tokens per sample
-    assert t["generate_seconds"] > 0 and t["new_tokens_per_s"] == pytest.approx(
-        t["new_tokens"] / t["generate_seconds"], rel=0.01)
+    sec = t["generate_seconds"]  # rounded to the millisecond; the rate is from the unrounded time
+    assert sec > 0 and t["new_tokens"] / (sec + 5e-4) <= t["new_tokens_per_s"] <= t["new_tokens"] / max(sec - 5e-4, 1e-6)
     assert 0 < t["decode_step_ms"] <= 1000 * t["generate_seconds"]
 
 
